@@ -1,0 +1,1 @@
+//! The preload agent (issue 3): interposers only.
