@@ -1,0 +1,485 @@
+//! The engine: registration, tunables, stats, and the scanner and fault
+//! threads (started on the first registration, so a process that never
+//! registers memory pays nothing).
+
+use std::io;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::maps::{self, MappingKind};
+use crate::primitive::{Arc, AtomicBool, Mutex, Ordering, RwLock};
+use crate::region::{Mergeability, PageRecord, Region, Registry};
+use crate::scan::{self, Core, Shared};
+use crate::stats::{KsmStats, Stats};
+use crate::store::{Store, StoreError};
+use crate::sys::pagemap::Pagemap;
+use crate::sys::uffd::{self, UffdError, UffdMsg, Userfaultfd};
+use crate::sys::PAGE_SIZE;
+use crate::tunables::{AdvisorMode, TunableError, Tunables};
+use crate::inflight::InFlight;
+use crate::warn_once;
+
+/// Errors of the engine API.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error("cannot open /proc/self/pagemap")]
+    Pagemap(#[source] io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot read /proc/self/smaps")]
+    Maps(#[source] io::Error),
+    #[error("address or length not page-aligned or out of range (EINVAL)")]
+    Inval,
+    #[error("part of the range is not mapped (ENOMEM)")]
+    Unmapped,
+    #[error("shared mappings cannot be merged (EINVAL)")]
+    Shared,
+    #[error("page size {0} is not supported (4 KiB only)")]
+    PageSize(usize),
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] io::Error),
+}
+
+struct Wakeup {
+    generation: std::sync::Mutex<u64>,
+    cond: std::sync::Condvar,
+}
+
+struct Inner {
+    sh: Shared,
+    shutdown: AtomicBool,
+    wakeup: Wakeup,
+}
+
+/// A same-page merging engine for the memory of this process.
+pub struct Engine {
+    inner: Arc<Inner>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("stats", &self.stats()).finish()
+    }
+}
+
+impl Engine {
+    /// Opens userfaultfd, pagemap and the store. Fails when userfaultfd
+    /// write-protect is unavailable (needs root or access to /dev/userfaultfd).
+    pub fn new() -> Result<Self, EngineError> {
+        let ps = crate::sys::page_size();
+        if ps != PAGE_SIZE {
+            return Err(EngineError::PageSize(ps));
+        }
+        let uffd = Userfaultfd::open()?;
+        let pagemap = Pagemap::open().map_err(EngineError::Pagemap)?;
+        let store = Store::new()?;
+        let sh = Shared {
+            uffd,
+            pagemap,
+            store,
+            inflight: InFlight::default(),
+            tunables: Tunables::default(),
+            stats: Stats::default(),
+            registry: RwLock::new(Registry::default()),
+            core: Mutex::new(Core::new(maps::max_map_count())),
+        };
+        let inner = Arc::new(Inner {
+            sh,
+            shutdown: AtomicBool::new(false),
+            wakeup: Wakeup { generation: std::sync::Mutex::new(0), cond: std::sync::Condvar::new() },
+        });
+        scan::publish(&inner.sh);
+        Ok(Self { inner, threads: Mutex::new(Vec::new()) })
+    }
+
+    /// The tunables (read side).
+    pub fn tunables(&self) -> &Tunables {
+        &self.inner.sh.tunables
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> KsmStats {
+        self.inner.sh.stats.snapshot()
+    }
+
+    /// Bytes the store memfd holds now.
+    pub fn store_allocated_bytes(&self) -> u64 {
+        self.inner.sh.store.allocated_bytes().unwrap_or(0)
+    }
+
+    /// Registers `[addr, addr+len)` for merging (`MADV_MERGEABLE`). Parts
+    /// already registered are left as they are. Shared mappings are refused;
+    /// private mappings that userfaultfd cannot write-protect (regular disk
+    /// files) are scanned and reported but never merged.
+    pub fn register(&self, addr: usize, len: usize) -> Result<(), EngineError> {
+        if addr % PAGE_SIZE != 0 || len == 0 {
+            return Err(EngineError::Inval);
+        }
+        let len = len.checked_next_multiple_of(PAGE_SIZE).ok_or(EngineError::Inval)?;
+        let end = addr.checked_add(len).ok_or(EngineError::Inval)?;
+        let vmas = maps::vmas_in(addr, end).map_err(EngineError::Maps)?;
+        let sh = &self.inner.sh;
+        let mut result = Ok(());
+        let mut covered = addr;
+        let mut added = false;
+        for vma in &vmas {
+            if vma.start > covered {
+                result = Err(EngineError::Unmapped);
+            }
+            let s = vma.start.max(addr);
+            let e = vma.end.min(end);
+            covered = vma.end;
+            if vma.kind == MappingKind::Shared {
+                warn_once!(
+                    "shared",
+                    "twinpage: refusing to merge a shared mapping at {s:#x} ({}): shared memory is never merged, as with kernel KSM",
+                    vma.path
+                );
+                result = Err(EngineError::Shared);
+                continue;
+            }
+            if vma.prot & libc::PROT_READ == 0 {
+                continue;
+            }
+            for (ps, pe) in self.unregistered_parts(s, e) {
+                let mergeability = match sh.uffd.register_wp(ps, pe - ps) {
+                    Ok(()) => Mergeability::Mergeable,
+                    Err(err) => {
+                        warn_once!(
+                            "scan-only",
+                            "twinpage: {} at {ps:#x} cannot be write-protected ({err}); it is scanned and reported but never merged",
+                            if vma.path.is_empty() { "memory" } else { vma.path.as_str() }
+                        );
+                        Mergeability::ScanOnly
+                    }
+                };
+                let pages = (pe - ps) / PAGE_SIZE;
+                let mut reg = sh.registry.write();
+                let id = reg.next_id();
+                let mut region =
+                    Region::new(id, ps, pages, vma.kind, mergeability, vma.prot, vec![PageRecord::default(); pages]);
+                region.dontfork = vma.dontfork;
+                region.dontdump = vma.dontdump;
+                reg.insert(Arc::new(region));
+                drop(reg);
+                let mut core = sh.core.lock();
+                core.counters.records_bytes += (pages * std::mem::size_of::<PageRecord>()) as u64;
+                core.counters.registered_pages += pages as u64;
+                if mergeability == Mergeability::ScanOnly {
+                    core.counters.unmergeable_pages += pages as u64;
+                }
+                added = true;
+            }
+        }
+        if covered < end {
+            result = Err(EngineError::Unmapped);
+        }
+        if added {
+            scan::publish(sh);
+            self.start_threads()?;
+            self.kick();
+        }
+        result
+    }
+
+    fn unregistered_parts(&self, start: usize, end: usize) -> Vec<(usize, usize)> {
+        let reg = self.inner.sh.registry.read();
+        let mut parts = Vec::new();
+        let mut at = start;
+        for r in reg.overlapping(start, end) {
+            if r.start > at {
+                parts.push((at, r.start.min(end)));
+            }
+            at = at.max(r.end());
+        }
+        if at < end {
+            parts.push((at, end));
+        }
+        parts
+    }
+
+    /// Unregisters `[addr, addr+len)` while the memory stays
+    /// (`MADV_UNMERGEABLE`): merged pages get private copies again first.
+    pub fn unregister(&self, addr: usize, len: usize) -> Result<(), EngineError> {
+        self.remove_range(addr, len, true, || ())
+    }
+
+    /// Unregisters `[addr, addr+len)` around `unmap`, which makes the memory go
+    /// away (munmap, mremap, mmap over it). No scanner touches the range once
+    /// this is called; store pages it held are freed after `unmap` ran.
+    pub fn unmap_with<R>(&self, addr: usize, len: usize, unmap: impl FnOnce() -> R) -> R {
+        let mut out = None;
+        let mut f = Some(unmap);
+        let _ = self.remove_range(addr, len, false, || out = f.take().map(|f| f()));
+        match out {
+            Some(r) => r,
+            None => (f.take().expect("unmap ran or is still here"))(),
+        }
+    }
+
+    fn remove_range(
+        &self,
+        addr: usize,
+        len: usize,
+        unmerge: bool,
+        between: impl FnOnce(),
+    ) -> Result<(), EngineError> {
+        if addr % PAGE_SIZE != 0 {
+            between();
+            return Err(EngineError::Inval);
+        }
+        let len = len.checked_next_multiple_of(PAGE_SIZE).ok_or(EngineError::Inval)?;
+        let end = addr.saturating_add(len);
+        let sh = &self.inner.sh;
+        let regions = sh.registry.read().overlapping(addr, end);
+        // Regions are taken in address order, one at a time, by a thread that
+        // holds no other region lock: no lock-order cycle with the scanner,
+        // which takes a second region only with try_write.
+        let mut dropped: Vec<Vec<PageRecord>> = Vec::new();
+        for r in &regions {
+            let mut st = r.state.write();
+            if st.dead {
+                continue;
+            }
+            let from = (addr.max(r.start) - r.start) / PAGE_SIZE;
+            let to = (end.min(r.end()) - r.start) / PAGE_SIZE;
+            let mut core = sh.core.lock();
+            if unmerge && !st.failed {
+                scan::unmerge_range(sh, r, &mut st, &mut core, from, to);
+            }
+            st.dead = true;
+            let records = std::mem::take(&mut st.records);
+            let mut reg = sh.registry.write();
+            reg.remove(r);
+            let mut split = |lo: usize, hi: usize| {
+                if lo < hi {
+                    let id = reg.next_id();
+                    let mut n = Region::new(
+                        id,
+                        r.addr(lo),
+                        hi - lo,
+                        r.kind,
+                        r.mergeability,
+                        r.prot,
+                        records[lo..hi].to_vec(),
+                    );
+                    n.dontfork = r.dontfork;
+                    n.dontdump = r.dontdump;
+                    n.state.write().failed = st.failed;
+                    reg.insert(Arc::new(n));
+                }
+            };
+            split(0, from);
+            split(to, r.pages);
+            drop(reg);
+            let removed = (to - from) as u64;
+            core.counters.records_bytes -= removed * std::mem::size_of::<PageRecord>() as u64;
+            core.counters.registered_pages -= removed;
+            if r.mergeability == Mergeability::ScanOnly {
+                core.counters.unmergeable_pages -= removed;
+            }
+            dropped.push(records[from..to].to_vec());
+            if unmerge {
+                let _ = sh.uffd.unregister(r.addr(from), (to - from) * PAGE_SIZE);
+            }
+        }
+        between();
+        let mut core = sh.core.lock();
+        for mut recs in dropped {
+            core.drop_records(sh, &mut recs);
+        }
+        drop(core);
+        scan::publish(sh);
+        Ok(())
+    }
+
+    /// Sets `run`: 0 stops, 1 scans, 2 unmerges everything and stops.
+    pub fn set_run(&self, v: u32) -> Result<(), TunableError> {
+        self.tunables().set_run(v)?;
+        self.kick();
+        Ok(())
+    }
+    /// Sets `pages_to_scan` (refused while the advisor is on, as the kernel).
+    pub fn set_pages_to_scan(&self, v: u32) -> Result<(), TunableError> {
+        self.tunables().set_pages_to_scan(v)?;
+        self.kick();
+        Ok(())
+    }
+    /// Sets `sleep_millisecs`.
+    pub fn set_sleep_millisecs(&self, v: u32) {
+        self.tunables().set_sleep_millisecs(v);
+        self.kick();
+    }
+    /// Sets `use_zero_pages`.
+    pub fn set_use_zero_pages(&self, v: bool) {
+        self.tunables().set_use_zero_pages(v);
+    }
+    /// Sets `max_page_sharing` (>= 2; EBUSY while pages are shared).
+    pub fn set_max_page_sharing(&self, v: u32) -> Result<(), TunableError> {
+        let core = self.inner.sh.core.lock();
+        let shared = core.stable.pages_shared();
+        self.tunables().set_max_page_sharing(v, shared)
+    }
+    /// Sets `smart_scan`.
+    pub fn set_smart_scan(&self, v: bool) {
+        self.tunables().set_smart_scan(v);
+    }
+    /// Sets `merge_across_nodes` (no effect: the store has no NUMA placement).
+    pub fn set_merge_across_nodes(&self, v: u32) -> Result<(), TunableError> {
+        if v > 1 {
+            return Err(TunableError::Inval);
+        }
+        self.tunables().set_merge_across_nodes(v);
+        Ok(())
+    }
+    /// Sets `stable_node_chains_prune_millisecs`.
+    pub fn set_stable_node_chains_prune_millisecs(&self, v: u32) {
+        self.tunables().set_stable_node_chains_prune_millisecs(v);
+    }
+    /// Sets `advisor_mode`.
+    pub fn set_advisor_mode(&self, m: AdvisorMode) {
+        self.tunables().set_advisor_mode(m);
+    }
+    /// Sets the advisor's limits.
+    pub fn set_advisor_limits(&self, max_cpu: u32, min_pages: u64, max_pages: u64, target_scan_time: u64) {
+        let t = self.tunables();
+        t.set_advisor_max_cpu(max_cpu);
+        t.set_advisor_min_pages_to_scan(min_pages);
+        t.set_advisor_max_pages_to_scan(max_pages);
+        t.set_advisor_target_scan_time(target_scan_time);
+    }
+
+    /// Waits until `full_scans` has grown by `n` (or `timeout` passed); true
+    /// when it did.
+    pub fn wait_full_scans(&self, n: u64, timeout: Duration) -> bool {
+        let target = self.stats().full_scans + n;
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.stats().full_scans >= target {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    /// Wakes the scanner now (a tunable changed or memory was registered).
+    pub fn kick(&self) {
+        let w = &self.inner.wakeup;
+        *w.generation.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        w.cond.notify_all();
+    }
+
+    fn start_threads(&self) -> Result<(), EngineError> {
+        let mut threads = self.threads.lock();
+        if !threads.is_empty() {
+            return Ok(());
+        }
+        let inner = self.inner.clone();
+        let scanner = std::thread::Builder::new()
+            .name("twinpage-scan".into())
+            .spawn(move || scanner_main(&inner))
+            .map_err(|e| EngineError::Thread("scanner", e))?;
+        threads.push(scanner);
+        let inner = self.inner.clone();
+        let fault = std::thread::Builder::new()
+            .name("twinpage-fault".into())
+            .spawn(move || fault_main(&inner))
+            .map_err(|e| EngineError::Thread("fault", e))?;
+        threads.push(fault);
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.inner.shutdown.store(true, Ordering::SeqCst);
+        self.kick();
+        for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sleeps for `ms` or until kicked.
+fn nap(inner: &Inner, ms: u64) {
+    let w = &inner.wakeup;
+    let g = w.generation.lock().unwrap_or_else(|e| e.into_inner());
+    let start = *g;
+    let _ = w
+        .cond
+        .wait_timeout_while(g, Duration::from_millis(ms), |g| *g == start && !inner.shutdown.load(Ordering::Relaxed));
+}
+
+fn scanner_main(inner: &Inner) {
+    let sh = &inner.sh;
+    let mut unmerged = false;
+    while !inner.shutdown.load(Ordering::Relaxed) {
+        let t = &sh.tunables;
+        match t.run() {
+            0 => {
+                unmerged = false;
+                nap(inner, 1000);
+                continue;
+            }
+            2 => {
+                if !unmerged {
+                    scan::unmerge_all(sh);
+                    scan::publish(sh);
+                    unmerged = true;
+                }
+                nap(inner, 1000);
+                continue;
+            }
+            _ => unmerged = false,
+        }
+        let budget = t.pages_to_scan() as usize;
+        if budget > 0 {
+            scan::scan_pages(sh, budget);
+            scan::publish(sh);
+        }
+        let sleep = u64::from(t.sleep_millisecs());
+        if sleep > 0 || budget == 0 {
+            nap(inner, sleep.max(1));
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// The safety net: a write fault on a page no merge holds is released at once.
+fn fault_main(inner: &Inner) {
+    let sh = &inner.sh;
+    let mut buf = [UffdMsg::default(); 64];
+    while !inner.shutdown.load(Ordering::Relaxed) {
+        use std::os::fd::AsFd;
+        match uffd::poll_readable(sh.uffd.as_fd(), 100) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                warn_once!("uffd-poll", "twinpage: polling userfaultfd failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        let n = match sh.uffd.read_events(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                warn_once!("uffd-read", "twinpage: reading userfaultfd failed: {e}");
+                continue;
+            }
+        };
+        for msg in &buf[..n] {
+            if msg.event != uffd::UFFD_EVENT_PAGEFAULT || msg.pf_flags & uffd::UFFD_PAGEFAULT_FLAG_WP == 0 {
+                continue;
+            }
+            let page = (msg.pf_address as usize) & !(PAGE_SIZE - 1);
+            sh.inflight.release_stray(page, || {
+                let _ = sh.uffd.unprotect(page, PAGE_SIZE);
+            });
+        }
+    }
+}

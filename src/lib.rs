@@ -1,0 +1,26 @@
+//! twinpage: userspace same-page merging (KSM) for QEMU guests and any
+//! process that marks memory mergeable.
+//!
+//! The [`Engine`] merges identical pages of the process it runs in behind
+//! copy-on-write: a merged page is a page of a memfd (the store) mapped
+//! `MAP_PRIVATE` over the original. The merge protocol write-protects the page
+//! with userfaultfd, compares it byte for byte with the store page, remaps it
+//! and wakes any writer, so that no write is ever lost (see `merge`).
+
+pub mod engine;
+pub mod inflight;
+pub mod maps;
+pub mod merge;
+pub mod primitive;
+pub mod ratelimit;
+pub mod region;
+pub mod scan;
+pub mod stats;
+pub mod store;
+pub mod sys;
+pub mod tree;
+pub mod tunables;
+
+pub use engine::{Engine, EngineError};
+pub use stats::KsmStats;
+pub use tunables::{AdvisorMode, TunableError};

@@ -1,0 +1,295 @@
+//! The merge protocol, run by run. For a run of consecutive guest pages:
+//!
+//! 1. write-protect the run with userfaultfd: every writer (vCPU thread, KVM,
+//!    a syscall copying into it) now blocks in the kernel;
+//! 2. check in pagemap that each page is present, anonymous and protected,
+//!    then compare it byte for byte with its store page (or, for the first
+//!    sharer of a new store page, copy it there), and check pagemap again so a
+//!    page discarded and refaulted meanwhile is caught;
+//! 3. map the store pages of each equal stretch over it with
+//!    `MAP_FIXED|MAP_PRIVATE` (one call per stretch of consecutive store
+//!    pages), remove protection from the rest, and wake the whole run: a woken
+//!    writer retries and takes copy-on-write on identical content.
+
+use crate::region::{PageRecord, PageState, Region, RegionState};
+use crate::scan::{Core, Shared};
+use crate::sys::{mman, PAGE_SIZE};
+use crate::warn_once;
+
+/// What a run does with its pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    /// Copy into a new store page (the first sharer), then map it.
+    Fill,
+    /// Compare with a filled store page, then map it.
+    Join,
+    /// Check for zeros, then drop to the kernel's zero page.
+    Zero,
+}
+
+/// One page of a run: its index in the region and its store page.
+#[derive(Debug, Clone, Copy)]
+pub struct Item {
+    pub page: usize,
+    pub store: u32,
+}
+
+/// A guest page as bytes.
+///
+/// # Safety
+/// `addr` must be a page of a live registered region whose lock the caller
+/// holds, so the page stays mapped and readable. Its bytes may still change
+/// under the reader unless it is write-protected; callers use the bytes only
+/// as hash input or under write-protect.
+pub unsafe fn guest_page<'a>(addr: usize) -> &'a [u8] {
+    // SAFETY: the caller guarantees the page is mapped and readable for the
+    // lifetime of the borrow.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) }
+}
+
+/// True when every byte of the page is zero.
+pub fn is_zero(page: &[u8]) -> bool {
+    let (pre, words, post) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets
+        // the aligned middle of the slice.
+        unsafe { page.align_to::<u64>() }
+    };
+    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+/// Merges one run of consecutive pages of `region`. Records, reservations
+/// and counters are settled before it returns.
+pub fn merge_run(
+    sh: &Shared,
+    region: &Region,
+    st: &mut RegionState,
+    core: &mut Core,
+    items: &[Item],
+    kind: RunKind,
+) {
+    let n = items.len();
+    if n == 0 {
+        return;
+    }
+    let start = region.addr(items[0].page);
+    let len = n * PAGE_SIZE;
+    debug_assert!(items.windows(2).all(|w| w[1].page == w[0].page + 1));
+    let mut ok = vec![false; n];
+
+    let needs_register = items
+        .iter()
+        .any(|it| st.records[it.page].flags & PageRecord::NEEDS_REGISTER != 0);
+    if needs_register {
+        if let Err(e) = sh.uffd.register_wp(start, len) {
+            warn_once!("uffd-register", "twinpage: cannot re-register merged memory for write-protect: {e}");
+            settle(sh, region, st, core, items, kind, &ok);
+            return;
+        }
+        for it in items {
+            st.records[it.page].flags &= !PageRecord::NEEDS_REGISTER;
+        }
+    }
+
+    sh.inflight.begin(start, start + len);
+    if let Err(e) = sh.uffd.protect(start, len) {
+        sh.inflight.end(start, start + len);
+        warn_once!("uffd-protect", "twinpage: write-protect failed at {start:#x}: {e}; region stops merging");
+        st.failed = true;
+        settle(sh, region, st, core, items, kind, &ok);
+        return;
+    }
+
+    let mut entries = vec![Default::default(); n];
+    let mut fresh_fills: Vec<u32> = Vec::new();
+    if sh.pagemap.read(start, &mut entries).is_ok() {
+        for (i, it) in items.iter().enumerate() {
+            let e = entries[i];
+            if !(e.present() && e.uffd_wp() && !e.file()) {
+                continue;
+            }
+            let addr = start + i * PAGE_SIZE;
+            // SAFETY: the page belongs to `region`, whose lock we hold, and it is
+            // write-protected: nobody writes it while we read.
+            let page = unsafe { guest_page(addr) };
+            ok[i] = match kind {
+                RunKind::Zero => is_zero(page),
+                RunKind::Fill | RunKind::Join => {
+                    let Some(node) = core.stable.node(it.store).copied() else { continue };
+                    let Ok(ptr) = sh.store.page_ptr(it.store) else { continue };
+                    if node.filled {
+                        // SAFETY: `ptr` is the engine's view of a store page in use;
+                        // store pages are never written once filled.
+                        let store = unsafe { std::slice::from_raw_parts(ptr as *const u8, PAGE_SIZE) };
+                        let eq = store == page;
+                        if !eq {
+                            core.counters.mismatches += 1;
+                        }
+                        eq
+                    } else {
+                        // SAFETY: an unfilled store page has no sharer and no reader
+                        // but us (we hold the engine lock); `page` is write-protected.
+                        unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), ptr, PAGE_SIZE) };
+                        if let Some(n) = core.stable.node_mut(it.store) {
+                            n.filled = true;
+                        }
+                        fresh_fills.push(it.store);
+                        true
+                    }
+                }
+            };
+        }
+        // A page discarded and faulted in again after our check has lost the
+        // protection: catch it before the remap.
+        if sh.pagemap.read(start, &mut entries).is_ok() {
+            for (i, e) in entries.iter().enumerate() {
+                ok[i] &= e.present() && e.uffd_wp() && !e.file();
+            }
+        } else {
+            ok.iter_mut().for_each(|o| *o = false);
+        }
+    }
+
+    // Remap each stretch of equal pages with consecutive store pages.
+    let mut i = 0;
+    while i < n {
+        if !ok[i] {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < n && ok[j] && (kind == RunKind::Zero || items[j].store == items[j - 1].store + 1) {
+            j += 1;
+        }
+        let addr = start + i * PAGE_SIZE;
+        let bytes = (j - i) * PAGE_SIZE;
+        let done = remap(sh, region, core, addr, bytes, kind, items[i].store);
+        if !done {
+            ok[i..j].iter_mut().for_each(|o| *o = false);
+        }
+        i = j;
+    }
+
+    // Unprotect what stays (this wakes its waiters), then wake the remapped.
+    let mut i = 0;
+    while i < n {
+        if ok[i] {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < n && !ok[j] {
+            j += 1;
+        }
+        if let Err(e) = sh.uffd.unprotect(start + i * PAGE_SIZE, (j - i) * PAGE_SIZE) {
+            warn_once!("uffd-unprotect", "twinpage: unprotect failed at {:#x}: {e}", start + i * PAGE_SIZE);
+        }
+        i = j;
+    }
+    if let Err(e) = sh.uffd.wake(start, len) {
+        warn_once!("uffd-wake", "twinpage: wake failed at {start:#x}: {e}");
+    }
+    sh.inflight.end(start, start + len);
+
+    for s in fresh_fills {
+        if let Ok(ptr) = sh.store.page_ptr(s) {
+            // SAFETY: a store page just filled; nothing writes it again.
+            let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, PAGE_SIZE) };
+            core.stable.rekey(s, crate::scan::page_hash(bytes));
+        }
+    }
+    settle(sh, region, st, core, items, kind, &ok);
+}
+
+/// Replaces `[addr, addr+bytes)` with store pages from `store`, or with the
+/// zero page. False when it could not (budget or error); nothing changed then.
+fn remap(
+    sh: &Shared,
+    region: &Region,
+    core: &mut Core,
+    addr: usize,
+    bytes: usize,
+    kind: RunKind,
+    store: u32,
+) -> bool {
+    let pages = (bytes / PAGE_SIZE) as u64;
+    let anon_zero = kind == RunKind::Zero && region.kind == crate::maps::MappingKind::Anon;
+    if !anon_zero && !core.map_budget.allow(2, pages) {
+        return false;
+    }
+    let res = if anon_zero {
+        // SAFETY: the range is a write-protected run of a region we hold, checked
+        // all-zero; after the discard it reads back as zeros, what it held.
+        unsafe { mman::madvise(addr, bytes, libc::MADV_DONTNEED) }
+    } else if kind == RunKind::Zero {
+        // SAFETY: as above; fresh anonymous memory reads back as zeros.
+        unsafe { mman::map_anon_fixed(addr, bytes, region.prot) }
+    } else {
+        let off = crate::store::Store::offset(store);
+        // SAFETY: the range is a write-protected run of a region we hold, each
+        // page byte-equal to its store page: the mapping changes, the content not.
+        unsafe { mman::map_private_fixed(addr, bytes, region.prot, sh.store.fd(), off) }
+    };
+    if let Err(e) = res {
+        warn_once!("remap", "twinpage: remap at {addr:#x} failed: {e}; merging held back");
+        return false;
+    }
+    if !anon_zero {
+        core.counters.merge_runs += 1;
+        reapply_advice(region, addr, bytes);
+    }
+    true
+}
+
+/// A new mapping loses the old one's madvise flags; QEMU sets DONTFORK and
+/// DONTDUMP on guest RAM, so carry them over.
+fn reapply_advice(region: &Region, addr: usize, bytes: usize) {
+    for (flag, advice) in [(region.dontfork, libc::MADV_DONTFORK), (region.dontdump, libc::MADV_DONTDUMP)] {
+        if flag {
+            // SAFETY: DONTFORK/DONTDUMP change no contents.
+            if let Err(e) = unsafe { mman::madvise(addr, bytes, advice) } {
+                warn_once!("advice", "twinpage: cannot reapply madvise({advice}) after remap: {e}");
+            }
+        }
+    }
+}
+
+/// Brings records, stable-tree reservations and counters in line with what
+/// happened to each page of the run.
+fn settle(
+    sh: &Shared,
+    region: &Region,
+    st: &mut RegionState,
+    core: &mut Core,
+    items: &[Item],
+    kind: RunKind,
+    ok: &[bool],
+) {
+    for (i, it) in items.iter().enumerate() {
+        let rec = &mut st.records[it.page];
+        match (kind, ok[i]) {
+            (RunKind::Zero, true) => {
+                core.forget_hashed(rec);
+                rec.state = PageState::Zero;
+                rec.age = 0;
+                if region.kind != crate::maps::MappingKind::Anon {
+                    rec.flags |= PageRecord::NEEDS_REGISTER;
+                }
+                core.counters.zero_pages += 1;
+            }
+            (RunKind::Zero, false) => {}
+            (_, true) => {
+                core.forget_hashed(rec);
+                rec.state = PageState::Merged;
+                rec.key = it.store;
+                rec.age = 0;
+                rec.flags |= PageRecord::NEEDS_REGISTER;
+                core.stable.commit(it.store);
+            }
+            (_, false) => {
+                if core.stable.cancel(it.store) {
+                    core.free_store_page(sh, it.store);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! The scanner: walks registered pages `pages_to_scan` per wake, in the
+//! kernel's order and with its rules (a page joins a store page found in the
+//! stable tree at once; otherwise its checksum must stay the same for one full
+//! scan before it enters the unstable tree, where a second identical page
+//! makes a new store page). Decisions are collected per batch, then merged
+//! run by run so that consecutive pages cost one remap.
+
+use std::time::{Duration, Instant};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::inflight::InFlight;
+use crate::merge::{self, guest_page, is_zero, Item, RunKind};
+use crate::primitive::{Arc, RwLock};
+use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState, Registry};
+use crate::stats::{KsmStats, Stats};
+use crate::store::{Store, StoreAlloc};
+use crate::sys::pagemap::{PageEntry, Pagemap};
+use crate::sys::uffd::Userfaultfd;
+use crate::sys::{mman, PAGE_SIZE};
+use crate::tree::{PageRef, StableTree, UnstableTree};
+use crate::tunables::Tunables;
+use crate::warn_once;
+
+/// Pages handled under one region lock.
+pub const BATCH_PAGES: usize = 512;
+
+/// The content hash: stable-tree and unstable-tree key; its low 32 bits are
+/// the checksum that must stay unchanged for a scan.
+pub fn page_hash(page: &[u8]) -> u64 {
+    xxh3_64(page)
+}
+
+/// Hash of an all-zero page.
+pub fn zero_hash() -> u64 {
+    static ZERO: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| page_hash(&[0u8; PAGE_SIZE]))
+}
+
+/// What the engine's threads share.
+#[derive(Debug)]
+pub struct Shared {
+    pub uffd: Userfaultfd,
+    pub pagemap: Pagemap,
+    pub store: Store,
+    pub inflight: InFlight,
+    pub tunables: Tunables,
+    pub stats: Stats,
+    pub registry: RwLock<Registry>,
+    pub core: crate::primitive::Mutex<Core>,
+}
+
+/// Exact counts, kept under the core lock.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub pages_scanned: u64,
+    pub pages_skipped: u64,
+    pub full_scans: u64,
+    pub zero_pages: u64,
+    /// Records in `Hashed` state.
+    pub hashed: u64,
+    pub merge_runs: u64,
+    pub cow_breaks: u64,
+    pub mismatches: u64,
+    pub records_bytes: u64,
+    pub registered_pages: u64,
+    pub unmergeable_pages: u64,
+}
+
+/// The mapping budget: twinpage's remaps split mappings, and the kernel caps a
+/// process at `vm.max_map_count`. Stay under it with headroom so the host
+/// program's own mmap never fails because of us.
+#[derive(Debug)]
+pub struct MapBudget {
+    pub limit: usize,
+    counted: usize,
+    since_count: usize,
+    pub added_total: u64,
+    pub held_back: u64,
+    last_count: Option<Instant>,
+}
+
+impl MapBudget {
+    pub fn new(max_map_count: usize) -> Self {
+        let headroom = (max_map_count / 8).clamp(64, 8192);
+        Self {
+            limit: max_map_count.saturating_sub(headroom),
+            counted: crate::maps::map_count().unwrap_or(0),
+            since_count: 0,
+            added_total: 0,
+            held_back: 0,
+            last_count: Some(Instant::now()),
+        }
+    }
+
+    /// Reserves room for `maps` new mappings (covering `pages` pages).
+    pub fn allow(&mut self, maps: usize, pages: u64) -> bool {
+        if self.counted + self.since_count + maps > self.limit {
+            let stale = self.last_count.is_none_or(|t| t.elapsed() > Duration::from_millis(100));
+            if stale {
+                self.recount();
+            }
+            if self.counted + self.since_count + maps > self.limit {
+                self.held_back += pages;
+                return false;
+            }
+        }
+        self.since_count += maps;
+        self.added_total += maps as u64;
+        true
+    }
+
+    /// Counts the process's mappings again.
+    pub fn recount(&mut self) {
+        if let Ok(n) = crate::maps::map_count() {
+            self.counted = n;
+            self.since_count = 0;
+            self.last_count = Some(Instant::now());
+        }
+    }
+
+    pub fn current(&self) -> usize {
+        self.counted + self.since_count
+    }
+}
+
+/// Where the scanner is.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cursor {
+    pub region_start: usize,
+    pub page: usize,
+    /// The cursor has passed no region yet in this full scan.
+    pub fresh: bool,
+}
+
+/// Trees, store allocation and counts: everything one batch decides on.
+#[derive(Debug)]
+pub struct Core {
+    pub stable: StableTree,
+    pub unstable: UnstableTree,
+    pub alloc: StoreAlloc,
+    pub counters: Counters,
+    pub map_budget: MapBudget,
+    pub cursor: Cursor,
+}
+
+impl Core {
+    pub fn new(max_map_count: usize) -> Self {
+        Self {
+            stable: StableTree::default(),
+            unstable: UnstableTree::default(),
+            alloc: StoreAlloc::default(),
+            counters: Counters::default(),
+            map_budget: MapBudget::new(max_map_count),
+            cursor: Cursor { fresh: true, ..Default::default() },
+        }
+    }
+
+    /// Clears a `Hashed` record's place in the counts.
+    pub fn forget_hashed(&mut self, rec: &PageRecord) {
+        if rec.state == PageState::Hashed {
+            self.counters.hashed -= 1;
+        }
+    }
+
+    /// Returns a store page nobody maps any more.
+    pub fn free_store_page(&mut self, sh: &Shared, idx: u32) {
+        if let Err(e) = sh.store.punch(idx, 1) {
+            warn_once!("punch", "twinpage: cannot free store pages: {e}");
+        }
+        self.alloc.free(idx);
+    }
+
+    /// A merged page stopped sharing its store page.
+    pub fn release(&mut self, sh: &Shared, idx: u32) {
+        if self.stable.release(idx) {
+            self.free_store_page(sh, idx);
+        }
+    }
+
+    /// Drops every record of `records` from the trees and counts. For merged
+    /// pages the caller guarantees their mappings are gone or unmerged.
+    pub fn drop_records(&mut self, sh: &Shared, records: &mut [PageRecord]) {
+        for rec in records.iter_mut() {
+            match rec.state {
+                PageState::Hashed => self.counters.hashed -= 1,
+                PageState::Merged => self.release(sh, rec.key),
+                PageState::Zero => self.counters.zero_pages -= 1,
+                PageState::None => {}
+            }
+            rec.state = PageState::None;
+        }
+    }
+
+    /// The published view of the counts.
+    pub fn snapshot(&self, regions: u64) -> KsmStats {
+        let c = &self.counters;
+        let shared = self.stable.pages_shared();
+        let sharing = self.stable.pages_sharing();
+        let unshared = self.unstable.len();
+        let rmap_items = c.hashed + shared + sharing;
+        let metadata = c.records_bytes
+            + self.stable.metadata_bytes()
+            + self.unstable.metadata_bytes()
+            + self.alloc.metadata_bytes()
+            + regions * std::mem::size_of::<Region>() as u64;
+        let saved = (sharing + c.zero_pages) * PAGE_SIZE as u64;
+        KsmStats {
+            pages_shared: shared,
+            pages_sharing: sharing,
+            pages_unshared: unshared,
+            pages_volatile: c.hashed.saturating_sub(unshared),
+            pages_scanned: c.pages_scanned,
+            pages_skipped: c.pages_skipped,
+            full_scans: c.full_scans,
+            ksm_zero_pages: c.zero_pages,
+            stable_node_chains: self.stable.chains(),
+            stable_node_dups: self.stable.dups(),
+            rmap_items,
+            twinpage_metadata_bytes: metadata,
+            twinpage_mappings_added: self.map_budget.added_total,
+            twinpage_map_count: self.map_budget.current() as u64,
+            twinpage_map_limit: self.map_budget.limit as u64,
+            twinpage_merges_held_back: self.map_budget.held_back,
+            twinpage_merge_runs: c.merge_runs,
+            twinpage_cow_breaks: c.cow_breaks,
+            twinpage_merge_mismatches: c.mismatches,
+            twinpage_pages_unmergeable: c.unmergeable_pages,
+            twinpage_pages_registered: c.registered_pages,
+            general_profit: saved as i64 - metadata as i64,
+        }
+    }
+
+    fn end_full_scan(&mut self) {
+        self.counters.full_scans += 1;
+        self.unstable.clear();
+        self.map_budget.recount();
+    }
+}
+
+/// smart_scan, as the kernel's should_skip_rmap_item: a page that keeps not
+/// merging is looked at less and less often (every 2nd, 3rd, 5th, 9th scan).
+fn should_skip(rec: &mut PageRecord) -> bool {
+    let age = rec.age;
+    rec.age = rec.age.saturating_add(1);
+    if age < 3 {
+        return false;
+    }
+    if rec.skips == 0 {
+        rec.skips = match age {
+            0..=3 => 1,
+            4..=5 => 2,
+            6..=8 => 4,
+            _ => 8,
+        };
+        return false;
+    }
+    rec.skips -= 1;
+    true
+}
+
+/// Merge decisions of one batch.
+#[derive(Debug, Default)]
+struct Decisions {
+    /// Tree pages to copy into new store pages: (region id, page, store page).
+    fills: Vec<(u32, usize, u32)>,
+    joins: Vec<Item>,
+    zeros: Vec<Item>,
+}
+
+/// Scans up to `budget` pages; returns how many it visited.
+pub fn scan_pages(sh: &Shared, budget: usize) -> usize {
+    let mut left = budget;
+    let mut visited = 0;
+    let mut empty_wraps = 0;
+    while left > 0 {
+        // The registry is a leaf lock: nobody holding it waits for another lock.
+        let cur = sh.core.lock().cursor;
+        let (found, empty) = {
+            let reg = sh.registry.read();
+            let f = if cur.fresh { reg.first() } else { reg.at_or_after(cur.region_start) };
+            (f.cloned(), reg.is_empty())
+        };
+        let (region, cursor) = {
+            let mut core = sh.core.lock();
+            match found {
+                Some(r) => {
+                    if cur.fresh || r.start != cur.region_start {
+                        core.cursor = Cursor { region_start: r.start, page: 0, fresh: false };
+                    }
+                    (r, core.cursor)
+                }
+                None => {
+                    if !cur.fresh {
+                        core.end_full_scan();
+                    }
+                    core.cursor = Cursor { fresh: true, ..Default::default() };
+                    empty_wraps += 1;
+                    if empty || empty_wraps > 2 {
+                        return visited;
+                    }
+                    continue;
+                }
+            }
+        };
+        if cursor.page >= region.pages {
+            sh.core.lock().cursor = Cursor { region_start: region.start + 1, page: 0, fresh: false };
+            continue;
+        }
+        empty_wraps = 0;
+        let n = left.min(BATCH_PAGES).min(region.pages - cursor.page);
+        {
+            let mut st = region.state.write();
+            let mut core = sh.core.lock();
+            if !st.dead {
+                scan_batch(sh, &region, &mut st, &mut core, cursor.page, n);
+            }
+            core.cursor.page = cursor.page + n;
+        }
+        visited += n;
+        left -= n;
+    }
+    visited
+}
+
+fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut Core, first: usize, n: usize) {
+    let mut entries = vec![PageEntry::default(); n];
+    if let Err(e) = sh.pagemap.read(region.addr(first), &mut entries) {
+        warn_once!("pagemap", "twinpage: cannot read pagemap: {e}");
+        return;
+    }
+    let mergeable = region.mergeability == Mergeability::Mergeable && !st.failed;
+    let use_zero = sh.tunables.use_zero_pages();
+    let smart = sh.tunables.smart_scan();
+    let max_sharing = sh.tunables.max_page_sharing();
+    let zh = zero_hash();
+    let mut d = Decisions::default();
+    let mut last_pair: Option<(usize, u32)> = None;
+
+    for (i, &e) in entries.iter().enumerate() {
+        let idx = first + i;
+        core.counters.pages_scanned += 1;
+        let rec = &mut st.records[idx];
+        match rec.state {
+            PageState::Merged => {
+                if e.present() && !e.file() {
+                    // A write broke the sharing (copy-on-write).
+                    let key = rec.key;
+                    rec.state = PageState::None;
+                    core.counters.cow_breaks += 1;
+                    core.release(sh, key);
+                } else {
+                    continue;
+                }
+            }
+            PageState::Zero => {
+                if e.present() && (e.exclusive() || e.file()) {
+                    rec.state = PageState::None;
+                    core.counters.zero_pages -= 1;
+                } else {
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        let rec = &mut st.records[idx];
+        if !e.anon() || e.swapped() {
+            core.forget_hashed(rec);
+            rec.state = PageState::None;
+            continue;
+        }
+        if !mergeable {
+            continue;
+        }
+        if smart && should_skip(rec) {
+            core.counters.pages_skipped += 1;
+            continue;
+        }
+        // SAFETY: the page is in `region`, live under our lock; its bytes only
+        // feed the hash here.
+        let page = unsafe { guest_page(region.addr(idx)) };
+        let h = page_hash(page);
+        if h == zh && !e.exclusive() && is_zero(page) {
+            // The shared zero page of a never-written page: nothing to merge.
+            core.forget_hashed(rec);
+            rec.state = PageState::None;
+            continue;
+        }
+        if let Some(s) = core.stable.reserve(h, max_sharing) {
+            d.joins.push(Item { page: idx, store: s });
+            continue;
+        }
+        let cks = h as u32;
+        if rec.state != PageState::Hashed || rec.key != cks {
+            if rec.state != PageState::Hashed {
+                core.counters.hashed += 1;
+            }
+            rec.state = PageState::Hashed;
+            rec.key = cks;
+            continue;
+        }
+        if use_zero && h == zh && is_zero(page) {
+            d.zeros.push(Item { page: idx, store: 0 });
+            continue;
+        }
+        let me = PageRef { region: region.id, page: idx as u32 };
+        match core.unstable.get(h) {
+            Some(t) if t != me => {
+                let equal = if t.region == region.id {
+                    let tidx = t.page as usize;
+                    st.records.get(tidx).is_some_and(|r| r.state == PageState::Hashed) && {
+                        // SAFETY: a page of our own region, under our lock.
+                        let other = unsafe { guest_page(region.addr(tidx)) };
+                        other == page
+                    }
+                } else {
+                    with_other_region(sh, t, |r2, st2| {
+                        let tidx = t.page as usize;
+                        st2.records.get(tidx).is_some_and(|r| r.state == PageState::Hashed) && {
+                            // SAFETY: a page of `r2`, live while we hold its lock.
+                            let other = unsafe { guest_page(r2.addr(tidx)) };
+                            other == page
+                        }
+                    })
+                    .unwrap_or(false)
+                };
+                if equal {
+                    core.unstable.remove(h);
+                    let after = last_pair.filter(|&(p, _)| p + 1 == idx).map(|(_, s)| s);
+                    let s = core.alloc.alloc(after);
+                    core.stable.insert(h, s, 2);
+                    d.fills.push((t.region, t.page as usize, s));
+                    d.joins.push(Item { page: idx, store: s });
+                    last_pair = Some((idx, s));
+                } else {
+                    core.unstable.insert(h, me);
+                }
+            }
+            Some(_) => {}
+            None => core.unstable.insert(h, me),
+        }
+    }
+
+    execute(sh, region, st, core, d);
+}
+
+/// Runs `f` on another region under its lock, if it is free and alive.
+fn with_other_region<R>(sh: &Shared, t: PageRef, f: impl FnOnce(&Region, &mut RegionState) -> R) -> Option<R> {
+    let r2 = sh.registry.read().get(t.region).cloned()?;
+    let mut st2 = r2.state.try_write()?;
+    if st2.dead {
+        return None;
+    }
+    Some(f(&r2, &mut st2))
+}
+
+/// Splits items (sorted by page) into runs of consecutive pages.
+fn runs(items: &[Item]) -> impl Iterator<Item = &[Item]> {
+    items.chunk_by(|a, b| b.page == a.page + 1)
+}
+
+fn execute(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut Core, d: Decisions) {
+    // Fills first: they write the store pages that joins compare against.
+    let mut fills = d.fills;
+    fills.sort_unstable_by_key(|&(r, p, _)| (r, p));
+    for group in fills.chunk_by(|a, b| a.0 == b.0) {
+        let items: Vec<Item> = group.iter().map(|&(_, p, s)| Item { page: p, store: s }).collect();
+        let rid = group[0].0;
+        let fill_all = |r: &Region, st2: &mut RegionState, core: &mut Core| {
+            for run in runs(&items) {
+                let live: Vec<Item> = run
+                    .iter()
+                    .copied()
+                    .filter(|it| st2.records[it.page].state == PageState::Hashed)
+                    .collect();
+                for it in run.iter().filter(|it| st2.records[it.page].state != PageState::Hashed) {
+                    if core.stable.cancel(it.store) {
+                        core.free_store_page(sh, it.store);
+                    }
+                }
+                for sub in runs(&live) {
+                    merge::merge_run(sh, r, st2, core, sub, RunKind::Fill);
+                }
+            }
+        };
+        if rid == region.id {
+            fill_all(region, st, core);
+        } else {
+            let done = with_other_region(sh, PageRef { region: rid, page: 0 }, |r2, st2| fill_all(r2, st2, core));
+            if done.is_none() {
+                for it in &items {
+                    if core.stable.cancel(it.store) {
+                        core.free_store_page(sh, it.store);
+                    }
+                }
+            }
+        }
+    }
+    for run in runs(&d.joins) {
+        merge::merge_run(sh, region, st, core, run, RunKind::Join);
+    }
+    for run in runs(&d.zeros) {
+        merge::merge_run(sh, region, st, core, run, RunKind::Zero);
+    }
+}
+
+/// Unmerges pages `[from, to)` of a region: every merged or zero-dropped page
+/// gets its own anonymous copy again (`MADV_POPULATE_WRITE` breaks
+/// copy-on-write), then leaves the trees. Pages whose unmerge failed stay
+/// merged; returns whether all succeeded.
+pub fn unmerge_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, from: usize, to: usize) -> bool {
+    let mut all_ok = true;
+    let mut i = from;
+    while i < to {
+        let is_merged = |r: &PageRecord| matches!(r.state, PageState::Merged | PageState::Zero);
+        if !is_merged(&st.records[i]) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < to && is_merged(&st.records[j]) {
+            j += 1;
+        }
+        // SAFETY: the run is in a live region we hold; populate-write gives each
+        // page a private copy of the content it already shows.
+        let res = unsafe { mman::madvise(region.addr(i), (j - i) * PAGE_SIZE, mman::MADV_POPULATE_WRITE) };
+        match res {
+            Ok(()) => core.drop_records(sh, &mut st.records[i..j]),
+            Err(e) => {
+                all_ok = false;
+                warn_once!("unmerge", "twinpage: unmerge (MADV_POPULATE_WRITE) failed at {:#x}: {e}", region.addr(i));
+            }
+        }
+        i = j;
+    }
+    all_ok
+}
+
+/// `run=2`: unmerges every registered page.
+pub fn unmerge_all(sh: &Shared) {
+    let regions: Vec<Arc<Region>> = sh.registry.read().iter().cloned().collect();
+    for r in regions {
+        let mut st = r.state.write();
+        if st.dead {
+            continue;
+        }
+        let mut core = sh.core.lock();
+        let pages = r.pages;
+        unmerge_range(sh, &r, &mut st, &mut core, 0, pages);
+    }
+}
+
+/// Publishes the counts.
+pub fn publish(sh: &Shared) {
+    let regions = { sh.registry.read().len() as u64 };
+    let snap = sh.core.lock().snapshot(regions);
+    sh.stats.publish(&snap);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smart_scan_backs_off() {
+        let mut rec = PageRecord::default();
+        let pattern: Vec<bool> = (0..20).map(|_| should_skip(&mut rec)).collect();
+        assert!(!pattern[0] && !pattern[1] && !pattern[2]);
+        assert!(pattern.iter().filter(|&&s| s).count() >= 8);
+    }
+}

@@ -1,0 +1,176 @@
+//! The store: one memfd whose pages are the merged pages. A merged guest page
+//! is a page of the store mapped `MAP_PRIVATE` at the guest address; reads
+//! share the one page-cache page and a write takes the kernel's ordinary
+//! copy-on-write fault. A store page is written exactly once, before its first
+//! sharer maps it, and its hole is punched when the last sharer is gone.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::OnceLock;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::sys::{memfd, PAGE_SIZE};
+
+/// Store pages per mapped segment of the engine's own view (1 GiB).
+const SEGMENT_PAGES: u32 = 1 << 18;
+/// Segments at most (1 TiB of merged content).
+const MAX_SEGMENTS: usize = 1024;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the store memfd")]
+    Create(#[source] io::Error),
+    #[error("cannot grow the store")]
+    Grow(#[source] io::Error),
+    #[error("cannot map a store segment")]
+    Map(#[source] io::Error),
+    #[error("the store is full")]
+    Full,
+}
+
+/// The memfd and the engine's read-write view of it.
+#[derive(Debug)]
+pub struct Store {
+    file: File,
+    segments: Box<[OnceLock<MmapRaw>]>,
+}
+
+impl Store {
+    /// Creates an empty store.
+    pub fn new() -> Result<Self, StoreError> {
+        let fd = memfd::create(c"twinpage-store").map_err(StoreError::Create)?;
+        let segments = (0..MAX_SEGMENTS).map(|_| OnceLock::new()).collect();
+        Ok(Self { file: File::from(fd), segments })
+    }
+
+    /// The store fd, for remapping store pages into guest memory.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Makes page `idx` addressable through the engine's view (growing the
+    /// file and mapping its segment when first needed) and returns its address.
+    pub fn page_ptr(&self, idx: u32) -> Result<*mut u8, StoreError> {
+        let seg = (idx / SEGMENT_PAGES) as usize;
+        let slot = self.segments.get(seg).ok_or(StoreError::Full)?;
+        let map = match slot.get() {
+            Some(m) => m,
+            None => {
+                let seg_bytes = SEGMENT_PAGES as u64 * PAGE_SIZE as u64;
+                let want = (seg as u64 + 1) * seg_bytes;
+                let have = self.file.metadata().map_err(StoreError::Grow)?.len();
+                if have < want {
+                    memfd::truncate(self.fd(), want).map_err(StoreError::Grow)?;
+                }
+                let m = MmapOptions::new()
+                    .offset(seg as u64 * seg_bytes)
+                    .len(seg_bytes as usize)
+                    .map_raw(&self.file)
+                    .map_err(StoreError::Map)?;
+                // A racing initialiser may have won; either mapping is the same file range.
+                let _ = slot.set(m);
+                slot.get().ok_or(StoreError::Full)?
+            }
+        };
+        let off = (idx % SEGMENT_PAGES) as usize * PAGE_SIZE;
+        // SAFETY: `off` is within the SEGMENT_PAGES pages of this mapping.
+        Ok(unsafe { map.as_mut_ptr().add(off) })
+    }
+
+    /// Byte offset of page `idx` in the memfd.
+    pub fn offset(idx: u32) -> u64 {
+        idx as u64 * PAGE_SIZE as u64
+    }
+
+    /// Frees `count` pages from `idx`. The caller has established that no
+    /// mapping still shares them.
+    pub fn punch(&self, idx: u32, count: u32) -> io::Result<()> {
+        memfd::punch_hole(self.fd(), Self::offset(idx), count as u64 * PAGE_SIZE as u64)
+    }
+
+    /// Bytes the store really holds (allocated blocks).
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        memfd::allocated_bytes(self.fd())
+    }
+}
+
+/// Hands out store page indices, preferring the one after the previous
+/// allocation so that merged runs get consecutive store pages and their
+/// mappings coalesce.
+#[derive(Debug, Default)]
+pub struct StoreAlloc {
+    next: u32,
+    free: BTreeSet<u32>,
+}
+
+impl StoreAlloc {
+    /// A free index, `after + 1` when that one is free.
+    pub fn alloc(&mut self, after: Option<u32>) -> u32 {
+        if let Some(prev) = after {
+            let want = prev.wrapping_add(1);
+            if want == self.next {
+                self.next += 1;
+                return want;
+            }
+            if self.free.remove(&want) {
+                return want;
+            }
+        }
+        if let Some(idx) = self.free.pop_first() {
+            return idx;
+        }
+        let idx = self.next;
+        self.next += 1;
+        idx
+    }
+
+    /// Returns an index.
+    pub fn free(&mut self, idx: u32) {
+        if idx + 1 == self.next {
+            self.next -= 1;
+            while let Some(&last) = self.free.last() {
+                if last + 1 != self.next {
+                    break;
+                }
+                self.free.remove(&last);
+                self.next -= 1;
+            }
+        } else {
+            self.free.insert(idx);
+        }
+    }
+
+    /// Indices in use.
+    pub fn in_use(&self) -> u64 {
+        self.next as u64 - self.free.len() as u64
+    }
+
+    /// Approximate heap bytes of the free set.
+    pub fn metadata_bytes(&self) -> u64 {
+        self.free.len() as u64 * 16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_get_consecutive_pages() {
+        let mut a = StoreAlloc::default();
+        let x = a.alloc(None);
+        let y = a.alloc(Some(x));
+        let z = a.alloc(Some(y));
+        assert_eq!((x, y, z), (0, 1, 2));
+        a.free(1);
+        assert_eq!(a.alloc(Some(0)), 1);
+        a.free(2);
+        a.free(1);
+        assert_eq!(a.in_use(), 1);
+        assert_eq!(a.alloc(None), 1);
+    }
+}

@@ -1,0 +1,48 @@
+//! memfd, ftruncate and hole punching for the store.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use super::cvt;
+
+/// Creates a close-on-exec memfd that allows seals.
+pub fn create(name: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is a valid NUL-terminated string for the call.
+    let ret = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let raw = cvt(ret)?;
+    // SAFETY: memfd_create returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Sets the file size.
+pub fn truncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    // SAFETY: ftruncate on a valid fd has no memory-safety preconditions.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) }).map(drop)
+}
+
+/// Frees the pages of `[offset, offset+len)`; the file keeps its size and the
+/// range reads back as zeros. Every mapping of those pages that has not been
+/// copied-on-write is zapped, so the caller must know nobody maps them.
+pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on a valid fd has no memory-safety preconditions.
+    let ret = unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    cvt(ret).map(drop)
+}
+
+/// Bytes actually allocated to the file (`st_blocks * 512`).
+pub fn allocated_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `st` is valid for writes of one `struct stat`.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    Ok(st.st_blocks as u64 * 512)
+}

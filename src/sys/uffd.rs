@@ -1,0 +1,290 @@
+//! userfaultfd, written by hand from `include/uapi/linux/userfaultfd.h`.
+//!
+//! twinpage uses only write-protect mode: a page is protected while it is
+//! compared with a store page and remapped, so any writer (a vCPU thread, KVM,
+//! a syscall copying into it) blocks in the kernel until it is woken.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use super::{cvt, last_err};
+
+const UFFDIO: u64 = 0xAA;
+/// The API version this module speaks.
+pub const UFFD_API: u64 = 0xAA;
+
+const IOC_NONE: u64 = 0;
+const IOC_WRITE: u64 = 1;
+const IOC_READ: u64 = 2;
+
+const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (UFFDIO << 8) | nr
+}
+
+/// `struct uffdio_api`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioApi {
+    pub api: u64,
+    pub features: u64,
+    pub ioctls: u64,
+}
+
+/// `struct uffdio_range`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioRange {
+    pub start: u64,
+    pub len: u64,
+}
+
+/// `struct uffdio_register`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioRegister {
+    pub range: UffdioRange,
+    pub mode: u64,
+    pub ioctls: u64,
+}
+
+/// `struct uffdio_writeprotect`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioWriteprotect {
+    pub range: UffdioRange,
+    pub mode: u64,
+}
+
+/// `struct uffd_msg`, with the pagefault member of its union spelled out (the
+/// only event twinpage asks for).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdMsg {
+    pub event: u8,
+    pub reserved1: u8,
+    pub reserved2: u16,
+    pub reserved3: u32,
+    /// `arg.pagefault.flags`
+    pub pf_flags: u64,
+    /// `arg.pagefault.address`
+    pub pf_address: u64,
+    /// `arg.pagefault.feat.ptid` and padding of the union.
+    pub pf_feat: u64,
+}
+
+const _: () = assert!(size_of::<UffdioApi>() == 24);
+const _: () = assert!(size_of::<UffdioRange>() == 16);
+const _: () = assert!(size_of::<UffdioRegister>() == 32);
+const _: () = assert!(size_of::<UffdioWriteprotect>() == 24);
+const _: () = assert!(size_of::<UffdMsg>() == 32);
+
+pub const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, 0x3F, size_of::<UffdioApi>());
+pub const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, 0x00, size_of::<UffdioRegister>());
+pub const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, 0x01, size_of::<UffdioRange>());
+pub const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, size_of::<UffdioRange>());
+pub const UFFDIO_WRITEPROTECT: u64 =
+    ioc(IOC_READ | IOC_WRITE, 0x06, size_of::<UffdioWriteprotect>());
+/// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`.
+pub const USERFAULTFD_IOC_NEW: u64 = ioc(IOC_NONE, 0x00, 0);
+
+// Values from the uapi header, checked against it by hand; the ioctl numbers
+// below are the ones strace prints on x86_64.
+const _: () = assert!(UFFDIO_API == 0xc018_aa3f);
+const _: () = assert!(UFFDIO_REGISTER == 0xc020_aa00);
+const _: () = assert!(UFFDIO_UNREGISTER == 0x8010_aa01);
+const _: () = assert!(UFFDIO_WAKE == 0x8010_aa02);
+const _: () = assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
+const _: () = assert!(USERFAULTFD_IOC_NEW == 0xaa00);
+
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+pub const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
+
+pub const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+pub const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+
+/// Errors from the userfaultfd module.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("cannot create a userfaultfd (need root or access to /dev/userfaultfd)")]
+    Open(#[source] io::Error),
+    #[error("UFFDIO_API handshake failed")]
+    Api(#[source] io::Error),
+    #[error("kernel lacks userfaultfd write-protect (UFFD_FEATURE_PAGEFAULT_FLAG_WP)")]
+    NoWriteProtect,
+}
+
+/// An open, handshaken userfaultfd.
+#[derive(Debug)]
+pub struct Userfaultfd {
+    fd: OwnedFd,
+    features: u64,
+}
+
+impl Userfaultfd {
+    /// Opens a non-blocking userfaultfd through `/dev/userfaultfd`, falling back
+    /// to the `userfaultfd(2)` syscall, and performs the API handshake requiring
+    /// write-protect faults. Write-protect of shmem (memfd, tmpfs) is asked for
+    /// and reported by [`Userfaultfd::wp_shmem`].
+    pub fn open() -> Result<Self, UffdError> {
+        let fd = open_dev().or_else(|dev_err| open_syscall().map_err(|_| dev_err));
+        let fd = fd.map_err(UffdError::Open)?;
+        let wanted = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+        let mut api = UffdioApi { api: UFFD_API, features: wanted, ioctls: 0 };
+        // SAFETY: `fd` is a userfaultfd and `api` is a valid uffdio_api the
+        // kernel reads and writes for the duration of the call.
+        let ret = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) };
+        let api = match cvt(ret) {
+            Ok(_) => api,
+            Err(_) => {
+                // An older kernel refuses unknown features: retry with WP only on a
+                // fresh fd (a failed handshake leaves the fd unusable).
+                let fd2 = open_dev().or_else(|_| open_syscall()).map_err(UffdError::Open)?;
+                let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_PAGEFAULT_FLAG_WP, ioctls: 0 };
+                // SAFETY: as above, on the new fd.
+                let ret = unsafe { libc::ioctl(fd2.as_raw_fd(), UFFDIO_API as _, &mut api) };
+                cvt(ret).map_err(UffdError::Api)?;
+                return Self::checked(fd2, api);
+            }
+        };
+        Self::checked(fd, api)
+    }
+
+    fn checked(fd: OwnedFd, api: UffdioApi) -> Result<Self, UffdError> {
+        if api.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
+            return Err(UffdError::NoWriteProtect);
+        }
+        Ok(Self { fd, features: api.features })
+    }
+
+    /// Whether write-protect works on shmem-backed mappings (memfd, tmpfs).
+    pub fn wp_shmem(&self) -> bool {
+        self.features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM != 0
+    }
+
+    /// Registers `[start, start+len)` in write-protect mode.
+    pub fn register_wp(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start: start as u64, len: len as u64 },
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        // SAFETY: `reg` is a valid uffdio_register for the call; registration
+        // changes VMA flags only and touches no memory of ours.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) };
+        cvt(ret).map(drop)
+    }
+
+    /// Unregisters `[start, start+len)`; pending waiters there are woken.
+    pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut range = UffdioRange { start: start as u64, len: len as u64 };
+        // SAFETY: `range` is a valid uffdio_range for the call.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut range) };
+        cvt(ret).map(drop)
+    }
+
+    /// Write-protects `[start, start+len)`; returns once every TLB is flushed,
+    /// so no CPU can still write there.
+    pub fn protect(&self, start: usize, len: usize) -> io::Result<()> {
+        self.writeprotect(start, len, UFFDIO_WRITEPROTECT_MODE_WP)
+    }
+
+    /// Removes write protection from `[start, start+len)` and wakes its waiters.
+    pub fn unprotect(&self, start: usize, len: usize) -> io::Result<()> {
+        self.writeprotect(start, len, 0)
+    }
+
+    fn writeprotect(&self, start: usize, len: usize, mode: u64) -> io::Result<()> {
+        let mut wp = UffdioWriteprotect {
+            range: UffdioRange { start: start as u64, len: len as u64 },
+            mode,
+        };
+        loop {
+            // SAFETY: `wp` is a valid uffdio_writeprotect for the call.
+            let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut wp) };
+            match cvt(ret) {
+                Ok(_) => return Ok(()),
+                // EAGAIN: the mm changed under us (mmap_changing); try again.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Wakes threads blocked on faults in `[start, start+len)`; they retry.
+    pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut range = UffdioRange { start: start as u64, len: len as u64 };
+        // SAFETY: `range` is a valid uffdio_range for the call.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE as _, &mut range) };
+        cvt(ret).map(drop)
+    }
+
+    /// Reads pending fault messages without blocking; returns how many were read.
+    pub fn read_events(&self, buf: &mut [UffdMsg]) -> io::Result<usize> {
+        let bytes = std::mem::size_of_val(buf);
+        // SAFETY: `buf` is valid for `bytes` bytes of writes, and UffdMsg is
+        // plain old data for which any bit pattern is valid.
+        let ret = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), bytes) };
+        if ret < 0 {
+            let e = last_err();
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                return Ok(0);
+            }
+            return Err(e);
+        }
+        Ok(ret as usize / size_of::<UffdMsg>())
+    }
+}
+
+impl AsFd for Userfaultfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+fn open_dev() -> io::Result<OwnedFd> {
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/userfaultfd")?;
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: `dev` is an open /dev/userfaultfd; USERFAULTFD_IOC_NEW takes its
+    // flags by value and returns a new fd or -1.
+    let ret = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
+    let raw = cvt(ret)?;
+    // SAFETY: the kernel just returned `raw` as a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn open_syscall() -> io::Result<OwnedFd> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: userfaultfd(2) takes flags by value and returns a new fd or -1.
+    let ret = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    let raw = cvt(ret as libc::c_int)?;
+    // SAFETY: the kernel just returned `raw` as a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Polls `fd` for readability for at most `timeout_ms`; true when readable.
+pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+    let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if ret < 0 {
+        let e = last_err();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(ret > 0 && pfd.revents & libc::POLLIN != 0)
+}

@@ -1,0 +1,171 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use twinpage::{Engine, KsmStats};
+
+pub const PAGE: usize = 4096;
+
+/// Whether prerequisites hold; outside CI a missing one skips the test with a
+/// printed reason, under `CI=true` it fails it.
+pub fn require(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("prerequisite missing under CI: {what}");
+    }
+    eprintln!("SKIP: {what}");
+    false
+}
+
+/// A new engine, or None (skipped) where userfaultfd is unavailable.
+pub fn engine() -> Option<Engine> {
+    match Engine::new() {
+        Ok(e) => Some(e),
+        Err(e) => {
+            require(false, &format!("twinpage engine needs userfaultfd write-protect: {e}"));
+            None
+        }
+    }
+}
+
+/// Fast scanning for tests.
+pub fn flat_out(e: &Engine) {
+    e.set_pages_to_scan(100_000).unwrap();
+    e.set_sleep_millisecs(0);
+}
+
+/// Private anonymous memory, unmapped on drop (through the engine if given).
+pub struct Mem {
+    pub addr: usize,
+    pub len: usize,
+}
+
+impl Mem {
+    pub fn anon(pages: usize) -> Self {
+        let len = pages * PAGE;
+        // SAFETY: a fresh anonymous mapping; no existing memory is touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Self { addr: p as usize, len }
+    }
+
+    /// A `MAP_PRIVATE` mapping of a fresh memfd (as QEMU's
+    /// memory-backend-file share=off on tmpfs).
+    pub fn memfd_private(pages: usize) -> Self {
+        let len = pages * PAGE;
+        // SAFETY: plain syscalls on a fresh memfd.
+        unsafe {
+            let fd = libc::memfd_create(c"tp-test".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            assert_eq!(libc::ftruncate(fd, len as i64), 0);
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                fd,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            libc::close(fd);
+            Self { addr: p as usize, len }
+        }
+    }
+
+    pub fn pages(&self) -> usize {
+        self.len / PAGE
+    }
+
+    pub fn page_ptr(&self, i: usize) -> *mut u8 {
+        (self.addr + i * PAGE) as *mut u8
+    }
+
+    /// Fills page `i` with a pattern derived from `seed`.
+    pub fn fill(&self, i: usize, seed: u64) {
+        let p = self.page_ptr(i) as *mut u64;
+        for w in 0..PAGE / 8 {
+            let v = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(w as u64) | 1;
+            // SAFETY: within the mapping; volatile since the engine may remap
+            // the page underneath at any time.
+            unsafe { p.add(w).write_volatile(v) };
+        }
+    }
+
+    /// Writes zeros into page `i` (a real anonymous page full of zeros).
+    pub fn zero(&self, i: usize) {
+        let p = self.page_ptr(i) as *mut u64;
+        for w in 0..PAGE / 8 {
+            // SAFETY: within the mapping.
+            unsafe { p.add(w).write_volatile(0) };
+        }
+    }
+
+    pub fn read_u64(&self, i: usize, word: usize) -> u64 {
+        // SAFETY: within the mapping.
+        unsafe { (self.page_ptr(i) as *const u64).add(word).read_volatile() }
+    }
+
+    pub fn write_u64(&self, i: usize, word: usize, v: u64) {
+        // SAFETY: within the mapping.
+        unsafe { (self.page_ptr(i) as *mut u64).add(word).write_volatile(v) }
+    }
+
+    pub fn page_matches(&self, i: usize, seed: u64) -> bool {
+        (0..PAGE / 8).all(|w| {
+            self.read_u64(i, w) == seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(w as u64) | 1
+        })
+    }
+
+    /// Unmaps through the engine's protocol.
+    pub fn unmap(self, e: &Engine) {
+        let (a, l) = (self.addr, self.len);
+        std::mem::forget(self);
+        // SAFETY: unmapping our own mapping.
+        e.unmap_with(a, l, || unsafe { libc::munmap(a as *mut libc::c_void, l) });
+    }
+}
+
+/// Polls until `pred(stats)` holds or `timeout` passes; returns the last stats.
+pub fn wait_for(e: &Engine, timeout: Duration, pred: impl Fn(&KsmStats) -> bool) -> (bool, KsmStats) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = e.stats();
+        if pred(&s) {
+            return (true, s);
+        }
+        if Instant::now() > deadline {
+            return (false, s);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// pagemap flags of this process's page at `addr`: (present, file).
+pub fn pagemap_flags(addr: usize) -> (bool, bool) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, (addr / PAGE * 8) as u64).unwrap();
+    let v = u64::from_le_bytes(b);
+    (v >> 63 & 1 == 1, v >> 61 & 1 == 1)
+}
+
+/// A field of /proc/self/smaps_rollup in kB.
+pub fn smaps_rollup_kb(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok()))
+        .unwrap_or(0)
+}

@@ -1,0 +1,115 @@
+//! The kernel's own KSM selftest expectations, on twinpage.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn ten_identical_pages_merge_and_unmerge_on_write() {
+    let Some(e) = engine() else { return };
+    flat_out(&e);
+    let m = Mem::anon(10);
+    for i in 0..10 {
+        m.fill(i, 42);
+    }
+    e.register(m.addr, m.len).unwrap();
+    assert!(e.wait_full_scans(2, Duration::from_secs(10)));
+    let s = e.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, 9), "{s:?}");
+    for i in 0..10 {
+        assert!(m.page_matches(i, 42));
+    }
+    // One byte into each of two merged pages breaks their sharing.
+    m.write_u64(3, 0, 7);
+    m.write_u64(8, 100, 7);
+    assert!(e.wait_full_scans(1, Duration::from_secs(10)));
+    let s = e.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, 7), "{s:?}");
+    assert_eq!(m.read_u64(3, 0), 7);
+    assert_eq!(m.read_u64(8, 100), 7);
+    m.unmap(&e);
+    let s = e.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (0, 0));
+    assert_eq!(e.store_allocated_bytes(), 0);
+}
+
+#[test]
+fn zero_pages_merge_like_any_content_without_use_zero_pages() {
+    let Some(e) = engine() else { return };
+    flat_out(&e);
+    let m = Mem::anon(10);
+    for i in 0..10 {
+        m.zero(i);
+    }
+    e.register(m.addr, m.len).unwrap();
+    assert!(e.wait_full_scans(2, Duration::from_secs(10)));
+    let s = e.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (1, 9, 0), "{s:?}");
+    m.unmap(&e);
+}
+
+#[test]
+fn zero_pages_drop_to_the_zero_page_with_use_zero_pages() {
+    let Some(e) = engine() else { return };
+    flat_out(&e);
+    e.set_use_zero_pages(true);
+    let m = Mem::anon(10);
+    for i in 0..10 {
+        m.zero(i);
+    }
+    e.register(m.addr, m.len).unwrap();
+    assert!(e.wait_full_scans(2, Duration::from_secs(10)));
+    let s = e.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (0, 0, 10), "{s:?}");
+    // The pages read back as zeros and no longer hold memory.
+    for i in 0..10 {
+        assert_eq!(m.read_u64(i, 5), 0);
+    }
+    m.write_u64(2, 0, 1);
+    assert!(e.wait_full_scans(1, Duration::from_secs(10)));
+    assert_eq!(e.stats().ksm_zero_pages, 9);
+    assert_eq!(m.read_u64(2, 0), 1);
+    m.unmap(&e);
+}
+
+#[test]
+fn max_page_sharing_builds_chains_like_the_kernel() {
+    let Some(e) = engine() else { return };
+    flat_out(&e);
+    e.set_max_page_sharing(256).unwrap();
+    let m = Mem::anon(1000);
+    for i in 0..1000 {
+        m.fill(i, 99);
+    }
+    e.register(m.addr, m.len).unwrap();
+    let (ok, s) = wait_for(&e, Duration::from_secs(20), |s| s.pages_sharing == 996);
+    assert!(ok, "{s:?}");
+    assert!(e.wait_full_scans(1, Duration::from_secs(10)));
+    let s = e.stats();
+    assert_eq!(
+        (s.pages_shared, s.pages_sharing, s.stable_node_chains, s.stable_node_dups),
+        (4, 996, 1, 4),
+        "{s:?}"
+    );
+    assert_eq!(e.set_max_page_sharing(10), Err(twinpage::TunableError::Busy));
+    m.unmap(&e);
+}
+
+#[test]
+fn memfd_private_memory_merges() {
+    let Some(e) = engine() else { return };
+    flat_out(&e);
+    let m = Mem::memfd_private(16);
+    for i in 0..16 {
+        m.fill(i, (i % 4) as u64);
+    }
+    e.register(m.addr, m.len).unwrap();
+    let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| s.pages_shared == 4 && s.pages_sharing == 12);
+    assert!(ok, "{s:?}");
+    for i in 0..16 {
+        assert!(m.page_matches(i, (i % 4) as u64));
+    }
+    m.unmap(&e);
+}
