@@ -17,6 +17,7 @@ use crate::sys::uffd::{self, UffdError, UffdMsg, Userfaultfd};
 use crate::sys::PAGE_SIZE;
 use crate::tunables::{AdvisorMode, TunableError, Tunables};
 use crate::inflight::InFlight;
+use kernel_compat::{Value, WriteContext, WriteError};
 use crate::warn_once;
 
 /// Errors of the engine API.
@@ -115,7 +116,7 @@ impl Engine {
     /// private mappings that userfaultfd cannot write-protect (regular disk
     /// files) are scanned and reported but never merged.
     pub fn register(&self, addr: usize, len: usize) -> Result<(), EngineError> {
-        if addr % PAGE_SIZE != 0 || len == 0 {
+        if !addr.is_multiple_of(PAGE_SIZE) || len == 0 {
             return Err(EngineError::Inval);
         }
         let len = len.checked_next_multiple_of(PAGE_SIZE).ok_or(EngineError::Inval)?;
@@ -227,7 +228,7 @@ impl Engine {
         unmerge: bool,
         between: impl FnOnce(),
     ) -> Result<(), EngineError> {
-        if addr % PAGE_SIZE != 0 {
+        if !addr.is_multiple_of(PAGE_SIZE) {
             between();
             return Err(EngineError::Inval);
         }
@@ -350,6 +351,101 @@ impl Engine {
         t.set_advisor_min_pages_to_scan(min_pages);
         t.set_advisor_max_pages_to_scan(max_pages);
         t.set_advisor_target_scan_time(target_scan_time);
+    }
+
+    /// Writes attribute `name` of `/sys/kernel/mm/ksm` with the kernel's
+    /// parsing and rules; a refused value changes nothing.
+    pub fn set_attr(&self, name: &str, text: &str) -> Result<(), WriteError> {
+        let t = self.tunables();
+        // The core lock keeps pages_shared from changing between check and store.
+        let core = self.inner.sh.core.lock();
+        let ctx = WriteContext {
+            pages_shared: core.stable.pages_shared(),
+            advisor_on: t.advisor_mode() == AdvisorMode::ScanTime,
+            run: t.run(),
+            max_page_sharing: t.max_page_sharing(),
+            merge_across_nodes: t.merge_across_nodes(),
+            numa: has_numa(),
+        };
+        let v = kernel_compat::parse_write(name, text, &ctx)?;
+        let shared = ctx.pages_shared;
+        let busy = |r: Result<(), TunableError>| {
+            r.map_err(|e| match e {
+                TunableError::Inval => WriteError::Inval,
+                TunableError::Busy => WriteError::Busy,
+            })
+        };
+        match v {
+            Value::Run(x) => busy(t.set_run(x))?,
+            Value::PagesToScan(x) => busy(t.set_pages_to_scan(x))?,
+            Value::SleepMillisecs(x) => t.set_sleep_millisecs(x),
+            Value::UseZeroPages(x) => t.set_use_zero_pages(x),
+            Value::MaxPageSharing(x) => busy(t.set_max_page_sharing(x, shared))?,
+            Value::MergeAcrossNodes(x) => t.set_merge_across_nodes(x),
+            Value::SmartScan(x) => t.set_smart_scan(x),
+            Value::StableNodeChainsPruneMillisecs(x) => t.set_stable_node_chains_prune_millisecs(x),
+            Value::AdvisorMode(m) => {
+                let m = match m {
+                    kernel_compat::AdvisorMode::None => AdvisorMode::None,
+                    kernel_compat::AdvisorMode::ScanTime => AdvisorMode::ScanTime,
+                };
+                if m != t.advisor_mode() {
+                    // The kernel resets pages_to_scan when the advisor turns on or off.
+                    t.set_advisor_mode(AdvisorMode::None);
+                    let pts = match m {
+                        AdvisorMode::None => 100,
+                        AdvisorMode::ScanTime => t.advisor_min_pages_to_scan() as u32,
+                    };
+                    busy(t.set_pages_to_scan(pts))?;
+                    t.set_advisor_mode(m);
+                }
+            }
+            Value::AdvisorMaxCpu(x) => t.set_advisor_max_cpu(x),
+            Value::AdvisorMinPagesToScan(x) => t.set_advisor_min_pages_to_scan(x),
+            Value::AdvisorMaxPagesToScan(x) => t.set_advisor_max_pages_to_scan(x),
+            Value::AdvisorTargetScanTime(x) => t.set_advisor_target_scan_time(x),
+        }
+        drop(core);
+        self.kick();
+        Ok(())
+    }
+
+    /// What reading attribute `name` of `/sys/kernel/mm/ksm` prints, without
+    /// the newline; `None` for a name the kernel does not have.
+    pub fn show_attr(&self, name: &str) -> Option<String> {
+        let t = self.tunables();
+        let s = self.stats();
+        let v = match name {
+            "run" => t.run().to_string(),
+            "pages_to_scan" => t.pages_to_scan().to_string(),
+            "sleep_millisecs" => t.sleep_millisecs().to_string(),
+            "use_zero_pages" => u8::from(t.use_zero_pages()).to_string(),
+            "max_page_sharing" => t.max_page_sharing().to_string(),
+            "merge_across_nodes" if has_numa() => t.merge_across_nodes().to_string(),
+            "smart_scan" => u8::from(t.smart_scan()).to_string(),
+            "stable_node_chains_prune_millisecs" => t.stable_node_chains_prune_millisecs().to_string(),
+            "advisor_mode" => kernel_compat::format_advisor_mode(match t.advisor_mode() {
+                AdvisorMode::None => kernel_compat::AdvisorMode::None,
+                AdvisorMode::ScanTime => kernel_compat::AdvisorMode::ScanTime,
+            }),
+            "advisor_max_cpu" => t.advisor_max_cpu().to_string(),
+            "advisor_min_pages_to_scan" => t.advisor_min_pages_to_scan().to_string(),
+            "advisor_max_pages_to_scan" => t.advisor_max_pages_to_scan().to_string(),
+            "advisor_target_scan_time" => t.advisor_target_scan_time().to_string(),
+            "pages_shared" => s.pages_shared.to_string(),
+            "pages_sharing" => s.pages_sharing.to_string(),
+            "pages_unshared" => s.pages_unshared.to_string(),
+            "pages_volatile" => s.pages_volatile.to_string(),
+            "pages_scanned" => s.pages_scanned.to_string(),
+            "pages_skipped" => s.pages_skipped.to_string(),
+            "full_scans" => s.full_scans.to_string(),
+            "ksm_zero_pages" => s.ksm_zero_pages.to_string(),
+            "general_profit" => s.general_profit.to_string(),
+            "stable_node_chains" => s.stable_node_chains.to_string(),
+            "stable_node_dups" => s.stable_node_dups.to_string(),
+            _ => return None,
+        };
+        Some(v)
     }
 
     /// Waits until `full_scans` has grown by `n` (or `timeout` passed); true
@@ -482,4 +578,9 @@ fn fault_main(inner: &Inner) {
             });
         }
     }
+}
+
+/// Whether this kernel has NUMA (and so a `merge_across_nodes` attribute).
+fn has_numa() -> bool {
+    std::path::Path::new("/sys/devices/system/node/node0").exists()
 }

@@ -137,5 +137,5 @@ fn nix_fs_type(path: &std::path::Path) -> i64 {
     let r = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
     assert_eq!(r, 0);
     // SAFETY: statfs succeeded.
-    unsafe { st.assume_init() }.f_type as i64
+    unsafe { st.assume_init() }.f_type
 }

@@ -37,7 +37,7 @@ pub fn flat_out(e: &Engine) {
     e.set_sleep_millisecs(0);
 }
 
-/// Private anonymous memory, unmapped on drop (through the engine if given).
+/// Test memory; `unmap` returns it through the engine.
 pub struct Mem {
     pub addr: usize,
     pub len: usize,
@@ -131,7 +131,6 @@ impl Mem {
     /// Unmaps through the engine's protocol.
     pub fn unmap(self, e: &Engine) {
         let (a, l) = (self.addr, self.len);
-        std::mem::forget(self);
         // SAFETY: unmapping our own mapping.
         e.unmap_with(a, l, || unsafe { libc::munmap(a as *mut libc::c_void, l) });
     }
