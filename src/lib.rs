@@ -16,6 +16,7 @@ pub mod ratelimit;
 pub mod region;
 pub mod scan;
 pub mod stats;
+pub mod statsfs;
 pub mod store;
 pub mod sys;
 pub mod tree;

@@ -1,0 +1,220 @@
+//! Files rewritten in place, the tree's lock, and what `/proc` says about a
+//! process.
+
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The most of a file this module reads (a user may write anything into an
+/// attribute file; the kernel looks at 4096 bytes per `write(2)`).
+const READ_MAX: usize = 1 << 20;
+
+/// A file that is opened once and rewritten in place (`pwrite` at offset 0,
+/// then `ftruncate` if it got shorter), never replaced by a rename: a reader
+/// that keeps its fd open and reads again sees the new content.
+#[derive(Debug)]
+pub(crate) struct InPlaceFile {
+    path: PathBuf,
+    mode: u32,
+    file: File,
+}
+
+impl InPlaceFile {
+    /// Opens (creating if needed) `path` for reading and writing and gives it
+    /// exactly `mode` (`0o444` files are opened while still writable to the
+    /// owner, so a non-root publisher can keep writing them through its fd).
+    pub(crate) fn open(path: &Path, mode: u32) -> io::Result<Self> {
+        let file = open_rw(path)?;
+        set_mode(&file, mode);
+        Ok(Self { path: path.to_path_buf(), mode, file })
+    }
+
+    /// The path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reopens the file if its path no longer leads to the inode we hold
+    /// (somebody removed or replaced it); returns whether it did.
+    pub(crate) fn ensure(&mut self) -> io::Result<bool> {
+        let ours = self.file.metadata()?;
+        match fs::metadata(&self.path) {
+            Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => Ok(false),
+            _ => {
+                if let Some(dir) = self.path.parent() {
+                    create_dir(dir)?;
+                }
+                *self = Self::open(&self.path, self.mode)?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// The whole content (at most 1 MiB).
+    pub(crate) fn read(&self) -> io::Result<Vec<u8>> {
+        read_all_at(&self.file)
+    }
+
+    /// Replaces the content with `content` unless it already is exactly
+    /// that; returns whether it wrote.
+    ///
+    /// The new bytes are written first and the file is shortened after, so
+    /// a reader racing with a shrink sees the new value on the first line
+    /// (followed for an instant by the old tail), never a truncated prefix
+    /// of the old value.
+    pub(crate) fn write(&self, content: &[u8]) -> io::Result<bool> {
+        if self.read()? == content {
+            return Ok(false);
+        }
+        self.overwrite(content)?;
+        Ok(true)
+    }
+
+    /// Replaces the content unconditionally.
+    pub(crate) fn overwrite(&self, content: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(content, 0)?;
+        if self.file.metadata()?.len() > content.len() as u64 {
+            self.file.set_len(content.len() as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Modification time in nanoseconds.
+    pub(crate) fn mtime(&self) -> io::Result<i128> {
+        let m = self.file.metadata()?;
+        Ok(i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()))
+    }
+}
+
+fn open_rw(path: &Path) -> io::Result<File> {
+    let open = || OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(path);
+    match open() {
+        // A 0444 file of ours (we are not root): writable for the open only.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            fs::set_permissions(path, Permissions::from_mode(0o644))?;
+            open()
+        }
+        r => r,
+    }
+}
+
+/// Gives `file` exactly `mode` (the umask may have narrowed it). A file of
+/// another user keeps its mode.
+fn set_mode(file: &File, mode: u32) {
+    if let Ok(m) = file.metadata() {
+        if m.mode() & 0o7777 != mode {
+            let _ = file.set_permissions(Permissions::from_mode(mode));
+        }
+    }
+}
+
+/// Creates a directory (and its parents) with mode 0755.
+pub(crate) fn create_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)
+}
+
+fn read_all_at(file: &File) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = file.read_at(&mut chunk, buf.len() as u64)?;
+        if n == 0 || buf.len() >= READ_MAX {
+            return Ok(buf);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The tree's lock file (`twinpage/lock`): publishers hold it (`flock`,
+/// exclusive) for a whole pass, `twinpage set` while it writes.
+#[derive(Debug)]
+pub struct TreeLock {
+    file: File,
+}
+
+impl TreeLock {
+    /// Opens (creating if needed) the lock file.
+    pub(crate) fn open(path: &Path) -> io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            create_dir(dir)?;
+        }
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(path)?;
+        Ok(Self { file })
+    }
+
+    /// Takes the lock, waiting for other holders.
+    pub fn lock(&self) -> io::Result<TreeLockGuard<'_>> {
+        self.file.lock()?;
+        Ok(TreeLockGuard { file: &self.file })
+    }
+}
+
+/// Holds the tree's lock until dropped.
+#[derive(Debug)]
+pub struct TreeLockGuard<'a> {
+    file: &'a File,
+}
+
+impl Drop for TreeLockGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
+}
+
+/// What `/proc/<pid>/stat` says: the process's start time (field 22, in
+/// clock ticks since boot), or `None` if there is no such process or it is
+/// a zombie. With the pid, it names a process even after pid reuse.
+pub(crate) fn process_starttime(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.get(s.rfind(')')? + 1..)?;
+    let mut fields = rest.split_whitespace();
+    // Field 3 is the state; the start time is field 22.
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+/// `/proc/<pid>/comm`, without the newline.
+pub(crate) fn process_comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end_matches('\n').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starttime_of_self() {
+        let me = std::process::id();
+        assert!(process_starttime(me).is_some());
+        assert_eq!(process_starttime(me), process_starttime(me));
+        assert!(process_comm(me).is_some());
+        assert_eq!(process_starttime(u32::MAX), None);
+    }
+
+    #[test]
+    fn in_place_rewrite() {
+        let dir = std::env::temp_dir().join(format!("twinpage-file-{}", std::process::id()));
+        create_dir(&dir).unwrap();
+        let path = dir.join("f");
+        let f = InPlaceFile::open(&path, 0o444).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o444);
+        let reader = File::open(&path).unwrap();
+        assert!(f.write(b"12345\n").unwrap());
+        assert!(!f.write(b"12345\n").unwrap());
+        assert!(f.write(b"9\n").unwrap());
+        assert_eq!(read_all_at(&reader).unwrap(), b"9\n");
+        assert!(f.write(b"1234567\n").unwrap());
+        assert_eq!(read_all_at(&reader).unwrap(), b"1234567\n");
+        fs::remove_file(&path).unwrap();
+        let mut f = f;
+        f.ensure().unwrap();
+        assert!(path.exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
