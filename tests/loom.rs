@@ -1,7 +1,7 @@
 //! Loom models of the two protocols twinpage's safety rests on, run on the
-//! crate's real types (`Registry`, `Region`, `InFlight`, and the locks of
-//! `primitive`, which are loom's under `cfg(loom)`), with small stand-ins for
-//! the kernel's side:
+//! crate's real types (`Registry`, `Region`, `InFlight`, and the locks and
+//! atomics of `primitive`, which are loom-modelled under `cfg(loom)`), with
+//! small stand-ins for the kernel's side:
 //!
 //! 1. registry vs munmap (`region.rs`): a scanner never touches memory after
 //!    the unmap that removed it, and taking a second region with `try_write`
@@ -10,13 +10,15 @@
 //!    through between a merge's byte comparison and its remap, and a writer
 //!    blocked on a stray protection is always released.
 //!
-//! Each protocol also has a broken variant marked `should_panic`, which shows
-//! that the model can fail and fails for the stated reason.
+//! Each protocol also has broken variants (`broken_*`: `should_panic` with the
+//! expected message, or, for a deadlock, checked in a child process), which
+//! show that the model can fail and fails for the stated reason.
 //!
 //! ```text
 //! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --test loom
 //! ```
-//! (`scripts/loom.sh`). `LOOM_MAX_PREEMPTIONS` overrides the default bound of 3.
+//! (`scripts/loom.sh`). Each model has its own preemption bound (3 or 4);
+//! `LOOM_MAX_PREEMPTIONS` overrides them all.
 #![cfg(loom)]
 
 use loom::thread;
@@ -31,12 +33,24 @@ const BASE: usize = 0x10_0000;
 /// Pages of the modelled address space.
 const SPAN: usize = 4;
 
-fn model<F: Fn() + Sync + Send + 'static>(f: F) {
+/// Explores `f` under every interleaving with at most `preemptions`
+/// preemptions (`LOOM_MAX_PREEMPTIONS` overrides), and prints how many it ran
+/// (`--nocapture`). Bounds are 4, or 3 for the four-thread cross-region model,
+/// which keeps each run to a second or two; the mutations listed at each test
+/// are caught at its bound.
+fn model<F: Fn() + Sync + Send + 'static>(preemptions: usize, f: F) {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
     let mut b = loom::model::Builder::new();
     if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(3);
+        b.preemption_bound = Some(preemptions);
     }
-    b.check(f);
+    let runs = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    b.check(move || {
+        counted.fetch_add(1, Relaxed);
+        f();
+    });
+    eprintln!("loom: {} interleavings, preemption bound {:?}", runs.load(Relaxed), b.preemption_bound);
 }
 
 // ---------------------------------------------------------------------------
@@ -107,7 +121,8 @@ impl Sh {
             for (lo, hi) in [(0, from), (to, r.pages)] {
                 if lo < hi {
                     let id = reg.next_id();
-                    let n = Region::new(id, r.addr(lo), hi - lo, r.kind, r.mergeability, r.prot, records[lo..hi].to_vec());
+                    let n =
+                        Region::new(id, r.addr(lo), hi - lo, r.kind, r.mergeability, r.prot, records[lo..hi].to_vec());
                     reg.insert(Arc::new(n));
                 }
             }
@@ -166,9 +181,13 @@ impl Sh {
 /// two-page region (which splits it) and then its head page. The scanner may
 /// find the old region, the split one, or nothing; it never reads a page after
 /// its munmap.
+///
+/// Caught (checked by hand): the real munmap before the region is dead and
+/// out of the registry; no `dead` check (see the broken variant below); the
+/// registry lock held while the region lock is taken (deadlock).
 #[test]
 fn scanner_never_touches_unmapped_memory() {
-    model(|| {
+    model(4, || {
         let sh = Arc::new(Sh::new());
         sh.register(BASE, 2);
         let u = {
@@ -189,12 +208,19 @@ fn scanner_never_touches_unmapped_memory() {
     });
 }
 
-/// Two scanners, each holding one region and taking the other with
-/// `try_write` (as `with_other_region` does), while one munmap removes both
-/// regions: no deadlock, and neither region is read after the unmap.
+/// Two scanners, each holding one region (and the engine lock) and taking the
+/// other with `try_write` (as `with_other_region` does), while B and then A
+/// are unmapped: no deadlock, and neither region is read after its unmap.
+///
+/// Caught: a blocking second lock (the broken variant below). Not caught, by
+/// design of the code rather than of the model: dropping the `dead` check on
+/// the second region. The scanner looks the second region up and locks it
+/// while it holds the engine lock, under which `remove_range` marks a region
+/// dead and removes it, so a region found there is never dead; that check is
+/// a second line of defence.
 #[test]
 fn cross_region_try_write_no_deadlock_no_touch_after_unmap() {
-    model(|| {
+    model(3, || {
         let sh = Arc::new(Sh::new());
         let a = sh.register(BASE, 1);
         let b = sh.register(BASE + 2 * PAGE_SIZE, 1);
@@ -206,7 +232,8 @@ fn cross_region_try_write_no_deadlock_no_touch_after_unmap() {
             let sh = sh.clone();
             thread::spawn(move || sh.scan_pair(b, a, false))
         };
-        sh.munmap(BASE, 3);
+        sh.munmap(BASE + 2 * PAGE_SIZE, 1);
+        sh.munmap(BASE, 1);
         s1.join().unwrap();
         s2.join().unwrap();
         assert!(sh.registry.read().is_empty());
@@ -218,7 +245,7 @@ fn cross_region_try_write_no_deadlock_no_touch_after_unmap() {
 #[test]
 #[should_panic(expected = "touched unmapped memory")]
 fn broken_scanner_without_dead_check_touches_unmapped_memory() {
-    model(|| {
+    model(3, || {
         let sh = Arc::new(Sh::new());
         sh.register(BASE, 1);
         let u = {
@@ -233,20 +260,42 @@ fn broken_scanner_without_dead_check_touches_unmapped_memory() {
 
 /// Broken variant: taking the second region with a blocking `write` instead of
 /// `try_write` deadlocks two scanners that hold each other's region.
+///
+/// Loom reports a deadlock by panicking, but the region guards and `Arc`s that
+/// the deadlocked thread unwinds through panic again in their destructors, and
+/// the process aborts; `should_panic` cannot catch that. So the model runs in
+/// a child process of this test binary, and the test checks that it died of
+/// loom's deadlock report.
 #[test]
-#[should_panic(expected = "deadlock")]
 fn broken_blocking_second_region_lock_deadlocks() {
-    model(|| {
-        let sh = Arc::new(Sh::new());
-        let a = sh.register(BASE, 1);
-        let b = sh.register(BASE + 2 * PAGE_SIZE, 1);
-        let s1 = {
-            let sh = sh.clone();
-            thread::spawn(move || sh.scan_pair(a, b, true))
-        };
-        sh.scan_pair(b, a, true);
-        s1.join().unwrap();
-    });
+    const NAME: &str = "broken_blocking_second_region_lock_deadlocks";
+    const CHILD: &str = "TWINPAGE_LOOM_DEADLOCK_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        model(3, || {
+            let sh = Arc::new(Sh::new());
+            let a = sh.register(BASE, 1);
+            let b = sh.register(BASE + 2 * PAGE_SIZE, 1);
+            let s1 = {
+                let sh = sh.clone();
+                thread::spawn(move || sh.scan_pair(a, b, true))
+            };
+            sh.scan_pair(b, a, true);
+            s1.join().unwrap();
+        });
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--test-threads=1", "--nocapture"])
+        .env(CHILD, "1")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("deadlock; threads ="),
+        "loom did not find the deadlock ({}):\n{stderr}",
+        out.status
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -353,9 +402,12 @@ fn merge(k: &Kernel, inflight: &InFlight) {
     inflight.end(PAGE, PAGE + PAGE_SIZE);
 }
 
-fn merge_vs_fault(ignore_inflight: bool) {
-    model(move || {
-        let k = Arc::new(Kernel::new(false));
+/// One merge, one writer and the fault thread on one page. `stray`: the page
+/// starts write-protected by nobody (a protection left behind), so the fault
+/// thread may be releasing it just as the merge begins.
+fn merge_vs_fault(stray: bool, ignore_inflight: bool) {
+    model(4, move || {
+        let k = Arc::new(Kernel::new(stray));
         let inflight = Arc::new(InFlight::default());
         let writer = {
             let k = k.clone();
@@ -380,9 +432,25 @@ fn merge_vs_fault(ignore_inflight: bool) {
 /// never unprotects the page while the merge holds it, so no write lands
 /// between the comparison and the remap and none is lost; the writer always
 /// completes (woken by the merge's own unprotect or remap).
+///
+/// Caught (checked by hand): `begin` after the protect instead of before;
+/// `end` before the remap; `end` never called; a remap that leaves the writer
+/// asleep (loom: "exceeded maximum number of branches", the writer's wait
+/// never ends); the fault thread ignoring `InFlight` (broken variant below).
 #[test]
 fn merge_vs_fault_no_lost_write() {
-    merge_vs_fault(false);
+    merge_vs_fault(false, false);
+}
+
+/// The fault thread releasing a stray protection while a merge of the same
+/// page begins: `release_stray` decides and unprotects under the `InFlight`
+/// lock, so the merge's protection cannot be the one it removes.
+///
+/// Caught: `release_stray` dropping the lock between its check and `release`
+/// (found at 4 preemptions, not at 3).
+#[test]
+fn stray_release_racing_a_merge_no_lost_write() {
+    merge_vs_fault(true, false);
 }
 
 /// Broken variant: a fault thread that unprotects without asking `InFlight`
@@ -390,14 +458,17 @@ fn merge_vs_fault_no_lost_write() {
 #[test]
 #[should_panic(expected = "a write landed between compare and remap")]
 fn broken_fault_thread_ignoring_inflight_loses_write() {
-    merge_vs_fault(true);
+    merge_vs_fault(false, true);
 }
 
 /// A protection nobody is merging under (left behind by a failed merge): the
 /// fault thread releases it, so the writer completes and its write lands.
+///
+/// Caught: a `release_stray` that never releases (the writer never completes:
+/// loom stops at its branch limit).
 #[test]
 fn stray_protection_is_released() {
-    model(|| {
+    model(4, || {
         let k = Arc::new(Kernel::new(true));
         let inflight = InFlight::default();
         let writer = {
