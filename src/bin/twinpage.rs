@@ -1,10 +1,24 @@
-//! `twinpage`: the command-line tool. For now it has `demo`, which merges
-//! duplicate memory of its own process and shows the KSM-shaped counters and
-//! the memory saved, measured from /proc/self/smaps_rollup.
+//! `twinpage`: the command-line tool.
+//!
+//! - `stat`: every KSM attribute of the statistics tree, the memory saved
+//!   and a per-process table (`--json` for programs);
+//! - `top`: a live view of the same, with saved memory over time;
+//! - `set ATTR VALUE`: a tunable, with the kernel's rules (exit status: the
+//!   errno of a refusal, e.g. 22 for EINVAL);
+//! - `demo`: merges duplicate memory of its own process and shows the
+//!   KSM-shaped counters and the memory saved, measured from
+//!   /proc/self/smaps_rollup (`--publish` also publishes the tree).
+//!
+//! `--dir` defaults to `$TWINPAGE_DIR`, else `/run/twinpage`.
 
-use std::time::{Duration, Instant};
+use std::collections::VecDeque;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use twinpage::statsfs::{self, ProcessEntry, SetOutcome, StatsTree, StatsTreeOptions, Tree};
 use twinpage::Engine;
 
 #[derive(Parser)]
@@ -44,6 +58,47 @@ enum Cmd {
         /// sleep_millisecs for the demo.
         #[arg(long, default_value_t = 0)]
         sleep_millisecs: u32,
+        /// Publish the statistics tree (under --dir) while running.
+        #[arg(long)]
+        publish: bool,
+        /// The tree's root [default: $TWINPAGE_DIR or /run/twinpage].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep running (and publishing) this many seconds after merging settled.
+        #[arg(long, default_value_t = 0)]
+        hold: u64,
+    },
+    /// Show every KSM attribute, the memory saved and the processes.
+    Stat {
+        /// The tree's root [default: $TWINPAGE_DIR or /run/twinpage].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a KSM attribute with the kernel's rules and wait until it applies.
+    Set {
+        /// Attribute name (as in /sys/kernel/mm/ksm).
+        attr: String,
+        /// Value, as it would be written with `echo -n`.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        /// The tree's root [default: $TWINPAGE_DIR or /run/twinpage].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// A live view: key counters, processes, saved memory over time.
+    Top {
+        /// The tree's root [default: $TWINPAGE_DIR or /run/twinpage].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Refresh interval in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval: u64,
+        /// Print one frame and exit.
+        #[arg(long)]
+        once: bool,
     },
 }
 
@@ -51,9 +106,13 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("TWINPAGE_LOG", "warn")).init();
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Demo { mib, dup, layout, patterns, pages_to_scan, sleep_millisecs } => {
-            demo(mib, dup, layout, patterns.max(1), pages_to_scan, sleep_millisecs)
+        Cmd::Demo { mib, dup, layout, patterns, pages_to_scan, sleep_millisecs, publish, dir, hold } => {
+            let publish = publish.then(|| dir.unwrap_or_else(statsfs::default_root));
+            demo(mib, dup, layout, patterns.max(1), pages_to_scan, sleep_millisecs, publish, hold)
         }
+        Cmd::Stat { dir, json } => stat(&tree(dir), json),
+        Cmd::Set { attr, value, dir } => set(&tree(dir), &attr, &value),
+        Cmd::Top { dir, interval, once } => top(&tree(dir), interval.max(50), once),
     };
     std::process::exit(code);
 }
@@ -75,9 +134,19 @@ fn fill(page: &mut [u8], seed: u64) {
     }
 }
 
-fn demo(mib: usize, dup: u8, layout: Layout, patterns: usize, pages_to_scan: u32, sleep: u32) -> i32 {
+#[allow(clippy::too_many_arguments)]
+fn demo(
+    mib: usize,
+    dup: u8,
+    layout: Layout,
+    patterns: usize,
+    pages_to_scan: u32,
+    sleep: u32,
+    publish: Option<PathBuf>,
+    hold: u64,
+) -> i32 {
     let engine = match Engine::new() {
-        Ok(e) => e,
+        Ok(e) => Arc::new(e),
         Err(e) => {
             eprintln!("twinpage demo: {e}");
             return 1;
@@ -88,6 +157,25 @@ fn demo(mib: usize, dup: u8, layout: Layout, patterns: usize, pages_to_scan: u32
         return 1;
     }
     engine.set_sleep_millisecs(sleep);
+    let publisher = match publish {
+        None => None,
+        Some(root) => {
+            let opts = StatsTreeOptions {
+                explicit: vec!["pages_to_scan".into(), "sleep_millisecs".into()],
+                ..StatsTreeOptions::default()
+            };
+            match StatsTree::spawn(engine.clone(), root.clone(), opts) {
+                Ok(h) => {
+                    println!("publishing statistics under {}", root.display());
+                    Some(h)
+                }
+                Err(e) => {
+                    eprintln!("twinpage demo: cannot publish under {}: {e}", root.display());
+                    return 1;
+                }
+            }
+        }
+    };
     let pages = mib * 1024 * 1024 / PAGE;
     let dups = pages * dup as usize / 100;
     let mut mem = memmap2::MmapMut::map_anon(pages * PAGE).expect("mmap");
@@ -187,7 +275,265 @@ fn demo(mib: usize, dup: u8, layout: Layout, patterns: usize, pages_to_scan: u32
             s.twinpage_merges_held_back, s.twinpage_map_count, s.twinpage_map_limit
         );
     }
+    if hold > 0 {
+        println!("holding for {hold} s");
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_secs(hold));
+    }
+    drop(publisher);
     let (a, l) = (mem.as_ptr() as usize, pages * PAGE);
     engine.unmap_with(a, l, || drop(mem));
     0
+}
+
+fn tree(dir: Option<PathBuf>) -> Tree {
+    Tree::at(dir.unwrap_or_else(statsfs::default_root))
+}
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// What `stat` and `top` show, read from the tree.
+struct Snapshot {
+    attrs: Vec<(&'static kernel_compat::Attr, String)>,
+    processes: Vec<ProcessEntry>,
+    twinpage: statsfs::Counters,
+}
+
+impl Snapshot {
+    fn read(t: &Tree) -> Result<Snapshot, String> {
+        if !t.exists() {
+            return Err(format!("no twinpage statistics tree at {} (is a twinpage process running?)", t.root().display()));
+        }
+        let err = |e: std::io::Error| format!("cannot read {}: {e}", t.root().display());
+        Ok(Snapshot {
+            attrs: t.attributes().map_err(err)?,
+            processes: t.processes().map_err(err)?.into_iter().filter(|p| p.live).collect(),
+            twinpage: t.twinpage_stats().unwrap_or_default(),
+        })
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.attrs.iter().find(|(a, _)| a.name == name).map(|(_, v)| v.as_str())
+    }
+
+    fn num(&self, name: &str) -> i128 {
+        self.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+
+    /// (pages_sharing + ksm_zero_pages) * page size.
+    fn saved_bytes(&self) -> i128 {
+        (self.num("pages_sharing") + self.num("ksm_zero_pages")) * PAGE as i128
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn process_rows(s: &Snapshot) -> Vec<String> {
+    let mut rows = vec![format!(
+        "{:>8} {:<16} {:>14} {:>11} {:>16} {:>11}",
+        "PID", "COMMAND", "MERGING_PAGES", "ZERO_PAGES", "PROFIT_BYTES", "PROFIT_MiB"
+    )];
+    for p in &s.processes {
+        let st = p.stat.unwrap_or_default();
+        rows.push(format!(
+            "{:>8} {:<16} {:>14} {:>11} {:>16} {:>11.1}",
+            p.pid,
+            p.comm,
+            st.ksm_merging_pages,
+            st.ksm_zero_pages,
+            st.ksm_process_profit,
+            st.ksm_process_profit as f64 / MIB
+        ));
+    }
+    rows
+}
+
+fn stat(t: &Tree, json: bool) -> i32 {
+    let s = match Snapshot::read(t) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("twinpage: {e}");
+            return 1;
+        }
+    };
+    if json {
+        let attrs: Vec<String> = s
+            .attrs
+            .iter()
+            .map(|(a, v)| {
+                let numeric = a.format != kernel_compat::attrs::Format::AdvisorMode && v.parse::<i128>().is_ok();
+                format!("{}:{}", json_str(a.name), if numeric { v.clone() } else { json_str(v) })
+            })
+            .collect();
+        let tp: Vec<String> = s.twinpage.iter().map(|(k, v)| format!("{}:{v}", json_str(k))).collect();
+        let procs: Vec<String> = s
+            .processes
+            .iter()
+            .map(|p| {
+                let st = p.stat.unwrap_or_default();
+                format!(
+                    "{{\"pid\":{},\"comm\":{},\"ksm_rmap_items\":{},\"ksm_merging_pages\":{},\"ksm_zero_pages\":{},\"ksm_process_profit\":{},\"ksm_merge_any\":{},\"ksm_mergeable\":{}}}",
+                    p.pid,
+                    json_str(&p.comm),
+                    st.ksm_rmap_items,
+                    st.ksm_merging_pages,
+                    st.ksm_zero_pages,
+                    st.ksm_process_profit,
+                    st.ksm_merge_any,
+                    st.ksm_mergeable
+                )
+            })
+            .collect();
+        println!(
+            "{{\"dir\":{},\"attributes\":{{{}}},\"saved_bytes\":{},\"saved_mib\":{:.3},\"twinpage\":{{{}}},\"processes\":[{}]}}",
+            json_str(&t.root().display().to_string()),
+            attrs.join(","),
+            s.saved_bytes(),
+            s.saved_bytes() as f64 / MIB,
+            tp.join(","),
+            procs.join(",")
+        );
+        return 0;
+    }
+    println!("twinpage statistics under {} ({} processes)", t.root().display(), s.processes.len());
+    for (a, v) in &s.attrs {
+        println!("{:<36} {v}", a.name);
+    }
+    println!();
+    println!(
+        "memory saved: {:.1} MiB ((pages_sharing {} + ksm_zero_pages {}) x {PAGE} bytes)",
+        s.saved_bytes() as f64 / MIB,
+        s.num("pages_sharing"),
+        s.num("ksm_zero_pages")
+    );
+    println!();
+    for r in process_rows(&s) {
+        println!("{r}");
+    }
+    0
+}
+
+fn set(t: &Tree, attr: &str, value: &str) -> i32 {
+    match t.set(attr, value.as_bytes(), Duration::from_secs(2)) {
+        Ok(SetOutcome::Applied { before, after }) => {
+            println!("{attr}: {before} -> {after}");
+            0
+        }
+        Ok(SetOutcome::Unchanged) => 0,
+        Ok(SetOutcome::Pending) => {
+            println!("{attr}: written; no twinpage process is running, it applies when one starts");
+            0
+        }
+        Err(e) => {
+            eprintln!("twinpage: {attr}: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn sparkline(values: &VecDeque<f64>) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let max = values.iter().copied().fold(0.0f64, f64::max);
+    values
+        .iter()
+        .map(|&v| if max <= 0.0 { BARS[0] } else { BARS[((v / max) * 7.0).round().clamp(0.0, 7.0) as usize] })
+        .collect()
+}
+
+fn clock() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) % 86400;
+    format!("{:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+fn top(t: &Tree, interval_ms: u64, once: bool) -> i32 {
+    const HISTORY: usize = 60;
+    let mut saved: VecDeque<f64> = VecDeque::with_capacity(HISTORY);
+    let mut last: Option<(Instant, i128)> = None;
+    loop {
+        let s = match Snapshot::read(t) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("twinpage: {e}");
+                return 1;
+            }
+        };
+        let now = Instant::now();
+        let scanned = s.num("pages_scanned");
+        let rate = last.map(|(at, n)| (scanned - n) as f64 / now.duration_since(at).as_secs_f64().max(1e-3));
+        last = Some((now, scanned));
+        if saved.len() == HISTORY {
+            saved.pop_front();
+        }
+        saved.push_back(s.saved_bytes() as f64 / MIB);
+        let mut out = String::new();
+        if !once {
+            out.push_str("\x1b[H\x1b[2J");
+        }
+        let mode = kernel_compat::AdvisorMode::from_show(s.get("advisor_mode").unwrap_or("")).map_or("?", |m| m.as_str());
+        out.push_str(&format!(
+            "twinpage top - {} - {} - {} processes - every {:.1} s\n",
+            t.root().display(),
+            clock(),
+            s.processes.len(),
+            interval_ms as f64 / 1000.0
+        ));
+        out.push_str(&format!(
+            "run {}  pages_to_scan {}  sleep_millisecs {}  use_zero_pages {}  advisor {mode}\n\n",
+            s.num("run"),
+            s.num("pages_to_scan"),
+            s.num("sleep_millisecs"),
+            s.num("use_zero_pages")
+        ));
+        out.push_str(&format!(
+            "pages_shared   {:>12}   pages_sharing  {:>12}   pages_unshared {:>12}\n",
+            s.num("pages_shared"),
+            s.num("pages_sharing"),
+            s.num("pages_unshared")
+        ));
+        out.push_str(&format!(
+            "pages_volatile {:>12}   ksm_zero_pages {:>12}   full_scans     {:>12}\n",
+            s.num("pages_volatile"),
+            s.num("ksm_zero_pages"),
+            s.num("full_scans")
+        ));
+        out.push_str(&format!(
+            "pages_scanned  {:>12}   scan rate      {:>10}/s   cow breaks     {:>12}\n",
+            scanned,
+            rate.map_or("-".to_string(), |r| format!("{r:.0}")),
+            s.twinpage.get("twinpage_cow_breaks").copied().unwrap_or(0)
+        ));
+        out.push_str(&format!(
+            "saved {:.1} MiB   general_profit {:.1} MiB\n",
+            s.saved_bytes() as f64 / MIB,
+            s.num("general_profit") as f64 / MIB
+        ));
+        out.push_str(&format!(
+            "saved over time [{}] (last {} samples, max {:.1} MiB)\n\n",
+            sparkline(&saved),
+            saved.len(),
+            saved.iter().copied().fold(0.0f64, f64::max)
+        ));
+        for r in process_rows(&s) {
+            out.push_str(&r);
+            out.push('\n');
+        }
+        print!("{out}");
+        let _ = std::io::stdout().flush();
+        if once {
+            return 0;
+        }
+        std::thread::sleep(Duration::from_millis(interval_ms));
+    }
 }
