@@ -454,6 +454,25 @@ impl StatsTree {
                 }
             }
         }
+        // Users' writes (against what the files showed after the last pass).
+        let mut seen: HashMap<&'static str, (Vec<u8>, i128)> = HashMap::new();
+        let mut writes: Vec<(i128, usize, &'static str)> = Vec::new();
+        for (i, a) in self.attrs.iter().enumerate().filter(|(_, a)| a.attr.writable) {
+            let n = a.attr.name;
+            let content = a.file.read()?;
+            let mtime = a.file.mtime()?;
+            let Some(t) = shared.get(n) else { continue };
+            let unchanged = a.fresh || (content == canonical(&t.value) && mtime == t.mtime);
+            if unchanged {
+                self.pending_empty.remove(n);
+            } else if content.is_empty() && self.pending_empty.insert(n) {
+                // Perhaps between a writer's O_TRUNC and its write(2).
+            } else {
+                self.pending_empty.remove(n);
+                writes.push((mtime, i, n));
+            }
+            seen.insert(n, (content, mtime));
+        }
         // Changes made by other publishers.
         let mut remote: Vec<(u64, &'static str)> = names
             .iter()
@@ -488,24 +507,6 @@ impl StatsTree {
             }
         }
         // Users' writes, in the order they were made.
-        let mut seen: HashMap<&'static str, (Vec<u8>, i128)> = HashMap::new();
-        let mut writes: Vec<(i128, usize, &'static str)> = Vec::new();
-        for (i, a) in self.attrs.iter().enumerate().filter(|(_, a)| a.attr.writable) {
-            let n = a.attr.name;
-            let content = a.file.read()?;
-            let mtime = a.file.mtime()?;
-            let Some(t) = shared.get(n) else { continue };
-            let unchanged = a.fresh || (content == canonical(&t.value) && mtime == t.mtime);
-            if unchanged {
-                self.pending_empty.remove(n);
-            } else if content.is_empty() && self.pending_empty.insert(n) {
-                // Perhaps between a writer's O_TRUNC and its write(2).
-            } else {
-                self.pending_empty.remove(n);
-                writes.push((mtime, i, n));
-            }
-            seen.insert(n, (content, mtime));
-        }
         writes.sort_unstable();
         for (_, _, n) in writes {
             let content = seen[n].0.clone();

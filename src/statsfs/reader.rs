@@ -226,6 +226,13 @@ impl Tree {
         self.processes().is_ok_and(|p| p.iter().any(|p| p.live))
     }
 
+    /// Whether every running process's engine has `value` for `name`
+    /// (`proc/<pid>/twinpage_tunables`).
+    pub fn all_have(&self, name: &str, value: &str) -> bool {
+        self.processes()
+            .is_ok_and(|ps| ps.iter().filter(|p| p.live).all(|p| p.tunables.iter().any(|(n, v)| n == name && v == value)))
+    }
+
     /// The generation: publishers' passes so far.
     pub fn generation(&self) -> io::Result<u64> {
         match fs::read_to_string(self.tw(layout::GENERATION)) {
@@ -302,7 +309,8 @@ impl Tree {
 
     /// `twinpage set`: checks `value` with the kernel's rules against the
     /// tree's current state (refusing as sysfs would, with its errno),
-    /// writes it and waits up to `timeout` for a publisher to apply it.
+    /// writes it and waits up to `timeout` for a publisher to apply it (and,
+    /// within the same time, for every running process's engine to have it).
     pub fn set(&self, name: &str, value: &[u8], timeout: Duration) -> Result<SetOutcome, SetError> {
         if !self.exists() {
             return Err(SetError::NoTree(self.root.clone()));
@@ -318,8 +326,15 @@ impl Tree {
         let before = self.attribute(name)?;
         let ticket = self.write_locked(name, value)?;
         drop(guard);
+        let deadline = Instant::now() + timeout;
         match self.wait(&ticket, timeout)? {
-            WaitOutcome::Applied(after) => Ok(SetOutcome::Applied { before, after }),
+            WaitOutcome::Applied(after) => {
+                // One publisher applied it; the others do within a period.
+                while Instant::now() < deadline && !self.all_have(name, &after) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(SetOutcome::Applied { before, after })
+            }
             WaitOutcome::Refused(r) => Err(SetError::Refused(r.error)),
             WaitOutcome::NoPublisher => Ok(SetOutcome::Pending),
             WaitOutcome::TimedOut => Err(SetError::NotPickedUp(timeout)),
