@@ -19,6 +19,9 @@ cargo build --release --workspace --all-targets
 step "clippy (warnings are errors; undocumented unsafe is denied)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 
+step "prometheus-node-exporter (tests/node_exporter.rs scrapes it over loopback)"
+command -v prometheus-node-exporter >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-node-exporter; }
+
 step "tests"
 cargo test --release --workspace
 
