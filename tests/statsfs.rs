@@ -17,11 +17,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Mem, PAGE};
+use common::Mem;
 use kernel_compat::testutil::{kernel_ksm_writable, require_or_skip, sysfs_lock};
 use kernel_compat::write::SYSFS_WRITE_MAX;
 use kernel_compat::{attrs, procfs, AdvisorMode, KsmSysfs, Snapshot, WriteError};
-use twinpage::statsfs::{layout, StatsTree, StatsTreeHandle, StatsTreeOptions, Tree, WaitOutcome};
+use twinpage::statsfs::{StatsTree, StatsTreeHandle, StatsTreeOptions, Tree, WaitOutcome};
 use twinpage::Engine;
 
 /// A fresh directory for one test's tree, removed at the end.
@@ -120,11 +120,9 @@ fn names_formats_and_modes_match_the_kernel() {
         std::fs::read_to_string(proc_dir.join("ksm_merging_pages")).unwrap(),
         procfs::render_merging_pages(stat.ksm_merging_pages)
     );
+    // The kernel's own file for this process parses with the same parser.
     if let Ok(k) = std::fs::read_to_string(procfs::ksm_stat_path(Path::new("/proc"), std::process::id())) {
-        let ks = procfs::parse(&k).unwrap();
-        assert_eq!(k.lines().map(|l| l.split([' ', ':']).next().unwrap()).collect::<Vec<_>>(),
-                   stat_text.lines().map(|l| l.split([' ', ':']).next().unwrap()).collect::<Vec<_>>());
-        let _ = ks;
+        procfs::parse(&k).unwrap_or_else(|err| panic!("/proc/self/ksm_stat: {err}"));
     }
     drop(h);
     assert!(!proc_dir.exists(), "proc/<pid> removed when the publisher stops");
@@ -534,6 +532,4 @@ fn leaving_and_joining_a_tree() {
     assert_eq!(tree.attribute("pages_to_scan").unwrap(), "4242");
     assert_eq!(e3.tunables().sleep_millisecs(), 45);
     drop(h3);
-    let _ = PAGE;
-    let _ = layout::KSM;
 }

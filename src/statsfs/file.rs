@@ -151,6 +151,23 @@ impl TreeLock {
         self.file.lock()?;
         Ok(TreeLockGuard { file: &self.file })
     }
+
+    /// Takes the lock, waiting at most `timeout` (a holder that is stopped
+    /// or stuck must not hang the others): `TimedOut` after that.
+    pub fn lock_timeout(&self, timeout: std::time::Duration) -> io::Result<TreeLockGuard<'_>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match self.file.try_lock() {
+                Ok(()) => return Ok(TreeLockGuard { file: &self.file }),
+                Err(std::fs::TryLockError::WouldBlock) => {}
+                Err(std::fs::TryLockError::Error(e)) => return Err(e),
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "the tree's lock is held by another process"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
 }
 
 /// Holds the tree's lock until dropped.

@@ -42,8 +42,10 @@
 //! [`StatsTree::spawn`] starts a thread for one [`Engine`](crate::Engine)
 //! that passes over the tree at least once per `sleep_millisecs` (and at
 //! least every 200 ms, at most every 10 ms; [`StatsTreeHandle::kick`]
-//! forces a pass). A pass writes the process's `proc/<pid>` files, then,
-//! under the lock, recomputes the global files and handles writes.
+//! forces a pass). A pass takes the lock (waiting at most 2 s, else the
+//! pass is skipped: a stopped process holding it cannot hang the others),
+//! writes the process's `proc/<pid>` files, recomputes the global files and
+//! handles writes; it costs about 0.2 ms of CPU.
 //!
 //! A user's write to a writable attribute (the file's content or
 //! modification time differs from what a publisher last wrote) is checked

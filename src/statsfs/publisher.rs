@@ -25,6 +25,8 @@ const MIN_PERIOD_MS: u64 = 10;
 const MAX_PERIOD_MS: u64 = 200;
 /// Passes between checks that no file was removed or replaced.
 const ENSURE_EVERY: u64 = 32;
+/// Longest wait for the tree's lock before a pass is skipped.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Distinct refused writes remembered for logging once each.
 const WARNED_MAX: usize = 1024;
 
@@ -177,7 +179,7 @@ impl StatsTree {
             file::create_dir(d)?;
         }
         let lock = Arc::new(TreeLock::open(&tw.join(layout::LOCK))?);
-        let _guard = lock.lock()?;
+        let _guard = lock.lock_timeout(LOCK_TIMEOUT)?;
         let state_file = InPlaceFile::open(&tw.join(layout::STATE), 0o644)?;
         let proc_dir = root.join(layout::PROC).join(pid.to_string());
         if proc_dir.exists() {
@@ -284,17 +286,18 @@ impl StatsTree {
         self.writable_names().into_iter().map(|n| (n, self.engine.show_attr(n).unwrap_or_default())).collect()
     }
 
-    /// One pass: this process's files, then under the lock the global
-    /// counters, users' writes and shared tunables, and the generation.
+    /// One pass, under the lock: this process's files, the global counters,
+    /// users' writes and shared tunables, and the generation.
     fn pass(&mut self) -> io::Result<()> {
         self.passes += 1;
         if self.passes.is_multiple_of(ENSURE_EVERY) {
             self.ensure_files()?;
         }
         let stats = self.engine.stats();
-        self.write_own(&stats)?;
         let lock = self.lock.clone();
-        let _guard = lock.lock()?;
+        let _guard = lock.lock_timeout(LOCK_TIMEOUT)?;
+        // Under the lock: other publishers read twinpage_counters under it.
+        self.write_own(&stats)?;
         let mut state = State::parse(&String::from_utf8_lossy(&self.state_file.read()?));
         let mut shared = SharedTunables::parse(&String::from_utf8_lossy(&self.shared_file.read()?));
         let agg = self.aggregate(&mut state, Some(&stats))?;
@@ -602,7 +605,7 @@ impl StatsTree {
     fn retire(&mut self) -> io::Result<()> {
         let stats = self.engine.stats();
         let lock = self.lock.clone();
-        let _guard = lock.lock()?;
+        let _guard = lock.lock_timeout(LOCK_TIMEOUT)?;
         let mut state = State::parse(&String::from_utf8_lossy(&self.state_file.read()?));
         retire_counters(&mut state, self.pid, &counters::of(&stats));
         fs::remove_dir_all(&self.proc_dir)?;

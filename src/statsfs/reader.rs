@@ -270,7 +270,7 @@ impl Tree {
     /// check: a publisher applies or refuses it ([`Tree::wait`]).
     pub fn write_raw(&self, name: &str, bytes: &[u8]) -> io::Result<Ticket> {
         let lock = self.lock()?;
-        let _guard = lock.lock()?;
+        let _guard = lock.lock_timeout(Duration::from_secs(5))?;
         self.write_locked(name, bytes)
     }
 
@@ -316,7 +316,7 @@ impl Tree {
             return Err(SetError::NoTree(self.root.clone()));
         }
         let lock = self.lock()?;
-        let guard = lock.lock()?;
+        let guard = lock.lock_timeout(Duration::from_secs(5))?;
         let ctx = self.ksm().write_context()?;
         match kernel_compat::model_write(name, value, &ctx) {
             Err(e) => return Err(SetError::Refused(e)),
