@@ -111,6 +111,40 @@ impl Engine {
         self.inner.sh.store.allocated_bytes().unwrap_or(0)
     }
 
+    /// The engine's own userfaultfd (the preload tells it apart from the host
+    /// program's).
+    pub fn uffd_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::{AsFd, AsRawFd};
+        self.inner.sh.uffd.as_fd().as_raw_fd()
+    }
+
+    /// Whether any registered region overlaps `[addr, addr+len)`. Cheap: the
+    /// interposers ask it on every munmap and mmap.
+    pub fn overlaps(&self, addr: usize, len: usize) -> bool {
+        let end = addr.saturating_add(len.max(1));
+        !self.inner.sh.registry.read().overlapping(addr, end).is_empty()
+    }
+
+    /// The registered ranges overlapping `[addr, addr+len)`, clipped to it.
+    pub fn registered_in(&self, addr: usize, len: usize) -> Vec<(usize, usize)> {
+        self.registered_kinds_in(addr, len).into_iter().map(|(s, e, _)| (s, e)).collect()
+    }
+
+    /// As [`Engine::registered_in`], with the kind of mapping each range was
+    /// when registered.
+    pub fn registered_kinds_in(&self, addr: usize, len: usize) -> Vec<(usize, usize, MappingKind)> {
+        let end = addr.saturating_add(len);
+        self.inner
+            .sh
+            .registry
+            .read()
+            .overlapping(addr, end)
+            .iter()
+            .map(|r| (r.start.max(addr), r.end().min(end), r.kind))
+            .filter(|(s, e, _)| s < e)
+            .collect()
+    }
+
     /// Registers `[addr, addr+len)` for merging (`MADV_MERGEABLE`). Parts
     /// already registered are left as they are. Shared mappings are refused;
     /// private mappings that userfaultfd cannot write-protect (regular disk
@@ -121,7 +155,10 @@ impl Engine {
         }
         let len = len.checked_next_multiple_of(PAGE_SIZE).ok_or(EngineError::Inval)?;
         let end = addr.checked_add(len).ok_or(EngineError::Inval)?;
-        let vmas = maps::vmas_in(addr, end).map_err(EngineError::Maps)?;
+        // Flags such as DONTFORK matter for guest RAM; for small ranges the
+        // cost of reading smaps is not worth it.
+        let vmas = if len >= 1 << 20 { maps::vmas_with_flags_in(addr, end) } else { maps::vmas_in(addr, end) };
+        let vmas = vmas.map_err(EngineError::Maps)?;
         let sh = &self.inner.sh;
         let mut result = Ok(());
         let mut covered = addr;
@@ -145,8 +182,27 @@ impl Engine {
             if vma.prot & libc::PROT_READ == 0 {
                 continue;
             }
+            // A store mapping left by an earlier merge holds the owner's private
+            // copies: it stands for anonymous memory.
+            let mut vma = vma.clone();
+            if vma.path.starts_with("/memfd:twinpage-store") {
+                vma.kind = MappingKind::Anon;
+            }
+            let vma = &vma;
             for (ps, pe) in self.unregistered_parts(s, e) {
-                let mergeability = match sh.uffd.register_wp(ps, pe - ps) {
+                let backing = match vma.kind {
+                    MappingKind::PrivateFile => open_backing(vma),
+                    _ => None,
+                };
+                let no_backing = vma.kind == MappingKind::PrivateFile && backing.is_none();
+                if no_backing {
+                    warn_once!(
+                        "no-backing",
+                        "twinpage: cannot reopen the file behind {} at {ps:#x}; it is scanned but never merged",
+                        vma.path
+                    );
+                }
+                let mergeability = match if no_backing { Err(io::Error::from_raw_os_error(libc::ENOENT)) } else { sh.uffd.register_wp(ps, pe - ps) } {
                     Ok(()) => Mergeability::Mergeable,
                     Err(err) => {
                         warn_once!(
@@ -164,6 +220,8 @@ impl Engine {
                     Region::new(id, ps, pages, vma.kind, mergeability, vma.prot, vec![PageRecord::default(); pages]);
                 region.dontfork = vma.dontfork;
                 region.dontdump = vma.dontdump;
+                region.file_offset = vma.offset + (ps - vma.start) as u64;
+                region.backing = backing;
                 reg.insert(Arc::new(region));
                 drop(reg);
                 let mut core = sh.core.lock();
@@ -269,6 +327,8 @@ impl Engine {
                     );
                     n.dontfork = r.dontfork;
                     n.dontdump = r.dontdump;
+                    n.backing = r.backing.clone();
+                    n.file_offset = r.file_offset + (lo * PAGE_SIZE) as u64;
                     n.state.write().failed = st.failed;
                     reg.insert(Arc::new(n));
                 }
@@ -295,6 +355,35 @@ impl Engine {
         drop(core);
         scan::publish(sh);
         Ok(())
+    }
+
+    /// Runs `discard` — the owner's `MADV_DONTNEED`, `MADV_REMOVE` or
+    /// `MADV_FREE` of `[addr, addr+len)` — after giving merged pages there back
+    /// the mapping they had without twinpage (fresh anonymous memory, or the
+    /// file for a private file mapping), so the discard reads back what it
+    /// would have, never a store page. The regions stay locked until `discard`
+    /// returns, so the scanner cannot merge them again in between.
+    pub fn discard_with<R>(&self, addr: usize, len: usize, discard: impl FnOnce() -> R) -> R {
+        let Some(len) = len.checked_next_multiple_of(PAGE_SIZE) else { return discard() };
+        let end = addr.saturating_add(len);
+        let sh = &self.inner.sh;
+        let regions = sh.registry.read().overlapping(addr, end);
+        // Address order, as every holder of several region locks takes them.
+        let mut guards = Vec::with_capacity(regions.len());
+        for r in &regions {
+            let mut st = r.state.write();
+            if !st.dead {
+                let from = (addr.max(r.start) - r.start) / PAGE_SIZE;
+                let to = (end.min(r.end()) - r.start) / PAGE_SIZE;
+                let mut core = sh.core.lock();
+                scan::restore_range(sh, r, &mut st, &mut core, from, to);
+            }
+            guards.push(st);
+        }
+        let out = discard();
+        drop(guards);
+        scan::publish(sh);
+        out
     }
 
     /// Sets `run`: 0 stops, 1 scans, 2 unmerges everything and stops.
@@ -583,4 +672,15 @@ fn fault_main(inner: &Inner) {
 /// Whether this kernel has NUMA (and so a `merge_across_nodes` attribute).
 fn has_numa() -> bool {
     std::path::Path::new("/sys/devices/system/node/node0").exists()
+}
+
+/// Reopens the file behind a private file mapping: by path, or through
+/// /proc/self/map_files when the path is gone (memfd, deleted file).
+fn open_backing(vma: &maps::Vma) -> Option<Arc<std::fs::File>> {
+    let by_path = (!vma.path.ends_with("(deleted)") && vma.path.starts_with('/'))
+        .then(|| std::fs::File::open(&vma.path).ok())
+        .flatten();
+    by_path
+        .or_else(|| std::fs::File::open(format!("/proc/self/map_files/{:x}-{:x}", vma.start, vma.end)).ok())
+        .map(Arc::new)
 }

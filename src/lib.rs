@@ -7,6 +7,8 @@
 //! with userfaultfd, compares it byte for byte with the store page, remaps it
 //! and wakes any writer, so that no write is ever lost (see `merge`).
 
+#[doc(hidden)]
+pub mod bench_api;
 pub mod engine;
 pub mod inflight;
 pub mod maps;

@@ -63,9 +63,21 @@ fn parse_line(line: &str) -> Option<Vma> {
     Some(Vma { start, end, prot, kind, offset, path, dontfork: false, dontdump: false })
 }
 
-/// The mappings overlapping `[start, end)`, in address order, with their
-/// `VmFlags` from smaps.
+/// The mappings overlapping `[start, end)`, in address order, from
+/// /proc/self/maps (cheap); `dontfork`/`dontdump` are left false.
 pub fn vmas_in(start: usize, end: usize) -> io::Result<Vec<Vma>> {
+    let text = fs::read_to_string("/proc/self/maps")?;
+    Ok(text
+        .lines()
+        .filter_map(parse_line)
+        .filter(|v| v.end > start && v.start < end)
+        .collect())
+}
+
+/// As [`vmas_in`], with `VmFlags` from /proc/self/smaps. smaps walks the page
+/// tables of every mapping of the process, so it is read only where the flags
+/// matter (large ranges such as guest RAM).
+pub fn vmas_with_flags_in(start: usize, end: usize) -> io::Result<Vec<Vma>> {
     let text = fs::read_to_string("/proc/self/smaps")?;
     let mut out: Vec<Vma> = Vec::new();
     let mut current: Option<Vma> = None;

@@ -91,7 +91,11 @@ pub fn merge_run(
     }
 
     sh.inflight.begin(start, start + len);
+    // Should anything below unwind, the run is unprotected and woken, so no
+    // writer of the host program stays blocked.
+    let mut guard = UnwindGuard { sh, start, len, armed: true };
     if let Err(e) = sh.uffd.protect(start, len) {
+        guard.armed = false;
         sh.inflight.end(start, start + len);
         warn_once!("uffd-protect", "twinpage: write-protect failed at {start:#x}: {e}; region stops merging");
         st.failed = true;
@@ -188,6 +192,7 @@ pub fn merge_run(
     if let Err(e) = sh.uffd.wake(start, len) {
         warn_once!("uffd-wake", "twinpage: wake failed at {start:#x}: {e}");
     }
+    guard.armed = false;
     sh.inflight.end(start, start + len);
 
     for s in fresh_fills {
@@ -198,6 +203,23 @@ pub fn merge_run(
         }
     }
     settle(sh, region, st, core, items, kind, &ok);
+}
+
+struct UnwindGuard<'a> {
+    sh: &'a Shared,
+    start: usize,
+    len: usize,
+    armed: bool,
+}
+
+impl Drop for UnwindGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.sh.uffd.unprotect(self.start, self.len);
+            let _ = self.sh.uffd.wake(self.start, self.len);
+            self.sh.inflight.end(self.start, self.start + self.len);
+        }
+    }
 }
 
 /// Replaces `[addr, addr+bytes)` with store pages from `store`, or with the
@@ -242,7 +264,7 @@ fn remap(
 
 /// A new mapping loses the old one's madvise flags; QEMU sets DONTFORK and
 /// DONTDUMP on guest RAM, so carry them over.
-fn reapply_advice(region: &Region, addr: usize, bytes: usize) {
+pub(crate) fn reapply_advice(region: &Region, addr: usize, bytes: usize) {
     for (flag, advice) in [(region.dontfork, libc::MADV_DONTFORK), (region.dontdump, libc::MADV_DONTDUMP)] {
         if flag {
             // SAFETY: DONTFORK/DONTDUMP change no contents.
@@ -272,7 +294,7 @@ fn settle(
                 rec.state = PageState::Zero;
                 rec.age = 0;
                 if region.kind != crate::maps::MappingKind::Anon {
-                    rec.flags |= PageRecord::NEEDS_REGISTER;
+                    rec.flags |= PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY;
                 }
                 core.counters.zero_pages += 1;
             }
@@ -282,7 +304,7 @@ fn settle(
                 rec.state = PageState::Merged;
                 rec.key = it.store;
                 rec.age = 0;
-                rec.flags |= PageRecord::NEEDS_REGISTER;
+                rec.flags |= PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY;
                 core.stable.commit(it.store);
             }
             (_, false) => {
@@ -292,4 +314,117 @@ fn settle(
             }
         }
     }
+}
+
+/// Puts pages `[from, to)` of `region` back into a mapping of the region's
+/// own kind with the content they show now: break sharing
+/// (`MADV_POPULATE_WRITE`), write-protect, copy into a fresh mapping (anonymous,
+/// or the backing file mapped privately), move that over the run with
+/// `mremap`, wake. Writers wait on the protection, so nothing is lost. The
+/// records' flags are updated; their states are the caller's.
+pub fn restore_with_content(sh: &Shared, region: &Region, st: &mut RegionState, from: usize, to: usize) -> bool {
+    let start = region.addr(from);
+    let n = to - from;
+    let len = n * PAGE_SIZE;
+    if st.records[from..to].iter().any(|r| r.flags & PageRecord::NEEDS_REGISTER != 0) {
+        if let Err(e) = sh.uffd.register_wp(start, len) {
+            log::debug!("twinpage: restore at {start:#x}+{len:#x}: register: {e}");
+            return false;
+        }
+        for r in &mut st.records[from..to] {
+            r.flags &= !PageRecord::NEEDS_REGISTER;
+        }
+    }
+    sh.inflight.begin(start, start + len);
+    let mut guard = UnwindGuard { sh, start, len, armed: true };
+    let mut entries = vec![Default::default(); n];
+    let mut protected = false;
+    for _ in 0..4 {
+        // SAFETY: a run of a region we hold; populate-write only breaks sharing.
+        if unsafe { mman::madvise(start, len, mman::MADV_POPULATE_WRITE) }.is_err() {
+            break;
+        }
+        if sh.uffd.protect(start, len).is_err() {
+            break;
+        }
+        if sh.pagemap.read(start, &mut entries).is_ok()
+            && entries.iter().all(|e: &crate::sys::pagemap::PageEntry| e.present() && e.uffd_wp())
+        {
+            protected = true;
+            break;
+        }
+        let _ = sh.uffd.unprotect(start, len);
+    }
+    let mut done = false;
+    if !protected {
+        log::debug!("twinpage: restore at {start:#x}+{len:#x}: could not protect every page");
+    }
+    if protected {
+        done = copy_and_move(region, start, len).map_err(|e| log::debug!("twinpage: restore: move: {e}")).is_ok();
+        if !done {
+            let _ = sh.uffd.unprotect(start, len);
+        }
+    }
+    let _ = sh.uffd.wake(start, len);
+    guard.armed = false;
+    sh.inflight.end(start, start + len);
+    if done {
+        reapply_advice(region, start, len);
+        for r in &mut st.records[from..to] {
+            r.flags = (r.flags | PageRecord::NEEDS_REGISTER) & !PageRecord::OVERLAY;
+        }
+    }
+    done
+}
+
+fn copy_and_move(region: &Region, start: usize, len: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (flags, fd, off) = match (&region.backing, region.kind) {
+        (Some(f), crate::maps::MappingKind::PrivateFile) => {
+            (libc::MAP_PRIVATE, f.as_raw_fd(), (region.file_offset + (start - region.start) as u64) as libc::off_t)
+        }
+        _ => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
+    };
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a fresh mapping at an address the kernel picks.
+    let tmp = unsafe { mman::raw_mmap(0, len, rw, flags, fd, off)? };
+    // SAFETY: `tmp` is our fresh writable mapping of `len` bytes; the source is
+    // a write-protected run of a region we hold, readable; they do not overlap.
+    unsafe { std::ptr::copy_nonoverlapping(start as *const u8, tmp as *mut u8, len) };
+    if region.prot != rw {
+        // SAFETY: our own fresh mapping.
+        unsafe { libc::syscall(libc::SYS_mprotect, tmp, len, region.prot as libc::c_long) };
+    }
+    // SAFETY: moves our fresh mapping over the run, which holds the same
+    // content and is write-protected: the owner sees no change.
+    match unsafe { mman::raw_mremap(tmp, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, start) } {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            // SAFETY: still our own fresh mapping.
+            let _ = unsafe { mman::raw_munmap(tmp, len) };
+            Err(e)
+        }
+    }
+}
+
+/// Replaces `[addr, addr+len)` with private anonymous memory holding the same
+/// content, for a single-threaded caller (the child after fork) that cannot
+/// use the engine: no write can race it.
+///
+/// # Safety
+/// The range must be mapped readable, owned by the caller, with no other
+/// thread running, and no Rust reference into it.
+pub unsafe fn replace_with_anon_copy(addr: usize, len: usize, prot: libc::c_int) -> std::io::Result<()> {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a fresh mapping at an address the kernel picks.
+    let tmp = unsafe { mman::raw_mmap(0, len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)? };
+    // SAFETY: the caller guarantees the source is readable and unshared with
+    // other threads; `tmp` is ours.
+    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, tmp as *mut u8, len) };
+    if prot != rw {
+        // SAFETY: our own fresh mapping.
+        unsafe { libc::syscall(libc::SYS_mprotect, tmp, len, prot as libc::c_long) };
+    }
+    // SAFETY: the caller owns the destination; the content is unchanged.
+    unsafe { mman::raw_mremap(tmp, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, addr) }.map(drop)
 }

@@ -47,6 +47,10 @@ impl PageRecord {
     /// The page sits in a mapping twinpage made (a store or zero overlay), which
     /// is not registered with userfaultfd until it is merged again.
     pub const NEEDS_REGISTER: u8 = 1 << 0;
+    /// The page sits in a mapping twinpage put there (store or zero overlay),
+    /// not the owner's: before the owner may see the range as its own again
+    /// (unregister, discard), the original kind of mapping is restored.
+    pub const OVERLAY: u8 = 1 << 1;
 }
 
 /// What the scanner may do in a region.
@@ -79,6 +83,10 @@ pub struct Region {
     pub prot: libc::c_int,
     pub dontfork: bool,
     pub dontdump: bool,
+    /// For a private file mapping: the file and the offset of `start` in it,
+    /// to map back what a discarded page shows without twinpage.
+    pub backing: Option<Arc<std::fs::File>>,
+    pub file_offset: u64,
     pub state: RwLock<RegionState>,
 }
 
@@ -102,6 +110,8 @@ impl Region {
             prot,
             dontfork: false,
             dontdump: false,
+            backing: None,
+            file_offset: 0,
             state: RwLock::new(RegionState { dead: false, records, failed: false }),
         }
     }

@@ -504,36 +504,101 @@ fn execute(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut C
     }
 }
 
-/// Unmerges pages `[from, to)` of a region: every merged or zero-dropped page
-/// gets its own anonymous copy again (`MADV_POPULATE_WRITE` breaks
-/// copy-on-write), then leaves the trees. Pages whose unmerge failed stay
-/// merged; returns whether all succeeded.
+/// Unmerges pages `[from, to)` of a region: every page twinpage remapped
+/// (merged, copy-on-write broken inside a store mapping, zero overlay) gets
+/// its content back in a mapping of the region's own kind — anonymous memory,
+/// or the backing file mapped privately — as if twinpage had never been
+/// there; merged pages leave the trees. Returns whether all succeeded (a
+/// failed run falls back to private copies inside the store mapping).
 pub fn unmerge_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, from: usize, to: usize) -> bool {
     let mut all_ok = true;
+    let touched = |r: &PageRecord| r.flags & PageRecord::OVERLAY != 0 || r.state == PageState::Merged;
     let mut i = from;
     while i < to {
-        let is_merged = |r: &PageRecord| matches!(r.state, PageState::Merged | PageState::Zero);
-        if !is_merged(&st.records[i]) {
+        if !touched(&st.records[i]) {
+            if st.records[i].state == PageState::Zero {
+                // Dropped to the zero page inside the owner's own mapping: it
+                // already is what it would be without twinpage.
+                core.drop_records(sh, &mut st.records[i..i + 1]);
+            }
             i += 1;
             continue;
         }
         let mut j = i + 1;
-        while j < to && is_merged(&st.records[j]) {
+        while j < to && touched(&st.records[j]) {
             j += 1;
         }
-        // SAFETY: the run is in a live region we hold; populate-write gives each
-        // page a private copy of the content it already shows.
-        let res = unsafe { mman::madvise(region.addr(i), (j - i) * PAGE_SIZE, mman::MADV_POPULATE_WRITE) };
+        let ok = crate::merge::restore_with_content(sh, region, st, i, j);
+        if !ok {
+            all_ok = false;
+            // SAFETY: the run is in a live region we hold; populate-write gives
+            // each page a private copy of the content it already shows.
+            let res = unsafe { mman::madvise(region.addr(i), (j - i) * PAGE_SIZE, mman::MADV_POPULATE_WRITE) };
+            if let Err(e) = res {
+                warn_once!("unmerge", "twinpage: unmerge failed at {:#x}: {e}; pages stay merged", region.addr(i));
+                i = j;
+                continue;
+            }
+        }
+        core.drop_records(sh, &mut st.records[i..j]);
+        i = j;
+    }
+    all_ok
+}
+
+/// Gives pages `[from, to)` back the mapping they had before twinpage touched
+/// them (anonymous memory, or the backing file at its offset), dropping their
+/// merges; used before the owner discards them. Content is not preserved:
+/// the owner is about to discard it.
+pub fn restore_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, from: usize, to: usize) {
+    let overlaid = |r: &PageRecord| r.state == PageState::Merged || r.flags & PageRecord::OVERLAY != 0;
+    let mut i = from;
+    while i < to {
+        if !overlaid(&st.records[i]) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < to && overlaid(&st.records[j]) {
+            j += 1;
+        }
+        let (addr, bytes) = (region.addr(i), (j - i) * PAGE_SIZE);
+        let res = match (&region.backing, region.kind) {
+            (Some(file), crate::maps::MappingKind::PrivateFile) => {
+                use std::os::fd::AsFd;
+                // SAFETY: pages of a live region we hold, about to be discarded by
+                // their owner: mapping the file back is what the discard shows.
+                unsafe {
+                    mman::map_private_fixed(
+                        addr,
+                        bytes,
+                        region.prot,
+                        file.as_fd(),
+                        region.file_offset + (i * PAGE_SIZE) as u64,
+                    )
+                }
+            }
+            // SAFETY: as above; anonymous memory reads back as zeros, what a
+            // discarded anonymous page shows.
+            _ => unsafe { mman::map_anon_fixed(addr, bytes, region.prot) },
+        };
         match res {
-            Ok(()) => core.drop_records(sh, &mut st.records[i..j]),
+            Ok(()) => {
+                crate::merge::reapply_advice(region, addr, bytes);
+                for rec in &mut st.records[i..j] {
+                    rec.flags = (rec.flags | PageRecord::NEEDS_REGISTER) & !PageRecord::OVERLAY;
+                }
+                core.drop_records(sh, &mut st.records[i..j]);
+            }
             Err(e) => {
-                all_ok = false;
-                warn_once!("unmerge", "twinpage: unmerge (MADV_POPULATE_WRITE) failed at {:#x}: {e}", region.addr(i));
+                // Without the remap the discard would expose store pages; break
+                // sharing instead so they hold private copies.
+                warn_once!("restore", "twinpage: cannot restore the mapping of discarded pages at {addr:#x}: {e}");
+                unmerge_range(sh, region, st, core, i, j);
             }
         }
         i = j;
     }
-    all_ok
 }
 
 /// `run=2`: unmerges every registered page.

@@ -1,1 +1,235 @@
-//! The preload agent (issue 3): interposers only.
+//! `libtwinpage.so`: the LD_PRELOAD agent. Interposers only; every decision
+//! is the engine's (`twinpage::Engine`) or the agent's (`agent.rs`).
+//!
+//! Each interposer ends in the raw system call, never in libc's symbol (which
+//! would be this library again). Variadic C prototypes (`prctl`, `ioctl`,
+//! `mremap`) are defined with their full fixed argument lists: on x86_64 the
+//! System V ABI passes the integer arguments of a variadic call in the same
+//! registers as a fixed-argument call.
+//!
+//! Nothing here may take the host program down: every call into the agent
+//! runs under `catch_unwind`, and a panic disables twinpage for the rest of
+//! the process (logged once) while the call goes on to the kernel.
+
+mod agent;
+mod config;
+
+use std::ffi::{c_int, c_ulong, c_void};
+
+use agent::Agent;
+
+const UFFDIO_REGISTER: c_ulong = 0xc020_aa00;
+
+fn set_errno(e: c_int) {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// The agent when it is active and this thread is not inside twinpage already.
+fn agent_for(init: bool) -> Option<(&'static Agent, agent::Reentry)> {
+    let guard = agent::Reentry::enter()?;
+    let a = if init { agent::get_or_init()? } else { agent::get()? };
+    Some((a, guard))
+}
+
+/// Runs `f` on the agent, catching panics; `None` means: pass the call on.
+fn with_agent<R>(init: bool, f: impl FnOnce(&'static Agent) -> Option<R>) -> Option<R> {
+    let (a, _guard) = agent_for(init)?;
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(a))) {
+        Ok(r) => r,
+        Err(_) => {
+            agent::disable("internal error (panic); twinpage stops merging and the program runs on");
+            None
+        }
+    }
+}
+
+fn ret_of(r: std::io::Result<c_int>) -> c_int {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            set_errno(e.raw_os_error().unwrap_or(libc::EINVAL));
+            -1
+        }
+    }
+}
+
+/// A raw system call's result as `-errno` on failure, read at once so that
+/// nothing twinpage does afterwards can change it.
+fn neg_errno(ret: libc::c_long) -> isize {
+    if ret == -1 {
+        // SAFETY: errno slot of this thread.
+        -(unsafe { *libc::__errno_location() }) as isize
+    } else {
+        ret as isize
+    }
+}
+
+/// Turns `-errno` back into libc's convention: -1 with errno set.
+fn libc_ret(r: isize) -> c_int {
+    if r < 0 {
+        set_errno(-r as c_int);
+        -1
+    } else {
+        r as c_int
+    }
+}
+
+fn raw_madvise(addr: usize, len: usize, advice: c_int) -> c_int {
+    // SAFETY: the host program's own madvise call, passed on unchanged.
+    neg_errno(unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice as libc::c_long) }) as c_int
+}
+
+/// # Safety
+/// As `madvise(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int {
+    let addr = addr as usize;
+    let init = matches!(advice, libc::MADV_MERGEABLE);
+    if let Some(r) = with_agent(init, |a| a.madvise(addr, len, advice, raw_madvise)) {
+        return ret_of(r);
+    }
+    libc_ret(raw_madvise(addr, len, advice) as isize)
+}
+
+/// # Safety
+/// As `posix_madvise(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn posix_madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int {
+    // POSIX_MADV_DONTNEED is a no-op in glibc; the others never discard.
+    if advice == libc::POSIX_MADV_DONTNEED {
+        return 0;
+    }
+    // SAFETY: forwarded as given.
+    let r = unsafe { madvise(addr, len, advice) };
+    if r == 0 {
+        0
+    } else {
+        // SAFETY: errno slot of this thread.
+        unsafe { *libc::__errno_location() }
+    }
+}
+
+fn raw_munmap(addr: usize, len: usize) -> c_int {
+    // SAFETY: the host program's own munmap, passed on unchanged.
+    neg_errno(unsafe { libc::syscall(libc::SYS_munmap, addr, len) }) as c_int
+}
+
+/// # Safety
+/// As `munmap(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> c_int {
+    let addr = addr as usize;
+    let r = with_agent(false, |a| a.munmap(addr, len, raw_munmap)).unwrap_or_else(|| raw_munmap(addr, len));
+    libc_ret(r as isize)
+}
+
+fn raw_mmap(addr: usize, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> isize {
+    // SAFETY: the host program's own mmap, passed on unchanged.
+    neg_errno(unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot as libc::c_long, flags as libc::c_long, fd as libc::c_long, off) })
+}
+
+/// # Safety
+/// As `mmap(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> *mut c_void {
+    let addr = addr as usize;
+    let r = with_agent(false, |a| a.mmap(addr, len, prot, flags, fd, off, raw_mmap))
+        .unwrap_or_else(|| raw_mmap(addr, len, prot, flags, fd, off));
+    if r < 0 && r > -4096 {
+        set_errno(-r as c_int);
+        return libc::MAP_FAILED;
+    }
+    r as *mut c_void
+}
+
+/// # Safety
+/// As `mmap64(2)` (the same call on x86_64).
+#[no_mangle]
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> *mut c_void {
+    // SAFETY: forwarded as given.
+    unsafe { mmap(addr, len, prot, flags, fd, off) }
+}
+
+fn raw_mremap(old: usize, old_len: usize, new_len: usize, flags: c_int, new_addr: usize) -> isize {
+    // SAFETY: the host program's own mremap, passed on unchanged.
+    neg_errno(unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags as libc::c_long, new_addr) })
+}
+
+/// # Safety
+/// As `mremap(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: usize,
+    new_len: usize,
+    flags: c_int,
+    new_addr: *mut c_void,
+) -> *mut c_void {
+    let (old, new_addr) = (old as usize, new_addr as usize);
+    let r = with_agent(false, |a| a.mremap(old, old_len, new_len, flags, new_addr, raw_mremap))
+        .unwrap_or_else(|| raw_mremap(old, old_len, new_len, flags, new_addr));
+    if r < 0 && r > -4096 {
+        set_errno(-r as c_int);
+        return libc::MAP_FAILED;
+    }
+    r as *mut c_void
+}
+
+fn raw_prctl(option: c_int, a2: c_ulong, a3: c_ulong, a4: c_ulong, a5: c_ulong) -> c_int {
+    // SAFETY: the host program's own prctl, passed on unchanged.
+    neg_errno(unsafe { libc::syscall(libc::SYS_prctl, option as libc::c_long, a2, a3, a4, a5) }) as c_int
+}
+
+/// # Safety
+/// As `prctl(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn prctl(option: c_int, a2: c_ulong, a3: c_ulong, a4: c_ulong, a5: c_ulong) -> c_int {
+    if option == kernel_compat::abi::PR_SET_MEMORY_MERGE || option == kernel_compat::abi::PR_GET_MEMORY_MERGE {
+        let init = option == kernel_compat::abi::PR_SET_MEMORY_MERGE && a2 != 0;
+        if let Some(r) = with_agent(init, |a| Some(a.prctl_memory_merge(option, a2, a3, a4, a5))) {
+            return ret_of(r);
+        }
+    }
+    libc_ret(raw_prctl(option, a2, a3, a4, a5) as isize)
+}
+
+/// # Safety
+/// As `ioctl(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
+    if req == UFFDIO_REGISTER && !arg.is_null() {
+        // SAFETY: for UFFDIO_REGISTER the caller passes a struct uffdio_register,
+        // whose first two u64 are the range.
+        let (start, len) = unsafe { (*(arg as *const u64), *(arg as *const u64).add(1)) };
+        with_agent(false, |a| {
+            a.host_uffd_register(fd, start as usize, len as usize);
+            Some(())
+        });
+    }
+    // SAFETY: the host program's own ioctl, passed on unchanged.
+    libc_ret(neg_errno(unsafe { libc::syscall(libc::SYS_ioctl, fd as libc::c_long, req, arg) }))
+}
+
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = {
+    extern "C" fn init() {
+        let _ = std::panic::catch_unwind(agent::load);
+    }
+    init
+};

@@ -1,5 +1,9 @@
 //! mmap, munmap, madvise and mprotect wrappers on raw address ranges.
 //!
+//! They issue the raw system calls, not libc's `mmap`/`madvise` symbols:
+//! inside the preloaded library those symbols are twinpage's own interposers,
+//! and the engine must never re-enter them.
+//!
 //! These touch address ranges the engine does not own as Rust objects (guest
 //! memory), so the functions are unsafe: the caller states that no Rust
 //! reference into the range exists and that the range is one the engine is
@@ -27,20 +31,9 @@ pub unsafe fn map_private_fixed(
     // SAFETY: the caller guarantees the range may be replaced; MAP_FIXED
     // replaces exactly [addr, addr+len).
     let ret = unsafe {
-        libc::mmap(
-            addr as *mut libc::c_void,
-            len,
-            prot,
-            libc::MAP_FIXED | libc::MAP_PRIVATE,
-            fd.as_raw_fd(),
-            offset as libc::off_t,
-        )
+        raw_mmap(addr, len, prot, libc::MAP_FIXED | libc::MAP_PRIVATE, fd.as_raw_fd(), offset as libc::off_t)
     };
-    if ret == libc::MAP_FAILED {
-        return Err(last_err());
-    }
-    debug_assert_eq!(ret as usize, addr);
-    Ok(())
+    ret.map(drop)
 }
 
 /// Maps fresh private anonymous memory over `[addr, addr+len)`.
@@ -49,20 +42,8 @@ pub unsafe fn map_private_fixed(
 /// As for [`map_private_fixed`].
 pub unsafe fn map_anon_fixed(addr: usize, len: usize, prot: libc::c_int) -> io::Result<()> {
     // SAFETY: as for map_private_fixed; the caller owns the range.
-    let ret = unsafe {
-        libc::mmap(
-            addr as *mut libc::c_void,
-            len,
-            prot,
-            libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if ret == libc::MAP_FAILED {
-        return Err(last_err());
-    }
-    Ok(())
+    let ret = unsafe { raw_mmap(addr, len, prot, libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    ret.map(drop)
 }
 
 /// `madvise(addr, len, advice)`, retrying on EAGAIN and EINTR.
@@ -75,7 +56,7 @@ pub unsafe fn map_anon_fixed(addr: usize, len: usize, prot: libc::c_int) -> io::
 pub unsafe fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
     loop {
         // SAFETY: the caller guarantees the advice is allowed on the range.
-        let ret = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
+        let ret = unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice as libc::c_long) };
         if ret == 0 {
             return Ok(());
         }
@@ -91,3 +72,56 @@ pub unsafe fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Resul
 /// libc versions that lack them.
 pub const MADV_POPULATE_READ: libc::c_int = 22;
 pub const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+/// `mmap(2)` as a raw system call; returns the mapped address.
+///
+/// # Safety
+/// As for `mmap(2)`: with `MAP_FIXED` the range is replaced, so the caller
+/// must own it and hold no Rust reference into it.
+pub unsafe fn raw_mmap(
+    addr: usize,
+    len: usize,
+    prot: libc::c_int,
+    flags: libc::c_int,
+    fd: libc::c_int,
+    offset: libc::off_t,
+) -> io::Result<usize> {
+    // SAFETY: the caller upholds mmap's contract for this range.
+    let ret = unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot as libc::c_long, flags as libc::c_long, fd as libc::c_long, offset) };
+    if ret < 0 {
+        return Err(last_err());
+    }
+    Ok(ret as usize)
+}
+
+/// `munmap(2)` as a raw system call.
+///
+/// # Safety
+/// The caller owns the range and holds no Rust reference into it.
+pub unsafe fn raw_munmap(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range.
+    let ret = unsafe { libc::syscall(libc::SYS_munmap, addr, len) };
+    if ret < 0 {
+        return Err(last_err());
+    }
+    Ok(())
+}
+
+/// `mremap(2)` as a raw system call; returns the new address.
+///
+/// # Safety
+/// As for `mremap(2)`: the caller owns both ranges.
+pub unsafe fn raw_mremap(
+    old: usize,
+    old_len: usize,
+    new_len: usize,
+    flags: libc::c_int,
+    new_addr: usize,
+) -> io::Result<usize> {
+    // SAFETY: the caller upholds mremap's contract.
+    let ret = unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags as libc::c_long, new_addr) };
+    if ret < 0 {
+        return Err(last_err());
+    }
+    Ok(ret as usize)
+}

@@ -141,7 +141,7 @@ impl Userfaultfd {
         let mut api = UffdioApi { api: UFFD_API, features: wanted, ioctls: 0 };
         // SAFETY: `fd` is a userfaultfd and `api` is a valid uffdio_api the
         // kernel reads and writes for the duration of the call.
-        let ret = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) };
+        let ret = unsafe { raw_ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api as *mut _ as usize) };
         let api = match cvt(ret) {
             Ok(_) => api,
             Err(_) => {
@@ -150,7 +150,7 @@ impl Userfaultfd {
                 let fd2 = open_dev().or_else(|_| open_syscall()).map_err(UffdError::Open)?;
                 let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_PAGEFAULT_FLAG_WP, ioctls: 0 };
                 // SAFETY: as above, on the new fd.
-                let ret = unsafe { libc::ioctl(fd2.as_raw_fd(), UFFDIO_API as _, &mut api) };
+                let ret = unsafe { raw_ioctl(fd2.as_raw_fd(), UFFDIO_API, &mut api as *mut _ as usize) };
                 cvt(ret).map_err(UffdError::Api)?;
                 return Self::checked(fd2, api);
             }
@@ -179,7 +179,7 @@ impl Userfaultfd {
         };
         // SAFETY: `reg` is a valid uffdio_register for the call; registration
         // changes VMA flags only and touches no memory of ours.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) };
+        let ret = unsafe { raw_ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg as *mut _ as usize) };
         cvt(ret).map(drop)
     }
 
@@ -187,7 +187,7 @@ impl Userfaultfd {
     pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
         let mut range = UffdioRange { start: start as u64, len: len as u64 };
         // SAFETY: `range` is a valid uffdio_range for the call.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut range) };
+        let ret = unsafe { raw_ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range as *mut _ as usize) };
         cvt(ret).map(drop)
     }
 
@@ -209,7 +209,7 @@ impl Userfaultfd {
         };
         loop {
             // SAFETY: `wp` is a valid uffdio_writeprotect for the call.
-            let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut wp) };
+            let ret = unsafe { raw_ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp as *mut _ as usize) };
             match cvt(ret) {
                 Ok(_) => return Ok(()),
                 // EAGAIN: the mm changed under us (mmap_changing); try again.
@@ -223,7 +223,7 @@ impl Userfaultfd {
     pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
         let mut range = UffdioRange { start: start as u64, len: len as u64 };
         // SAFETY: `range` is a valid uffdio_range for the call.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE as _, &mut range) };
+        let ret = unsafe { raw_ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut range as *mut _ as usize) };
         cvt(ret).map(drop)
     }
 
@@ -259,7 +259,7 @@ fn open_dev() -> io::Result<OwnedFd> {
     let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
     // SAFETY: `dev` is an open /dev/userfaultfd; USERFAULTFD_IOC_NEW takes its
     // flags by value and returns a new fd or -1.
-    let ret = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
+    let ret = unsafe { raw_ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags as usize) };
     let raw = cvt(ret)?;
     // SAFETY: the kernel just returned `raw` as a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
@@ -268,7 +268,7 @@ fn open_dev() -> io::Result<OwnedFd> {
 fn open_syscall() -> io::Result<OwnedFd> {
     let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
     // SAFETY: userfaultfd(2) takes flags by value and returns a new fd or -1.
-    let ret = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    let ret = unsafe { libc::syscall(libc::SYS_userfaultfd, flags as libc::c_long) };
     let raw = cvt(ret as libc::c_int)?;
     // SAFETY: the kernel just returned `raw` as a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
@@ -287,4 +287,15 @@ pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
         return Err(e);
     }
     Ok(ret > 0 && pfd.revents & libc::POLLIN != 0)
+}
+
+/// `ioctl(2)` as a raw system call: inside the preloaded library, libc's
+/// `ioctl` symbol is twinpage's own interposer.
+///
+/// # Safety
+/// `arg` must be what request `req` expects (a valid pointer to the right
+/// struct for the duration of the call, or a plain value).
+unsafe fn raw_ioctl(fd: libc::c_int, req: u64, arg: usize) -> libc::c_int {
+    // SAFETY: the caller guarantees `arg` matches `req`.
+    unsafe { libc::syscall(libc::SYS_ioctl, fd as libc::c_long, req, arg) as libc::c_int }
 }

@@ -1,0 +1,510 @@
+//! The agent: one per process, created on the first registration (a process
+//! that never marks memory mergeable pays nothing but the checks at load).
+
+use std::cell::Cell;
+use std::ffi::{c_int, c_ulong};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use twinpage::statsfs::{ProcessFlags, StatsTree, StatsTreeHandle, StatsTreeOptions};
+use twinpage::{Engine, EngineError};
+
+use crate::config::{self, Config};
+
+const LOADING: u8 = 0;
+const CONFIGURED: u8 = 1;
+const ACTIVE: u8 = 2;
+const DISABLED: u8 = 3;
+
+static STATE: AtomicU8 = AtomicU8::new(LOADING);
+static CONFIG: OnceLock<Config> = OnceLock::new();
+static AGENT: AtomicPtr<Agent> = AtomicPtr::new(std::ptr::null_mut());
+static INIT: Mutex<()> = Mutex::new(());
+
+/// Where the store's mappings show in /proc/self/maps.
+const STORE_NAME: &str = "/memfd:twinpage-store";
+
+thread_local! {
+    static INSIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks this thread as inside twinpage: calls it makes to interposed
+/// functions (the store's own mmap, say) go straight to the kernel.
+pub struct Reentry(());
+
+impl Reentry {
+    pub fn enter() -> Option<Self> {
+        INSIDE.with(|i| if i.replace(true) { None } else { Some(Reentry(())) })
+    }
+}
+
+impl Drop for Reentry {
+    fn drop(&mut self) {
+        INSIDE.with(|i| i.set(false));
+    }
+}
+
+/// The per-process agent.
+pub struct Agent {
+    engine: Arc<Engine>,
+    cfg: &'static Config,
+    merge_any: AtomicBool,
+    /// Ranges the host program registered with its own userfaultfd
+    /// (postcopy, background snapshot): twinpage stays out of them.
+    excluded: Mutex<Vec<(usize, usize)>>,
+}
+
+/// Runs when the library is loaded: reads the environment, sets up logging.
+pub fn load() {
+    let cfg = match config::from_env() {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("twinpage: invalid environment: {msg}; twinpage is disabled and the program runs without it");
+            STATE.store(DISABLED, Ordering::SeqCst);
+            return;
+        }
+    };
+    let _ = env_logger::Builder::new()
+        .parse_filters(&format!("twinpage={0},twinpage_preload={0}", cfg.log))
+        .format(|buf, rec| {
+            use std::io::Write;
+            writeln!(buf, "{}", rec.args())
+        })
+        .try_init();
+    let merge_any = cfg.merge_any;
+    let _ = CONFIG.set(cfg);
+    STATE.store(CONFIGURED, Ordering::SeqCst);
+    // SAFETY: the handlers are plain extern "C" functions valid for the
+    // lifetime of the process (this library is never unloaded).
+    unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
+    if merge_any {
+        // PR_SET_MEMORY_MERGE survives exec, as the kernel's flag does.
+        if let Some(a) = get_or_init() {
+            a.merge_any.store(true, Ordering::SeqCst);
+            MERGE_ANY.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The active agent, if any.
+pub fn get() -> Option<&'static Agent> {
+    if STATE.load(Ordering::Acquire) != ACTIVE {
+        return None;
+    }
+    let p = AGENT.load(Ordering::Acquire);
+    // SAFETY: AGENT is set once to a leaked Box and never freed.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+/// The agent, created now if twinpage is configured and not yet running.
+pub fn get_or_init() -> Option<&'static Agent> {
+    if let Some(a) = get() {
+        return Some(a);
+    }
+    if STATE.load(Ordering::Acquire) != CONFIGURED {
+        return None;
+    }
+    let _lock = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(a) = get() {
+        return Some(a);
+    }
+    if STATE.load(Ordering::Acquire) != CONFIGURED {
+        return None;
+    }
+    let cfg = CONFIG.get()?;
+    let engine = match Engine::new() {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            log::warn!("twinpage: cannot start: {e}; memory is not merged and the program runs on");
+            STATE.store(DISABLED, Ordering::SeqCst);
+            return None;
+        }
+    };
+    for (attr, value) in &cfg.tunables {
+        if let Err(e) = engine.set_attr(attr, value) {
+            // Checked at load against the kernel's rules; only a state-dependent
+            // refusal can get here.
+            log::warn!("twinpage: TWINPAGE_{}={value:?} refused ({})", attr.to_ascii_uppercase(), e.name());
+        }
+    }
+    start_stats(&engine, cfg);
+    let agent = Box::new(Agent {
+        engine,
+        cfg,
+        merge_any: AtomicBool::new(false),
+        excluded: Mutex::new(Vec::new()),
+    });
+    AGENT.store(Box::into_raw(agent), Ordering::Release);
+    STATE.store(ACTIVE, Ordering::Release);
+    get()
+}
+
+/// Mirrors the agent's merge-any flag for the stats tree's `ksm_stat`.
+static MERGE_ANY: AtomicBool = AtomicBool::new(false);
+static STATS: Mutex<Option<StatsTreeHandle>> = Mutex::new(None);
+
+/// Starts the publisher of `$TWINPAGE_DIR` (kernel/mm/ksm and proc/<pid>);
+/// without it (an unwritable directory, say) twinpage merges all the same.
+fn start_stats(engine: &Arc<Engine>, cfg: &Config) {
+    let opts = StatsTreeOptions {
+        flags: Some(Arc::new(|s: &twinpage::KsmStats| ProcessFlags {
+            merge_any: MERGE_ANY.load(Ordering::Relaxed),
+            mergeable: s.twinpage_pages_registered > 0,
+        })),
+        explicit: cfg.tunables.iter().map(|(a, _)| a.clone()).collect(),
+    };
+    match StatsTree::spawn(engine.clone(), cfg.dir.clone(), opts) {
+        Ok(h) => {
+            *STATS.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+            // SAFETY: a plain extern "C" function, valid for the life of the process.
+            unsafe { libc::atexit(stop_stats) };
+        }
+        Err(e) => log::warn!("twinpage: cannot write statistics under {}: {e}", cfg.dir.display()),
+    }
+}
+
+/// At exit: the publisher records that this process is gone.
+extern "C" fn stop_stats() {
+    let _ = std::panic::catch_unwind(|| {
+        let h = STATS.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(h);
+    });
+}
+
+/// Turns twinpage off for the rest of the process (after an internal error).
+pub fn disable(why: &str) {
+    if STATE.swap(DISABLED, Ordering::SeqCst) != DISABLED {
+        log::error!("twinpage: {why}");
+    }
+}
+
+/// In the child of a fork: twinpage starts clean (no registrations, threads
+/// start again on the next one). Inherited store mappings get private copies
+/// first, so the parent freeing a store page can never change the child's memory.
+extern "C" fn after_fork_child() {
+    let _ = std::panic::catch_unwind(|| {
+        let was_active = STATE.load(Ordering::SeqCst) == ACTIVE;
+        let merge_any = get().is_some_and(|a| a.merge_any.load(Ordering::SeqCst));
+        AGENT.store(std::ptr::null_mut(), Ordering::SeqCst);
+        // The parent's publisher thread does not exist here; forget its handle
+        // without running its Drop.
+        if let Ok(mut g) = STATS.try_lock() {
+            std::mem::forget(g.take());
+        }
+        if was_active {
+            STATE.store(CONFIGURED, Ordering::SeqCst);
+            unmerge_inherited_store_mappings();
+            if merge_any {
+                if let Some(a) = get_or_init() {
+                    a.merge_any.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+}
+
+fn unmerge_inherited_store_mappings() {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return };
+    for line in maps.lines().filter(|l| l.contains(STORE_NAME)) {
+        let mut f = line.split_ascii_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else { continue };
+        let Some((s, e)) = range.split_once('-') else { continue };
+        let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) else { continue };
+        let p = perms.as_bytes();
+        let prot = if p.first() == Some(&b'r') { libc::PROT_READ } else { 0 }
+            | if p.get(1) == Some(&b'w') { libc::PROT_WRITE } else { 0 };
+        if prot & libc::PROT_READ == 0 {
+            continue;
+        }
+        // SAFETY: in the child right after fork only this thread runs; the
+        // range is an inherited store mapping, readable, and keeps its content.
+        if let Err(err) = unsafe { twinpage::merge::replace_with_anon_copy(s, e - s, prot) } {
+            log::warn!("twinpage: cannot give the child a private copy of merged memory at {s:#x}: {err}");
+        }
+    }
+}
+
+fn errno(e: c_int) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+impl Agent {
+    fn not_excluded(&self, addr: usize, len: usize) -> Vec<(usize, usize)> {
+        let end = addr.saturating_add(len);
+        let ex = self.excluded.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parts = vec![(addr, end)];
+        for &(xs, xe) in ex.iter() {
+            parts = parts
+                .into_iter()
+                .flat_map(|(s, e)| {
+                    if xe <= s || xs >= e {
+                        vec![(s, e)]
+                    } else {
+                        [(s, xs.max(s)), (xe.min(e), e)].into_iter().filter(|(a, b)| a < b).collect()
+                    }
+                })
+                .collect();
+        }
+        parts
+    }
+
+    fn register(&self, addr: usize, len: usize) -> io::Result<c_int> {
+        let mut result = Ok(0);
+        for (s, e) in self.not_excluded(addr, len) {
+            match self.engine.register(s, e - s) {
+                Ok(()) | Err(EngineError::Shared) => {}
+                Err(EngineError::Unmapped) => result = Err(errno(libc::ENOMEM)),
+                Err(EngineError::Inval) => return Err(errno(libc::EINVAL)),
+                Err(err) => log::warn!("twinpage: cannot register {s:#x}..{e:#x}: {err}"),
+            }
+        }
+        result
+    }
+
+    /// `madvise`: `Some(result)` when handled here, `None` to pass it on.
+    pub fn madvise(
+        &self,
+        addr: usize,
+        len: usize,
+        advice: c_int,
+        raw: fn(usize, usize, c_int) -> c_int,
+    ) -> Option<io::Result<c_int>> {
+        match advice {
+            libc::MADV_MERGEABLE => {
+                if !addr.is_multiple_of(twinpage::sys::PAGE_SIZE) {
+                    return Some(Err(errno(libc::EINVAL)));
+                }
+                let r = self.register(addr, len);
+                if self.cfg.pass_mergeable && raw(addr, len, advice) != 0 {
+                    log::warn!("twinpage: the kernel refused MADV_MERGEABLE at {addr:#x}");
+                }
+                Some(r)
+            }
+            libc::MADV_UNMERGEABLE => {
+                if let Err(e) = self.engine.unregister(addr, len) {
+                    log::warn!("twinpage: unmerge at {addr:#x} failed: {e}");
+                }
+                None
+            }
+            libc::MADV_DONTNEED | libc::MADV_REMOVE | libc::MADV_FREE | 24 /* MADV_DONTNEED_LOCKED */ => {
+                if !self.engine.overlaps(addr, len) {
+                    return None;
+                }
+                let r = self.engine.discard_with(addr, len, || raw(addr, len, advice));
+                Some(if r < 0 { Err(errno(-r)) } else { Ok(r) })
+            }
+            _ => None,
+        }
+    }
+
+    /// `munmap`: the range leaves the registry before the kernel unmaps it.
+    pub fn munmap(&self, addr: usize, len: usize, raw: fn(usize, usize) -> c_int) -> Option<c_int> {
+        if !self.engine.overlaps(addr, len) {
+            return None;
+        }
+        Some(self.engine.unmap_with(addr, len, || raw(addr, len)))
+    }
+
+    /// `mmap`: a fixed mapping over registered memory replaces it; with
+    /// PR_SET_MEMORY_MERGE, new private anonymous memory is registered.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mmap(
+        &self,
+        addr: usize,
+        len: usize,
+        prot: c_int,
+        flags: c_int,
+        fd: c_int,
+        off: i64,
+        raw: fn(usize, usize, c_int, c_int, c_int, i64) -> isize,
+    ) -> Option<isize> {
+        let fixed = flags & libc::MAP_FIXED != 0 && flags & libc::MAP_FIXED_NOREPLACE == 0;
+        let r = if fixed && self.engine.overlaps(addr, len) {
+            self.engine.unmap_with(addr, len, || raw(addr, len, prot, flags, fd, off))
+        } else {
+            raw(addr, len, prot, flags, fd, off)
+        };
+        let anon_private = flags & libc::MAP_ANONYMOUS != 0 && flags & libc::MAP_PRIVATE != 0;
+        if r >= 0 && anon_private && prot & libc::PROT_WRITE != 0 && self.merge_any.load(Ordering::Relaxed) {
+            let _ = self.register(r as usize, len);
+        }
+        Some(r)
+    }
+
+    /// `mremap`: merged pages are unmerged before the memory moves, and the
+    /// moved range is registered again at its new address.
+    pub fn mremap(
+        &self,
+        old: usize,
+        old_len: usize,
+        new_len: usize,
+        flags: c_int,
+        new_addr: usize,
+        raw: fn(usize, usize, usize, c_int, usize) -> isize,
+    ) -> Option<isize> {
+        let kinds = self.engine.registered_kinds_in(old, old_len);
+        let parts: Vec<(usize, usize)> = kinds.iter().map(|&(s, e, _)| (s, e)).collect();
+        let _ = self.engine.unregister(old, old_len);
+        let fixed_over = flags & libc::MREMAP_FIXED != 0 && self.engine.overlaps(new_addr, new_len);
+        let mut r = if fixed_over {
+            self.engine.unmap_with(new_addr, new_len, || raw(old, old_len, new_len, flags, new_addr))
+        } else {
+            raw(old, old_len, new_len, flags, new_addr)
+        };
+        if r == -(libc::EFAULT as isize) && split_anon(old, old_len) {
+            // Merging (or userfaultfd registration flags) split the range into
+            // several mappings, which mremap refuses; for private anonymous
+            // memory, do what it would have done.
+            r = emulate_mremap(old, old_len, new_len, flags, new_addr);
+        }
+        if r >= 0 {
+            let base = r as usize;
+            for (s, e) in parts {
+                let (ns, ne) = (base + (s - old), (base + (e - old)).min(base + new_len));
+                if ns < ne {
+                    let _ = self.register(ns, ne - ns);
+                }
+            }
+        } else {
+            for (s, e) in parts {
+                let _ = self.register(s, e - s);
+            }
+        }
+        Some(r)
+    }
+
+    /// `prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE)`, emulated with the
+    /// kernel's argument checks.
+    pub fn prctl_memory_merge(&self, option: c_int, a2: c_ulong, a3: c_ulong, a4: c_ulong, a5: c_ulong) -> io::Result<c_int> {
+        if option == kernel_compat::abi::PR_GET_MEMORY_MERGE {
+            if a2 != 0 || a3 != 0 || a4 != 0 || a5 != 0 {
+                return Err(errno(libc::EINVAL));
+            }
+            return Ok(c_int::from(self.merge_any.load(Ordering::SeqCst)));
+        }
+        if a3 != 0 || a4 != 0 || a5 != 0 {
+            return Err(errno(libc::EINVAL));
+        }
+        MERGE_ANY.store(a2 != 0, Ordering::SeqCst);
+        if a2 != 0 {
+            if !self.merge_any.swap(true, Ordering::SeqCst) {
+                // SAFETY: setenv while other threads may read the environment is
+                // what the kernel's flag surviving exec requires; glibc's setenv
+                // takes its own lock.
+                unsafe { libc::setenv(c"TWINPAGE_MERGE_ANY".as_ptr(), c"1".as_ptr(), 1) };
+                self.register_existing_anon();
+            }
+        } else if self.merge_any.swap(false, Ordering::SeqCst) {
+            // SAFETY: as above.
+            unsafe { libc::unsetenv(c"TWINPAGE_MERGE_ANY".as_ptr()) };
+            for (s, e) in self.engine.registered_in(0, usize::MAX) {
+                let _ = self.engine.unregister(s, e - s);
+            }
+        }
+        Ok(0)
+    }
+
+    /// Registers the private anonymous memory mapped now, except the brk heap
+    /// and stacks (which twinpage's own threads write while merging).
+    fn register_existing_anon(&self) {
+        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return };
+        let mut ranges = Vec::new();
+        for line in maps.lines() {
+            let f: Vec<&str> = line.split_ascii_whitespace().collect();
+            if f.len() < 5 || f[4] != "0" || f.len() > 5 {
+                continue; // file-backed or a named area ([heap], [stack], ...)
+            }
+            let perms = f[1].as_bytes();
+            if perms.len() < 4 || perms[0] != b'r' || perms[1] != b'w' || perms[3] != b'p' {
+                continue;
+            }
+            let Some((s, e)) = f[0].split_once('-') else { continue };
+            if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) {
+                ranges.push((s, e));
+            }
+        }
+        for (s, e) in ranges {
+            let _ = self.register(s, e - s);
+        }
+    }
+
+    /// The host program registers memory with its own userfaultfd: twinpage
+    /// unmerges and leaves that range so the program's call succeeds.
+    pub fn host_uffd_register(&self, fd: c_int, start: usize, len: usize) {
+        if fd == self.engine.uffd_raw_fd() || !self.engine.overlaps(start, len) {
+            return;
+        }
+        twinpage::warn_once!(
+            "host-uffd",
+            "twinpage: the program registers {start:#x}..{:#x} with its own userfaultfd (postcopy or snapshot); twinpage unmerges and leaves it",
+            start + len
+        );
+        let _ = self.engine.unregister(start, len);
+        self.excluded.lock().unwrap_or_else(|e| e.into_inner()).push((start, start.saturating_add(len)));
+    }
+}
+
+/// mremap of private anonymous memory that spans several mappings: shrink in
+/// place, grow in place into free space, or move by copying. Returns the new
+/// address or `-errno`.
+fn emulate_mremap(old: usize, old_len: usize, new_len: usize, flags: c_int, new_addr: usize) -> isize {
+    use twinpage::sys::mman::{raw_mmap, raw_munmap};
+    let page = twinpage::sys::PAGE_SIZE;
+    let (old_len, new_len) = (old_len.next_multiple_of(page), new_len.next_multiple_of(page));
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    let err = |e: io::Error| -(e.raw_os_error().unwrap_or(libc::ENOMEM) as isize);
+    if flags & libc::MREMAP_FIXED == 0 && new_len <= old_len {
+        if new_len < old_len {
+            // SAFETY: the tail the caller gives up, unregistered already.
+            if let Err(e) = unsafe { raw_munmap(old + new_len, old_len - new_len) } {
+                return err(e);
+            }
+        }
+        return old as isize;
+    }
+    if flags & libc::MREMAP_MAYMOVE == 0 {
+        // SAFETY: MAP_FIXED_NOREPLACE only maps into free address space.
+        return match unsafe { raw_mmap(old + old_len, new_len - old_len, rw, anon | libc::MAP_FIXED_NOREPLACE, -1, 0) } {
+            Ok(_) => old as isize,
+            Err(_) => -(libc::ENOMEM as isize),
+        };
+    }
+    let dst = if flags & libc::MREMAP_FIXED != 0 {
+        // SAFETY: the caller asked for new_addr to be replaced (MREMAP_FIXED).
+        unsafe { raw_mmap(new_addr, new_len, rw, anon | libc::MAP_FIXED, -1, 0) }
+    } else {
+        // SAFETY: fresh memory anywhere.
+        unsafe { raw_mmap(0, new_len, rw, anon, -1, 0) }
+    };
+    let dst = match dst {
+        Ok(d) => d,
+        Err(e) => return err(e),
+    };
+    // SAFETY: both ranges are mapped, readable and writable private memory
+    // of the caller; they do not overlap (dst is fresh).
+    unsafe { std::ptr::copy_nonoverlapping(old as *const u8, dst as *mut u8, old_len.min(new_len)) };
+    // SAFETY: the old range moved; the caller gives it up.
+    if let Err(e) = unsafe { raw_munmap(old, old_len) } {
+        log::warn!("twinpage: unmapping the old range of an emulated mremap failed: {e}");
+    }
+    dst as isize
+}
+
+/// `[addr, addr+len)` is covered, without holes, by several private
+/// anonymous mappings (or store mappings standing for them).
+fn split_anon(addr: usize, len: usize) -> bool {
+    let end = addr.saturating_add(len);
+    let Ok(vmas) = twinpage::maps::vmas_in(addr, end) else { return false };
+    let mut at = addr;
+    for v in &vmas {
+        let anon = v.kind == twinpage::maps::MappingKind::Anon
+            || (v.kind == twinpage::maps::MappingKind::PrivateFile && v.path.starts_with(STORE_NAME));
+        if v.start > at || !anon || v.prot & (libc::PROT_READ | libc::PROT_WRITE) != (libc::PROT_READ | libc::PROT_WRITE) {
+            return false;
+        }
+        at = v.end;
+    }
+    vmas.len() > 1 && at >= end
+}

@@ -1,0 +1,124 @@
+//! Configuration from the environment, checked once when the library loads.
+//! An invalid value is reported naming the variable, and twinpage disables
+//! itself: the program runs exactly as without it.
+
+use std::path::PathBuf;
+
+use kernel_compat::{parse, parse_write, WriteContext};
+
+/// What the environment asked for.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `TWINPAGE_DIR`: the stats tree root.
+    pub dir: PathBuf,
+    /// `TWINPAGE_SOCKET`: the daemon's socket (used once twinpaged exists).
+    pub socket: PathBuf,
+    /// `TWINPAGE_LOG`: log filter (error, warn, info, debug, trace, off).
+    pub log: String,
+    /// `TWINPAGE_PASS_MERGEABLE`: also pass MADV_MERGEABLE to the kernel.
+    pub pass_mergeable: bool,
+    /// `TWINPAGE_MERGE_ANY`: PR_SET_MEMORY_MERGE was in force before exec.
+    pub merge_any: bool,
+    /// `TWINPAGE_REDIRECT_SYSFS`: reserved for the sysfs redirect mode.
+    pub redirect_sysfs: bool,
+    /// `TWINPAGE_DOMAIN`: sharing domain for the daemon.
+    pub domain: Option<String>,
+    /// `TWINPAGE_<ATTR>`: initial tunables, in the order given.
+    pub tunables: Vec<(String, String)>,
+}
+
+fn flag(name: &str, v: &str) -> Result<bool, String> {
+    parse::kstrtobool(v).map_err(|_| format!("{name}={v:?} is not a boolean (use 0 or 1)"))
+}
+
+/// Reads and checks every `TWINPAGE_*` variable.
+pub fn from_env() -> Result<Config, String> {
+    from_vars(std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))))
+}
+
+/// [`from_env`] over given pairs.
+pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, String> {
+    let mut dir = PathBuf::from("/run/twinpage");
+    let mut socket = None;
+    let mut c = Config {
+        dir: PathBuf::new(),
+        socket: PathBuf::new(),
+        log: "warn".into(),
+        pass_mergeable: false,
+        merge_any: false,
+        redirect_sysfs: false,
+        domain: None,
+        tunables: Vec::new(),
+    };
+    let ctx = WriteContext::default();
+    let mut vars: Vec<(String, String)> = vars.into_iter().filter(|(k, _)| k.starts_with("TWINPAGE_")).collect();
+    vars.sort();
+    for (k, v) in vars {
+        let name = &k["TWINPAGE_".len()..];
+        match name {
+            "DIR" | "SOCKET" => {
+                if !v.starts_with('/') {
+                    return Err(format!("{k}={v:?} must be an absolute path"));
+                }
+                if name == "DIR" {
+                    dir = PathBuf::from(&v);
+                } else {
+                    socket = Some(PathBuf::from(&v));
+                }
+            }
+            "LOG" => {
+                let lv = v.to_ascii_lowercase();
+                if !["off", "error", "warn", "info", "debug", "trace"].contains(&lv.as_str()) {
+                    return Err(format!("{k}={v:?}: use off, error, warn, info, debug or trace"));
+                }
+                c.log = lv;
+            }
+            "PASS_MERGEABLE" => c.pass_mergeable = flag(&k, &v)?,
+            "MERGE_ANY" => c.merge_any = flag(&k, &v)?,
+            "REDIRECT_SYSFS" => c.redirect_sysfs = flag(&k, &v)?,
+            "DOMAIN" => {
+                if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+                    return Err(format!("{k}={v:?}: 1-64 characters of [A-Za-z0-9._-]"));
+                }
+                c.domain = Some(v);
+            }
+            _ => {
+                let attr = name.to_ascii_lowercase();
+                match kernel_compat::find(&attr) {
+                    Some(a) if a.writable => {
+                        parse_write(&attr, &v, &ctx)
+                            .map_err(|e| format!("{k}={v:?} is refused as the kernel refuses it ({})", e.name()))?;
+                        c.tunables.push((attr, v));
+                    }
+                    Some(_) => return Err(format!("{k}: {attr} is read-only")),
+                    None => return Err(format!("{k}: unknown twinpage variable")),
+                }
+            }
+        }
+    }
+    c.socket = socket.unwrap_or_else(|| dir.join("twinpaged.sock"));
+    c.dir = dir;
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(p: &[(&str, &str)]) -> Result<Config, String> {
+        from_vars(p.iter().map(|(a, b)| (a.to_string(), b.to_string())))
+    }
+
+    #[test]
+    fn good_and_bad() {
+        let c = vars(&[("TWINPAGE_PAGES_TO_SCAN", "1000"), ("TWINPAGE_DIR", "/tmp/x"), ("PATH", "/bin")]).unwrap();
+        assert_eq!(c.tunables, vec![("pages_to_scan".to_string(), "1000".to_string())]);
+        assert_eq!(c.socket, PathBuf::from("/tmp/x/twinpaged.sock"));
+        assert!(vars(&[("TWINPAGE_PAGES_TO_SCAN", "lots")]).unwrap_err().contains("TWINPAGE_PAGES_TO_SCAN"));
+        assert!(vars(&[("TWINPAGE_RUN", "3")]).unwrap_err().contains("EINVAL"));
+        assert!(vars(&[("TWINPAGE_DIR", "relative")]).is_err());
+        assert!(vars(&[("TWINPAGE_PAGES_SHARED", "1")]).unwrap_err().contains("read-only"));
+        assert!(vars(&[("TWINPAGE_TYPO", "1")]).unwrap_err().contains("unknown"));
+        assert!(vars(&[("TWINPAGE_LOG", "loud")]).is_err());
+    }
+}
