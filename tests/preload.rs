@@ -1,0 +1,107 @@
+//! The preload agent in real processes: churn, prctl merge-any, bad
+//! environment. The test programs are C (tests/programs), built with gcc.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::require;
+
+/// `target/release/libtwinpage.so` (scripts/test.sh builds it first).
+pub fn preload_lib() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/libtwinpage.so");
+    require(p.exists(), &format!("{} not built (cargo build --release -p twinpage-preload)", p.display())).then_some(p)
+}
+
+fn have_uffd() -> bool {
+    require(twinpage::Engine::new().is_ok(), "userfaultfd write-protect (root or /dev/userfaultfd)")
+}
+
+/// Compiles tests/programs/NAME.c into a temp dir.
+fn program(name: &str) -> Option<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/programs/{name}.c"));
+    let out = std::env::temp_dir().join(format!("twinpage-{name}-{}", std::process::id()));
+    let ok = Command::new("gcc").args(["-O2", "-Wall", "-o"]).arg(&out).arg(&src).status().is_ok_and(|s| s.success());
+    require(ok, "gcc to build the test programs").then_some(out)
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("twinpage-dir-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn churn_never_merges_into_freed_or_reused_memory() {
+    let (Some(lib), Some(prog)) = (preload_lib(), program("churn")) else { return };
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempdir("churn");
+    let t = std::time::Instant::now();
+    let out = Command::new(&prog)
+        .arg("100000")
+        .env("LD_PRELOAD", &lib)
+        .env("TWINPAGE_DIR", &dir)
+        .env("TWINPAGE_PAGES_TO_SCAN", "100000")
+        .env("TWINPAGE_SLEEP_MILLISECS", "0")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("churn ({:.1} s):\n{stdout}{}", t.elapsed().as_secs_f64(), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("CHURN OK ops=100000"), "churn failed");
+    let counter = |name: &str| -> u64 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("COUNTER ")?.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(counter("twinpage_merge_runs") > 1000, "too few merges during churn");
+    assert!(counter("twinpage_cow_breaks") > 100, "too few copy-on-write breaks during churn");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn prctl_memory_merge_merges_anonymous_memory() {
+    let (Some(lib), Some(prog)) = (preload_lib(), program("prctl")) else { return };
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempdir("prctl");
+    let out = Command::new(&prog)
+        .arg("3")
+        .env("LD_PRELOAD", &lib)
+        .env("TWINPAGE_DIR", &dir)
+        .env("TWINPAGE_PAGES_TO_SCAN", "100000")
+        .env("TWINPAGE_SLEEP_MILLISECS", "0")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("PRCTL OK"));
+    assert!(stdout.contains("GET_BEFORE 0") && stdout.contains("GET_AFTER 1") && stdout.contains("BAD_ARGS -1"));
+    let merging: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("MERGING_PAGES ")?.trim().parse().ok())
+        .expect("ksm_merging_pages readable");
+    // Two areas of 2048 pages, each of 4 distinct pages: all of them merge.
+    assert!(merging >= 4000, "ksm_merging_pages {merging}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_environment_is_named_and_the_program_runs_without_twinpage() {
+    let (Some(lib), Some(prog)) = (preload_lib(), program("prctl")) else { return };
+    for (var, val) in [("TWINPAGE_PAGES_TO_SCAN", "lots"), ("TWINPAGE_RUN", "3"), ("TWINPAGE_DIR", "relative"), ("TWINPAGE_TYPO", "1")] {
+        let out = Command::new(&prog).arg("0").env("LD_PRELOAD", &lib).env(var, val).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && stdout.contains("PRCTL OK"), "{var}={val}: program failed: {stderr}");
+        assert!(stderr.contains(var) && stderr.contains("disabled"), "{var}={val}: message: {stderr}");
+        assert_eq!(stderr.matches("twinpage:").count(), 1, "one message: {stderr}");
+        // Without twinpage, prctl reaches the kernel, which has merge-any on.
+        assert!(stdout.contains("GET_AFTER 1"));
+    }
+}
