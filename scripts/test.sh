@@ -19,8 +19,11 @@ cargo build --release --workspace --all-targets
 step "clippy (warnings are errors; undocumented unsafe is denied)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 
-step "prometheus-node-exporter (tests/node_exporter.rs scrapes it over loopback)"
-command -v prometheus-node-exporter >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-node-exporter; }
+step "prerequisites: QEMU, gcc, the test guest image, prometheus-node-exporter"
+# shellcheck source=guest/lib.sh disable=SC1091
+. scripts/guest/lib.sh
+tp_need qemu-system-x86_64:qemu-system-x86 gcc:gcc prometheus-node-exporter:prometheus-node-exporter
+scripts/guest-image.sh
 
 step "tests"
 cargo test --release --workspace
