@@ -26,6 +26,18 @@ fn program(name: &str) -> Option<PathBuf> {
     require(ok, "gcc to build the test programs").then_some(out)
 }
 
+/// Runs `prog args` with the preload, its tree in `dir`, merging flat out.
+fn run_preloaded(prog: &Path, args: &[&str], lib: &Path, dir: &Path) -> std::process::Output {
+    Command::new(prog)
+        .args(args)
+        .env("LD_PRELOAD", lib)
+        .env("TWINPAGE_DIR", dir)
+        .env("TWINPAGE_PAGES_TO_SCAN", "100000")
+        .env("TWINPAGE_SLEEP_MILLISECS", "0")
+        .output()
+        .unwrap()
+}
+
 fn tempdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("twinpage-dir-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -41,14 +53,7 @@ fn churn_never_merges_into_freed_or_reused_memory() {
     }
     let dir = tempdir("churn");
     let t = std::time::Instant::now();
-    let out = Command::new(&prog)
-        .arg("100000")
-        .env("LD_PRELOAD", &lib)
-        .env("TWINPAGE_DIR", &dir)
-        .env("TWINPAGE_PAGES_TO_SCAN", "100000")
-        .env("TWINPAGE_SLEEP_MILLISECS", "0")
-        .output()
-        .unwrap();
+    let out = run_preloaded(&prog, &["100000"], &lib, &dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("churn ({:.1} s):\n{stdout}{}", t.elapsed().as_secs_f64(), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && stdout.contains("CHURN OK ops=100000"), "churn failed");
@@ -70,14 +75,7 @@ fn prctl_memory_merge_merges_anonymous_memory() {
         return;
     }
     let dir = tempdir("prctl");
-    let out = Command::new(&prog)
-        .arg("3")
-        .env("LD_PRELOAD", &lib)
-        .env("TWINPAGE_DIR", &dir)
-        .env("TWINPAGE_PAGES_TO_SCAN", "100000")
-        .env("TWINPAGE_SLEEP_MILLISECS", "0")
-        .output()
-        .unwrap();
+    let out = run_preloaded(&prog, &["3"], &lib, &dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && stdout.contains("PRCTL OK"));
@@ -104,4 +102,29 @@ fn bad_environment_is_named_and_the_program_runs_without_twinpage() {
         // Without twinpage, prctl reaches the kernel, which has merge-any on.
         assert!(stdout.contains("GET_AFTER 1"));
     }
+}
+
+#[test]
+fn redirect_sysfs_shows_twinpage_to_programs_that_hard_code_the_kernel_paths() {
+    let Some(lib) = preload_lib() else { return };
+    let dir = tempdir("redirect");
+    std::fs::create_dir_all(dir.join("kernel/mm/ksm")).unwrap();
+    std::fs::write(dir.join("kernel/mm/ksm/pages_sharing"), "424242\n").unwrap();
+    let kernel = std::fs::read_to_string("/sys/kernel/mm/ksm/pages_sharing").unwrap_or_default();
+    let read = |redirect: &str| {
+        let out = Command::new("cat")
+            .arg("/sys/kernel/mm/ksm/pages_sharing")
+            .env("LD_PRELOAD", &lib)
+            .env("TWINPAGE_DIR", &dir)
+            .env("TWINPAGE_REDIRECT_SYSFS", redirect)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(read("1"), "424242");
+    // Off: the kernel's own file.
+    if !kernel.is_empty() {
+        assert_eq!(read("0"), kernel.trim());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -87,6 +87,11 @@ pub fn load() {
     }
 }
 
+/// The configuration read at load, when it was valid.
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get()
+}
+
 /// The active agent, if any.
 pub fn get() -> Option<&'static Agent> {
     if STATE.load(Ordering::Acquire) != ACTIVE {

@@ -13,6 +13,7 @@
 
 mod agent;
 mod config;
+mod redirect;
 
 use std::ffi::{c_int, c_ulong, c_void};
 

@@ -1,0 +1,135 @@
+//! `TWINPAGE_REDIRECT_SYSFS=1`: a program that hard-codes the kernel's paths
+//! (`/sys/kernel/mm/ksm/*`, `/proc/self/ksm_stat`,
+//! `/proc/self/ksm_merging_pages`) reads twinpage's tree instead. open,
+//! openat, fopen, access and stat of those paths are rewritten.
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::sync::OnceLock;
+
+const SYSFS: &str = "/sys/kernel/mm/ksm";
+
+/// The tree root when redirection is on (read each time: an open can come
+/// before the library's constructor has read the environment).
+fn root() -> Option<&'static str> {
+    let cfg = crate::agent::config().filter(|c| c.redirect_sysfs)?;
+    static ROOT: OnceLock<String> = OnceLock::new();
+    Some(ROOT.get_or_init(|| cfg.dir.to_string_lossy().into_owned()).as_str())
+}
+
+/// The path to use instead of `path`, if it is one of the kernel's KSM files.
+pub fn rewrite(path: *const c_char) -> Option<CString> {
+    if path.is_null() {
+        return None;
+    }
+    let root = root()?;
+    // SAFETY: the caller passes a NUL-terminated path, as open(2) requires.
+    let p = unsafe { CStr::from_ptr(path) }.to_str().ok()?;
+    let pid = std::process::id();
+    let new = if p == SYSFS || p.starts_with("/sys/kernel/mm/ksm/") {
+        format!("{root}/kernel/mm/ksm{}", &p[SYSFS.len()..])
+    } else {
+        let rest = p
+            .strip_prefix("/proc/self/")
+            .or_else(|| p.strip_prefix(&format!("/proc/{pid}/")))
+            .or_else(|| p.strip_prefix("/proc/thread-self/../"))?;
+        if rest != "ksm_stat" && rest != "ksm_merging_pages" {
+            return None;
+        }
+        format!("{root}/proc/{pid}/{rest}")
+    };
+    CString::new(new).ok()
+}
+
+type FopenFn = unsafe extern "C" fn(*const c_char, *const c_char) -> *mut libc::FILE;
+
+fn real_fopen(name: &CStr) -> Option<FopenFn> {
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name; the result is
+    // either null or libc's fopen, whose type is FopenFn.
+    let f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    // SAFETY: non-null results are the function named, of this signature.
+    (!f.is_null()).then(|| unsafe { std::mem::transmute::<*mut libc::c_void, FopenFn>(f) })
+}
+
+fn openat_raw(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc::c_uint) -> c_int {
+    let new = rewrite(path);
+    let path = new.as_ref().map_or(path, |p| p.as_ptr());
+    // SAFETY: the program's own openat, with (possibly) our rewritten path.
+    unsafe { libc::syscall(libc::SYS_openat, dirfd as libc::c_long, path, flags as libc::c_long, mode as libc::c_long) as c_int }
+}
+
+/// # Safety
+/// As `open(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: libc::c_uint) -> c_int {
+    openat_raw(libc::AT_FDCWD, path, flags, mode)
+}
+
+/// # Safety
+/// As `open(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: libc::c_uint) -> c_int {
+    openat_raw(libc::AT_FDCWD, path, flags, mode)
+}
+
+/// # Safety
+/// As `openat(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc::c_uint) -> c_int {
+    openat_raw(dirfd, path, flags, mode)
+}
+
+/// # Safety
+/// As `openat(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn openat64(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc::c_uint) -> c_int {
+    openat_raw(dirfd, path, flags, mode)
+}
+
+unsafe fn fopen_via(name: &CStr, path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+    let Some(real) = real_fopen(name) else {
+        crate::set_errno(libc::ENOSYS);
+        return std::ptr::null_mut();
+    };
+    let new = rewrite(path);
+    let path = new.as_ref().map_or(path, |p| p.as_ptr());
+    // SAFETY: libc's fopen with the program's mode and (possibly) our path.
+    unsafe { real(path, mode) }
+}
+
+/// # Safety
+/// As `fopen(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn fopen(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+    // SAFETY: forwarded.
+    unsafe { fopen_via(c"fopen", path, mode) }
+}
+
+/// # Safety
+/// As `fopen(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+    // SAFETY: forwarded.
+    unsafe { fopen_via(c"fopen64", path, mode) }
+}
+
+/// # Safety
+/// As `access(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
+    let new = rewrite(path);
+    let path = new.as_ref().map_or(path, |p| p.as_ptr());
+    // SAFETY: the program's own access(2).
+    let r = unsafe { libc::syscall(libc::SYS_faccessat, libc::AT_FDCWD as libc::c_long, path, mode as libc::c_long, 0) };
+    crate::libc_ret(crate::neg_errno(r))
+}
+
+/// # Safety
+/// As `stat(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn stat(path: *const c_char, buf: *mut libc::stat) -> c_int {
+    let new = rewrite(path);
+    let path = new.as_ref().map_or(path, |p| p.as_ptr());
+    // SAFETY: the program's own stat(2) into its buffer.
+    let r = unsafe { libc::syscall(libc::SYS_newfstatat, libc::AT_FDCWD as libc::c_long, path, buf, 0) };
+    crate::libc_ret(crate::neg_errno(r))
+}
