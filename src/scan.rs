@@ -93,6 +93,18 @@ impl MapBudget {
         }
     }
 
+    /// Whether `maps` more mappings would fit (recounting when the estimate
+    /// says no and the last count is stale); reserves nothing.
+    pub fn has_room(&mut self, maps: usize) -> bool {
+        if self.counted + self.since_count + maps > self.limit {
+            let stale = self.last_count.is_none_or(|t| t.elapsed() > Duration::from_millis(100));
+            if stale {
+                self.recount();
+            }
+        }
+        self.counted + self.since_count + maps <= self.limit
+    }
+
     /// Reserves room for `maps` new mappings (covering `pages` pages).
     pub fn allow(&mut self, maps: usize, pages: u64) -> bool {
         if self.counted + self.since_count + maps > self.limit {
