@@ -67,7 +67,16 @@ tp_apt_known busybox-static || tp_die "apt does not know busybox-static"
 tp_log "downloading $kpkg busybox-static"
 dl=(apt-get download -qq)
 [ "$(id -u)" -eq 0 ] && dl+=(-o APT::Sandbox::User=root)
-(cd "$tmp" && "${dl[@]}" "$kpkg" busybox-static) >&2 || tp_die "apt-get download failed"
+if ! (cd "$tmp" && "${dl[@]}" "$kpkg" busybox-static) >&2; then
+    # A machine's package lists may be older than the archive: refresh them,
+    # resolve the kernel again, and retry once.
+    tp_apt_update
+    if [ -z "${TP_KERNEL_PKG:-}" ]; then
+        kpkg=$(apt-cache depends "$kernel_meta" |
+            awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
+    fi
+    (cd "$tmp" && "${dl[@]}" "$kpkg" busybox-static) >&2 || tp_die "apt-get download failed"
+fi
 kdeb=$(ls "$tmp"/"$kpkg"_*.deb)
 bdeb=$(ls "$tmp"/busybox-static_*.deb)
 dpkg-deb -x "$kdeb" "$tmp/kernel"
