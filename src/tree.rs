@@ -10,6 +10,8 @@ use nohash_hasher::BuildNoHashHasher;
 
 type NoHash<K, V> = HashMap<K, V, BuildNoHashHasher<u64>>;
 
+const NIL: u32 = u32::MAX;
+
 /// A store page and its sharers (the kernel's stable_node, or a dup of a chain).
 #[derive(Debug, Clone, Copy)]
 pub struct StableNode {
@@ -18,16 +20,23 @@ pub struct StableNode {
     pub sharers: u32,
     /// Merges decided in the current batch, not yet done.
     pub pending: u32,
+    /// Next store page under the same key (a chain of dups, or a collision).
+    next: u32,
     /// The store page holds its content (written once, under write-protect of
     /// the page it was copied from).
     pub filled: bool,
+    live: bool,
 }
 
-/// Content key → store pages (more than one: a chain of dups, or a collision).
+const VACANT: StableNode = StableNode { key: 0, sharers: 0, pending: 0, next: NIL, filled: false, live: false };
+
+/// Content key → store pages. Nodes live in a dense table indexed by store
+/// page (24 bytes each); the key table holds only the first node of each
+/// key, the rest are linked through `next`.
 #[derive(Debug, Default)]
 pub struct StableTree {
-    by_key: NoHash<u64, Vec<u32>>,
-    nodes: HashMap<u32, StableNode, BuildNoHashHasher<u32>>,
+    by_key: NoHash<u64, u32>,
+    nodes: Vec<StableNode>,
     total_sharers: u64,
     live_nodes: u64,
     chains: u64,
@@ -35,69 +44,91 @@ pub struct StableTree {
 }
 
 impl StableTree {
+    fn chain(&self, key: u64) -> impl Iterator<Item = u32> + '_ {
+        let mut at = self.by_key.get(&key).copied().unwrap_or(NIL);
+        std::iter::from_fn(move || {
+            let idx = at;
+            let n = self.nodes.get(idx as usize)?;
+            at = n.next;
+            Some(idx)
+        })
+    }
+
     /// A store page for `key` with room for one more sharer; reserves it.
     pub fn reserve(&mut self, key: u64, max_sharing: u32) -> Option<u32> {
-        let list = self.by_key.get(&key)?;
-        for &idx in list {
-            let n = self.nodes.get_mut(&idx)?;
-            if n.sharers + n.pending < max_sharing {
-                n.pending += 1;
-                return Some(idx);
-            }
-        }
-        None
+        let idx = self.chain(key).find(|&i| {
+            let n = &self.nodes[i as usize];
+            n.sharers + n.pending < max_sharing
+        })?;
+        self.nodes[idx as usize].pending += 1;
+        Some(idx)
     }
 
     /// Adds a new, unfilled store page under `key` with `pending` reservations.
     pub fn insert(&mut self, key: u64, idx: u32, pending: u32) {
-        self.nodes.insert(idx, StableNode { key, sharers: 0, pending, filled: false });
+        let i = idx as usize;
+        if self.nodes.len() <= i {
+            self.nodes.resize(i + 1, VACANT);
+        }
+        self.nodes[i] = StableNode { key, sharers: 0, pending, next: NIL, filled: false, live: true };
         self.link(key, idx);
     }
 
     fn link(&mut self, key: u64, idx: u32) {
-        let list = self.by_key.entry(key).or_default();
-        list.push(idx);
-        match list.len() {
-            1 => {}
-            2 => {
+        let head = self.by_key.insert(key, idx).unwrap_or(NIL);
+        self.nodes[idx as usize].next = head;
+        if head != NIL {
+            let len = self.chain(key).count();
+            if len == 2 {
                 self.chains += 1;
                 self.dups += 2;
+            } else {
+                self.dups += 1;
             }
-            _ => self.dups += 1,
         }
     }
 
     fn unlink(&mut self, key: u64, idx: u32) {
-        let Some(list) = self.by_key.get_mut(&key) else { return };
-        let Some(pos) = list.iter().position(|&i| i == idx) else { return };
-        list.swap_remove(pos);
-        match list.len() {
-            0 => {
+        let len = self.chain(key).count();
+        let Some(&head) = self.by_key.get(&key) else { return };
+        let next = self.nodes[idx as usize].next;
+        if head == idx {
+            if next == NIL {
                 self.by_key.remove(&key);
+            } else {
+                self.by_key.insert(key, next);
             }
-            1 => {
+        } else {
+            let Some(prev) = self.chain(key).find(|&i| self.nodes[i as usize].next == idx) else { return };
+            self.nodes[prev as usize].next = next;
+        }
+        self.nodes[idx as usize].next = NIL;
+        match len {
+            2 => {
                 self.chains -= 1;
                 self.dups -= 2;
             }
-            _ => self.dups -= 1,
+            n if n > 2 => self.dups -= 1,
+            _ => {}
         }
     }
 
     pub fn node(&self, idx: u32) -> Option<&StableNode> {
-        self.nodes.get(&idx)
+        self.nodes.get(idx as usize).filter(|n| n.live)
     }
 
     pub fn node_mut(&mut self, idx: u32) -> Option<&mut StableNode> {
-        self.nodes.get_mut(&idx)
+        self.nodes.get_mut(idx as usize).filter(|n| n.live)
     }
 
     /// A reserved merge into `idx` happened.
     pub fn commit(&mut self, idx: u32) {
-        if let Some(n) = self.nodes.get_mut(&idx) {
+        if let Some(n) = self.node_mut(idx) {
             n.pending = n.pending.saturating_sub(1);
             n.sharers += 1;
+            let first = n.sharers == 1;
             self.total_sharers += 1;
-            if n.sharers == 1 {
+            if first {
                 self.live_nodes += 1;
             }
         }
@@ -106,7 +137,7 @@ impl StableTree {
     /// A reserved merge into `idx` did not happen. True when the node is now
     /// unused and its store page must be freed (the node is gone).
     pub fn cancel(&mut self, idx: u32) -> bool {
-        let Some(n) = self.nodes.get_mut(&idx) else { return false };
+        let Some(n) = self.node_mut(idx) else { return false };
         n.pending = n.pending.saturating_sub(1);
         self.reap(idx)
     }
@@ -114,22 +145,25 @@ impl StableTree {
     /// A sharer left (copy-on-write, unmap, unmerge). True when the store page
     /// must be freed.
     pub fn release(&mut self, idx: u32) -> bool {
-        let Some(n) = self.nodes.get_mut(&idx) else { return false };
+        let Some(n) = self.node_mut(idx) else { return false };
         debug_assert!(n.sharers > 0);
         n.sharers = n.sharers.saturating_sub(1);
+        let last = n.sharers == 0;
         self.total_sharers = self.total_sharers.saturating_sub(1);
-        if n.sharers == 0 {
+        if last {
             self.live_nodes -= 1;
         }
         self.reap(idx)
     }
 
     fn reap(&mut self, idx: u32) -> bool {
-        match self.nodes.get(&idx) {
+        match self.node(idx).copied() {
             Some(n) if n.sharers == 0 && n.pending == 0 => {
-                let key = n.key;
-                self.nodes.remove(&idx);
-                self.unlink(key, idx);
+                self.unlink(n.key, idx);
+                self.nodes[idx as usize] = VACANT;
+                while self.nodes.last().is_some_and(|n| !n.live) {
+                    self.nodes.pop();
+                }
                 true
             }
             _ => false,
@@ -138,14 +172,12 @@ impl StableTree {
 
     /// Moves a node to the key of the content it was filled with.
     pub fn rekey(&mut self, idx: u32, key: u64) {
-        let Some(old) = self.nodes.get(&idx).map(|n| n.key) else { return };
+        let Some(old) = self.node(idx).map(|n| n.key) else { return };
         if old == key {
             return;
         }
         self.unlink(old, idx);
-        if let Some(n) = self.nodes.get_mut(&idx) {
-            n.key = key;
-        }
+        self.nodes[idx as usize].key = key;
         self.link(key, idx);
     }
 
@@ -164,18 +196,18 @@ impl StableTree {
         self.dups
     }
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.by_key.is_empty()
     }
 
-    /// Heap bytes (approximate: table slots and chain vectors).
+    /// Heap bytes: the node table and the key table's slots.
     pub fn metadata_bytes(&self) -> u64 {
-        let key_slot = 8 + std::mem::size_of::<Vec<u32>>() as u64 + 1;
-        let node_slot = 4 + std::mem::size_of::<StableNode>() as u64 + 1;
+        let key_slot = (8 + 4 + 1) as u64;
         self.by_key.capacity() as u64 * key_slot
-            + self.nodes.capacity() as u64 * node_slot
-            + self.by_key.values().map(|v| v.capacity() as u64 * 4).sum::<u64>()
+            + self.nodes.capacity() as u64 * std::mem::size_of::<StableNode>() as u64
     }
 }
+
+const _: () = assert!(std::mem::size_of::<StableNode>() == 24);
 
 /// Where an unstable-tree page lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,5 +268,27 @@ mod tests {
         assert_eq!((t.chains(), t.dups()), (0, 0));
         assert!(t.release(1));
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn chains_of_three_unlink_from_the_middle_and_rekey() {
+        let mut t = StableTree::default();
+        for idx in [5, 9, 2] {
+            t.insert(1, idx, 1);
+            t.commit(idx);
+        }
+        assert_eq!((t.chains(), t.dups(), t.pages_shared()), (1, 3, 3));
+        assert!(t.release(9));
+        assert_eq!((t.chains(), t.dups()), (1, 2));
+        assert_eq!(t.reserve(1, 2), Some(2).or(t.node(2).map(|_| 2)));
+        assert!(!t.cancel(2));
+        t.rekey(5, 7);
+        assert_eq!((t.chains(), t.dups()), (0, 0));
+        assert_eq!(t.node(5).map(|n| n.key), Some(7));
+        assert_eq!(t.reserve(7, 2), Some(5));
+        assert!(!t.cancel(5));
+        assert!(t.release(5) && t.release(2));
+        assert!(t.is_empty() && t.node(2).is_none());
+        assert_eq!(t.metadata_bytes() > 0, t.nodes.capacity() > 0);
     }
 }
