@@ -128,3 +128,16 @@ fn redirect_sysfs_shows_twinpage_to_programs_that_hard_code_the_kernel_paths() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn mprotect_of_merged_memory_keeps_every_byte() {
+    let (Some(lib), Some(prog)) = (preload_lib(), program("mprotect")) else { return };
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempdir("mprotect");
+    let out = run_preloaded(&prog, &[], &lib, &dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("MPROTECT OK"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -379,6 +379,26 @@ impl Agent {
         Some(r)
     }
 
+    /// `mprotect` of registered memory: merged pages are remapped with the
+    /// protection they had at registration, and the scanner reads every
+    /// registered page, so the range is unmerged and unregistered first and
+    /// registered again (as the kernel keeps VM_MERGEABLE) when it stays readable.
+    pub fn mprotect(&self, addr: usize, len: usize, prot: c_int, raw: fn(usize, usize, c_int) -> c_int) -> Option<c_int> {
+        if !self.engine.overlaps(addr, len) {
+            return None;
+        }
+        let parts = self.engine.registered_in(addr, len);
+        let _ = self.engine.unregister(addr, len);
+        let r = raw(addr, len, prot);
+        if r == 0 && prot & libc::PROT_READ == 0 {
+            return Some(r);
+        }
+        for (s, e) in parts {
+            let _ = self.register(s, e - s);
+        }
+        Some(r)
+    }
+
     /// `prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE)`, emulated with the
     /// kernel's argument checks.
     pub fn prctl_memory_merge(&self, option: c_int, a2: c_ulong, a3: c_ulong, a4: c_ulong, a5: c_ulong) -> io::Result<c_int> {

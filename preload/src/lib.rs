@@ -191,6 +191,20 @@ pub unsafe extern "C" fn mremap(
     r as *mut c_void
 }
 
+fn raw_mprotect(addr: usize, len: usize, prot: c_int) -> c_int {
+    // SAFETY: the host program's own mprotect, passed on unchanged.
+    neg_errno(unsafe { libc::syscall(libc::SYS_mprotect, addr, len, prot as libc::c_long) }) as c_int
+}
+
+/// # Safety
+/// As `mprotect(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: usize, prot: c_int) -> c_int {
+    let addr = addr as usize;
+    let r = with_agent(false, |a| a.mprotect(addr, len, prot, raw_mprotect)).unwrap_or_else(|| raw_mprotect(addr, len, prot));
+    libc_ret(r as isize)
+}
+
 fn raw_prctl(option: c_int, a2: c_ulong, a3: c_ulong, a4: c_ulong, a5: c_ulong) -> c_int {
     // SAFETY: the host program's own prctl, passed on unchanged.
     neg_errno(unsafe { libc::syscall(libc::SYS_prctl, option as libc::c_long, a2, a3, a4, a5) }) as c_int
