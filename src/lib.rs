@@ -9,6 +9,7 @@
 
 #[doc(hidden)]
 pub mod bench_api;
+pub mod benchcmd;
 pub mod engine;
 pub mod inflight;
 pub mod maps;

@@ -100,6 +100,11 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
+    /// Run one workload under kernel KSM and under twinpage, and compare (root).
+    Bench(twinpage::benchcmd::BenchArgs),
+    /// One side of `bench`, in its own process.
+    #[command(hide = true)]
+    BenchWorker(twinpage::benchcmd::WorkerArgs),
 }
 
 fn main() {
@@ -113,6 +118,8 @@ fn main() {
         Cmd::Stat { dir, json } => stat(&tree(dir), json),
         Cmd::Set { attr, value, dir } => set(&tree(dir), &attr, &value),
         Cmd::Top { dir, interval, once } => top(&tree(dir), interval.max(50), once),
+        Cmd::Bench(a) => twinpage::benchcmd::main(&a),
+        Cmd::BenchWorker(a) => twinpage::benchcmd::worker_main(&a),
     };
     std::process::exit(code);
 }

@@ -1,0 +1,96 @@
+//! Reading /proc: CPU time of threads, PSS, MemAvailable, mapping counts.
+
+use std::fs;
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime in seconds from the text of a `/proc/.../stat` file.
+pub fn stat_cpu(stat: &str) -> Option<f64> {
+    // Fields after the command name (which may contain spaces) in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime 15.
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / clk_tck())
+}
+
+fn comm(path: &str) -> String {
+    fs::read_to_string(path).map(|s| s.trim_end().to_string()).unwrap_or_default()
+}
+
+/// The pid of the kernel thread named `name` (e.g. `ksmd`).
+pub fn kthread_pid(name: &str) -> Option<u32> {
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        (comm(&format!("/proc/{pid}/comm")) == name).then_some(pid)
+    })
+}
+
+/// CPU seconds of the kernel thread `name` so far (0 if not found).
+pub fn kthread_cpu(name: &str) -> f64 {
+    kthread_pid(name)
+        .and_then(|pid| stat_cpu(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?))
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds of this process's threads whose names are in `names`.
+pub fn own_threads_cpu(names: &[&str]) -> f64 {
+    let Ok(dir) = fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let tid = e.file_name();
+            let tid = tid.to_str()?;
+            let c = comm(&format!("/proc/self/task/{tid}/comm"));
+            if !names.contains(&c.as_str()) {
+                return None;
+            }
+            stat_cpu(&fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?)
+        })
+        .sum()
+}
+
+fn kb_field(text: &str, field: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// A field of `/proc/self/smaps_rollup`, in kB.
+pub fn rollup_kb(field: &str) -> u64 {
+    kb_field(&fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default(), field)
+}
+
+/// A field of `/proc/meminfo`, in kB.
+pub fn meminfo_kb(field: &str) -> u64 {
+    kb_field(&fs::read_to_string("/proc/meminfo").unwrap_or_default(), field)
+}
+
+/// Mappings of this process (lines of /proc/self/maps).
+pub fn map_count() -> usize {
+    fs::read_to_string("/proc/self/maps").map(|s| s.lines().count()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat() {
+        let s = "42 (a b) S 2 0 0 0 -1 69238880 0 0 0 0 250 150 0 0 25 5 1 0 10 0 0";
+        let c = stat_cpu(s).unwrap();
+        assert!((c - 400.0 / clk_tck()).abs() < 1e-9);
+        assert!(own_threads_cpu(&["no-such-thread"]) == 0.0);
+        assert!(map_count() > 0);
+    }
+}
