@@ -54,6 +54,24 @@ struct Inner {
     wakeup: Wakeup,
 }
 
+/// See [`Engine::hold_frees`].
+pub struct FreeHold {
+    inner: Arc<Inner>,
+}
+
+impl Drop for FreeHold {
+    fn drop(&mut self) {
+        let sh = &self.inner.sh;
+        let mut core = sh.core.lock();
+        core.free_holds -= 1;
+        if core.free_holds == 0 {
+            for idx in std::mem::take(&mut core.deferred_frees) {
+                core.free_store_page(sh, idx);
+            }
+        }
+    }
+}
+
 /// A same-page merging engine for the memory of this process.
 pub struct Engine {
     inner: Arc<Inner>,
@@ -384,6 +402,14 @@ impl Engine {
         drop(guards);
         scan::publish(sh);
         out
+    }
+
+    /// Until the returned hold is dropped, store pages whose last sharer left
+    /// are neither freed nor reused. A process that forks holds frees until
+    /// its child has replaced the store mappings it inherited.
+    pub fn hold_frees(&self) -> FreeHold {
+        self.inner.sh.core.lock().free_holds += 1;
+        FreeHold { inner: self.inner.clone() }
     }
 
     /// Sets `run`: 0 stops, 1 scans, 2 unmerges everything and stops.

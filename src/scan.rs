@@ -154,6 +154,10 @@ pub struct Core {
     pub counters: Counters,
     pub map_budget: MapBudget,
     pub cursor: Cursor,
+    /// While non-zero, freed store pages are neither punched nor reused (a
+    /// forked child may still map them until it has made its own copies).
+    pub free_holds: u32,
+    pub deferred_frees: Vec<u32>,
 }
 
 impl Core {
@@ -165,6 +169,8 @@ impl Core {
             counters: Counters::default(),
             map_budget: MapBudget::new(max_map_count),
             cursor: Cursor { fresh: true, ..Default::default() },
+            free_holds: 0,
+            deferred_frees: Vec::new(),
         }
     }
 
@@ -177,6 +183,10 @@ impl Core {
 
     /// Returns a store page nobody maps any more.
     pub fn free_store_page(&mut self, sh: &Shared, idx: u32) {
+        if self.free_holds > 0 {
+            self.deferred_frees.push(idx);
+            return;
+        }
         if let Err(e) = sh.store.punch(idx, 1) {
             warn_once!("punch", "twinpage: cannot free store pages: {e}");
         }

@@ -141,3 +141,16 @@ fn mprotect_of_merged_memory_keeps_every_byte() {
     assert!(out.status.success() && stdout.contains("MPROTECT OK"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_forked_child_keeps_its_memory_when_the_parent_frees_store_pages() {
+    let (Some(lib), Some(prog)) = (preload_lib(), program("fork")) else { return };
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempdir("fork");
+    let out = run_preloaded(&prog, &[], &lib, &dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("FORK OK"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}

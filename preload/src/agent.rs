@@ -77,7 +77,7 @@ pub fn load() {
     STATE.store(CONFIGURED, Ordering::SeqCst);
     // SAFETY: the handlers are plain extern "C" functions valid for the
     // lifetime of the process (this library is never unloaded).
-    unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
+    unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
     if merge_any {
         // PR_SET_MEMORY_MERGE survives exec, as the kernel's flag does.
         if let Some(a) = get_or_init() {
@@ -184,6 +184,56 @@ pub fn disable(why: &str) {
     }
 }
 
+/// A pipe whose write end only the child keeps: EOF tells the parent that
+/// the child has copied its inherited merged memory (or exec'd, or died).
+static FORK_PIPE: Mutex<Option<(c_int, c_int)>> = Mutex::new(None);
+
+extern "C" fn before_fork() {
+    let _ = std::panic::catch_unwind(|| {
+        if get().is_none() {
+            return;
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0 {
+            if let Ok(mut g) = FORK_PIPE.try_lock() {
+                *g = Some((fds[0], fds[1]));
+            }
+        }
+    });
+}
+
+/// In the parent: store pages are not freed until the child is done copying.
+extern "C" fn after_fork_parent() {
+    let _ = std::panic::catch_unwind(|| {
+        let Some((rd, wr)) = FORK_PIPE.try_lock().ok().and_then(|mut g| g.take()) else { return };
+        // SAFETY: our own pipe's write end; the child holds its copy.
+        unsafe { libc::close(wr) };
+        let Some(a) = get() else {
+            // SAFETY: our own pipe's read end.
+            unsafe { libc::close(rd) };
+            return;
+        };
+        let hold = a.engine.hold_frees();
+        let waiter = std::thread::Builder::new().name("twinpage-fork".into()).spawn(move || {
+            let mut b = [0u8; 1];
+            // SAFETY: reading one byte into our buffer from our pipe; returns 0
+            // (EOF) once the child closed its end.
+            while unsafe { libc::read(rd, b.as_mut_ptr().cast(), 1) } != 0 {
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    break;
+                }
+            }
+            // SAFETY: our own fd.
+            unsafe { libc::close(rd) };
+            drop(hold);
+        });
+        if waiter.is_err() {
+            log::warn!("twinpage: cannot wait for a forked child; store pages are freed at once");
+        }
+    });
+}
+
 /// In the child of a fork: twinpage starts clean (no registrations, threads
 /// start again on the next one). Inherited store mappings get private copies
 /// first, so the parent freeing a store page can never change the child's memory.
@@ -204,6 +254,14 @@ extern "C" fn after_fork_child() {
                 if let Some(a) = get_or_init() {
                     a.merge_any.store(true, Ordering::SeqCst);
                 }
+            }
+        }
+        // Copies done: the parent may free store pages again.
+        if let Some((rd, wr)) = FORK_PIPE.try_lock().ok().and_then(|mut g| g.take()) {
+            // SAFETY: the child's inherited copies of the pipe's fds.
+            unsafe {
+                libc::close(rd);
+                libc::close(wr);
             }
         }
     });
