@@ -8,6 +8,7 @@
 //! `saved.svg` ([`report`]).
 
 mod proc;
+mod qemu;
 mod report;
 mod worker;
 pub mod workload;
@@ -81,6 +82,9 @@ pub struct BenchArgs {
     /// Merged pages written once each to time the first write.
     #[arg(long, default_value_t = 2000)]
     pub latency_pages: usize,
+    /// Guests for the qemu workload.
+    #[arg(long, default_value_t = 2)]
+    pub guests: usize,
     /// Run only one side.
     #[arg(long, value_enum)]
     pub only: Option<Side>,
@@ -381,14 +385,23 @@ fn run_both(a: &BenchArgs, k: &SavedKsm) -> i32 {
                     .and_then(|_| set("run", "1".into()));
                 setup.and_then(|_| {
                     println!("kernel KSM:");
-                    run_side(a, side)
+                    if a.workload == Workload::Qemu {
+                        qemu::run_side(a, side, None)
+                    } else {
+                        run_side(a, side)
+                    }
                 })
             }
             Side::Twinpage => match MaxMapCount::raise(a.raise_max_map_count) {
                 Err(e) => Err(e),
                 Ok(_guard) => {
                     println!("twinpage:");
-                    run_side(a, side)
+                    if a.workload == Workload::Qemu {
+                        let target = results.iter().find(|r: &&SideResult| r.side == "kernel").map(SideResult::final_saved);
+                        qemu::run_side(a, side, target)
+                    } else {
+                        run_side(a, side)
+                    }
                 }
             },
         };

@@ -44,18 +44,27 @@ pub fn kthread_cpu(name: &str) -> f64 {
 
 /// CPU seconds of this process's threads whose names are in `names`.
 pub fn own_threads_cpu(names: &[&str]) -> f64 {
-    let Ok(dir) = fs::read_dir("/proc/self/task") else {
+    threads_cpu("self", names)
+}
+
+/// CPU seconds of process `pid`'s threads whose names are in `names`.
+pub fn pid_threads_cpu(pid: u32, names: &[&str]) -> f64 {
+    threads_cpu(&pid.to_string(), names)
+}
+
+fn threads_cpu(pid: &str, names: &[&str]) -> f64 {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0.0;
     };
     dir.flatten()
         .filter_map(|e| {
             let tid = e.file_name();
             let tid = tid.to_str()?;
-            let c = comm(&format!("/proc/self/task/{tid}/comm"));
+            let c = comm(&format!("/proc/{pid}/task/{tid}/comm"));
             if !names.contains(&c.as_str()) {
                 return None;
             }
-            stat_cpu(&fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?)
+            stat_cpu(&fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?)
         })
         .sum()
 }

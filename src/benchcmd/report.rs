@@ -110,6 +110,9 @@ impl Report<'_> {
         let mut row = |name: &str, f: &dyn Fn(&SideResult) -> f64, prec: usize, suffix: &dyn Fn(&SideResult) -> String| {
             let kv = k.map(f).unwrap_or(f64::NAN);
             let tv = t.map(f).unwrap_or(f64::NAN);
+            if !kv.is_finite() && !tv.is_finite() {
+                return; // not measured for this workload
+            }
             let ratio = if kv.is_finite() && tv.is_finite() && kv > 0.0 && tv >= 0.0 { format!("{:.2}x", tv / kv) } else { "-".into() };
             let ks = k.map(suffix).unwrap_or_default();
             let ts = t.map(suffix).unwrap_or_default();
@@ -125,6 +128,9 @@ impl Report<'_> {
         row("pages_sharing (+ksm_zero_pages)", &|s| s.get("pages_sharing") + s.get("ksm_zero_pages"), 0, &none);
         row("saved, counters (MiB)", &|s| s.final_saved() as f64 * MIB_PER_PAGE, 1, &none);
         row("saved, PSS drop (MiB)", &|s| s.get("pss_saved_kb") / 1024.0, 1, &none);
+        if self.sides.iter().any(|s| s.values.contains_key("qemu_pss_total_kb")) {
+            row("PSS of all QEMUs at the end (MiB)", &|s| s.get("qemu_pss_total_kb") / 1024.0, 1, &none);
+        }
         row("saved, MemAvailable gain (MiB)", &|s| s.get("memavailable_gain_kb") / 1024.0, 1, &none);
         row("Shmem growth (MiB; twinpage's store is shmem)", &|s| s.get("shmem_gain_kb") / 1024.0, 1, &none);
         row("twinpage store allocated (MiB)", &|s| s.get("store_allocated_kb") / 1024.0, 1, &none);

@@ -13,6 +13,8 @@ pub enum Workload {
     Zero,
     /// As `runs`, and `--volatile-percent` of the pages rewritten all the time.
     Volatile,
+    /// `--guests` TCG guests booted from one image (`--size`: RAM per guest).
+    Qemu,
 }
 
 impl Workload {
@@ -23,6 +25,7 @@ impl Workload {
             Workload::Runs => "runs",
             Workload::Zero => "zero",
             Workload::Volatile => "volatile",
+            Workload::Qemu => "qemu",
         }
     }
 }
@@ -72,6 +75,8 @@ impl Plan {
         let mut seeds: Vec<Option<u64>> = (0..pages).map(unique).collect();
         let mut volatile = Vec::new();
         match s.workload {
+            // Guest memory is laid out by the guest, not here.
+            Workload::Qemu => {}
             Workload::Scatter => {
                 let patterns = s.patterns.max(1) as u64;
                 let mut n = 0;
