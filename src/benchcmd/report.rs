@@ -205,7 +205,11 @@ impl Report<'_> {
             let _ = writeln!(s, "<line x1=\"{l}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#ddd\"/>", y(v), w - r);
             let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.0}</text>", l - 6.0, y(v) + 4.0);
         }
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">seconds since madvise / register</text>", (l + w - r) / 2.0, h - 12.0);
+        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            (l + w - r) / 2.0,
+            h - 12.0,
+            if self.args.workload == super::Workload::Qemu { "seconds since the guests were launched" } else { "seconds since madvise / register" }
+        );
         let _ = writeln!(
             s,
             "<text x=\"16\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {})\">MiB saved</text>",
