@@ -1,7 +1,7 @@
 //! `twinpage bench` (the built binary) against the real kernel KSM: a small
 //! run writes result.json (valid JSON), result.md and saved.svg, and the
 //! kernel's KSM settings are as before afterwards — also when the run is
-//! interrupted with SIGINT.
+//! interrupted with SIGINT or SIGTERM.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
@@ -82,13 +82,22 @@ print("json ok")
 
 #[test]
 fn sigint_restores_settings() {
+    interrupted_run_restores_settings(libc::SIGINT, "sigint");
+}
+
+#[test]
+fn sigterm_restores_settings() {
+    interrupted_run_restores_settings(libc::SIGTERM, "sigterm");
+}
+
+fn interrupted_run_restores_settings(sig: i32, tag: &str) {
     if !prerequisites() {
         return;
     }
     let _lock = sysfs_lock();
     let k = KsmSysfs::kernel();
     let before = k.snapshot().unwrap();
-    let out = out_dir("sigint");
+    let out = out_dir(tag);
     // Slow tunables: the kernel side takes many seconds, so the signal lands mid-run.
     let mut child = Command::new(env!("CARGO_BIN_EXE_twinpage"))
         .args(["bench", "--workload", "scatter", "--size", "64M", "--pages-to-scan", "100", "--sleep-millisecs", "20"])
@@ -107,11 +116,11 @@ fn sigint_restores_settings() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(k.read("run").unwrap(), "1", "kernel KSM should be running mid-benchmark");
     // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as i32, sig) };
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "interrupted bench exits 130");
     let after = k.snapshot().unwrap();
-    assert_eq!(before, after, "kernel KSM settings not restored after SIGINT");
+    assert_eq!(before, after, "kernel KSM settings not restored after {tag}");
     assert_eq!(k.read_u64("pages_shared").unwrap(), 0);
     let _ = std::fs::remove_dir_all(&out);
 }
