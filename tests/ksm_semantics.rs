@@ -35,16 +35,22 @@ fn ten_identical_pages_merge_and_unmerge_on_write() {
     assert_eq!(e.store_allocated_bytes(), 0);
 }
 
-#[test]
-fn zero_pages_merge_like_any_content_without_use_zero_pages() {
-    let Some(e) = engine() else { return };
-    flat_out(&e);
+/// Ten pages written full of zeros, registered, two full scans later.
+fn ten_zero_pages(e: &twinpage::Engine) -> Mem {
+    flat_out(e);
     let m = Mem::anon(10);
     for i in 0..10 {
         m.zero(i);
     }
     e.register(m.addr, m.len).unwrap();
     assert!(e.wait_full_scans(2, Duration::from_secs(10)));
+    m
+}
+
+#[test]
+fn zero_pages_merge_like_any_content_without_use_zero_pages() {
+    let Some(e) = engine() else { return };
+    let m = ten_zero_pages(&e);
     let s = e.stats();
     assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (1, 9, 0), "{s:?}");
     m.unmap(&e);
@@ -53,14 +59,8 @@ fn zero_pages_merge_like_any_content_without_use_zero_pages() {
 #[test]
 fn zero_pages_drop_to_the_zero_page_with_use_zero_pages() {
     let Some(e) = engine() else { return };
-    flat_out(&e);
     e.set_use_zero_pages(true);
-    let m = Mem::anon(10);
-    for i in 0..10 {
-        m.zero(i);
-    }
-    e.register(m.addr, m.len).unwrap();
-    assert!(e.wait_full_scans(2, Duration::from_secs(10)));
+    let m = ten_zero_pages(&e);
     let s = e.stats();
     assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (0, 0, 10), "{s:?}");
     // The pages read back as zeros and no longer hold memory.

@@ -129,28 +129,25 @@ fn redirect_sysfs_shows_twinpage_to_programs_that_hard_code_the_kernel_paths() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn mprotect_of_merged_memory_keeps_every_byte() {
-    let (Some(lib), Some(prog)) = (preload_lib(), program("mprotect")) else { return };
+/// Runs tests/programs/NAME.c with the preload and expects `marker` on stdout.
+fn program_succeeds(name: &str, marker: &str) {
+    let (Some(lib), Some(prog)) = (preload_lib(), program(name)) else { return };
     if !have_uffd() {
         return;
     }
-    let dir = tempdir("mprotect");
+    let dir = tempdir(name);
     let out = run_preloaded(&prog, &[], &lib, &dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("MPROTECT OK"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains(marker), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
+fn mprotect_of_merged_memory_keeps_every_byte() {
+    program_succeeds("mprotect", "MPROTECT OK");
+}
+
+#[test]
 fn a_forked_child_keeps_its_memory_when_the_parent_frees_store_pages() {
-    let (Some(lib), Some(prog)) = (preload_lib(), program("fork")) else { return };
-    if !have_uffd() {
-        return;
-    }
-    let dir = tempdir("fork");
-    let out = run_preloaded(&prog, &[], &lib, &dir);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("FORK OK"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    let _ = std::fs::remove_dir_all(&dir);
+    program_succeeds("fork", "FORK OK");
 }
