@@ -140,7 +140,7 @@ impl Engine {
     /// interposers ask it on every munmap and mmap.
     pub fn overlaps(&self, addr: usize, len: usize) -> bool {
         let end = addr.saturating_add(len.max(1));
-        !self.inner.sh.registry.read().overlapping(addr, end).is_empty()
+        self.inner.sh.registry.read().overlaps(addr, end)
     }
 
     /// The registered ranges overlapping `[addr, addr+len)`, clipped to it.

@@ -390,25 +390,35 @@ pub fn restore_with_content(sh: &Shared, region: &Region, st: &mut RegionState, 
 }
 
 fn copy_and_move(region: &Region, start: usize, len: usize) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let (flags, fd, off) = match (&region.backing, region.kind) {
-        (Some(f), crate::maps::MappingKind::PrivateFile) => {
-            (libc::MAP_PRIVATE, f.as_raw_fd(), (region.file_offset + (start - region.start) as u64) as libc::off_t)
-        }
-        _ => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
-    };
+    // SAFETY: a write-protected run of a region we hold: no write races the
+    // copy, and the content the owner sees stays the same.
+    unsafe { copy_over(start, len, region.prot, region.original_mapping(start)) }
+}
+
+/// Copies `[start, start+len)` into a fresh mapping made with `(flags, fd,
+/// offset)`, gives it `prot`, and moves it over the range with `mremap`.
+///
+/// # Safety
+/// The range must be readable, owned by the caller, hold no Rust reference,
+/// and no write may race the copy.
+unsafe fn copy_over(
+    start: usize,
+    len: usize,
+    prot: libc::c_int,
+    (flags, fd, off): (libc::c_int, libc::c_int, libc::off_t),
+) -> std::io::Result<()> {
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     // SAFETY: a fresh mapping at an address the kernel picks.
     let tmp = unsafe { mman::raw_mmap(0, len, rw, flags, fd, off)? };
-    // SAFETY: `tmp` is our fresh writable mapping of `len` bytes; the source is
-    // a write-protected run of a region we hold, readable; they do not overlap.
+    // SAFETY: `tmp` is our fresh writable mapping of `len` bytes; the caller
+    // guarantees the source is readable; they do not overlap.
     unsafe { std::ptr::copy_nonoverlapping(start as *const u8, tmp as *mut u8, len) };
-    if region.prot != rw {
+    if prot != rw {
         // SAFETY: our own fresh mapping.
-        unsafe { libc::syscall(libc::SYS_mprotect, tmp, len, region.prot as libc::c_long) };
+        unsafe { libc::syscall(libc::SYS_mprotect, tmp, len, prot as libc::c_long) };
     }
-    // SAFETY: moves our fresh mapping over the run, which holds the same
-    // content and is write-protected: the owner sees no change.
+    // SAFETY: moves our fresh mapping, holding the same content, over the
+    // range the caller owns.
     match unsafe { mman::raw_mremap(tmp, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, start) } {
         Ok(_) => Ok(()),
         Err(e) => {
@@ -427,16 +437,6 @@ fn copy_and_move(region: &Region, start: usize, len: usize) -> std::io::Result<(
 /// The range must be mapped readable, owned by the caller, with no other
 /// thread running, and no Rust reference into it.
 pub unsafe fn replace_with_anon_copy(addr: usize, len: usize, prot: libc::c_int) -> std::io::Result<()> {
-    let rw = libc::PROT_READ | libc::PROT_WRITE;
-    // SAFETY: a fresh mapping at an address the kernel picks.
-    let tmp = unsafe { mman::raw_mmap(0, len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)? };
-    // SAFETY: the caller guarantees the source is readable and unshared with
-    // other threads; `tmp` is ours.
-    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, tmp as *mut u8, len) };
-    if prot != rw {
-        // SAFETY: our own fresh mapping.
-        unsafe { libc::syscall(libc::SYS_mprotect, tmp, len, prot as libc::c_long) };
-    }
-    // SAFETY: the caller owns the destination; the content is unchanged.
-    unsafe { mman::raw_mremap(tmp, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, addr) }.map(drop)
+    // SAFETY: the caller's guarantees are copy_over's.
+    unsafe { copy_over(addr, len, prot, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)) }
 }

@@ -123,6 +123,19 @@ impl Region {
     pub fn addr(&self, idx: usize) -> usize {
         self.start + idx * PAGE_SIZE
     }
+
+    /// How `addr` in this region was mapped before twinpage touched it, as
+    /// mmap flags, fd and offset: the backing file for a private file
+    /// mapping, anonymous memory otherwise.
+    pub fn original_mapping(&self, addr: usize) -> (libc::c_int, libc::c_int, libc::off_t) {
+        use std::os::fd::AsRawFd;
+        match (&self.backing, self.kind) {
+            (Some(f), MappingKind::PrivateFile) => {
+                (libc::MAP_PRIVATE, f.as_raw_fd(), (self.file_offset + (addr - self.start) as u64) as libc::off_t)
+            }
+            _ => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
+        }
+    }
 }
 
 /// All registered regions, by start address and by id.
@@ -168,6 +181,13 @@ impl Registry {
         }
         out.dedup_by_key(|r| r.id);
         out
+    }
+
+    /// Whether any region overlaps `[start, end)`, without allocating (the
+    /// interposers ask on every mmap, munmap and mprotect). Regions never
+    /// overlap each other, so only the last one starting before `end` can.
+    pub fn overlaps(&self, start: usize, end: usize) -> bool {
+        self.by_start.range(..end).next_back().is_some_and(|(_, r)| r.end() > start)
     }
 
     /// The first region whose start is at or after `addr`, wrapping to the

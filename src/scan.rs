@@ -107,15 +107,9 @@ impl MapBudget {
 
     /// Reserves room for `maps` new mappings (covering `pages` pages).
     pub fn allow(&mut self, maps: usize, pages: u64) -> bool {
-        if self.counted + self.since_count + maps > self.limit {
-            let stale = self.last_count.is_none_or(|t| t.elapsed() > Duration::from_millis(100));
-            if stale {
-                self.recount();
-            }
-            if self.counted + self.since_count + maps > self.limit {
-                self.held_back += pages;
-                return false;
-            }
+        if !self.has_room(maps) {
+            self.held_back += pages;
+            return false;
         }
         self.since_count += maps;
         self.added_total += maps as u64;
@@ -585,25 +579,11 @@ pub fn restore_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &
             j += 1;
         }
         let (addr, bytes) = (region.addr(i), (j - i) * PAGE_SIZE);
-        let res = match (&region.backing, region.kind) {
-            (Some(file), crate::maps::MappingKind::PrivateFile) => {
-                use std::os::fd::AsFd;
-                // SAFETY: pages of a live region we hold, about to be discarded by
-                // their owner: mapping the file back is what the discard shows.
-                unsafe {
-                    mman::map_private_fixed(
-                        addr,
-                        bytes,
-                        region.prot,
-                        file.as_fd(),
-                        region.file_offset + (i * PAGE_SIZE) as u64,
-                    )
-                }
-            }
-            // SAFETY: as above; anonymous memory reads back as zeros, what a
-            // discarded anonymous page shows.
-            _ => unsafe { mman::map_anon_fixed(addr, bytes, region.prot) },
-        };
+        let (flags, fd, off) = region.original_mapping(addr);
+        // SAFETY: pages of a live region we hold, about to be discarded by their
+        // owner: mapping back the file (or fresh anonymous memory, which reads
+        // as zeros) is what the discard shows.
+        let res = unsafe { mman::raw_mmap(addr, bytes, region.prot, flags | libc::MAP_FIXED, fd, off) }.map(drop);
         match res {
             Ok(()) => {
                 crate::merge::reapply_advice(region, addr, bytes);

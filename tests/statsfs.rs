@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Mem;
+use kernel_compat::sysfs::RESTORE_ORDER;
 use kernel_compat::testutil::{kernel_ksm_writable, require_or_skip, sysfs_lock};
 use kernel_compat::write::SYSFS_WRITE_MAX;
 use kernel_compat::{attrs, procfs, AdvisorMode, KsmSysfs, Snapshot, WriteError};
@@ -138,27 +139,13 @@ const CASES: &[&str] = &[
     "scan-time\n", "scan-time\n\n", "scan_time", "[none] scan-time", "[none] scan-time\n", "5\0junk", "none\0junk",
 ];
 
-const ORDER: &[&str] = &[
-    "advisor_min_pages_to_scan",
-    "advisor_max_pages_to_scan",
-    "advisor_max_cpu",
-    "advisor_target_scan_time",
-    "advisor_mode",
-    "pages_to_scan",
-    "sleep_millisecs",
-    "use_zero_pages",
-    "smart_scan",
-    "stable_node_chains_prune_millisecs",
-    "max_page_sharing",
-    "merge_across_nodes",
-    "run",
-];
 
 /// Gives the engine the kernel's saved settings, and publishes them.
 fn mirror(e: &Engine, h: &StatsTreeHandle, snap: &Snapshot) {
     e.set_attr("advisor_mode", "none").unwrap();
     let scan_time = snap.get("advisor_mode").and_then(AdvisorMode::from_show) == Some(AdvisorMode::ScanTime);
-    for &n in ORDER {
+    // The kernel's restore order, then `run`.
+    for &n in RESTORE_ORDER.iter().chain(&["run"]) {
         let Some(v) = snap.get(n) else { continue };
         if n == "pages_to_scan" && scan_time {
             continue;

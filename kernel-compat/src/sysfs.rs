@@ -99,8 +99,9 @@ pub struct RestoreError {
 /// Restore order: stop ksmd; advisor bounds before the mode (switching to
 /// scan-time copies `advisor_min_pages_to_scan` into `pages_to_scan`); the
 /// mode before `pages_to_scan` (which refuses writes under scan-time, and is
-/// reset to 100 when the mode goes back to none); `run` last.
-const RESTORE_ORDER: &[&str] = &[
+/// reset to 100 when the mode goes back to none). `run` is not listed:
+/// [`KsmSysfs::restore`] sets it to 0 before and writes it back last.
+pub const RESTORE_ORDER: &[&str] = &[
     "advisor_min_pages_to_scan",
     "advisor_max_pages_to_scan",
     "advisor_max_cpu",

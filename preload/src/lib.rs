@@ -66,6 +66,16 @@ fn neg_errno(ret: libc::c_long) -> isize {
     }
 }
 
+/// An mmap-like result (`-errno` on failure) as libc returns it: MAP_FAILED
+/// with errno set, or the address.
+fn map_ret(r: isize) -> *mut c_void {
+    if r < 0 && r > -4096 {
+        set_errno(-r as c_int);
+        return libc::MAP_FAILED;
+    }
+    r as *mut c_void
+}
+
 /// Turns `-errno` back into libc's convention: -1 with errno set.
 fn libc_ret(r: isize) -> c_int {
     if r < 0 {
@@ -144,11 +154,7 @@ pub unsafe extern "C" fn mmap(
     let addr = addr as usize;
     let r = with_agent(false, |a| a.mmap(addr, len, prot, flags, fd, off, raw_mmap))
         .unwrap_or_else(|| raw_mmap(addr, len, prot, flags, fd, off));
-    if r < 0 && r > -4096 {
-        set_errno(-r as c_int);
-        return libc::MAP_FAILED;
-    }
-    r as *mut c_void
+    map_ret(r)
 }
 
 /// # Safety
@@ -184,11 +190,7 @@ pub unsafe extern "C" fn mremap(
     let (old, new_addr) = (old as usize, new_addr as usize);
     let r = with_agent(false, |a| a.mremap(old, old_len, new_len, flags, new_addr, raw_mremap))
         .unwrap_or_else(|| raw_mremap(old, old_len, new_len, flags, new_addr));
-    if r < 0 && r > -4096 {
-        set_errno(-r as c_int);
-        return libc::MAP_FAILED;
-    }
-    r as *mut c_void
+    map_ret(r)
 }
 
 fn raw_mprotect(addr: usize, len: usize, prot: c_int) -> c_int {
