@@ -19,18 +19,15 @@ use std::time::{Duration, Instant};
 
 use memmap2::{Advice, MmapMut};
 
-use crate::inflight::InFlight;
-use crate::maps::{self, MappingKind};
+use crate::maps::MappingKind;
 use crate::merge::{self, Item, RunKind};
-use crate::primitive::{Arc, Mutex, RwLock};
-use crate::region::{Mergeability, PageRecord, PageState, Region, Registry};
-use crate::scan::{self, Core, Shared};
-use crate::stats::Stats;
+use crate::primitive::Arc;
+use crate::region::{Mergeability, PageRecord, PageState, Region};
+use crate::scan::{self, Shared};
 use crate::store::Store;
 use crate::sys::pagemap::Pagemap;
 use crate::sys::uffd::Userfaultfd;
 use crate::sys::PAGE_SIZE;
-use crate::tunables::Tunables;
 
 /// Distinct page contents (and store pages) the joins draw from; a run may be
 /// at most this long.
@@ -85,16 +82,7 @@ impl MergeHarness {
         if ps != PAGE_SIZE {
             return Err(format!("page size {ps} is not supported (4 KiB only)").into());
         }
-        let sh = Shared {
-            uffd: Userfaultfd::open()?,
-            pagemap: Pagemap::open()?,
-            store: Store::new()?,
-            inflight: InFlight::default(),
-            tunables: Tunables::default(),
-            stats: Stats::default(),
-            registry: RwLock::new(Registry::default()),
-            core: Mutex::new(Core::new(maps::max_map_count())),
-        };
+        let sh = Shared::new(Userfaultfd::open()?, Pagemap::open()?, Store::new()?);
 
         let mut map = map_anon(SOURCE_PAGES)?;
         for (pos, page) in map.chunks_exact_mut(PAGE_SIZE).enumerate() {
@@ -226,7 +214,7 @@ impl MergeHarness {
     /// The engine's counters now (merge runs, mismatches, held-back pages).
     pub fn stats(&self) -> crate::KsmStats {
         let regions = self.sh.registry.read().len() as u64;
-        self.sh.core.lock().snapshot(regions)
+        self.sh.core.lock().snapshot(regions, self.sh.store.allocated_bytes().unwrap_or(0))
     }
 }
 

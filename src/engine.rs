@@ -7,17 +7,16 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::maps::{self, MappingKind};
-use crate::primitive::{Arc, AtomicBool, Mutex, Ordering, RwLock};
-use crate::region::{Mergeability, PageRecord, Region, Registry};
-use crate::scan::{self, Core, Shared};
-use crate::stats::{KsmStats, Stats};
+use crate::primitive::{Arc, AtomicBool, Mutex, Ordering};
+use crate::region::{Mergeability, PageRecord, Region};
+use crate::scan::{self, Shared};
+use crate::stats::KsmStats;
 use crate::store::{Store, StoreError};
 use crate::sys::pagemap::Pagemap;
 use crate::sys::uffd::{self, UffdError, UffdMsg, Userfaultfd};
 use crate::sys::PAGE_SIZE;
 use crate::tunables::{AdvisorMode, TunableError, Tunables};
-use crate::inflight::InFlight;
-use kernel_compat::{Value, WriteContext, WriteError};
+use kernel_compat::WriteError;
 use crate::warn_once;
 
 /// Errors of the engine API.
@@ -95,16 +94,7 @@ impl Engine {
         let uffd = Userfaultfd::open()?;
         let pagemap = Pagemap::open().map_err(EngineError::Pagemap)?;
         let store = Store::new()?;
-        let sh = Shared {
-            uffd,
-            pagemap,
-            store,
-            inflight: InFlight::default(),
-            tunables: Tunables::default(),
-            stats: Stats::default(),
-            registry: RwLock::new(Registry::default()),
-            core: Mutex::new(Core::new(maps::max_map_count())),
-        };
+        let sh = Shared::new(uffd, pagemap, store);
         let inner = Arc::new(Inner {
             sh,
             shutdown: AtomicBool::new(false),
@@ -471,55 +461,9 @@ impl Engine {
     /// Writes attribute `name` of `/sys/kernel/mm/ksm` with the kernel's
     /// parsing and rules; a refused value changes nothing.
     pub fn set_attr(&self, name: &str, text: &str) -> Result<(), WriteError> {
-        let t = self.tunables();
         // The core lock keeps pages_shared from changing between check and store.
         let core = self.inner.sh.core.lock();
-        let ctx = WriteContext {
-            pages_shared: core.stable.pages_shared(),
-            advisor_on: t.advisor_mode() == AdvisorMode::ScanTime,
-            run: t.run(),
-            max_page_sharing: t.max_page_sharing(),
-            merge_across_nodes: t.merge_across_nodes(),
-            numa: has_numa(),
-        };
-        let v = kernel_compat::parse_write(name, text, &ctx)?;
-        let shared = ctx.pages_shared;
-        let busy = |r: Result<(), TunableError>| {
-            r.map_err(|e| match e {
-                TunableError::Inval => WriteError::Inval,
-                TunableError::Busy => WriteError::Busy,
-            })
-        };
-        match v {
-            Value::Run(x) => busy(t.set_run(x))?,
-            Value::PagesToScan(x) => busy(t.set_pages_to_scan(x))?,
-            Value::SleepMillisecs(x) => t.set_sleep_millisecs(x),
-            Value::UseZeroPages(x) => t.set_use_zero_pages(x),
-            Value::MaxPageSharing(x) => busy(t.set_max_page_sharing(x, shared))?,
-            Value::MergeAcrossNodes(x) => t.set_merge_across_nodes(x),
-            Value::SmartScan(x) => t.set_smart_scan(x),
-            Value::StableNodeChainsPruneMillisecs(x) => t.set_stable_node_chains_prune_millisecs(x),
-            Value::AdvisorMode(m) => {
-                let m = match m {
-                    kernel_compat::AdvisorMode::None => AdvisorMode::None,
-                    kernel_compat::AdvisorMode::ScanTime => AdvisorMode::ScanTime,
-                };
-                if m != t.advisor_mode() {
-                    // The kernel resets pages_to_scan when the advisor turns on or off.
-                    t.set_advisor_mode(AdvisorMode::None);
-                    let pts = match m {
-                        AdvisorMode::None => 100,
-                        AdvisorMode::ScanTime => t.advisor_min_pages_to_scan() as u32,
-                    };
-                    busy(t.set_pages_to_scan(pts))?;
-                    t.set_advisor_mode(m);
-                }
-            }
-            Value::AdvisorMaxCpu(x) => t.set_advisor_max_cpu(x),
-            Value::AdvisorMinPagesToScan(x) => t.set_advisor_min_pages_to_scan(x),
-            Value::AdvisorMaxPagesToScan(x) => t.set_advisor_max_pages_to_scan(x),
-            Value::AdvisorTargetScanTime(x) => t.set_advisor_target_scan_time(x),
-        }
+        self.tunables().write_attr(name, text, core.stable.pages_shared(), has_numa())?;
         drop(core);
         self.kick();
         Ok(())
@@ -528,39 +472,7 @@ impl Engine {
     /// What reading attribute `name` of `/sys/kernel/mm/ksm` prints, without
     /// the newline; `None` for a name the kernel does not have.
     pub fn show_attr(&self, name: &str) -> Option<String> {
-        let t = self.tunables();
-        let s = self.stats();
-        let v = match name {
-            "run" => t.run().to_string(),
-            "pages_to_scan" => t.pages_to_scan().to_string(),
-            "sleep_millisecs" => t.sleep_millisecs().to_string(),
-            "use_zero_pages" => u8::from(t.use_zero_pages()).to_string(),
-            "max_page_sharing" => t.max_page_sharing().to_string(),
-            "merge_across_nodes" if has_numa() => t.merge_across_nodes().to_string(),
-            "smart_scan" => u8::from(t.smart_scan()).to_string(),
-            "stable_node_chains_prune_millisecs" => t.stable_node_chains_prune_millisecs().to_string(),
-            "advisor_mode" => kernel_compat::format_advisor_mode(match t.advisor_mode() {
-                AdvisorMode::None => kernel_compat::AdvisorMode::None,
-                AdvisorMode::ScanTime => kernel_compat::AdvisorMode::ScanTime,
-            }),
-            "advisor_max_cpu" => t.advisor_max_cpu().to_string(),
-            "advisor_min_pages_to_scan" => t.advisor_min_pages_to_scan().to_string(),
-            "advisor_max_pages_to_scan" => t.advisor_max_pages_to_scan().to_string(),
-            "advisor_target_scan_time" => t.advisor_target_scan_time().to_string(),
-            "pages_shared" => s.pages_shared.to_string(),
-            "pages_sharing" => s.pages_sharing.to_string(),
-            "pages_unshared" => s.pages_unshared.to_string(),
-            "pages_volatile" => s.pages_volatile.to_string(),
-            "pages_scanned" => s.pages_scanned.to_string(),
-            "pages_skipped" => s.pages_skipped.to_string(),
-            "full_scans" => s.full_scans.to_string(),
-            "ksm_zero_pages" => s.ksm_zero_pages.to_string(),
-            "general_profit" => s.general_profit.to_string(),
-            "stable_node_chains" => s.stable_node_chains.to_string(),
-            "stable_node_dups" => s.stable_node_dups.to_string(),
-            _ => return None,
-        };
-        Some(v)
+        crate::tunables::show_attr(self.tunables(), &self.stats(), name, has_numa())
     }
 
     /// Waits until `full_scans` has grown by `n` (or `timeout` passed); true
@@ -575,6 +487,27 @@ impl Engine {
             std::thread::sleep(Duration::from_millis(1));
         }
         false
+    }
+
+    /// Merges through `twinpaged` at `cfg.socket` when it is there (tried when
+    /// the scanner starts and every second while it is not connected); with
+    /// no daemon, the engine merges its own pages. `None` stops trying (a
+    /// live connection stays until it breaks).
+    pub fn set_daemon(&self, cfg: Option<crate::link::DaemonConfig>) {
+        *self.inner.sh.daemon.lock() = cfg;
+        self.kick();
+    }
+
+    /// Whether the engine is connected to `twinpaged` now.
+    pub fn daemon_connected(&self) -> bool {
+        self.inner.sh.daemon_fd.load(std::sync::atomic::Ordering::SeqCst) >= 0
+    }
+
+    /// The daemon socket's fd while connected: a forked child (which never
+    /// uses its parent's engine) closes it, so that the daemon sees the parent
+    /// leave when it exits.
+    pub fn daemon_raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.inner.sh.daemon_fd.load(std::sync::atomic::Ordering::SeqCst)).filter(|&fd| fd >= 0)
     }
 
     /// Wakes the scanner now (a tunable changed or memory was registered).
@@ -628,7 +561,9 @@ fn nap(inner: &Inner, ms: u64) {
 fn scanner_main(inner: &Inner) {
     let sh = &inner.sh;
     let mut unmerged = false;
+    let mut next_try = std::time::Instant::now();
     while !inner.shutdown.load(Ordering::Relaxed) {
+        scan::remote::tick(sh, &mut next_try);
         let t = &sh.tunables;
         match t.run() {
             0 => {
@@ -647,7 +582,13 @@ fn scanner_main(inner: &Inner) {
             }
             _ => unmerged = false,
         }
-        let budget = t.pages_to_scan() as usize;
+        // Connected to the daemon, pages_to_scan is one budget for all its
+        // agents, as ksmd's is for all processes.
+        let agents = sh.core.lock().remote.as_ref().map_or(1, |l| l.agents.max(1));
+        let budget = match t.pages_to_scan() as usize {
+            0 => 0,
+            p => (p / agents as usize).max(1),
+        };
         if budget > 0 {
             scan::scan_pages(sh, budget);
             scan::publish(sh);
@@ -696,7 +637,7 @@ fn fault_main(inner: &Inner) {
 }
 
 /// Whether this kernel has NUMA (and so a `merge_across_nodes` attribute).
-fn has_numa() -> bool {
+pub fn has_numa() -> bool {
     std::path::Path::new("/sys/devices/system/node/node0").exists()
 }
 

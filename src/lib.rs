@@ -10,8 +10,10 @@
 #[doc(hidden)]
 pub mod bench_api;
 pub mod benchcmd;
+pub mod broker;
 pub mod engine;
 pub mod inflight;
+pub mod link;
 pub mod maps;
 pub mod merge;
 pub mod primitive;

@@ -25,6 +25,9 @@ pub enum RunKind {
     Join,
     /// Check for zeros, then drop to the kernel's zero page.
     Zero,
+    /// Compare with a page of the daemon's store (filled by its broker),
+    /// then map it.
+    Remote,
 }
 
 /// One page of a run: its index in the region and its store page.
@@ -129,6 +132,19 @@ pub fn merge_run(
             let page = unsafe { guest_page(addr) };
             ok[i] = match kind {
                 RunKind::Zero => is_zero(page),
+                RunKind::Remote => {
+                    let Some(link) = core.remote.as_ref() else { continue };
+                    let Ok(ptr) = link.store.page_ptr(it.store) else { continue };
+                    // SAFETY: `ptr` is our read-only view of a filled page of the
+                    // daemon's store; the broker writes a page only before it
+                    // orders any join of it.
+                    let store = unsafe { std::slice::from_raw_parts(ptr as *const u8, PAGE_SIZE) };
+                    let eq = store == page;
+                    if !eq {
+                        core.counters.mismatches += 1;
+                    }
+                    eq
+                }
                 RunKind::Fill | RunKind::Join => {
                     let Some(node) = core.stable.node(it.store).copied() else { continue };
                     let Ok(ptr) = sh.store.page_ptr(it.store) else { continue };
@@ -259,9 +275,14 @@ fn remap(
         unsafe { mman::map_anon_fixed(addr, bytes, region.prot) }
     } else {
         let off = crate::store::Store::offset(store);
+        let fd = match (kind, core.remote.as_ref()) {
+            (RunKind::Remote, Some(link)) => link.store.fd(),
+            (RunKind::Remote, None) => return false,
+            _ => sh.store.fd(),
+        };
         // SAFETY: the range is a write-protected run of a region we hold, each
         // page byte-equal to its store page: the mapping changes, the content not.
-        unsafe { mman::map_private_fixed(addr, bytes, region.prot, sh.store.fd(), off) }
+        unsafe { mman::map_private_fixed(addr, bytes, region.prot, fd, off) }
     };
     if let Err(e) = res {
         warn_once!("remap", "twinpage: remap at {addr:#x} failed: {e}; merging held back");
@@ -311,6 +332,26 @@ fn settle(
                 core.counters.zero_pages += 1;
             }
             (RunKind::Zero, false) => {}
+            (RunKind::Remote, true) => {
+                core.forget_hashed(rec);
+                rec.state = PageState::Merged;
+                rec.key = it.store;
+                rec.age = 0;
+                rec.flags |= PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY;
+                core.counters.daemon_merged += 1;
+                match core.remote.as_mut() {
+                    Some(link) => {
+                        rec.flags |= PageRecord::REMOTE;
+                        link.committed.push(it.store);
+                    }
+                    None => rec.flags |= PageRecord::ORPHAN,
+                }
+            }
+            (RunKind::Remote, false) => {
+                if let Some(link) = core.remote.as_mut() {
+                    link.cancelled.push(it.store);
+                }
+            }
             (_, true) => {
                 core.forget_hashed(rec);
                 rec.state = PageState::Merged;

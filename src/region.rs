@@ -51,6 +51,13 @@ impl PageRecord {
     /// not the owner's: before the owner may see the range as its own again
     /// (unregister, discard), the original kind of mapping is restored.
     pub const OVERLAY: u8 = 1 << 1;
+    /// A `Merged` page's store page is the daemon's (`key` indexes its store),
+    /// merged over the current connection.
+    pub const REMOTE: u8 = 1 << 2;
+    /// A `Merged` page maps a store page of a daemon this process is no longer
+    /// connected to: the page stays merged (the memfd lives while mapped) but
+    /// no broker counts it any more.
+    pub const ORPHAN: u8 = 1 << 3;
 }
 
 /// What the scanner may do in a region.

@@ -21,6 +21,9 @@ use crate::sys::{mman, PAGE_SIZE};
 use crate::tree::{PageRef, StableTree, UnstableTree};
 use crate::tunables::Tunables;
 use crate::warn_once;
+use crate::broker::proto::Candidate;
+
+pub mod remote;
 
 /// Pages handled under one region lock.
 pub const BATCH_PAGES: usize = 512;
@@ -48,6 +51,29 @@ pub struct Shared {
     pub stats: Stats,
     pub registry: RwLock<Registry>,
     pub core: crate::primitive::Mutex<Core>,
+    /// Where twinpaged is, if this engine should use it.
+    pub daemon: parking_lot::Mutex<Option<crate::link::DaemonConfig>>,
+    /// The daemon socket's fd while connected (-1 otherwise), for a forked
+    /// child to close without touching the core lock.
+    pub daemon_fd: std::sync::atomic::AtomicI32,
+}
+
+impl Shared {
+    /// A fresh engine's state around its kernel handles and store.
+    pub fn new(uffd: Userfaultfd, pagemap: Pagemap, store: Store) -> Self {
+        Self {
+            uffd,
+            pagemap,
+            store,
+            inflight: InFlight::default(),
+            tunables: Tunables::default(),
+            stats: Stats::default(),
+            registry: RwLock::new(Registry::default()),
+            core: crate::primitive::Mutex::new(Core::new(crate::maps::max_map_count())),
+            daemon: parking_lot::Mutex::new(None),
+            daemon_fd: std::sync::atomic::AtomicI32::new(-1),
+        }
+    }
 }
 
 /// Exact counts, kept under the core lock.
@@ -65,6 +91,8 @@ pub struct Counters {
     pub records_bytes: u64,
     pub registered_pages: u64,
     pub unmergeable_pages: u64,
+    /// Records merged into a daemon's store (REMOTE or ORPHAN).
+    pub daemon_merged: u64,
 }
 
 /// The mapping budget: twinpage's remaps split mappings, and the kernel caps a
@@ -152,6 +180,11 @@ pub struct Core {
     /// forked child may still map them until it has made its own copies).
     pub free_holds: u32,
     pub deferred_frees: Vec<u32>,
+    /// The link to twinpaged, while connected.
+    pub remote: Option<crate::link::Link>,
+    /// The link broke and REMOTE records have not all been made orphans yet:
+    /// no new link until they have (their keys name the old daemon's pages).
+    pub remote_lost: bool,
 }
 
 impl Core {
@@ -165,6 +198,33 @@ impl Core {
             cursor: Cursor { fresh: true, ..Default::default() },
             free_holds: 0,
             deferred_frees: Vec::new(),
+            remote: None,
+            remote_lost: false,
+        }
+    }
+
+    /// A merged record stops mapping its store page: the reference goes back
+    /// to whoever counts it (our stable tree, or the daemon's broker).
+    pub fn release_record(&mut self, sh: &Shared, rec: &mut PageRecord) {
+        if rec.flags & (PageRecord::REMOTE | PageRecord::ORPHAN) != 0 {
+            self.counters.daemon_merged -= 1;
+            if rec.flags & PageRecord::REMOTE != 0 {
+                if let Some(link) = self.remote.as_mut() {
+                    link.released.push(rec.key);
+                }
+            }
+            rec.flags &= !(PageRecord::REMOTE | PageRecord::ORPHAN);
+        } else {
+            self.release(sh, rec.key);
+        }
+    }
+
+    /// The link to the daemon broke: go on alone.
+    pub fn lose_remote(&mut self, sh: &Shared, why: &dyn std::fmt::Display) {
+        if self.remote.take().is_some() {
+            sh.daemon_fd.store(-1, std::sync::atomic::Ordering::SeqCst);
+            log::warn!("twinpage: lost twinpaged ({why}); this process merges its own pages until it is back");
+            self.remote_lost = true;
         }
     }
 
@@ -200,7 +260,7 @@ impl Core {
         for rec in records.iter_mut() {
             match rec.state {
                 PageState::Hashed => self.counters.hashed -= 1,
-                PageState::Merged => self.release(sh, rec.key),
+                PageState::Merged => self.release_record(sh, rec),
                 PageState::Zero => self.counters.zero_pages -= 1,
                 PageState::None => {}
             }
@@ -209,12 +269,12 @@ impl Core {
     }
 
     /// The published view of the counts.
-    pub fn snapshot(&self, regions: u64) -> KsmStats {
+    pub fn snapshot(&self, regions: u64, store_bytes: u64) -> KsmStats {
         let c = &self.counters;
         let shared = self.stable.pages_shared();
         let sharing = self.stable.pages_sharing();
         let unshared = self.unstable.len();
-        let rmap_items = c.hashed + shared + sharing;
+        let rmap_items = c.hashed + shared + sharing + c.daemon_merged;
         let metadata = c.records_bytes
             + self.stable.metadata_bytes()
             + self.unstable.metadata_bytes()
@@ -243,14 +303,23 @@ impl Core {
             twinpage_merge_mismatches: c.mismatches,
             twinpage_pages_unmergeable: c.unmergeable_pages,
             twinpage_pages_registered: c.registered_pages,
+            twinpage_merging_pages: self.stable.sharers() + c.daemon_merged,
+            twinpage_daemon_merged: c.daemon_merged,
+            twinpage_daemon_agents: u64::from(self.remote.is_some()),
+            twinpage_store_bytes: store_bytes,
             general_profit: saved as i64 - metadata as i64,
         }
     }
 
-    fn end_full_scan(&mut self) {
+    fn end_full_scan(&mut self, sh: &Shared) {
         self.counters.full_scans += 1;
         self.unstable.clear();
         self.map_budget.recount();
+        if let Some(link) = self.remote.as_mut() {
+            if let Err(e) = link.full_scan() {
+                self.lose_remote(sh, &e);
+            }
+        }
     }
 }
 
@@ -282,6 +351,8 @@ struct Decisions {
     fills: Vec<(u32, usize, u32)>,
     joins: Vec<Item>,
     zeros: Vec<Item>,
+    /// Joins of the daemon's store pages, by page.
+    remote: Vec<Item>,
 }
 
 /// Scans up to `budget` pages; returns how many it visited.
@@ -308,7 +379,7 @@ pub fn scan_pages(sh: &Shared, budget: usize) -> usize {
                 }
                 None => {
                     if !cur.fresh {
-                        core.end_full_scan();
+                        core.end_full_scan(sh);
                     }
                     core.cursor = Cursor { fresh: true, ..Default::default() };
                     empty_wraps += 1;
@@ -352,6 +423,8 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
     let zh = zero_hash();
     let mut d = Decisions::default();
     let mut last_pair: Option<(usize, u32)> = None;
+    let remote = core.remote.is_some();
+    let mut candidates = Vec::new();
 
     for (i, &e) in entries.iter().enumerate() {
         let idx = first + i;
@@ -361,10 +434,9 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
             PageState::Merged => {
                 if e.present() && !e.file() {
                     // A write broke the sharing (copy-on-write).
-                    let key = rec.key;
                     rec.state = PageState::None;
                     core.counters.cow_breaks += 1;
-                    core.release(sh, key);
+                    core.release_record(sh, rec);
                 } else {
                     continue;
                 }
@@ -402,11 +474,27 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
             rec.state = PageState::None;
             continue;
         }
+        let cks = h as u32;
+        if remote {
+            // Connected: the daemon's broker decides (cross-process sharing).
+            let steady = rec.state == PageState::Hashed && rec.key == cks;
+            if !steady {
+                if rec.state != PageState::Hashed {
+                    core.counters.hashed += 1;
+                }
+                rec.state = PageState::Hashed;
+                rec.key = cks;
+            } else if use_zero && h == zh && is_zero(page) {
+                d.zeros.push(Item { page: idx, store: 0 });
+                continue;
+            }
+            candidates.push(Candidate { token: remote::token(region.id, idx), digest: h, stable: steady });
+            continue;
+        }
         if let Some(s) = core.stable.reserve(h, max_sharing) {
             d.joins.push(Item { page: idx, store: s });
             continue;
         }
-        let cks = h as u32;
         if rec.state != PageState::Hashed || rec.key != cks {
             if rec.state != PageState::Hashed {
                 core.counters.hashed += 1;
@@ -457,6 +545,9 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
         }
     }
 
+    if !candidates.is_empty() {
+        d.remote = remote::exchange(sh, region, core, candidates, first, n);
+    }
     execute(sh, region, st, core, d);
 }
 
@@ -517,6 +608,16 @@ fn execute(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut C
     }
     for run in runs(&d.zeros) {
         merge::merge_run(sh, region, st, core, run, RunKind::Zero);
+    }
+    for run in runs(&d.remote) {
+        merge::merge_run(sh, region, st, core, run, RunKind::Remote);
+    }
+    if let Some(link) = core.remote.as_mut() {
+        if core.free_holds == 0 {
+            if let Err(e) = link.flush() {
+                core.lose_remote(sh, &e);
+            }
+        }
     }
 }
 
@@ -620,7 +721,8 @@ pub fn unmerge_all(sh: &Shared) {
 /// Publishes the counts.
 pub fn publish(sh: &Shared) {
     let regions = { sh.registry.read().len() as u64 };
-    let snap = sh.core.lock().snapshot(regions);
+    let store_bytes = sh.store.allocated_bytes().unwrap_or(0);
+    let snap = sh.core.lock().snapshot(regions, store_bytes);
     sh.stats.publish(&snap);
 }
 

@@ -82,6 +82,17 @@ stats! {
     twinpage_pages_unmergeable,
     /// Pages registered for merging.
     twinpage_pages_registered,
+    /// Pages of this process that map a store page, its own or the daemon's
+    /// (the kernel's per-process `ksm_merging_pages`).
+    twinpage_merging_pages,
+    /// Of those, pages merged into the daemon's store (cross-process sharing).
+    twinpage_daemon_merged,
+    /// 1 while this process is connected to twinpaged; in the daemon's own
+    /// counters, the agents connected to it.
+    twinpage_daemon_agents,
+    /// Bytes the store memfd holds (allocated, not its size); the daemon
+    /// counts the stores of all its domains.
+    twinpage_store_bytes,
 }
 
 impl KsmStats {

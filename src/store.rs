@@ -32,19 +32,52 @@ pub enum StoreError {
     Full,
 }
 
-/// The memfd and the engine's read-write view of it.
+/// The memfd and the engine's view of it: read-write for the store's owner
+/// (the engine, or the daemon's broker), read-only for an agent of the daemon.
 #[derive(Debug)]
 pub struct Store {
     file: File,
     segments: Box<[OnceLock<MmapRaw>]>,
+    writable: bool,
 }
 
 impl Store {
     /// Creates an empty store.
     pub fn new() -> Result<Self, StoreError> {
         let fd = memfd::create(c"twinpage-store").map_err(StoreError::Create)?;
+        Ok(Self::with_file(File::from(fd), true))
+    }
+
+    fn with_file(file: File, writable: bool) -> Self {
         let segments = (0..MAX_SEGMENTS).map(|_| OnceLock::new()).collect();
-        Ok(Self { file: File::from(fd), segments })
+        Self { file, segments, writable }
+    }
+
+    /// Creates an empty store to share with other processes: only this fd
+    /// writes it. The inode is made owner-read-only, so a process of another
+    /// uid cannot reopen it for writing through `/proc/<pid>/fd`, and sealed
+    /// against shrinking, so nobody can cut pages from under a mapping.
+    pub fn new_shared() -> Result<Self, StoreError> {
+        let store = Self::new()?;
+        memfd::restrict(store.fd()).map_err(StoreError::Create)?;
+        Ok(store)
+    }
+
+    /// A new read-only open of the store, to hand to an agent: it can map
+    /// store pages `MAP_PRIVATE` and read them, but not write, grow, shrink
+    /// or punch the file.
+    pub fn reopen_read_only(&self) -> io::Result<std::os::fd::OwnedFd> {
+        memfd::reopen_read_only(self.fd())
+    }
+
+    /// An agent's view of a store another process owns and writes.
+    pub fn from_read_only(fd: std::os::fd::OwnedFd) -> Self {
+        Self::with_file(File::from(fd), false)
+    }
+
+    /// Whether this view may write store pages.
+    pub fn writable(&self) -> bool {
+        self.writable
     }
 
     /// The store fd, for remapping store pages into guest memory.
@@ -54,6 +87,7 @@ impl Store {
 
     /// Makes page `idx` addressable through the engine's view (growing the
     /// file and mapping its segment when first needed) and returns its address.
+    /// Through a read-only view the page must only be read.
     pub fn page_ptr(&self, idx: u32) -> Result<*mut u8, StoreError> {
         let seg = (idx / SEGMENT_PAGES) as usize;
         let slot = self.segments.get(seg).ok_or(StoreError::Full)?;
@@ -61,16 +95,20 @@ impl Store {
             Some(m) => m,
             None => {
                 let seg_bytes = SEGMENT_PAGES as u64 * PAGE_SIZE as u64;
-                let want = (seg as u64 + 1) * seg_bytes;
-                let have = self.file.metadata().map_err(StoreError::Grow)?.len();
-                if have < want {
-                    memfd::truncate(self.fd(), want).map_err(StoreError::Grow)?;
-                }
-                let m = MmapOptions::new()
-                    .offset(seg as u64 * seg_bytes)
-                    .len(seg_bytes as usize)
-                    .map_raw(&self.file)
-                    .map_err(StoreError::Map)?;
+                let mut opts = MmapOptions::new();
+                opts.offset(seg as u64 * seg_bytes).len(seg_bytes as usize);
+                let m = if self.writable {
+                    let want = (seg as u64 + 1) * seg_bytes;
+                    let have = self.file.metadata().map_err(StoreError::Grow)?.len();
+                    if have < want {
+                        memfd::truncate(self.fd(), want).map_err(StoreError::Grow)?;
+                    }
+                    opts.map_raw(&self.file)
+                } else {
+                    // The owner grew the file before it named a page in this segment.
+                    opts.map_raw_read_only(&self.file)
+                };
+                let m = m.map_err(StoreError::Map)?;
                 // A racing initialiser may have won; either mapping is the same file range.
                 let _ = slot.set(m);
                 slot.get().ok_or(StoreError::Full)?

@@ -56,12 +56,32 @@ impl StableTree {
 
     /// A store page for `key` with room for one more sharer; reserves it.
     pub fn reserve(&mut self, key: u64, max_sharing: u32) -> Option<u32> {
+        self.reserve_where(key, max_sharing, false)
+    }
+
+    /// As [`StableTree::reserve`], among store pages already filled (the
+    /// daemon's broker: a join is only ordered once the content is there).
+    pub fn reserve_filled(&mut self, key: u64, max_sharing: u32) -> Option<u32> {
+        self.reserve_where(key, max_sharing, true)
+    }
+
+    fn reserve_where(&mut self, key: u64, max_sharing: u32, filled_only: bool) -> Option<u32> {
         let idx = self.chain(key).find(|&i| {
             let n = &self.nodes[i as usize];
-            n.sharers + n.pending < max_sharing
+            n.sharers + n.pending < max_sharing && (n.filled || !filled_only)
         })?;
         self.nodes[idx as usize].pending += 1;
         Some(idx)
+    }
+
+    /// Whether a store page for `key` waits for its content.
+    pub fn has_unfilled(&self, key: u64) -> bool {
+        self.chain(key).any(|i| !self.nodes[i as usize].filled)
+    }
+
+    /// Guest pages mapping store pages (`pages_shared + pages_sharing`).
+    pub fn sharers(&self) -> u64 {
+        self.total_sharers
     }
 
     /// Adds a new, unfilled store page under `key` with `pending` reservations.

@@ -2,6 +2,7 @@
 //! which starts at 1: preloading twinpage is the opt-in).
 
 use crate::primitive::{AtomicU64, Ordering};
+use kernel_compat::{Value, WriteContext, WriteError};
 
 /// Why a tunable write was refused; the names are the errno a sysfs write gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -150,4 +151,96 @@ impl Tunables {
     pub(crate) fn set_advisor_target_scan_time(&self, v: u64) {
         self.advisor_target_scan_time.store(v, Ordering::Relaxed);
     }
+}
+
+impl Tunables {
+    /// Writes attribute `name` of `/sys/kernel/mm/ksm` with the kernel's
+    /// parsing and rules (`pages_shared` as the kernel checks it for
+    /// `max_page_sharing`); a refused value changes nothing.
+    pub fn write_attr(&self, name: &str, text: &str, pages_shared: u64, numa: bool) -> Result<(), WriteError> {
+        let t = self;
+        let ctx = WriteContext {
+            pages_shared,
+            advisor_on: t.advisor_mode() == AdvisorMode::ScanTime,
+            run: t.run(),
+            max_page_sharing: t.max_page_sharing(),
+            merge_across_nodes: t.merge_across_nodes(),
+            numa,
+        };
+        let v = kernel_compat::parse_write(name, text, &ctx)?;
+        let busy = |r: Result<(), TunableError>| {
+            r.map_err(|e| match e {
+                TunableError::Inval => WriteError::Inval,
+                TunableError::Busy => WriteError::Busy,
+            })
+        };
+        match v {
+            Value::Run(x) => busy(t.set_run(x))?,
+            Value::PagesToScan(x) => busy(t.set_pages_to_scan(x))?,
+            Value::SleepMillisecs(x) => t.set_sleep_millisecs(x),
+            Value::UseZeroPages(x) => t.set_use_zero_pages(x),
+            Value::MaxPageSharing(x) => busy(t.set_max_page_sharing(x, pages_shared))?,
+            Value::MergeAcrossNodes(x) => t.set_merge_across_nodes(x),
+            Value::SmartScan(x) => t.set_smart_scan(x),
+            Value::StableNodeChainsPruneMillisecs(x) => t.set_stable_node_chains_prune_millisecs(x),
+            Value::AdvisorMode(m) => {
+                let m = match m {
+                    kernel_compat::AdvisorMode::None => AdvisorMode::None,
+                    kernel_compat::AdvisorMode::ScanTime => AdvisorMode::ScanTime,
+                };
+                if m != t.advisor_mode() {
+                    // The kernel resets pages_to_scan when the advisor turns on or off.
+                    t.set_advisor_mode(AdvisorMode::None);
+                    let pts = match m {
+                        AdvisorMode::None => 100,
+                        AdvisorMode::ScanTime => t.advisor_min_pages_to_scan() as u32,
+                    };
+                    busy(t.set_pages_to_scan(pts))?;
+                    t.set_advisor_mode(m);
+                }
+            }
+            Value::AdvisorMaxCpu(x) => t.set_advisor_max_cpu(x),
+            Value::AdvisorMinPagesToScan(x) => t.set_advisor_min_pages_to_scan(x),
+            Value::AdvisorMaxPagesToScan(x) => t.set_advisor_max_pages_to_scan(x),
+            Value::AdvisorTargetScanTime(x) => t.set_advisor_target_scan_time(x),
+        }
+        Ok(())
+    }
+}
+
+/// What reading attribute `name` of `/sys/kernel/mm/ksm` prints (without the
+/// newline) for tunables `t` and counters `s`; `None` for a name the kernel
+/// does not have (`merge_across_nodes` only exists with NUMA).
+pub fn show_attr(t: &Tunables, s: &crate::KsmStats, name: &str, numa: bool) -> Option<String> {
+        let v = match name {
+            "run" => t.run().to_string(),
+            "pages_to_scan" => t.pages_to_scan().to_string(),
+            "sleep_millisecs" => t.sleep_millisecs().to_string(),
+            "use_zero_pages" => u8::from(t.use_zero_pages()).to_string(),
+            "max_page_sharing" => t.max_page_sharing().to_string(),
+            "merge_across_nodes" if numa => t.merge_across_nodes().to_string(),
+            "smart_scan" => u8::from(t.smart_scan()).to_string(),
+            "stable_node_chains_prune_millisecs" => t.stable_node_chains_prune_millisecs().to_string(),
+            "advisor_mode" => kernel_compat::format_advisor_mode(match t.advisor_mode() {
+                AdvisorMode::None => kernel_compat::AdvisorMode::None,
+                AdvisorMode::ScanTime => kernel_compat::AdvisorMode::ScanTime,
+            }),
+            "advisor_max_cpu" => t.advisor_max_cpu().to_string(),
+            "advisor_min_pages_to_scan" => t.advisor_min_pages_to_scan().to_string(),
+            "advisor_max_pages_to_scan" => t.advisor_max_pages_to_scan().to_string(),
+            "advisor_target_scan_time" => t.advisor_target_scan_time().to_string(),
+            "pages_shared" => s.pages_shared.to_string(),
+            "pages_sharing" => s.pages_sharing.to_string(),
+            "pages_unshared" => s.pages_unshared.to_string(),
+            "pages_volatile" => s.pages_volatile.to_string(),
+            "pages_scanned" => s.pages_scanned.to_string(),
+            "pages_skipped" => s.pages_skipped.to_string(),
+            "full_scans" => s.full_scans.to_string(),
+            "ksm_zero_pages" => s.ksm_zero_pages.to_string(),
+            "general_profit" => s.general_profit.to_string(),
+            "stable_node_chains" => s.stable_node_chains.to_string(),
+            "stable_node_dups" => s.stable_node_dups.to_string(),
+            _ => return None,
+        };
+        Some(v)
 }

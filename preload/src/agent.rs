@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use twinpage::statsfs::{ProcessFlags, StatsTree, StatsTreeHandle, StatsTreeOptions};
+use twinpage::link::DaemonConfig;
 use twinpage::{Engine, EngineError};
 
 use crate::config::{self, Config};
@@ -133,6 +134,7 @@ pub fn get_or_init() -> Option<&'static Agent> {
             log::warn!("twinpage: TWINPAGE_{}={value:?} refused ({})", attr.to_ascii_uppercase(), e.name());
         }
     }
+    engine.set_daemon(cfg.socket.clone().map(|socket| DaemonConfig { socket, domain: cfg.domain.clone() }));
     start_stats(&engine, cfg);
     let agent = Box::new(Agent {
         engine,
@@ -241,6 +243,13 @@ extern "C" fn after_fork_child() {
     let _ = std::panic::catch_unwind(|| {
         let was_active = STATE.load(Ordering::SeqCst) == ACTIVE;
         let merge_any = get().is_some_and(|a| a.merge_any.load(Ordering::SeqCst));
+        // The parent's daemon connection is the parent's: keeping it open here
+        // would hide the parent's exit from the daemon.
+        if let Some(fd) = get().and_then(|a| a.engine.daemon_raw_fd()) {
+            // SAFETY: the inherited copy of the parent's socket; the parent's
+            // engine, which owns it, is never used (nor dropped) in the child.
+            unsafe { libc::close(fd) };
+        }
         AGENT.store(std::ptr::null_mut(), Ordering::SeqCst);
         // The parent's publisher thread does not exist here; forget its handle
         // without running its Drop.

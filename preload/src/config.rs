@@ -11,8 +11,9 @@ use kernel_compat::{parse, parse_write, WriteContext};
 pub struct Config {
     /// `TWINPAGE_DIR`: the stats tree root.
     pub dir: PathBuf,
-    /// `TWINPAGE_SOCKET`: the daemon's socket (used once twinpaged exists).
-    pub socket: PathBuf,
+    /// `TWINPAGE_SOCKET`: the daemon's socket (default
+    /// `$TWINPAGE_DIR/twinpaged.sock`); `off`: never use a daemon.
+    pub socket: Option<PathBuf>,
     /// `TWINPAGE_LOG`: log filter (error, warn, info, debug, trace, off).
     pub log: String,
     /// `TWINPAGE_PASS_MERGEABLE`: also pass MADV_MERGEABLE to the kernel.
@@ -40,9 +41,10 @@ pub fn from_env() -> Result<Config, String> {
 pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, String> {
     let mut dir = PathBuf::from("/run/twinpage");
     let mut socket = None;
+    let mut socket_off = false;
     let mut c = Config {
         dir: PathBuf::new(),
-        socket: PathBuf::new(),
+        socket: None,
         log: "warn".into(),
         pass_mergeable: false,
         merge_any: false,
@@ -56,6 +58,7 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
     for (k, v) in vars {
         let name = &k["TWINPAGE_".len()..];
         match name {
+            "SOCKET" if v == "off" => socket_off = true,
             "DIR" | "SOCKET" => {
                 if !v.starts_with('/') {
                     return Err(format!("{k}={v:?} must be an absolute path"));
@@ -96,7 +99,7 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
             }
         }
     }
-    c.socket = socket.unwrap_or_else(|| dir.join("twinpaged.sock"));
+    c.socket = (!socket_off).then(|| socket.unwrap_or_else(|| dir.join("twinpaged.sock")));
     c.dir = dir;
     Ok(c)
 }
@@ -113,7 +116,10 @@ mod tests {
     fn good_and_bad() {
         let c = vars(&[("TWINPAGE_PAGES_TO_SCAN", "1000"), ("TWINPAGE_DIR", "/tmp/x"), ("PATH", "/bin")]).unwrap();
         assert_eq!(c.tunables, vec![("pages_to_scan".to_string(), "1000".to_string())]);
-        assert_eq!(c.socket, PathBuf::from("/tmp/x/twinpaged.sock"));
+        assert_eq!(c.socket, Some(PathBuf::from("/tmp/x/twinpaged.sock")));
+        assert_eq!(vars(&[("TWINPAGE_SOCKET", "off")]).unwrap().socket, None);
+        assert!(vars(&[("TWINPAGE_SOCKET", "sock")]).unwrap_err().contains("TWINPAGE_SOCKET"));
+        assert!(vars(&[("TWINPAGE_DOMAIN", "uid:0")]).unwrap_err().contains("TWINPAGE_DOMAIN"));
         assert!(vars(&[("TWINPAGE_PAGES_TO_SCAN", "lots")]).unwrap_err().contains("TWINPAGE_PAGES_TO_SCAN"));
         assert!(vars(&[("TWINPAGE_RUN", "3")]).unwrap_err().contains("EINVAL"));
         assert!(vars(&[("TWINPAGE_DIR", "relative")]).is_err());

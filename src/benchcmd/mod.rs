@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::io::BufRead as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -139,26 +138,6 @@ pub fn worker_main(a: &WorkerArgs) -> i32 {
     worker::run(a)
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn install_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: a zeroed sigaction with a handler that only stores to an
-        // atomic (async-signal-safe) is valid; the old action is not needed.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
-}
-
 /// What one side measured.
 #[derive(Debug, Default, Clone)]
 pub struct SideResult {
@@ -263,7 +242,7 @@ fn run_side(a: &BenchArgs, side: Side) -> Result<SideResult, String> {
     let mut last_print = Instant::now();
     let mut done = false;
     loop {
-        if INTERRUPTED.load(Ordering::SeqCst) {
+        if crate::sys::signals::interrupted() {
             kill(&mut child);
             return Err("interrupted".into());
         }
@@ -334,7 +313,7 @@ pub fn main(a: &BenchArgs) -> i32 {
         eprintln!("twinpage bench: {}: {e}", a.out.display());
         return 1;
     }
-    install_handlers();
+    crate::sys::signals::install_handlers();
     let saved = match k.save() {
         Ok(s) => s,
         Err(e) => {
@@ -351,7 +330,7 @@ pub fn main(a: &BenchArgs) -> i32 {
             return 1;
         }
     }
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if crate::sys::signals::interrupted() {
         eprintln!("twinpage bench: interrupted");
         return 130;
     }
@@ -408,7 +387,7 @@ fn run_both(a: &BenchArgs, k: &SavedKsm) -> i32 {
         match r {
             Ok(r) => results.push(r),
             Err(e) => {
-                if !INTERRUPTED.load(Ordering::SeqCst) {
+                if !crate::sys::signals::interrupted() {
                     eprintln!("twinpage bench: {e}");
                 }
                 return 1;

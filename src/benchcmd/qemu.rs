@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use kernel_compat::sysfs::KsmSysfs;
 
 use super::proc;
-use super::{BenchArgs, Side, SideResult, INTERRUPTED};
+use super::{BenchArgs, Side, SideResult};
 
 const BOOT_GUEST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/boot-guest.sh");
 
@@ -113,7 +113,7 @@ pub fn run_side(a: &BenchArgs, side: Side, target: Option<u64>) -> Result<SideRe
     let mut last_print = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(50));
-        if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        if crate::sys::signals::interrupted() {
             stop_all(&mut guests);
             return Err("interrupted".into());
         }

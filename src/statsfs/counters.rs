@@ -46,6 +46,10 @@ pub const FIELDS: &[(&str, Combine)] = &[
     ("twinpage_merge_mismatches", Combine::Cumulative),
     ("twinpage_pages_unmergeable", Combine::Sum),
     ("twinpage_pages_registered", Combine::Sum),
+    ("twinpage_merging_pages", Combine::Sum),
+    ("twinpage_daemon_merged", Combine::Sum),
+    ("twinpage_daemon_agents", Combine::Sum),
+    ("twinpage_store_bytes", Combine::Sum),
 ];
 
 /// Counter values by name.
@@ -76,6 +80,10 @@ pub fn get(s: &KsmStats, name: &str) -> Option<i128> {
         "twinpage_merge_mismatches" => s.twinpage_merge_mismatches,
         "twinpage_pages_unmergeable" => s.twinpage_pages_unmergeable,
         "twinpage_pages_registered" => s.twinpage_pages_registered,
+        "twinpage_merging_pages" => s.twinpage_merging_pages,
+        "twinpage_daemon_merged" => s.twinpage_daemon_merged,
+        "twinpage_daemon_agents" => s.twinpage_daemon_agents,
+        "twinpage_store_bytes" => s.twinpage_store_bytes,
         _ => return None,
     };
     Some(i128::from(v))

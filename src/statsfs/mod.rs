@@ -152,6 +152,35 @@ pub fn default_root() -> PathBuf {
     std::env::var_os("TWINPAGE_DIR").filter(|v| !v.is_empty()).map_or_else(|| PathBuf::from("/run/twinpage"), PathBuf::from)
 }
 
+/// What a publisher publishes: an [`Engine`](crate::Engine), or the
+/// daemon's broker (whose counters are the cross-process merges and whose
+/// tunables every agent follows).
+pub trait Source: Send + Sync + 'static {
+    /// The counters now.
+    fn stats(&self) -> KsmStats;
+    /// What reading attribute `name` prints, without the newline.
+    fn show_attr(&self, name: &str) -> Option<String>;
+    /// A write to attribute `name`, with the kernel's rules.
+    fn set_attr(&self, name: &str, text: &str) -> Result<(), kernel_compat::WriteError>;
+    /// `sleep_millisecs` now (the publisher's period follows it).
+    fn sleep_millisecs(&self) -> u32;
+}
+
+impl Source for crate::Engine {
+    fn stats(&self) -> KsmStats {
+        crate::Engine::stats(self)
+    }
+    fn show_attr(&self, name: &str) -> Option<String> {
+        crate::Engine::show_attr(self, name)
+    }
+    fn set_attr(&self, name: &str, text: &str) -> Result<(), kernel_compat::WriteError> {
+        crate::Engine::set_attr(self, name, text)
+    }
+    fn sleep_millisecs(&self) -> u32 {
+        self.tunables().sleep_millisecs()
+    }
+}
+
 /// The two yes/no lines of `ksm_stat`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProcessFlags {

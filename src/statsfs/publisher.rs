@@ -16,8 +16,8 @@ use kernel_compat::{procfs, AdvisorMode, Attr, KsmStat, WriteContext, WriteError
 use super::counters::{self, Combine, Counters, FIELDS};
 use super::file::{self, InPlaceFile, TreeLock};
 use super::shared::{Mark, SharedTunables, State};
-use super::{layout, FlagsFn, ProcessFlags, StatsTreeOptions};
-use crate::{Engine, KsmStats};
+use super::{layout, FlagsFn, ProcessFlags, Source, StatsTreeOptions};
+use crate::KsmStats;
 
 /// Shortest and longest time between two passes; in between, the engine's
 /// `sleep_millisecs`.
@@ -45,7 +45,7 @@ enum Msg {
 /// The publisher of one process (one [`Engine`]) into one tree; see the
 /// [module documentation](super) for the layout and the rules.
 pub struct StatsTree {
-    engine: Arc<Engine>,
+    engine: Arc<dyn Source>,
     root: PathBuf,
     pid: u32,
     starttime: u64,
@@ -160,7 +160,7 @@ impl StatsTree {
     ///
     /// Fails if the tree cannot be created, or if this process already runs
     /// a publisher on `root` (`AlreadyExists`).
-    pub fn spawn(engine: Arc<Engine>, root: PathBuf, opts: StatsTreeOptions) -> io::Result<StatsTreeHandle> {
+    pub fn spawn<S: Source>(engine: Arc<S>, root: PathBuf, opts: StatsTreeOptions) -> io::Result<StatsTreeHandle> {
         let mut tree = StatsTree::open(engine, root.clone(), opts)?;
         tree.pass()?;
         let (tx, rx) = mpsc::channel();
@@ -169,7 +169,7 @@ impl StatsTree {
         Ok(StatsTreeHandle { tx, thread: Some(thread), root, pid })
     }
 
-    fn open(engine: Arc<Engine>, root: PathBuf, opts: StatsTreeOptions) -> io::Result<Self> {
+    fn open(engine: Arc<dyn Source>, root: PathBuf, opts: StatsTreeOptions) -> io::Result<Self> {
         let pid = std::process::id();
         let starttime = file::process_starttime(pid)
             .ok_or_else(|| io::Error::other("cannot read this process's start time from /proc/self/stat"))?;
@@ -251,7 +251,7 @@ impl StatsTree {
 
     fn run(mut self, rx: Receiver<Msg>) {
         loop {
-            let ms = u64::from(self.engine.tunables().sleep_millisecs()).clamp(MIN_PERIOD_MS, MAX_PERIOD_MS);
+            let ms = u64::from(self.engine.sleep_millisecs()).clamp(MIN_PERIOD_MS, MAX_PERIOD_MS);
             let reply = match rx.recv_timeout(Duration::from_millis(ms)) {
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(Msg::Kick(reply)) => reply,
@@ -339,7 +339,7 @@ impl StatsTree {
             Some(f) => f(s),
             None => ProcessFlags { merge_any: false, mergeable: s.twinpage_pages_registered > 0 },
         };
-        let merging = s.pages_shared + s.pages_sharing;
+        let merging = s.twinpage_merging_pages;
         let zero = i64::try_from(s.ksm_zero_pages).unwrap_or(i64::MAX);
         let stat = KsmStat {
             ksm_rmap_items: s.rmap_items,

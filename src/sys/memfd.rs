@@ -15,6 +15,30 @@ pub fn create(name: &CStr) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// Makes a store memfd owner-read-only (mode 0400: a process of another uid
+/// cannot reopen it for writing through `/proc/<pid>/fd`) and seals it
+/// against shrinking and further seals.
+pub fn restrict(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fchmod and fcntl(F_ADD_SEALS) on a valid fd have no memory-safety
+    // preconditions.
+    unsafe {
+        cvt(libc::fchmod(fd.as_raw_fd(), 0o400))?;
+        cvt(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL))?;
+    }
+    Ok(())
+}
+
+/// Opens the file behind `fd` again, read-only: a new open file description
+/// that cannot write, truncate, punch holes or add seals.
+pub fn reopen_read_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let path = format!("/proc/self/fd/{}\0", fd.as_raw_fd());
+    // SAFETY: `path` is NUL-terminated and outlives the call.
+    let ret = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    let raw = cvt(ret)?;
+    // SAFETY: open returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 /// Sets the file size.
 pub fn truncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
     // SAFETY: ftruncate on a valid fd has no memory-safety preconditions.

@@ -1,0 +1,102 @@
+//! twinpaged: the broker of every preloaded process on the host, so that
+//! pages merge across processes (between guests) as with kernel KSM.
+//!
+//! It listens on `$TWINPAGE_SOCKET` (default `$TWINPAGE_DIR/twinpaged.sock`)
+//! and publishes its counters and takes tunables in the tree at
+//! `$TWINPAGE_DIR`, beside its agents. Stopping it (SIGTERM, or a crash)
+//! leaves every guest running with its merged pages; agents carry on alone
+//! and connect again when it is back.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use twinpage::broker::server::{self, Daemon};
+use twinpage::statsfs::{ProcessFlags, StatsTree, StatsTreeOptions};
+
+/// twinpaged: shares merged pages across the processes that preload libtwinpage.so.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The stats tree root (as the agents' TWINPAGE_DIR).
+    #[arg(long, env = "TWINPAGE_DIR", default_value = "/run/twinpage")]
+    dir: PathBuf,
+    /// The socket agents connect to [default: <dir>/twinpaged.sock].
+    #[arg(long, env = "TWINPAGE_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Permissions of the socket, in octal. The default lets only this
+    /// daemon's user (and root) connect; 0666 lets every user's processes
+    /// in, each in the domain of its uid.
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    socket_mode: u32,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode such as 600"))
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::new().filter_or("TWINPAGE_LOG", "info")).init();
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("twinpaged: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Binds the socket; a stale socket file (nobody listening) is replaced, a
+/// live one means another daemon runs there.
+fn bind(path: &Path, mode: u32) -> Result<UnixListener, String> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!("another twinpaged is listening on {}", path.display()));
+        }
+        std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?;
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
+    Ok(l)
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    if !args.dir.is_absolute() {
+        return Err(format!("TWINPAGE_DIR must be an absolute path, not {}", args.dir.display()));
+    }
+    let socket = args.socket.clone().unwrap_or_else(|| args.dir.join("twinpaged.sock"));
+    twinpage::sys::signals::install_handlers();
+    let listener = bind(&socket, args.socket_mode)?;
+    let daemon = Arc::new(Daemon::default());
+    let opts = StatsTreeOptions {
+        flags: Some(Arc::new(|_| ProcessFlags { merge_any: false, mergeable: false })),
+        explicit: Vec::new(),
+    };
+    let tree = StatsTree::spawn(daemon.clone(), args.dir.clone(), opts)
+        .map_err(|e| format!("cannot publish the stats tree under {}: {e}", args.dir.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (d, s) = (daemon.clone(), stop.clone());
+    let acceptor = std::thread::Builder::new()
+        .name("twinpaged-accept".into())
+        .spawn(move || server::serve(d, listener, s))
+        .map_err(|e| format!("cannot start the accept thread: {e}"))?;
+    log::info!("twinpaged: listening on {} (tree {})", socket.display(), args.dir.display());
+    while !twinpage::sys::signals::interrupted() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    log::info!("twinpaged: stopping; agents go on with their merged pages");
+    stop.store(true, Ordering::SeqCst);
+    let _ = std::fs::remove_file(&socket);
+    drop(tree);
+    drop(acceptor);
+    Ok(())
+}

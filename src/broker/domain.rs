@@ -1,0 +1,258 @@
+//! One sharing domain of the daemon: its own store, stable tree and unstable
+//! tree. Pages of different domains never meet: nothing here is looked up
+//! across domains, and each domain's store is a separate memfd.
+//!
+//! The broker never sees guest memory. A digest only proposes a match: the
+//! second page with a digest in the unstable tree gets an `Upload` order (the
+//! broker allocates a store page and its sender sends the bytes, which the
+//! broker checks against the digest before writing them), every later page
+//! with that digest a `Join`; each agent compares its page with the store page
+//! under write-protect before it remaps, so a wrong digest costs a failed
+//! merge, never content.
+
+use std::collections::HashMap;
+
+use nohash_hasher::BuildNoHashHasher;
+
+use super::proto::{Candidate, FillPage, Order, OrderKind};
+use crate::store::{Store, StoreAlloc, StoreError};
+use crate::sys::PAGE_SIZE;
+use crate::tree::StableTree;
+
+type NoHash<K, V> = HashMap<K, V, BuildNoHashHasher<u64>>;
+
+/// An unstable-tree entry: which agent's page proposed the digest, during
+/// which of its full scans.
+#[derive(Debug, Clone, Copy)]
+struct Proposal {
+    agent: u32,
+    token: u64,
+    generation: u64,
+}
+
+/// What one agent holds in a domain: merges done (`held`) and ordered but not
+/// reported yet (`pending`), per store page. Only these can be released or
+/// cancelled by the agent, so no agent can drop another's references.
+#[derive(Debug, Default)]
+pub struct Holdings {
+    held: HashMap<u32, u32>,
+    pending: HashMap<u32, u32>,
+    /// Store pages the agent was told to upload and has not filled yet.
+    uploads: HashMap<u32, u64>,
+    /// Bumped at each of the agent's full scans: older proposals are stale.
+    pub generation: u64,
+}
+
+impl Holdings {
+    /// Merged pages the agent holds.
+    pub fn merged(&self) -> u64 {
+        self.held.values().map(|&n| u64::from(n)).sum()
+    }
+}
+
+fn take_one(map: &mut HashMap<u32, u32>, idx: u32) -> bool {
+    match map.get_mut(&idx) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            true
+        }
+        Some(_) => {
+            map.remove(&idx);
+            true
+        }
+        None => false,
+    }
+}
+
+/// A domain's trees and store.
+#[derive(Debug)]
+pub struct Domain {
+    pub name: String,
+    /// The uid that created the domain; only it (and root) may join.
+    pub owner: u32,
+    pub store: Store,
+    stable: StableTree,
+    unstable: NoHash<u64, Proposal>,
+    alloc: StoreAlloc,
+    /// Agents' current generations, to tell stale proposals.
+    generations: HashMap<u32, u64>,
+}
+
+impl Domain {
+    pub fn new(name: String, owner: u32) -> Result<Self, StoreError> {
+        Ok(Self {
+            name,
+            owner,
+            store: Store::new_shared()?,
+            stable: StableTree::default(),
+            unstable: NoHash::default(),
+            alloc: StoreAlloc::default(),
+            generations: HashMap::new(),
+        })
+    }
+
+    pub fn join(&mut self, agent: u32) {
+        self.generations.insert(agent, 0);
+    }
+
+    /// Decides on a batch of candidates of `agent`.
+    pub fn scan(&mut self, agent: u32, h: &mut Holdings, items: &[Candidate], max_sharing: u32) -> Vec<Order> {
+        let mut orders = Vec::new();
+        for c in items {
+            if let Some(idx) = self.stable.reserve_filled(c.digest, max_sharing) {
+                *h.pending.entry(idx).or_default() += 1;
+                orders.push(Order { token: c.token, store: idx, kind: OrderKind::Join });
+                continue;
+            }
+            if !c.stable {
+                continue;
+            }
+            let me = Proposal { agent, token: c.token, generation: h.generation };
+            let live = |p: &Proposal, gens: &HashMap<u32, u64>| gens.get(&p.agent) == Some(&p.generation);
+            match self.unstable.get(&c.digest) {
+                Some(p) if live(p, &self.generations) && (p.agent, p.token) != (agent, c.token) => {
+                    // A second page with this digest: it becomes the content of a
+                    // new store page, which the first joins on its next visit.
+                    if self.stable.has_unfilled(c.digest) {
+                        continue;
+                    }
+                    self.unstable.remove(&c.digest);
+                    let idx = self.alloc.alloc(None);
+                    self.stable.insert(c.digest, idx, 1);
+                    *h.pending.entry(idx).or_default() += 1;
+                    h.uploads.insert(idx, c.digest);
+                    orders.push(Order { token: c.token, store: idx, kind: OrderKind::Upload });
+                }
+                Some(p) if live(p, &self.generations) => {}
+                _ => {
+                    self.unstable.insert(c.digest, me);
+                }
+            }
+        }
+        orders
+    }
+
+    /// Writes uploaded pages into the store pages `agent` was told to fill.
+    /// A page is refused (and its order cancelled) when it was not ordered
+    /// from this agent, was filled already, or its bytes do not hash to the
+    /// digest it was ordered for.
+    pub fn fill(&mut self, h: &mut Holdings, pages: &[FillPage]) -> Vec<(u32, bool)> {
+        pages
+            .iter()
+            .map(|p| {
+                let ok = h.uploads.remove(&p.store).is_some_and(|digest| {
+                    digest == p.digest
+                        && crate::scan::page_hash(&p.bytes[..]) == digest
+                        && self.stable.node(p.store).is_some_and(|n| !n.filled)
+                        && self.write_page(p.store, &p.bytes[..])
+                });
+                if ok {
+                    if let Some(n) = self.stable.node_mut(p.store) {
+                        n.filled = true;
+                    }
+                } else if take_one(&mut h.pending, p.store) && self.stable.cancel(p.store) {
+                    self.free(p.store);
+                }
+                (p.store, ok)
+            })
+            .collect()
+    }
+
+    fn write_page(&self, idx: u32, bytes: &[u8]) -> bool {
+        match self.store.page_ptr(idx) {
+            Ok(ptr) => {
+                // SAFETY: an unfilled store page: no agent has been told to map it
+                // (joins are only ordered for filled pages), so nobody reads it
+                // while we write; `ptr` points at PAGE_SIZE writable bytes.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, PAGE_SIZE) };
+                true
+            }
+            Err(e) => {
+                crate::warn_once!("broker-store", "twinpaged: cannot write the store of domain {}: {e}", self.name);
+                false
+            }
+        }
+    }
+
+    /// Merges the agent did (`committed`), did not do (`cancelled`), and
+    /// sharing that ended (`released`). Entries the agent does not hold are
+    /// ignored.
+    pub fn report(&mut self, h: &mut Holdings, committed: &[u32], cancelled: &[u32], released: &[u32]) {
+        for &idx in committed {
+            if take_one(&mut h.pending, idx) {
+                h.uploads.remove(&idx);
+                self.stable.commit(idx);
+                *h.held.entry(idx).or_default() += 1;
+            }
+        }
+        for &idx in cancelled {
+            if take_one(&mut h.pending, idx) {
+                h.uploads.remove(&idx);
+                if self.stable.cancel(idx) {
+                    self.free(idx);
+                }
+            }
+        }
+        for &idx in released {
+            if take_one(&mut h.held, idx) && self.stable.release(idx) {
+                self.free(idx);
+            }
+        }
+    }
+
+    /// The agent finished a full scan: its proposals are stale from now on.
+    pub fn full_scan(&mut self, agent: u32, h: &mut Holdings) {
+        h.generation += 1;
+        self.generations.insert(agent, h.generation);
+        if self.unstable.len() > 1024 && self.unstable.len() > 2 * self.stable.pages_shared() as usize {
+            let gens = &self.generations;
+            self.unstable.retain(|_, p| gens.get(&p.agent) == Some(&p.generation));
+        }
+    }
+
+    /// The agent is gone (exited, killed, disconnected): everything it held
+    /// or had been ordered is dropped; store pages nobody else holds are freed.
+    pub fn leave(&mut self, agent: u32, h: Holdings) {
+        self.generations.remove(&agent);
+        self.unstable.retain(|_, p| p.agent != agent);
+        for (idx, n) in h.pending {
+            for _ in 0..n {
+                if self.stable.cancel(idx) {
+                    self.free(idx);
+                }
+            }
+        }
+        for (idx, n) in h.held {
+            for _ in 0..n {
+                if self.stable.release(idx) {
+                    self.free(idx);
+                }
+            }
+        }
+    }
+
+    fn free(&mut self, idx: u32) {
+        // No agent maps it (every holder released or left), so the hole
+        // cannot zap anybody's page.
+        if let Err(e) = self.store.punch(idx, 1) {
+            crate::warn_once!("broker-punch", "twinpaged: cannot free store pages of domain {}: {e}", self.name);
+        }
+        self.alloc.free(idx);
+    }
+
+    pub fn stable(&self) -> &StableTree {
+        &self.stable
+    }
+
+    pub fn unstable_len(&self) -> u64 {
+        self.unstable.len() as u64
+    }
+
+    pub fn metadata_bytes(&self) -> u64 {
+        self.stable.metadata_bytes() + self.unstable.capacity() as u64 * 33 + self.alloc.metadata_bytes()
+    }
+
+    pub fn is_unused(&self) -> bool {
+        self.generations.is_empty() && self.stable.is_empty()
+    }
+}

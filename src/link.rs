@@ -1,0 +1,142 @@
+//! An engine's link to `twinpaged`: while connected, the scanner's new
+//! merges go through the daemon's broker, so pages merge across processes.
+//!
+//! Only the scanner thread talks on the link, under the core lock. What the
+//! engine did with the broker's orders (`committed`, `cancelled`) and sharing
+//! that ended (`released`, also from unmap and unmerge on other threads) is
+//! queued here and sent in one `Report` after each batch, except while frees
+//! are held for a forked child (a released page must not be punched before
+//! the child has its own copy).
+//!
+//! When the link breaks (daemon killed, restarted, protocol error) the engine
+//! goes on alone: pages merged through the daemon stay merged (the store
+//! memfd lives as long as something maps it) and become orphans that no
+//! broker counts; then it connects again every [`RETRY`].
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::broker::conn::{Conn, ConnError};
+use crate::broker::proto::{Candidate, FillPage, Msg, Order};
+use crate::store::Store;
+
+/// How long the engine waits for the daemon's answer before it gives up on it.
+pub const TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a disconnected engine tries the socket again.
+pub const RETRY: Duration = Duration::from_secs(1);
+
+/// Where the daemon is and which sharing domain to join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    pub socket: PathBuf,
+    /// `TWINPAGE_DOMAIN`; `None` joins the domain of this process's uid.
+    pub domain: Option<String>,
+}
+
+/// Errors on the link.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    #[error("the daemon refused: {0}")]
+    Refused(String),
+    #[error("the daemon sent {0} where {1} was expected")]
+    Unexpected(&'static str, &'static str),
+    #[error("the daemon sent no store fd")]
+    NoStore,
+}
+
+/// A live connection, with the daemon's store seen read-only.
+#[derive(Debug)]
+pub struct Link {
+    conn: Conn,
+    pub store: Store,
+    pub agent_id: u32,
+    /// Agents connected to the daemon (pages_to_scan is shared among them).
+    pub agents: u32,
+    pub committed: Vec<u32>,
+    pub cancelled: Vec<u32>,
+    pub released: Vec<u32>,
+}
+
+fn name(m: &Msg) -> &'static str {
+    match m {
+        Msg::Welcome { .. } => "Welcome",
+        Msg::Orders { .. } => "Orders",
+        Msg::Filled { .. } => "Filled",
+        Msg::Refused { .. } => "Refused",
+        _ => "an agent's message",
+    }
+}
+
+impl Link {
+    /// Connects and joins the domain.
+    pub fn connect(cfg: &DaemonConfig) -> Result<Self, LinkError> {
+        let mut conn = Conn::connect(&cfg.socket, TIMEOUT)?;
+        conn.send(&Msg::Hello { pid: std::process::id(), domain: cfg.domain.clone() })?;
+        match conn.recv()? {
+            (Msg::Welcome { agent_id, agents }, Some(fd)) => Ok(Self {
+                conn,
+                store: Store::from_read_only(fd),
+                agent_id,
+                agents: agents.max(1),
+                committed: Vec::new(),
+                cancelled: Vec::new(),
+                released: Vec::new(),
+            }),
+            (Msg::Welcome { .. }, None) => Err(LinkError::NoStore),
+            (Msg::Refused { reason }, _) => Err(LinkError::Refused(reason)),
+            (m, _) => Err(LinkError::Unexpected(name(&m), "Welcome")),
+        }
+    }
+
+    /// The socket, for a forked child to close.
+    pub fn raw_fd(&self) -> RawFd {
+        self.conn.as_fd().as_raw_fd()
+    }
+
+    /// Merge orders for a batch of candidates.
+    pub fn scan(&mut self, items: Vec<Candidate>) -> Result<Vec<Order>, LinkError> {
+        self.conn.send(&Msg::Scan { items })?;
+        match self.conn.recv()?.0 {
+            Msg::Orders { agents, orders } => {
+                self.agents = agents.max(1);
+                Ok(orders)
+            }
+            Msg::Refused { reason } => Err(LinkError::Refused(reason)),
+            m => Err(LinkError::Unexpected(name(&m), "Orders")),
+        }
+    }
+
+    /// Sends the content of store pages the broker ordered us to upload.
+    pub fn fill(&mut self, pages: Vec<FillPage>) -> Result<Vec<(u32, bool)>, LinkError> {
+        self.conn.send(&Msg::Fill { pages })?;
+        match self.conn.recv()?.0 {
+            Msg::Filled { results } => Ok(results),
+            Msg::Refused { reason } => Err(LinkError::Refused(reason)),
+            m => Err(LinkError::Unexpected(name(&m), "Filled")),
+        }
+    }
+
+    /// Sends what happened since the last report.
+    pub fn flush(&mut self) -> Result<(), LinkError> {
+        let max = crate::broker::proto::MAX_ITEMS;
+        while !(self.committed.is_empty() && self.cancelled.is_empty() && self.released.is_empty()) {
+            let take = |v: &mut Vec<u32>| v.drain(..v.len().min(max)).collect::<Vec<u32>>();
+            let msg = Msg::Report {
+                committed: take(&mut self.committed),
+                cancelled: take(&mut self.cancelled),
+                released: take(&mut self.released),
+            };
+            self.conn.send(&msg)?;
+        }
+        Ok(())
+    }
+
+    /// Tells the broker a full scan ended (our unstable-tree entries age out).
+    pub fn full_scan(&mut self) -> Result<(), LinkError> {
+        self.conn.send(&Msg::FullScan)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,125 @@
+//! The scanner's side of the daemon link: a batch's candidates out, merge
+//! orders in, content of new store pages uploaded; then, between batches,
+//! orphaning the daemon's merges when the link broke and connecting again.
+
+use std::time::Instant;
+
+use super::{Core, Shared};
+use crate::broker::proto::{Candidate, FillPage, OrderKind, PAGE};
+use crate::link::Link;
+use crate::merge::{guest_page, Item};
+use crate::region::{PageRecord, Region};
+
+/// A page's name in messages: region id and page index.
+pub fn token(region: u32, page: usize) -> u64 {
+    (u64::from(region) << 32) | page as u64
+}
+
+/// Sends the candidates of pages `[first, first+n)` of `region` and returns
+/// the joins to do, by page. Pages the broker wants as the content of a new
+/// store page are uploaded first (the broker checks them against their
+/// digest); the join then compares under write-protect as any other.
+pub fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<Candidate>, first: usize, n: usize) -> Vec<Item> {
+    let mut digests = vec![0u64; n];
+    for c in &candidates {
+        digests[(c.token & 0xffff_ffff) as usize - first] = c.digest;
+    }
+    let Some(link) = core.remote.as_mut() else { return Vec::new() };
+    let orders = match link.scan(candidates) {
+        Ok(o) => o,
+        Err(e) => {
+            core.lose_remote(sh, &e);
+            return Vec::new();
+        }
+    };
+    let mut joins = Vec::new();
+    let mut uploads = Vec::new();
+    for o in orders {
+        let page = (o.token & 0xffff_ffff) as usize;
+        if (o.token >> 32) as u32 != region.id || page < first || page >= first + n || digests[page - first] == 0 && o.kind == OrderKind::Upload {
+            link.cancelled.push(o.store);
+            continue;
+        }
+        let it = Item { page, store: o.store };
+        match o.kind {
+            OrderKind::Join => joins.push(it),
+            OrderKind::Upload => uploads.push(it),
+        }
+    }
+    if !uploads.is_empty() {
+        let pages = uploads
+            .iter()
+            .map(|it| {
+                // SAFETY: a page of `region`, live under the lock our caller holds;
+                // the copy may be torn by a concurrent write, which the broker's
+                // digest check and our later comparison under write-protect catch.
+                let bytes = unsafe { guest_page(region.addr(it.page)) };
+                let mut copy = Box::new([0u8; PAGE]);
+                copy.copy_from_slice(bytes);
+                FillPage { store: it.store, digest: digests[it.page - first], bytes: copy }
+            })
+            .collect();
+        match link.fill(pages) {
+            Ok(results) => {
+                for (it, (store, ok)) in uploads.iter().zip(results) {
+                    if ok && store == it.store {
+                        joins.push(*it);
+                    }
+                }
+            }
+            Err(e) => {
+                core.lose_remote(sh, &e);
+                return Vec::new();
+            }
+        }
+    }
+    joins.sort_unstable_by_key(|it| it.page);
+    joins.dedup_by_key(|it| it.page);
+    joins
+}
+
+/// Between batches: makes the daemon's merges orphans once the link broke,
+/// and connects (again) when it is time.
+pub fn tick(sh: &Shared, next_try: &mut Instant) {
+    if sh.core.lock().remote_lost {
+        orphan_all(sh);
+    }
+    let connected = sh.core.lock().remote.is_some();
+    if connected || Instant::now() < *next_try {
+        return;
+    }
+    *next_try = Instant::now() + crate::link::RETRY;
+    let Some(cfg) = sh.daemon.lock().clone() else { return };
+    match Link::connect(&cfg) {
+        Ok(link) => {
+            let mut core = sh.core.lock();
+            if core.remote.is_none() && !core.remote_lost {
+                use std::sync::atomic::Ordering;
+                sh.daemon_fd.store(link.raw_fd(), Ordering::SeqCst);
+                log::info!(
+                    "twinpage: connected to twinpaged at {} as agent {} (domain {})",
+                    cfg.socket.display(),
+                    link.agent_id,
+                    cfg.domain.as_deref().unwrap_or("of this uid")
+                );
+                core.remote = Some(link);
+            }
+        }
+        Err(e) => {
+            crate::warn_once!("daemon-connect", "twinpage: twinpaged not reachable at {} ({e}); merging within this process", cfg.socket.display());
+        }
+    }
+}
+
+/// Every REMOTE record becomes an ORPHAN: it still maps the old daemon's
+/// store page, which nobody counts or frees any more.
+fn orphan_all(sh: &Shared) {
+    let regions: Vec<_> = sh.registry.read().iter().cloned().collect();
+    for r in regions {
+        let mut st = r.state.write();
+        for rec in st.records.iter_mut().filter(|r| r.flags & PageRecord::REMOTE != 0) {
+            rec.flags = (rec.flags & !PageRecord::REMOTE) | PageRecord::ORPHAN;
+        }
+    }
+    sh.core.lock().remote_lost = false;
+}
