@@ -3,28 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use common::require;
-
-/// `target/release/libtwinpage.so` (scripts/test.sh builds it first).
-pub fn preload_lib() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/libtwinpage.so");
-    require(p.exists(), &format!("{} not built (cargo build --release -p twinpage-preload)", p.display())).then_some(p)
-}
-
-fn have_uffd() -> bool {
-    require(twinpage::Engine::new().is_ok(), "userfaultfd write-protect (root or /dev/userfaultfd)")
-}
-
-/// Compiles tests/programs/NAME.c into a temp dir.
-fn program(name: &str) -> Option<PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/programs/{name}.c"));
-    let out = std::env::temp_dir().join(format!("twinpage-{name}-{}", std::process::id()));
-    let ok = Command::new("gcc").args(["-O2", "-Wall", "-o"]).arg(&out).arg(&src).status().is_ok_and(|s| s.success());
-    require(ok, "gcc to build the test programs").then_some(out)
-}
+use common::{have_uffd, preload_lib, program, tempdir};
 
 /// Runs `prog args` with the preload, its tree in `dir`, merging flat out.
 fn run_preloaded(prog: &Path, args: &[&str], lib: &Path, dir: &Path) -> std::process::Output {
@@ -38,12 +20,6 @@ fn run_preloaded(prog: &Path, args: &[&str], lib: &Path, dir: &Path) -> std::pro
         .unwrap()
 }
 
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("twinpage-dir-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 #[test]
 fn churn_never_merges_into_freed_or_reused_memory() {

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use twinpage::{Engine, KsmStats};
@@ -167,4 +169,40 @@ pub fn smaps_rollup_kb(field: &str) -> u64 {
     s.lines()
         .find_map(|l| l.strip_prefix(field).and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok()))
         .unwrap_or(0)
+}
+
+/// `target/release/libtwinpage.so` (scripts/test.sh builds it first).
+pub fn preload_lib() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/libtwinpage.so");
+    require(p.exists(), &format!("{} not built (cargo build --release -p twinpage-preload)", p.display())).then_some(p)
+}
+
+pub fn have_uffd() -> bool {
+    require(twinpage::Engine::new().is_ok(), "userfaultfd write-protect (root or /dev/userfaultfd)")
+}
+
+/// Compiles tests/programs/NAME.c into a temp dir, once per test process
+/// (tests running in parallel must not rewrite a binary another executes).
+pub fn program(name: &str) -> Option<PathBuf> {
+    static BUILT: std::sync::Mutex<Vec<(String, Option<PathBuf>)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = built.iter().find(|(n, _)| n == name) {
+        return p.clone();
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/programs/{name}.c"));
+    let out = std::env::temp_dir().join(format!("twinpage-{name}-{}", std::process::id()));
+    let ok = Command::new("gcc").args(["-O2", "-Wall", "-o"]).arg(&out).arg(&src).status().is_ok_and(|s| s.success());
+    let p = ok.then_some(out);
+    built.push((name.to_string(), p.clone()));
+    drop(built);
+    require(ok, "gcc to build the test programs").then_some(p?)
+}
+
+
+/// A fresh directory under the temp dir, for a stats tree.
+pub fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("twinpage-dir-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }
