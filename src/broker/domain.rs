@@ -76,6 +76,8 @@ pub struct Domain {
     alloc: StoreAlloc,
     /// Agents' current generations, to tell stale proposals.
     generations: HashMap<u32, u64>,
+    /// Live (not stale) proposals per agent: `pages_unshared`.
+    live: HashMap<u32, u64>,
 }
 
 impl Domain {
@@ -88,6 +90,7 @@ impl Domain {
             unstable: NoHash::default(),
             alloc: StoreAlloc::default(),
             generations: HashMap::new(),
+            live: HashMap::new(),
         })
     }
 
@@ -98,6 +101,9 @@ impl Domain {
     /// Decides on a batch of candidates of `agent`.
     pub fn scan(&mut self, agent: u32, h: &mut Holdings, items: &[Candidate], max_sharing: u32) -> Vec<Order> {
         let mut orders = Vec::new();
+        // Consecutive pages get consecutive store pages, so their merges
+        // coalesce into one mapping on the agent's side.
+        let mut last_upload: Option<(u64, u32)> = None;
         for c in items {
             if let Some(idx) = self.stable.reserve_filled(c.digest, max_sharing) {
                 *h.pending.entry(idx).or_default() += 1;
@@ -116,8 +122,14 @@ impl Domain {
                     if self.stable.has_unfilled(c.digest) {
                         continue;
                     }
+                    let first = p.agent;
                     self.unstable.remove(&c.digest);
-                    let idx = self.alloc.alloc(None);
+                    if let Some(n) = self.live.get_mut(&first) {
+                        *n = n.saturating_sub(1);
+                    }
+                    let after = last_upload.filter(|&(t, _)| t + 1 == c.token).map(|(_, i)| i);
+                    let idx = self.alloc.alloc(after);
+                    last_upload = Some((c.token, idx));
                     self.stable.insert(c.digest, idx, 1);
                     *h.pending.entry(idx).or_default() += 1;
                     h.uploads.insert(idx, c.digest);
@@ -126,6 +138,7 @@ impl Domain {
                 Some(p) if live(p, &self.generations) => {}
                 _ => {
                     self.unstable.insert(c.digest, me);
+                    *self.live.entry(agent).or_default() += 1;
                 }
             }
         }
@@ -204,6 +217,7 @@ impl Domain {
     pub fn full_scan(&mut self, agent: u32, h: &mut Holdings) {
         h.generation += 1;
         self.generations.insert(agent, h.generation);
+        self.live.insert(agent, 0);
         if self.unstable.len() > 1024 && self.unstable.len() > 2 * self.stable.pages_shared() as usize {
             let gens = &self.generations;
             self.unstable.retain(|_, p| gens.get(&p.agent) == Some(&p.generation));
@@ -214,6 +228,7 @@ impl Domain {
     /// or had been ordered is dropped; store pages nobody else holds are freed.
     pub fn leave(&mut self, agent: u32, h: Holdings) {
         self.generations.remove(&agent);
+        self.live.remove(&agent);
         self.unstable.retain(|_, p| p.agent != agent);
         for (idx, n) in h.pending {
             for _ in 0..n {
@@ -244,8 +259,9 @@ impl Domain {
         &self.stable
     }
 
+    /// Proposals of the agents' current full scans (`pages_unshared`).
     pub fn unstable_len(&self) -> u64 {
-        self.unstable.len() as u64
+        self.live.values().sum()
     }
 
     pub fn metadata_bytes(&self) -> u64 {

@@ -194,3 +194,102 @@ impl Broker {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::proto::{Candidate, FillPage, OrderKind, PAGE};
+    use super::*;
+
+    fn page(seed: u8) -> Box<[u8; PAGE]> {
+        Box::new([seed; PAGE])
+    }
+
+    fn cand(token: u64, p: &[u8; PAGE], stable: bool) -> Candidate {
+        Candidate { token, digest: crate::scan::page_hash(&p[..]), stable }
+    }
+
+    #[test]
+    fn second_proposal_uploads_then_others_join_and_leaving_frees() {
+        let mut b = Broker::new();
+        let (a1, _fd1) = b.join(10, 1000, None).unwrap();
+        let (a2, _fd2) = b.join(11, 1000, None).unwrap();
+        let p = page(7);
+        // Unstable checksums are not proposed; the first steady one waits.
+        assert!(b.scan(a1, &[cand(1, &p, false)]).is_empty());
+        assert!(b.scan(a1, &[cand(1, &p, true)]).is_empty());
+        // Same page again is not a match with itself.
+        assert!(b.scan(a1, &[cand(1, &p, true)]).is_empty());
+        let o = b.scan(a2, &[cand(5, &p, true)]);
+        assert_eq!(o.len(), 1);
+        assert_eq!(o[0].kind, OrderKind::Upload);
+        let s = o[0].store;
+        // Nobody joins an unfilled page.
+        assert!(b.scan(a1, &[cand(1, &p, true)]).is_empty());
+        // A fill by an agent that was not asked, or with other bytes, is refused.
+        assert_eq!(b.fill(a1, &[FillPage { store: s, digest: cand(0, &p, true).digest, bytes: p.clone() }]), vec![(s, false)]);
+        let wrong = page(8);
+        let (a3, _fd3) = b.join(12, 1000, None).unwrap();
+        let o3 = b.scan(a3, &[cand(9, &wrong, true)]);
+        assert!(o3.is_empty());
+        assert_eq!(b.fill(a2, &[FillPage { store: s, digest: cand(0, &p, true).digest, bytes: p.clone() }]), vec![(s, true)]);
+        b.report(a2, &[s], &[], &[]);
+        let o = b.scan(a1, &[cand(1, &p, true)]);
+        assert_eq!((o.len(), o[0].kind, o[0].store), (1, OrderKind::Join, s));
+        b.report(a1, &[s], &[], &[]);
+        let st = b.stats();
+        assert_eq!((st.pages_shared, st.pages_sharing), (1, 1));
+        assert_eq!(st.twinpage_store_bytes, PAGE as u64);
+        // An agent cannot release what it does not hold.
+        b.report(a3, &[], &[], &[s, s]);
+        assert_eq!(b.stats().pages_sharing, 1);
+        b.leave(a1);
+        assert_eq!((b.stats().pages_shared, b.stats().pages_sharing), (1, 0));
+        b.report(a2, &[], &[], &[s]);
+        let st = b.stats();
+        assert_eq!((st.pages_shared, st.twinpage_store_bytes), (0, 0));
+    }
+
+    #[test]
+    fn domains_are_apart_and_owned() {
+        let mut b = Broker::new();
+        let (red, _f) = b.join(1, 1000, Some("red")).unwrap();
+        let (blue, _f2) = b.join(2, 1000, Some("blue")).unwrap();
+        let p = page(3);
+        assert!(b.scan(red, &[cand(1, &p, true)]).is_empty());
+        assert!(b.scan(blue, &[cand(1, &p, true)]).is_empty());
+        assert!(matches!(b.join(3, 1001, Some("red")), Err(JoinError::NotOwner(_))));
+        assert!(matches!(b.join(3, 1001, Some("uid:1000")), Err(JoinError::BadName(_))));
+        assert!(b.join(4, 0, Some("red")).is_ok(), "root may join any domain");
+        let (other, _f3) = b.join(5, 1001, None).unwrap();
+        assert!(b.scan(other, &[cand(1, &p, true)]).is_empty(), "uid 1001's default domain is its own");
+        assert_eq!(b.stats().pages_unshared, 3);
+    }
+
+    /// The fd an agent gets reads the store but cannot change it in any way.
+    #[test]
+    fn the_agents_store_fd_cannot_write() {
+        use std::os::fd::AsRawFd;
+        let mut b = Broker::new();
+        let (_a, fd) = b.join(1, 1000, None).unwrap();
+        let raw = fd.as_raw_fd();
+        let errno = || std::io::Error::last_os_error().raw_os_error();
+        // SAFETY: each call gets valid arguments: our fd, a local buffer, a null
+        // hint for mmap; none touches memory we do not own.
+        unsafe {
+            assert_eq!(libc::write(raw, [1u8; 16].as_ptr().cast(), 16), -1);
+            assert_eq!(errno(), Some(libc::EBADF));
+            assert_eq!(libc::ftruncate(raw, 1 << 20), -1);
+            assert_eq!(libc::fallocate(raw, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096), -1);
+            assert_eq!(errno(), Some(libc::EBADF));
+            assert_eq!(libc::fcntl(raw, libc::F_ADD_SEALS, libc::F_SEAL_WRITE), -1);
+            let m = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, raw, 0);
+            assert_eq!(m, libc::MAP_FAILED);
+            assert_eq!(errno(), Some(libc::EACCES));
+            let seals = libc::fcntl(raw, libc::F_GET_SEALS);
+            assert_eq!(seals, libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL);
+            let mut st: libc::stat = std::mem::zeroed();
+            assert_eq!(libc::fstat(raw, &mut st), 0);
+            assert_eq!(st.st_mode & 0o777, 0o400, "other uids cannot reopen it for writing");
+        }
+    }
+}
