@@ -1,10 +1,13 @@
 //! Every unsafe kernel call twinpage makes lives below this module: userfaultfd
-//! (hand-written, no bindgen), pagemap, mmap/madvise and memfd. The rest of the
-//! crate calls safe wrappers whose preconditions are stated here.
+//! (hand-written, no bindgen), pagemap, mmap/madvise, memfd and Unix-socket
+//! descriptor passing (`scm`). The rest of the crate calls safe wrappers whose
+//! preconditions are stated here.
 
 pub mod memfd;
 pub mod mman;
 pub mod pagemap;
+pub mod scm;
+pub mod signals;
 pub mod uffd;
 
 /// The base page size. twinpage works on 4 KiB pages; `page_size()` is checked
