@@ -47,6 +47,18 @@ pub enum LinkError {
     NoStore,
 }
 
+/// `e` and its sources, for one log line ("i/o: Connection refused").
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
 /// A live connection, with the daemon's store seen read-only.
 #[derive(Debug)]
 pub struct Link {

@@ -220,9 +220,10 @@ impl Core {
     }
 
     /// The link to the daemon broke: go on alone.
-    pub fn lose_remote(&mut self, sh: &Shared, why: &dyn std::fmt::Display) {
+    pub fn lose_remote(&mut self, sh: &Shared, why: &crate::link::LinkError) {
         if self.remote.take().is_some() {
             sh.daemon_fd.store(-1, std::sync::atomic::Ordering::SeqCst);
+            let why = crate::link::chain(why);
             log::warn!("twinpage: lost twinpaged ({why}); this process merges its own pages until it is back");
             self.remote_lost = true;
         }

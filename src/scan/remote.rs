@@ -106,7 +106,13 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) {
             }
         }
         Err(e) => {
-            crate::warn_once!("daemon-connect", "twinpage: twinpaged not reachable at {} ({e}); merging within this process", cfg.socket.display());
+            let why = crate::link::chain(&e);
+            if !cfg.socket.exists() {
+                // No daemon: the embedded default, nothing to warn about.
+                log::debug!("twinpage: no twinpaged at {}", cfg.socket.display());
+                return;
+            }
+            crate::warn_once!("daemon-connect", "twinpage: twinpaged not reachable at {} ({why}); merging within this process", cfg.socket.display());
         }
     }
 }
