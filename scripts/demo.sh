@@ -5,7 +5,10 @@
 # files as /sys/kernel/mm/ksm) and the memory saved are printed as it runs.
 # Installs what it needs (QEMU, the guest image). Needs root (userfaultfd).
 #
-#   scripts/demo.sh            two guests, 192 MiB of guest data each
+#   scripts/demo.sh            two guests, 192 MiB of guest data each, under
+#                              twinpaged: the guests' identical data merges
+#                              across them, as kernel KSM merges between VMs
+#   scripts/demo.sh --no-daemon   each QEMU merges only its own pages
 #   GUEST_MIB=256 scripts/demo.sh
 #   scripts/demo.sh --in-process [twinpage demo options]   no QEMU: merges
 #                                                          duplicate memory of
@@ -18,39 +21,53 @@ if [ "${1:-}" = --in-process ]; then
     exec target/release/twinpage demo "$@"
 fi
 
+daemon=1
+if [ "${1:-}" = --no-daemon ]; then daemon=0; fi
 mib=${GUEST_MIB:-192}
 cargo build --release --quiet --workspace
 scripts/guest-image.sh >/dev/null
 dir=$(mktemp -d /tmp/twinpage-demo.XXXXXX)
 export TWINPAGE_DIR=$dir/tree TWINPAGE_PAGES_TO_SCAN=${TWINPAGE_PAGES_TO_SCAN:-20000} TWINPAGE_SLEEP_MILLISECS=${TWINPAGE_SLEEP_MILLISECS:-20}
 pids=()
+guests=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     rm -f /dev/shm/twinpage-demo-$$-*
 }
 trap cleanup EXIT INT TERM
+if [ $daemon = 1 ]; then
+    mkdir -p "$TWINPAGE_DIR"
+    TWINPAGE_LOG=warn target/release/twinpaged --dir "$TWINPAGE_DIR" 2>"$dir/twinpaged.log" &
+    pids+=($!)
+    for _ in $(seq 50); do [ -S "$TWINPAGE_DIR/twinpaged.sock" ] && break; sleep 0.1; done
+fi
 for i in 1 2; do
     LD_PRELOAD=$PWD/target/release/libtwinpage.so scripts/boot-guest.sh \
-        tp.mib="$mib" tp.wait=20 tp.poweroff=1 tp.seed="$i" \
+        tp.mib="$mib" tp.wait=20 tp.poweroff=1 tp.seed=$((daemon ? 1 : i)) \
         -object "memory-backend-file,id=mem,size=512M,mem-path=/dev/shm/twinpage-demo-$$-$i,share=off" \
         -machine memory-backend=mem >"$dir/guest$i.log" 2>&1 &
     pids+=($!)
+    guests+=($!)
 done
 echo "two guests booting (logs in $dir); twinpage's tree: $TWINPAGE_DIR"
 ksm=$TWINPAGE_DIR/kernel/mm/ksm
 pss() { awk '/^Pss:/ {print int($2/1024)}' "/proc/$1/smaps_rollup" 2>/dev/null || echo -; }
 printf '%6s %12s %13s %14s %10s %14s %14s\n' time_s pages_shared pages_sharing pages_unshared saved_MiB guest1_PSS_MiB guest2_PSS_MiB
 start=$SECONDS
-while kill -0 "${pids[0]}" 2>/dev/null || kill -0 "${pids[1]}" 2>/dev/null; do
+while kill -0 "${guests[0]}" 2>/dev/null || kill -0 "${guests[1]}" 2>/dev/null; do
     if [ -r "$ksm/pages_sharing" ]; then
         sharing=$(cat "$ksm/pages_sharing")
         printf '%6s %12s %13s %14s %10s %14s %14s\n' $((SECONDS - start)) "$(cat "$ksm/pages_shared")" "$sharing" \
             "$(cat "$ksm/pages_unshared")" $(( (sharing + $(cat "$ksm/ksm_zero_pages")) * 4 / 1024 )) \
-            "$(pss "${pids[0]}")" "$(pss "${pids[1]}")"
+            "$(pss "${guests[0]}")" "$(pss "${guests[1]}")"
     fi
     sleep 1
 done
 for i in 1 2; do
     echo "guest $i: $(grep -a -o 'TP-VERDICT.*' "$dir/guest$i.log" | tr -d '\r' || echo 'no verdict')"
 done
-echo "each guest held $((mib / 2)) MiB of duplicate data; without twinpaged each process merges its own pages"
+if [ $daemon = 1 ]; then
+    echo "each guest held $((mib / 2)) MiB of duplicate data, and the same data as the other guest: under twinpaged they share it"
+else
+    echo "each guest held $((mib / 2)) MiB of duplicate data; without twinpaged each process merges its own pages"
+fi
