@@ -253,3 +253,35 @@ fn domains_never_share() {
     drop(kids);
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+#[test]
+fn run_2_unmerges_daemon_merges_and_empties_the_store() {
+    let Some(s) = setup("daemon-run2") else { return };
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir)]);
+    let d = kids.0[0].id();
+    kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [9, 512, 32, 0], None));
+    kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [9, 512, 32, 0], None));
+    let (a, b) = (kids.0[1].id(), kids.0[2].id());
+    let all = 512 + 64;
+    assert!(wait_until(Duration::from_secs(30), || {
+        get(&s.dir, a, "twinpage_daemon_merged") == all && get(&s.dir, b, "twinpage_daemon_merged") == all
+    }));
+    // run=2 written to the tree reaches every agent: each gives its pages
+    // private copies and releases them; the daemon frees the whole store.
+    std::fs::write(s.dir.join("kernel/mm/ksm/run"), "2\n").unwrap();
+    let empty = wait_until(Duration::from_secs(10), || {
+        get(&s.dir, d, "twinpage_store_bytes") == 0
+            && get(&s.dir, a, "twinpage_daemon_merged") == 0
+            && get(&s.dir, b, "twinpage_daemon_merged") == 0
+    });
+    eprintln!("after run=2: daemon {:?}", counters(&s.dir, d));
+    assert!(empty, "run=2 left pages merged or store pages allocated");
+    assert_eq!(get(&s.dir, d, "pages_shared"), 0);
+    std::fs::write(s.dir.join("kernel/mm/ksm/run"), "1\n").unwrap();
+    assert!(wait_until(Duration::from_secs(30), || get(&s.dir, a, "twinpage_daemon_merged") == all), "run=1 did not merge again");
+    for _ in 0..2 {
+        finish_twin(kids.0.remove(1));
+    }
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}

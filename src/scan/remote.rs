@@ -78,9 +78,19 @@ pub fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<C
     joins
 }
 
-/// Between batches: makes the daemon's merges orphans once the link broke,
-/// and connects (again) when it is time.
+/// Between batches: sends what is queued for the broker, makes the daemon's
+/// merges orphans once the link broke, and connects (again) when it is time.
 pub fn tick(sh: &Shared, next_try: &mut Instant) {
+    {
+        // Releases from unmaps and unmerges (run=2 scans no batch) go out here too.
+        let mut core = sh.core.lock();
+        let core = &mut *core;
+        if let (Some(link), 0) = (core.remote.as_mut(), core.free_holds) {
+            if let Err(e) = link.flush() {
+                core.lose_remote(sh, &e);
+            }
+        }
+    }
     if sh.core.lock().remote_lost {
         orphan_all(sh);
     }
