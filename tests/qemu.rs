@@ -1,10 +1,13 @@
 //! The preload inside unmodified QEMU (TCG), on the test guest of
 //! scripts/guest-image.sh: merging, the guest's own verdict after rewriting
-//! merged data, the balloon, anonymous guest RAM, and share=on refusal.
+//! merged data, the balloon, anonymous guest RAM, share=on refusal, and two
+//! guests sharing pages through `twinpaged` (one guest, then the daemon, killed).
 
 mod common;
 
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use common::require;
 
-/// One guest at a time: two TCG guests would share two cores with the scanner.
+/// One test at a time: TCG guests share two cores with the scanners (the
+/// twinpaged test runs its two guests together on purpose).
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const GUEST_MIB: u64 = 128;
@@ -40,10 +44,13 @@ fn prerequisites() -> Option<PathBuf> {
 }
 
 struct Guest {
+    tag: String,
     child: Child,
     lines: mpsc::Receiver<String>,
     console: Vec<String>,
     dir: PathBuf,
+    /// The stats tree (TWINPAGE_DIR): the guest's own, or one shared with a daemon.
+    tree: PathBuf,
     stderr: PathBuf,
     qmp: PathBuf,
     shm: Option<PathBuf>,
@@ -51,17 +58,25 @@ struct Guest {
 
 impl Guest {
     fn boot(tag: &str, lib: &Path, tp_args: &[&str], qemu_args: &[String], preload: bool) -> Guest {
+        Self::boot_in(tag, lib, tp_args, qemu_args, preload, None)
+    }
+
+    /// As `boot`, with the stats tree `tree` (shared with other guests and
+    /// twinpaged) instead of the guest's own.
+    fn boot_in(tag: &str, lib: &Path, tp_args: &[&str], qemu_args: &[String], preload: bool, tree: Option<&Path>) -> Guest {
         let dir = std::env::temp_dir().join(format!("twinpage-qemu-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let stderr = dir.join("stderr");
         let qmp = dir.join("qmp.sock");
+        let tree = tree.map_or_else(|| dir.join("tree"), Path::to_path_buf);
         let mut cmd = Command::new(repo().join("scripts/boot-guest.sh"));
         cmd.args(tp_args)
             .args(qemu_args)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .env("TWINPAGE_DIR", dir.join("tree"))
+            .env("TWINPAGE_DIR", &tree)
+            .env_remove("TWINPAGE_SOCKET")
             .env("TWINPAGE_PAGES_TO_SCAN", "100000")
             .env("TWINPAGE_RUN", if tag == "shared" { "1" } else { "0" })
             .env("TWINPAGE_SLEEP_MILLISECS", "20")
@@ -80,7 +95,7 @@ impl Guest {
             }
         });
         let shm = qemu_args.iter().find_map(|a| a.split(',').find_map(|kv| kv.strip_prefix("mem-path=")).map(PathBuf::from));
-        Guest { child, lines: rx, console: Vec::new(), dir, stderr, qmp, shm }
+        Guest { tag: tag.to_string(), child, lines: rx, console: Vec::new(), dir, tree, stderr, qmp, shm }
     }
 
     /// Waits for a console line starting with `prefix`.
@@ -90,13 +105,13 @@ impl Guest {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left.max(Duration::from_millis(1))) {
                 Ok(l) => {
-                    eprintln!("guest: {l}");
+                    eprintln!("guest {}: {l}", self.tag);
                     self.console.push(l.clone());
                     if let Some(i) = l.find(prefix) {
                         return l[i..].to_string();
                     }
                 }
-                Err(_) => panic!("no '{prefix}' from the guest in {timeout:?}; stderr: {}", self.stderr_text()),
+                Err(_) => panic!("no '{prefix}' from guest {} in {timeout:?}; stderr: {}", self.tag, self.stderr_text()),
             }
         }
     }
@@ -106,14 +121,14 @@ impl Guest {
     }
 
     fn attr(&self, name: &str) -> u64 {
-        std::fs::read_to_string(self.dir.join("tree/kernel/mm/ksm").join(name))
+        std::fs::read_to_string(self.tree.join("kernel/mm/ksm").join(name))
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
     }
 
     fn merging_pages(&self) -> u64 {
-        std::fs::read_to_string(self.dir.join(format!("tree/proc/{}/ksm_merging_pages", self.child.id())))
+        std::fs::read_to_string(self.tree.join(format!("proc/{}/ksm_merging_pages", self.child.id())))
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
@@ -129,7 +144,7 @@ impl Guest {
     /// Starts merging through the stats tree, as an operator would
     /// (`echo 1 > $TWINPAGE_DIR/kernel/mm/ksm/run`).
     fn start_merging(&self) {
-        std::fs::write(self.dir.join("tree/kernel/mm/ksm/run"), "1\n").unwrap();
+        std::fs::write(self.tree.join("kernel/mm/ksm/run"), "1\n").unwrap();
     }
 
     fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Guest) -> bool) {
@@ -291,4 +306,424 @@ fn balloon_inflate_and_deflate_while_merged() {
     g.wait_for("the balloon to deflate", Duration::from_secs(20), |g| actual(g) >= 500 << 20);
     eprintln!("balloon: pages_sharing before {before}, inflated {during}, after {}", g.attr("pages_sharing"));
     assert_eq!(g.finish(), "TP-VERDICT OK");
+}
+
+// ---------------------------------------------------------------------------
+// Two guests under twinpaged.
+//
+// Both guests run the workload with the same seed and size, so their unique
+// pages are the same content in both and unique within each: only merging
+// across the two processes can share them. Guest A has 4096 patterns (two
+// copies each), B 16 (512 copies each): patterns 16..4095 live only in A,
+// so their store pages are held by A alone and must be freed when A dies.
+
+const SH_MIB: u64 = 64;
+const SH_PAGES: u64 = SH_MIB * 256;
+/// Pages of each buffer that are unique in their guest (tp.dup=50).
+const SH_UNIQUE: u64 = SH_PAGES / 2;
+const A_PATTERNS: u64 = 4096;
+const B_PATTERNS: u64 = 16;
+/// Store pages that only A's pattern pages map.
+const A_ONLY_STORE_PAGES: u64 = A_PATTERNS - B_PATTERNS;
+
+/// A process's counters by name; a missing one reads 0.
+#[derive(Debug)]
+struct Counts(HashMap<String, u64>);
+
+impl std::ops::Index<&str> for Counts {
+    type Output = u64;
+    fn index(&self, name: &str) -> &u64 {
+        self.0.get(name).unwrap_or(&0)
+    }
+}
+
+/// `proc/<pid>/twinpage_counters` of a process of `tree` (empty while absent).
+fn proc_counters(tree: &Path, pid: u32) -> Counts {
+    let text = std::fs::read_to_string(tree.join(format!("proc/{pid}/twinpage_counters"))).unwrap_or_default();
+    Counts(
+        text.lines()
+            .filter_map(|l| {
+                let (n, v) = l.split_once(' ')?;
+                Some((n.to_string(), v.trim().parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+fn counter(tree: &Path, pid: u32, name: &str) -> u64 {
+    proc_counters(tree, pid)[name]
+}
+
+/// Polls `cond` every 50 ms; on timeout fails with `state()`.
+fn poll(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool, state: impl Fn() -> String) -> Duration {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}: {}", state());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.elapsed()
+}
+
+/// A page of a store memfd: its inode and page index.
+type StorePage = (u64, u64);
+
+/// Pages of process `pid`'s memory that are merged pages, read from the
+/// kernel rather than from twinpage: pages of private mappings of a
+/// twinpage store memfd (`/proc/<pid>/maps`) that are not private copies
+/// (`/proc/<pid>/pagemap`: not present, or present as the file's page), and
+/// the distinct store pages they map. Reads of such a page reach the one
+/// page-cache page of the store, so a store page mapped by two processes is
+/// memory they share. (The agent's own read-only shared view of the store is
+/// not guest memory and is left out.)
+fn store_pages(pid: u32) -> (u64, HashSet<StorePage>) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let Ok(pagemap) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else { return (0, HashSet::new()) };
+    let (mut mapped, mut pages) = (0, HashSet::new());
+    for line in maps.lines().filter(|l| l.ends_with("memfd:twinpage-store (deleted)")) {
+        // start-end perms offset dev inode path
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let Some((start, end)) = f[0].split_once('-') else { continue };
+        let (Ok(start), Ok(end), Ok(off), Ok(ino)) =
+            (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16), u64::from_str_radix(f[2], 16), f[4].parse::<u64>())
+        else {
+            continue;
+        };
+        if !f[1].ends_with('p') {
+            continue;
+        }
+        let mut buf = vec![0u8; ((end - start) / 4096 * 8) as usize];
+        if pagemap.read_exact_at(&mut buf, start / 4096 * 8).is_err() {
+            continue;
+        }
+        for (i, e) in buf.chunks_exact(8).enumerate() {
+            let v = u64::from_le_bytes(e.try_into().unwrap());
+            let (present, file) = (v >> 63 & 1 == 1, v >> 61 & 1 == 1);
+            if !present || file {
+                mapped += 1;
+                pages.insert((ino, off / 4096 + i as u64));
+            }
+        }
+    }
+    (mapped, pages)
+}
+
+/// `target/release/twinpaged --dir TREE`, killed (SIGKILL) and reaped on drop.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(tree: &Path, log: PathBuf) -> Daemon {
+        let sock = tree.join("twinpaged.sock");
+        let _ = std::fs::remove_file(&sock); // a killed daemon's
+        let child = Command::new(repo().join("target/release/twinpaged"))
+            .arg("--dir")
+            .arg(tree)
+            .env_remove("TWINPAGE_SOCKET")
+            .env("TWINPAGE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("twinpaged");
+        let d = Daemon { child, log };
+        poll("twinpaged to listen", Duration::from_secs(10), || sock.exists(), || d.log_text());
+        d
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("twinpaged {} log:\n{}", self.child.id(), self.log_text());
+        }
+    }
+}
+
+/// A directory removed on drop (declared before the processes using it, so
+/// it goes after them).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Guest {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reads the console lines printed so far.
+    fn drain(&mut self) {
+        while let Ok(l) = self.lines.try_recv() {
+            eprintln!("guest {}: {l}", self.tag);
+            self.console.push(l);
+        }
+    }
+
+    fn assert_no_failure(&self) {
+        let bad: Vec<&String> = self.console.iter().filter(|l| l.contains("TP-BAD") || l.contains("TP-VERDICT FAIL")).collect();
+        assert!(bad.is_empty(), "guest {} found bad data: {bad:?}", self.tag);
+    }
+
+    /// The last round the guest verified, from the console read so far.
+    fn last_verified(&self) -> u64 {
+        self.console.iter().rev().find_map(|l| verified_round(l)).unwrap_or(0)
+    }
+
+    /// Waits for the guest to verify all its data in a round after `round`.
+    fn wait_verified_after(&mut self, round: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let l = self.wait_line("TP-", deadline.saturating_duration_since(Instant::now()));
+            self.assert_no_failure();
+            if let Some(k) = verified_round(&l).filter(|&k| k > round) {
+                return k;
+            }
+        }
+    }
+}
+
+/// K of a "TP-VERIFY round=K ok" line.
+fn verified_round(l: &str) -> Option<u64> {
+    let rest = &l[l.find("TP-VERIFY round=")? + "TP-VERIFY round=".len()..];
+    let (k, ok) = rest.split_once(' ')?;
+    (ok.trim() == "ok").then(|| k.parse().ok()).flatten()
+}
+
+/// Two TCG guests from one image, both QEMUs preloaded, one tree, twinpaged
+/// running: (1) pages merge across the two (store pages mapped by both, more
+/// sharing than the two could reach alone) and both guests verify their
+/// data; (2) `kill -9` of guest A frees the store pages only A held and the
+/// daemon's counts become B's; (3) `kill -9` of the daemon leaves B running
+/// with its merged pages and verifying its data, and a restarted daemon takes
+/// B back and merges B's new duplicates.
+#[test]
+fn two_guests_share_pages_through_twinpaged_and_survive_kills() {
+    let Some(lib) = prerequisites() else { return };
+    if !require(repo().join("target/release/twinpaged").exists(), "target/release/twinpaged built") {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Instant::now();
+    let scratch = Scratch(std::env::temp_dir().join(format!("twinpage-qemu-daemon-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&scratch.0);
+    std::fs::create_dir_all(&scratch.0).unwrap();
+    let tree = scratch.0.join("tree");
+    let mut daemon = Daemon::start(&tree, scratch.0.join("twinpaged-1.log"));
+
+    // A verifies once after tp.wait, rewrites 10% (tp.rewrite), verifies
+    // again, prints its verdict and idles; B then keeps verifying every 3 s,
+    // rewriting 5% of its pages before each round (new duplicates to merge).
+    let size = format!("tp.mib={SH_MIB}");
+    let a_args = [size.clone(), format!("tp.patterns={A_PATTERNS}"), "tp.wait=12".into()];
+    let b_args = [size, format!("tp.patterns={B_PATTERNS}"), "tp.wait=12".into(), "tp.loop=1".into(), "tp.interval=3".into(), "tp.looprewrite=5".into()];
+    let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let mem = ["-m".to_string(), "256M".to_string()];
+    let mut a = Guest::boot_in("twin-a", &lib, &a_args, &mem, true, Some(&tree));
+    let mut b = Guest::boot_in("twin-b", &lib, &b_args, &mem, true, Some(&tree));
+    a.wait_line("TP-READY", Duration::from_secs(60));
+    b.wait_line("TP-READY", Duration::from_secs(60));
+    let (pa, pb) = (a.pid(), b.pid());
+    let ready = started.elapsed();
+
+    // Both agents are connected before merging starts, so every merge goes
+    // through the daemon.
+    let dpid = daemon.pid();
+    poll(
+        "both QEMUs to connect to twinpaged",
+        Duration::from_secs(10),
+        || counter(&tree, pa, "twinpage_daemon_agents") == 1 && counter(&tree, pb, "twinpage_daemon_agents") == 1 && counter(&tree, dpid, "twinpage_daemon_agents") == 2,
+        || format!("daemon {:?}; log {}", proc_counters(&tree, dpid), daemon.log_text()),
+    );
+    assert_eq!(a.attr("pages_sharing"), 0);
+    a.start_merging(); // run=1 in the shared tree: every process of it
+    let t_run = Instant::now();
+    let merged = |pid| counter(&tree, pid, "twinpage_daemon_merged");
+    poll(
+        "each guest's buffer to merge through twinpaged",
+        Duration::from_secs(30),
+        || merged(pa) >= SH_PAGES * 95 / 100 && merged(pb) >= SH_PAGES * 95 / 100,
+        || format!("daemon_merged A {} B {}; daemon {:?}", merged(pa), merged(pb), proc_counters(&tree, dpid)),
+    );
+    // Pages identical across the guests (their unique pages) are one store
+    // page mapped by both QEMUs.
+    let cross = |sa: &HashSet<StorePage>, sb: &HashSet<StorePage>| sa.intersection(sb).count() as u64;
+    let mut seen_pages = (store_pages(pa), store_pages(pb));
+    poll(
+        "the guests' common pages to be shared across the two QEMUs",
+        Duration::from_secs(20),
+        || {
+            seen_pages = (store_pages(pa), store_pages(pb));
+            cross(&seen_pages.0 .1, &seen_pages.1 .1) >= SH_UNIQUE * 9 / 10
+        },
+        || format!("daemon {:?}", proc_counters(&tree, dpid)),
+    );
+    // Merging has settled when the daemon's pages_sharing stays put for 1 s.
+    let mut last = (u64::MAX, Instant::now());
+    poll(
+        "merging to settle",
+        Duration::from_secs(20),
+        || {
+            let v = counter(&tree, dpid, "pages_sharing");
+            if v != last.0 {
+                last = (v, Instant::now());
+            }
+            last.1.elapsed() >= Duration::from_secs(1)
+        },
+        || format!("daemon {:?}", proc_counters(&tree, dpid)),
+    );
+    let converged = t_run.elapsed() - Duration::from_secs(1);
+    let ((na, sa), (nb, sb)) = (store_pages(pa), store_pages(pb));
+    let both = cross(&sa, &sb);
+    let d = proc_counters(&tree, dpid);
+    let (ca, cb) = (proc_counters(&tree, pa), proc_counters(&tree, pb));
+    let global = a.attr("pages_sharing");
+    let local = ca["pages_sharing"] + cb["pages_sharing"];
+    // What each QEMU would reach alone with the same merged pages: its pages
+    // mapping a store page minus the distinct store pages it maps.
+    let alone = (na - sa.len() as u64) + (nb - sb.len() as u64);
+    let (ma, mb) = (a.merging_pages(), b.merging_pages());
+    eprintln!(
+        "twinpaged: settled {:.2} s after run=1 (guests ready {:.1} s after start): global pages_sharing={global} \
+         (daemon pages_shared={} pages_sharing={} store {} KiB; QEMUs' own pages_sharing {local}); \
+         daemon_merged A={} B={}; ksm_merging_pages A={ma} B={mb}; pagemap: A maps {na} store pages ({} distinct), \
+         B {nb} ({}), {both} store pages mapped by both; alone the two would reach at most {alone}",
+        converged.as_secs_f64(),
+        ready.as_secs_f64(),
+        d["pages_shared"],
+        d["pages_sharing"],
+        d["twinpage_store_bytes"] / 1024,
+        ca["twinpage_daemon_merged"],
+        cb["twinpage_daemon_merged"],
+        sa.len(),
+        sb.len(),
+    );
+    assert!(d["pages_sharing"] > 0);
+    assert!(ca["twinpage_daemon_merged"] > 0 && cb["twinpage_daemon_merged"] > 0);
+    assert!(ma > 0 && mb > 0, "ksm_merging_pages A={ma} B={mb}");
+    assert!(global > local, "global pages_sharing {global} not above the QEMUs' own {local}");
+    assert!(global >= alone + SH_UNIQUE / 2, "global pages_sharing {global}, alone {alone}");
+    assert!(both >= SH_UNIQUE * 9 / 10);
+
+    // Both guests verify their data (merged across processes), after a
+    // rewrite of 10% of it.
+    assert_eq!(a.wait_line("TP-VERDICT", Duration::from_secs(60)), "TP-VERDICT OK");
+    assert_eq!(b.wait_line("TP-VERDICT", Duration::from_secs(60)), "TP-VERDICT OK");
+
+    // kill -9 of guest A: the store pages only A held are freed, and the
+    // daemon's counts are B's.
+    let store_before = counter(&tree, dpid, "twinpage_store_bytes");
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    let t_kill = Instant::now();
+    let store = || counter(&tree, dpid, "twinpage_store_bytes");
+    let freed_in = poll(
+        "the store pages only A held to be freed",
+        Duration::from_secs(5),
+        || store() + A_ONLY_STORE_PAGES * 4096 * 3 / 4 <= store_before,
+        || format!("store {} -> {} bytes; daemon {:?}", store_before, store(), proc_counters(&tree, dpid)),
+    );
+    let seen = std::cell::Cell::new((0, 0, 0, 0));
+    let agreed_in = t_kill.elapsed()
+        + poll(
+            "the daemon's counts to match B's",
+            Duration::from_secs(10),
+            || {
+                let d = proc_counters(&tree, dpid);
+                let cb = proc_counters(&tree, pb);
+                let global = a.attr("pages_sharing");
+                let s = (d["pages_shared"] + d["pages_sharing"], cb["twinpage_daemon_merged"], global, d["pages_sharing"] + cb["pages_sharing"]);
+                seen.set(s);
+                d["twinpage_daemon_agents"] == 1 && s.1 > 0 && s.0 == s.1 && s.2 == s.3
+            },
+            || {
+                let s = seen.get();
+                format!("daemon shared+sharing {} vs B daemon_merged {}; global pages_sharing {} vs daemon+B {}", s.0, s.1, s.2, s.3)
+            },
+        );
+    let seen = seen.get();
+    let store_after = store();
+    eprintln!(
+        "kill -9 A: daemon store {} KiB -> {} KiB (-{} KiB; A alone held >= {} KiB) within {:.2} s; \
+         daemon pages_shared+pages_sharing = B's daemon_merged = {} after {:.2} s",
+        store_before / 1024,
+        store_after / 1024,
+        (store_before - store_after) / 1024,
+        A_ONLY_STORE_PAGES * 4,
+        freed_in.as_secs_f64(),
+        seen.0,
+        agreed_in.as_secs_f64(),
+    );
+
+    // kill -9 of the daemon: B goes on alone with its merged pages and
+    // verifies its data; a restarted daemon takes it back and merges again.
+    b.drain();
+    b.assert_no_failure();
+    let (mapped_before, _) = store_pages(pb);
+    daemon.kill();
+    let t_dkill = Instant::now();
+    poll("B to notice the daemon is gone", Duration::from_secs(5), || counter(&tree, pb, "twinpage_daemon_agents") == 0, || format!("B {:?}", proc_counters(&tree, pb)));
+    let (mapped_after, _) = store_pages(pb);
+    std::thread::sleep(Duration::from_millis(200)); // console lines in flight at the kill
+    b.drain();
+    let round = b.wait_verified_after(b.last_verified(), Duration::from_secs(20));
+    eprintln!(
+        "kill -9 twinpaged: B maps {mapped_before} -> {mapped_after} store pages; verified round {round} {:.1} s after the kill",
+        t_dkill.elapsed().as_secs_f64()
+    );
+    assert!(mapped_after >= mapped_before * 3 / 4, "B lost its merged pages: {mapped_before} -> {mapped_after}");
+
+    daemon = Daemon::start(&tree, scratch.0.join("twinpaged-2.log"));
+    let t_restart = Instant::now();
+    let dpid = daemon.pid();
+    let reconnected = poll(
+        "B to connect to the restarted daemon",
+        Duration::from_secs(10),
+        || counter(&tree, pb, "twinpage_daemon_agents") == 1 && counter(&tree, dpid, "twinpage_daemon_agents") == 1,
+        || format!("B {:?}; daemon {:?}", proc_counters(&tree, pb), proc_counters(&tree, dpid)),
+    );
+    poll(
+        "the restarted daemon to merge B's new duplicates",
+        Duration::from_secs(20),
+        || counter(&tree, dpid, "pages_sharing") > 0,
+        || format!("B {:?}; daemon {:?}", proc_counters(&tree, pb), proc_counters(&tree, dpid)),
+    );
+    let resumed = t_restart.elapsed();
+    b.drain();
+    let round = b.wait_verified_after(b.last_verified(), Duration::from_secs(20));
+    let d = proc_counters(&tree, dpid);
+    let cb = proc_counters(&tree, pb);
+    eprintln!(
+        "restarted twinpaged: B reconnected after {:.2} s, daemon pages_sharing={} (pages_shared={}, store {} KiB) \
+         after {:.2} s; B daemon_merged={} (with pages merged by the old daemon); B verified round {round}; test took {:.1} s",
+        reconnected.as_secs_f64(),
+        d["pages_sharing"],
+        d["pages_shared"],
+        d["twinpage_store_bytes"] / 1024,
+        resumed.as_secs_f64(),
+        cb["twinpage_daemon_merged"],
+        started.elapsed().as_secs_f64(),
+    );
+    assert!(d["pages_sharing"] > 0);
+    assert!(d["pages_shared"] + d["pages_sharing"] <= cb["twinpage_daemon_merged"]);
+    eprintln!("QEMU B stderr:\n{}", b.stderr_text());
 }
