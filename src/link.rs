@@ -72,15 +72,6 @@ pub struct Link {
     pub released: Vec<u32>,
 }
 
-fn name(m: &Msg) -> &'static str {
-    match m {
-        Msg::Welcome { .. } => "Welcome",
-        Msg::Orders { .. } => "Orders",
-        Msg::Filled { .. } => "Filled",
-        Msg::Refused { .. } => "Refused",
-        _ => "an agent's message",
-    }
-}
 
 impl Link {
     /// Connects and joins the domain.
@@ -99,7 +90,7 @@ impl Link {
             }),
             (Msg::Welcome { .. }, None) => Err(LinkError::NoStore),
             (Msg::Refused { reason }, _) => Err(LinkError::Refused(reason)),
-            (m, _) => Err(LinkError::Unexpected(name(&m), "Welcome")),
+            (m, _) => Err(LinkError::Unexpected(m.name(), "Welcome")),
         }
     }
 
@@ -117,7 +108,7 @@ impl Link {
                 Ok(orders)
             }
             Msg::Refused { reason } => Err(LinkError::Refused(reason)),
-            m => Err(LinkError::Unexpected(name(&m), "Orders")),
+            m => Err(LinkError::Unexpected(m.name(), "Orders")),
         }
     }
 
@@ -127,7 +118,7 @@ impl Link {
         match self.conn.recv()?.0 {
             Msg::Filled { results } => Ok(results),
             Msg::Refused { reason } => Err(LinkError::Refused(reason)),
-            m => Err(LinkError::Unexpected(name(&m), "Filled")),
+            m => Err(LinkError::Unexpected(m.name(), "Filled")),
         }
     }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{have_uffd, preload_lib, program, tempdir};
+use common::{have_uffd, preload_lib, program, tempdir, wait_until};
 
 const PAGE: u64 = 4096;
 
@@ -72,16 +72,6 @@ fn finish_twin(mut c: Child) -> String {
     out
 }
 
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    cond()
-}
 
 /// A process's counters in the tree.
 fn counters(dir: &Path, pid: u32) -> BTreeMap<String, u64> {

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Mem;
+use common::{wait_until, Mem};
 use kernel_compat::sysfs::RESTORE_ORDER;
 use kernel_compat::testutil::{kernel_ksm_writable, require_or_skip, sysfs_lock};
 use kernel_compat::write::SYSFS_WRITE_MAX;
@@ -390,16 +390,6 @@ impl Drop for ChildGuard {
     }
 }
 
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    cond()
-}
 
 fn num(tree: &Tree, name: &str) -> i128 {
     tree.attribute(name).unwrap().parse().unwrap()

@@ -168,6 +168,21 @@ impl Msg {
             Msg::Refused { .. } => K_REFUSED,
         }
     }
+
+    /// The message's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "Hello",
+            Msg::Scan { .. } => "Scan",
+            Msg::Fill { .. } => "Fill",
+            Msg::Report { .. } => "Report",
+            Msg::FullScan => "FullScan",
+            Msg::Welcome { .. } => "Welcome",
+            Msg::Orders { .. } => "Orders",
+            Msg::Filled { .. } => "Filled",
+            Msg::Refused { .. } => "Refused",
+        }
+    }
 }
 
 /// Why bytes are not a message.

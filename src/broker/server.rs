@@ -84,7 +84,7 @@ pub fn serve_agent(daemon: &Daemon, stream: UnixStream) {
     let _ = conn.set_timeout(Some(HELLO_TIMEOUT));
     let domain = match conn.recv() {
         Ok((Msg::Hello { domain, .. }, _)) => domain,
-        Ok((other, _)) => return refuse(&mut conn, format!("pid {} spoke before hello: {}", cred.pid, kind_name(&other))),
+        Ok((other, _)) => return refuse(&mut conn, format!("pid {} spoke before hello: {}", cred.pid, other.name())),
         Err(e) => return log::debug!("twinpaged: pid {} left before hello: {e}", cred.pid),
     };
     let joined = daemon.broker.lock().join(cred.pid as u32, cred.uid, domain.as_deref());
@@ -131,23 +131,9 @@ fn agent_loop(daemon: &Daemon, conn: &mut Conn, id: u32) -> Result<(), ConnError
             Msg::FullScan => daemon.broker.lock().full_scan(id),
             other => {
                 let pid = daemon.broker.lock().pid_of(id).unwrap_or(0);
-                refuse(conn, format!("agent {id} (pid {pid}) sent {} out of turn", kind_name(&other)));
+                refuse(conn, format!("agent {id} (pid {pid}) sent {} out of turn", other.name()));
                 return Ok(());
             }
         }
-    }
-}
-
-fn kind_name(m: &Msg) -> &'static str {
-    match m {
-        Msg::Hello { .. } => "Hello",
-        Msg::Scan { .. } => "Scan",
-        Msg::Fill { .. } => "Fill",
-        Msg::Report { .. } => "Report",
-        Msg::FullScan => "FullScan",
-        Msg::Welcome { .. } => "Welcome",
-        Msg::Orders { .. } => "Orders",
-        Msg::Filled { .. } => "Filled",
-        Msg::Refused { .. } => "Refused",
     }
 }
