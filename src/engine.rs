@@ -563,7 +563,7 @@ fn scanner_main(inner: &Inner) {
     let mut unmerged = false;
     let mut next_try = std::time::Instant::now();
     while !inner.shutdown.load(Ordering::Relaxed) {
-        scan::remote::tick(sh, &mut next_try);
+        let agents = scan::remote::tick(sh, &mut next_try);
         let t = &sh.tunables;
         match t.run() {
             0 => {
@@ -584,10 +584,9 @@ fn scanner_main(inner: &Inner) {
         }
         // Connected to the daemon, pages_to_scan is one budget for all its
         // agents, as ksmd's is for all processes.
-        let agents = sh.core.lock().remote.as_ref().map_or(1, |l| l.agents.max(1));
         let budget = match t.pages_to_scan() as usize {
             0 => 0,
-            p => (p / agents as usize).max(1),
+            p => (p / agents).max(1),
         };
         if budget > 0 {
             scan::scan_pages(sh, budget);

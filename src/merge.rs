@@ -332,12 +332,16 @@ fn settle(
                 core.counters.zero_pages += 1;
             }
             (RunKind::Zero, false) => {}
-            (RunKind::Remote, true) => {
+            (_, true) => {
                 core.forget_hashed(rec);
                 rec.state = PageState::Merged;
                 rec.key = it.store;
                 rec.age = 0;
                 rec.flags |= PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY;
+                if kind != RunKind::Remote {
+                    core.stable.commit(it.store);
+                    continue;
+                }
                 core.counters.daemon_merged += 1;
                 match core.remote.as_mut() {
                     Some(link) => {
@@ -351,14 +355,6 @@ fn settle(
                 if let Some(link) = core.remote.as_mut() {
                     link.cancelled.push(it.store);
                 }
-            }
-            (_, true) => {
-                core.forget_hashed(rec);
-                rec.state = PageState::Merged;
-                rec.key = it.store;
-                rec.age = 0;
-                rec.flags |= PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY;
-                core.stable.commit(it.store);
             }
             (_, false) => {
                 if core.stable.cancel(it.store) {

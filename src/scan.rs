@@ -229,6 +229,21 @@ impl Core {
         }
     }
 
+    /// Whether the page's checksum is the one recorded at its last visit
+    /// (unchanged for a scan: it may enter the unstable tree); if not, records
+    /// `cks` for the next visit.
+    pub fn note_checksum(&mut self, rec: &mut PageRecord, cks: u32) -> bool {
+        if rec.state == PageState::Hashed && rec.key == cks {
+            return true;
+        }
+        if rec.state != PageState::Hashed {
+            self.counters.hashed += 1;
+        }
+        rec.state = PageState::Hashed;
+        rec.key = cks;
+        false
+    }
+
     /// Clears a `Hashed` record's place in the counts.
     pub fn forget_hashed(&mut self, rec: &PageRecord) {
         if rec.state == PageState::Hashed {
@@ -478,14 +493,8 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
         let cks = h as u32;
         if remote {
             // Connected: the daemon's broker decides (cross-process sharing).
-            let steady = rec.state == PageState::Hashed && rec.key == cks;
-            if !steady {
-                if rec.state != PageState::Hashed {
-                    core.counters.hashed += 1;
-                }
-                rec.state = PageState::Hashed;
-                rec.key = cks;
-            } else if use_zero && h == zh && is_zero(page) {
+            let steady = core.note_checksum(rec, cks);
+            if steady && use_zero && h == zh && is_zero(page) {
                 d.zeros.push(Item { page: idx, store: 0 });
                 continue;
             }
@@ -496,12 +505,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
             d.joins.push(Item { page: idx, store: s });
             continue;
         }
-        if rec.state != PageState::Hashed || rec.key != cks {
-            if rec.state != PageState::Hashed {
-                core.counters.hashed += 1;
-            }
-            rec.state = PageState::Hashed;
-            rec.key = cks;
+        if !core.note_checksum(rec, cks) {
             continue;
         }
         if use_zero && h == zh && is_zero(page) {

@@ -87,12 +87,14 @@ pub fn serve_agent(daemon: &Daemon, stream: UnixStream) {
         Ok((other, _)) => return refuse(&mut conn, format!("pid {} spoke before hello: {}", cred.pid, other.name())),
         Err(e) => return log::debug!("twinpaged: pid {} left before hello: {e}", cred.pid),
     };
-    let joined = daemon.broker.lock().join(cred.pid as u32, cred.uid, domain.as_deref());
-    let (id, fd) = match joined {
+    let joined = {
+        let mut b = daemon.broker.lock();
+        b.join(cred.pid as u32, cred.uid, domain.as_deref()).map(|(id, fd)| (id, fd, b.agents()))
+    };
+    let (id, fd, agents) = match joined {
         Ok(j) => j,
         Err(e) => return refuse(&mut conn, format!("pid {} (uid {}) refused: {e}", cred.pid, cred.uid)),
     };
-    let agents = daemon.broker.lock().agents();
     let name = domain.unwrap_or_else(|| super::default_domain(cred.uid));
     log::info!("twinpaged: agent {id} joined: pid {} uid {} domain {name}", cred.pid, cred.uid);
     let _ = conn.set_timeout(None);

@@ -80,8 +80,10 @@ pub fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<C
 
 /// Between batches: sends what is queued for the broker, makes the daemon's
 /// merges orphans once the link broke, and connects (again) when it is time.
-pub fn tick(sh: &Shared, next_try: &mut Instant) {
-    {
+/// Returns the agents the daemon has (1 when not connected): pages_to_scan
+/// is one budget for all of them.
+pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
+    let lost = {
         // Releases from unmaps and unmerges (run=2 scans no batch) go out here too.
         let mut core = sh.core.lock();
         let core = &mut *core;
@@ -90,16 +92,19 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) {
                 core.lose_remote(sh, &e);
             }
         }
-    }
-    if sh.core.lock().remote_lost {
+        if let Some(link) = core.remote.as_ref() {
+            return link.agents.max(1) as usize;
+        }
+        core.remote_lost
+    };
+    if lost {
         orphan_all(sh);
     }
-    let connected = sh.core.lock().remote.is_some();
-    if connected || Instant::now() < *next_try {
-        return;
+    if Instant::now() < *next_try {
+        return 1;
     }
     *next_try = Instant::now() + crate::link::RETRY;
-    let Some(cfg) = sh.daemon.lock().clone() else { return };
+    let Some(cfg) = sh.daemon.lock().clone() else { return 1 };
     match Link::connect(&cfg) {
         Ok(link) => {
             let mut core = sh.core.lock();
@@ -112,7 +117,9 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) {
                     link.agent_id,
                     cfg.domain.as_deref().unwrap_or("of this uid")
                 );
+                let agents = link.agents.max(1) as usize;
                 core.remote = Some(link);
+                return agents;
             }
         }
         Err(e) => {
@@ -120,11 +127,12 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) {
             if !cfg.socket.exists() {
                 // No daemon: the embedded default, nothing to warn about.
                 log::debug!("twinpage: no twinpaged at {}", cfg.socket.display());
-                return;
+                return 1;
             }
             crate::warn_once!("daemon-connect", "twinpage: twinpaged not reachable at {} ({why}); merging within this process", cfg.socket.display());
         }
     }
+    1
 }
 
 /// Every REMOTE record becomes an ORPHAN: it still maps the old daemon's
