@@ -4,22 +4,31 @@
 //! only proposes a match; bytes are compared under write-protect before any
 //! merge.
 
-use std::collections::HashMap;
+use hashbrown::HashTable;
 
-use nohash_hasher::BuildNoHashHasher;
-
-type NoHash<K, V> = HashMap<K, V, BuildNoHashHasher<u64>>;
+/// Heap bytes of a SwissTable holding `capacity` entries of `slot` bytes: its
+/// buckets (a power of two, at most 7/8 full) each cost a slot and a control
+/// byte, plus one group of trailing control bytes.
+fn table_bytes(capacity: usize, slot: usize) -> u64 {
+    if capacity == 0 {
+        return 0;
+    }
+    let buckets = if capacity < 8 { capacity + 1 } else { (capacity * 8 / 7).next_power_of_two() };
+    (buckets * (slot + 1) + 16) as u64
+}
 
 const NIL: u32 = u32::MAX;
 
 /// A store page and its sharers (the kernel's stable_node, or a dup of a chain).
 #[derive(Debug, Clone, Copy)]
 pub struct StableNode {
-    pub key: u64,
+    /// The content key, as two halves: a `u64` would align the node to 8
+    /// bytes and pad it to 24.
+    key: [u32; 2],
     /// Guest pages mapping it.
     pub sharers: u32,
     /// Merges decided in the current batch, not yet done.
-    pub pending: u32,
+    pub pending: u16,
     /// Next store page under the same key (a chain of dups, or a collision).
     next: u32,
     /// The store page holds its content (written once, under write-protect of
@@ -28,14 +37,26 @@ pub struct StableNode {
     live: bool,
 }
 
-const VACANT: StableNode = StableNode { key: 0, sharers: 0, pending: 0, next: NIL, filled: false, live: false };
+fn split(key: u64) -> [u32; 2] {
+    [key as u32, (key >> 32) as u32]
+}
+
+impl StableNode {
+    pub fn key(&self) -> u64 {
+        u64::from(self.key[0]) | u64::from(self.key[1]) << 32
+    }
+}
+
+const VACANT: StableNode = StableNode { key: [0, 0], sharers: 0, pending: 0, next: NIL, filled: false, live: false };
 
 /// Content key → store pages. Nodes live in a dense table indexed by store
-/// page (24 bytes each); the key table holds only the first node of each
-/// key, the rest are linked through `next`.
+/// page (20 bytes each); the key table holds only the index of the first
+/// node of each key (4 bytes a slot: the key itself is read from the node,
+/// and, being a content digest already, is its own hash), the rest are
+/// linked through `next`.
 #[derive(Debug, Default)]
 pub struct StableTree {
-    by_key: NoHash<u64, u32>,
+    by_key: HashTable<u32>,
     nodes: Vec<StableNode>,
     total_sharers: u64,
     live_nodes: u64,
@@ -44,8 +65,12 @@ pub struct StableTree {
 }
 
 impl StableTree {
+    fn head(&self, key: u64) -> Option<u32> {
+        self.by_key.find(key, |&i| self.nodes[i as usize].key() == key).copied()
+    }
+
     fn chain(&self, key: u64) -> impl Iterator<Item = u32> + '_ {
-        let mut at = self.by_key.get(&key).copied().unwrap_or(NIL);
+        let mut at = self.head(key).unwrap_or(NIL);
         std::iter::from_fn(move || {
             let idx = at;
             let n = self.nodes.get(idx as usize)?;
@@ -68,7 +93,9 @@ impl StableTree {
     fn reserve_where(&mut self, key: u64, max_sharing: u32, filled_only: bool) -> Option<u32> {
         let idx = self.chain(key).find(|&i| {
             let n = &self.nodes[i as usize];
-            n.sharers + n.pending < max_sharing && (n.filled || !filled_only)
+            // A node's reservations per batch are capped at u16::MAX; past
+            // that (only with max_page_sharing beyond it) the next dup is used.
+            n.sharers + u32::from(n.pending) < max_sharing && n.pending < u16::MAX && (n.filled || !filled_only)
         })?;
         self.nodes[idx as usize].pending += 1;
         Some(idx)
@@ -90,12 +117,20 @@ impl StableTree {
         if self.nodes.len() <= i {
             self.nodes.resize(i + 1, VACANT);
         }
-        self.nodes[i] = StableNode { key, sharers: 0, pending, next: NIL, filled: false, live: true };
+        let pending = u16::try_from(pending).unwrap_or(u16::MAX);
+        self.nodes[i] = StableNode { key: split(key), sharers: 0, pending, next: NIL, filled: false, live: true };
         self.link(key, idx);
     }
 
     fn link(&mut self, key: u64, idx: u32) {
-        let head = self.by_key.insert(key, idx).unwrap_or(NIL);
+        let nodes = &self.nodes;
+        let head = match self.by_key.find_mut(key, |&i| nodes[i as usize].key() == key) {
+            Some(slot) => std::mem::replace(slot, idx),
+            None => {
+                self.by_key.insert_unique(key, idx, |&i| nodes[i as usize].key());
+                NIL
+            }
+        };
         self.nodes[idx as usize].next = head;
         if head != NIL {
             let len = self.chain(key).count();
@@ -110,13 +145,16 @@ impl StableTree {
 
     fn unlink(&mut self, key: u64, idx: u32) {
         let len = self.chain(key).count();
-        let Some(&head) = self.by_key.get(&key) else { return };
+        let Some(head) = self.head(key) else { return };
         let next = self.nodes[idx as usize].next;
         if head == idx {
-            if next == NIL {
-                self.by_key.remove(&key);
-            } else {
-                self.by_key.insert(key, next);
+            let nodes = &self.nodes;
+            if let Ok(slot) = self.by_key.find_entry(key, |&i| nodes[i as usize].key() == key) {
+                if next == NIL {
+                    slot.remove();
+                } else {
+                    *slot.into_mut() = next;
+                }
             }
         } else {
             let Some(prev) = self.chain(key).find(|&i| self.nodes[i as usize].next == idx) else { return };
@@ -179,7 +217,7 @@ impl StableTree {
     fn reap(&mut self, idx: u32) -> bool {
         match self.node(idx).copied() {
             Some(n) if n.sharers == 0 && n.pending == 0 => {
-                self.unlink(n.key, idx);
+                self.unlink(n.key(), idx);
                 self.nodes[idx as usize] = VACANT;
                 while self.nodes.last().is_some_and(|n| !n.live) {
                     self.nodes.pop();
@@ -192,12 +230,12 @@ impl StableTree {
 
     /// Moves a node to the key of the content it was filled with.
     pub fn rekey(&mut self, idx: u32, key: u64) {
-        let Some(old) = self.node(idx).map(|n| n.key) else { return };
+        let Some(old) = self.node(idx).map(StableNode::key) else { return };
         if old == key {
             return;
         }
         self.unlink(old, idx);
-        self.nodes[idx as usize].key = key;
+        self.nodes[idx as usize].key = split(key);
         self.link(key, idx);
     }
 
@@ -219,15 +257,14 @@ impl StableTree {
         self.by_key.is_empty()
     }
 
-    /// Heap bytes: the node table and the key table's slots.
+    /// Heap bytes: the node table and the key table.
     pub fn metadata_bytes(&self) -> u64 {
-        let key_slot = (8 + 4 + 1) as u64;
-        self.by_key.capacity() as u64 * key_slot
+        table_bytes(self.by_key.capacity(), 4)
             + self.nodes.capacity() as u64 * std::mem::size_of::<StableNode>() as u64
     }
 }
 
-const _: () = assert!(std::mem::size_of::<StableNode>() == 24);
+const _: () = assert!(std::mem::size_of::<StableNode>() == 20);
 
 /// Where an unstable-tree page lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,25 +273,61 @@ pub struct PageRef {
     pub page: u32,
 }
 
+/// An unstable-tree slot: where the page is and 32 bits of its key. The
+/// other 32 bits are not kept: a match of the tag only proposes a candidate,
+/// whose bytes are compared before anything merges, so a rare tag collision
+/// costs one comparison (or hides one candidate until the next scan), and a
+/// slot is 12 bytes instead of 16.
+#[derive(Debug, Clone, Copy)]
+struct UnstableSlot {
+    tag: u32,
+    at: PageRef,
+}
+
+const _: () = assert!(std::mem::size_of::<UnstableSlot>() == 12);
+
 /// Pages seen unchanged for a full scan and not matched yet.
 #[derive(Debug, Default)]
 pub struct UnstableTree {
-    map: NoHash<u64, PageRef>,
+    map: HashTable<UnstableSlot>,
 }
 
 impl UnstableTree {
+    fn tag(key: u64) -> u32 {
+        (key >> 32) as u32
+    }
+    /// The table's hash of a tag: spread over all 64 bits, because the
+    /// table takes its control byte from the top bits.
+    fn hash(tag: u32) -> u64 {
+        u64::from(tag).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
     pub fn get(&self, key: u64) -> Option<PageRef> {
-        self.map.get(&key).copied()
+        let tag = Self::tag(key);
+        self.map.find(Self::hash(tag), |s| s.tag == tag).map(|s| s.at)
     }
     pub fn insert(&mut self, key: u64, r: PageRef) {
-        self.map.insert(key, r);
+        let tag = Self::tag(key);
+        let slot = UnstableSlot { tag, at: r };
+        match self.map.find_mut(Self::hash(tag), |s| s.tag == tag) {
+            Some(s) => *s = slot,
+            None => {
+                self.map.insert_unique(Self::hash(tag), slot, |s| Self::hash(s.tag));
+            }
+        }
     }
     pub fn remove(&mut self, key: u64) {
-        self.map.remove(&key);
+        let tag = Self::tag(key);
+        if let Ok(e) = self.map.find_entry(Self::hash(tag), |s| s.tag == tag) {
+            e.remove();
+        }
     }
-    /// Starts a new full scan. The table keeps its allocation.
+    /// Starts a new full scan. The table keeps room for as many pages as the
+    /// last scan left in it, no more: once everything has merged, a table
+    /// sized for the first scan's candidates would be dead weight.
     pub fn clear(&mut self) {
+        let held = self.map.len();
         self.map.clear();
+        self.map.shrink_to(held, |s| Self::hash(s.tag));
     }
     pub fn len(&self) -> u64 {
         self.map.len() as u64
@@ -263,7 +336,7 @@ impl UnstableTree {
         self.map.is_empty()
     }
     pub fn metadata_bytes(&self) -> u64 {
-        self.map.capacity() as u64 * (8 + 8 + 1)
+        table_bytes(self.map.capacity(), std::mem::size_of::<UnstableSlot>())
     }
 }
 
@@ -304,11 +377,31 @@ mod tests {
         assert!(!t.cancel(2));
         t.rekey(5, 7);
         assert_eq!((t.chains(), t.dups()), (0, 0));
-        assert_eq!(t.node(5).map(|n| n.key), Some(7));
+        assert_eq!(t.node(5).map(|n| n.key()), Some(7));
         assert_eq!(t.reserve(7, 2), Some(5));
         assert!(!t.cancel(5));
         assert!(t.release(5) && t.release(2));
         assert!(t.is_empty() && t.node(2).is_none());
         assert_eq!(t.metadata_bytes() > 0, t.nodes.capacity() > 0);
+    }
+
+    #[test]
+    fn unstable_tree_keeps_room_only_for_what_the_last_scan_held() {
+        let mut u = UnstableTree::default();
+        for i in 0..10_000u64 {
+            u.insert(i << 32 | 5, PageRef { region: 1, page: i as u32 });
+        }
+        assert_eq!(u.get(77 << 32 | 9), Some(PageRef { region: 1, page: 77 }));
+        u.remove(77 << 32);
+        assert_eq!(u.get(77 << 32), None);
+        let full = u.metadata_bytes();
+        for i in 0..10_000u64 {
+            u.remove(i << 32);
+        }
+        u.insert(3 << 32, PageRef { region: 2, page: 3 });
+        // The scan that filled the table ends with one page left in it.
+        u.clear();
+        assert!(u.is_empty());
+        assert!(u.metadata_bytes() * 100 < full, "{} vs {full}", u.metadata_bytes());
     }
 }
