@@ -624,10 +624,22 @@ fn fault_main(inner: &Inner) {
             }
         };
         for msg in &buf[..n] {
-            if msg.event != uffd::UFFD_EVENT_PAGEFAULT || msg.pf_flags & uffd::UFFD_PAGEFAULT_FLAG_WP == 0 {
+            if msg.event != uffd::UFFD_EVENT_PAGEFAULT {
                 continue;
             }
             let page = (msg.pf_address as usize) & !(PAGE_SIZE - 1);
+            if msg.pf_flags & uffd::UFFD_PAGEFAULT_FLAG_WP == 0 {
+                // A missing fault: only the pin check registers missing mode,
+                // for the length of a merge, whose wake releases its own. One
+                // outside a merge is a hole of anonymous memory left in that
+                // mode: the zero page is what it would have read.
+                sh.inflight.release_stray(page, || {
+                    if sh.uffd.zeropage(page, PAGE_SIZE).is_err() {
+                        let _ = sh.uffd.wake(page, PAGE_SIZE);
+                    }
+                });
+                continue;
+            }
             sh.inflight.release_stray(page, || {
                 let _ = sh.uffd.unprotect(page, PAGE_SIZE);
             });

@@ -6,15 +6,22 @@
 //!    then compare it byte for byte with its store page (or, for the first
 //!    sharer of a new store page, copy it there), and check pagemap again so a
 //!    page discarded and refaulted meanwhile is caught;
-//! 3. map the store pages of each equal stretch over it with
+//! 3. for anonymous memory, the pin check (`pin`): move each equal page out
+//!    with `UFFDIO_MOVE`, which the kernel refuses for a page pinned by
+//!    in-flight I/O, and compare it again where it can no longer change;
+//! 4. map the store pages of each equal stretch over it with
 //!    `MAP_FIXED|MAP_PRIVATE` (one call per stretch of consecutive store
-//!    pages), remove protection from the rest, and wake the whole run: a woken
-//!    writer retries and takes copy-on-write on identical content.
+//!    pages), put back what was moved and not merged, remove protection from
+//!    the rest, and wake the whole run: a woken writer retries and takes
+//!    copy-on-write on identical content.
 
 use crate::region::{PageRecord, PageState, Region, RegionState};
 use crate::scan::{Core, Shared};
 use crate::sys::{mman, PAGE_SIZE};
 use crate::warn_once;
+
+mod pin;
+pub use pin::{pin_guard_enabled, Scratch};
 
 /// What a run does with its pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +188,23 @@ pub fn merge_run(
         }
     }
 
+    // A page pinned by in-flight I/O must keep its place: the device writes
+    // into that physical page after our comparison.
+    let mut pinned = None;
+    if ok.iter().any(|&o| o) {
+        if pin::applies(sh, region) {
+            if items.iter().any(|it| st.records[it.page].flags & PageRecord::OVERLAY != 0) {
+                pin::note_unchecked_overlay();
+            }
+            pinned = pin::check(sh, region, st, core, start, items, kind, &mut ok);
+            if pinned.is_none() {
+                ok.iter_mut().for_each(|o| *o = false);
+            }
+        } else {
+            pin::note_unguarded(region);
+        }
+    }
+
     // Remap each stretch of equal pages with consecutive store pages.
     let mut i = 0;
     while i < n {
@@ -199,6 +223,12 @@ pub fn merge_run(
             ok[i..j].iter_mut().for_each(|o| *o = false);
         }
         i = j;
+    }
+
+    let unchecked = ok.iter().enumerate().filter(|&(i, &o)| o && !pinned.as_ref().is_some_and(|m| m.out[i])).count();
+    core.counters.merges_unchecked += unchecked as u64;
+    if let Some(out) = pinned.as_mut() {
+        pin::finish(sh, region, st, items, &ok, out);
     }
 
     // Unprotect what stays (this wakes its waiters), then wake the remapped.

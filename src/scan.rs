@@ -56,6 +56,8 @@ pub struct Shared {
     /// The daemon socket's fd while connected (-1 otherwise), for a forked
     /// child to close without touching the core lock.
     pub daemon_fd: std::sync::atomic::AtomicI32,
+    /// Where the pin check moves pages while it looks at them (`merge::pin`).
+    pub scratch: parking_lot::Mutex<Option<crate::merge::Scratch>>,
 }
 
 impl Shared {
@@ -72,6 +74,7 @@ impl Shared {
             core: crate::primitive::Mutex::new(Core::new(crate::maps::max_map_count())),
             daemon: parking_lot::Mutex::new(None),
             daemon_fd: std::sync::atomic::AtomicI32::new(-1),
+            scratch: parking_lot::Mutex::new(None),
         }
     }
 }
@@ -88,6 +91,11 @@ pub struct Counters {
     pub merge_runs: u64,
     pub cow_breaks: u64,
     pub mismatches: u64,
+    /// Merges refused because the page was pinned (in-flight I/O) or not
+    /// exclusive to this process (`UFFDIO_MOVE` said `EBUSY`).
+    pub pinned_skipped: u64,
+    /// Pages merged without the pin check (no UFFDIO_MOVE for them).
+    pub merges_unchecked: u64,
     pub records_bytes: u64,
     pub registered_pages: u64,
     pub unmergeable_pages: u64,
@@ -317,6 +325,8 @@ impl Core {
             twinpage_merge_runs: c.merge_runs,
             twinpage_cow_breaks: c.cow_breaks,
             twinpage_merge_mismatches: c.mismatches,
+            twinpage_pinned_skipped: c.pinned_skipped,
+            twinpage_merges_unchecked: c.merges_unchecked,
             twinpage_pages_unmergeable: c.unmergeable_pages,
             twinpage_pages_registered: c.registered_pages,
             twinpage_merging_pages: self.stable.sharers() + c.daemon_merged,

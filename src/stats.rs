@@ -78,6 +78,13 @@ stats! {
     twinpage_cow_breaks,
     /// Merge attempts that failed the byte comparison under write-protect.
     twinpage_merge_mismatches,
+    /// Merges refused because the page was pinned by in-flight I/O
+    /// (`O_DIRECT`, io_uring) or shared with a forked child, cumulative.
+    twinpage_pinned_skipped,
+    /// Pages merged without the pin check: private file mappings, pages
+    /// written after merging (they sit in twinpage's file mapping), kernels
+    /// without UFFDIO_MOVE, or TWINPAGE_PIN_GUARD=off; cumulative.
+    twinpage_merges_unchecked,
     /// Registered pages in regions that can be scanned but never merged.
     twinpage_pages_unmergeable,
     /// Pages registered for merging.

@@ -79,6 +79,9 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
             "PASS_MERGEABLE" => c.pass_mergeable = flag(&k, &v)?,
             "MERGE_ANY" => c.merge_any = flag(&k, &v)?,
             "REDIRECT_SYSFS" => c.redirect_sysfs = flag(&k, &v)?,
+            // Read by the engine itself (twinpage::merge::pin_guard_enabled);
+            // checked here so a bad value is named like any other.
+            "PIN_GUARD" => drop(flag(&k, &v)?),
             "DOMAIN" => {
                 if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
                     return Err(format!("{k}={v:?}: 1-64 characters of [A-Za-z0-9._-]"));

@@ -1,8 +1,13 @@
 //! userfaultfd, written by hand from `include/uapi/linux/userfaultfd.h`.
 //!
-//! twinpage uses only write-protect mode: a page is protected while it is
+//! twinpage uses write-protect mode: a page is protected while it is
 //! compared with a store page and remapped, so any writer (a vCPU thread, KVM,
-//! a syscall copying into it) blocks in the kernel until it is woken.
+//! a syscall copying into it) blocks in the kernel until it is woken. Where the
+//! kernel has `UFFDIO_MOVE` (6.8+), a merge of anonymous memory also moves the
+//! old page out first: the kernel refuses to move a page pinned for DMA
+//! (`O_DIRECT`, io_uring), which is twinpage's pin check; while the page is
+//! out, the run is registered in missing mode too, so an access to the hole
+//! blocks instead of faulting in a zero page.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -58,6 +63,28 @@ pub struct UffdioWriteprotect {
     pub mode: u64,
 }
 
+/// `struct uffdio_move`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioMove {
+    pub dst: u64,
+    pub src: u64,
+    pub len: u64,
+    pub mode: u64,
+    /// Bytes moved, or a negative errno.
+    pub moved: i64,
+}
+
+/// `struct uffdio_zeropage`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioZeropage {
+    pub range: UffdioRange,
+    pub mode: u64,
+    /// Bytes mapped, or a negative errno.
+    pub zeropage: i64,
+}
+
 /// `struct uffd_msg`, with the pagefault member of its union spelled out (the
 /// only event twinpage asks for).
 #[repr(C)]
@@ -80,6 +107,8 @@ const _: () = assert!(size_of::<UffdioRange>() == 16);
 const _: () = assert!(size_of::<UffdioRegister>() == 32);
 const _: () = assert!(size_of::<UffdioWriteprotect>() == 24);
 const _: () = assert!(size_of::<UffdMsg>() == 32);
+const _: () = assert!(size_of::<UffdioMove>() == 40);
+const _: () = assert!(size_of::<UffdioZeropage>() == 32);
 
 pub const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, 0x3F, size_of::<UffdioApi>());
 pub const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, 0x00, size_of::<UffdioRegister>());
@@ -87,6 +116,8 @@ pub const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, 0x01, size_of::<UffdioRange>())
 pub const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, size_of::<UffdioRange>());
 pub const UFFDIO_WRITEPROTECT: u64 =
     ioc(IOC_READ | IOC_WRITE, 0x06, size_of::<UffdioWriteprotect>());
+pub const UFFDIO_ZEROPAGE: u64 = ioc(IOC_READ | IOC_WRITE, 0x04, size_of::<UffdioZeropage>());
+pub const UFFDIO_MOVE: u64 = ioc(IOC_READ | IOC_WRITE, 0x05, size_of::<UffdioMove>());
 /// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`.
 pub const USERFAULTFD_IOC_NEW: u64 = ioc(IOC_NONE, 0x00, 0);
 
@@ -98,6 +129,8 @@ const _: () = assert!(UFFDIO_UNREGISTER == 0x8010_aa01);
 const _: () = assert!(UFFDIO_WAKE == 0x8010_aa02);
 const _: () = assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
 const _: () = assert!(USERFAULTFD_IOC_NEW == 0xaa00);
+const _: () = assert!(UFFDIO_ZEROPAGE == 0xc020_aa04);
+const _: () = assert!(UFFDIO_MOVE == 0xc028_aa05);
 
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
@@ -106,6 +139,9 @@ pub const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 
 pub const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+pub const UFFD_FEATURE_MOVE: u64 = 1 << 16;
+pub const UFFDIO_MOVE_MODE_DONTWAKE: u64 = 1 << 0;
+pub const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1 << 0;
 
 pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
@@ -136,26 +172,29 @@ impl Userfaultfd {
     /// and reported by [`Userfaultfd::wp_shmem`].
     pub fn open() -> Result<Self, UffdError> {
         let fd = open_dev().or_else(|dev_err| open_syscall().map_err(|_| dev_err));
-        let fd = fd.map_err(UffdError::Open)?;
-        let wanted = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
-        let mut api = UffdioApi { api: UFFD_API, features: wanted, ioctls: 0 };
-        // SAFETY: `fd` is a userfaultfd and `api` is a valid uffdio_api the
-        // kernel reads and writes for the duration of the call.
-        let ret = unsafe { raw_ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api as *mut _ as usize) };
-        let api = match cvt(ret) {
-            Ok(_) => api,
-            Err(_) => {
-                // An older kernel refuses unknown features: retry with WP only on a
-                // fresh fd (a failed handshake leaves the fd unusable).
-                let fd2 = open_dev().or_else(|_| open_syscall()).map_err(UffdError::Open)?;
-                let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_PAGEFAULT_FLAG_WP, ioctls: 0 };
-                // SAFETY: as above, on the new fd.
-                let ret = unsafe { raw_ioctl(fd2.as_raw_fd(), UFFDIO_API, &mut api as *mut _ as usize) };
-                cvt(ret).map_err(UffdError::Api)?;
-                return Self::checked(fd2, api);
+        let mut fd = fd.map_err(UffdError::Open)?;
+        // An older kernel refuses features it does not know: step down, each
+        // time on a fresh fd (a failed handshake leaves the fd unusable).
+        let tries = [
+            UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_MOVE,
+            UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+            UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+        ];
+        for (i, wanted) in tries.iter().enumerate() {
+            if i > 0 {
+                fd = open_dev().or_else(|_| open_syscall()).map_err(UffdError::Open)?;
             }
-        };
-        Self::checked(fd, api)
+            let mut api = UffdioApi { api: UFFD_API, features: *wanted, ioctls: 0 };
+            // SAFETY: `fd` is a userfaultfd and `api` is a valid uffdio_api the
+            // kernel reads and writes for the duration of the call.
+            let ret = unsafe { raw_ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api as *mut _ as usize) };
+            match cvt(ret) {
+                Ok(_) => return Self::checked(fd, api),
+                Err(e) if i + 1 == tries.len() => return Err(UffdError::Api(e)),
+                Err(_) => {}
+            }
+        }
+        unreachable!("the last handshake returns")
     }
 
     fn checked(fd: OwnedFd, api: UffdioApi) -> Result<Self, UffdError> {
@@ -170,13 +209,26 @@ impl Userfaultfd {
         self.features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM != 0
     }
 
-    /// Registers `[start, start+len)` in write-protect mode.
+    /// Whether `UFFDIO_MOVE` is there (Linux 6.8+): the pin check.
+    pub fn can_move(&self) -> bool {
+        self.features & UFFD_FEATURE_MOVE != 0
+    }
+
+    /// Registers `[start, start+len)` in write-protect mode (only: a range
+    /// registered in missing mode too goes back to write-protect only).
     pub fn register_wp(&self, start: usize, len: usize) -> io::Result<()> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange { start: start as u64, len: len as u64 },
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
+        self.register(start, len, UFFDIO_REGISTER_MODE_WP)
+    }
+
+    /// Registers `[start, start+len)` of anonymous memory in write-protect
+    /// and missing mode: a fault on a hole there blocks until woken, where it
+    /// would otherwise fault in a fresh zero page.
+    pub fn register_wp_missing(&self, start: usize, len: usize) -> io::Result<()> {
+        self.register(start, len, UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MISSING)
+    }
+
+    fn register(&self, start: usize, len: usize, mode: u64) -> io::Result<()> {
+        let mut reg = UffdioRegister { range: UffdioRange { start: start as u64, len: len as u64 }, mode, ioctls: 0 };
         // SAFETY: `reg` is a valid uffdio_register for the call; registration
         // changes VMA flags only and touches no memory of ours.
         let ret = unsafe { raw_ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg as *mut _ as usize) };
@@ -224,6 +276,56 @@ impl Userfaultfd {
         let mut range = UffdioRange { start: start as u64, len: len as u64 };
         // SAFETY: `range` is a valid uffdio_range for the call.
         let ret = unsafe { raw_ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut range as *mut _ as usize) };
+        cvt(ret).map(drop)
+    }
+
+    /// Moves the anonymous pages of `[src, src+len)` to the hole
+    /// `[dst, dst+len)` (registered with this userfaultfd), without waking.
+    /// `Ok(len)` when all moved; otherwise `Err((moved, error))`, where the
+    /// page at `src + moved` is the one that did not: `EBUSY` when it is
+    /// pinned (`O_DIRECT`, io_uring) or not exclusive to this process.
+    ///
+    /// # Safety
+    /// Both ranges must belong to the caller, who must expect `src` to
+    /// become a hole: whatever faults there meanwhile must be kept out
+    /// (missing-mode registration) or be harmless.
+    pub unsafe fn move_pages(&self, dst: usize, src: usize, len: usize) -> Result<usize, (usize, io::Error)> {
+        let mut done = 0;
+        while done < len {
+            let mut mv = UffdioMove {
+                dst: (dst + done) as u64,
+                src: (src + done) as u64,
+                len: (len - done) as u64,
+                mode: UFFDIO_MOVE_MODE_DONTWAKE,
+                moved: 0,
+            };
+            // SAFETY: `mv` is a valid uffdio_move for the call; the caller owns
+            // both ranges.
+            let ret = unsafe { raw_ioctl(self.fd.as_raw_fd(), UFFDIO_MOVE, &mut mv as *mut _ as usize) };
+            if mv.moved > 0 {
+                done += mv.moved as usize;
+            }
+            if ret == 0 {
+                continue;
+            }
+            let e = last_err();
+            // EAGAIN: the mm changed meanwhile (or a short move); go on from
+            // where it stopped.
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                continue;
+            }
+            return Err((done, e));
+        }
+        Ok(done)
+    }
+
+    /// Maps the zero page at the hole `[start, start+len)` of anonymous
+    /// memory and wakes its waiters; `EEXIST` when something is mapped there.
+    pub fn zeropage(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut zp = UffdioZeropage { range: UffdioRange { start: start as u64, len: len as u64 }, mode: 0, zeropage: 0 };
+        // SAFETY: `zp` is a valid uffdio_zeropage for the call; it fills only
+        // a hole, so no content changes.
+        let ret = unsafe { raw_ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut zp as *mut _ as usize) };
         cvt(ret).map(drop)
     }
 

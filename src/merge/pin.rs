@@ -1,0 +1,374 @@
+//! The pin check: a page pinned by in-flight I/O (`O_DIRECT`, io_uring) must
+//! not be merged, because the device writes into that physical page after
+//! our comparison, and a page nobody maps any more loses the write.
+//!
+//! The kernel's KSM compares refcount with mapcount under the page table
+//! lock. Userspace has one equivalent: `UFFDIO_MOVE` (Linux 6.8+) refuses,
+//! with `EBUSY`, to move a page that `folio_maybe_dma_pinned` says is pinned
+//! (checked again after the PTE is cleared and flushed, so a concurrent
+//! GUP-fast pin is seen or backs off), or that is not exclusive to this
+//! process. So, after the byte comparison under write-protect, each equal
+//! page is moved out to a scratch mapping. Once it is there, nothing can pin
+//! or write it: it is compared again, and only then does the store page go
+//! over the hole. Pages that were moved and are not merged go back.
+//!
+//! While a page is out its address is a hole; a vCPU touching it would get
+//! a fresh zero page. So the run is registered in missing mode for the
+//! duration: such an access blocks like a write to a protected page, and the
+//! merge's final wake lets it retry on the store page (or the page put back).
+//!
+//! `UFFDIO_MOVE` moves only anonymous pages of anonymous mappings: private
+//! file mappings (QEMU's `memory-backend-file` with `share=off`) get no pin
+//! check, and neither do kernels without it (see the README).
+
+use crate::region::{PageRecord, Region, RegionState};
+use crate::scan::{Core, Shared};
+use crate::sys::{mman, PAGE_SIZE};
+use crate::warn_once;
+
+use super::{guest_page, is_zero, Item, RunKind};
+
+/// The environment switch that turns the pin check off, for the test that
+/// shows what it prevents: `TWINPAGE_PIN_GUARD=0` (the preload refuses a
+/// value that is not a kernel boolean; anything but false leaves it on).
+pub const PIN_GUARD_ENV: &str = "TWINPAGE_PIN_GUARD";
+
+/// Whether the pin check is on (it is, unless `TWINPAGE_PIN_GUARD=0`).
+pub fn pin_guard_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        let off = std::env::var(PIN_GUARD_ENV).is_ok_and(|v| kernel_compat::parse::kstrtobool(&v).is_ok_and(|b| !b));
+        if off {
+            log::warn!("twinpage: {PIN_GUARD_ENV}=0: pages under O_DIRECT may be merged mid-I/O (for tests only)");
+        }
+        !off
+    })
+}
+
+/// Whether merges in `region` get the pin check.
+pub(super) fn applies(sh: &Shared, region: &Region) -> bool {
+    pin_guard_enabled()
+        && sh.uffd.can_move()
+        && region.kind == crate::maps::MappingKind::Anon
+        && region.prot & libc::PROT_WRITE != 0
+}
+
+/// Says once per kind of memory that merges there go without the pin check.
+pub(super) fn note_unguarded(region: &Region) {
+    if !pin_guard_enabled() {
+        return;
+    }
+    if region.kind == crate::maps::MappingKind::Anon && region.prot & libc::PROT_WRITE != 0 {
+        warn_once!(
+            "pin-nomove",
+            "twinpage: this kernel lacks UFFDIO_MOVE (Linux 6.8+): pages under O_DIRECT may be merged mid-I/O"
+        );
+    } else {
+        warn_once!(
+            "pin-file",
+            "twinpage: private file mappings get no pin check (UFFDIO_MOVE moves only anonymous pages): \
+             pages under O_DIRECT there may be merged mid-I/O"
+        );
+    }
+}
+
+/// Says once that pages copied on write inside twinpage's own mappings do
+/// not merge again.
+pub(super) fn note_unchecked_overlay() {
+    warn_once!(
+        "pin-overlay",
+        "twinpage: a page written after merging sits in a file mapping, where UFFDIO_MOVE cannot check \
+         it for pins: such pages do not merge again while the pin check is on"
+    );
+}
+
+/// An anonymous mapping registered with the engine's userfaultfd, where
+/// pages wait while they are checked. Empty between merges.
+#[derive(Debug)]
+pub struct Scratch {
+    addr: usize,
+    pages: usize,
+    prot: libc::c_int,
+}
+
+impl Scratch {
+    fn new(sh: &Shared, pages: usize, prot: libc::c_int) -> std::io::Result<Self> {
+        let len = pages * PAGE_SIZE;
+        // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
+        let addr = unsafe { mman::raw_mmap(0, len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)? };
+        let s = Self { addr, pages, prot };
+        // UFFDIO_MOVE wants its destination registered with the same
+        // userfaultfd; write-protect mode is the one twinpage has anyway.
+        sh.uffd.register_wp(addr, len)?;
+        Ok(s)
+    }
+
+    fn page(&self, i: usize) -> usize {
+        self.addr + i * PAGE_SIZE
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; nothing refers into it between merges.
+        let _ = unsafe { mman::raw_munmap(self.addr, self.pages * PAGE_SIZE) };
+    }
+}
+
+/// A run whose equal pages were moved to the scratch mapping.
+pub(super) struct Moved<'a> {
+    scratch: parking_lot::MappedMutexGuard<'a, Scratch>,
+    start: usize,
+    kind: RunKind,
+    /// Page `i` of the run sits at scratch page `i`.
+    pub(super) out: Vec<bool>,
+    /// Page `i` was registered in missing mode for the move.
+    missing: Vec<bool>,
+}
+
+/// Moves each page of the run with `ok` set to the scratch mapping and
+/// compares it again there; clears `ok` for pages that are pinned (counted
+/// in `pinned_skipped`), that changed, or that could not be moved. `None`
+/// when the check could not run at all: the caller merges nothing then.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn check<'a>(
+    sh: &'a Shared,
+    region: &Region,
+    st: &RegionState,
+    core: &mut Core,
+    start: usize,
+    items: &[Item],
+    kind: RunKind,
+    ok: &mut [bool],
+) -> Option<Moved<'a>> {
+    let n = items.len();
+    // UFFDIO_MOVE wants both mappings to have the same protection.
+    let region_prot = region.prot;
+    let mut slot = sh.scratch.lock();
+    if slot.as_ref().is_none_or(|s| s.pages < n || s.prot != region_prot) {
+        *slot = None;
+        match Scratch::new(sh, n.max(64), region_prot) {
+            Ok(s) => *slot = Some(s),
+            Err(e) => {
+                warn_once!("pin-scratch", "twinpage: cannot set up the pin check's scratch mapping: {e}; not merging");
+                return None;
+            }
+        }
+    }
+    let scratch = parking_lot::MutexGuard::map(slot, |s| s.as_mut().expect("set above"));
+    let mut moved = Moved { scratch, start, kind, out: vec![false; n], missing: vec![false; n] };
+
+    // A page twinpage's own store mapping holds after copy-on-write sits in
+    // a file mapping, which UFFDIO_MOVE refuses: it cannot be checked, so it
+    // does not merge (it may be the very page a direct read is filling).
+    for (i, it) in items.iter().enumerate() {
+        if st.records[it.page].flags & PageRecord::OVERLAY != 0 {
+            ok[i] = false;
+        }
+    }
+    let movable = |i: usize, ok: &[bool]| ok[i];
+    let mut i = 0;
+    while i < n {
+        if !movable(i, ok) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < n && movable(j, ok) {
+            j += 1;
+        }
+        let (s, len) = (start + i * PAGE_SIZE, (j - i) * PAGE_SIZE);
+        moved.missing[i..j].iter_mut().for_each(|m| *m = true);
+        if let Err(e) = sh.uffd.register_wp_missing(s, len) {
+            warn_once!("pin-missing", "twinpage: cannot register missing mode for the pin check: {e}; not merging");
+            ok[i..j].iter_mut().for_each(|o| *o = false);
+            i = j;
+            continue;
+        }
+        let scratch_base = moved.scratch.page(0);
+        // SAFETY: [i, j) is a write-protected stretch of a region we hold,
+        // registered in missing mode, so the holes it leaves block accesses;
+        // the scratch pages are ours and empty.
+        let failed = unsafe { move_stretch(sh, scratch_base, start, i, j, &mut moved.out) };
+        for (k, e) in failed {
+            ok[k] = false;
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                core.counters.pinned_skipped += 1;
+            } else {
+                warn_once!("pin-move", "twinpage: UFFDIO_MOVE at {:#x} failed: {e}; page not merged", start + k * PAGE_SIZE);
+            }
+        }
+        i = j;
+    }
+
+    // Moved out, a page can no longer be pinned or written: what it holds
+    // now is what a merge keeps.
+    for (i, it) in items.iter().enumerate() {
+        if !moved.out[i] {
+            continue;
+        }
+        // SAFETY: scratch page `i` holds the page just moved there; only this
+        // merge touches the scratch mapping (under its lock).
+        let page = unsafe { guest_page(moved.scratch.page(i)) };
+        let same = match kind {
+            RunKind::Zero => is_zero(page),
+            _ => store_bytes(sh, core, kind, it.store).is_some_and(|s| s == page),
+        };
+        if !same {
+            ok[i] = false;
+            if kind != RunKind::Zero {
+                core.counters.mismatches += 1;
+            }
+        }
+    }
+    Some(moved)
+}
+
+/// Moves pages `[i, j)` from `from + k*PAGE_SIZE` to `to + k*PAGE_SIZE`,
+/// setting `done[k]` for each page moved; returns the pages that did not
+/// move, with why. A stretch may span two mappings, which one call refuses
+/// (`EINVAL`): then the page is tried alone.
+///
+/// # Safety
+/// As for [`crate::sys::uffd::Userfaultfd::move_pages`], for every page.
+unsafe fn move_stretch(
+    sh: &Shared,
+    to: usize,
+    from: usize,
+    mut i: usize,
+    j: usize,
+    done: &mut [bool],
+) -> Vec<(usize, std::io::Error)> {
+    let mut failed = Vec::new();
+    let mut single = false;
+    while i < j {
+        let end = if single { i + 1 } else { j };
+        // SAFETY: the caller's guarantee covers [i, j).
+        match unsafe { sh.uffd.move_pages(to + i * PAGE_SIZE, from + i * PAGE_SIZE, (end - i) * PAGE_SIZE) } {
+            Ok(_) => {
+                done[i..end].iter_mut().for_each(|d| *d = true);
+                i = end;
+                single = false;
+            }
+            Err((bytes, e)) => {
+                let k = (i + bytes / PAGE_SIZE).min(end - 1);
+                done[i..k].iter_mut().for_each(|d| *d = true);
+                if e.raw_os_error() == Some(libc::EINVAL) && !single && k + 1 < end {
+                    i = k;
+                    single = true;
+                    continue;
+                }
+                failed.push((k, e));
+                i = k + 1;
+                single = false;
+            }
+        }
+    }
+    failed
+}
+
+/// The bytes of store page `store` for a run of `kind`.
+fn store_bytes<'c>(sh: &'c Shared, core: &'c Core, kind: RunKind, store: u32) -> Option<&'c [u8]> {
+    let ptr = match kind {
+        RunKind::Remote => core.remote.as_ref()?.store.page_ptr(store).ok()?,
+        _ => {
+            core.stable.node(store).filter(|n| n.filled)?;
+            sh.store.page_ptr(store).ok()?
+        }
+    };
+    // SAFETY: a filled store page (ours or the daemon's): nothing writes it
+    // again while it is in use, and it stays mapped while the engine lives.
+    Some(unsafe { std::slice::from_raw_parts(ptr as *const u8, PAGE_SIZE) })
+}
+
+/// After the remap: puts back every moved page that was not merged (`ok`
+/// clear), registers what is left of the run in write-protect mode only
+/// again, and frees the old pages of the merged ones.
+pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, items: &[Item], ok: &[bool], m: &mut Moved<'_>) {
+    let n = items.len();
+    let start = m.start;
+    let mut i = 0;
+    while i < n {
+        if !m.out[i] || ok[i] {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < n && m.out[j] && !ok[j] {
+            j += 1;
+        }
+        let mut back = vec![false; n];
+        // SAFETY: the stretch is a hole of our run (its pages are in the
+        // scratch mapping), kept blocked by missing mode.
+        let failed = unsafe { move_stretch(sh, start, m.scratch.page(0), i, j, &mut back) };
+        for (k, e) in failed {
+            warn_once!("pin-back", "twinpage: moving a page back failed at {:#x}: {e}; copying it back", start + k * PAGE_SIZE);
+            if let Err(e) = put_back_by_copy(region, start + k * PAGE_SIZE, m.scratch.page(k)) {
+                // Nothing else can give the page back: the region stops
+                // merging, and the hole reads as zeros once released.
+                log::error!("twinpage: cannot put back the page at {:#x}: {e}", start + k * PAGE_SIZE);
+                st.failed = true;
+            } else {
+                st.records[items[k].page].flags |= PageRecord::NEEDS_REGISTER;
+            }
+        }
+        i = j;
+    }
+
+    // Store stretches are new mappings of their own; the rest of what was
+    // registered in missing mode goes back to write-protect only.
+    let replaced = |i: usize| !m.missing[i] || (ok[i] && m.kind != RunKind::Zero);
+    let mut i = 0;
+    while i < n {
+        if replaced(i) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < n && !replaced(j) {
+            j += 1;
+        }
+        if let Err(e) = sh.uffd.register_wp(start + i * PAGE_SIZE, (j - i) * PAGE_SIZE) {
+            // The stray-fault thread resolves missing faults there (zero page
+            // into a hole), so this costs speed, not data.
+            warn_once!("pin-unmissing", "twinpage: cannot drop missing mode after the pin check: {e}");
+        }
+        i = j;
+    }
+
+    if m.out.iter().any(|&o| o) {
+        // SAFETY: the scratch mapping is ours; what is left in it are the old
+        // pages of merged guest pages, which nobody maps or pins any more.
+        if let Err(e) = unsafe { mman::madvise(m.scratch.page(0), n * PAGE_SIZE, libc::MADV_DONTNEED) } {
+            warn_once!("pin-free", "twinpage: cannot free the pin check's scratch pages: {e}");
+        }
+    }
+}
+
+/// Copies scratch page `from` into a fresh anonymous page moved over the
+/// hole at `addr`.
+fn put_back_by_copy(region: &Region, addr: usize, from: usize) -> std::io::Result<()> {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a fresh mapping at an address the kernel picks.
+    let tmp = unsafe { mman::raw_mmap(0, PAGE_SIZE, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)? };
+    // SAFETY: `tmp` is our fresh writable page; `from` is a scratch page
+    // holding the guest's page; they do not overlap.
+    unsafe { std::ptr::copy_nonoverlapping(from as *const u8, tmp as *mut u8, PAGE_SIZE) };
+    if region.prot != rw {
+        // SAFETY: our own fresh mapping.
+        unsafe { libc::syscall(libc::SYS_mprotect, tmp, PAGE_SIZE, region.prot as libc::c_long) };
+    }
+    // SAFETY: moves our fresh page, holding the guest's content, over the
+    // hole the merge made in a run it holds.
+    match unsafe { mman::raw_mremap(tmp, PAGE_SIZE, PAGE_SIZE, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, addr) } {
+        Ok(_) => {
+            super::reapply_advice(region, addr, PAGE_SIZE);
+            Ok(())
+        }
+        Err(e) => {
+            // SAFETY: still our own fresh mapping.
+            let _ = unsafe { mman::raw_munmap(tmp, PAGE_SIZE) };
+            Err(e)
+        }
+    }
+}
