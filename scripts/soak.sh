@@ -174,7 +174,7 @@ check() { # NAME OK(0/1) DETAIL
 }
 failed=0
 check "guest verdicts" "$([ "$bad" = 0 ] && [ "$killed_bad" = 0 ] && [ "$ok" -gt 0 ] && echo 1 || echo 0)" \
-    "$ok OK, $bad not OK; $killed_clean killed with no bad page, $killed_bad with${bad_list:+ (bad:$bad_list)}"
+    "$ok OK, $bad not OK; $killed_clean killed with no bad page, $killed_bad with bad pages${bad_list:+ (bad:$bad_list)}"
 check "store empty, no agents at the end" "$([ "$end_store" = 0 ] && [ "$end_agents" = 0 ] && echo 1 || echo 0)" \
     "store_bytes=$end_store agents=$end_agents"
 check "pages_shared/sharing 0 at the end" "$([ "$end_shared" = 0 ] && [ "$end_sharing" = 0 ] && echo 1 || echo 0)" \
