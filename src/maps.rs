@@ -27,6 +27,8 @@ pub struct Vma {
     /// `VmFlags` of smaps that twinpage reapplies after a remap.
     pub dontfork: bool,
     pub dontdump: bool,
+    /// Registered with a userfaultfd (`um`, `uw` or `ui` in `VmFlags`).
+    pub userfaultfd: bool,
 }
 
 fn parse_line(line: &str) -> Option<Vma> {
@@ -60,7 +62,7 @@ fn parse_line(line: &str) -> Option<Vma> {
     } else {
         MappingKind::PrivateFile
     };
-    Some(Vma { start, end, prot, kind, offset, path, dontfork: false, dontdump: false })
+    Some(Vma { start, end, prot, kind, offset, path, dontfork: false, dontdump: false, userfaultfd: false })
 }
 
 /// The mappings overlapping `[start, end)`, in address order, from
@@ -86,6 +88,7 @@ pub fn vmas_with_flags_in(start: usize, end: usize) -> io::Result<Vec<Vma>> {
             if let Some(mut v) = current.take() {
                 v.dontfork = flags.split_ascii_whitespace().any(|f| f == "dc");
                 v.dontdump = flags.split_ascii_whitespace().any(|f| f == "dd");
+                v.userfaultfd = flags.split_ascii_whitespace().any(|f| matches!(f, "um" | "uw" | "ui"));
                 out.push(v);
             }
             continue;

@@ -1,7 +1,8 @@
 //! The preload inside unmodified QEMU (TCG), on the test guest of
 //! scripts/guest-image.sh: merging, the guest's own verdict after rewriting
 //! merged data, the balloon, anonymous guest RAM, share=on refusal, and two
-//! guests sharing pages through `twinpaged` (one guest, then the daemon, killed).
+//! guests sharing pages through `twinpaged` (one guest, then the daemon, killed),
+//! and QEMU's background snapshot of a merged guest.
 
 mod common;
 
@@ -726,4 +727,80 @@ fn two_guests_share_pages_through_twinpaged_and_survive_kills() {
     assert!(d["pages_sharing"] > 0);
     assert!(d["pages_shared"] + d["pages_sharing"] <= cb["twinpage_daemon_merged"]);
     eprintln!("QEMU B stderr:\n{}", b.stderr_text());
+}
+
+/// The status and the whole answer of `query-migrate`.
+fn migrate_status(g: &Guest) -> (String, String) {
+    let r = g.qmp(&[r#"{"execute":"query-migrate"}"#]);
+    let s = r[1].split("\"status\":").nth(1).and_then(|s| s.split('"').nth(1)).unwrap_or("").to_string();
+    (s, r[1].clone())
+}
+
+/// QEMU's background snapshot (`background-snapshot` capability, then
+/// `migrate exec:...`) of a guest whose RAM twinpage has merged: QEMU
+/// registers guest RAM with its own userfaultfd in write-protect mode, which
+/// the preload lets it do by unmerging the range and leaving it (a range
+/// belongs to one userfaultfd only); the snapshot completes, the file holds
+/// guest RAM, the guest verifies its data, and merging resumes once QEMU
+/// unregisters. Anonymous guest RAM (QEMU's default -m, mem-merge on).
+#[test]
+fn background_snapshot_of_a_merged_guest_completes() {
+    let Some(lib) = prerequisites() else { return };
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The guest verifies, rewrites 10% and verifies again 30 s after READY:
+    // during the snapshot (10-20 s of TCG here) or after it.
+    let args = ["tp.mib=64", "tp.wait=30", "tp.poweroff=1"];
+    let mem = ["-m".to_string(), "256M".to_string()];
+    let dup = 64 * 256 / 2;
+    let mut g = Guest::boot("snapshot", &lib, &args, &mem, true);
+    g.wait_line("TP-READY", Duration::from_secs(60));
+    g.start_merging();
+    g.wait_for("the guest's duplicates to merge", Duration::from_secs(20), |g| g.attr("pages_sharing") >= dup * 95 / 100);
+    let merged = g.attr("pages_sharing");
+    let merging = g.merging_pages();
+    assert!(merging >= dup, "ksm_merging_pages {merging}");
+
+    let file = g.dir.join("snapshot");
+    let r = g.qmp(&[r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"background-snapshot","state":true}]}}"#]);
+    assert!(r[1].contains("return"), "background-snapshot refused: {r:?}; stderr: {}", g.stderr_text());
+    let t = Instant::now();
+    let uri = format!(r#"{{"execute":"migrate","arguments":{{"uri":"exec:cat > {}"}}}}"#, file.display());
+    let r = g.qmp(&[&uri]);
+    assert!(r[1].contains("return"), "migrate refused: {r:?}; stderr: {}", g.stderr_text());
+    let mut last = (String::new(), String::new());
+    while t.elapsed() < Duration::from_secs(75) {
+        last = migrate_status(&g);
+        if !matches!(last.0.as_str(), "setup" | "active" | "device" | "pre-switchover") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = t.elapsed();
+    let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(last.0, "completed", "snapshot did not complete: {}; stderr: {}", last.1, g.stderr_text());
+    // The guest's RAM is in the file (at least its 64 MiB buffer), in
+    // QEMU's savevm format ("QEVM").
+    assert!(size >= 64 << 20, "snapshot file has {size} bytes");
+    let mut magic = [0u8; 4];
+    std::fs::File::open(&file).and_then(|mut f| f.read_exact(&mut magic)).unwrap();
+    assert_eq!(&magic, b"QEVM");
+    g.drain();
+    g.assert_no_failure();
+    let during = g.attr("pages_sharing");
+
+    // QEMU unregistered guest RAM at the end: twinpage merges it again.
+    g.wait_for("merging to resume after the snapshot", Duration::from_secs(30), |g| g.attr("pages_sharing") >= dup * 95 / 100);
+    let resumed = t.elapsed() - took;
+    let err = g.stderr_text();
+    eprintln!(
+        "background snapshot: pages_sharing {merged} (ksm_merging_pages {merging}) before; completed in {:.1} s, \
+         file {} MiB; pages_sharing {during} right after; back to {} within {:.1} s; {}",
+        took.as_secs_f64(),
+        size >> 20,
+        g.attr("pages_sharing"),
+        resumed.as_secs_f64(),
+        last.1.trim()
+    );
+    assert!(err.contains("with its own userfaultfd"), "no hand-over logged: {err}");
+    assert_eq!(g.finish(), "TP-VERDICT OK");
 }

@@ -4,7 +4,7 @@
 use std::cell::Cell;
 use std::ffi::{c_int, c_ulong};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use twinpage::statsfs::{ProcessFlags, StatsTree, StatsTreeHandle, StatsTreeOptions};
@@ -52,8 +52,48 @@ pub struct Agent {
     cfg: &'static Config,
     merge_any: AtomicBool,
     /// Ranges the host program registered with its own userfaultfd
-    /// (postcopy, background snapshot): twinpage stays out of them.
-    excluded: Mutex<Vec<(usize, usize)>>,
+    /// (postcopy, background snapshot): twinpage stays out of them until
+    /// the program unregisters them or closes that userfaultfd.
+    excluded: Mutex<Vec<Handover>>,
+}
+
+/// A range handed over to the host program's own userfaultfd `fd`.
+struct Handover {
+    fd: c_int,
+    start: usize,
+    end: usize,
+    /// What twinpage had registered (or was asked to register meanwhile)
+    /// inside the range: registered again when the range comes back.
+    parts: Vec<(usize, usize)>,
+}
+
+/// Number of live hand-overs: `close` looks at the agent only when nonzero.
+static HANDOVERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether any host userfaultfd holds memory that twinpage handed over.
+pub fn handovers_active() -> bool {
+    HANDOVERS.load(Ordering::Acquire) != 0
+}
+
+/// The ranges sorted, with overlapping and touching ones joined: guest RAM
+/// comes back as a few ranges, not one per mapping merging left behind
+/// (each registration reads the process's maps).
+fn coalesce(mut ranges: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// `[s, e)` clipped to `[lo, hi)`, if not empty.
+fn clip((s, e): (usize, usize), lo: usize, hi: usize) -> Option<(usize, usize)> {
+    let (s, e) = (s.max(lo), e.min(hi));
+    (s < e).then_some((s, e))
 }
 
 /// Runs when the library is loaded: reads the environment, sets up logging.
@@ -306,7 +346,7 @@ impl Agent {
         let end = addr.saturating_add(len);
         let ex = self.excluded.lock().unwrap_or_else(|e| e.into_inner());
         let mut parts = vec![(addr, end)];
-        for &(xs, xe) in ex.iter() {
+        for &Handover { start: xs, end: xe, .. } in ex.iter() {
             parts = parts
                 .into_iter()
                 .flat_map(|(s, e)| {
@@ -323,6 +363,16 @@ impl Agent {
 
     fn register(&self, addr: usize, len: usize) -> io::Result<c_int> {
         let mut result = Ok(0);
+        {
+            // What falls in a handed-over range is remembered for its return.
+            let end = addr.saturating_add(len);
+            let mut ex = self.excluded.lock().unwrap_or_else(|e| e.into_inner());
+            for h in ex.iter_mut() {
+                if let Some(p) = clip((addr, end), h.start, h.end) {
+                    h.parts.push(p);
+                }
+            }
+        }
         for (s, e) in self.not_excluded(addr, len) {
             match self.engine.register(s, e - s) {
                 Ok(()) | Err(EngineError::Shared) => {}
@@ -521,19 +571,91 @@ impl Agent {
         }
     }
 
-    /// The host program registers memory with its own userfaultfd: twinpage
-    /// unmerges and leaves that range so the program's call succeeds.
+    /// The host program is about to register `[start, start+len)` with its
+    /// own userfaultfd `fd` (QEMU's background snapshot, postcopy): a range
+    /// belongs to one userfaultfd only, so twinpage gives its merged pages
+    /// there back as private copies, unregisters its own userfaultfd and
+    /// stops merging the range until the program lets go of it
+    /// ([`Agent::host_uffd_released`]).
     pub fn host_uffd_register(&self, fd: c_int, start: usize, len: usize) {
-        if fd == self.engine.uffd_raw_fd() || !self.engine.overlaps(start, len) {
+        if fd == self.engine.uffd_raw_fd() {
             return;
         }
-        twinpage::warn_once!(
-            "host-uffd",
-            "twinpage: the program registers {start:#x}..{:#x} with its own userfaultfd (postcopy or snapshot); twinpage unmerges and leaves it",
-            start + len
-        );
-        let _ = self.engine.unregister(start, len);
-        self.excluded.lock().unwrap_or_else(|e| e.into_inner()).push((start, start.saturating_add(len)));
+        let end = start.saturating_add(len);
+        let parts = coalesce(self.engine.registered_in(start, len));
+        if !parts.is_empty() {
+            twinpage::warn_once!(
+                "host-uffd",
+                "twinpage: the program registers {start:#x}..{end:#x} with its own userfaultfd (snapshot or postcopy); \
+                 twinpage unmerges it and stops merging there until the program unregisters it"
+            );
+            let _ = self.engine.unregister(start, len);
+        }
+        self.excluded.lock().unwrap_or_else(|e| e.into_inner()).push(Handover { fd, start, end, parts });
+        HANDOVERS.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The host program's userfaultfd `fd` let go of `[start, end)`: its
+    /// `UFFDIO_REGISTER` failed, it unregistered the range, or it closed
+    /// `fd` (the whole address space then). What twinpage handed over there
+    /// is registered again, unless another hand-over still covers it or the
+    /// kernel still shows a userfaultfd on it (a close that another
+    /// thread's reference delays).
+    pub fn host_uffd_released(&self, fd: c_int, start: usize, end: usize) {
+        let mut back = Vec::new();
+        {
+            let mut ex = self.excluded.lock().unwrap_or_else(|e| e.into_inner());
+            let before = ex.len();
+            let mut kept = Vec::with_capacity(before);
+            for h in ex.drain(..) {
+                if h.fd != fd || h.end <= start || h.start >= end {
+                    kept.push(h);
+                    continue;
+                }
+                back.extend(h.parts.iter().filter_map(|&p| clip(p, start, end)));
+                for (lo, hi) in [(h.start, start), (end, h.end)] {
+                    if let Some((s, e)) = clip((h.start, h.end), lo, hi) {
+                        let parts = h.parts.iter().filter_map(|&p| clip(p, s, e)).collect();
+                        kept.push(Handover { fd, start: s, end: e, parts });
+                    }
+                }
+            }
+            let after = kept.len();
+            *ex = kept;
+            if after < before {
+                HANDOVERS.fetch_sub(before - after, Ordering::AcqRel);
+            } else {
+                HANDOVERS.fetch_add(after - before, Ordering::AcqRel);
+            }
+        }
+        let back = coalesce(back);
+        if back.is_empty() {
+            return;
+        }
+        let (lo, hi) = (back[0].0, back.iter().map(|p| p.1).max().unwrap_or(0));
+        let held: Vec<(usize, usize)> = match twinpage::maps::vmas_with_flags_in(lo, hi) {
+            Ok(v) => v.iter().filter(|v| v.userfaultfd).map(|v| (v.start, v.end)).collect(),
+            Err(e) => {
+                log::warn!("twinpage: cannot read /proc/self/smaps ({e}); handed-over memory stays unmerged");
+                return;
+            }
+        };
+        let mut resumed = 0usize;
+        for (s, e) in back {
+            if held.iter().any(|&h| clip(h, s, e).is_some()) {
+                twinpage::warn_once!(
+                    "host-uffd-held",
+                    "twinpage: {s:#x}..{e:#x} is still registered with another userfaultfd; twinpage does not merge it again"
+                );
+                continue;
+            }
+            if self.register(s, e - s).is_ok() {
+                resumed += e - s;
+            }
+        }
+        if resumed > 0 {
+            log::info!("twinpage: the program's userfaultfd let go of {lo:#x}..{hi:#x}; merging {} KiB there again", resumed / 1024);
+        }
     }
 }
 

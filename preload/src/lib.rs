@@ -19,7 +19,8 @@ use std::ffi::{c_int, c_ulong, c_void};
 
 use agent::Agent;
 
-const UFFDIO_REGISTER: c_ulong = 0xc020_aa00;
+const UFFDIO_REGISTER: c_ulong = twinpage::sys::uffd::UFFDIO_REGISTER as c_ulong;
+const UFFDIO_UNREGISTER: c_ulong = twinpage::sys::uffd::UFFDIO_UNREGISTER as c_ulong;
 
 fn set_errno(e: c_int) {
     // SAFETY: __errno_location returns this thread's errno slot.
@@ -229,17 +230,63 @@ pub unsafe extern "C" fn prctl(option: c_int, a2: c_ulong, a3: c_ulong, a4: c_ul
 /// As `ioctl(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
-    if req == UFFDIO_REGISTER && !arg.is_null() {
-        // SAFETY: for UFFDIO_REGISTER the caller passes a struct uffdio_register,
-        // whose first two u64 are the range.
+    let range = |arg: *mut c_void| {
+        // SAFETY: for UFFDIO_REGISTER and UFFDIO_UNREGISTER the caller passes
+        // a struct uffdio_register or uffdio_range, both starting with the
+        // range as two u64 (start, len); a bad pointer faults in the caller's
+        // own call as it would in the kernel's copy.
         let (start, len) = unsafe { (*(arg as *const u64), *(arg as *const u64).add(1)) };
+        (start as usize, start.saturating_add(len) as usize)
+    };
+    let handed = req == UFFDIO_REGISTER
+        && !arg.is_null()
+        && with_agent(false, |a| {
+            let (s, e) = range(arg);
+            a.host_uffd_register(fd, s, e - s);
+            Some(())
+        })
+        .is_some();
+    // SAFETY: the host program's own ioctl, passed on unchanged.
+    let r = neg_errno(unsafe { libc::syscall(libc::SYS_ioctl, fd as libc::c_long, req, arg) });
+    let released = (handed && r < 0) || (req == UFFDIO_UNREGISTER && r == 0 && !arg.is_null() && agent::handovers_active());
+    if released {
+        let (s, e) = range(arg);
         with_agent(false, |a| {
-            a.host_uffd_register(fd, start as usize, len as usize);
+            a.host_uffd_released(fd, s, e);
             Some(())
         });
     }
-    // SAFETY: the host program's own ioctl, passed on unchanged.
-    libc_ret(neg_errno(unsafe { libc::syscall(libc::SYS_ioctl, fd as libc::c_long, req, arg) }))
+    libc_ret(r)
+}
+
+/// # Safety
+/// As `close(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    // Only a userfaultfd can give memory back; twinpage's own threads close
+    // files while holding engine locks, and must never get further than this.
+    let uffd = agent::handovers_active() && is_userfaultfd(fd);
+    // SAFETY: the host program's own close, passed on unchanged.
+    let r = neg_errno(unsafe { libc::syscall(libc::SYS_close, fd as libc::c_long) });
+    // A host userfaultfd that held handed-over memory is gone: its ranges
+    // come back (EINTR still closes the fd on Linux).
+    if uffd && (r == 0 || r == -(libc::EINTR as isize)) {
+        with_agent(false, |a| {
+            a.host_uffd_released(fd, 0, usize::MAX);
+            Some(())
+        });
+    }
+    libc_ret(r)
+}
+
+/// `fd` is a userfaultfd (its /proc link reads `anon_inode:[userfaultfd]`).
+fn is_userfaultfd(fd: c_int) -> bool {
+    let Ok(path) = std::ffi::CString::new(format!("/proc/self/fd/{fd}")) else { return false };
+    let mut buf = [0u8; 64];
+    // SAFETY: path is NUL-terminated; readlink writes at most buf.len() bytes
+    // into buf and opens no file descriptor.
+    let n = unsafe { libc::readlink(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    n > 0 && buf[..n as usize] == *b"anon_inode:[userfaultfd]"
 }
 
 #[used]
