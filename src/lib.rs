@@ -29,4 +29,4 @@ pub mod tunables;
 
 pub use engine::{Engine, EngineError};
 pub use stats::KsmStats;
-pub use tunables::{AdvisorMode, TunableError};
+pub use tunables::{AdvisorMode, MergeMode, TunableError};

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use kernel_compat::{parse, parse_write, WriteContext};
+use kernel_compat::{parse, WriteContext};
 
 /// What the environment asked for.
 #[derive(Debug, Clone)]
@@ -34,7 +34,16 @@ fn flag(name: &str, v: &str) -> Result<bool, String> {
 
 /// Reads and checks every `TWINPAGE_*` variable.
 pub fn from_env() -> Result<Config, String> {
-    from_vars(std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))))
+    let mut vars = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        let Ok(k) = k.into_string() else { continue };
+        match v.into_string() {
+            Ok(v) => vars.push((k, v)),
+            Err(v) if k.starts_with("TWINPAGE_") => return Err(format!("{k}={v:?} is not valid UTF-8")),
+            Err(_) => {}
+        }
+    }
+    from_vars(vars)
 }
 
 /// [`from_env`] over given pairs.
@@ -87,10 +96,13 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
             }
             _ => {
                 let attr = name.to_ascii_lowercase();
-                match kernel_compat::find(&attr) {
+                match twinpage::tunables::find_attr(&attr) {
                     Some(a) if a.writable => {
-                        parse_write(&attr, &v, &ctx)
-                            .map_err(|e| format!("{k}={v:?} is refused as the kernel refuses it ({})", e.name()))?;
+                        if v.is_empty() {
+                            return Err(format!("{k} is empty (unset it for the default {:?})", a.default));
+                        }
+                        twinpage::tunables::model_write(&attr, v.as_bytes(), &ctx)
+                            .map_err(|e| format!("{k}={v:?} is refused as sysfs refuses it ({})", e.name()))?;
                         c.tunables.push((attr, v));
                     }
                     Some(_) => return Err(format!("{k}: {attr} is read-only")),
@@ -126,5 +138,9 @@ mod tests {
         assert!(vars(&[("TWINPAGE_PAGES_SHARED", "1")]).unwrap_err().contains("read-only"));
         assert!(vars(&[("TWINPAGE_TYPO", "1")]).unwrap_err().contains("unknown"));
         assert!(vars(&[("TWINPAGE_LOG", "loud")]).is_err());
+        let c = vars(&[("TWINPAGE_TWINPAGE_MERGE_MODE", "zero-only")]).unwrap();
+        assert_eq!(c.tunables, vec![("twinpage_merge_mode".to_string(), "zero-only".to_string())]);
+        assert!(vars(&[("TWINPAGE_TWINPAGE_MERGE_MODE", "zero")]).unwrap_err().contains("TWINPAGE_TWINPAGE_MERGE_MODE"));
+        assert!(vars(&[("TWINPAGE_RUN", "")]).unwrap_err().contains("TWINPAGE_RUN is empty"));
     }
 }

@@ -116,8 +116,13 @@ impl Broker {
     pub fn scan(&mut self, agent: u32, items: &[Candidate]) -> Vec<Order> {
         let max = self.tunables.max_page_sharing();
         self.totals.candidates += items.len() as u64;
+        // The daemon's own twinpage_merge_mode: an agent that ignores it
+        // gets no orders for content the mode excludes (a zero digest is
+        // checked against the bytes on upload and by the agent on join).
+        let mode = self.tunables.merge_mode();
+        let allowed: Vec<Candidate> = items.iter().filter(|c| mode.allows(c.digest == crate::scan::zero_hash())).copied().collect();
         let Some((d, h)) = self.parts(agent) else { return Vec::new() };
-        let orders = d.scan(agent, h, items, max);
+        let orders = d.scan(agent, h, &allowed, max);
         let uploads = orders.iter().filter(|o| o.kind == proto::OrderKind::Upload).count();
         self.totals.uploads += uploads as u64;
         orders

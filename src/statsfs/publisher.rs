@@ -71,7 +71,9 @@ pub struct StatsTree {
     engine_view: HashMap<&'static str, String>,
     /// Attribute files found empty once: a writer may be between its
     /// `O_TRUNC` and its `write`; looked at again next pass.
-    pending_empty: HashSet<&'static str>,
+    /// The file's mtime then: an empty file seen again with a newer mtime is
+    /// another writer's `O_TRUNC`, not the same empty write.
+    pending_empty: HashMap<&'static str, i128>,
     warned: HashSet<String>,
     passes: u64,
 }
@@ -140,6 +142,11 @@ fn write_text(name: &str, shown: &str) -> String {
             return m.as_str().to_string();
         }
     }
+    if name == crate::tunables::MERGE_MODE {
+        if let Some(m) = crate::tunables::MergeMode::from_show(shown) {
+            return m.as_str().to_string();
+        }
+    }
     shown.to_string()
 }
 
@@ -203,7 +210,7 @@ impl StatsTree {
         let merging_pages = InPlaceFile::open(&proc_dir.join(layout::MERGING_PAGES), 0o444)?;
         let own_tunables = InPlaceFile::open(&proc_dir.join(layout::OWN_TUNABLES), 0o444)?;
         let mut attrs = Vec::new();
-        for attr in kernel_compat::ATTRS.iter().filter(|a| engine.show_attr(a.name).is_some()) {
+        for attr in crate::tunables::all_attrs().filter(|a| engine.show_attr(a.name).is_some()) {
             let path = ksm_dir.join(attr.name);
             let existed = path.exists();
             attrs.push(AttrFile { attr, file: InPlaceFile::open(&path, attr.mode())?, fresh: !existed });
@@ -231,7 +238,7 @@ impl StatsTree {
             state_file,
             synced: HashMap::new(),
             engine_view: HashMap::new(),
-            pending_empty: HashSet::new(),
+            pending_empty: HashMap::new(),
             warned: HashSet::new(),
             passes: 0,
             engine,
@@ -468,7 +475,8 @@ impl StatsTree {
             let unchanged = a.fresh || (content == canonical(&t.value) && mtime == t.mtime);
             if unchanged {
                 self.pending_empty.remove(n);
-            } else if content.is_empty() && self.pending_empty.insert(n) {
+            } else if content.is_empty() && self.pending_empty.get(n) != Some(&mtime) {
+                self.pending_empty.insert(n, mtime);
                 // Perhaps between a writer's O_TRUNC and its write(2).
             } else {
                 self.pending_empty.remove(n);
@@ -518,12 +526,17 @@ impl StatsTree {
         // Every writable file shows the shared value, canonically printed.
         for a in &mut self.attrs {
             let n = a.attr.name;
-            if !a.attr.writable || self.pending_empty.contains(n) {
+            if !a.attr.writable || self.pending_empty.contains_key(n) {
                 continue;
             }
             let (Some(t), Some((content, mtime))) = (shared.get(n), seen.get(n)) else { continue };
             let want = canonical(&t.value);
             if *content != want || a.fresh {
+                if !a.fresh && a.file.read()? != *content {
+                    // A user wrote again during this pass: keep the write for
+                    // the next pass rather than overwrite it unseen.
+                    continue;
+                }
                 a.file.overwrite(&want)?;
                 let m = a.file.mtime()?;
                 shared.set_mtime(n, m);
@@ -543,11 +556,11 @@ impl StatsTree {
         let chunks: Vec<&[u8]> = if content.is_empty() { vec![content] } else { content.chunks(SYSFS_WRITE_MAX).collect() };
         for chunk in chunks {
             let ctx = self.context(shared, pages_shared);
-            let result = match kernel_compat::model_write(name, chunk, &ctx) {
+            let result = match crate::tunables::model_write(name, chunk, &ctx) {
                 Ok(None) => Ok(()),
                 Ok(Some(v)) => {
                     let before = self.engine_values();
-                    let r = self.engine.set_attr(name, &v.to_write_text());
+                    let r = self.engine.set_attr(name, &v);
                     if r.is_ok() {
                         let after = self.engine_values();
                         for (&n, val) in &after {
