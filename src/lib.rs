@@ -12,6 +12,7 @@ pub mod bench_api;
 pub mod benchcmd;
 pub mod broker;
 pub mod engine;
+pub mod envconfig;
 pub mod inflight;
 pub mod link;
 pub mod maps;
