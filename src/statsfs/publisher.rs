@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kernel_compat::write::SYSFS_WRITE_MAX;
 use kernel_compat::{procfs, AdvisorMode, Attr, KsmStat, WriteContext, WriteError};
@@ -27,6 +27,10 @@ const MAX_PERIOD_MS: u64 = 200;
 const ENSURE_EVERY: u64 = 32;
 /// Longest wait for the tree's lock before a pass is skipped.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an attribute file must stay empty to count as an empty write
+/// (a no-op, as a zero-length `write(2)` to sysfs) rather than a writer
+/// between its `O_TRUNC` and its `write(2)`.
+const EMPTY_GRACE: Duration = Duration::from_secs(1);
 /// Distinct refused writes remembered for logging once each.
 const WARNED_MAX: usize = 1024;
 
@@ -71,9 +75,9 @@ pub struct StatsTree {
     engine_view: HashMap<&'static str, String>,
     /// Attribute files found empty once: a writer may be between its
     /// `O_TRUNC` and its `write`; looked at again next pass.
-    /// The file's mtime then: an empty file seen again with a newer mtime is
-    /// another writer's `O_TRUNC`, not the same empty write.
-    pending_empty: HashMap<&'static str, i128>,
+    /// The file's mtime then and when it was first seen empty: an empty
+    /// file seen again with a newer mtime is another writer's `O_TRUNC`.
+    pending_empty: HashMap<&'static str, (i128, Instant)>,
     warned: HashSet<String>,
     passes: u64,
 }
@@ -475,9 +479,16 @@ impl StatsTree {
             let unchanged = a.fresh || (content == canonical(&t.value) && mtime == t.mtime);
             if unchanged {
                 self.pending_empty.remove(n);
-            } else if content.is_empty() && self.pending_empty.get(n) != Some(&mtime) {
-                self.pending_empty.insert(n, mtime);
-                // Perhaps between a writer's O_TRUNC and its write(2).
+            } else if content.is_empty() && !self.pending_empty.get(n).is_some_and(|&(m, t)| m == mtime && t.elapsed() >= EMPTY_GRACE) {
+                // Perhaps between a writer's O_TRUNC and its write(2), which a
+                // loaded machine can hold apart for several passes (and
+                // mtimes are coarse): an empty write only once it has stayed
+                // empty for EMPTY_GRACE.
+                let since = match self.pending_empty.get(n) {
+                    Some(&(m, t)) if m == mtime => t,
+                    _ => Instant::now(),
+                };
+                self.pending_empty.insert(n, (mtime, since));
             } else {
                 self.pending_empty.remove(n);
                 writes.push((mtime, i, n));

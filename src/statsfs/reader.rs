@@ -292,8 +292,9 @@ impl Tree {
             let g = self.generation()?;
             if g > ticket.generation {
                 let content = self.ksm().read_raw(&ticket.name)?;
-                // An empty file is looked at again one pass later.
-                if !content.is_empty() || g > ticket.generation + 1 {
+                // An empty file is taken for an empty write once it has stayed
+                // empty for a while; then it shows the value again.
+                if !content.is_empty() {
                     if let Some(r) = self.last_error()?.filter(|r| r.seq > ticket.errors && r.attr == ticket.name) {
                         return Ok(WaitOutcome::Refused(r));
                     }
