@@ -186,6 +186,8 @@ impl StatsTree {
             .ok_or_else(|| io::Error::other("cannot read this process's start time from /proc/self/stat"))?;
         let ksm_dir = root.join(layout::KSM);
         let tw = root.join(layout::TWINPAGE);
+        file::create_dir(&root)?;
+        file::check_root(&root)?;
         for d in [&ksm_dir, &root.join(layout::PROC), &tw] {
             file::create_dir(d)?;
         }
