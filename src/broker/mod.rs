@@ -270,6 +270,24 @@ mod tests {
         assert_eq!(b.stats().pages_unshared, 3);
     }
 
+    /// An agent that ignores the daemon's twinpage_merge_mode gets no orders
+    /// for content the mode excludes.
+    #[test]
+    fn the_merge_mode_holds_for_agents_that_ignore_it() {
+        let mut b = Broker::new();
+        b.tunables.write_attr("twinpage_merge_mode", "zero-only", 0, false).unwrap();
+        let (a1, _f1) = b.join(1, 1000, None).unwrap();
+        let (a2, _f2) = b.join(2, 1000, None).unwrap();
+        let (data, zero) = (page(5), page(0));
+        for a in [a1, a2] {
+            assert!(b.scan(a, &[cand(1, &data, true)]).is_empty(), "non-zero page ordered under zero-only");
+        }
+        assert!(b.scan(a1, &[cand(2, &zero, true)]).is_empty());
+        assert_eq!(b.scan(a2, &[cand(2, &zero, true)]).len(), 1, "zero pages still merge");
+        b.tunables.write_attr("twinpage_merge_mode", "off", 0, false).unwrap();
+        assert!(b.scan(a1, &[cand(3, &zero, true)]).is_empty() && b.scan(a2, &[cand(3, &zero, true)]).is_empty());
+    }
+
     /// The fd an agent gets reads the store but cannot change it in any way.
     #[test]
     fn the_agents_store_fd_cannot_write() {
