@@ -562,9 +562,18 @@ fn scanner_main(inner: &Inner) {
     let sh = &inner.sh;
     let mut unmerged = false;
     let mut next_try = std::time::Instant::now();
+    let mut mode = crate::tunables::MergeMode::All;
     while !inner.shutdown.load(Ordering::Relaxed) {
         let agents = scan::remote::tick(sh, &mut next_try);
         let t = &sh.tunables;
+        // A stricter merge mode takes back what it no longer allows, whatever
+        // `run` says: the operator asked for those pages not to be shared.
+        let now = t.merge_mode();
+        if now > mode {
+            scan::unmerge_disallowed(sh, now);
+            scan::publish(sh);
+        }
+        mode = now;
         match t.run() {
             0 => {
                 unmerged = false;

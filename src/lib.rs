@@ -12,6 +12,7 @@ pub mod bench_api;
 pub mod benchcmd;
 pub mod broker;
 pub mod engine;
+pub mod envconfig;
 pub mod inflight;
 pub mod link;
 pub mod maps;
@@ -29,4 +30,4 @@ pub mod tunables;
 
 pub use engine::{Engine, EngineError};
 pub use stats::KsmStats;
-pub use tunables::{AdvisorMode, TunableError};
+pub use tunables::{AdvisorMode, MergeMode, TunableError};

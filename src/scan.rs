@@ -19,7 +19,7 @@ use crate::sys::pagemap::{PageEntry, Pagemap};
 use crate::sys::uffd::Userfaultfd;
 use crate::sys::{mman, PAGE_SIZE};
 use crate::tree::{PageRef, StableTree, UnstableTree};
-use crate::tunables::Tunables;
+use crate::tunables::{MergeMode, Tunables};
 use crate::warn_once;
 use crate::broker::proto::Candidate;
 
@@ -447,6 +447,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
     let smart = sh.tunables.smart_scan();
     let max_sharing = sh.tunables.max_page_sharing();
     let zh = zero_hash();
+    let mode = sh.tunables.merge_mode();
     let mut d = Decisions::default();
     let mut last_pair: Option<(usize, u32)> = None;
     let remote = core.remote.is_some();
@@ -483,7 +484,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
             rec.state = PageState::None;
             continue;
         }
-        if !mergeable {
+        if !mergeable || mode == MergeMode::Off {
             continue;
         }
         if smart && should_skip(rec) {
@@ -496,6 +497,14 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
         let h = page_hash(page);
         if h == zh && !e.exclusive() && is_zero(page) {
             // The shared zero page of a never-written page: nothing to merge.
+            core.forget_hashed(rec);
+            rec.state = PageState::None;
+            continue;
+        }
+        // The merge mode decides here, before any tree or the daemon hears of
+        // the page: a page the mode excludes is never proposed, so it can
+        // neither join a store page nor become one.
+        if !mode.allows(h == zh && is_zero(page)) {
             core.forget_hashed(rec);
             rec.state = PageState::None;
             continue;
@@ -716,6 +725,49 @@ pub fn restore_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &
             }
         }
         i = j;
+    }
+}
+
+/// `twinpage_merge_mode` became `mode`: unmerges every page the mode no
+/// longer allows (under `off` all of them, as `run=2`; under `zero-only`
+/// the merged pages whose content is not all zeros), because pages already
+/// shared are exactly what the stricter mode is there to stop.
+pub fn unmerge_disallowed(sh: &Shared, mode: MergeMode) {
+    if mode == MergeMode::All {
+        return;
+    }
+    if mode == MergeMode::Off {
+        unmerge_all(sh);
+        return;
+    }
+    let regions: Vec<Arc<Region>> = sh.registry.read().iter().cloned().collect();
+    for r in regions {
+        let mut st = r.state.write();
+        if st.dead {
+            continue;
+        }
+        let mut core = sh.core.lock();
+        let disallowed = |st: &RegionState, i: usize| {
+            st.records[i].state == PageState::Merged && {
+                // SAFETY: a page of a live region we hold locked; a merged page
+                // is mapped and readable (a remap never drops PROT_READ).
+                let page = unsafe { guest_page(r.addr(i)) };
+                !mode.allows(is_zero(page))
+            }
+        };
+        let mut i = 0;
+        while i < r.pages {
+            if !disallowed(&st, i) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < r.pages && disallowed(&st, j) {
+                j += 1;
+            }
+            unmerge_range(sh, &r, &mut st, &mut core, i, j);
+            i = j;
+        }
     }
 }
 

@@ -2,7 +2,8 @@
 //! which starts at 1: preloading twinpage is the opt-in).
 
 use crate::primitive::{AtomicU64, Ordering};
-use kernel_compat::{Value, WriteContext, WriteError};
+use kernel_compat::attrs::{Attr, Format, Parser};
+use kernel_compat::{parse::sysfs_streq, Value, WriteContext, WriteError};
 
 /// Why a tunable write was refused; the names are the errno a sysfs write gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -18,6 +19,129 @@ pub enum TunableError {
 pub enum AdvisorMode {
     None,
     ScanTime,
+}
+
+/// Which pages may merge (`twinpage_merge_mode`): the side-channel switch.
+/// Pages that share one physical page leak through copy-on-write timing,
+/// so an operator can narrow merging to pages whose content is no secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MergeMode {
+    /// Every duplicate page merges (the default, as kernel KSM).
+    All,
+    /// Only all-zero pages merge, like Windows' "safe pages".
+    ZeroOnly,
+    /// Nothing merges; what was merged is unmerged.
+    Off,
+}
+
+impl MergeMode {
+    /// The choices in the order the attribute shows them.
+    pub const ALL: [MergeMode; 3] = [MergeMode::All, MergeMode::ZeroOnly, MergeMode::Off];
+
+    /// The word a write takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MergeMode::All => "all",
+            MergeMode::ZeroOnly => "zero-only",
+            MergeMode::Off => "off",
+        }
+    }
+
+    /// Parses a write as sysfs multi-choice attributes do (`sysfs_streq`:
+    /// one trailing newline allowed, nothing else around the word).
+    pub fn parse(text: &[u8]) -> Result<MergeMode, WriteError> {
+        Self::ALL.into_iter().find(|m| sysfs_streq(m.as_str(), text)).ok_or(WriteError::Inval)
+    }
+
+    /// What reading the attribute prints: every choice, the current one in
+    /// brackets (`[all] zero-only off`), as the kernel's multi-choice
+    /// attributes (`advisor_mode`, THP's `enabled`) print.
+    pub fn show(self) -> String {
+        Self::ALL
+            .iter()
+            .map(|&m| if m == self { format!("[{}]", m.as_str()) } else { m.as_str().to_string() })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The current choice out of a shown value.
+    pub fn from_show(text: &str) -> Option<MergeMode> {
+        let word = text.trim_end_matches('\n').split(' ').find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))?;
+        Self::parse(word.as_bytes()).ok()
+    }
+
+    /// Whether a page of this content may merge under the mode.
+    pub fn allows(self, zero: bool) -> bool {
+        match self {
+            MergeMode::All => true,
+            MergeMode::ZeroOnly => zero,
+            MergeMode::Off => false,
+        }
+    }
+
+    fn from_u64(v: u64) -> MergeMode {
+        match v {
+            0 => MergeMode::All,
+            1 => MergeMode::ZeroOnly,
+            _ => MergeMode::Off,
+        }
+    }
+
+    fn to_u64(self) -> u64 {
+        match self {
+            MergeMode::All => 0,
+            MergeMode::ZeroOnly => 1,
+            MergeMode::Off => 2,
+        }
+    }
+}
+
+/// Name of the merge-mode attribute.
+pub const MERGE_MODE: &str = "twinpage_merge_mode";
+
+/// twinpage's own attributes, published beside the kernel's under
+/// `kernel/mm/ksm` with a `twinpage_` prefix (the kernel has no such names).
+/// `format`/`parser` are the nearest kernel kind (a multi-choice word);
+/// writes go through [`model_write`], never the kernel's parser.
+pub const TWINPAGE_ATTRS: &[Attr] = &[Attr {
+    name: MERGE_MODE,
+    writable: true,
+    default: "[all] zero-only off",
+    format: Format::AdvisorMode,
+    parser: Some(Parser::AdvisorMode),
+    raw_parse_errors: false,
+    numa_only: false,
+    doc: "which pages merge: all, zero-only (only all-zero pages) or off; a stricter mode unmerges what it no longer allows",
+}];
+
+/// Every attribute of the tree: the kernel's, then twinpage's own.
+pub fn all_attrs() -> impl Iterator<Item = &'static Attr> {
+    kernel_compat::ATTRS.iter().chain(TWINPAGE_ATTRS)
+}
+
+/// The attribute `name`, kernel's or twinpage's.
+pub fn find_attr(name: &str) -> Option<&'static Attr> {
+    all_attrs().find(|a| a.name == name)
+}
+
+/// Whether `name` is one of twinpage's own attributes.
+pub fn is_twinpage_attr(name: &str) -> bool {
+    TWINPAGE_ATTRS.iter().any(|a| a.name == name)
+}
+
+/// One `write(2)` of `bytes` to attribute `name`, judged as sysfs would
+/// (kernel attributes by the kernel's rules, [`kernel_compat::model_write`];
+/// twinpage's own by theirs): `Ok(None)` for a zero-length write, which
+/// changes nothing, else the text to hand to `set_attr`.
+pub fn model_write(name: &str, bytes: &[u8], ctx: &WriteContext) -> Result<Option<String>, WriteError> {
+    if name == MERGE_MODE {
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let chunk = &bytes[..bytes.len().min(kernel_compat::write::SYSFS_WRITE_MAX)];
+        return MergeMode::parse(chunk).map(|m| Some(m.as_str().to_string()));
+    }
+    kernel_compat::model_write(name, bytes, ctx).map(|v| v.map(|v| v.to_write_text()))
 }
 
 /// Tunables, read lock-free by the scanner on every wake.
@@ -36,6 +160,7 @@ pub struct Tunables {
     advisor_min_pages_to_scan: AtomicU64,
     advisor_max_pages_to_scan: AtomicU64,
     advisor_target_scan_time: AtomicU64,
+    merge_mode: AtomicU64,
 }
 
 impl Default for Tunables {
@@ -54,6 +179,7 @@ impl Default for Tunables {
             advisor_min_pages_to_scan: AtomicU64::new(500),
             advisor_max_pages_to_scan: AtomicU64::new(30000),
             advisor_target_scan_time: AtomicU64::new(200),
+            merge_mode: AtomicU64::new(MergeMode::All.to_u64()),
         }
     }
 }
@@ -94,6 +220,14 @@ impl Tunables {
         } else {
             AdvisorMode::ScanTime
         }
+    }
+
+    /// `twinpage_merge_mode`.
+    pub fn merge_mode(&self) -> MergeMode {
+        MergeMode::from_u64(self.merge_mode.load(Ordering::Relaxed))
+    }
+    pub(crate) fn set_merge_mode(&self, m: MergeMode) {
+        self.merge_mode.store(m.to_u64(), Ordering::Relaxed);
     }
 
     pub(crate) fn set_run(&self, v: u32) -> Result<(), TunableError> {
@@ -159,6 +293,10 @@ impl Tunables {
     /// `max_page_sharing`); a refused value changes nothing.
     pub fn write_attr(&self, name: &str, text: &str, pages_shared: u64, numa: bool) -> Result<(), WriteError> {
         let t = self;
+        if name == MERGE_MODE {
+            t.set_merge_mode(MergeMode::parse(text.as_bytes())?);
+            return Ok(());
+        }
         let ctx = WriteContext {
             pages_shared,
             advisor_on: t.advisor_mode() == AdvisorMode::ScanTime,
@@ -229,6 +367,7 @@ pub fn show_attr(t: &Tunables, s: &crate::KsmStats, name: &str, numa: bool) -> O
             "advisor_min_pages_to_scan" => t.advisor_min_pages_to_scan().to_string(),
             "advisor_max_pages_to_scan" => t.advisor_max_pages_to_scan().to_string(),
             "advisor_target_scan_time" => t.advisor_target_scan_time().to_string(),
+            MERGE_MODE => t.merge_mode().show(),
             "pages_shared" => s.pages_shared.to_string(),
             "pages_sharing" => s.pages_sharing.to_string(),
             "pages_unshared" => s.pages_unshared.to_string(),
@@ -243,4 +382,28 @@ pub fn show_attr(t: &Tunables, s: &crate::KsmStats, name: &str, numa: bool) -> O
             _ => return None,
         };
         Some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_mode_parses_like_sysfs_and_shows_its_choices() {
+        assert_eq!(MergeMode::parse(b"zero-only\n"), Ok(MergeMode::ZeroOnly));
+        assert_eq!(MergeMode::parse(b"off"), Ok(MergeMode::Off));
+        for bad in [&b""[..], b"\n", b" all", b"all ", b"all\n\n", b"ALL", b"zero_only", b"2"] {
+            assert_eq!(MergeMode::parse(bad), Err(WriteError::Inval), "{bad:?}");
+        }
+        assert_eq!(MergeMode::ZeroOnly.show(), "all [zero-only] off");
+        for m in MergeMode::ALL {
+            assert_eq!(MergeMode::from_show(&m.show()), Some(m));
+        }
+        let t = Tunables::default();
+        assert_eq!(t.write_attr(MERGE_MODE, "sometimes", 0, false), Err(WriteError::Inval));
+        assert_eq!(t.merge_mode(), MergeMode::All);
+        t.write_attr(MERGE_MODE, "off\n", 0, false).unwrap();
+        assert_eq!(show_attr(&t, &crate::KsmStats::default(), MERGE_MODE, false).unwrap(), "all zero-only [off]");
+        assert_eq!(model_write(MERGE_MODE, b"", &WriteContext::default()), Ok(None));
+    }
 }

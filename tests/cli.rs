@@ -104,6 +104,8 @@ fn set_exit_statuses_and_messages() {
         ("max_page_sharing", "99999999999999999999", 34, "ERANGE"),
         ("pages_shared", "5", 13, "EACCES"),
         ("no_such_attribute", "1", 2, "ENOENT"),
+        ("twinpage_merge_mode", "zero", 22, "EINVAL"),
+        ("twinpage_merge_mode", " off", 22, "EINVAL"),
     ] {
         let before = t.attribute("pages_to_scan").unwrap();
         let out = twinpage(&["set", attr, value], s.dir());
@@ -127,6 +129,17 @@ fn set_exit_statuses_and_messages() {
     assert_eq!(twinpage(&["set", "pages_to_scan", "5"], s.dir()).status.code(), Some(22));
     assert!(twinpage(&["set", "advisor_mode", "none"], s.dir()).status.success());
     assert_eq!(t.attribute("pages_to_scan").unwrap(), "100");
+    let out = twinpage(&["set", "twinpage_merge_mode", "zero-only\n"], s.dir());
+    assert_eq!(text(&out.stdout), "twinpage_merge_mode: [all] zero-only off -> all [zero-only] off\n");
+    assert_eq!(s.engine.tunables().merge_mode(), twinpage::MergeMode::ZeroOnly);
+    assert!(twinpage(&["set", "twinpage_merge_mode", "all"], s.dir()).status.success());
+    // Malformed command lines: usage, status 2, nothing written.
+    for args in [&["set"][..], &["set", "run"], &["set", "run", "1", "2"], &["stat", "--bogus"], &["frobnicate"], &["top", "--interval", "x"]] {
+        let out = twinpage(args, s.dir());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+        assert!(!out.stderr.is_empty());
+    }
+    assert_eq!(s.engine.tunables().run(), 1);
     // An empty value is a no-op, as `echo -n "" > run`.
     assert!(twinpage(&["set", "run", ""], s.dir()).status.success());
 
@@ -164,6 +177,13 @@ fn stat_text_and_json() {
     let t = Tree::at(s.dir());
     // Freeze the counters.
     assert!(twinpage(&["set", "run", "0"], s.dir()).status.success());
+    // A batch under way when run became 0 still finishes and is published.
+    let mut last = String::new();
+    assert!(common::wait_until(Duration::from_secs(5), || {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = t.attribute("full_scans").unwrap();
+        std::mem::replace(&mut last, now.clone()) == now
+    }));
     let out = twinpage(&["stat"], s.dir());
     assert!(out.status.success(), "{}", text(&out.stderr));
     let o = text(&out.stdout);

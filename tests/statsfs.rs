@@ -83,28 +83,34 @@ fn names_formats_and_modes_match_the_kernel() {
     let h = publish(&e, &root.0);
     let tree = Tree::at(&root.0);
     let ours = tree.ksm().names().unwrap();
-    let expected: BTreeSet<String> = attrs::ATTRS
-        .iter()
+    let expected: BTreeSet<String> = twinpage::tunables::all_attrs()
         .filter(|a| e.show_attr(a.name).is_some())
         .map(|a| a.name.to_string())
         .collect();
-    assert_eq!(ours, expected, "only kernel names under kernel/mm/ksm");
+    assert_eq!(ours, expected, "only kernel names and twinpage_* under kernel/mm/ksm");
+    assert!(ours.iter().all(|n| attrs::find(n).is_some() || n.starts_with("twinpage_")));
     for (name, dir) in [("twinpage", &tree.ksm()), ("kernel", &KsmSysfs::kernel())] {
         if name == "kernel" && !require_or_skip(dir.exists(), "/sys/kernel/mm/ksm (CONFIG_KSM)") {
             break;
         }
         for n in dir.names().unwrap() {
-            let a = attrs::find(&n).unwrap_or_else(|| panic!("{name}: unknown attribute {n}"));
+            let a = twinpage::tunables::find_attr(&n).unwrap_or_else(|| panic!("{name}: unknown attribute {n}"));
+
             let raw = dir.read_raw(&n).unwrap();
             assert!(raw.ends_with('\n') && raw.matches('\n').count() == 1, "{name} {n}: {raw:?}");
-            assert!(a.matches_format(&raw), "{name} {n}: {raw:?} is not in format {:?}", a.format);
+            if n == twinpage::tunables::MERGE_MODE {
+                assert!(twinpage::MergeMode::from_show(&raw).is_some(), "{raw:?}");
+            } else {
+                assert!(a.matches_format(&raw), "{name} {n}: {raw:?} is not in format {:?}", a.format);
+            }
             let mode = std::fs::metadata(dir.path(&n)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, a.mode(), "{name}: mode of {n}");
         }
     }
     let kernel = KsmSysfs::kernel();
     if kernel.exists() {
-        assert_eq!(ours, kernel.names().unwrap(), "names under $TWINPAGE_DIR/kernel/mm/ksm and /sys/kernel/mm/ksm");
+        let kernel_names: BTreeSet<String> = ours.iter().filter(|n| !n.starts_with("twinpage_")).cloned().collect();
+        assert_eq!(kernel_names, kernel.names().unwrap(), "names under $TWINPAGE_DIR/kernel/mm/ksm and /sys/kernel/mm/ksm");
     }
     // The settings read back as the kernel driver reads them.
     let t = tree.ksm().tunables().unwrap();

@@ -43,9 +43,18 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 fn main() {
+    // Every TWINPAGE_* variable is checked as the preload checks it; a
+    // malformed one stops the daemon before it touches anything.
+    let env = match twinpage::envconfig::from_env() {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("twinpaged: invalid environment: {msg}");
+            std::process::exit(2);
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("TWINPAGE_LOG", "info")).init();
     let args = Args::parse();
-    if let Err(e) = run(&args) {
+    if let Err(e) = run(&args, &env.tunables) {
         eprintln!("twinpaged: {e}");
         std::process::exit(1);
     }
@@ -69,17 +78,26 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, String> {
     Ok(l)
 }
 
-fn run(args: &Args) -> Result<(), String> {
+fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
     if !args.dir.is_absolute() {
-        return Err(format!("TWINPAGE_DIR must be an absolute path, not {}", args.dir.display()));
+        return Err(format!("--dir (TWINPAGE_DIR) must be an absolute path, not {:?}", args.dir));
+    }
+    if args.socket.as_ref().is_some_and(|s| !s.is_absolute()) {
+        return Err(format!("--socket (TWINPAGE_SOCKET) must be an absolute path, not {:?}", args.socket.as_ref().unwrap_or(&PathBuf::new())));
     }
     let socket = args.socket.clone().unwrap_or_else(|| args.dir.join("twinpaged.sock"));
     twinpage::sys::signals::install_handlers();
-    let listener = bind(&socket, args.socket_mode)?;
     let daemon = Arc::new(Daemon::default());
+    // TWINPAGE_<ATTR> (checked with the kernel's rules already): this
+    // daemon's settings, published to the tree as an agent's would be.
+    for (attr, value) in tunables {
+        twinpage::statsfs::Source::set_attr(&*daemon, attr, value)
+            .map_err(|e| format!("TWINPAGE_{}={value:?} refused ({})", attr.to_ascii_uppercase(), e.name()))?;
+    }
+    let listener = bind(&socket, args.socket_mode)?;
     let opts = StatsTreeOptions {
         flags: Some(Arc::new(|_| ProcessFlags { merge_any: false, mergeable: false })),
-        explicit: Vec::new(),
+        explicit: tunables.iter().map(|(a, _)| a.clone()).collect(),
     };
     let tree = StatsTree::spawn(daemon.clone(), args.dir.clone(), opts)
         .map_err(|e| format!("cannot publish the stats tree under {}: {e}", args.dir.display()))?;

@@ -116,8 +116,13 @@ impl Broker {
     pub fn scan(&mut self, agent: u32, items: &[Candidate]) -> Vec<Order> {
         let max = self.tunables.max_page_sharing();
         self.totals.candidates += items.len() as u64;
+        // The daemon's own twinpage_merge_mode: an agent that ignores it
+        // gets no orders for content the mode excludes (a zero digest is
+        // checked against the bytes on upload and by the agent on join).
+        let mode = self.tunables.merge_mode();
+        let allowed: Vec<Candidate> = items.iter().filter(|c| mode.allows(c.digest == crate::scan::zero_hash())).copied().collect();
         let Some((d, h)) = self.parts(agent) else { return Vec::new() };
-        let orders = d.scan(agent, h, items, max);
+        let orders = d.scan(agent, h, &allowed, max);
         let uploads = orders.iter().filter(|o| o.kind == proto::OrderKind::Upload).count();
         self.totals.uploads += uploads as u64;
         orders
@@ -263,6 +268,24 @@ mod tests {
         let (other, _f3) = b.join(5, 1001, None).unwrap();
         assert!(b.scan(other, &[cand(1, &p, true)]).is_empty(), "uid 1001's default domain is its own");
         assert_eq!(b.stats().pages_unshared, 3);
+    }
+
+    /// An agent that ignores the daemon's twinpage_merge_mode gets no orders
+    /// for content the mode excludes.
+    #[test]
+    fn the_merge_mode_holds_for_agents_that_ignore_it() {
+        let mut b = Broker::new();
+        b.tunables.write_attr("twinpage_merge_mode", "zero-only", 0, false).unwrap();
+        let (a1, _f1) = b.join(1, 1000, None).unwrap();
+        let (a2, _f2) = b.join(2, 1000, None).unwrap();
+        let (data, zero) = (page(5), page(0));
+        for a in [a1, a2] {
+            assert!(b.scan(a, &[cand(1, &data, true)]).is_empty(), "non-zero page ordered under zero-only");
+        }
+        assert!(b.scan(a1, &[cand(2, &zero, true)]).is_empty());
+        assert_eq!(b.scan(a2, &[cand(2, &zero, true)]).len(), 1, "zero pages still merge");
+        b.tunables.write_attr("twinpage_merge_mode", "off", 0, false).unwrap();
+        assert!(b.scan(a1, &[cand(3, &zero, true)]).is_empty() && b.scan(a2, &[cand(3, &zero, true)]).is_empty());
     }
 
     /// The fd an agent gets reads the store but cannot change it in any way.

@@ -109,12 +109,45 @@ fn set_mode(file: &File, mode: u32) {
     }
 }
 
-/// Creates a directory (and its parents) with mode 0755.
+/// Creates a directory and its missing parents, each exactly mode 0755
+/// whatever the umask (the tree is readable by all, as sysfs is; only its
+/// owner writes). Directories that exist are left as they are.
 pub(crate) fn create_dir(dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.is_dir()).collect();
+    for d in missing.into_iter().rev() {
+        match fs::DirBuilder::new().mode(0o755).create(d) {
+            Ok(()) => fs::set_permissions(d, Permissions::from_mode(0o755))?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a tree root that another user could rearrange: one owned by a
+/// user other than us or root, or writable by others without the sticky
+/// bit (they could swap `kernel/mm/ksm` for a directory of their own and
+/// set our tunables through it).
+pub(crate) fn check_root(root: &Path) -> io::Result<()> {
+    let m = fs::metadata(root)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me && m.uid() != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} belongs to uid {}, not to this user or root", root.display(), m.uid()),
+        ));
+    }
+    if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} is writable by other users (mode {:o}); use a directory only its owner can write", root.display(), m.mode() & 0o7777),
+        ));
+    }
+    Ok(())
 }
 
 fn read_all_at(file: &File) -> io::Result<Vec<u8>> {
@@ -143,6 +176,7 @@ impl TreeLock {
             create_dir(dir)?;
         }
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(path)?;
+        set_mode(&file, 0o644);
         Ok(Self { file })
     }
 

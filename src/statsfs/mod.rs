@@ -57,9 +57,12 @@
 //! the kernel prints it (`+5` reads back as `5`). A refused write (EINVAL,
 //! EBUSY, ERANGE as the kernel would answer) is never applied: the file
 //! shows the current value again, the refusal goes to `twinpage/last_error`
-//! and is logged once per distinct write. A file found empty is looked at
-//! again one pass later (a shell's `O_TRUNC` comes before its `write`); if
-//! it is still empty it was an empty write, which sysfs accepts as a no-op.
+//! and is logged once per distinct write. A file found empty is left alone
+//! until it has stayed empty (same mtime) for a second: a writer's
+//! `O_TRUNC` comes before its `write`, and a loaded machine can hold the two
+//! apart for several passes; then it was an empty write, which sysfs
+//! accepts as a no-op, and the file shows the value again. A user's write
+//! that lands while a pass runs is kept for the next pass, not overwritten.
 //! Writes to several files in one period are applied in the order of their
 //! modification times. Writes by root to read-only files cannot be refused
 //! with plain files; they are overwritten at the next pass.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kernel_compat::write::SYSFS_WRITE_MAX;
 use kernel_compat::{procfs, AdvisorMode, Attr, KsmStat, WriteContext, WriteError};
@@ -27,6 +27,10 @@ const MAX_PERIOD_MS: u64 = 200;
 const ENSURE_EVERY: u64 = 32;
 /// Longest wait for the tree's lock before a pass is skipped.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an attribute file must stay empty to count as an empty write
+/// (a no-op, as a zero-length `write(2)` to sysfs) rather than a writer
+/// between its `O_TRUNC` and its `write(2)`.
+const EMPTY_GRACE: Duration = Duration::from_secs(1);
 /// Distinct refused writes remembered for logging once each.
 const WARNED_MAX: usize = 1024;
 
@@ -71,7 +75,9 @@ pub struct StatsTree {
     engine_view: HashMap<&'static str, String>,
     /// Attribute files found empty once: a writer may be between its
     /// `O_TRUNC` and its `write`; looked at again next pass.
-    pending_empty: HashSet<&'static str>,
+    /// The file's mtime then and when it was first seen empty: an empty
+    /// file seen again with a newer mtime is another writer's `O_TRUNC`.
+    pending_empty: HashMap<&'static str, (i128, Instant)>,
     warned: HashSet<String>,
     passes: u64,
 }
@@ -140,6 +146,11 @@ fn write_text(name: &str, shown: &str) -> String {
             return m.as_str().to_string();
         }
     }
+    if name == crate::tunables::MERGE_MODE {
+        if let Some(m) = crate::tunables::MergeMode::from_show(shown) {
+            return m.as_str().to_string();
+        }
+    }
     shown.to_string()
 }
 
@@ -175,6 +186,8 @@ impl StatsTree {
             .ok_or_else(|| io::Error::other("cannot read this process's start time from /proc/self/stat"))?;
         let ksm_dir = root.join(layout::KSM);
         let tw = root.join(layout::TWINPAGE);
+        file::create_dir(&root)?;
+        file::check_root(&root)?;
         for d in [&ksm_dir, &root.join(layout::PROC), &tw] {
             file::create_dir(d)?;
         }
@@ -203,7 +216,7 @@ impl StatsTree {
         let merging_pages = InPlaceFile::open(&proc_dir.join(layout::MERGING_PAGES), 0o444)?;
         let own_tunables = InPlaceFile::open(&proc_dir.join(layout::OWN_TUNABLES), 0o444)?;
         let mut attrs = Vec::new();
-        for attr in kernel_compat::ATTRS.iter().filter(|a| engine.show_attr(a.name).is_some()) {
+        for attr in crate::tunables::all_attrs().filter(|a| engine.show_attr(a.name).is_some()) {
             let path = ksm_dir.join(attr.name);
             let existed = path.exists();
             attrs.push(AttrFile { attr, file: InPlaceFile::open(&path, attr.mode())?, fresh: !existed });
@@ -231,7 +244,7 @@ impl StatsTree {
             state_file,
             synced: HashMap::new(),
             engine_view: HashMap::new(),
-            pending_empty: HashSet::new(),
+            pending_empty: HashMap::new(),
             warned: HashSet::new(),
             passes: 0,
             engine,
@@ -468,8 +481,16 @@ impl StatsTree {
             let unchanged = a.fresh || (content == canonical(&t.value) && mtime == t.mtime);
             if unchanged {
                 self.pending_empty.remove(n);
-            } else if content.is_empty() && self.pending_empty.insert(n) {
-                // Perhaps between a writer's O_TRUNC and its write(2).
+            } else if content.is_empty() && !self.pending_empty.get(n).is_some_and(|&(m, t)| m == mtime && t.elapsed() >= EMPTY_GRACE) {
+                // Perhaps between a writer's O_TRUNC and its write(2), which a
+                // loaded machine can hold apart for several passes (and
+                // mtimes are coarse): an empty write only once it has stayed
+                // empty for EMPTY_GRACE.
+                let since = match self.pending_empty.get(n) {
+                    Some(&(m, t)) if m == mtime => t,
+                    _ => Instant::now(),
+                };
+                self.pending_empty.insert(n, (mtime, since));
             } else {
                 self.pending_empty.remove(n);
                 writes.push((mtime, i, n));
@@ -518,12 +539,17 @@ impl StatsTree {
         // Every writable file shows the shared value, canonically printed.
         for a in &mut self.attrs {
             let n = a.attr.name;
-            if !a.attr.writable || self.pending_empty.contains(n) {
+            if !a.attr.writable || self.pending_empty.contains_key(n) {
                 continue;
             }
             let (Some(t), Some((content, mtime))) = (shared.get(n), seen.get(n)) else { continue };
             let want = canonical(&t.value);
             if *content != want || a.fresh {
+                if !a.fresh && a.file.read()? != *content {
+                    // A user wrote again during this pass: keep the write for
+                    // the next pass rather than overwrite it unseen.
+                    continue;
+                }
                 a.file.overwrite(&want)?;
                 let m = a.file.mtime()?;
                 shared.set_mtime(n, m);
@@ -543,11 +569,11 @@ impl StatsTree {
         let chunks: Vec<&[u8]> = if content.is_empty() { vec![content] } else { content.chunks(SYSFS_WRITE_MAX).collect() };
         for chunk in chunks {
             let ctx = self.context(shared, pages_shared);
-            let result = match kernel_compat::model_write(name, chunk, &ctx) {
+            let result = match crate::tunables::model_write(name, chunk, &ctx) {
                 Ok(None) => Ok(()),
                 Ok(Some(v)) => {
                     let before = self.engine_values();
-                    let r = self.engine.set_attr(name, &v.to_write_text());
+                    let r = self.engine.set_attr(name, &v);
                     if r.is_ok() {
                         let after = self.engine_values();
                         for (&n, val) in &after {

@@ -166,7 +166,7 @@ impl Tree {
     pub fn attributes(&self) -> io::Result<Vec<(&'static Attr, String)>> {
         let k = self.ksm();
         let mut out = Vec::new();
-        for a in kernel_compat::ATTRS {
+        for a in crate::tunables::all_attrs() {
             match k.read_raw(a.name) {
                 Ok(v) => out.push((a, v.trim_end_matches('\n').to_string())),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -292,8 +292,9 @@ impl Tree {
             let g = self.generation()?;
             if g > ticket.generation {
                 let content = self.ksm().read_raw(&ticket.name)?;
-                // An empty file is looked at again one pass later.
-                if !content.is_empty() || g > ticket.generation + 1 {
+                // An empty file is taken for an empty write once it has stayed
+                // empty for a while; then it shows the value again.
+                if !content.is_empty() {
                     if let Some(r) = self.last_error()?.filter(|r| r.seq > ticket.errors && r.attr == ticket.name) {
                         return Ok(WaitOutcome::Refused(r));
                     }
@@ -318,7 +319,7 @@ impl Tree {
         let lock = self.lock()?;
         let guard = lock.lock_timeout(Duration::from_secs(5))?;
         let ctx = self.ksm().write_context()?;
-        match kernel_compat::model_write(name, value, &ctx) {
+        match crate::tunables::model_write(name, value, &ctx) {
             Err(e) => return Err(SetError::Refused(e)),
             Ok(None) => return Ok(SetOutcome::Unchanged),
             Ok(Some(_)) => {}
