@@ -60,6 +60,8 @@ impl Daemon {
         let mut d = Daemon { child, log: log.to_path_buf() };
         d.wait_for("its socket", LISTEN_TIMEOUT, || sock.exists())?;
         let attrs = tree.join("kernel/mm/ksm");
+        // The socket comes first, the tree's files just after.
+        d.wait_for("its stats tree", LISTEN_TIMEOUT, || tunables.iter().all(|(n, _)| attrs.join(n).exists()))?;
         for (name, value) in tunables {
             let f = attrs.join(name);
             fs::write(&f, value).map_err(|e| format!("{}: {e}", f.display()))?;

@@ -85,6 +85,10 @@ pub struct BenchArgs {
     /// Guests for the qemu workload.
     #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub guests: usize,
+    /// qemu workload: each run lasts until every guest has verified its
+    /// buffer this many times (its own timing, for the slowdown row).
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    pub guest_passes: usize,
     /// qemu workload: no twinpaged; each QEMU merges only its own pages.
     #[arg(long)]
     pub no_daemon: bool,

@@ -44,9 +44,6 @@ impl Mode {
 /// the kernel side runs on until its plateau is established: both windows
 /// of guest timing then include steady-state scanning.
 const HOLD: Duration = Duration::from_secs(5);
-/// Every run (the baseline too) lasts until each guest has verified its
-/// buffer this many times, so the guests' timing has samples on each side.
-const GUEST_PASSES: usize = 8;
 
 const GUEST_SCRIPT: &str = "scripts/boot-guest.sh";
 
@@ -263,7 +260,7 @@ fn run(a: &BenchArgs, mode: Mode, target: Option<u64>) -> Result<SideResult, Str
     let mut settled: Option<(Duration, u64)> = None;
     let mut reached: Option<Duration> = None;
     let mut last_print = Instant::now();
-    let enough_passes = || logs.iter().all(|l| console(l).verify_ms.len() >= GUEST_PASSES);
+    let enough_passes = || logs.iter().all(|l| console(l).verify_ms.len() >= a.guest_passes);
     let converge = loop {
         std::thread::sleep(Duration::from_millis(50));
         if crate::sys::signals::interrupted() {

@@ -187,7 +187,7 @@ pub fn run(a: &WorkerArgs) -> i32 {
         (passes.load(Ordering::Relaxed) - p0) as f64 / t.elapsed().as_secs_f64()
     };
     // The no-merging baseline: the same passes before anything is mergeable.
-    let r = rate(Duration::from_secs(1));
+    let r = rate(Duration::from_secs(2));
     out.line(format_args!("r workload_passes_per_s_alone {r:.2}"));
 
     let maps_before = proc::map_count();
