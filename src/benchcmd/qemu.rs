@@ -277,11 +277,9 @@ fn run(a: &BenchArgs, mode: Mode, target: Option<u64>) -> Result<SideResult, Str
         if last_print.elapsed() >= Duration::from_secs(1) {
             last_print = Instant::now();
             let passes: Vec<usize> = logs.iter().map(|l| console(l).verify_ms.len()).collect();
-            println!(
-                "  {:>8} {:7.2} s  sharing {saved:>9} pages, full_scans {scans}, guest verify passes {passes:?}",
-                mode.as_str(),
-                t.as_secs_f64()
-            );
+            let counters =
+                if mode == Mode::Alone { String::new() } else { format!("sharing {saved:>9} pages, full_scans {scans}, ") };
+            println!("  {:>8} {:7.2} s  {counters}guest verify passes {passes:?}", mode.as_str(), t.as_secs_f64());
         }
         if t > timeout {
             r.timed_out = true;
