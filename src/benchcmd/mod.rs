@@ -411,7 +411,7 @@ fn run_both(a: &BenchArgs, k: &SavedKsm) -> i32 {
                 Ok(_guard) => {
                     println!("twinpage:");
                     if a.workload == Workload::Qemu {
-                        let target = results.iter().find(|r: &&SideResult| r.side == "kernel").map(SideResult::final_saved);
+                        let target = results.iter().find(|r: &&SideResult| r.side == "kernel").map(|r| r.expected);
                         qemu::run_side(a, side, target)
                     } else {
                         run_side(a, side)
