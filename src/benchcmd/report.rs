@@ -141,6 +141,8 @@ impl Report<'_> {
         row("time to 50% (s)", &|s| s.time_to(0.5).unwrap_or(f64::NAN), 2, &none);
         row("time to 90% (s)", &|s| s.time_to(0.9).unwrap_or(f64::NAN), 2, &none);
         row("time to 100% (s)", &Self::time_full, 2, &Self::time_label);
+        row("guests' buffers filled (s after launch)", &|s| s.get("guests_ready_s"), 2, &none);
+        row("time to 100% after the buffers were filled (s)", &|s| Self::time_full(s) - s.get("guests_ready_s"), 2, &Self::time_label);
         row("CPU of merging threads (s)", &|s| s.get("cpu_s"), 2, &none);
         row("of which twinpaged (s)", &|s| s.get("daemon_cpu_s"), 2, &none);
         row("pages_shared", &|s| s.get("pages_shared"), 0, &none);
@@ -259,7 +261,8 @@ impl Report<'_> {
         // Achievable sharing.
         let ye = y(expected as f64 * MIB_PER_PAGE);
         let _ = writeln!(s, "<line x1=\"{l}\" y1=\"{ye}\" x2=\"{}\" y2=\"{ye}\" stroke=\"#888\" stroke-dasharray=\"4 4\"/>", w - r);
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" fill=\"#666\">achievable</text>", w - r - 4.0, ye - 4.0);
+        let what = if self.args.workload == super::Workload::Qemu { "kernel's steady state" } else { "achievable" };
+        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" fill=\"#666\">{what}</text>", w - r - 4.0, ye - 4.0);
         for (i, side) in self.sides.iter().enumerate() {
             let color = if side.side == "kernel" { "#d62728" } else { "#1f77b4" };
             let mut pts = format!("{},{}", x(0.0), y(0.0));
@@ -267,10 +270,11 @@ impl Report<'_> {
                 let _ = write!(pts, " {:.1},{:.1}", x(t), y(v as f64 * MIB_PER_PAGE));
             }
             let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{pts}\"/>");
-            let ly = top + 34.0 + 18.0 * i as f64;
-            let _ = writeln!(s, "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/>", l + 12.0, l + 36.0);
+            // Bottom right: the curves rise from the bottom left, so it stays clear.
+            let (lx, ly) = (w - r - 170.0, h - bot - 46.0 + 18.0 * i as f64);
+            let _ = writeln!(s, "<line x1=\"{lx}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/>", lx + 24.0);
             let label = if side.side == "kernel" { "kernel KSM (ksmd)" } else { "twinpage" };
-            let _ = writeln!(s, "<text x=\"{}\" y=\"{}\">{label}</text>", l + 42.0, ly + 4.0);
+            let _ = writeln!(s, "<text x=\"{}\" y=\"{}\">{label}</text>", lx + 30.0, ly + 4.0);
         }
         s.push_str("</svg>\n");
         s
