@@ -378,7 +378,7 @@ fn run_both(a: &BenchArgs, k: &SavedKsm) -> i32 {
     if a.workload == Workload::Qemu {
         unmerge_and_stop(k);
         println!("no merging (baseline for the guests' own timing):");
-        match qemu::run_baseline(a) {
+        match qemu::preflight(a, sides.contains(&Side::Twinpage)).and_then(|()| qemu::run_baseline(a)) {
             Ok(ms) => alone_ms = Some(ms),
             Err(e) => {
                 if !crate::sys::signals::interrupted() {

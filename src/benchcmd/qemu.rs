@@ -158,6 +158,19 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// Finds what the runs will need before any guest boots, so a missing file
+/// fails the bench at once rather than after the kernel side.
+pub fn preflight(a: &BenchArgs, twinpage: bool) -> Result<(), String> {
+    find_guest_script(a.guest_script.as_deref())?;
+    if twinpage {
+        beside_exe("libtwinpage.so")?;
+        if !a.no_daemon {
+            beside_exe("twinpaged")?;
+        }
+    }
+    Ok(())
+}
+
 /// The guests' median verify pass (ms) with nothing merging.
 pub fn run_baseline(a: &BenchArgs) -> Result<f64, String> {
     let r = run(a, Mode::Alone, None)?;
