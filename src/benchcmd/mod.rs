@@ -7,6 +7,7 @@
 //! worker's samples and results and writes `result.json`, `result.md` and
 //! `saved.svg` ([`report`]).
 
+mod daemon;
 mod proc;
 mod qemu;
 mod report;
@@ -82,8 +83,19 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2000)]
     pub latency_pages: usize,
     /// Guests for the qemu workload.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub guests: usize,
+    /// qemu workload: each run lasts until every guest has verified its
+    /// buffer this many times (its own timing, for the slowdown row).
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    pub guest_passes: usize,
+    /// qemu workload: no twinpaged; each QEMU merges only its own pages.
+    #[arg(long)]
+    pub no_daemon: bool,
+    /// qemu workload: the guest boot script [default: scripts/boot-guest.sh
+    /// of the repository the binary was built in, else ./scripts].
+    #[arg(long)]
+    pub guest_script: Option<PathBuf>,
     /// Run only one side.
     #[arg(long, value_enum)]
     pub only: Option<Side>,
@@ -151,6 +163,14 @@ pub struct SideResult {
     pub values: BTreeMap<String, f64>,
     /// Whether the timeout ended the run.
     pub timed_out: bool,
+    /// `/proc/loadavg` when the side started (the machine is shared).
+    pub loadavg: String,
+}
+
+/// The first three fields of `/proc/loadavg`.
+pub fn loadavg() -> String {
+    let t = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    t.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
 impl SideResult {
@@ -238,7 +258,7 @@ fn run_side(a: &BenchArgs, side: Side) -> Result<SideResult, String> {
             }
         }
     });
-    let mut r = SideResult { side: side.as_str(), ..SideResult::default() };
+    let mut r = SideResult { side: side.as_str(), loadavg: loadavg(), ..SideResult::default() };
     let mut last_print = Instant::now();
     let mut done = false;
     loop {
@@ -353,6 +373,21 @@ fn run_both(a: &BenchArgs, k: &SavedKsm) -> i32 {
         Some(Side::Twinpage) => &[Side::Twinpage],
         None => &[Side::Kernel, Side::Twinpage],
     };
+    // The qemu workload's slowdown baseline: the same guests, nothing merging.
+    let mut alone_ms = None;
+    if a.workload == Workload::Qemu {
+        unmerge_and_stop(k);
+        println!("no merging (baseline for the guests' own timing):");
+        match qemu::preflight(a, sides.contains(&Side::Twinpage)).and_then(|()| qemu::run_baseline(a)) {
+            Ok(ms) => alone_ms = Some(ms),
+            Err(e) => {
+                if !crate::sys::signals::interrupted() {
+                    eprintln!("twinpage bench: {e}");
+                }
+                return 1;
+            }
+        }
+    }
     for &side in sides {
         unmerge_and_stop(k);
         let r = match side {
@@ -376,7 +411,7 @@ fn run_both(a: &BenchArgs, k: &SavedKsm) -> i32 {
                 Ok(_guard) => {
                     println!("twinpage:");
                     if a.workload == Workload::Qemu {
-                        let target = results.iter().find(|r: &&SideResult| r.side == "kernel").map(SideResult::final_saved);
+                        let target = results.iter().find(|r: &&SideResult| r.side == "kernel").map(|r| r.expected);
                         qemu::run_side(a, side, target)
                     } else {
                         run_side(a, side)
@@ -385,7 +420,12 @@ fn run_both(a: &BenchArgs, k: &SavedKsm) -> i32 {
             },
         };
         match r {
-            Ok(r) => results.push(r),
+            Ok(mut r) => {
+                if let Some(ms) = alone_ms {
+                    r.values.insert("guest_verify_ms_alone".into(), ms);
+                }
+                results.push(r)
+            }
             Err(e) => {
                 if !crate::sys::signals::interrupted() {
                     eprintln!("twinpage bench: {e}");

@@ -48,7 +48,7 @@ impl Report<'_> {
         let mut j = String::from("{\n");
         let _ = writeln!(
             j,
-            "  \"params\": {{\"workload\": \"{}\", \"size_bytes\": {}, \"dup_percent\": {}, \"patterns\": {}, \"run_pages\": {}, \"volatile_percent\": {}, \"pages_to_scan\": {}, \"sleep_millisecs\": {}, \"use_zero_pages\": {}, \"raise_max_map_count\": {}}},",
+            "  \"params\": {{\"workload\": \"{}\", \"size_bytes\": {}, \"dup_percent\": {}, \"patterns\": {}, \"run_pages\": {}, \"volatile_percent\": {}, \"pages_to_scan\": {}, \"sleep_millisecs\": {}, \"use_zero_pages\": {}, \"raise_max_map_count\": {}, \"guests\": {}, \"no_daemon\": {}}},",
             a.workload.as_str(),
             a.size,
             a.dup_percent,
@@ -58,11 +58,14 @@ impl Report<'_> {
             a.pages_to_scan,
             a.sleep_millisecs,
             a.use_zero_pages,
-            a.raise_max_map_count.map_or("null".into(), |v| v.to_string())
+            a.raise_max_map_count.map_or("null".into(), |v| v.to_string()),
+            a.guests,
+            a.no_daemon
         );
         j.push_str("  \"sides\": {\n");
         for (i, s) in self.sides.iter().enumerate() {
             let _ = writeln!(j, "    \"{}\": {{", s.side);
+            let _ = writeln!(j, "      \"loadavg\": \"{}\",", s.loadavg);
             let _ = writeln!(j, "      \"achievable_pages\": {},", s.expected);
             let _ = writeln!(j, "      \"final_saved_pages\": {},", s.final_saved());
             let _ = writeln!(j, "      \"reached_100\": {},", s.time_to(1.0).is_some());
@@ -100,6 +103,16 @@ impl Report<'_> {
             a.sleep_millisecs,
             u8::from(a.use_zero_pages)
         );
+        if a.workload == super::Workload::Qemu {
+            let _ = writeln!(
+                m,
+                "{} guests, twinpage {}\n",
+                a.guests,
+                if a.no_daemon { "without a daemon (each QEMU merges its own pages)" } else { "under a private twinpaged" }
+            );
+        }
+        let loads: Vec<String> = self.sides.iter().map(|s| format!("{} side {}", s.side, s.loadavg)).collect();
+        let _ = writeln!(m, "/proc/loadavg at the start of each side (the machine is shared): {}\n", loads.join("; "));
         let k = self.side("kernel");
         let t = self.side("twinpage");
         let _ = writeln!(m, "| measure | kernel KSM | twinpage | twinpage/kernel |");
@@ -119,17 +132,29 @@ impl Report<'_> {
             let _ = writeln!(m, "| {name} | {}{ks} | {}{ts} | {ratio} |", cell(k, f, prec), cell(t, f, prec));
         };
         let none = |_: &SideResult| String::new();
-        row("achievable sharing (pages)", &|s| s.expected as f64, 0, &none);
+        let achievable = if a.workload == super::Workload::Qemu {
+            "achievable sharing (pages; the kernel's steady state)"
+        } else {
+            "achievable sharing (pages)"
+        };
+        row(achievable, &|s| s.expected as f64, 0, &none);
         row("time to 50% (s)", &|s| s.time_to(0.5).unwrap_or(f64::NAN), 2, &none);
         row("time to 90% (s)", &|s| s.time_to(0.9).unwrap_or(f64::NAN), 2, &none);
         row("time to 100% (s)", &Self::time_full, 2, &Self::time_label);
+        row("guests' buffers filled (s after launch)", &|s| s.get("guests_ready_s"), 2, &none);
+        row("time to 100% after the buffers were filled (s)", &|s| Self::time_full(s) - s.get("guests_ready_s"), 2, &Self::time_label);
         row("CPU of merging threads (s)", &|s| s.get("cpu_s"), 2, &none);
+        row("of which twinpaged (s)", &|s| s.get("daemon_cpu_s"), 2, &none);
         row("pages_shared", &|s| s.get("pages_shared"), 0, &none);
         row("pages_sharing (+ksm_zero_pages)", &|s| s.get("pages_sharing") + s.get("ksm_zero_pages"), 0, &none);
         row("saved, counters (MiB)", &|s| s.final_saved() as f64 * MIB_PER_PAGE, 1, &none);
         row("saved, PSS drop (MiB)", &|s| s.get("pss_saved_kb") / 1024.0, 1, &none);
         if self.sides.iter().any(|s| s.values.contains_key("qemu_pss_total_kb")) {
             row("PSS of all QEMUs at the end (MiB)", &|s| s.get("qemu_pss_total_kb") / 1024.0, 1, &none);
+            for i in 0..a.guests {
+                row(&format!("guest {} PSS at the end (MiB)", i + 1), &|s| s.get(&format!("guest{i}_pss_kb")) / 1024.0, 1, &none);
+                row(&format!("guest {} ksm_merging_pages", i + 1), &|s| s.get(&format!("guest{i}_ksm_merging_pages")), 0, &none);
+            }
         }
         row("saved, MemAvailable gain (MiB)", &|s| s.get("memavailable_gain_kb") / 1024.0, 1, &none);
         row("Shmem growth (MiB; twinpage's store is shmem)", &|s| s.get("shmem_gain_kb") / 1024.0, 1, &none);
@@ -147,13 +172,30 @@ impl Report<'_> {
         };
         row("first write to merged page p50 (µs)", &|s| s.get("first_write_p50_us"), 2, &partly);
         row("first write to merged page p99 (µs)", &|s| s.get("first_write_p99_us"), 2, &partly);
-        if self.sides.iter().any(|s| s.values.contains_key("workload_passes_per_s_alone")) {
+        // The workload's own slowdown: a worker thread's passes (or the
+        // guests' verify pass) while merging against a no-merging baseline.
+        if self.sides.iter().any(|s| s.values.contains_key("guest_verify_ms")) {
+            row("guest verify pass, no merging (ms, median)", &|s| s.get("guest_verify_ms_alone"), 1, &none);
+            row("guest verify pass, merger running (ms, median)", &|s| s.get("guest_verify_ms"), 1, &none);
+            row("workload slowdown while merging (x)", &|s| s.get("guest_verify_ms") / s.get("guest_verify_ms_alone"), 2, &none);
+        } else {
+            row("workload passes/s, no merging", &|s| s.get("workload_passes_per_s_alone"), 1, &none);
+            row("workload passes/s while merging", &|s| s.get("workload_passes_per_s_merging"), 1, &none);
             row(
-                "workload slowdown while merging",
+                "workload slowdown while merging (x)",
                 &|s| s.get("workload_passes_per_s_alone") / s.get("workload_passes_per_s_merging"),
                 2,
                 &none,
             );
+        }
+        let passes: Vec<String> = self
+            .sides
+            .iter()
+            .filter(|s| s.values.contains_key("guest_verify_passes"))
+            .map(|s| format!("{} side {} passes, {} with wrong data", s.side, s.get("guest_verify_passes"), s.get("guest_failures")))
+            .collect();
+        if !passes.is_empty() {
+            let _ = writeln!(m, "\nguests' own verification of their buffers: {}", passes.join("; "));
         }
         m
     }
@@ -219,7 +261,8 @@ impl Report<'_> {
         // Achievable sharing.
         let ye = y(expected as f64 * MIB_PER_PAGE);
         let _ = writeln!(s, "<line x1=\"{l}\" y1=\"{ye}\" x2=\"{}\" y2=\"{ye}\" stroke=\"#888\" stroke-dasharray=\"4 4\"/>", w - r);
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" fill=\"#666\">achievable</text>", w - r - 4.0, ye - 4.0);
+        let what = if self.args.workload == super::Workload::Qemu { "kernel's steady state" } else { "achievable" };
+        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" fill=\"#666\">{what}</text>", w - r - 4.0, ye - 4.0);
         for (i, side) in self.sides.iter().enumerate() {
             let color = if side.side == "kernel" { "#d62728" } else { "#1f77b4" };
             let mut pts = format!("{},{}", x(0.0), y(0.0));
@@ -227,10 +270,11 @@ impl Report<'_> {
                 let _ = write!(pts, " {:.1},{:.1}", x(t), y(v as f64 * MIB_PER_PAGE));
             }
             let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{pts}\"/>");
-            let ly = top + 34.0 + 18.0 * i as f64;
-            let _ = writeln!(s, "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/>", l + 12.0, l + 36.0);
+            // Bottom right: the curves rise from the bottom left, so it stays clear.
+            let (lx, ly) = (w - r - 170.0, h - bot - 46.0 + 18.0 * i as f64);
+            let _ = writeln!(s, "<line x1=\"{lx}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/>", lx + 24.0);
             let label = if side.side == "kernel" { "kernel KSM (ksmd)" } else { "twinpage" };
-            let _ = writeln!(s, "<text x=\"{}\" y=\"{}\">{label}</text>", l + 42.0, ly + 4.0);
+            let _ = writeln!(s, "<text x=\"{}\" y=\"{}\">{label}</text>", lx + 30.0, ly + 4.0);
         }
         s.push_str("</svg>\n");
         s
