@@ -38,6 +38,25 @@ pub enum JoinError {
     Store(#[source] crate::store::StoreError),
     #[error("cannot open the store read-only")]
     Reopen(#[source] std::io::Error),
+    #[error("the daemon serves its maximum of {0} agents (twinpaged --max-agents)")]
+    TooMany(usize),
+}
+
+/// How much one daemon takes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connected agents at most; more are refused and merge alone.
+    pub max_agents: usize,
+    /// Unstable-tree entries per agent at most (the oldest are dropped).
+    pub max_proposals: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        // 2^22 proposals: every page of a 16 GiB guest, about 200 MiB of
+        // daemon memory at worst per agent.
+        Self { max_agents: 1024, max_proposals: 1 << 22 }
+    }
 }
 
 /// One connected agent.
@@ -46,6 +65,8 @@ struct Agent {
     pid: u32,
     domain: String,
     holdings: Holdings,
+    /// Connected; false once parked (connection gone, process alive).
+    connected: bool,
 }
 
 /// Cumulative counts of the broker.
@@ -64,6 +85,7 @@ pub struct Broker {
     next_id: u32,
     pub tunables: Tunables,
     totals: Totals,
+    pub limits: Limits,
 }
 
 /// The domain an agent of `uid` joins when it names none.
@@ -79,6 +101,9 @@ impl Broker {
     /// Admits an agent (pid and uid from the socket's peer credentials).
     /// Returns its id and a read-only fd of its domain's store.
     pub fn join(&mut self, pid: u32, uid: u32, domain: Option<&str>) -> Result<(u32, OwnedFd), JoinError> {
+        if self.agents() as usize >= self.limits.max_agents {
+            return Err(JoinError::TooMany(self.limits.max_agents));
+        }
         let name = match domain {
             Some(d) if d.starts_with("uid:") => return Err(JoinError::BadName(d.to_string())),
             Some(d) => d.to_string(),
@@ -97,7 +122,7 @@ impl Broker {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         dom.join(id);
-        self.agents.insert(id, Agent { pid, domain: name, holdings: Holdings::default() });
+        self.agents.insert(id, Agent { pid, domain: name, holdings: Holdings::default(), connected: true });
         Ok((id, fd))
     }
 
@@ -109,15 +134,21 @@ impl Broker {
 
     /// Connected agents.
     pub fn agents(&self) -> u32 {
-        self.agents.len() as u32
+        self.agents.values().filter(|a| a.connected).count() as u32
+    }
+
+    /// Agents whose connection ended while their process lives on.
+    pub fn parked(&self) -> u32 {
+        self.agents.len() as u32 - self.agents()
     }
 
     /// Merge orders for a batch of an agent's candidates.
     pub fn scan(&mut self, agent: u32, items: &[Candidate]) -> Vec<Order> {
         let max = self.tunables.max_page_sharing();
+        let max_proposals = self.limits.max_proposals;
         self.totals.candidates += items.len() as u64;
         let Some((d, h)) = self.parts(agent) else { return Vec::new() };
-        let orders = d.scan(agent, h, items, max);
+        let orders = d.scan(agent, h, items, max, max_proposals);
         let uploads = orders.iter().filter(|o| o.kind == proto::OrderKind::Upload).count();
         self.totals.uploads += uploads as u64;
         orders
@@ -145,8 +176,20 @@ impl Broker {
         }
     }
 
-    /// The agent is gone: its references are dropped and store pages only it
-    /// held are freed.
+    /// The agent's connection ended but its process lives: it keeps mapping
+    /// the store pages it merged, so its references stay (a hole punched
+    /// under them would read back as zeros in that process) until its
+    /// process exits and [`leave`](Self::leave) is called.
+    pub fn park(&mut self, agent: u32) {
+        let Some(a) = self.agents.get_mut(&agent) else { return };
+        a.connected = false;
+        if let Some(d) = self.domains.get_mut(&a.domain) {
+            d.park(agent, &mut a.holdings);
+        }
+    }
+
+    /// The agent's process is gone: its references are dropped and store
+    /// pages only it held are freed.
     pub fn leave(&mut self, agent: u32) {
         let Some(a) = self.agents.remove(&agent) else { return };
         if let Some(d) = self.domains.get_mut(&a.domain) {
@@ -188,7 +231,7 @@ impl Broker {
             metadata += 64 + a.holdings.merged() * 8;
         }
         s.twinpage_metadata_bytes = metadata;
-        s.twinpage_daemon_agents = self.agents.len() as u64;
+        s.twinpage_daemon_agents = u64::from(self.agents());
         s.twinpage_store_bytes = self.store_bytes();
         s.general_profit = (s.pages_sharing * PAGE_SIZE as u64) as i64 - metadata as i64;
         s

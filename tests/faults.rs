@@ -1,0 +1,234 @@
+//! Crash faults under twinpaged, with real preloaded processes
+//! (tests/programs/twin.c): the connection cut at every message boundary
+//! (a frame-level relay in this test), agents killed mid-merge, the daemon
+//! killed mid-batch. Each time the processes run on, their data verifies,
+//! and once every agent has exited the daemon's store is empty again.
+//! Also the daemon's bounds (agents, proposals per agent).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{have_uffd, preload_lib, program, tempdir, wait_until};
+use twinpage::broker::conn::Conn;
+
+/// Children killed on drop, so a failing assertion leaves nothing running.
+struct Kids(Vec<Child>);
+
+impl Drop for Kids {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn daemon_bin() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/twinpaged");
+    common::require(p.exists(), "target/release/twinpaged (cargo build --release)").then_some(p)
+}
+
+fn start_daemon(bin: &Path, dir: &Path, extra: &[&str]) -> Child {
+    let sock = dir.join("twinpaged.sock");
+    let _ = std::fs::remove_file(&sock);
+    let c = Command::new(bin).arg("--dir").arg(dir).args(extra).env("TWINPAGE_LOG", "warn").spawn().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()), "twinpaged did not create its socket");
+    c
+}
+
+/// `twin SEED COMMON PAIRS WRITES`, preloaded, connecting to `socket`.
+fn twin_cmd(s: &Setup, socket: &Path, args: [u64; 4]) -> Command {
+    let mut cmd = Command::new(&s.prog);
+    cmd.args(args.map(|a| a.to_string()))
+        .env("LD_PRELOAD", &s.lib)
+        .env("TWINPAGE_DIR", &s.dir)
+        .env("TWINPAGE_SOCKET", socket)
+        .env("TWINPAGE_PAGES_TO_SCAN", "100000")
+        .env("TWINPAGE_SLEEP_MILLISECS", "5")
+        .env("TWINPAGE_LOG", "error")
+        .stdout(Stdio::piped());
+    cmd
+}
+
+/// Starts a twin and waits for READY.
+fn start(mut cmd: Command) -> Child {
+    let mut c = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("READY"), "twin did not start: {line:?}");
+    c
+}
+
+/// SIGTERM, then the program's verdict on its memory.
+fn finish_twin(mut c: Child) -> String {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let mut out = String::new();
+    BufReader::new(c.stdout.take().unwrap()).read_line(&mut out).unwrap();
+    let status = c.wait().unwrap();
+    assert!(status.success() && out.starts_with("VERIFY OK"), "pid {} lost data: {out:?} ({status})", c.id());
+    out
+}
+
+fn counters(dir: &Path, pid: u32) -> BTreeMap<String, u64> {
+    let text = std::fs::read_to_string(dir.join(format!("proc/{pid}/twinpage_counters"))).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn get(dir: &Path, pid: u32, name: &str) -> u64 {
+    counters(dir, pid).get(name).copied().unwrap_or(0)
+}
+
+/// The daemon's store is empty and it counts no sharing and no agent.
+fn daemon_empty(dir: &Path, d: u32) -> bool {
+    let c = counters(dir, d);
+    ["twinpage_store_bytes", "pages_shared", "pages_sharing", "twinpage_daemon_agents"]
+        .iter()
+        .all(|k| c.get(*k) == Some(&0))
+}
+
+struct Setup {
+    lib: PathBuf,
+    prog: PathBuf,
+    daemon: PathBuf,
+    dir: PathBuf,
+}
+
+fn setup(tag: &str) -> Option<Setup> {
+    let (Some(lib), Some(prog), Some(daemon)) = (preload_lib(), program("twin"), daemon_bin()) else { return None };
+    if !have_uffd() {
+        return None;
+    }
+    Some(Setup { lib, prog, daemon, dir: tempdir(tag) })
+}
+
+/// Where a relay cuts its first connection: after forwarding its `k`-th
+/// frame (counted over both directions), or instead of forwarding it.
+#[derive(Debug, Clone, Copy)]
+struct Cut {
+    k: usize,
+    deliver: bool,
+}
+
+/// A frame-level relay between agents and the daemon listening on `listen`:
+/// the first connection is cut as `cut` says, later ones pass untouched.
+fn relay(listen: &Path, upstream: PathBuf, cut: Cut, log: Arc<Mutex<Vec<String>>>) {
+    let _ = std::fs::remove_file(listen);
+    let l = UnixListener::bind(listen).unwrap();
+    std::thread::spawn(move || {
+        for (n, agent) in l.incoming().enumerate() {
+            let Ok(agent) = agent else { return };
+            let Ok(daemon) = UnixStream::connect(&upstream) else { return };
+            let limit = (n == 0).then_some(cut);
+            let count = Arc::new(Mutex::new(0usize));
+            for (from, to, dir) in [(&agent, &daemon, "->"), (&daemon, &agent, "<-")] {
+                let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                let (count, log) = (count.clone(), log.clone());
+                std::thread::spawn(move || {
+                    let mut rx = Conn::new(from.try_clone().unwrap());
+                    let mut tx = Conn::new(to.try_clone().unwrap());
+                    let end = || {
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    };
+                    loop {
+                        let Ok((msg, fd)) = rx.recv() else { return end() };
+                        let mut c = count.lock().unwrap();
+                        *c += 1;
+                        let sent = match limit {
+                            Some(cut) if *c > cut.k => return end(),
+                            Some(cut) if *c == cut.k && !cut.deliver => false,
+                            _ => true,
+                        };
+                        if sent {
+                            let r = match &fd {
+                                Some(fd) => tx.send_with_fd(&msg, std::os::fd::AsFd::as_fd(fd)),
+                                None => tx.send(&msg),
+                            };
+                            if r.is_err() {
+                                return end();
+                            }
+                        }
+                        if limit.is_some_and(|cut| *c == cut.k) {
+                            log.lock().unwrap().push(format!("{cut:?}: cut at {dir} {}", msg.name()));
+                            return end();
+                        }
+                    }
+                });
+            }
+        }
+    });
+}
+
+/// Every message boundary of a merge cycle, both ways (the k-th frame
+/// delivered then the connection cut, or the connection cut instead of
+/// delivering it): each agent runs on, reconnects, merges everything, keeps
+/// its data; when all have exited, the daemon's store is empty.
+#[test]
+fn a_connection_cut_at_every_message_boundary_loses_nothing_and_leaks_nothing() {
+    let Some(s) = setup("faults-cut") else { return };
+    let (common, pairs) = (48u64, 48u64);
+    let all = common + 2 * pairs;
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[])]);
+    let d = kids.0[0].id();
+    let upstream = s.dir.join("twinpaged.sock");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let cuts: Vec<Cut> = (1..=14).flat_map(|k| [Cut { k, deliver: true }, Cut { k, deliver: false }]).collect();
+    let mut agents = Vec::new();
+    for (i, &cut) in cuts.iter().enumerate() {
+        let sock = s.dir.join(format!("relay-{i}.sock"));
+        relay(&sock, upstream.clone(), cut, log.clone());
+        kids.0.push(start(twin_cmd(&s, &sock, [3, common, pairs, 0])));
+        agents.push((kids.0.last().unwrap().id(), cut));
+    }
+    // Every agent reconnects and all its pages end up merged (those merged
+    // through the first link stay merged as its orphans, pairs merged alone
+    // meanwhile stay in the agent's own store, the rest go through the
+    // daemon); none dies on the way.
+    let t = Instant::now();
+    let merged = wait_until(Duration::from_secs(40), || {
+        for c in kids.0.iter_mut().skip(1) {
+            if let Ok(Some(st)) = c.try_wait() {
+                let mut out = String::new();
+                let _ = BufReader::new(c.stdout.take().unwrap()).read_line(&mut out);
+                let cut = agents.iter().find(|a| a.0 == c.id()).map(|a| a.1);
+                panic!("{cut:?}: pid {} exited: {st} {out:?}", c.id());
+            }
+        }
+        agents.iter().all(|&(p, _)| {
+            let c = counters(&s.dir, p);
+            c.get("twinpage_merging_pages") == Some(&all) && c.get("twinpage_daemon_agents") == Some(&1)
+        })
+    });
+    let cuts_seen = log.lock().unwrap().clone();
+    eprintln!("{} cuts: {}", cuts_seen.len(), cuts_seen.join("; "));
+    for &(p, cut) in &agents {
+        let c = counters(&s.dir, p);
+        if c.get("twinpage_merging_pages") != Some(&all) {
+            eprintln!("{cut:?}: pid {p} {c:?}");
+        }
+    }
+    eprintln!("all merged after {:.2} s", t.elapsed().as_secs_f64());
+    assert_eq!(cuts_seen.len(), cuts.len(), "every relay cut its first connection");
+    assert!(merged, "an agent did not merge everything after its connection was cut");
+    for _ in 0..agents.len() {
+        finish_twin(kids.0.remove(1));
+    }
+    let empty = wait_until(Duration::from_secs(10), || daemon_empty(&s.dir, d));
+    eprintln!("daemon after all exited: {:?}", counters(&s.dir, d));
+    assert!(empty, "references leaked: the store is not empty after every agent exited");
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
