@@ -93,6 +93,8 @@ pub struct Counters {
     pub unmergeable_pages: u64,
     /// Records merged into a daemon's store (REMOTE or ORPHAN).
     pub daemon_merged: u64,
+    /// Merges held back because the store's filesystem was full.
+    pub store_full: u64,
 }
 
 /// The mapping budget: twinpage's remaps split mappings, and the kernel caps a
@@ -323,6 +325,7 @@ impl Core {
             twinpage_daemon_merged: c.daemon_merged,
             twinpage_daemon_agents: u64::from(self.remote.is_some()),
             twinpage_store_bytes: store_bytes,
+            twinpage_store_full: c.store_full,
             general_profit: saved as i64 - metadata as i64,
         }
     }

@@ -232,3 +232,133 @@ fn a_connection_cut_at_every_message_boundary_loses_nothing_and_leaks_nothing() 
     drop(kids);
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+/// A small tmpfs mounted for a test, unmounted (and its directory removed)
+/// on drop, also when the test fails.
+struct SmallTmpfs(PathBuf);
+
+impl SmallTmpfs {
+    /// `None` (skipped, or failed under CI) when not root.
+    fn mount(under: &Path, size: &str) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if !common::require(unsafe { libc::geteuid() } == 0, "root, to mount a size-limited tmpfs") {
+            return None;
+        }
+        let dir = under.join("store");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        let opts = std::ffi::CString::new(format!("size={size},mode=0700")).unwrap();
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let ret = unsafe { libc::mount(c"tmpfs".as_ptr(), path.as_ptr(), c"tmpfs".as_ptr(), 0, opts.as_ptr().cast()) };
+        assert_eq!(ret, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+        Some(Self(dir))
+    }
+
+    /// Fills the filesystem with a file until `leave` bytes are free.
+    fn fill(&self, leave: u64) -> PathBuf {
+        let free = self.free();
+        let f = self.0.join("filler");
+        let file = std::fs::File::create(&f).unwrap();
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(file);
+        let chunk = vec![0x5au8; 4096];
+        for _ in 0..(free - leave) / 4096 {
+            w.write_all(&chunk).unwrap();
+        }
+        w.flush().unwrap();
+        f
+    }
+
+    fn free(&self) -> u64 {
+        let path = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a statvfs to fill.
+        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
+        st.f_bavail * st.f_bsize
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let path = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; a lazy unmount cannot fail on busy.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Free store pages left on the tmpfs when the test fills it.
+const ROOM: u64 = 64;
+
+/// The embedded engine with TWINPAGE_STORE_DIR on an 8 MiB tmpfs that is
+/// nearly full: merging stops at the space left, twinpage_store_full says
+/// why, the process's data verifies; with the filler deleted merging
+/// completes.
+#[test]
+fn a_full_store_tmpfs_pauses_merging_and_space_resumes_it() {
+    let Some(s) = setup("faults-full") else { return };
+    let Some(fs) = SmallTmpfs::mount(&s.dir, "8m") else { return };
+    let pairs = 512u64;
+    let filler = fs.fill(ROOM * 4096);
+    let mut cmd = twin_cmd(&s, Path::new("/nonexistent"), [1, 0, pairs, 0]);
+    cmd.env("TWINPAGE_SOCKET", "off").env("TWINPAGE_STORE_DIR", &fs.0);
+    let mut kids = Kids(vec![start(cmd)]);
+    let p = kids.0[0].id();
+    let held = wait_until(Duration::from_secs(20), || get(&s.dir, p, "twinpage_store_full") > 0 && get(&s.dir, p, "full_scans") > 20);
+    let c = counters(&s.dir, p);
+    eprintln!("full: {} pages free, {c:?}", fs.free() / 4096);
+    assert!(held, "merging was not held back by the full store");
+    assert!(c["pages_shared"] <= ROOM && c["pages_shared"] > 0, "merged up to the space left: {} store pages", c["pages_shared"]);
+    assert_eq!(c["pages_sharing"], c["pages_shared"]);
+    assert!(kids.0[0].try_wait().unwrap().is_none(), "the process died");
+
+    std::fs::remove_file(filler).unwrap();
+    let t = Instant::now();
+    let resumed = wait_until(Duration::from_secs(20), || get(&s.dir, p, "pages_sharing") == pairs);
+    eprintln!("resumed in {:.2} s: {:?}", t.elapsed().as_secs_f64(), counters(&s.dir, p));
+    assert!(resumed, "merging did not resume when space returned");
+    assert_eq!(get(&s.dir, p, "twinpage_store_bytes"), pairs * 4096);
+    eprintln!("{}", finish_twin(kids.0.remove(0)).trim());
+    drop(fs);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// The same under twinpaged --store-dir: uploads wait while the store is
+/// full (joins of existing pages go on), resume with space; the store
+/// empties when the agents exit.
+#[test]
+fn a_full_daemon_store_pauses_merging_and_space_resumes_it() {
+    let Some(s) = setup("faults-dfull") else { return };
+    let Some(fs) = SmallTmpfs::mount(&s.dir, "8m") else { return };
+    let common = 384u64;
+    let filler = fs.fill(ROOM * 4096);
+    let store_dir = fs.0.to_str().unwrap().to_string();
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--store-dir", &store_dir])]);
+    let d = kids.0[0].id();
+    let sock = s.dir.join("twinpaged.sock");
+    kids.0.push(start(twin_cmd(&s, &sock, [2, common, 0, 0])));
+    kids.0.push(start(twin_cmd(&s, &sock, [2, common, 0, 0])));
+    let held = wait_until(Duration::from_secs(20), || {
+        get(&s.dir, d, "twinpage_store_full") > 0 && get(&s.dir, d, "pages_shared") >= ROOM - 1
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let c = counters(&s.dir, d);
+    eprintln!("full: {c:?}");
+    assert!(held, "merging was not held back by the full store");
+    assert!(c["pages_shared"] <= ROOM, "more store pages than the space left: {}", c["pages_shared"]);
+    for k in &kids.0[1..] {
+        assert!(get(&s.dir, k.id(), "twinpage_daemon_merged") <= ROOM);
+    }
+    std::fs::remove_file(filler).unwrap();
+    let t = Instant::now();
+    let resumed = wait_until(Duration::from_secs(20), || get(&s.dir, d, "pages_sharing") == common);
+    eprintln!("resumed in {:.2} s: {:?}", t.elapsed().as_secs_f64(), counters(&s.dir, d));
+    assert!(resumed, "merging did not resume when space returned");
+    for _ in 0..2 {
+        eprintln!("{}", finish_twin(kids.0.remove(1)).trim());
+    }
+    assert!(wait_until(Duration::from_secs(5), || daemon_empty(&s.dir, d)), "store not empty after the agents left");
+    drop(kids);
+    drop(fs);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}

@@ -24,6 +24,9 @@ pub struct Config {
     pub redirect_sysfs: bool,
     /// `TWINPAGE_DOMAIN`: sharing domain for the daemon.
     pub domain: Option<String>,
+    /// `TWINPAGE_STORE_DIR`: a tmpfs directory for the store instead of a
+    /// memfd (size-limited by the mount).
+    pub store_dir: Option<PathBuf>,
     /// `TWINPAGE_<ATTR>`: initial tunables, in the order given.
     pub tunables: Vec<(String, String)>,
 }
@@ -50,6 +53,7 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
         merge_any: false,
         redirect_sysfs: false,
         domain: None,
+        store_dir: None,
         tunables: Vec::new(),
     };
     let ctx = WriteContext::default();
@@ -79,6 +83,12 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
             "PASS_MERGEABLE" => c.pass_mergeable = flag(&k, &v)?,
             "MERGE_ANY" => c.merge_any = flag(&k, &v)?,
             "REDIRECT_SYSFS" => c.redirect_sysfs = flag(&k, &v)?,
+            "STORE_DIR" => {
+                if !v.starts_with('/') || !std::path::Path::new(&v).is_dir() {
+                    return Err(format!("{k}={v:?} must be the absolute path of a directory (on tmpfs)"));
+                }
+                c.store_dir = Some(PathBuf::from(v));
+            }
             "DOMAIN" => {
                 if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
                     return Err(format!("{k}={v:?}: 1-64 characters of [A-Za-z0-9._-]"));

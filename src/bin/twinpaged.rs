@@ -43,6 +43,11 @@ struct Args {
     /// every page of a 16 GiB guest.
     #[arg(long, default_value_t = Limits::default().max_proposals as u64, value_parser = clap::value_parser!(u64).range(1..=1 << 32))]
     max_proposals: u64,
+    /// A tmpfs directory for the stores (one unnamed file per domain)
+    /// instead of memfds: a size-limited mount bounds them; when it is
+    /// full, new merges wait for space (`twinpage_store_full`).
+    #[arg(long, env = "TWINPAGE_STORE_DIR")]
+    store_dir: Option<PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -87,7 +92,12 @@ fn run(args: &Args) -> Result<(), String> {
     twinpage::sys::signals::install_handlers();
     let listener = bind(&socket, args.socket_mode)?;
     let limits = Limits { max_agents: args.max_agents as usize, max_proposals: args.max_proposals as usize };
+    if let Some(d) = &args.store_dir {
+        // Checked now, not at the first agent's join.
+        twinpage::store::Store::new_in(Some(d)).map_err(|e| format!("--store-dir {}: {e}", d.display()))?;
+    }
     let daemon = Arc::new(Daemon::new(limits));
+    daemon.broker.lock().store_dir = args.store_dir.clone();
     let opts = StatsTreeOptions {
         flags: Some(Arc::new(|_| ProcessFlags { merge_any: false, mergeable: false })),
         explicit: Vec::new(),

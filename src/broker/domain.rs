@@ -11,6 +11,7 @@
 //! merge, never content.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use nohash_hasher::BuildNoHashHasher;
 
@@ -20,6 +21,10 @@ use crate::sys::PAGE_SIZE;
 use crate::tree::StableTree;
 
 type NoHash<K, V> = HashMap<K, V, BuildNoHashHasher<u64>>;
+
+/// After the store's filesystem was found full, new store pages wait this
+/// long before the next try (joins of existing pages go on meanwhile).
+const FULL_RETRY: Duration = Duration::from_secs(1);
 
 /// An unstable-tree entry: which agent's page proposed the digest, during
 /// which of its full scans.
@@ -82,20 +87,26 @@ pub struct Domain {
     /// has more than `max_proposals` entries in the unstable tree, so a
     /// hostile or huge agent cannot grow the daemon without bound.
     proposals: HashMap<u32, VecDeque<(u64, u64, u64)>>,
+    /// Merges held back because the store's filesystem was full, cumulative.
+    pub store_full: u64,
+    /// No new store pages before this (the filesystem was full).
+    full_until: Option<Instant>,
 }
 
 impl Domain {
-    pub fn new(name: String, owner: u32) -> Result<Self, StoreError> {
+    pub fn new(name: String, owner: u32, store_dir: Option<&std::path::Path>) -> Result<Self, StoreError> {
         Ok(Self {
             name,
             owner,
-            store: Store::new_shared()?,
+            store: Store::new_shared(store_dir)?,
             stable: StableTree::default(),
             unstable: NoHash::default(),
             alloc: StoreAlloc::default(),
             generations: HashMap::new(),
             live: HashMap::new(),
             proposals: HashMap::new(),
+            store_full: 0,
+            full_until: None,
         })
     }
 
@@ -126,6 +137,11 @@ impl Domain {
                     // A second page with this digest: it becomes the content of a
                     // new store page, which the first joins on its next visit.
                     if self.stable.has_unfilled(c.digest) {
+                        continue;
+                    }
+                    if self.full_until.is_some_and(|t| Instant::now() < t) {
+                        // Both pages stay as they are, proposed again next scan.
+                        self.store_full += 1;
                         continue;
                     }
                     let first = p.agent;
@@ -200,7 +216,20 @@ impl Domain {
             .collect()
     }
 
-    fn write_page(&self, idx: u32, bytes: &[u8]) -> bool {
+    fn write_page(&mut self, idx: u32, bytes: &[u8]) -> bool {
+        // Blocks first: a write through the mapping into a hole of a full
+        // tmpfs would be a SIGBUS.
+        if let (_, Some(e)) = self.store.reserve(&[Some(idx)]) {
+            self.store_full += 1;
+            if self.full_until.is_none() {
+                log::warn!("twinpaged: store of domain {} is full ({e}); new merges wait for space", self.name);
+            }
+            self.full_until = Some(Instant::now() + FULL_RETRY);
+            return false;
+        }
+        if self.full_until.take().is_some() {
+            log::info!("twinpaged: store of domain {} has space again; merging resumes", self.name);
+        }
         match self.store.page_ptr(idx) {
             Ok(ptr) => {
                 // SAFETY: an unfilled store page: no agent has been told to map it

@@ -86,6 +86,10 @@ pub struct Broker {
     pub tunables: Tunables,
     totals: Totals,
     pub limits: Limits,
+    /// Where stores are created (`--store-dir`); `None`: memfds.
+    pub store_dir: Option<std::path::PathBuf>,
+    /// Merges held back for a full store by domains since gone.
+    store_full_gone: u64,
 }
 
 /// The domain an agent of `uid` joins when it names none.
@@ -112,7 +116,7 @@ impl Broker {
         let dom = match self.domains.entry(name.clone()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(Domain::new(name.clone(), uid).map_err(JoinError::Store)?)
+                v.insert(Domain::new(name.clone(), uid, self.store_dir.as_deref()).map_err(JoinError::Store)?)
             }
         };
         if dom.owner != uid && uid != 0 {
@@ -195,6 +199,7 @@ impl Broker {
         if let Some(d) = self.domains.get_mut(&a.domain) {
             d.leave(agent, a.holdings);
             if d.is_unused() {
+                self.store_full_gone += d.store_full;
                 self.domains.remove(&a.domain);
             }
         }
@@ -218,7 +223,9 @@ impl Broker {
     pub fn stats(&self) -> KsmStats {
         let mut s = KsmStats::default();
         let mut metadata = 0u64;
+        s.twinpage_store_full = self.store_full_gone;
         for d in self.domains.values() {
+            s.twinpage_store_full += d.store_full;
             let t = d.stable();
             s.pages_shared += t.pages_shared();
             s.pages_sharing += t.pages_sharing();
@@ -334,5 +341,41 @@ mod tests {
             assert_eq!(libc::fstat(raw, &mut st), 0);
             assert_eq!(st.st_mode & 0o777, 0o400, "other uids cannot reopen it for writing");
         }
+    }
+
+    /// A store in a tmpfs directory (`--store-dir`) cannot be sealed, but the
+    /// agent's read-only open still cannot write, truncate, punch, add seals
+    /// or map it shared-writable, and the mode keeps other uids out.
+    #[test]
+    fn the_agents_fd_of_a_store_in_a_directory_cannot_write() {
+        use std::os::fd::AsRawFd;
+        let shm = std::path::Path::new("/dev/shm");
+        if !crate::sys::memfd::is_tmpfs(shm).unwrap_or(false) {
+            eprintln!("SKIP: /dev/shm is not a tmpfs");
+            return;
+        }
+        let mut b = Broker { store_dir: Some(shm.to_path_buf()), ..Broker::new() };
+        let (_a, fd) = b.join(1, 1000, None).unwrap();
+        let raw = fd.as_raw_fd();
+        let errno = || std::io::Error::last_os_error().raw_os_error();
+        // SAFETY: as above: our fd, a local buffer, a null hint for mmap.
+        unsafe {
+            assert_eq!(libc::write(raw, [1u8; 16].as_ptr().cast(), 16), -1);
+            assert_eq!(errno(), Some(libc::EBADF));
+            assert_eq!(libc::ftruncate(raw, 1 << 20), -1);
+            assert_eq!(libc::fallocate(raw, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096), -1);
+            assert_eq!(errno(), Some(libc::EBADF));
+            assert_eq!(libc::fallocate(raw, libc::FALLOC_FL_KEEP_SIZE, 0, 4096), -1);
+            assert_eq!(libc::fcntl(raw, libc::F_ADD_SEALS, libc::F_SEAL_WRITE), -1);
+            let m = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, raw, 0);
+            assert_eq!(m, libc::MAP_FAILED);
+            assert_eq!(errno(), Some(libc::EACCES));
+            let mut st: libc::stat = std::mem::zeroed();
+            assert_eq!(libc::fstat(raw, &mut st), 0);
+            assert_eq!(st.st_mode & 0o777, 0o400, "other uids cannot reopen it for writing");
+            assert_eq!(st.st_nlink, 0, "an unnamed file: no path reaches it");
+        }
+        // Not tmpfs: refused with a clear error.
+        assert!(matches!(crate::store::Store::new_in(Some(std::path::Path::new("/proc"))), Err(crate::store::StoreError::NotTmpfs(_))));
     }
 }
