@@ -123,19 +123,22 @@ struct Cut {
 }
 
 /// A frame-level relay between agents and the daemon listening on `listen`:
-/// the first connection is cut as `cut` says, later ones pass untouched.
+/// a connection is cut as `cut` says, later ones pass untouched. (Should a
+/// connection end before its k-th frame, e.g. the agent's 2 s timeout on a
+/// loaded machine, the next one is cut instead, so every k happens.)
 fn relay(listen: &Path, upstream: PathBuf, cut: Cut, log: Arc<Mutex<Vec<String>>>) {
     let _ = std::fs::remove_file(listen);
     let l = UnixListener::bind(listen).unwrap();
+    let armed = Arc::new(Mutex::new(Some(cut)));
     std::thread::spawn(move || {
-        for (n, agent) in l.incoming().enumerate() {
+        for agent in l.incoming() {
             let Ok(agent) = agent else { return };
             let Ok(daemon) = UnixStream::connect(&upstream) else { return };
-            let limit = (n == 0).then_some(cut);
+            let limit = *armed.lock().unwrap();
             let count = Arc::new(Mutex::new(0usize));
             for (from, to, dir) in [(&agent, &daemon, "->"), (&daemon, &agent, "<-")] {
                 let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
-                let (count, log) = (count.clone(), log.clone());
+                let (count, log, armed) = (count.clone(), log.clone(), armed.clone());
                 std::thread::spawn(move || {
                     let mut rx = Conn::new(from.try_clone().unwrap());
                     let mut tx = Conn::new(to.try_clone().unwrap());
@@ -162,6 +165,7 @@ fn relay(listen: &Path, upstream: PathBuf, cut: Cut, log: Arc<Mutex<Vec<String>>
                             }
                         }
                         if limit.is_some_and(|cut| *c == cut.k) {
+                            *armed.lock().unwrap() = None;
                             log.lock().unwrap().push(format!("{cut:?}: cut at {dir} {}", msg.name()));
                             return end();
                         }
@@ -360,5 +364,212 @@ fn a_full_daemon_store_pauses_merging_and_space_resumes_it() {
     assert!(wait_until(Duration::from_secs(5), || daemon_empty(&s.dir, d)), "store not empty after the agents left");
     drop(kids);
     drop(fs);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// A seed for the random kill points: `TWINPAGE_FAULT_SEED` replays one.
+fn seeded_rng(test: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = std::env::var("TWINPAGE_FAULT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    eprintln!("{test}: TWINPAGE_FAULT_SEED={seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// Agents killed (SIGKILL) at random points while they merge flat out with
+/// two survivors (same content: every merge joins or uploads shared store
+/// pages): the survivors' data verifies, and once they exit too the store
+/// is empty.
+#[test]
+fn agents_killed_mid_merge_leak_nothing_and_survivors_verify() {
+    use rand::Rng;
+    let Some(s) = setup("faults-agentkill") else { return };
+    let mut rng = seeded_rng("agents_killed_mid_merge");
+    let (common, pairs) = (1024u64, 64u64);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[])]);
+    let d = kids.0[0].id();
+    let sock = s.dir.join("twinpaged.sock");
+    let flat_out = |args: [u64; 4]| {
+        let mut c = twin_cmd(&s, &sock, args);
+        c.env("TWINPAGE_SLEEP_MILLISECS", "0");
+        c
+    };
+    kids.0.push(start(flat_out([8, common, pairs, 1])));
+    kids.0.push(start(flat_out([8, common, pairs, 1])));
+    let survivors = [kids.0[1].id(), kids.0[2].id()];
+    let (mut killed, mut merged_when_killed) = (0, 0u64);
+    let t = Instant::now();
+    let mut victims: Vec<Child> = Vec::new();
+    while killed < 30 {
+        // Three victims at a time, each killed 0-250 ms after it is ready:
+        // from before its hello to the middle of its uploads and joins.
+        while victims.len() < 3 {
+            victims.push(start(flat_out([8, common, pairs, 1])));
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..250)));
+        let mut v = victims.remove(rng.gen_range(0..victims.len()));
+        merged_when_killed += get(&s.dir, v.id(), "twinpage_daemon_merged");
+        v.kill().unwrap();
+        v.wait().unwrap();
+        killed += 1;
+    }
+    for mut v in victims {
+        v.kill().unwrap();
+        v.wait().unwrap();
+    }
+    eprintln!(
+        "{killed} agents killed in {:.1} s, {merged_when_killed} of their pages merged through the daemon when last read; daemon {:?}",
+        t.elapsed().as_secs_f64(),
+        counters(&s.dir, d)
+    );
+    assert!(merged_when_killed > 0, "no victim was killed with merged pages: the kills missed the merging");
+    // The survivors: merged with each other, every byte as written.
+    assert!(wait_until(Duration::from_secs(10), || survivors.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_merged") > common / 2)));
+    for _ in 0..2 {
+        eprintln!("{}", finish_twin(kids.0.remove(1)).trim());
+    }
+    let empty = wait_until(Duration::from_secs(10), || daemon_empty(&s.dir, d));
+    eprintln!("daemon after all exited: {:?}", counters(&s.dir, d));
+    assert!(empty, "references leaked: the store is not empty after every agent exited");
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// The daemon killed (SIGKILL) at random points while agents exchange
+/// batches with it flat out (one agent's pages are unique, so every scan is
+/// a stream of Scan batches; two others merge with each other and keep
+/// writing), then restarted, eight times: the agents keep running, verify
+/// their data, reconnect each time, and the last daemon is empty once they
+/// have exited.
+#[test]
+fn the_daemon_killed_mid_batch_again_and_again_loses_nothing() {
+    use rand::Rng;
+    let Some(s) = setup("faults-daemonkill") else { return };
+    let mut rng = seeded_rng("daemon_killed_mid_batch");
+    let sock = s.dir.join("twinpaged.sock");
+    let mut daemon = start_daemon(&s.daemon, &s.dir, &[]);
+    let flat_out = |args: [u64; 4]| {
+        let mut c = twin_cmd(&s, &sock, args);
+        c.env("TWINPAGE_SLEEP_MILLISECS", "0");
+        c
+    };
+    let mut kids = Kids(vec![
+        start(flat_out([12, 1024, 64, 1])),
+        start(flat_out([12, 1024, 64, 1])),
+        start({
+            // smart_scan off: its unique pages are proposed at every scan.
+            let mut c = flat_out([13, 4096, 0, 1]);
+            c.env("TWINPAGE_SMART_SCAN", "0");
+            c
+        }),
+    ]);
+    let pids: Vec<u32> = kids.0.iter().map(|c| c.id()).collect();
+    let connected = |pids: &[u32]| pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_agents") == 1);
+    for round in 0..8 {
+        assert!(wait_until(Duration::from_secs(10), || connected(&pids)), "round {round}: agents did not (re)connect");
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_agents") == 0)),
+            "round {round}: agents did not notice the daemon's death"
+        );
+        for c in kids.0.iter_mut() {
+            assert!(c.try_wait().unwrap().is_none(), "round {round}: pid {} died with the daemon", c.id());
+        }
+        daemon = start_daemon(&s.daemon, &s.dir, &[]);
+    }
+    let d = daemon.id();
+    kids.0.push(daemon);
+    assert!(wait_until(Duration::from_secs(10), || connected(&pids)), "agents did not reconnect to the last daemon");
+    // The last daemon still merges: the two twins' pages they rewrite.
+    assert!(wait_until(Duration::from_secs(10), || get(&s.dir, d, "pages_shared") > 0), "the last daemon merged nothing");
+    eprintln!("last daemon {:?}", counters(&s.dir, d));
+    for _ in 0..3 {
+        eprintln!("{}", finish_twin(kids.0.remove(0)).trim());
+    }
+    assert!(wait_until(Duration::from_secs(10), || daemon_empty(&s.dir, d)), "the last daemon's store is not empty");
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// --max-agents: one agent over the bound is refused with the reason, runs
+/// and merges alone, and gets in once a place is free.
+#[test]
+fn agents_over_the_maximum_are_refused_and_merge_alone() {
+    let Some(s) = setup("faults-maxagents") else { return };
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--max-agents", "2"])]);
+    let d = kids.0[0].id();
+    let sock = s.dir.join("twinpaged.sock");
+    kids.0.push(start(twin_cmd(&s, &sock, [21, 64, 16, 0])));
+    kids.0.push(start(twin_cmd(&s, &sock, [21, 64, 16, 0])));
+    assert!(wait_until(Duration::from_secs(10), || get(&s.dir, d, "twinpage_daemon_agents") == 2));
+    let log = s.dir.join("third.log");
+    let mut third = twin_cmd(&s, &sock, [21, 64, 16, 0]);
+    third.env("TWINPAGE_LOG", "warn").stderr(std::fs::File::create(&log).unwrap());
+    kids.0.push(start(third));
+    let p3 = kids.0[3].id();
+    // It merges its own pairs alone, and stays out of the daemon.
+    assert!(wait_until(Duration::from_secs(10), || get(&s.dir, p3, "pages_sharing") == 16), "the refused agent did not merge alone");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(get(&s.dir, p3, "twinpage_daemon_agents"), 0);
+    assert_eq!(get(&s.dir, d, "twinpage_daemon_agents"), 2);
+    let text = std::fs::read_to_string(&log).unwrap();
+    eprintln!("refused agent's log: {}", text.trim());
+    assert!(text.contains("maximum of 2 agents"), "the refusal's reason did not reach the agent");
+    // A place frees up: it connects (and merges its new pages with the others').
+    finish_twin(kids.0.remove(1));
+    assert!(wait_until(Duration::from_secs(5), || get(&s.dir, p3, "twinpage_daemon_agents") == 1), "the agent did not get the free place");
+    for _ in 0..2 {
+        finish_twin(kids.0.remove(1));
+    }
+    assert!(wait_until(Duration::from_secs(5), || daemon_empty(&s.dir, d)));
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// --max-proposals: an agent with many unique pages keeps at most that many
+/// in the daemon's unstable tree; with a second agent of the same content,
+/// everything still merges (the window moves as pages merge).
+#[test]
+fn proposals_per_agent_are_bounded() {
+    let Some(s) = setup("faults-maxprop") else { return };
+    let (cap, pages) = (100u64, 1000u64);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--max-proposals", &cap.to_string()])]);
+    let d = kids.0[0].id();
+    let sock = s.dir.join("twinpaged.sock");
+    let no_smart = |args| {
+        let mut c = twin_cmd(&s, &sock, args);
+        c.env("TWINPAGE_SMART_SCAN", "0");
+        c
+    };
+    kids.0.push(start(no_smart([31, pages, 0, 0])));
+    let a = kids.0[1].id();
+    let mut most = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        most = most.max(get(&s.dir, d, "pages_unshared"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!("one agent of {pages} unique pages: at most {most} proposals (cap {cap}); agent {:?}", counters(&s.dir, a).get("full_scans"));
+    assert!(most > 0 && most <= cap, "proposals of one agent: {most}, cap {cap}");
+    kids.0.push(start(no_smart([31, pages, 0, 0])));
+    let b = kids.0[2].id();
+    let t = Instant::now();
+    let merged = wait_until(Duration::from_secs(30), || {
+        most = most.max(get(&s.dir, d, "pages_unshared"));
+        get(&s.dir, d, "pages_sharing") == pages
+    });
+    eprintln!("two agents: all merged in {:.2} s, at most {most} proposals", t.elapsed().as_secs_f64());
+    assert!(merged, "not everything merged under the proposal bound: {:?}", counters(&s.dir, d));
+    assert!(most <= 2 * cap);
+    for _ in 0..2 {
+        finish_twin(kids.0.remove(1));
+    }
+    let _ = (a, b);
+    assert!(wait_until(Duration::from_secs(5), || daemon_empty(&s.dir, d)));
+    drop(kids);
     let _ = std::fs::remove_dir_all(&s.dir);
 }

@@ -315,6 +315,37 @@ mod tests {
         assert_eq!(b.stats().pages_unshared, 3);
     }
 
+    /// An agent keeps at most `max_proposals` entries in the unstable tree,
+    /// the newest; the bound is checked on the tree itself.
+    #[test]
+    fn proposals_are_bounded_per_agent_oldest_dropped() {
+        let mut b = Broker::new();
+        b.limits.max_proposals = 100;
+        let (a1, _f1) = b.join(1, 1000, None).unwrap();
+        let (a2, _f2) = b.join(2, 1000, None).unwrap();
+        let pages: Vec<_> = (0..1000u32).map(|i| {
+            let mut p = Box::new([0u8; PAGE]);
+            p[..4].copy_from_slice(&i.to_le_bytes());
+            p
+        }).collect();
+        let cands = |range: std::ops::Range<usize>| range.map(|i| cand(i as u64, &pages[i], true)).collect::<Vec<_>>();
+        assert!(b.scan(a1, &cands(0..1000)).is_empty());
+        let d = b.domains.get(&default_domain(1000)).unwrap();
+        assert_eq!(d.proposals_of(a1), 100);
+        assert_eq!(b.stats().pages_unshared, 100);
+        // Only the newest 100 (900..1000) are left to match.
+        assert!(b.scan(a2, &cands(0..100)).is_empty(), "dropped proposals do not match");
+        let o = b.scan(a2, &cands(950..960));
+        assert_eq!(o.len(), 10);
+        assert!(o.iter().all(|o| o.kind == OrderKind::Upload));
+        let d = b.domains.get(&default_domain(1000)).unwrap();
+        assert_eq!((d.proposals_of(a1), d.proposals_of(a2)), (90, 100));
+        // Next full scans: stale entries count against the bound too.
+        b.full_scan(a1);
+        assert!(b.scan(a1, &cands(200..700)).is_empty());
+        assert_eq!(b.domains.get(&default_domain(1000)).unwrap().proposals_of(a1), 100);
+    }
+
     /// The fd an agent gets reads the store but cannot change it in any way.
     #[test]
     fn the_agents_store_fd_cannot_write() {

@@ -166,6 +166,12 @@ pub fn serve_agent(daemon: &Daemon, stream: UnixStream) {
     };
     let (id, fd, agents) = match joined {
         Ok(j) => j,
+        Err(e @ super::JoinError::TooMany(_)) => {
+            // Refused agents retry every second: one line, not one a second.
+            crate::warn_once!("too-many-agents", "twinpaged: {e}; more agents are refused and merge alone");
+            let _ = conn.send(&Msg::Refused { reason: format!("pid {} (uid {}) refused: {e}", cred.pid, cred.uid) });
+            return conn.shutdown();
+        }
         Err(e) => return refuse(&mut conn, format!("pid {} (uid {}) refused: {e}", cred.pid, cred.uid)),
     };
     let name = domain.unwrap_or_else(|| super::default_domain(cred.uid));
