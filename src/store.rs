@@ -114,9 +114,9 @@ impl Store {
             if let Err(e) = res {
                 if j - i > 1 && e.raw_os_error() == Some(libc::ENOSPC) {
                     // Some of the run may still fit: page by page.
-                    for k in i..j {
-                        if let Err(e) = memfd::allocate(self.fd(), Self::offset(first + (k - i) as u32), PAGE_SIZE as u64) {
-                            ok[k] = false;
+                    for (k, o) in ok[i..j].iter_mut().enumerate() {
+                        if let Err(e) = memfd::allocate(self.fd(), Self::offset(first + k as u32), PAGE_SIZE as u64) {
+                            *o = false;
                             err.get_or_insert(StoreError::NoSpace(e));
                         }
                     }

@@ -275,6 +275,7 @@ impl SmallTmpfs {
 
     fn free(&self) -> u64 {
         let path = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs is plain old data; all zeros is a valid value.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: a NUL-terminated path and a statvfs to fill.
         assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);

@@ -128,6 +128,9 @@ mod tests {
         assert_eq!(c.tunables, vec![("pages_to_scan".to_string(), "1000".to_string())]);
         assert_eq!(c.socket, Some(PathBuf::from("/tmp/x/twinpaged.sock")));
         assert_eq!(vars(&[("TWINPAGE_SOCKET", "off")]).unwrap().socket, None);
+        assert!(vars(&[("TWINPAGE_STORE_DIR", "shm")]).unwrap_err().contains("TWINPAGE_STORE_DIR"));
+        assert!(vars(&[("TWINPAGE_STORE_DIR", "/nonexistent/dir")]).unwrap_err().contains("TWINPAGE_STORE_DIR"));
+        assert_eq!(vars(&[("TWINPAGE_STORE_DIR", "/dev/shm")]).unwrap().store_dir.as_deref(), Some(std::path::Path::new("/dev/shm")));
         assert!(vars(&[("TWINPAGE_SOCKET", "sock")]).unwrap_err().contains("TWINPAGE_SOCKET"));
         assert!(vars(&[("TWINPAGE_DOMAIN", "uid:0")]).unwrap_err().contains("TWINPAGE_DOMAIN"));
         assert!(vars(&[("TWINPAGE_PAGES_TO_SCAN", "lots")]).unwrap_err().contains("TWINPAGE_PAGES_TO_SCAN"));
