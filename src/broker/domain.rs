@@ -339,7 +339,7 @@ impl Domain {
 
     pub fn metadata_bytes(&self) -> u64 {
         let fifo: usize = self.proposals.values().map(|q| q.capacity()).sum();
-        self.stable.metadata_bytes() + self.unstable.capacity() as u64 * 33 + fifo as u64 * 16 + self.alloc.metadata_bytes()
+        self.stable.metadata_bytes() + self.unstable.capacity() as u64 * 33 + fifo as u64 * 24 + self.alloc.metadata_bytes()
     }
 
     /// Entries `agent` has in the unstable tree, live or stale.
