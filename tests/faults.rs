@@ -574,3 +574,80 @@ fn proposals_per_agent_are_bounded() {
     drop(kids);
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+/// Connections that never say hello are bounded too (max_agents + 16): one
+/// more gets a Refused frame at once, an agent arriving then merges alone,
+/// and gets in once they are gone.
+#[test]
+fn connections_without_hello_are_bounded() {
+    let Some(s) = setup("faults-maxconn") else { return };
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--max-agents", "1"])]);
+    let d = kids.0[0].id();
+    let sock = s.dir.join("twinpaged.sock");
+    let idle: Vec<UnixStream> = (0..17).map(|_| UnixStream::connect(&sock).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = Conn::new(UnixStream::connect(&sock).unwrap());
+    extra.set_timeout(Some(Duration::from_secs(2))).unwrap();
+    match extra.recv() {
+        Ok((twinpage::broker::proto::Msg::Refused { reason }, _)) => {
+            eprintln!("18th connection: {reason}");
+            assert!(reason.contains("maximum of 17 connections"));
+        }
+        other => panic!("the 18th connection was not refused: {other:?}"),
+    }
+    kids.0.push(start(twin_cmd(&s, &sock, [41, 32, 16, 0])));
+    let p = kids.0[1].id();
+    assert!(wait_until(Duration::from_secs(10), || get(&s.dir, p, "pages_sharing") == 16), "the agent did not merge alone");
+    assert_eq!(get(&s.dir, p, "twinpage_daemon_agents"), 0);
+    drop(idle);
+    assert!(wait_until(Duration::from_secs(5), || get(&s.dir, p, "twinpage_daemon_agents") == 1), "the agent did not get in");
+    assert_eq!(get(&s.dir, d, "twinpage_daemon_agents"), 1);
+    finish_twin(kids.0.remove(1));
+    assert!(wait_until(Duration::from_secs(5), || daemon_empty(&s.dir, d)));
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// A stopped (SIGSTOP) daemon: the agents' 2 s timeout fires mid-exchange
+/// and they go on alone; when the daemon runs again it finds their
+/// connections closed while their processes live, and must not free the
+/// store pages they still map. They verify, reconnect, and the store
+/// empties only once they have exited.
+#[test]
+fn a_stalled_daemon_does_not_free_pages_live_agents_map() {
+    let Some(s) = setup("faults-stall") else { return };
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[])]);
+    let d = kids.0[0].id();
+    let sock = s.dir.join("twinpaged.sock");
+    let flat_out = |args: [u64; 4]| {
+        let mut c = twin_cmd(&s, &sock, args);
+        c.env("TWINPAGE_SLEEP_MILLISECS", "0").env("TWINPAGE_SMART_SCAN", "0");
+        c
+    };
+    kids.0.push(start(flat_out([51, 512, 64, 1])));
+    kids.0.push(start(flat_out([51, 512, 64, 1])));
+    let pids = [kids.0[1].id(), kids.0[2].id()];
+    assert!(wait_until(Duration::from_secs(20), || pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_merged") > 500)));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(d as i32, libc::SIGSTOP) };
+    let alone = wait_until(Duration::from_secs(10), || pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_agents") == 0));
+    // SAFETY: as above.
+    unsafe { libc::kill(d as i32, libc::SIGCONT) };
+    assert!(alone, "the agents did not give up on the stopped daemon");
+    let merged: Vec<u64> = pids.iter().map(|&p| get(&s.dir, p, "twinpage_daemon_merged")).collect();
+    eprintln!("timed out with {merged:?} pages merged through the daemon");
+    assert!(wait_until(Duration::from_secs(10), || pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_agents") == 1)), "no reconnect");
+    // Their pages (orphans now) are still mapped and still theirs: give
+    // a wrong free time to show, with the processes checking every 20 ms.
+    std::thread::sleep(Duration::from_secs(1));
+    for c in kids.0.iter_mut().skip(1) {
+        assert!(c.try_wait().unwrap().is_none(), "pid {} died", c.id());
+    }
+    assert!(get(&s.dir, d, "twinpage_store_bytes") > 0);
+    for _ in 0..2 {
+        eprintln!("{}", finish_twin(kids.0.remove(1)).trim());
+    }
+    assert!(wait_until(Duration::from_secs(5), || daemon_empty(&s.dir, d)), "store not empty after the agents exited");
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}

@@ -33,6 +33,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const EXIT_GRACE_MS: i32 = 200;
 /// How often parked agents' processes are checked.
 const REAP_EVERY: Duration = Duration::from_millis(100);
+/// Connections beyond `max_agents` allowed in before their hello.
+const PRE_HELLO_SLACK: usize = 16;
 
 /// The broker as the daemon runs it, and as its stats tree publishes it.
 #[derive(Debug, Default)]
@@ -40,6 +42,8 @@ pub struct Daemon {
     pub broker: Mutex<Broker>,
     /// Parked agents and their processes' pidfds.
     parked: Mutex<Vec<(u32, OwnedFd)>>,
+    /// Connections being served (one thread each).
+    connections: std::sync::atomic::AtomicUsize,
 }
 
 impl Daemon {
@@ -128,9 +132,30 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, stop: Arc<AtomicBool>)
                 continue;
             }
         };
+        // One thread per connection, bounded: agents, plus a few peers that
+        // have not said hello yet (each has HELLO_TIMEOUT to do so).
+        let max = daemon.broker.lock().limits.max_agents.saturating_add(PRE_HELLO_SLACK);
+        if daemon.connections.load(Ordering::SeqCst) >= max {
+            crate::warn_once!("too-many-connections", "twinpaged: {max} connections open; more are refused");
+            let mut conn = Conn::new(stream);
+            let _ = conn.set_timeout(Some(Duration::from_millis(100)));
+            let _ = conn.send(&Msg::Refused { reason: format!("the daemon has its maximum of {max} connections open") });
+            continue;
+        }
+        daemon.connections.fetch_add(1, Ordering::SeqCst);
         let d = daemon.clone();
-        let spawned = std::thread::Builder::new().name("twinpaged-agent".into()).spawn(move || serve_agent(&d, stream));
+        let spawned = std::thread::Builder::new().name("twinpaged-agent".into()).spawn(move || {
+            struct Done<'a>(&'a Daemon);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.connections.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let _done = Done(&d);
+            serve_agent(&d, stream);
+        });
         if let Err(e) = spawned {
+            daemon.connections.fetch_sub(1, Ordering::SeqCst);
             log::warn!("twinpaged: cannot start a thread for an agent: {e}");
         }
     }
