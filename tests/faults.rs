@@ -619,18 +619,24 @@ fn a_stalled_daemon_does_not_free_pages_live_agents_map() {
     let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[])]);
     let d = kids.0[0].id();
     let sock = s.dir.join("twinpaged.sock");
-    let flat_out = |args: [u64; 4]| {
+    let logs = [s.dir.join("a.log"), s.dir.join("b.log")];
+    let flat_out = |args: [u64; 4], log: &Path| {
         let mut c = twin_cmd(&s, &sock, args);
-        c.env("TWINPAGE_SLEEP_MILLISECS", "0").env("TWINPAGE_SMART_SCAN", "0");
+        c.env("TWINPAGE_SLEEP_MILLISECS", "0").env("TWINPAGE_SMART_SCAN", "0").env("TWINPAGE_LOG", "warn");
+        c.stderr(std::fs::File::create(log).unwrap());
         c
     };
-    kids.0.push(start(flat_out([51, 512, 64, 1])));
-    kids.0.push(start(flat_out([51, 512, 64, 1])));
+    kids.0.push(start(flat_out([51, 512, 64, 1], &logs[0])));
+    kids.0.push(start(flat_out([51, 512, 64, 1], &logs[1])));
     let pids = [kids.0[1].id(), kids.0[2].id()];
     assert!(wait_until(Duration::from_secs(20), || pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_merged") > 500)));
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(d as i32, libc::SIGSTOP) };
-    let alone = wait_until(Duration::from_secs(10), || pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_agents") == 0));
+    // Their logs, not the tree: the stopped daemon may hold the tree's lock,
+    // and then nobody's counters are published until it runs again.
+    let alone = wait_until(Duration::from_secs(10), || {
+        logs.iter().all(|l| std::fs::read_to_string(l).unwrap_or_default().contains("lost twinpaged"))
+    });
     // SAFETY: as above.
     unsafe { libc::kill(d as i32, libc::SIGCONT) };
     assert!(alone, "the agents did not give up on the stopped daemon");
