@@ -367,6 +367,8 @@ fn settle(
                         rec.flags |= PageRecord::REMOTE;
                         link.committed.push(it.store);
                     }
+                    // The link broke during the batch: an orphan of it.
+                    None if core.last_link.is_some() => rec.flags |= PageRecord::ORPHAN | PageRecord::LAST_LINK,
                     None => rec.flags |= PageRecord::ORPHAN,
                 }
             }

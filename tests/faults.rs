@@ -650,6 +650,20 @@ fn a_stalled_daemon_does_not_free_pages_live_agents_map() {
         assert!(c.try_wait().unwrap().is_none(), "pid {} died", c.id());
     }
     assert!(get(&s.dir, d, "twinpage_store_bytes") > 0);
+    // Reconnected, they took their parked references back: pages they
+    // rewrite since are released to the daemon, whose sharers stay those
+    // the agents count (a parked reference would stay after the write).
+    let sharers = || {
+        let c = counters(&s.dir, d);
+        c.get("pages_shared").copied().unwrap_or(0) + c.get("pages_sharing").copied().unwrap_or(0)
+    };
+    let agree = wait_until(Duration::from_secs(5), || {
+        let before = sharers();
+        let agents: u64 = pids.iter().map(|&p| get(&s.dir, p, "twinpage_daemon_merged")).sum();
+        before == agents && sharers() == before
+    });
+    eprintln!("after 1 s of writes: daemon sharers {}, agents' daemon merges {:?}", sharers(), pids.map(|p| get(&s.dir, p, "twinpage_daemon_merged")));
+    assert!(agree, "the daemon counts references the agents no longer hold");
     for _ in 0..2 {
         eprintln!("{}", finish_twin(kids.0.remove(1)).trim());
     }

@@ -299,6 +299,24 @@ impl Domain {
         self.unstable.retain(|_, p| p.agent != agent);
     }
 
+    /// A reconnected agent takes over what its parked self held: its merges,
+    /// and orders it may have carried out before the link broke (their
+    /// reports were lost; the agent holds those pages as its own now, and
+    /// releases them when it stops using them).
+    pub fn adopt(&mut self, from: Holdings, into: &mut Holdings) {
+        for (idx, n) in from.held {
+            *into.held.entry(idx).or_default() += n;
+        }
+        for (idx, n) in from.pending {
+            for _ in 0..n {
+                self.stable.commit(idx);
+            }
+            *into.held.entry(idx).or_default() += n;
+        }
+        // Unfilled uploads went when it was parked.
+        debug_assert!(from.uploads.is_empty());
+    }
+
     /// The agent is gone (its process exited): everything it held or had
     /// been ordered is dropped; store pages nobody else holds are freed.
     pub fn leave(&mut self, agent: u32, mut h: Holdings) {

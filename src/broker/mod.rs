@@ -42,6 +42,17 @@ pub enum JoinError {
     TooMany(usize),
 }
 
+/// What became of a `Resume`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// The old agent's references are the new one's.
+    Taken,
+    /// The old agent's connection has not ended on this side yet.
+    Busy,
+    /// No such parked agent of this process and domain.
+    No,
+}
+
 /// How much one daemon takes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -192,6 +203,23 @@ impl Broker {
         }
     }
 
+    /// Agent `new` says it was agent `old` (`Resume`): when `old` is parked
+    /// for the same process and domain, its references become `new`'s.
+    /// `Busy` while `old`'s connection is still being wound up.
+    pub fn resume(&mut self, new: u32, old: u32) -> Resume {
+        let (Some(o), Some(n)) = (self.agents.get(&old), self.agents.get(&new)) else { return Resume::No };
+        if old == new || o.pid != n.pid || o.domain != n.domain {
+            return Resume::No;
+        }
+        if o.connected {
+            return Resume::Busy;
+        }
+        let Some(o) = self.agents.remove(&old) else { return Resume::No };
+        let Some((d, h)) = self.parts(new) else { return Resume::No };
+        d.adopt(o.holdings, h);
+        Resume::Taken
+    }
+
     /// The agent's process is gone: its references are dropped and store
     /// pages only it held are freed.
     pub fn leave(&mut self, agent: u32) {
@@ -313,6 +341,37 @@ mod tests {
         let (other, _f3) = b.join(5, 1001, None).unwrap();
         assert!(b.scan(other, &[cand(1, &p, true)]).is_empty(), "uid 1001's default domain is its own");
         assert_eq!(b.stats().pages_unshared, 3);
+    }
+
+    /// A parked agent's references stay (its process still maps the pages)
+    /// and go to its reconnected self on `Resume`; only that process can
+    /// take them, and only once the old connection is wound up.
+    #[test]
+    fn parked_references_stay_and_a_resume_takes_them_over() {
+        let mut b = Broker::new();
+        let (a1, _f1) = b.join(10, 1000, None).unwrap();
+        let (a2, _f2) = b.join(11, 1000, None).unwrap();
+        let p = page(5);
+        assert!(b.scan(a1, &[cand(1, &p, true)]).is_empty());
+        let s = b.scan(a2, &[cand(2, &p, true)])[0].store;
+        assert_eq!(b.fill(a2, &[FillPage { store: s, digest: cand(0, &p, true).digest, bytes: p.clone() }]), vec![(s, true)]);
+        b.report(a2, &[s], &[], &[]);
+        let o = b.scan(a1, &[cand(1, &p, true)]);
+        assert_eq!(o[0].kind, OrderKind::Join);
+        // a1's link breaks before it reports the join it did: parked.
+        let (a1b, _f3) = b.join(10, 1000, None).unwrap();
+        assert_eq!(b.resume(a1b, a1), Resume::Busy, "the old connection is not wound up yet");
+        b.park(a1);
+        assert_eq!(b.agents(), 2);
+        assert_eq!(b.parked(), 1);
+        assert_eq!(b.resume(a2, a1), Resume::No, "another process cannot take them");
+        b.leave(a2);
+        assert_eq!(b.stats().twinpage_store_bytes, PAGE as u64, "the parked join keeps the page");
+        assert_eq!(b.resume(a1b, a1), Resume::Taken);
+        assert_eq!(b.parked(), 0);
+        b.report(a1b, &[], &[], &[s]);
+        let st = b.stats();
+        assert_eq!((st.pages_shared, st.twinpage_store_bytes), (0, 0));
     }
 
     /// An agent keeps at most `max_proposals` entries in the unstable tree,

@@ -33,6 +33,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const EXIT_GRACE_MS: i32 = 200;
 /// How often parked agents' processes are checked.
 const REAP_EVERY: Duration = Duration::from_millis(100);
+/// How long a `Resume` waits for the old connection to be wound up.
+const RESUME_WAIT: Duration = Duration::from_millis(EXIT_GRACE_MS as u64 * 3);
 /// Connections beyond `max_agents` allowed in before their hello.
 const PRE_HELLO_SLACK: usize = 16;
 
@@ -244,6 +246,25 @@ fn agent_loop(daemon: &Daemon, conn: &mut Conn, id: u32) -> Result<(), ConnError
                 daemon.broker.lock().report(id, &committed, &cancelled, &released);
             }
             Msg::FullScan => daemon.broker.lock().full_scan(id),
+            Msg::Resume { agent_id } => {
+                // The old connection's thread may not have seen its end yet
+                // (it then waits up to EXIT_GRACE_MS for the process): wait
+                // for it to be parked, a little longer than that.
+                let deadline = std::time::Instant::now() + RESUME_WAIT;
+                let ok = loop {
+                    match daemon.broker.lock().resume(id, agent_id) {
+                        super::Resume::Taken => break true,
+                        super::Resume::Busy if std::time::Instant::now() < deadline => {}
+                        _ => break false,
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                };
+                if ok {
+                    log::info!("twinpaged: agent {id} took over the references of its parked self, agent {agent_id}");
+                    daemon.parked.lock().retain(|(parked, _)| *parked != agent_id);
+                }
+                conn.send(&Msg::Resumed { ok })?;
+            }
             other => {
                 let pid = daemon.broker.lock().pid_of(id).unwrap_or(0);
                 refuse(conn, format!("agent {id} (pid {pid}) sent {} out of turn", other.name()));
