@@ -82,14 +82,21 @@ impl Daemon {
 }
 
 /// The process whose memory holds an agent's merges: the pid its hello
-/// names when that process belongs to the peer's uid (root may name any;
-/// lying only hurts the liar, whose references outlive or undercut its own
-/// mappings), otherwise the peer. Naming it lets a relay (a test's, a
-/// container runtime's) stand between agent and daemon.
+/// names when the peer is in the daemon's pid namespace (so the name means
+/// the same process here) and that process belongs to the peer's uid (root
+/// may name any; lying only hurts the liar, whose references outlive or
+/// undercut its own mappings); otherwise the peer, whose pid the kernel
+/// translated (an agent in a container). Naming it lets a relay (a test's)
+/// stand between agent and daemon.
 fn holder_pid(claimed: u32, peer_pid: u32, peer_uid: u32) -> u32 {
+    if claimed == peer_pid || claimed == 0 {
+        return peer_pid;
+    }
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let same_ns = ns(&peer_pid.to_string()).is_some_and(|p| Some(p) == ns("self"));
     let owner = std::fs::metadata(format!("/proc/{claimed}")).map(|m| m.uid());
     match owner {
-        Ok(uid) if claimed != 0 && (uid == peer_uid || peer_uid == 0) => claimed,
+        Ok(uid) if same_ns && (uid == peer_uid || peer_uid == 0) => claimed,
         _ => peer_pid,
     }
 }
@@ -271,5 +278,29 @@ fn agent_loop(daemon: &Daemon, conn: &mut Conn, id: u32) -> Result<(), ConnError
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::holder_pid;
+
+    #[test]
+    fn the_named_holder_must_exist_here_and_belong_to_the_peer() {
+        let me = std::process::id();
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        let child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        assert_eq!(holder_pid(child.id(), me, uid), child.id(), "a process of the peer's uid, same namespace");
+        assert_eq!(holder_pid(u32::MAX - 1, me, uid), me, "no such process: the peer");
+        assert_eq!(holder_pid(0, me, uid), me);
+        if uid != 0 {
+            assert_eq!(holder_pid(1, me, uid), me, "another uid's process: the peer");
+        } else {
+            assert_eq!(holder_pid(child.id(), me, 12345), me, "another uid's process: the peer");
+        }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
