@@ -176,6 +176,69 @@ fn relay(listen: &Path, upstream: PathBuf, cut: Cut, log: Arc<Mutex<Vec<String>>
     });
 }
 
+/// What a killing relay is armed with: the frame, counted from arming,
+/// on which it kills the daemon (after forwarding it, or with it in flight).
+#[derive(Debug, Clone, Copy)]
+struct KillAt {
+    frames: usize,
+    deliver: bool,
+}
+
+/// A frame-level relay (every connection) that, when armed, SIGKILLs the
+/// daemon `pid` names on the armed frame: the daemon dies in the middle of
+/// an exchange, deliberately. The frames hit are logged.
+fn killing_relay(listen: &Path, upstream: PathBuf, arm: Arc<Mutex<Option<KillAt>>>, pid: Arc<std::sync::atomic::AtomicU32>, log: Arc<Mutex<Vec<String>>>) {
+    let _ = std::fs::remove_file(listen);
+    let l = UnixListener::bind(listen).unwrap();
+    std::thread::spawn(move || {
+        for agent in l.incoming() {
+            let Ok(agent) = agent else { return };
+            let Ok(daemon) = UnixStream::connect(&upstream) else { continue };
+            for (from, to, dir) in [(&agent, &daemon, "->"), (&daemon, &agent, "<-")] {
+                let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                let (arm, pid, log) = (arm.clone(), pid.clone(), log.clone());
+                std::thread::spawn(move || {
+                    let mut rx = Conn::new(from.try_clone().unwrap());
+                    let mut tx = Conn::new(to.try_clone().unwrap());
+                    let end = || {
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    };
+                    loop {
+                        let Ok((msg, fd)) = rx.recv() else { return end() };
+                        let mut armed = arm.lock().unwrap();
+                        let kill = armed.as_mut().and_then(|k| {
+                            k.frames -= 1;
+                            (k.frames == 0).then_some(k.deliver)
+                        });
+                        let send = |tx: &mut Conn| match &fd {
+                            Some(fd) => tx.send_with_fd(&msg, std::os::fd::AsFd::as_fd(fd)),
+                            None => tx.send(&msg),
+                        };
+                        match kill {
+                            Some(deliver) => {
+                                if deliver {
+                                    let _ = send(&mut tx);
+                                }
+                                let p = pid.load(std::sync::atomic::Ordering::SeqCst);
+                                // SAFETY: kill(2) of the test's own daemon child.
+                                unsafe { libc::kill(p as i32, libc::SIGKILL) };
+                                *armed = None;
+                                log.lock().unwrap().push(format!("{} {dir} {}", if deliver { "after" } else { "with in flight" }, msg.name()));
+                            }
+                            None => {
+                                if send(&mut tx).is_err() {
+                                    return end();
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    });
+}
+
 /// Every message boundary of a merge cycle, both ways (the k-th frame
 /// delivered then the connection cut, or the connection cut instead of
 /// delivering it): each agent runs on, reconnects, merges everything, keeps
@@ -438,12 +501,14 @@ fn agents_killed_mid_merge_leak_nothing_and_survivors_verify() {
     let _ = std::fs::remove_dir_all(&s.dir);
 }
 
-/// The daemon killed (SIGKILL) at random points while agents exchange
-/// batches with it flat out (one agent's pages are unique, so every scan is
-/// a stream of Scan batches; two others merge with each other and keep
-/// writing), then restarted, eight times: the agents keep running, verify
-/// their data, reconnect each time, and the last daemon is empty once they
-/// have exited.
+/// The daemon killed (SIGKILL) while agents exchange batches with it flat
+/// out (one agent's pages are unique, so every scan is a stream of Scan
+/// batches; two others merge with each other and keep writing), then
+/// restarted, ten times: at random points, and deliberately mid-exchange by
+/// a relay in front of one agent that kills it on the 1st-6th frame after
+/// arming (Scan, Orders, Fill, Filled, Report...), forwarded or in flight.
+/// The agents keep running, verify their data, reconnect each time, and the
+/// last daemon is empty once they have exited.
 #[test]
 fn the_daemon_killed_mid_batch_again_and_again_loses_nothing() {
     use rand::Rng;
@@ -451,13 +516,23 @@ fn the_daemon_killed_mid_batch_again_and_again_loses_nothing() {
     let mut rng = seeded_rng("daemon_killed_mid_batch");
     let sock = s.dir.join("twinpaged.sock");
     let mut daemon = start_daemon(&s.daemon, &s.dir, &[]);
-    let flat_out = |args: [u64; 4]| {
-        let mut c = twin_cmd(&s, &sock, args);
+    let daemon_pid = Arc::new(std::sync::atomic::AtomicU32::new(daemon.id()));
+    let arm = Arc::new(Mutex::new(None));
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let relayed = s.dir.join("relay.sock");
+    killing_relay(&relayed, sock.clone(), arm.clone(), daemon_pid.clone(), hits.clone());
+    let flat_out = |args: [u64; 4], via: &Path| {
+        let mut c = twin_cmd(&s, via, args);
         c.env("TWINPAGE_SLEEP_MILLISECS", "0");
         c
     };
+    let flat_out = |args: [u64; 4]| flat_out(args, &sock);
     let mut kids = Kids(vec![
-        start(flat_out([12, 1024, 64, 1])),
+        start({
+            let mut c = flat_out([12, 1024, 64, 1]);
+            c.env("TWINPAGE_SOCKET", &relayed);
+            c
+        }),
         start(flat_out([12, 1024, 64, 1])),
         start({
             // smart_scan off: its unique pages are proposed at every scan.
@@ -468,10 +543,16 @@ fn the_daemon_killed_mid_batch_again_and_again_loses_nothing() {
     ]);
     let pids: Vec<u32> = kids.0.iter().map(|c| c.id()).collect();
     let connected = |pids: &[u32]| pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_agents") == 1);
-    for round in 0..8 {
+    for round in 0..10 {
         assert!(wait_until(Duration::from_secs(10), || connected(&pids)), "round {round}: agents did not (re)connect");
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
-        daemon.kill().unwrap();
+        if round % 2 == 0 {
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
+            daemon.kill().unwrap();
+        } else {
+            *arm.lock().unwrap() = Some(KillAt { frames: rng.gen_range(1..=6), deliver: rng.gen() });
+            let died = wait_until(Duration::from_secs(10), || daemon.try_wait().unwrap().is_some());
+            assert!(died, "round {round}: the relayed agent sent nothing for the relay to kill on");
+        }
         daemon.wait().unwrap();
         assert!(
             wait_until(Duration::from_secs(5), || pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_agents") == 0)),
@@ -481,7 +562,11 @@ fn the_daemon_killed_mid_batch_again_and_again_loses_nothing() {
             assert!(c.try_wait().unwrap().is_none(), "round {round}: pid {} died with the daemon", c.id());
         }
         daemon = start_daemon(&s.daemon, &s.dir, &[]);
+        daemon_pid.store(daemon.id(), std::sync::atomic::Ordering::SeqCst);
     }
+    let hits = hits.lock().unwrap().clone();
+    eprintln!("daemon killed by the relay: {}", hits.join("; "));
+    assert_eq!(hits.len(), 5);
     let d = daemon.id();
     kids.0.push(daemon);
     assert!(wait_until(Duration::from_secs(10), || connected(&pids)), "agents did not reconnect to the last daemon");
