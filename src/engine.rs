@@ -87,13 +87,19 @@ impl Engine {
     /// Opens userfaultfd, pagemap and the store. Fails when userfaultfd
     /// write-protect is unavailable (needs root or access to /dev/userfaultfd).
     pub fn new() -> Result<Self, EngineError> {
+        Self::with_store_dir(None)
+    }
+
+    /// As [`new`](Self::new), with the store in `store_dir` (a tmpfs
+    /// directory, `TWINPAGE_STORE_DIR`) instead of a memfd.
+    pub fn with_store_dir(store_dir: Option<&std::path::Path>) -> Result<Self, EngineError> {
         let ps = crate::sys::page_size();
         if ps != PAGE_SIZE {
             return Err(EngineError::PageSize(ps));
         }
         let uffd = Userfaultfd::open()?;
         let pagemap = Pagemap::open().map_err(EngineError::Pagemap)?;
-        let store = Store::new()?;
+        let store = Store::new_in(store_dir)?;
         let sh = Shared::new(uffd, pagemap, store);
         let inner = Arc::new(Inner {
             sh,

@@ -25,6 +25,9 @@ pub struct Config {
     pub redirect_sysfs: bool,
     /// `TWINPAGE_DOMAIN`: sharing domain for the daemon.
     pub domain: Option<String>,
+    /// `TWINPAGE_STORE_DIR`: a tmpfs directory for the store instead of a
+    /// memfd (size-limited by the mount).
+    pub store_dir: Option<PathBuf>,
     /// `TWINPAGE_<ATTR>`: initial tunables, in the order given.
     pub tunables: Vec<(String, String)>,
 }
@@ -60,6 +63,7 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
         merge_any: false,
         redirect_sysfs: false,
         domain: None,
+        store_dir: None,
         tunables: Vec::new(),
     };
     let ctx = WriteContext::default();
@@ -91,6 +95,12 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
             "REDIRECT_SYSFS" => c.redirect_sysfs = flag(&k, &v)?,
             // Read by the engine itself (twinpage::merge::pin_guard_enabled);
             // checked here so a bad value is named like any other.
+            "STORE_DIR" => {
+                if !v.starts_with('/') || !std::path::Path::new(&v).is_dir() {
+                    return Err(format!("{k}={v:?} must be the absolute path of a directory (on tmpfs)"));
+                }
+                c.store_dir = Some(PathBuf::from(v));
+            }
             "PIN_GUARD" => drop(flag(&k, &v)?),
             "DOMAIN" => {
                 if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
@@ -136,6 +146,9 @@ mod tests {
         assert_eq!(vars(&[("TWINPAGE_SOCKET", "off")]).unwrap().socket, None);
         assert!(vars(&[("TWINPAGE_SOCKET", "sock")]).unwrap_err().contains("TWINPAGE_SOCKET"));
         assert!(vars(&[("TWINPAGE_DOMAIN", "uid:0")]).unwrap_err().contains("TWINPAGE_DOMAIN"));
+        assert!(vars(&[("TWINPAGE_STORE_DIR", "shm")]).unwrap_err().contains("TWINPAGE_STORE_DIR"));
+        assert!(vars(&[("TWINPAGE_STORE_DIR", "/nonexistent/dir")]).unwrap_err().contains("TWINPAGE_STORE_DIR"));
+        assert_eq!(vars(&[("TWINPAGE_STORE_DIR", "/dev/shm")]).unwrap().store_dir.as_deref(), Some(std::path::Path::new("/dev/shm")));
         assert!(vars(&[("TWINPAGE_PAGES_TO_SCAN", "lots")]).unwrap_err().contains("TWINPAGE_PAGES_TO_SCAN"));
         assert!(vars(&[("TWINPAGE_RUN", "3")]).unwrap_err().contains("EINVAL"));
         assert!(vars(&[("TWINPAGE_DIR", "relative")]).is_err());

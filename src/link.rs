@@ -137,6 +137,17 @@ impl Link {
         Ok(())
     }
 
+    /// Asks the broker to hand over the references this process held as
+    /// agent `old` (a link that broke while the daemon lived on).
+    pub fn resume(&mut self, old: u32) -> Result<bool, LinkError> {
+        self.conn.send(&Msg::Resume { agent_id: old })?;
+        match self.conn.recv()?.0 {
+            Msg::Resumed { ok } => Ok(ok),
+            Msg::Refused { reason } => Err(LinkError::Refused(reason)),
+            m => Err(LinkError::Unexpected(m.name(), "Resumed")),
+        }
+    }
+
     /// Tells the broker a full scan ended (our unstable-tree entries age out).
     pub fn full_scan(&mut self) -> Result<(), LinkError> {
         self.conn.send(&Msg::FullScan)?;

@@ -112,6 +112,23 @@ pub fn merge_run(
         }
     }
 
+    // Store pages this run will fill get their blocks before anything is
+    // protected: a write through the mapping into a hole of a full tmpfs
+    // store would be a SIGBUS. Without space, those merges wait.
+    let mut reserved = vec![true; n];
+    if matches!(kind, RunKind::Fill | RunKind::Join) {
+        let want: Vec<Option<u32>> =
+            items.iter().map(|it| core.stable.node(it.store).filter(|n| !n.filled).map(|_| it.store)).collect();
+        if want.iter().any(Option::is_some) {
+            let (ok, err) = sh.store.reserve(&want);
+            if let Some(e) = err {
+                core.counters.store_full += ok.iter().filter(|o| !**o).count() as u64;
+                warn_once!("store-full", "twinpage: cannot allocate store pages ({e}); merges wait for space");
+            }
+            reserved = ok;
+        }
+    }
+
     sh.inflight.begin(start, start + len);
     // Should anything below unwind, the run is unprotected and woken, so no
     // writer of the host program stays blocked.
@@ -164,6 +181,8 @@ pub fn merge_run(
                             core.counters.mismatches += 1;
                         }
                         eq
+                    } else if !reserved[i] {
+                        false
                     } else {
                         // SAFETY: an unfilled store page has no sharer and no reader
                         // but us (we hold the engine lock); `page` is write-protected.
@@ -378,6 +397,8 @@ fn settle(
                         rec.flags |= PageRecord::REMOTE;
                         link.committed.push(it.store);
                     }
+                    // The link broke during the batch: an orphan of it.
+                    None if core.last_link.is_some() => rec.flags |= PageRecord::ORPHAN | PageRecord::LAST_LINK,
                     None => rec.flags |= PageRecord::ORPHAN,
                 }
             }

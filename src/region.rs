@@ -58,6 +58,10 @@ impl PageRecord {
     /// connected to: the page stays merged (the memfd lives while mapped) but
     /// no broker counts it any more.
     pub const ORPHAN: u8 = 1 << 3;
+    /// With ORPHAN: merged over the link that broke last. When the same
+    /// daemon takes the link's references over on reconnect (`Resume`), the
+    /// page is REMOTE again and its release reaches the broker.
+    pub const LAST_LINK: u8 = 1 << 4;
 }
 
 /// What the scanner may do in a region.

@@ -101,6 +101,8 @@ pub struct Counters {
     pub unmergeable_pages: u64,
     /// Records merged into a daemon's store (REMOTE or ORPHAN).
     pub daemon_merged: u64,
+    /// Merges held back because the store's filesystem was full.
+    pub store_full: u64,
 }
 
 /// The mapping budget: twinpage's remaps split mappings, and the kernel caps a
@@ -193,6 +195,11 @@ pub struct Core {
     /// The link broke and REMOTE records have not all been made orphans yet:
     /// no new link until they have (their keys name the old daemon's pages).
     pub remote_lost: bool,
+    /// The agent id of the link that broke last, while its orphans
+    /// (LAST_LINK) may still be taken back by the same daemon.
+    pub last_link: Option<u32>,
+    /// Releases of LAST_LINK orphans meanwhile.
+    pub last_released: Vec<u32>,
 }
 
 impl Core {
@@ -208,6 +215,8 @@ impl Core {
             deferred_frees: Vec::new(),
             remote: None,
             remote_lost: false,
+            last_link: None,
+            last_released: Vec::new(),
         }
     }
 
@@ -216,12 +225,17 @@ impl Core {
     pub fn release_record(&mut self, sh: &Shared, rec: &mut PageRecord) {
         if rec.flags & (PageRecord::REMOTE | PageRecord::ORPHAN) != 0 {
             self.counters.daemon_merged -= 1;
-            if rec.flags & PageRecord::REMOTE != 0 {
-                if let Some(link) = self.remote.as_mut() {
-                    link.released.push(rec.key);
+            let remote = rec.flags & PageRecord::REMOTE != 0;
+            match self.remote.as_mut() {
+                Some(link) if remote => link.released.push(rec.key),
+                // A page of the link that broke (not yet, or already, an
+                // orphan): sent if the daemon hands that link's references over.
+                _ if (remote || rec.flags & PageRecord::LAST_LINK != 0) && self.last_link.is_some() => {
+                    self.last_released.push(rec.key)
                 }
+                _ => {}
             }
-            rec.flags &= !(PageRecord::REMOTE | PageRecord::ORPHAN);
+            rec.flags &= !(PageRecord::REMOTE | PageRecord::ORPHAN | PageRecord::LAST_LINK);
         } else {
             self.release(sh, rec.key);
         }
@@ -229,7 +243,9 @@ impl Core {
 
     /// The link to the daemon broke: go on alone.
     pub fn lose_remote(&mut self, sh: &Shared, why: &crate::link::LinkError) {
-        if self.remote.take().is_some() {
+        if let Some(link) = self.remote.take() {
+            self.last_link = Some(link.agent_id);
+            self.last_released.clear();
             sh.daemon_fd.store(-1, std::sync::atomic::Ordering::SeqCst);
             let why = crate::link::chain(why);
             log::warn!("twinpage: lost twinpaged ({why}); this process merges its own pages until it is back");
@@ -333,6 +349,7 @@ impl Core {
             twinpage_daemon_merged: c.daemon_merged,
             twinpage_daemon_agents: u64::from(self.remote.is_some()),
             twinpage_store_bytes: store_bytes,
+            twinpage_store_full: c.store_full,
             general_profit: saved as i64 - metadata as i64,
         }
     }

@@ -100,6 +100,9 @@ stats! {
     /// Bytes the store memfd holds (allocated, not its size); the daemon
     /// counts the stores of all its domains.
     twinpage_store_bytes,
+    /// Merges held back because the store's filesystem was full (a store on
+    /// a size-limited tmpfs), cumulative; they go on when space returns.
+    twinpage_store_full,
 }
 
 impl KsmStats {

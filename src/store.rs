@@ -3,6 +3,12 @@
 //! share the one page-cache page and a write takes the kernel's ordinary
 //! copy-on-write fault. A store page is written exactly once, before its first
 //! sharer maps it, and its hole is punched when the last sharer is gone.
+//!
+//! An operator can put the store on a size-limited tmpfs instead
+//! (`TWINPAGE_STORE_DIR`, `twinpaged --store-dir`): an unnamed `O_TMPFILE`
+//! there. Its blocks are allocated with `fallocate` before a page is written
+//! through the mapping, so a full filesystem is an `ENOSPC` to hold the merge
+//! back, never a `SIGBUS`.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -30,6 +36,10 @@ pub enum StoreError {
     Map(#[source] io::Error),
     #[error("the store is full")]
     Full,
+    #[error("the store's filesystem is full")]
+    NoSpace(#[source] io::Error),
+    #[error("TWINPAGE_STORE_DIR {0}: not a tmpfs directory (userfaultfd write-protect needs shmem)")]
+    NotTmpfs(std::path::PathBuf),
 }
 
 /// The memfd and the engine's view of it: read-write for the store's owner
@@ -42,9 +52,24 @@ pub struct Store {
 }
 
 impl Store {
-    /// Creates an empty store.
+    /// Creates an empty store (a memfd).
     pub fn new() -> Result<Self, StoreError> {
-        let fd = memfd::create(c"twinpage-store").map_err(StoreError::Create)?;
+        Self::new_in(None)
+    }
+
+    /// Creates an empty store: a memfd, or an unnamed file in `dir`, which
+    /// must be on tmpfs (userfaultfd write-protects `MAP_PRIVATE` mappings of
+    /// shmem, not of disk files).
+    pub fn new_in(dir: Option<&std::path::Path>) -> Result<Self, StoreError> {
+        let fd = match dir {
+            None => memfd::create(c"twinpage-store").map_err(StoreError::Create)?,
+            Some(d) => {
+                if !memfd::is_tmpfs(d).map_err(StoreError::Create)? {
+                    return Err(StoreError::NotTmpfs(d.to_path_buf()));
+                }
+                memfd::tmpfile(d).map_err(StoreError::Create)?
+            }
+        };
         Ok(Self::with_file(File::from(fd), true))
     }
 
@@ -57,10 +82,52 @@ impl Store {
     /// writes it. The inode is made owner-read-only, so a process of another
     /// uid cannot reopen it for writing through `/proc/<pid>/fd`, and sealed
     /// against shrinking, so nobody can cut pages from under a mapping.
-    pub fn new_shared() -> Result<Self, StoreError> {
-        let store = Self::new()?;
-        memfd::restrict(store.fd()).map_err(StoreError::Create)?;
+    ///
+    /// In a store directory (an `O_TMPFILE`) there are no seals: the mode
+    /// is set, and the agents' fds are read-only opens as always, so no
+    /// agent can write, truncate or punch it; only this fd can.
+    pub fn new_shared(dir: Option<&std::path::Path>) -> Result<Self, StoreError> {
+        let store = Self::new_in(dir)?;
+        memfd::restrict(store.fd(), dir.is_none()).map_err(StoreError::Create)?;
         Ok(store)
+    }
+
+    /// Allocates the blocks of store pages about to be written (`want[i]`,
+    /// `None`: nothing to allocate for item i), one `fallocate` per run of
+    /// consecutive pages. Returns per item whether it may be written;
+    /// false only when the filesystem is full (`NoSpace` is the first error),
+    /// other errors are returned.
+    pub fn reserve(&self, want: &[Option<u32>]) -> (Vec<bool>, Option<StoreError>) {
+        let mut ok = vec![true; want.len()];
+        let mut err = None;
+        let mut i = 0;
+        while i < want.len() {
+            let Some(first) = want[i] else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < want.len() && want[j] == Some(first + (j - i) as u32) {
+                j += 1;
+            }
+            let res = memfd::allocate(self.fd(), Self::offset(first), (j - i) as u64 * PAGE_SIZE as u64);
+            if let Err(e) = res {
+                if j - i > 1 && e.raw_os_error() == Some(libc::ENOSPC) {
+                    // Some of the run may still fit: page by page.
+                    for (k, o) in ok[i..j].iter_mut().enumerate() {
+                        if let Err(e) = memfd::allocate(self.fd(), Self::offset(first + k as u32), PAGE_SIZE as u64) {
+                            *o = false;
+                            err.get_or_insert(StoreError::NoSpace(e));
+                        }
+                    }
+                } else {
+                    ok[i..j].iter_mut().for_each(|o| *o = false);
+                    err.get_or_insert(if e.raw_os_error() == Some(libc::ENOSPC) { StoreError::NoSpace(e) } else { StoreError::Grow(e) });
+                }
+            }
+            i = j;
+        }
+        (ok, err)
     }
 
     /// A new read-only open of the store, to hand to an agent: it can map

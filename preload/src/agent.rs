@@ -159,7 +159,7 @@ pub fn get_or_init() -> Option<&'static Agent> {
         return None;
     }
     let cfg = CONFIG.get()?;
-    let engine = match Engine::new() {
+    let engine = match Engine::with_store_dir(cfg.store_dir.as_deref()) {
         Ok(e) => Arc::new(e),
         Err(e) => {
             log::warn!("twinpage: cannot start: {e}; memory is not merged and the program runs on");

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use twinpage::broker::server::{self, Daemon};
+use twinpage::broker::Limits;
 use twinpage::statsfs::{ProcessFlags, StatsTree, StatsTreeOptions};
 
 /// twinpaged: shares merged pages across the processes that preload libtwinpage.so.
@@ -33,6 +34,20 @@ struct Args {
     /// in, each in the domain of its uid.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// Connected agents at most (one thread each); more are refused with
+    /// the reason and merge their own pages alone.
+    #[arg(long, default_value_t = Limits::default().max_agents as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    max_agents: u32,
+    /// Unstable-tree entries (proposed pages not matched yet) per agent at
+    /// most; beyond it the agent's oldest are dropped. The default covers
+    /// every page of a 16 GiB guest.
+    #[arg(long, default_value_t = Limits::default().max_proposals as u64, value_parser = clap::value_parser!(u64).range(1..=1 << 32))]
+    max_proposals: u64,
+    /// A tmpfs directory for the stores (one unnamed file per domain)
+    /// instead of memfds: a size-limited mount bounds them; when it is
+    /// full, new merges wait for space (`twinpage_store_full`).
+    #[arg(long, env = "TWINPAGE_STORE_DIR")]
+    store_dir: Option<PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -87,7 +102,13 @@ fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
     }
     let socket = args.socket.clone().unwrap_or_else(|| args.dir.join("twinpaged.sock"));
     twinpage::sys::signals::install_handlers();
-    let daemon = Arc::new(Daemon::default());
+    let limits = Limits { max_agents: args.max_agents as usize, max_proposals: args.max_proposals as usize };
+    if let Some(d) = &args.store_dir {
+        // Checked now, not at the first agent's join.
+        twinpage::store::Store::new_in(Some(d)).map_err(|e| format!("--store-dir {}: {e}", d.display()))?;
+    }
+    let daemon = Arc::new(Daemon::new(limits));
+    daemon.broker.lock().store_dir = args.store_dir.clone();
     // TWINPAGE_<ATTR> (checked with the kernel's rules already): this
     // daemon's settings, published to the tree as an agent's would be.
     for (attr, value) in tunables {

@@ -10,7 +10,8 @@
 //! under write-protect before it remaps, so a wrong digest costs a failed
 //! merge, never content.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use nohash_hasher::BuildNoHashHasher;
 
@@ -20,6 +21,10 @@ use crate::sys::PAGE_SIZE;
 use crate::tree::StableTree;
 
 type NoHash<K, V> = HashMap<K, V, BuildNoHashHasher<u64>>;
+
+/// After the store's filesystem was found full, new store pages wait this
+/// long before the next try (joins of existing pages go on meanwhile).
+const FULL_RETRY: Duration = Duration::from_secs(1);
 
 /// An unstable-tree entry: which agent's page proposed the digest, during
 /// which of its full scans.
@@ -78,19 +83,30 @@ pub struct Domain {
     generations: HashMap<u32, u64>,
     /// Live (not stale) proposals per agent: `pages_unshared`.
     live: HashMap<u32, u64>,
+    /// Each agent's proposals, oldest first (digest, token): an agent never
+    /// has more than `max_proposals` entries in the unstable tree, so a
+    /// hostile or huge agent cannot grow the daemon without bound.
+    proposals: HashMap<u32, VecDeque<(u64, u64, u64)>>,
+    /// Merges held back because the store's filesystem was full, cumulative.
+    pub store_full: u64,
+    /// No new store pages before this (the filesystem was full).
+    full_until: Option<Instant>,
 }
 
 impl Domain {
-    pub fn new(name: String, owner: u32) -> Result<Self, StoreError> {
+    pub fn new(name: String, owner: u32, store_dir: Option<&std::path::Path>) -> Result<Self, StoreError> {
         Ok(Self {
             name,
             owner,
-            store: Store::new_shared()?,
+            store: Store::new_shared(store_dir)?,
             stable: StableTree::default(),
             unstable: NoHash::default(),
             alloc: StoreAlloc::default(),
             generations: HashMap::new(),
             live: HashMap::new(),
+            proposals: HashMap::new(),
+            store_full: 0,
+            full_until: None,
         })
     }
 
@@ -98,8 +114,9 @@ impl Domain {
         self.generations.insert(agent, 0);
     }
 
-    /// Decides on a batch of candidates of `agent`.
-    pub fn scan(&mut self, agent: u32, h: &mut Holdings, items: &[Candidate], max_sharing: u32) -> Vec<Order> {
+    /// Decides on a batch of candidates of `agent`, which keeps at most
+    /// `max_proposals` entries in the unstable tree (the oldest go first).
+    pub fn scan(&mut self, agent: u32, h: &mut Holdings, items: &[Candidate], max_sharing: u32, max_proposals: usize) -> Vec<Order> {
         let mut orders = Vec::new();
         // Consecutive pages get consecutive store pages, so their merges
         // coalesce into one mapping on the agent's side.
@@ -122,6 +139,11 @@ impl Domain {
                     if self.stable.has_unfilled(c.digest) {
                         continue;
                     }
+                    if self.full_until.is_some_and(|t| Instant::now() < t) {
+                        // Both pages stay as they are, proposed again next scan.
+                        self.store_full += 1;
+                        continue;
+                    }
                     let first = p.agent;
                     self.unstable.remove(&c.digest);
                     if let Some(n) = self.live.get_mut(&first) {
@@ -137,12 +159,35 @@ impl Domain {
                 }
                 Some(p) if live(p, &self.generations) => {}
                 _ => {
-                    self.unstable.insert(c.digest, me);
-                    *self.live.entry(agent).or_default() += 1;
+                    self.propose(agent, c.digest, me, max_proposals);
                 }
             }
         }
         orders
+    }
+
+    fn propose(&mut self, agent: u32, digest: u64, me: Proposal, max_proposals: usize) {
+        if max_proposals == 0 {
+            return;
+        }
+        let fifo = self.proposals.entry(agent).or_default();
+        while fifo.len() >= max_proposals {
+            let Some((old, token, generation)) = fifo.pop_front() else { break };
+            // Entries since matched or replaced are not this one any more.
+            let ours = |p: &Proposal| (p.agent, p.token, p.generation) == (agent, token, generation);
+            if let Some(p) = self.unstable.get(&old).copied().filter(ours) {
+                self.unstable.remove(&old);
+                if self.generations.get(&agent) == Some(&p.generation) {
+                    if let Some(n) = self.live.get_mut(&agent) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+            }
+        }
+        fifo.push_back((digest, me.token, me.generation));
+        // Only a stale entry (counted no more) can be replaced here.
+        self.unstable.insert(digest, me);
+        *self.live.entry(agent).or_default() += 1;
     }
 
     /// Writes uploaded pages into the store pages `agent` was told to fill.
@@ -171,7 +216,20 @@ impl Domain {
             .collect()
     }
 
-    fn write_page(&self, idx: u32, bytes: &[u8]) -> bool {
+    fn write_page(&mut self, idx: u32, bytes: &[u8]) -> bool {
+        // Blocks first: a write through the mapping into a hole of a full
+        // tmpfs would be a SIGBUS.
+        if let (_, Some(e)) = self.store.reserve(&[Some(idx)]) {
+            self.store_full += 1;
+            if self.full_until.is_none() {
+                log::warn!("twinpaged: store of domain {} is full ({e}); new merges wait for space", self.name);
+            }
+            self.full_until = Some(Instant::now() + FULL_RETRY);
+            return false;
+        }
+        if self.full_until.take().is_some() {
+            log::info!("twinpaged: store of domain {} has space again; merging resumes", self.name);
+        }
         match self.store.page_ptr(idx) {
             Ok(ptr) => {
                 // SAFETY: an unfilled store page: no agent has been told to map it
@@ -224,12 +282,45 @@ impl Domain {
         }
     }
 
-    /// The agent is gone (exited, killed, disconnected): everything it held
-    /// or had been ordered is dropped; store pages nobody else holds are freed.
-    pub fn leave(&mut self, agent: u32, h: Holdings) {
+    /// The agent's connection ended but its process lives on: it still maps
+    /// what it merged (orphans on its side), so its references stay until it
+    /// exits ([`leave`](Self::leave)); only its proposals go, and the store
+    /// pages it was to upload and never filled (nobody maps those: joins of
+    /// a page are ordered once it is filled), so others can merge them.
+    pub fn park(&mut self, agent: u32, h: &mut Holdings) {
+        for (idx, _) in std::mem::take(&mut h.uploads) {
+            if take_one(&mut h.pending, idx) && self.stable.cancel(idx) {
+                self.free(idx);
+            }
+        }
         self.generations.remove(&agent);
         self.live.remove(&agent);
+        self.proposals.remove(&agent);
         self.unstable.retain(|_, p| p.agent != agent);
+    }
+
+    /// A reconnected agent takes over what its parked self held: its merges,
+    /// and orders it may have carried out before the link broke (their
+    /// reports were lost; the agent holds those pages as its own now, and
+    /// releases them when it stops using them).
+    pub fn adopt(&mut self, from: Holdings, into: &mut Holdings) {
+        for (idx, n) in from.held {
+            *into.held.entry(idx).or_default() += n;
+        }
+        for (idx, n) in from.pending {
+            for _ in 0..n {
+                self.stable.commit(idx);
+            }
+            *into.held.entry(idx).or_default() += n;
+        }
+        // Unfilled uploads went when it was parked.
+        debug_assert!(from.uploads.is_empty());
+    }
+
+    /// The agent is gone (its process exited): everything it held or had
+    /// been ordered is dropped; store pages nobody else holds are freed.
+    pub fn leave(&mut self, agent: u32, mut h: Holdings) {
+        self.park(agent, &mut h);
         for (idx, n) in h.pending {
             for _ in 0..n {
                 if self.stable.cancel(idx) {
@@ -265,7 +356,13 @@ impl Domain {
     }
 
     pub fn metadata_bytes(&self) -> u64 {
-        self.stable.metadata_bytes() + self.unstable.capacity() as u64 * 33 + self.alloc.metadata_bytes()
+        let fifo: usize = self.proposals.values().map(|q| q.capacity()).sum();
+        self.stable.metadata_bytes() + self.unstable.capacity() as u64 * 33 + fifo as u64 * 24 + self.alloc.metadata_bytes()
+    }
+
+    /// Entries `agent` has in the unstable tree, live or stale.
+    pub fn proposals_of(&self, agent: u32) -> usize {
+        self.unstable.values().filter(|p| p.agent == agent).count()
     }
 
     pub fn is_unused(&self) -> bool {

@@ -38,6 +38,36 @@ pub enum JoinError {
     Store(#[source] crate::store::StoreError),
     #[error("cannot open the store read-only")]
     Reopen(#[source] std::io::Error),
+    #[error("the daemon serves its maximum of {0} agents (twinpaged --max-agents)")]
+    TooMany(usize),
+}
+
+/// What became of a `Resume`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// The old agent's references are the new one's.
+    Taken,
+    /// The old agent's connection has not ended on this side yet.
+    Busy,
+    /// No such parked agent of this process and domain.
+    No,
+}
+
+/// How much one daemon takes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connected agents at most; more are refused and merge alone.
+    pub max_agents: usize,
+    /// Unstable-tree entries per agent at most (the oldest are dropped).
+    pub max_proposals: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        // 2^22 proposals: every page of a 16 GiB guest, about 200 MiB of
+        // daemon memory at worst per agent.
+        Self { max_agents: 1024, max_proposals: 1 << 22 }
+    }
 }
 
 /// One connected agent.
@@ -46,6 +76,8 @@ struct Agent {
     pid: u32,
     domain: String,
     holdings: Holdings,
+    /// Connected; false once parked (connection gone, process alive).
+    connected: bool,
 }
 
 /// Cumulative counts of the broker.
@@ -64,6 +96,11 @@ pub struct Broker {
     next_id: u32,
     pub tunables: Tunables,
     totals: Totals,
+    pub limits: Limits,
+    /// Where stores are created (`--store-dir`); `None`: memfds.
+    pub store_dir: Option<std::path::PathBuf>,
+    /// Merges held back for a full store by domains since gone.
+    store_full_gone: u64,
 }
 
 /// The domain an agent of `uid` joins when it names none.
@@ -79,6 +116,9 @@ impl Broker {
     /// Admits an agent (pid and uid from the socket's peer credentials).
     /// Returns its id and a read-only fd of its domain's store.
     pub fn join(&mut self, pid: u32, uid: u32, domain: Option<&str>) -> Result<(u32, OwnedFd), JoinError> {
+        if self.agents() as usize >= self.limits.max_agents {
+            return Err(JoinError::TooMany(self.limits.max_agents));
+        }
         let name = match domain {
             Some(d) if d.starts_with("uid:") => return Err(JoinError::BadName(d.to_string())),
             Some(d) => d.to_string(),
@@ -87,7 +127,7 @@ impl Broker {
         let dom = match self.domains.entry(name.clone()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(Domain::new(name.clone(), uid).map_err(JoinError::Store)?)
+                v.insert(Domain::new(name.clone(), uid, self.store_dir.as_deref()).map_err(JoinError::Store)?)
             }
         };
         if dom.owner != uid && uid != 0 {
@@ -97,7 +137,7 @@ impl Broker {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         dom.join(id);
-        self.agents.insert(id, Agent { pid, domain: name, holdings: Holdings::default() });
+        self.agents.insert(id, Agent { pid, domain: name, holdings: Holdings::default(), connected: true });
         Ok((id, fd))
     }
 
@@ -109,12 +149,18 @@ impl Broker {
 
     /// Connected agents.
     pub fn agents(&self) -> u32 {
-        self.agents.len() as u32
+        self.agents.values().filter(|a| a.connected).count() as u32
+    }
+
+    /// Agents whose connection ended while their process lives on.
+    pub fn parked(&self) -> u32 {
+        self.agents.len() as u32 - self.agents()
     }
 
     /// Merge orders for a batch of an agent's candidates.
     pub fn scan(&mut self, agent: u32, items: &[Candidate]) -> Vec<Order> {
         let max = self.tunables.max_page_sharing();
+        let max_proposals = self.limits.max_proposals;
         self.totals.candidates += items.len() as u64;
         // The daemon's own twinpage_merge_mode: an agent that ignores it
         // gets no orders for content the mode excludes (a zero digest is
@@ -122,7 +168,7 @@ impl Broker {
         let mode = self.tunables.merge_mode();
         let allowed: Vec<Candidate> = items.iter().filter(|c| mode.allows(c.digest == crate::scan::zero_hash())).copied().collect();
         let Some((d, h)) = self.parts(agent) else { return Vec::new() };
-        let orders = d.scan(agent, h, &allowed, max);
+        let orders = d.scan(agent, h, &allowed, max, max_proposals);
         let uploads = orders.iter().filter(|o| o.kind == proto::OrderKind::Upload).count();
         self.totals.uploads += uploads as u64;
         orders
@@ -150,13 +196,43 @@ impl Broker {
         }
     }
 
-    /// The agent is gone: its references are dropped and store pages only it
-    /// held are freed.
+    /// The agent's connection ended but its process lives: it keeps mapping
+    /// the store pages it merged, so its references stay (a hole punched
+    /// under them would read back as zeros in that process) until its
+    /// process exits and [`leave`](Self::leave) is called.
+    pub fn park(&mut self, agent: u32) {
+        let Some(a) = self.agents.get_mut(&agent) else { return };
+        a.connected = false;
+        if let Some(d) = self.domains.get_mut(&a.domain) {
+            d.park(agent, &mut a.holdings);
+        }
+    }
+
+    /// Agent `new` says it was agent `old` (`Resume`): when `old` is parked
+    /// for the same process and domain, its references become `new`'s.
+    /// `Busy` while `old`'s connection is still being wound up.
+    pub fn resume(&mut self, new: u32, old: u32) -> Resume {
+        let (Some(o), Some(n)) = (self.agents.get(&old), self.agents.get(&new)) else { return Resume::No };
+        if old == new || o.pid != n.pid || o.domain != n.domain {
+            return Resume::No;
+        }
+        if o.connected {
+            return Resume::Busy;
+        }
+        let Some(o) = self.agents.remove(&old) else { return Resume::No };
+        let Some((d, h)) = self.parts(new) else { return Resume::No };
+        d.adopt(o.holdings, h);
+        Resume::Taken
+    }
+
+    /// The agent's process is gone: its references are dropped and store
+    /// pages only it held are freed.
     pub fn leave(&mut self, agent: u32) {
         let Some(a) = self.agents.remove(&agent) else { return };
         if let Some(d) = self.domains.get_mut(&a.domain) {
             d.leave(agent, a.holdings);
             if d.is_unused() {
+                self.store_full_gone += d.store_full;
                 self.domains.remove(&a.domain);
             }
         }
@@ -180,7 +256,9 @@ impl Broker {
     pub fn stats(&self) -> KsmStats {
         let mut s = KsmStats::default();
         let mut metadata = 0u64;
+        s.twinpage_store_full = self.store_full_gone;
         for d in self.domains.values() {
+            s.twinpage_store_full += d.store_full;
             let t = d.stable();
             s.pages_shared += t.pages_shared();
             s.pages_sharing += t.pages_sharing();
@@ -193,7 +271,7 @@ impl Broker {
             metadata += 64 + a.holdings.merged() * 8;
         }
         s.twinpage_metadata_bytes = metadata;
-        s.twinpage_daemon_agents = self.agents.len() as u64;
+        s.twinpage_daemon_agents = u64::from(self.agents());
         s.twinpage_store_bytes = self.store_bytes();
         s.general_profit = (s.pages_sharing * PAGE_SIZE as u64) as i64 - metadata as i64;
         s
@@ -288,6 +366,68 @@ mod tests {
         assert!(b.scan(a1, &[cand(3, &zero, true)]).is_empty() && b.scan(a2, &[cand(3, &zero, true)]).is_empty());
     }
 
+    /// A parked agent's references stay (its process still maps the pages)
+    /// and go to its reconnected self on `Resume`; only that process can
+    /// take them, and only once the old connection is wound up.
+    #[test]
+    fn parked_references_stay_and_a_resume_takes_them_over() {
+        let mut b = Broker::new();
+        let (a1, _f1) = b.join(10, 1000, None).unwrap();
+        let (a2, _f2) = b.join(11, 1000, None).unwrap();
+        let p = page(5);
+        assert!(b.scan(a1, &[cand(1, &p, true)]).is_empty());
+        let s = b.scan(a2, &[cand(2, &p, true)])[0].store;
+        assert_eq!(b.fill(a2, &[FillPage { store: s, digest: cand(0, &p, true).digest, bytes: p.clone() }]), vec![(s, true)]);
+        b.report(a2, &[s], &[], &[]);
+        let o = b.scan(a1, &[cand(1, &p, true)]);
+        assert_eq!(o[0].kind, OrderKind::Join);
+        // a1's link breaks before it reports the join it did: parked.
+        let (a1b, _f3) = b.join(10, 1000, None).unwrap();
+        assert_eq!(b.resume(a1b, a1), Resume::Busy, "the old connection is not wound up yet");
+        b.park(a1);
+        assert_eq!(b.agents(), 2);
+        assert_eq!(b.parked(), 1);
+        assert_eq!(b.resume(a2, a1), Resume::No, "another process cannot take them");
+        b.leave(a2);
+        assert_eq!(b.stats().twinpage_store_bytes, PAGE as u64, "the parked join keeps the page");
+        assert_eq!(b.resume(a1b, a1), Resume::Taken);
+        assert_eq!(b.parked(), 0);
+        b.report(a1b, &[], &[], &[s]);
+        let st = b.stats();
+        assert_eq!((st.pages_shared, st.twinpage_store_bytes), (0, 0));
+    }
+
+    /// An agent keeps at most `max_proposals` entries in the unstable tree,
+    /// the newest; the bound is checked on the tree itself.
+    #[test]
+    fn proposals_are_bounded_per_agent_oldest_dropped() {
+        let mut b = Broker::new();
+        b.limits.max_proposals = 100;
+        let (a1, _f1) = b.join(1, 1000, None).unwrap();
+        let (a2, _f2) = b.join(2, 1000, None).unwrap();
+        let pages: Vec<_> = (0..1000u32).map(|i| {
+            let mut p = Box::new([0u8; PAGE]);
+            p[..4].copy_from_slice(&i.to_le_bytes());
+            p
+        }).collect();
+        let cands = |range: std::ops::Range<usize>| range.map(|i| cand(i as u64, &pages[i], true)).collect::<Vec<_>>();
+        assert!(b.scan(a1, &cands(0..1000)).is_empty());
+        let d = b.domains.get(&default_domain(1000)).unwrap();
+        assert_eq!(d.proposals_of(a1), 100);
+        assert_eq!(b.stats().pages_unshared, 100);
+        // Only the newest 100 (900..1000) are left to match.
+        assert!(b.scan(a2, &cands(0..100)).is_empty(), "dropped proposals do not match");
+        let o = b.scan(a2, &cands(950..960));
+        assert_eq!(o.len(), 10);
+        assert!(o.iter().all(|o| o.kind == OrderKind::Upload));
+        let d = b.domains.get(&default_domain(1000)).unwrap();
+        assert_eq!((d.proposals_of(a1), d.proposals_of(a2)), (90, 100));
+        // Next full scans: stale entries count against the bound too.
+        b.full_scan(a1);
+        assert!(b.scan(a1, &cands(200..700)).is_empty());
+        assert_eq!(b.domains.get(&default_domain(1000)).unwrap().proposals_of(a1), 100);
+    }
+
     /// The fd an agent gets reads the store but cannot change it in any way.
     #[test]
     fn the_agents_store_fd_cannot_write() {
@@ -314,5 +454,41 @@ mod tests {
             assert_eq!(libc::fstat(raw, &mut st), 0);
             assert_eq!(st.st_mode & 0o777, 0o400, "other uids cannot reopen it for writing");
         }
+    }
+
+    /// A store in a tmpfs directory (`--store-dir`) cannot be sealed, but the
+    /// agent's read-only open still cannot write, truncate, punch, add seals
+    /// or map it shared-writable, and the mode keeps other uids out.
+    #[test]
+    fn the_agents_fd_of_a_store_in_a_directory_cannot_write() {
+        use std::os::fd::AsRawFd;
+        let shm = std::path::Path::new("/dev/shm");
+        if !crate::sys::memfd::is_tmpfs(shm).unwrap_or(false) {
+            eprintln!("SKIP: /dev/shm is not a tmpfs");
+            return;
+        }
+        let mut b = Broker { store_dir: Some(shm.to_path_buf()), ..Broker::new() };
+        let (_a, fd) = b.join(1, 1000, None).unwrap();
+        let raw = fd.as_raw_fd();
+        let errno = || std::io::Error::last_os_error().raw_os_error();
+        // SAFETY: as above: our fd, a local buffer, a null hint for mmap.
+        unsafe {
+            assert_eq!(libc::write(raw, [1u8; 16].as_ptr().cast(), 16), -1);
+            assert_eq!(errno(), Some(libc::EBADF));
+            assert_eq!(libc::ftruncate(raw, 1 << 20), -1);
+            assert_eq!(libc::fallocate(raw, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096), -1);
+            assert_eq!(errno(), Some(libc::EBADF));
+            assert_eq!(libc::fallocate(raw, libc::FALLOC_FL_KEEP_SIZE, 0, 4096), -1);
+            assert_eq!(libc::fcntl(raw, libc::F_ADD_SEALS, libc::F_SEAL_WRITE), -1);
+            let m = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, raw, 0);
+            assert_eq!(m, libc::MAP_FAILED);
+            assert_eq!(errno(), Some(libc::EACCES));
+            let mut st: libc::stat = std::mem::zeroed();
+            assert_eq!(libc::fstat(raw, &mut st), 0);
+            assert_eq!(st.st_mode & 0o777, 0o400, "other uids cannot reopen it for writing");
+            assert_eq!(st.st_nlink, 0, "an unnamed file: no path reaches it");
+        }
+        // Not tmpfs: refused with a clear error.
+        assert!(matches!(crate::store::Store::new_in(Some(std::path::Path::new("/proc"))), Err(crate::store::StoreError::NotTmpfs(_))));
     }
 }

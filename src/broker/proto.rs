@@ -45,10 +45,12 @@ const K_SCAN: u16 = 2;
 const K_FILL: u16 = 3;
 const K_REPORT: u16 = 4;
 const K_FULL_SCAN: u16 = 5;
+const K_RESUME: u16 = 6;
 const K_WELCOME: u16 = 16;
 const K_ORDERS: u16 = 17;
 const K_FILLED: u16 = 18;
 const K_REFUSED: u16 = 19;
+const K_RESUMED: u16 = 20;
 
 // Wire sizes of list items.
 const CANDIDATE_BYTES: usize = 8 + 8 + 1;
@@ -69,13 +71,15 @@ const fn max_payload(kind: u16) -> Option<usize> {
         K_ORDERS => 8 + MAX_ITEMS * ORDER_BYTES,
         K_FILLED => 4 + MAX_ITEMS * RESULT_BYTES,
         K_REFUSED => 2 + MAX_REASON,
+        K_RESUME => 4,
+        K_RESUMED => 1,
         _ => return None,
     })
 }
 
 // Every kind's largest frame fits the global limit.
 const _: () = {
-    let kinds = [K_HELLO, K_SCAN, K_FILL, K_REPORT, K_FULL_SCAN, K_WELCOME, K_ORDERS, K_FILLED, K_REFUSED];
+    let kinds = [K_HELLO, K_SCAN, K_FILL, K_REPORT, K_FULL_SCAN, K_RESUME, K_WELCOME, K_ORDERS, K_FILLED, K_REFUSED, K_RESUMED];
     let mut i = 0;
     while i < kinds.len() {
         match max_payload(kinds[i]) {
@@ -121,7 +125,7 @@ pub struct FillPage {
     pub bytes: Box<[u8; PAGE]>,
 }
 
-/// One message. Kinds 1–5 go from agent to broker, 16–19 back.
+/// One message. Kinds 1–6 go from agent to broker, 16–20 back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
     /// Kind 1: the first message of an agent; `domain` names the sharing
@@ -139,6 +143,11 @@ pub enum Msg {
     Report { committed: Vec<u32>, cancelled: Vec<u32>, released: Vec<u32> },
     /// Kind 5: the agent finished a full pass over its memory. Empty payload.
     FullScan,
+    /// Kind 6: right after `Welcome`: this process was agent `agent_id`
+    /// until its connection broke, and still maps what it merged then; the
+    /// broker hands that agent's references over to the new one when it
+    /// has them parked for this process. Wire: `u32` agent id.
+    Resume { agent_id: u32 },
     /// Kind 16: the agent is in; the read-only store fd travels with this
     /// message (`SCM_RIGHTS`). Wire: `u32` agent id, `u32` agents.
     Welcome { agent_id: u32, agents: u32 },
@@ -151,6 +160,8 @@ pub enum Msg {
     /// Kind 19: the broker refuses the agent and closes. Wire: `u16` length,
     /// UTF-8 bytes.
     Refused { reason: String },
+    /// Kind 20: whether a `Resume` took the old references over. Wire: `u8`.
+    Resumed { ok: bool },
 }
 
 impl Msg {
@@ -162,6 +173,8 @@ impl Msg {
             Msg::Fill { .. } => K_FILL,
             Msg::Report { .. } => K_REPORT,
             Msg::FullScan => K_FULL_SCAN,
+            Msg::Resume { .. } => K_RESUME,
+            Msg::Resumed { .. } => K_RESUMED,
             Msg::Welcome { .. } => K_WELCOME,
             Msg::Orders { .. } => K_ORDERS,
             Msg::Filled { .. } => K_FILLED,
@@ -177,6 +190,8 @@ impl Msg {
             Msg::Fill { .. } => "Fill",
             Msg::Report { .. } => "Report",
             Msg::FullScan => "FullScan",
+            Msg::Resume { .. } => "Resume",
+            Msg::Resumed { .. } => "Resumed",
             Msg::Welcome { .. } => "Welcome",
             Msg::Orders { .. } => "Orders",
             Msg::Filled { .. } => "Filled",
@@ -256,6 +271,8 @@ fn payload_len(msg: &Msg) -> usize {
         Msg::Fill { pages } => 4 + pages.len() * FILL_PAGE_BYTES,
         Msg::Report { committed, cancelled, released } => 12 + 4 * (committed.len() + cancelled.len() + released.len()),
         Msg::FullScan => 0,
+        Msg::Resume { .. } => 4,
+        Msg::Resumed { .. } => 1,
         Msg::Welcome { .. } => 8,
         Msg::Orders { orders, .. } => 8 + orders.len() * ORDER_BYTES,
         Msg::Filled { results } => 4 + results.len() * RESULT_BYTES,
@@ -316,6 +333,8 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
             }
         }
         Msg::FullScan => {}
+        Msg::Resume { agent_id } => put_u32(out, *agent_id),
+        Msg::Resumed { ok } => out.push(*ok as u8),
         Msg::Welcome { agent_id, agents } => {
             put_u32(out, *agent_id);
             put_u32(out, *agents);
@@ -494,6 +513,8 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), ProtoError> {
             Msg::Report { committed, cancelled, released }
         }
         K_FULL_SCAN => Msg::FullScan,
+        K_RESUME => Msg::Resume { agent_id: r.u32()? },
+        K_RESUMED => Msg::Resumed { ok: r.bool()? },
         K_WELCOME => Msg::Welcome { agent_id: r.u32()?, agents: r.u32()? },
         K_ORDERS => {
             let agents = r.u32()?;
@@ -593,6 +614,9 @@ mod tests {
     #[test]
     fn roundtrip_every_variant() {
         roundtrip(Msg::Hello { pid: 1234, domain: None });
+        roundtrip(Msg::Resume { agent_id: 77 });
+        roundtrip(Msg::Resumed { ok: true });
+        roundtrip(Msg::Resumed { ok: false });
         roundtrip(Msg::Hello { pid: u32::MAX, domain: Some("qemu-guests.a_b:c".into()) });
         roundtrip(Msg::Hello { pid: 0, domain: Some("x".repeat(MAX_DOMAIN)) });
         roundtrip(Msg::Scan { items: vec![] });
@@ -647,7 +671,7 @@ mod tests {
         assert_eq!(frame_len(&header(0, 2, K_FULL_SCAN)), Err(ProtoError::Version(2)));
         assert_eq!(frame_len(&header(0, 0, K_FULL_SCAN)), Err(ProtoError::Version(0)));
         assert_eq!(decode(&header(0, 7, 999)), Err(ProtoError::Version(7)));
-        for kind in [0, 6, 15, 20, u16::MAX] {
+        for kind in [0, 7, 15, 21, u16::MAX] {
             assert_eq!(frame_len(&header(0, VERSION, kind)), Err(ProtoError::Kind(kind)));
         }
         // Oversized announcements fail from the header alone.

@@ -1,9 +1,17 @@
 //! The daemon's side of the socket: one thread per agent, all deciding on one
 //! [`Broker`] under its lock. A peer that sends anything malformed is told
-//! why (`Refused`) and disconnected; whatever way a connection ends, the
-//! agent's references are dropped.
+//! why (`Refused`) and disconnected.
+//!
+//! When a connection ends, the agent's references are dropped only once its
+//! process has exited: a live process (its link timed out, was cut, or it
+//! sent garbage) still maps the store pages it merged, and a hole punched
+//! under them would read back as zeros there. Such an agent is parked (its
+//! proposals go, its references stay) and a reaper drops it when its process
+//! exits, watched through a pidfd.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,14 +24,81 @@ use super::proto::Msg;
 use super::Broker;
 use crate::stats::KsmStats;
 use crate::statsfs::Source;
+use crate::sys::pidfd;
 
 /// How long a new peer has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection's end waits for the agent's process to finish
+/// exiting (a killed process closes its sockets just before it is gone).
+const EXIT_GRACE_MS: i32 = 200;
+/// How often parked agents' processes are checked.
+const REAP_EVERY: Duration = Duration::from_millis(100);
+/// How long a `Resume` waits for the old connection to be wound up.
+const RESUME_WAIT: Duration = Duration::from_millis(EXIT_GRACE_MS as u64 * 3);
+/// Connections beyond `max_agents` allowed in before their hello.
+const PRE_HELLO_SLACK: usize = 16;
 
 /// The broker as the daemon runs it, and as its stats tree publishes it.
 #[derive(Debug, Default)]
 pub struct Daemon {
     pub broker: Mutex<Broker>,
+    /// Parked agents and their processes' pidfds.
+    parked: Mutex<Vec<(u32, OwnedFd)>>,
+    /// Connections being served (one thread each).
+    connections: std::sync::atomic::AtomicUsize,
+}
+
+impl Daemon {
+    /// A daemon with these limits.
+    pub fn new(limits: super::Limits) -> Self {
+        let d = Self::default();
+        d.broker.lock().limits = limits;
+        d
+    }
+
+    /// Drops parked agents whose processes have exited.
+    pub fn reap(&self) {
+        let gone: Vec<u32> = {
+            let mut parked = self.parked.lock();
+            let mut gone = Vec::new();
+            parked.retain(|(id, fd)| {
+                let exited = pidfd::exited(fd.as_fd(), 0).unwrap_or(true);
+                if exited {
+                    gone.push(*id);
+                }
+                !exited
+            });
+            gone
+        };
+        if gone.is_empty() {
+            return;
+        }
+        let mut b = self.broker.lock();
+        for id in gone {
+            log::info!("twinpaged: parked agent {id} (pid {}) exited; its references are dropped", b.pid_of(id).unwrap_or(0));
+            b.leave(id);
+        }
+    }
+}
+
+/// The process whose memory holds an agent's merges: the pid its hello
+/// names when the peer is in the daemon's pid namespace (so the name means
+/// the same process here) and that process belongs to the peer's uid (root
+/// may name any; lying only hurts the liar, whose references outlive or
+/// undercut its own mappings); otherwise the peer, whose pid the kernel
+/// translated (an agent in a container). Naming it lets a relay (a test's)
+/// stand between agent and daemon.
+fn holder_pid(claimed: u32, peer_pid: u32, peer_uid: u32) -> u32 {
+    if claimed == peer_pid || claimed == 0 {
+        return peer_pid;
+    }
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let same_ns = ns(&peer_pid.to_string()).is_some_and(|p| Some(p) == ns("self"));
+    let owner = std::fs::metadata(format!("/proc/{claimed}")).map(|m| m.uid());
+    match owner {
+        Ok(uid) if same_ns && (uid == peer_uid || peer_uid == 0) => claimed,
+        _ => peer_pid,
+    }
 }
 
 impl Source for Daemon {
@@ -47,6 +122,13 @@ impl Source for Daemon {
 /// Accepts agents until `stop` is set (checked whenever a connection
 /// arrives; the caller wakes the loop by connecting once).
 pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, stop: Arc<AtomicBool>) -> io::Result<()> {
+    let (d, s) = (daemon.clone(), stop.clone());
+    std::thread::Builder::new().name("twinpaged-reap".into()).spawn(move || {
+        while !s.load(Ordering::SeqCst) {
+            std::thread::sleep(REAP_EVERY);
+            d.reap();
+        }
+    })?;
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             break;
@@ -59,9 +141,30 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, stop: Arc<AtomicBool>)
                 continue;
             }
         };
+        // One thread per connection, bounded: agents, plus a few peers that
+        // have not said hello yet (each has HELLO_TIMEOUT to do so).
+        let max = daemon.broker.lock().limits.max_agents.saturating_add(PRE_HELLO_SLACK);
+        if daemon.connections.load(Ordering::SeqCst) >= max {
+            crate::warn_once!("too-many-connections", "twinpaged: {max} connections open; more are refused");
+            let mut conn = Conn::new(stream);
+            let _ = conn.set_timeout(Some(Duration::from_millis(100)));
+            let _ = conn.send(&Msg::Refused { reason: format!("the daemon has its maximum of {max} connections open") });
+            continue;
+        }
+        daemon.connections.fetch_add(1, Ordering::SeqCst);
         let d = daemon.clone();
-        let spawned = std::thread::Builder::new().name("twinpaged-agent".into()).spawn(move || serve_agent(&d, stream));
+        let spawned = std::thread::Builder::new().name("twinpaged-agent".into()).spawn(move || {
+            struct Done<'a>(&'a Daemon);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.connections.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let _done = Done(&d);
+            serve_agent(&d, stream);
+        });
         if let Err(e) = spawned {
+            daemon.connections.fetch_sub(1, Ordering::SeqCst);
             log::warn!("twinpaged: cannot start a thread for an agent: {e}");
         }
     }
@@ -82,17 +185,27 @@ pub fn serve_agent(daemon: &Daemon, stream: UnixStream) {
         Err(e) => return log::warn!("twinpaged: cannot read a peer's credentials: {e}"),
     };
     let _ = conn.set_timeout(Some(HELLO_TIMEOUT));
-    let domain = match conn.recv() {
-        Ok((Msg::Hello { domain, .. }, _)) => domain,
+    let (domain, claimed) = match conn.recv() {
+        Ok((Msg::Hello { domain, pid }, _)) => (domain, pid),
         Ok((other, _)) => return refuse(&mut conn, format!("pid {} spoke before hello: {}", cred.pid, other.name())),
         Err(e) => return log::debug!("twinpaged: pid {} left before hello: {e}", cred.pid),
     };
+    let holder = holder_pid(claimed, cred.pid as u32, cred.uid);
+    // Without a pidfd (the process is already gone, or an old kernel) the
+    // references go when the connection ends, as the process is gone.
+    let watch = pidfd::open(holder).map_err(|e| log::debug!("twinpaged: no pidfd for pid {holder}: {e}")).ok();
     let joined = {
         let mut b = daemon.broker.lock();
-        b.join(cred.pid as u32, cred.uid, domain.as_deref()).map(|(id, fd)| (id, fd, b.agents()))
+        b.join(holder, cred.uid, domain.as_deref()).map(|(id, fd)| (id, fd, b.agents()))
     };
     let (id, fd, agents) = match joined {
         Ok(j) => j,
+        Err(e @ super::JoinError::TooMany(_)) => {
+            // Refused agents retry every second: one line, not one a second.
+            crate::warn_once!("too-many-agents", "twinpaged: {e}; more agents are refused and merge alone");
+            let _ = conn.send(&Msg::Refused { reason: format!("pid {} (uid {}) refused: {e}", cred.pid, cred.uid) });
+            return conn.shutdown();
+        }
         Err(e) => return refuse(&mut conn, format!("pid {} (uid {}) refused: {e}", cred.pid, cred.uid)),
     };
     let name = domain.unwrap_or_else(|| super::default_domain(cred.uid));
@@ -104,7 +217,16 @@ pub fn serve_agent(daemon: &Daemon, stream: UnixStream) {
         drop(fd);
         agent_loop(daemon, &mut conn, id)
     };
-    daemon.broker.lock().leave(id);
+    let alive = watch.as_ref().is_some_and(|fd| !pidfd::exited(fd.as_fd(), EXIT_GRACE_MS).unwrap_or(true));
+    match watch.filter(|_| alive) {
+        Some(fd) => {
+            log::info!("twinpaged: agent {id} (pid {holder}) disconnected but runs on: its references stay until it exits");
+            let mut parked = daemon.parked.lock();
+            daemon.broker.lock().park(id);
+            parked.push((id, fd));
+        }
+        None => daemon.broker.lock().leave(id),
+    }
     match end {
         Ok(()) | Err(ConnError::Closed) => log::info!("twinpaged: agent {id} (pid {}) left", cred.pid),
         Err(ConnError::Proto(e)) => refuse(&mut conn, format!("agent {id} (pid {}) sent a bad message: {e}", cred.pid)),
@@ -131,11 +253,54 @@ fn agent_loop(daemon: &Daemon, conn: &mut Conn, id: u32) -> Result<(), ConnError
                 daemon.broker.lock().report(id, &committed, &cancelled, &released);
             }
             Msg::FullScan => daemon.broker.lock().full_scan(id),
+            Msg::Resume { agent_id } => {
+                // The old connection's thread may not have seen its end yet
+                // (it then waits up to EXIT_GRACE_MS for the process): wait
+                // for it to be parked, a little longer than that.
+                let deadline = std::time::Instant::now() + RESUME_WAIT;
+                let ok = loop {
+                    match daemon.broker.lock().resume(id, agent_id) {
+                        super::Resume::Taken => break true,
+                        super::Resume::Busy if std::time::Instant::now() < deadline => {}
+                        _ => break false,
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                };
+                if ok {
+                    log::info!("twinpaged: agent {id} took over the references of its parked self, agent {agent_id}");
+                    daemon.parked.lock().retain(|(parked, _)| *parked != agent_id);
+                }
+                conn.send(&Msg::Resumed { ok })?;
+            }
             other => {
                 let pid = daemon.broker.lock().pid_of(id).unwrap_or(0);
                 refuse(conn, format!("agent {id} (pid {pid}) sent {} out of turn", other.name()));
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::holder_pid;
+
+    #[test]
+    fn the_named_holder_must_exist_here_and_belong_to_the_peer() {
+        let me = std::process::id();
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        let child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        assert_eq!(holder_pid(child.id(), me, uid), child.id(), "a process of the peer's uid, same namespace");
+        assert_eq!(holder_pid(u32::MAX - 1, me, uid), me, "no such process: the peer");
+        assert_eq!(holder_pid(0, me, uid), me);
+        if uid != 0 {
+            assert_eq!(holder_pid(1, me, uid), me, "another uid's process: the peer");
+        } else {
+            assert_eq!(holder_pid(child.id(), me, 12345), me, "another uid's process: the peer");
+        }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -106,8 +106,36 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
     *next_try = Instant::now() + crate::link::RETRY;
     let Some(cfg) = sh.daemon.lock().clone() else { return 1 };
     match Link::connect(&cfg) {
-        Ok(link) => {
+        Ok(mut link) => {
+            // Pages merged over a link that broke while the daemon lived on are
+            // still counted there, parked: take them back, so their releases
+            // free store pages again.
+            let last = sh.core.lock().last_link;
+            let adopted = match last.map(|old| link.resume(old)) {
+                None => false,
+                Some(Ok(ok)) => ok,
+                Some(Err(e)) => {
+                    // Next time without: a daemon that does not know Resume
+                    // closes the link on it.
+                    log::debug!("twinpage: twinpaged at {} dropped the link on Resume: {}", cfg.socket.display(), crate::link::chain(&e));
+                    readopt(sh, false);
+                    let mut core = sh.core.lock();
+                    core.last_link = None;
+                    core.last_released.clear();
+                    return 1;
+                }
+            };
+            if last.is_some() {
+                readopt(sh, adopted);
+            }
             let mut core = sh.core.lock();
+            if last.is_some() {
+                let released = std::mem::take(&mut core.last_released);
+                if adopted {
+                    link.released.extend(released);
+                }
+                core.last_link = None;
+            }
             if core.remote.is_none() && !core.remote_lost {
                 use std::sync::atomic::Ordering;
                 sh.daemon_fd.store(link.raw_fd(), Ordering::SeqCst);
@@ -136,14 +164,32 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
 }
 
 /// Every REMOTE record becomes an ORPHAN: it still maps the old daemon's
-/// store page, which nobody counts or frees any more.
+/// store page, which nobody frees while it is mapped. If the daemon lives
+/// on, it keeps counting them (parked) until this process reconnects and
+/// takes them back, or exits.
 fn orphan_all(sh: &Shared) {
+    let last = if sh.core.lock().last_link.is_some() { PageRecord::LAST_LINK } else { 0 };
     let regions: Vec<_> = sh.registry.read().iter().cloned().collect();
     for r in regions {
         let mut st = r.state.write();
         for rec in st.records.iter_mut().filter(|r| r.flags & PageRecord::REMOTE != 0) {
-            rec.flags = (rec.flags & !PageRecord::REMOTE) | PageRecord::ORPHAN;
+            rec.flags = (rec.flags & !PageRecord::REMOTE) | PageRecord::ORPHAN | last;
         }
     }
     sh.core.lock().remote_lost = false;
+}
+
+/// After a reconnect: the lost link's orphans are REMOTE again when the
+/// daemon took their references over, plain orphans otherwise.
+fn readopt(sh: &Shared, adopted: bool) {
+    let regions: Vec<_> = sh.registry.read().iter().cloned().collect();
+    for r in regions {
+        let mut st = r.state.write();
+        for rec in st.records.iter_mut().filter(|r| r.flags & PageRecord::LAST_LINK != 0) {
+            rec.flags &= !PageRecord::LAST_LINK;
+            if adopted {
+                rec.flags = (rec.flags & !PageRecord::ORPHAN) | PageRecord::REMOTE;
+            }
+        }
+    }
 }

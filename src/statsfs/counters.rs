@@ -52,6 +52,7 @@ pub const FIELDS: &[(&str, Combine)] = &[
     ("twinpage_daemon_merged", Combine::Sum),
     ("twinpage_daemon_agents", Combine::Sum),
     ("twinpage_store_bytes", Combine::Sum),
+    ("twinpage_store_full", Combine::Cumulative),
 ];
 
 /// Counter values by name.
@@ -88,6 +89,7 @@ pub fn get(s: &KsmStats, name: &str) -> Option<i128> {
         "twinpage_daemon_merged" => s.twinpage_daemon_merged,
         "twinpage_daemon_agents" => s.twinpage_daemon_agents,
         "twinpage_store_bytes" => s.twinpage_store_bytes,
+        "twinpage_store_full" => s.twinpage_store_full,
         _ => return None,
     };
     Some(i128::from(v))

@@ -6,6 +6,7 @@
 pub mod memfd;
 pub mod mman;
 pub mod pagemap;
+pub mod pidfd;
 pub mod scm;
 pub mod signals;
 pub mod uffd;

@@ -1,0 +1,758 @@
+//! Crash faults under twinpaged, with real preloaded processes
+//! (tests/programs/twin.c): the connection cut at every message boundary
+//! (a frame-level relay in this test), agents killed mid-merge, the daemon
+//! killed mid-batch. Each time the processes run on, their data verifies,
+//! and once every agent has exited the daemon's store is empty again.
+//! Also the daemon's bounds (agents, proposals per agent).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{have_uffd, preload_lib, program, tempdir, wait_until};
+use twinpage::broker::conn::Conn;
+
+/// Children killed on drop, so a failing assertion leaves nothing running.
+struct Kids(Vec<Child>);
+
+impl Drop for Kids {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn daemon_bin() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/twinpaged");
+    common::require(p.exists(), "target/release/twinpaged (cargo build --release)").then_some(p)
+}
+
+fn start_daemon(bin: &Path, dir: &Path, extra: &[&str]) -> Child {
+    let sock = dir.join("twinpaged.sock");
+    let _ = std::fs::remove_file(&sock);
+    let c = Command::new(bin).arg("--dir").arg(dir).args(extra).env("TWINPAGE_LOG", "warn").spawn().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()), "twinpaged did not create its socket");
+    c
+}
+
+/// `twin SEED COMMON PAIRS WRITES`, preloaded, connecting to `socket`.
+fn twin_cmd(s: &Setup, socket: &Path, args: [u64; 4]) -> Command {
+    let mut cmd = Command::new(&s.prog);
+    cmd.args(args.map(|a| a.to_string()))
+        .env("LD_PRELOAD", &s.lib)
+        .env("TWINPAGE_DIR", &s.dir)
+        .env("TWINPAGE_SOCKET", socket)
+        .env("TWINPAGE_PAGES_TO_SCAN", "100000")
+        .env("TWINPAGE_SLEEP_MILLISECS", "5")
+        .env("TWINPAGE_LOG", "error")
+        .stdout(Stdio::piped());
+    cmd
+}
+
+/// Starts a twin and waits for READY.
+fn start(mut cmd: Command) -> Child {
+    let mut c = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("READY"), "twin did not start: {line:?}");
+    c
+}
+
+/// SIGTERM, then the program's verdict on its memory.
+fn finish_twin(mut c: Child) -> String {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let mut out = String::new();
+    BufReader::new(c.stdout.take().unwrap()).read_line(&mut out).unwrap();
+    let status = c.wait().unwrap();
+    assert!(status.success() && out.starts_with("VERIFY OK"), "pid {} lost data: {out:?} ({status})", c.id());
+    out
+}
+
+fn counters(dir: &Path, pid: u32) -> BTreeMap<String, u64> {
+    let text = std::fs::read_to_string(dir.join(format!("proc/{pid}/twinpage_counters"))).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn get(dir: &Path, pid: u32, name: &str) -> u64 {
+    counters(dir, pid).get(name).copied().unwrap_or(0)
+}
+
+/// The daemon's store is empty and it counts no sharing and no agent.
+fn daemon_empty(dir: &Path, d: u32) -> bool {
+    let c = counters(dir, d);
+    ["twinpage_store_bytes", "pages_shared", "pages_sharing", "twinpage_daemon_agents"]
+        .iter()
+        .all(|k| c.get(*k) == Some(&0))
+}
+
+struct Setup {
+    lib: PathBuf,
+    prog: PathBuf,
+    daemon: PathBuf,
+    dir: PathBuf,
+}
+
+fn setup(tag: &str) -> Option<Setup> {
+    let (Some(lib), Some(prog), Some(daemon)) = (preload_lib(), program("twin"), daemon_bin()) else { return None };
+    if !have_uffd() {
+        return None;
+    }
+    Some(Setup { lib, prog, daemon, dir: tempdir(tag) })
+}
+
+/// Where a relay cuts its first connection: after forwarding its `k`-th
+/// frame (counted over both directions), or instead of forwarding it.
+#[derive(Debug, Clone, Copy)]
+struct Cut {
+    k: usize,
+    deliver: bool,
+}
+
+/// A frame-level relay between agents and the daemon listening on `listen`:
+/// a connection is cut as `cut` says, later ones pass untouched. (Should a
+/// connection end before its k-th frame, e.g. the agent's 2 s timeout on a
+/// loaded machine, the next one is cut instead, so every k happens.)
+fn relay(listen: &Path, upstream: PathBuf, cut: Cut, log: Arc<Mutex<Vec<String>>>) {
+    let _ = std::fs::remove_file(listen);
+    let l = UnixListener::bind(listen).unwrap();
+    let armed = Arc::new(Mutex::new(Some(cut)));
+    std::thread::spawn(move || {
+        for agent in l.incoming() {
+            let Ok(agent) = agent else { return };
+            let Ok(daemon) = UnixStream::connect(&upstream) else { return };
+            let limit = *armed.lock().unwrap();
+            let count = Arc::new(Mutex::new(0usize));
+            for (from, to, dir) in [(&agent, &daemon, "->"), (&daemon, &agent, "<-")] {
+                let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                let (count, log, armed) = (count.clone(), log.clone(), armed.clone());
+                std::thread::spawn(move || {
+                    let mut rx = Conn::new(from.try_clone().unwrap());
+                    let mut tx = Conn::new(to.try_clone().unwrap());
+                    let end = || {
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    };
+                    loop {
+                        let Ok((msg, fd)) = rx.recv() else { return end() };
+                        let mut c = count.lock().unwrap();
+                        *c += 1;
+                        let sent = match limit {
+                            Some(cut) if *c > cut.k => return end(),
+                            Some(cut) if *c == cut.k && !cut.deliver => false,
+                            _ => true,
+                        };
+                        if sent {
+                            let r = match &fd {
+                                Some(fd) => tx.send_with_fd(&msg, std::os::fd::AsFd::as_fd(fd)),
+                                None => tx.send(&msg),
+                            };
+                            if r.is_err() {
+                                return end();
+                            }
+                        }
+                        if limit.is_some_and(|cut| *c == cut.k) {
+                            *armed.lock().unwrap() = None;
+                            log.lock().unwrap().push(format!("{cut:?}: cut at {dir} {}", msg.name()));
+                            return end();
+                        }
+                    }
+                });
+            }
+        }
+    });
+}
+
+/// What a killing relay is armed with: the frame, counted from arming,
+/// on which it kills the daemon (after forwarding it, or with it in flight).
+#[derive(Debug, Clone, Copy)]
+struct KillAt {
+    frames: usize,
+    deliver: bool,
+}
+
+/// A frame-level relay (every connection) that, when armed, SIGKILLs the
+/// daemon `pid` names on the armed frame: the daemon dies in the middle of
+/// an exchange, deliberately. The frames hit are logged.
+fn killing_relay(listen: &Path, upstream: PathBuf, arm: Arc<Mutex<Option<KillAt>>>, pid: Arc<std::sync::atomic::AtomicU32>, log: Arc<Mutex<Vec<String>>>) {
+    let _ = std::fs::remove_file(listen);
+    let l = UnixListener::bind(listen).unwrap();
+    std::thread::spawn(move || {
+        for agent in l.incoming() {
+            let Ok(agent) = agent else { return };
+            let Ok(daemon) = UnixStream::connect(&upstream) else { continue };
+            for (from, to, dir) in [(&agent, &daemon, "->"), (&daemon, &agent, "<-")] {
+                let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                let (arm, pid, log) = (arm.clone(), pid.clone(), log.clone());
+                std::thread::spawn(move || {
+                    let mut rx = Conn::new(from.try_clone().unwrap());
+                    let mut tx = Conn::new(to.try_clone().unwrap());
+                    let end = || {
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    };
+                    loop {
+                        let Ok((msg, fd)) = rx.recv() else { return end() };
+                        let mut armed = arm.lock().unwrap();
+                        let kill = armed.as_mut().and_then(|k| {
+                            k.frames -= 1;
+                            (k.frames == 0).then_some(k.deliver)
+                        });
+                        let send = |tx: &mut Conn| match &fd {
+                            Some(fd) => tx.send_with_fd(&msg, std::os::fd::AsFd::as_fd(fd)),
+                            None => tx.send(&msg),
+                        };
+                        match kill {
+                            Some(deliver) => {
+                                if deliver {
+                                    let _ = send(&mut tx);
+                                }
+                                let p = pid.load(std::sync::atomic::Ordering::SeqCst);
+                                // SAFETY: kill(2) of the test's own daemon child.
+                                unsafe { libc::kill(p as i32, libc::SIGKILL) };
+                                *armed = None;
+                                log.lock().unwrap().push(format!("{} {dir} {}", if deliver { "after" } else { "with in flight" }, msg.name()));
+                            }
+                            None => {
+                                if send(&mut tx).is_err() {
+                                    return end();
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    });
+}
+
+/// Every message boundary of a merge cycle, both ways (the k-th frame
+/// delivered then the connection cut, or the connection cut instead of
+/// delivering it): each agent runs on, reconnects, merges everything, keeps
+/// its data; when all have exited, the daemon's store is empty.
+#[test]
+fn a_connection_cut_at_every_message_boundary_loses_nothing_and_leaks_nothing() {
+    let Some(s) = setup("faults-cut") else { return };
+    let (common, pairs) = (48u64, 48u64);
+    let all = common + 2 * pairs;
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[])]);
+    let d = kids.0[0].id();
+    let upstream = s.dir.join("twinpaged.sock");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let cuts: Vec<Cut> = (1..=14).flat_map(|k| [Cut { k, deliver: true }, Cut { k, deliver: false }]).collect();
+    let mut agents = Vec::new();
+    for (i, &cut) in cuts.iter().enumerate() {
+        let sock = s.dir.join(format!("relay-{i}.sock"));
+        relay(&sock, upstream.clone(), cut, log.clone());
+        kids.0.push(start(twin_cmd(&s, &sock, [3, common, pairs, 0])));
+        agents.push((kids.0.last().unwrap().id(), cut));
+    }
+    // Every agent reconnects and all its pages end up merged (those merged
+    // through the first link stay merged as its orphans, pairs merged alone
+    // meanwhile stay in the agent's own store, the rest go through the
+    // daemon); none dies on the way.
+    let t = Instant::now();
+    let merged = wait_until(Duration::from_secs(40), || {
+        for c in kids.0.iter_mut().skip(1) {
+            if let Ok(Some(st)) = c.try_wait() {
+                let mut out = String::new();
+                let _ = BufReader::new(c.stdout.take().unwrap()).read_line(&mut out);
+                let cut = agents.iter().find(|a| a.0 == c.id()).map(|a| a.1);
+                panic!("{cut:?}: pid {} exited: {st} {out:?}", c.id());
+            }
+        }
+        agents.iter().all(|&(p, _)| {
+            let c = counters(&s.dir, p);
+            c.get("twinpage_merging_pages") == Some(&all) && c.get("twinpage_daemon_agents") == Some(&1)
+        })
+    });
+    let cuts_seen = log.lock().unwrap().clone();
+    eprintln!("{} cuts: {}", cuts_seen.len(), cuts_seen.join("; "));
+    for &(p, cut) in &agents {
+        let c = counters(&s.dir, p);
+        if c.get("twinpage_merging_pages") != Some(&all) {
+            eprintln!("{cut:?}: pid {p} {c:?}");
+        }
+    }
+    eprintln!("all merged after {:.2} s", t.elapsed().as_secs_f64());
+    assert_eq!(cuts_seen.len(), cuts.len(), "every relay cut its first connection");
+    assert!(merged, "an agent did not merge everything after its connection was cut");
+    for _ in 0..agents.len() {
+        finish_twin(kids.0.remove(1));
+    }
+    let empty = wait_until(Duration::from_secs(10), || daemon_empty(&s.dir, d));
+    eprintln!("daemon after all exited: {:?}", counters(&s.dir, d));
+    assert!(empty, "references leaked: the store is not empty after every agent exited");
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// A small tmpfs mounted for a test, unmounted (and its directory removed)
+/// on drop, also when the test fails.
+struct SmallTmpfs(PathBuf);
+
+impl SmallTmpfs {
+    /// `None` (skipped, or failed under CI) when not root.
+    fn mount(under: &Path, size: &str) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if !common::require(unsafe { libc::geteuid() } == 0, "root, to mount a size-limited tmpfs") {
+            return None;
+        }
+        let dir = under.join("store");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        let opts = std::ffi::CString::new(format!("size={size},mode=0700")).unwrap();
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let ret = unsafe { libc::mount(c"tmpfs".as_ptr(), path.as_ptr(), c"tmpfs".as_ptr(), 0, opts.as_ptr().cast()) };
+        assert_eq!(ret, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+        Some(Self(dir))
+    }
+
+    /// Fills the filesystem with a file until `leave` bytes are free.
+    fn fill(&self, leave: u64) -> PathBuf {
+        let free = self.free();
+        let f = self.0.join("filler");
+        let file = std::fs::File::create(&f).unwrap();
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(file);
+        let chunk = vec![0x5au8; 4096];
+        for _ in 0..(free - leave) / 4096 {
+            w.write_all(&chunk).unwrap();
+        }
+        w.flush().unwrap();
+        f
+    }
+
+    fn free(&self) -> u64 {
+        let path = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs is plain old data; all zeros is a valid value.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a statvfs to fill.
+        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
+        st.f_bavail * st.f_bsize
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let path = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; a lazy unmount cannot fail on busy.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Free store pages left on the tmpfs when the test fills it.
+const ROOM: u64 = 64;
+
+/// The embedded engine with TWINPAGE_STORE_DIR on an 8 MiB tmpfs that is
+/// nearly full: merging stops at the space left, twinpage_store_full says
+/// why, the process's data verifies; with the filler deleted merging
+/// completes.
+#[test]
+fn a_full_store_tmpfs_pauses_merging_and_space_resumes_it() {
+    let Some(s) = setup("faults-full") else { return };
+    let Some(fs) = SmallTmpfs::mount(&s.dir, "8m") else { return };
+    let pairs = 512u64;
+    let filler = fs.fill(ROOM * 4096);
+    let mut cmd = twin_cmd(&s, Path::new("/nonexistent"), [1, 0, pairs, 0]);
+    cmd.env("TWINPAGE_SOCKET", "off").env("TWINPAGE_STORE_DIR", &fs.0);
+    let mut kids = Kids(vec![start(cmd)]);
+    let p = kids.0[0].id();
+    let held = wait_until(Duration::from_secs(20), || get(&s.dir, p, "twinpage_store_full") > 0 && get(&s.dir, p, "full_scans") > 20);
+    let c = counters(&s.dir, p);
+    eprintln!("full: {} pages free, {c:?}", fs.free() / 4096);
+    assert!(held, "merging was not held back by the full store");
+    assert!(c["pages_shared"] <= ROOM && c["pages_shared"] > 0, "merged up to the space left: {} store pages", c["pages_shared"]);
+    assert_eq!(c["pages_sharing"], c["pages_shared"]);
+    assert!(kids.0[0].try_wait().unwrap().is_none(), "the process died");
+
+    std::fs::remove_file(filler).unwrap();
+    let t = Instant::now();
+    let resumed = wait_until(Duration::from_secs(20), || get(&s.dir, p, "pages_sharing") == pairs);
+    eprintln!("resumed in {:.2} s: {:?}", t.elapsed().as_secs_f64(), counters(&s.dir, p));
+    assert!(resumed, "merging did not resume when space returned");
+    assert_eq!(get(&s.dir, p, "twinpage_store_bytes"), pairs * 4096);
+    eprintln!("{}", finish_twin(kids.0.remove(0)).trim());
+    drop(fs);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// The same under twinpaged --store-dir: uploads wait while the store is
+/// full (joins of existing pages go on), resume with space; the store
+/// empties when the agents exit.
+#[test]
+fn a_full_daemon_store_pauses_merging_and_space_resumes_it() {
+    let Some(s) = setup("faults-dfull") else { return };
+    let Some(fs) = SmallTmpfs::mount(&s.dir, "8m") else { return };
+    let common = 384u64;
+    let filler = fs.fill(ROOM * 4096);
+    let store_dir = fs.0.to_str().unwrap().to_string();
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--store-dir", &store_dir])]);
+    let d = kids.0[0].id();
+    let sock = s.dir.join("twinpaged.sock");
+    kids.0.push(start(twin_cmd(&s, &sock, [2, common, 0, 0])));
+    kids.0.push(start(twin_cmd(&s, &sock, [2, common, 0, 0])));
+    let held = wait_until(Duration::from_secs(20), || {
+        get(&s.dir, d, "twinpage_store_full") > 0 && get(&s.dir, d, "pages_shared") >= ROOM - 1
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let c = counters(&s.dir, d);
+    eprintln!("full: {c:?}");
+    assert!(held, "merging was not held back by the full store");
+    assert!(c["pages_shared"] <= ROOM, "more store pages than the space left: {}", c["pages_shared"]);
+    for k in &kids.0[1..] {
+        assert!(get(&s.dir, k.id(), "twinpage_daemon_merged") <= ROOM);
+    }
+    std::fs::remove_file(filler).unwrap();
+    let t = Instant::now();
+    let resumed = wait_until(Duration::from_secs(20), || get(&s.dir, d, "pages_sharing") == common);
+    eprintln!("resumed in {:.2} s: {:?}", t.elapsed().as_secs_f64(), counters(&s.dir, d));
+    assert!(resumed, "merging did not resume when space returned");
+    for _ in 0..2 {
+        eprintln!("{}", finish_twin(kids.0.remove(1)).trim());
+    }
+    assert!(wait_until(Duration::from_secs(5), || daemon_empty(&s.dir, d)), "store not empty after the agents left");
+    drop(kids);
+    drop(fs);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// A seed for the random kill points: `TWINPAGE_FAULT_SEED` replays one.
+fn seeded_rng(test: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = std::env::var("TWINPAGE_FAULT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    eprintln!("{test}: TWINPAGE_FAULT_SEED={seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// Agents killed (SIGKILL) at random points while they merge flat out with
+/// two survivors (same content: every merge joins or uploads shared store
+/// pages): the survivors' data verifies, and once they exit too the store
+/// is empty.
+#[test]
+fn agents_killed_mid_merge_leak_nothing_and_survivors_verify() {
+    use rand::Rng;
+    let Some(s) = setup("faults-agentkill") else { return };
+    let mut rng = seeded_rng("agents_killed_mid_merge");
+    let (common, pairs) = (1024u64, 64u64);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[])]);
+    let d = kids.0[0].id();
+    let sock = s.dir.join("twinpaged.sock");
+    let flat_out = |args: [u64; 4]| {
+        let mut c = twin_cmd(&s, &sock, args);
+        c.env("TWINPAGE_SLEEP_MILLISECS", "0");
+        c
+    };
+    kids.0.push(start(flat_out([8, common, pairs, 1])));
+    kids.0.push(start(flat_out([8, common, pairs, 1])));
+    let survivors = [kids.0[1].id(), kids.0[2].id()];
+    let (mut killed, mut merged_when_killed) = (0, 0u64);
+    let t = Instant::now();
+    let mut victims: Vec<Child> = Vec::new();
+    while killed < 30 {
+        // Three victims at a time, each killed 0-250 ms after it is ready:
+        // from before its hello to the middle of its uploads and joins.
+        while victims.len() < 3 {
+            victims.push(start(flat_out([8, common, pairs, 1])));
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..250)));
+        let mut v = victims.remove(rng.gen_range(0..victims.len()));
+        merged_when_killed += get(&s.dir, v.id(), "twinpage_daemon_merged");
+        v.kill().unwrap();
+        v.wait().unwrap();
+        killed += 1;
+    }
+    for mut v in victims {
+        v.kill().unwrap();
+        v.wait().unwrap();
+    }
+    eprintln!(
+        "{killed} agents killed in {:.1} s, {merged_when_killed} of their pages merged through the daemon when last read; daemon {:?}",
+        t.elapsed().as_secs_f64(),
+        counters(&s.dir, d)
+    );
+    assert!(merged_when_killed > 0, "no victim was killed with merged pages: the kills missed the merging");
+    // The survivors: merged with each other, every byte as written.
+    assert!(wait_until(Duration::from_secs(10), || survivors.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_merged") > common / 2)));
+    for _ in 0..2 {
+        eprintln!("{}", finish_twin(kids.0.remove(1)).trim());
+    }
+    let empty = wait_until(Duration::from_secs(10), || daemon_empty(&s.dir, d));
+    eprintln!("daemon after all exited: {:?}", counters(&s.dir, d));
+    assert!(empty, "references leaked: the store is not empty after every agent exited");
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// The daemon killed (SIGKILL) while agents exchange batches with it flat
+/// out (one agent's pages are unique, so every scan is a stream of Scan
+/// batches; two others merge with each other and keep writing), then
+/// restarted, ten times: at random points, and deliberately mid-exchange by
+/// a relay in front of one agent that kills it on the 1st-6th frame after
+/// arming (Scan, Orders, Fill, Filled, Report...), forwarded or in flight.
+/// The agents keep running, verify their data, reconnect each time, and the
+/// last daemon is empty once they have exited.
+#[test]
+fn the_daemon_killed_mid_batch_again_and_again_loses_nothing() {
+    use rand::Rng;
+    let Some(s) = setup("faults-daemonkill") else { return };
+    let mut rng = seeded_rng("daemon_killed_mid_batch");
+    let sock = s.dir.join("twinpaged.sock");
+    let mut daemon = start_daemon(&s.daemon, &s.dir, &[]);
+    let daemon_pid = Arc::new(std::sync::atomic::AtomicU32::new(daemon.id()));
+    let arm = Arc::new(Mutex::new(None));
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let relayed = s.dir.join("relay.sock");
+    killing_relay(&relayed, sock.clone(), arm.clone(), daemon_pid.clone(), hits.clone());
+    let flat_out = |args: [u64; 4], via: &Path| {
+        let mut c = twin_cmd(&s, via, args);
+        c.env("TWINPAGE_SLEEP_MILLISECS", "0");
+        c
+    };
+    let flat_out = |args: [u64; 4]| flat_out(args, &sock);
+    let mut kids = Kids(vec![
+        start({
+            let mut c = flat_out([12, 1024, 64, 1]);
+            c.env("TWINPAGE_SOCKET", &relayed);
+            c
+        }),
+        start(flat_out([12, 1024, 64, 1])),
+        start({
+            // smart_scan off: its unique pages are proposed at every scan.
+            let mut c = flat_out([13, 4096, 0, 1]);
+            c.env("TWINPAGE_SMART_SCAN", "0");
+            c
+        }),
+    ]);
+    let pids: Vec<u32> = kids.0.iter().map(|c| c.id()).collect();
+    let connected = |pids: &[u32]| pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_agents") == 1);
+    for round in 0..10 {
+        assert!(wait_until(Duration::from_secs(10), || connected(&pids)), "round {round}: agents did not (re)connect");
+        if round % 2 == 0 {
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
+            daemon.kill().unwrap();
+        } else {
+            *arm.lock().unwrap() = Some(KillAt { frames: rng.gen_range(1..=6), deliver: rng.gen() });
+            let died = wait_until(Duration::from_secs(10), || daemon.try_wait().unwrap().is_some());
+            assert!(died, "round {round}: the relayed agent sent nothing for the relay to kill on");
+        }
+        daemon.wait().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_agents") == 0)),
+            "round {round}: agents did not notice the daemon's death"
+        );
+        for c in kids.0.iter_mut() {
+            assert!(c.try_wait().unwrap().is_none(), "round {round}: pid {} died with the daemon", c.id());
+        }
+        daemon = start_daemon(&s.daemon, &s.dir, &[]);
+        daemon_pid.store(daemon.id(), std::sync::atomic::Ordering::SeqCst);
+    }
+    let hits = hits.lock().unwrap().clone();
+    eprintln!("daemon killed by the relay: {}", hits.join("; "));
+    assert_eq!(hits.len(), 5);
+    let d = daemon.id();
+    kids.0.push(daemon);
+    assert!(wait_until(Duration::from_secs(10), || connected(&pids)), "agents did not reconnect to the last daemon");
+    // The last daemon still merges: the two twins' pages they rewrite.
+    assert!(wait_until(Duration::from_secs(10), || get(&s.dir, d, "pages_shared") > 0), "the last daemon merged nothing");
+    eprintln!("last daemon {:?}", counters(&s.dir, d));
+    for _ in 0..3 {
+        eprintln!("{}", finish_twin(kids.0.remove(0)).trim());
+    }
+    assert!(wait_until(Duration::from_secs(10), || daemon_empty(&s.dir, d)), "the last daemon's store is not empty");
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// --max-agents: one agent over the bound is refused with the reason, runs
+/// and merges alone, and gets in once a place is free.
+#[test]
+fn agents_over_the_maximum_are_refused_and_merge_alone() {
+    let Some(s) = setup("faults-maxagents") else { return };
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--max-agents", "2"])]);
+    let d = kids.0[0].id();
+    let sock = s.dir.join("twinpaged.sock");
+    kids.0.push(start(twin_cmd(&s, &sock, [21, 64, 16, 0])));
+    kids.0.push(start(twin_cmd(&s, &sock, [21, 64, 16, 0])));
+    assert!(wait_until(Duration::from_secs(10), || get(&s.dir, d, "twinpage_daemon_agents") == 2));
+    let log = s.dir.join("third.log");
+    let mut third = twin_cmd(&s, &sock, [21, 64, 16, 0]);
+    third.env("TWINPAGE_LOG", "warn").stderr(std::fs::File::create(&log).unwrap());
+    kids.0.push(start(third));
+    let p3 = kids.0[3].id();
+    // It merges its own pairs alone, and stays out of the daemon.
+    assert!(wait_until(Duration::from_secs(10), || get(&s.dir, p3, "pages_sharing") == 16), "the refused agent did not merge alone");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(get(&s.dir, p3, "twinpage_daemon_agents"), 0);
+    assert_eq!(get(&s.dir, d, "twinpage_daemon_agents"), 2);
+    let text = std::fs::read_to_string(&log).unwrap();
+    eprintln!("refused agent's log: {}", text.trim());
+    assert!(text.contains("maximum of 2 agents"), "the refusal's reason did not reach the agent");
+    // A place frees up: it connects (and merges its new pages with the others').
+    finish_twin(kids.0.remove(1));
+    assert!(wait_until(Duration::from_secs(5), || get(&s.dir, p3, "twinpage_daemon_agents") == 1), "the agent did not get the free place");
+    for _ in 0..2 {
+        finish_twin(kids.0.remove(1));
+    }
+    assert!(wait_until(Duration::from_secs(5), || daemon_empty(&s.dir, d)));
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// --max-proposals: an agent with many unique pages keeps at most that many
+/// in the daemon's unstable tree; with a second agent of the same content,
+/// everything still merges (the window moves as pages merge).
+#[test]
+fn proposals_per_agent_are_bounded() {
+    let Some(s) = setup("faults-maxprop") else { return };
+    let (cap, pages) = (100u64, 1000u64);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--max-proposals", &cap.to_string()])]);
+    let d = kids.0[0].id();
+    let sock = s.dir.join("twinpaged.sock");
+    let no_smart = |args| {
+        let mut c = twin_cmd(&s, &sock, args);
+        c.env("TWINPAGE_SMART_SCAN", "0");
+        c
+    };
+    kids.0.push(start(no_smart([31, pages, 0, 0])));
+    let a = kids.0[1].id();
+    let mut most = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        most = most.max(get(&s.dir, d, "pages_unshared"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!("one agent of {pages} unique pages: at most {most} proposals (cap {cap}); agent {:?}", counters(&s.dir, a).get("full_scans"));
+    assert!(most > 0 && most <= cap, "proposals of one agent: {most}, cap {cap}");
+    kids.0.push(start(no_smart([31, pages, 0, 0])));
+    let b = kids.0[2].id();
+    let t = Instant::now();
+    let merged = wait_until(Duration::from_secs(30), || {
+        most = most.max(get(&s.dir, d, "pages_unshared"));
+        get(&s.dir, d, "pages_sharing") == pages
+    });
+    eprintln!("two agents: all merged in {:.2} s, at most {most} proposals", t.elapsed().as_secs_f64());
+    assert!(merged, "not everything merged under the proposal bound: {:?}", counters(&s.dir, d));
+    assert!(most <= 2 * cap);
+    for _ in 0..2 {
+        finish_twin(kids.0.remove(1));
+    }
+    let _ = (a, b);
+    assert!(wait_until(Duration::from_secs(5), || daemon_empty(&s.dir, d)));
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// Connections that never say hello are bounded too (max_agents + 16): one
+/// more gets a Refused frame at once, an agent arriving then merges alone,
+/// and gets in once they are gone.
+#[test]
+fn connections_without_hello_are_bounded() {
+    let Some(s) = setup("faults-maxconn") else { return };
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--max-agents", "1"])]);
+    let d = kids.0[0].id();
+    let sock = s.dir.join("twinpaged.sock");
+    let idle: Vec<UnixStream> = (0..17).map(|_| UnixStream::connect(&sock).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = Conn::new(UnixStream::connect(&sock).unwrap());
+    extra.set_timeout(Some(Duration::from_secs(2))).unwrap();
+    match extra.recv() {
+        Ok((twinpage::broker::proto::Msg::Refused { reason }, _)) => {
+            eprintln!("18th connection: {reason}");
+            assert!(reason.contains("maximum of 17 connections"));
+        }
+        other => panic!("the 18th connection was not refused: {other:?}"),
+    }
+    kids.0.push(start(twin_cmd(&s, &sock, [41, 32, 16, 0])));
+    let p = kids.0[1].id();
+    assert!(wait_until(Duration::from_secs(10), || get(&s.dir, p, "pages_sharing") == 16), "the agent did not merge alone");
+    assert_eq!(get(&s.dir, p, "twinpage_daemon_agents"), 0);
+    drop(idle);
+    assert!(wait_until(Duration::from_secs(5), || get(&s.dir, p, "twinpage_daemon_agents") == 1), "the agent did not get in");
+    assert_eq!(get(&s.dir, d, "twinpage_daemon_agents"), 1);
+    finish_twin(kids.0.remove(1));
+    assert!(wait_until(Duration::from_secs(5), || daemon_empty(&s.dir, d)));
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// A stopped (SIGSTOP) daemon: the agents' 2 s timeout fires mid-exchange
+/// and they go on alone; when the daemon runs again it finds their
+/// connections closed while their processes live, and must not free the
+/// store pages they still map. They verify, reconnect, and the store
+/// empties only once they have exited.
+#[test]
+fn a_stalled_daemon_does_not_free_pages_live_agents_map() {
+    let Some(s) = setup("faults-stall") else { return };
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[])]);
+    let d = kids.0[0].id();
+    let sock = s.dir.join("twinpaged.sock");
+    let logs = [s.dir.join("a.log"), s.dir.join("b.log")];
+    let flat_out = |args: [u64; 4], log: &Path| {
+        let mut c = twin_cmd(&s, &sock, args);
+        c.env("TWINPAGE_SLEEP_MILLISECS", "0").env("TWINPAGE_SMART_SCAN", "0").env("TWINPAGE_LOG", "warn");
+        c.stderr(std::fs::File::create(log).unwrap());
+        c
+    };
+    kids.0.push(start(flat_out([51, 512, 64, 1], &logs[0])));
+    kids.0.push(start(flat_out([51, 512, 64, 1], &logs[1])));
+    let pids = [kids.0[1].id(), kids.0[2].id()];
+    assert!(wait_until(Duration::from_secs(20), || pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_merged") > 500)));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(d as i32, libc::SIGSTOP) };
+    // Their logs, not the tree: the stopped daemon may hold the tree's lock,
+    // and then nobody's counters are published until it runs again.
+    let alone = wait_until(Duration::from_secs(10), || {
+        logs.iter().all(|l| std::fs::read_to_string(l).unwrap_or_default().contains("lost twinpaged"))
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(d as i32, libc::SIGCONT) };
+    assert!(alone, "the agents did not give up on the stopped daemon");
+    let merged: Vec<u64> = pids.iter().map(|&p| get(&s.dir, p, "twinpage_daemon_merged")).collect();
+    eprintln!("timed out with {merged:?} pages merged through the daemon");
+    assert!(wait_until(Duration::from_secs(10), || pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_agents") == 1)), "no reconnect");
+    // Their pages (orphans now) are still mapped and still theirs: give
+    // a wrong free time to show, with the processes checking every 20 ms.
+    std::thread::sleep(Duration::from_secs(1));
+    for c in kids.0.iter_mut().skip(1) {
+        assert!(c.try_wait().unwrap().is_none(), "pid {} died", c.id());
+    }
+    assert!(get(&s.dir, d, "twinpage_store_bytes") > 0);
+    // Reconnected, they took their parked references back: pages they
+    // rewrite since are released to the daemon, whose sharers stay those
+    // the agents count (a parked reference would stay after the write).
+    let sharers = || {
+        let c = counters(&s.dir, d);
+        c.get("pages_shared").copied().unwrap_or(0) + c.get("pages_sharing").copied().unwrap_or(0)
+    };
+    let agree = wait_until(Duration::from_secs(5), || {
+        let before = sharers();
+        let agents: u64 = pids.iter().map(|&p| get(&s.dir, p, "twinpage_daemon_merged")).sum();
+        before == agents && sharers() == before
+    });
+    eprintln!("after 1 s of writes: daemon sharers {}, agents' daemon merges {:?}", sharers(), pids.map(|p| get(&s.dir, p, "twinpage_daemon_merged")));
+    assert!(agree, "the daemon counts references the agents no longer hold");
+    for _ in 0..2 {
+        eprintln!("{}", finish_twin(kids.0.remove(1)).trim());
+    }
+    assert!(wait_until(Duration::from_secs(5), || daemon_empty(&s.dir, d)), "store not empty after the agents exited");
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
