@@ -13,10 +13,11 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::procs::{Kids};
 use common::{preload_lib, program, require, tempdir, wait_until};
 use twinpage::statsfs::{StatsTree, StatsTreeOptions};
 
@@ -29,18 +30,6 @@ fn is_root() -> bool {
 
 fn mode(p: &Path) -> u32 {
     std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o7777
-}
-
-/// Children killed on drop.
-struct Kids(Vec<Child>);
-
-impl Drop for Kids {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn as_nobody(cmd: &mut Command) -> Output {

@@ -6,40 +6,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::procs::{daemon_bin, finish_twin, spawn_ready, start_daemon, tree_counter, tree_counters, Kids};
 use common::{have_uffd, preload_lib, program, tempdir, wait_until};
 
 const PAGE: u64 = 4096;
-
-/// Children killed on drop, so a failing assertion leaves nothing running.
-struct Kids(Vec<Child>);
-
-impl Drop for Kids {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn daemon_bin() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/twinpaged");
-    common::require(p.exists(), "target/release/twinpaged (cargo build --release)").then_some(p)
-}
-
-fn start_daemon(bin: &Path, dir: &Path) -> Child {
-    let sock = dir.join("twinpaged.sock");
-    let _ = std::fs::remove_file(&sock);
-    let c = Command::new(bin).arg("--dir").arg(dir).env("TWINPAGE_LOG", "info").spawn().unwrap();
-    assert!(wait_until(Duration::from_secs(10), || sock.exists()), "twinpaged did not create its socket");
-    c
-}
 
 /// Starts `twin SEED COMMON PAIRS WRITES` preloaded, and waits for READY.
 fn start_twin(prog: &Path, lib: &Path, dir: &Path, args: [u64; 4], domain: Option<&str>) -> Child {
@@ -54,39 +28,9 @@ fn start_twin(prog: &Path, lib: &Path, dir: &Path, args: [u64; 4], domain: Optio
     if let Some(d) = domain {
         cmd.env("TWINPAGE_DOMAIN", d);
     }
-    let mut c = cmd.spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(c.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.starts_with("READY"), "twin did not start: {line:?}");
-    c
+    spawn_ready(&mut cmd)
 }
 
-/// SIGTERM, then the program's verdict on its memory.
-fn finish_twin(mut c: Child) -> String {
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    let mut out = String::new();
-    BufReader::new(c.stdout.take().unwrap()).read_line(&mut out).unwrap();
-    let status = c.wait().unwrap();
-    assert!(status.success() && out.starts_with("VERIFY OK"), "pid {} lost data: {out:?} ({status})", c.id());
-    out
-}
-
-
-/// A process's counters in the tree.
-fn counters(dir: &Path, pid: u32) -> BTreeMap<String, u64> {
-    let text = std::fs::read_to_string(dir.join(format!("proc/{pid}/twinpage_counters"))).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            Some((k.to_string(), v.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-fn get(dir: &Path, pid: u32, name: &str) -> u64 {
-    counters(dir, pid).get(name).copied().unwrap_or(0)
-}
 
 fn global(dir: &Path, name: &str) -> u64 {
     std::fs::read_to_string(dir.join("kernel/mm/ksm").join(name)).unwrap_or_default().trim().parse().unwrap_or(0)
@@ -111,7 +55,7 @@ fn setup(tag: &str) -> Option<Setup> {
 fn pages_merge_across_processes_and_a_killed_agent_is_forgotten() {
     let Some(s) = setup("daemon-cross") else { return };
     let (common, pairs) = (1024u64, 256u64);
-    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir)]);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[], "info")]);
     let d = kids.0[0].id();
     kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [7, common, pairs, 0], None));
     kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [7, common, pairs, 0], None));
@@ -122,9 +66,9 @@ fn pages_merge_across_processes_and_a_killed_agent_is_forgotten() {
     let all = common + 2 * pairs;
     let t = Instant::now();
     let merged = wait_until(Duration::from_secs(30), || {
-        get(&s.dir, a, "twinpage_daemon_merged") == all && get(&s.dir, b, "twinpage_daemon_merged") == all
+        tree_counter(&s.dir, a, "twinpage_daemon_merged") == all && tree_counter(&s.dir, b, "twinpage_daemon_merged") == all
     });
-    let (ca, cb, cd) = (counters(&s.dir, a), counters(&s.dir, b), counters(&s.dir, d));
+    let (ca, cb, cd) = (tree_counters(&s.dir, a), tree_counters(&s.dir, b), tree_counters(&s.dir, d));
     eprintln!("merged in {:.2} s\nagent a {ca:?}\nagent b {cb:?}\ndaemon {cd:?}", t.elapsed().as_secs_f64());
     assert!(merged, "not every page merged through the daemon");
     assert_eq!(cd["pages_shared"], common + 2 * pairs, "store pages: one per common page, one per pair of each");
@@ -143,19 +87,19 @@ fn pages_merge_across_processes_and_a_killed_agent_is_forgotten() {
     ka.kill().unwrap();
     ka.wait().unwrap();
     let t = Instant::now();
-    let freed = wait_until(Duration::from_secs(5), || get(&s.dir, d, "twinpage_store_bytes") == (common + pairs) * PAGE);
-    let cd = counters(&s.dir, d);
+    let freed = wait_until(Duration::from_secs(5), || tree_counter(&s.dir, d, "twinpage_store_bytes") == (common + pairs) * PAGE);
+    let cd = tree_counters(&s.dir, d);
     eprintln!("after kill -9 of {a} ({:.2} s): daemon {cd:?}", t.elapsed().as_secs_f64());
     assert!(freed, "store pages only the killed process held were not freed");
     assert_eq!((cd["pages_shared"], cd["pages_sharing"]), (common + pairs, pairs));
-    assert_eq!(cd["pages_shared"] + cd["pages_sharing"], get(&s.dir, b, "twinpage_daemon_merged"));
+    assert_eq!(cd["pages_shared"] + cd["pages_sharing"], tree_counter(&s.dir, b, "twinpage_daemon_merged"));
     assert_eq!(cd["twinpage_daemon_agents"], 1);
 
     // The last agent leaves: the store is empty.
     let kb = kids.0.remove(1);
     finish_twin(kb);
-    assert!(wait_until(Duration::from_secs(5), || get(&s.dir, d, "twinpage_store_bytes") == 0 && get(&s.dir, d, "twinpage_daemon_agents") == 0));
-    assert_eq!(get(&s.dir, d, "pages_shared"), 0);
+    assert!(wait_until(Duration::from_secs(5), || tree_counter(&s.dir, d, "twinpage_store_bytes") == 0 && tree_counter(&s.dir, d, "twinpage_daemon_agents") == 0));
+    assert_eq!(tree_counter(&s.dir, d, "pages_shared"), 0);
     drop(kids);
     let _ = std::fs::remove_dir_all(&s.dir);
 }
@@ -163,12 +107,12 @@ fn pages_merge_across_processes_and_a_killed_agent_is_forgotten() {
 #[test]
 fn a_killed_daemon_leaves_agents_running_and_a_new_one_merges_again() {
     let Some(s) = setup("daemon-kill") else { return };
-    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir)]);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[], "info")]);
     kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [11, 512, 64, 1], None));
     kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [11, 512, 64, 1], None));
     let (a, b) = (kids.0[1].id(), kids.0[2].id());
     assert!(wait_until(Duration::from_secs(30), || {
-        get(&s.dir, a, "twinpage_daemon_merged") > 500 && get(&s.dir, b, "twinpage_daemon_merged") > 500
+        tree_counter(&s.dir, a, "twinpage_daemon_merged") > 500 && tree_counter(&s.dir, b, "twinpage_daemon_merged") > 500
     }));
 
     // kill -9 mid-work: both agents are writing and merging flat out.
@@ -176,32 +120,32 @@ fn a_killed_daemon_leaves_agents_running_and_a_new_one_merges_again() {
     d.kill().unwrap();
     d.wait().unwrap();
     assert!(
-        wait_until(Duration::from_secs(5), || get(&s.dir, a, "twinpage_daemon_agents") == 0 && get(&s.dir, b, "twinpage_daemon_agents") == 0),
+        wait_until(Duration::from_secs(5), || tree_counter(&s.dir, a, "twinpage_daemon_agents") == 0 && tree_counter(&s.dir, b, "twinpage_daemon_agents") == 0),
         "agents did not notice the daemon's death"
     );
     // They run on (writing, breaking sharing, merging their own pairs locally).
     std::thread::sleep(Duration::from_secs(2));
-    let ca = counters(&s.dir, a);
+    let ca = tree_counters(&s.dir, a);
     eprintln!("alone after the daemon died: {ca:?}");
     assert!(ca["twinpage_daemon_merged"] > 0, "pages merged through the dead daemon stay merged");
 
     // A new daemon: both reconnect and cross-process merging resumes for a
     // newcomer with the same content.
-    kids.0.insert(0, start_daemon(&s.daemon, &s.dir));
+    kids.0.insert(0, start_daemon(&s.daemon, &s.dir, &[], "info"));
     let d2 = kids.0[0].id();
     assert!(
-        wait_until(Duration::from_secs(5), || get(&s.dir, a, "twinpage_daemon_agents") == 1 && get(&s.dir, b, "twinpage_daemon_agents") == 1),
+        wait_until(Duration::from_secs(5), || tree_counter(&s.dir, a, "twinpage_daemon_agents") == 1 && tree_counter(&s.dir, b, "twinpage_daemon_agents") == 1),
         "agents did not reconnect"
     );
     kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [11, 512, 64, 0], None));
     kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [11, 512, 64, 0], None));
     let (c, e) = (kids.0[3].id(), kids.0[4].id());
     let resumed = wait_until(Duration::from_secs(30), || {
-        get(&s.dir, d2, "pages_sharing") >= 512 + 2 * 64
-            && get(&s.dir, c, "twinpage_daemon_merged") > 0
-            && get(&s.dir, e, "twinpage_daemon_merged") > 0
+        tree_counter(&s.dir, d2, "pages_sharing") >= 512 + 2 * 64
+            && tree_counter(&s.dir, c, "twinpage_daemon_merged") > 0
+            && tree_counter(&s.dir, e, "twinpage_daemon_merged") > 0
     });
-    eprintln!("new daemon {:?}\nnewcomer {:?}", counters(&s.dir, d2), counters(&s.dir, c));
+    eprintln!("new daemon {:?}\nnewcomer {:?}", tree_counters(&s.dir, d2), tree_counters(&s.dir, c));
     assert!(resumed, "the restarted daemon did not merge the newcomers' pages");
 
     // Everybody's data is intact.
@@ -209,7 +153,7 @@ fn a_killed_daemon_leaves_agents_running_and_a_new_one_merges_again() {
         let k = kids.0.remove(1);
         eprintln!("{}", finish_twin(k).trim());
     }
-    assert!(wait_until(Duration::from_secs(5), || get(&s.dir, d2, "twinpage_store_bytes") == 0), "store not empty after all agents left");
+    assert!(wait_until(Duration::from_secs(5), || tree_counter(&s.dir, d2, "twinpage_store_bytes") == 0), "store not empty after all agents left");
     drop(kids);
     let _ = std::fs::remove_dir_all(&s.dir);
 }
@@ -217,7 +161,7 @@ fn a_killed_daemon_leaves_agents_running_and_a_new_one_merges_again() {
 #[test]
 fn domains_never_share() {
     let Some(s) = setup("daemon-domains") else { return };
-    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir)]);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[], "info")]);
     let d = kids.0[0].id();
     // Identical content, no duplicates within a process: only sharing across
     // processes could merge anything.
@@ -225,18 +169,18 @@ fn domains_never_share() {
     kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [5, 1024, 0, 0], Some("blue")));
     let (red, blue) = (kids.0[1].id(), kids.0[2].id());
     let scanned = wait_until(Duration::from_secs(20), || {
-        [red, blue].iter().all(|&p| get(&s.dir, p, "full_scans") >= 20 && get(&s.dir, p, "twinpage_daemon_agents") == 1)
+        [red, blue].iter().all(|&p| tree_counter(&s.dir, p, "full_scans") >= 20 && tree_counter(&s.dir, p, "twinpage_daemon_agents") == 1)
     });
     assert!(scanned, "agents did not connect and scan");
-    assert_eq!(get(&s.dir, d, "pages_shared"), 0, "pages were shared across domains");
-    assert_eq!(get(&s.dir, red, "twinpage_daemon_merged") + get(&s.dir, blue, "twinpage_daemon_merged"), 0);
+    assert_eq!(tree_counter(&s.dir, d, "pages_shared"), 0, "pages were shared across domains");
+    assert_eq!(tree_counter(&s.dir, red, "twinpage_daemon_merged") + tree_counter(&s.dir, blue, "twinpage_daemon_merged"), 0);
 
     // The same content in the same domain merges: the setup could merge.
     kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [5, 1024, 0, 0], Some("red")));
     let red2 = kids.0[3].id();
-    assert!(wait_until(Duration::from_secs(30), || get(&s.dir, red2, "twinpage_daemon_merged") == 1024));
-    assert_eq!(get(&s.dir, blue, "twinpage_daemon_merged"), 0);
-    assert!(wait_until(Duration::from_secs(2), || get(&s.dir, d, "pages_sharing") == 1024));
+    assert!(wait_until(Duration::from_secs(30), || tree_counter(&s.dir, red2, "twinpage_daemon_merged") == 1024));
+    assert_eq!(tree_counter(&s.dir, blue, "twinpage_daemon_merged"), 0);
+    assert!(wait_until(Duration::from_secs(2), || tree_counter(&s.dir, d, "pages_sharing") == 1024));
     for _ in 0..3 {
         finish_twin(kids.0.remove(1));
     }
@@ -247,28 +191,28 @@ fn domains_never_share() {
 #[test]
 fn run_2_unmerges_daemon_merges_and_empties_the_store() {
     let Some(s) = setup("daemon-run2") else { return };
-    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir)]);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[], "info")]);
     let d = kids.0[0].id();
     kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [9, 512, 32, 0], None));
     kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [9, 512, 32, 0], None));
     let (a, b) = (kids.0[1].id(), kids.0[2].id());
     let all = 512 + 64;
     assert!(wait_until(Duration::from_secs(30), || {
-        get(&s.dir, a, "twinpage_daemon_merged") == all && get(&s.dir, b, "twinpage_daemon_merged") == all
+        tree_counter(&s.dir, a, "twinpage_daemon_merged") == all && tree_counter(&s.dir, b, "twinpage_daemon_merged") == all
     }));
     // run=2 written to the tree reaches every agent: each gives its pages
     // private copies and releases them; the daemon frees the whole store.
     std::fs::write(s.dir.join("kernel/mm/ksm/run"), "2\n").unwrap();
     let empty = wait_until(Duration::from_secs(10), || {
-        get(&s.dir, d, "twinpage_store_bytes") == 0
-            && get(&s.dir, a, "twinpage_daemon_merged") == 0
-            && get(&s.dir, b, "twinpage_daemon_merged") == 0
+        tree_counter(&s.dir, d, "twinpage_store_bytes") == 0
+            && tree_counter(&s.dir, a, "twinpage_daemon_merged") == 0
+            && tree_counter(&s.dir, b, "twinpage_daemon_merged") == 0
     });
-    eprintln!("after run=2: daemon {:?}", counters(&s.dir, d));
+    eprintln!("after run=2: daemon {:?}", tree_counters(&s.dir, d));
     assert!(empty, "run=2 left pages merged or store pages allocated");
-    assert_eq!(get(&s.dir, d, "pages_shared"), 0);
+    assert_eq!(tree_counter(&s.dir, d, "pages_shared"), 0);
     std::fs::write(s.dir.join("kernel/mm/ksm/run"), "1\n").unwrap();
-    assert!(wait_until(Duration::from_secs(30), || get(&s.dir, a, "twinpage_daemon_merged") == all), "run=1 did not merge again");
+    assert!(wait_until(Duration::from_secs(30), || tree_counter(&s.dir, a, "twinpage_daemon_merged") == all), "run=1 did not merge again");
     for _ in 0..2 {
         finish_twin(kids.0.remove(1));
     }

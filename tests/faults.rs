@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -15,33 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::procs::{daemon_bin, finish_twin, spawn_ready, start_daemon, tree_counter, tree_counters, Kids};
 use common::{have_uffd, preload_lib, program, tempdir, wait_until};
 use twinpage::broker::conn::Conn;
-
-/// Children killed on drop, so a failing assertion leaves nothing running.
-struct Kids(Vec<Child>);
-
-impl Drop for Kids {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn daemon_bin() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/twinpaged");
-    common::require(p.exists(), "target/release/twinpaged (cargo build --release)").then_some(p)
-}
-
-fn start_daemon(bin: &Path, dir: &Path, extra: &[&str]) -> Child {
-    let sock = dir.join("twinpaged.sock");
-    let _ = std::fs::remove_file(&sock);
-    let c = Command::new(bin).arg("--dir").arg(dir).args(extra).env("TWINPAGE_LOG", "warn").spawn().unwrap();
-    assert!(wait_until(Duration::from_secs(10), || sock.exists()), "twinpaged did not create its socket");
-    c
-}
 
 /// `twin SEED COMMON PAIRS WRITES`, preloaded, connecting to `socket`.
 fn twin_cmd(s: &Setup, socket: &Path, args: [u64; 4]) -> Command {
@@ -59,41 +34,12 @@ fn twin_cmd(s: &Setup, socket: &Path, args: [u64; 4]) -> Command {
 
 /// Starts a twin and waits for READY.
 fn start(mut cmd: Command) -> Child {
-    let mut c = cmd.spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(c.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.starts_with("READY"), "twin did not start: {line:?}");
-    c
-}
-
-/// SIGTERM, then the program's verdict on its memory.
-fn finish_twin(mut c: Child) -> String {
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    let mut out = String::new();
-    BufReader::new(c.stdout.take().unwrap()).read_line(&mut out).unwrap();
-    let status = c.wait().unwrap();
-    assert!(status.success() && out.starts_with("VERIFY OK"), "pid {} lost data: {out:?} ({status})", c.id());
-    out
-}
-
-fn counters(dir: &Path, pid: u32) -> BTreeMap<String, u64> {
-    let text = std::fs::read_to_string(dir.join(format!("proc/{pid}/twinpage_counters"))).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            Some((k.to_string(), v.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-fn get(dir: &Path, pid: u32, name: &str) -> u64 {
-    counters(dir, pid).get(name).copied().unwrap_or(0)
+    spawn_ready(&mut cmd)
 }
 
 /// The daemon's store is empty and it counts no sharing and no agent.
 fn daemon_empty(dir: &Path, d: u32) -> bool {
-    let c = counters(dir, d);
+    let c = tree_counters(dir, d);
     ["twinpage_store_bytes", "pages_shared", "pages_sharing", "twinpage_daemon_agents"]
         .iter()
         .all(|k| c.get(*k) == Some(&0))
@@ -248,7 +194,7 @@ fn a_connection_cut_at_every_message_boundary_loses_nothing_and_leaks_nothing() 
     let Some(s) = setup("faults-cut") else { return };
     let (common, pairs) = (48u64, 48u64);
     let all = common + 2 * pairs;
-    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[])]);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[], "warn")]);
     let d = kids.0[0].id();
     let upstream = s.dir.join("twinpaged.sock");
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -275,14 +221,14 @@ fn a_connection_cut_at_every_message_boundary_loses_nothing_and_leaks_nothing() 
             }
         }
         agents.iter().all(|&(p, _)| {
-            let c = counters(&s.dir, p);
+            let c = tree_counters(&s.dir, p);
             c.get("twinpage_merging_pages") == Some(&all) && c.get("twinpage_daemon_agents") == Some(&1)
         })
     });
     let cuts_seen = log.lock().unwrap().clone();
     eprintln!("{} cuts: {}", cuts_seen.len(), cuts_seen.join("; "));
     for &(p, cut) in &agents {
-        let c = counters(&s.dir, p);
+        let c = tree_counters(&s.dir, p);
         if c.get("twinpage_merging_pages") != Some(&all) {
             eprintln!("{cut:?}: pid {p} {c:?}");
         }
@@ -294,7 +240,7 @@ fn a_connection_cut_at_every_message_boundary_loses_nothing_and_leaks_nothing() 
         finish_twin(kids.0.remove(1));
     }
     let empty = wait_until(Duration::from_secs(10), || daemon_empty(&s.dir, d));
-    eprintln!("daemon after all exited: {:?}", counters(&s.dir, d));
+    eprintln!("daemon after all exited: {:?}", tree_counters(&s.dir, d));
     assert!(empty, "references leaked: the store is not empty after every agent exited");
     drop(kids);
     let _ = std::fs::remove_dir_all(&s.dir);
@@ -372,8 +318,8 @@ fn a_full_store_tmpfs_pauses_merging_and_space_resumes_it() {
     cmd.env("TWINPAGE_SOCKET", "off").env("TWINPAGE_STORE_DIR", &fs.0);
     let mut kids = Kids(vec![start(cmd)]);
     let p = kids.0[0].id();
-    let held = wait_until(Duration::from_secs(20), || get(&s.dir, p, "twinpage_store_full") > 0 && get(&s.dir, p, "full_scans") > 20);
-    let c = counters(&s.dir, p);
+    let held = wait_until(Duration::from_secs(20), || tree_counter(&s.dir, p, "twinpage_store_full") > 0 && tree_counter(&s.dir, p, "full_scans") > 20);
+    let c = tree_counters(&s.dir, p);
     eprintln!("full: {} pages free, {c:?}", fs.free() / 4096);
     assert!(held, "merging was not held back by the full store");
     assert!(c["pages_shared"] <= ROOM && c["pages_shared"] > 0, "merged up to the space left: {} store pages", c["pages_shared"]);
@@ -382,10 +328,10 @@ fn a_full_store_tmpfs_pauses_merging_and_space_resumes_it() {
 
     std::fs::remove_file(filler).unwrap();
     let t = Instant::now();
-    let resumed = wait_until(Duration::from_secs(20), || get(&s.dir, p, "pages_sharing") == pairs);
-    eprintln!("resumed in {:.2} s: {:?}", t.elapsed().as_secs_f64(), counters(&s.dir, p));
+    let resumed = wait_until(Duration::from_secs(20), || tree_counter(&s.dir, p, "pages_sharing") == pairs);
+    eprintln!("resumed in {:.2} s: {:?}", t.elapsed().as_secs_f64(), tree_counters(&s.dir, p));
     assert!(resumed, "merging did not resume when space returned");
-    assert_eq!(get(&s.dir, p, "twinpage_store_bytes"), pairs * 4096);
+    assert_eq!(tree_counter(&s.dir, p, "twinpage_store_bytes"), pairs * 4096);
     eprintln!("{}", finish_twin(kids.0.remove(0)).trim());
     drop(fs);
     let _ = std::fs::remove_dir_all(&s.dir);
@@ -401,26 +347,26 @@ fn a_full_daemon_store_pauses_merging_and_space_resumes_it() {
     let common = 384u64;
     let filler = fs.fill(ROOM * 4096);
     let store_dir = fs.0.to_str().unwrap().to_string();
-    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--store-dir", &store_dir])]);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--store-dir", &store_dir], "warn")]);
     let d = kids.0[0].id();
     let sock = s.dir.join("twinpaged.sock");
     kids.0.push(start(twin_cmd(&s, &sock, [2, common, 0, 0])));
     kids.0.push(start(twin_cmd(&s, &sock, [2, common, 0, 0])));
     let held = wait_until(Duration::from_secs(20), || {
-        get(&s.dir, d, "twinpage_store_full") > 0 && get(&s.dir, d, "pages_shared") >= ROOM - 1
+        tree_counter(&s.dir, d, "twinpage_store_full") > 0 && tree_counter(&s.dir, d, "pages_shared") >= ROOM - 1
     });
     std::thread::sleep(Duration::from_millis(500));
-    let c = counters(&s.dir, d);
+    let c = tree_counters(&s.dir, d);
     eprintln!("full: {c:?}");
     assert!(held, "merging was not held back by the full store");
     assert!(c["pages_shared"] <= ROOM, "more store pages than the space left: {}", c["pages_shared"]);
     for k in &kids.0[1..] {
-        assert!(get(&s.dir, k.id(), "twinpage_daemon_merged") <= ROOM);
+        assert!(tree_counter(&s.dir, k.id(), "twinpage_daemon_merged") <= ROOM);
     }
     std::fs::remove_file(filler).unwrap();
     let t = Instant::now();
-    let resumed = wait_until(Duration::from_secs(20), || get(&s.dir, d, "pages_sharing") == common);
-    eprintln!("resumed in {:.2} s: {:?}", t.elapsed().as_secs_f64(), counters(&s.dir, d));
+    let resumed = wait_until(Duration::from_secs(20), || tree_counter(&s.dir, d, "pages_sharing") == common);
+    eprintln!("resumed in {:.2} s: {:?}", t.elapsed().as_secs_f64(), tree_counters(&s.dir, d));
     assert!(resumed, "merging did not resume when space returned");
     for _ in 0..2 {
         eprintln!("{}", finish_twin(kids.0.remove(1)).trim());
@@ -452,7 +398,7 @@ fn agents_killed_mid_merge_leak_nothing_and_survivors_verify() {
     let Some(s) = setup("faults-agentkill") else { return };
     let mut rng = seeded_rng("agents_killed_mid_merge");
     let (common, pairs) = (1024u64, 64u64);
-    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[])]);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[], "warn")]);
     let d = kids.0[0].id();
     let sock = s.dir.join("twinpaged.sock");
     let flat_out = |args: [u64; 4]| {
@@ -474,7 +420,7 @@ fn agents_killed_mid_merge_leak_nothing_and_survivors_verify() {
         }
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..250)));
         let mut v = victims.remove(rng.gen_range(0..victims.len()));
-        merged_when_killed += get(&s.dir, v.id(), "twinpage_daemon_merged");
+        merged_when_killed += tree_counter(&s.dir, v.id(), "twinpage_daemon_merged");
         v.kill().unwrap();
         v.wait().unwrap();
         killed += 1;
@@ -486,16 +432,16 @@ fn agents_killed_mid_merge_leak_nothing_and_survivors_verify() {
     eprintln!(
         "{killed} agents killed in {:.1} s, {merged_when_killed} of their pages merged through the daemon when last read; daemon {:?}",
         t.elapsed().as_secs_f64(),
-        counters(&s.dir, d)
+        tree_counters(&s.dir, d)
     );
     assert!(merged_when_killed > 0, "no victim was killed with merged pages: the kills missed the merging");
     // The survivors: merged with each other, every byte as written.
-    assert!(wait_until(Duration::from_secs(10), || survivors.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_merged") > common / 2)));
+    assert!(wait_until(Duration::from_secs(10), || survivors.iter().all(|&p| tree_counter(&s.dir, p, "twinpage_daemon_merged") > common / 2)));
     for _ in 0..2 {
         eprintln!("{}", finish_twin(kids.0.remove(1)).trim());
     }
     let empty = wait_until(Duration::from_secs(10), || daemon_empty(&s.dir, d));
-    eprintln!("daemon after all exited: {:?}", counters(&s.dir, d));
+    eprintln!("daemon after all exited: {:?}", tree_counters(&s.dir, d));
     assert!(empty, "references leaked: the store is not empty after every agent exited");
     drop(kids);
     let _ = std::fs::remove_dir_all(&s.dir);
@@ -515,7 +461,7 @@ fn the_daemon_killed_mid_batch_again_and_again_loses_nothing() {
     let Some(s) = setup("faults-daemonkill") else { return };
     let mut rng = seeded_rng("daemon_killed_mid_batch");
     let sock = s.dir.join("twinpaged.sock");
-    let mut daemon = start_daemon(&s.daemon, &s.dir, &[]);
+    let mut daemon = start_daemon(&s.daemon, &s.dir, &[], "warn");
     let daemon_pid = Arc::new(std::sync::atomic::AtomicU32::new(daemon.id()));
     let arm = Arc::new(Mutex::new(None));
     let hits = Arc::new(Mutex::new(Vec::new()));
@@ -542,7 +488,7 @@ fn the_daemon_killed_mid_batch_again_and_again_loses_nothing() {
         }),
     ]);
     let pids: Vec<u32> = kids.0.iter().map(|c| c.id()).collect();
-    let connected = |pids: &[u32]| pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_agents") == 1);
+    let connected = |pids: &[u32]| pids.iter().all(|&p| tree_counter(&s.dir, p, "twinpage_daemon_agents") == 1);
     for round in 0..10 {
         assert!(wait_until(Duration::from_secs(10), || connected(&pids)), "round {round}: agents did not (re)connect");
         if round % 2 == 0 {
@@ -555,13 +501,13 @@ fn the_daemon_killed_mid_batch_again_and_again_loses_nothing() {
         }
         daemon.wait().unwrap();
         assert!(
-            wait_until(Duration::from_secs(5), || pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_agents") == 0)),
+            wait_until(Duration::from_secs(5), || pids.iter().all(|&p| tree_counter(&s.dir, p, "twinpage_daemon_agents") == 0)),
             "round {round}: agents did not notice the daemon's death"
         );
         for c in kids.0.iter_mut() {
             assert!(c.try_wait().unwrap().is_none(), "round {round}: pid {} died with the daemon", c.id());
         }
-        daemon = start_daemon(&s.daemon, &s.dir, &[]);
+        daemon = start_daemon(&s.daemon, &s.dir, &[], "warn");
         daemon_pid.store(daemon.id(), std::sync::atomic::Ordering::SeqCst);
     }
     let hits = hits.lock().unwrap().clone();
@@ -571,8 +517,8 @@ fn the_daemon_killed_mid_batch_again_and_again_loses_nothing() {
     kids.0.push(daemon);
     assert!(wait_until(Duration::from_secs(10), || connected(&pids)), "agents did not reconnect to the last daemon");
     // The last daemon still merges: the two twins' pages they rewrite.
-    assert!(wait_until(Duration::from_secs(10), || get(&s.dir, d, "pages_shared") > 0), "the last daemon merged nothing");
-    eprintln!("last daemon {:?}", counters(&s.dir, d));
+    assert!(wait_until(Duration::from_secs(10), || tree_counter(&s.dir, d, "pages_shared") > 0), "the last daemon merged nothing");
+    eprintln!("last daemon {:?}", tree_counters(&s.dir, d));
     for _ in 0..3 {
         eprintln!("{}", finish_twin(kids.0.remove(0)).trim());
     }
@@ -586,28 +532,28 @@ fn the_daemon_killed_mid_batch_again_and_again_loses_nothing() {
 #[test]
 fn agents_over_the_maximum_are_refused_and_merge_alone() {
     let Some(s) = setup("faults-maxagents") else { return };
-    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--max-agents", "2"])]);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--max-agents", "2"], "warn")]);
     let d = kids.0[0].id();
     let sock = s.dir.join("twinpaged.sock");
     kids.0.push(start(twin_cmd(&s, &sock, [21, 64, 16, 0])));
     kids.0.push(start(twin_cmd(&s, &sock, [21, 64, 16, 0])));
-    assert!(wait_until(Duration::from_secs(10), || get(&s.dir, d, "twinpage_daemon_agents") == 2));
+    assert!(wait_until(Duration::from_secs(10), || tree_counter(&s.dir, d, "twinpage_daemon_agents") == 2));
     let log = s.dir.join("third.log");
     let mut third = twin_cmd(&s, &sock, [21, 64, 16, 0]);
     third.env("TWINPAGE_LOG", "warn").stderr(std::fs::File::create(&log).unwrap());
     kids.0.push(start(third));
     let p3 = kids.0[3].id();
     // It merges its own pairs alone, and stays out of the daemon.
-    assert!(wait_until(Duration::from_secs(10), || get(&s.dir, p3, "pages_sharing") == 16), "the refused agent did not merge alone");
+    assert!(wait_until(Duration::from_secs(10), || tree_counter(&s.dir, p3, "pages_sharing") == 16), "the refused agent did not merge alone");
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(get(&s.dir, p3, "twinpage_daemon_agents"), 0);
-    assert_eq!(get(&s.dir, d, "twinpage_daemon_agents"), 2);
+    assert_eq!(tree_counter(&s.dir, p3, "twinpage_daemon_agents"), 0);
+    assert_eq!(tree_counter(&s.dir, d, "twinpage_daemon_agents"), 2);
     let text = std::fs::read_to_string(&log).unwrap();
     eprintln!("refused agent's log: {}", text.trim());
     assert!(text.contains("maximum of 2 agents"), "the refusal's reason did not reach the agent");
     // A place frees up: it connects (and merges its new pages with the others').
     finish_twin(kids.0.remove(1));
-    assert!(wait_until(Duration::from_secs(5), || get(&s.dir, p3, "twinpage_daemon_agents") == 1), "the agent did not get the free place");
+    assert!(wait_until(Duration::from_secs(5), || tree_counter(&s.dir, p3, "twinpage_daemon_agents") == 1), "the agent did not get the free place");
     for _ in 0..2 {
         finish_twin(kids.0.remove(1));
     }
@@ -623,7 +569,7 @@ fn agents_over_the_maximum_are_refused_and_merge_alone() {
 fn proposals_per_agent_are_bounded() {
     let Some(s) = setup("faults-maxprop") else { return };
     let (cap, pages) = (100u64, 1000u64);
-    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--max-proposals", &cap.to_string()])]);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--max-proposals", &cap.to_string()], "warn")]);
     let d = kids.0[0].id();
     let sock = s.dir.join("twinpaged.sock");
     let no_smart = |args| {
@@ -636,20 +582,20 @@ fn proposals_per_agent_are_bounded() {
     let mut most = 0;
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(2) {
-        most = most.max(get(&s.dir, d, "pages_unshared"));
+        most = most.max(tree_counter(&s.dir, d, "pages_unshared"));
         std::thread::sleep(Duration::from_millis(5));
     }
-    eprintln!("one agent of {pages} unique pages: at most {most} proposals (cap {cap}); agent {:?}", counters(&s.dir, a).get("full_scans"));
+    eprintln!("one agent of {pages} unique pages: at most {most} proposals (cap {cap}); agent {:?}", tree_counters(&s.dir, a).get("full_scans"));
     assert!(most > 0 && most <= cap, "proposals of one agent: {most}, cap {cap}");
     kids.0.push(start(no_smart([31, pages, 0, 0])));
     let b = kids.0[2].id();
     let t = Instant::now();
     let merged = wait_until(Duration::from_secs(30), || {
-        most = most.max(get(&s.dir, d, "pages_unshared"));
-        get(&s.dir, d, "pages_sharing") == pages
+        most = most.max(tree_counter(&s.dir, d, "pages_unshared"));
+        tree_counter(&s.dir, d, "pages_sharing") == pages
     });
     eprintln!("two agents: all merged in {:.2} s, at most {most} proposals", t.elapsed().as_secs_f64());
-    assert!(merged, "not everything merged under the proposal bound: {:?}", counters(&s.dir, d));
+    assert!(merged, "not everything merged under the proposal bound: {:?}", tree_counters(&s.dir, d));
     assert!(most <= 2 * cap);
     for _ in 0..2 {
         finish_twin(kids.0.remove(1));
@@ -666,7 +612,7 @@ fn proposals_per_agent_are_bounded() {
 #[test]
 fn connections_without_hello_are_bounded() {
     let Some(s) = setup("faults-maxconn") else { return };
-    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--max-agents", "1"])]);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--max-agents", "1"], "warn")]);
     let d = kids.0[0].id();
     let sock = s.dir.join("twinpaged.sock");
     let idle: Vec<UnixStream> = (0..17).map(|_| UnixStream::connect(&sock).unwrap()).collect();
@@ -682,11 +628,11 @@ fn connections_without_hello_are_bounded() {
     }
     kids.0.push(start(twin_cmd(&s, &sock, [41, 32, 16, 0])));
     let p = kids.0[1].id();
-    assert!(wait_until(Duration::from_secs(10), || get(&s.dir, p, "pages_sharing") == 16), "the agent did not merge alone");
-    assert_eq!(get(&s.dir, p, "twinpage_daemon_agents"), 0);
+    assert!(wait_until(Duration::from_secs(10), || tree_counter(&s.dir, p, "pages_sharing") == 16), "the agent did not merge alone");
+    assert_eq!(tree_counter(&s.dir, p, "twinpage_daemon_agents"), 0);
     drop(idle);
-    assert!(wait_until(Duration::from_secs(5), || get(&s.dir, p, "twinpage_daemon_agents") == 1), "the agent did not get in");
-    assert_eq!(get(&s.dir, d, "twinpage_daemon_agents"), 1);
+    assert!(wait_until(Duration::from_secs(5), || tree_counter(&s.dir, p, "twinpage_daemon_agents") == 1), "the agent did not get in");
+    assert_eq!(tree_counter(&s.dir, d, "twinpage_daemon_agents"), 1);
     finish_twin(kids.0.remove(1));
     assert!(wait_until(Duration::from_secs(5), || daemon_empty(&s.dir, d)));
     drop(kids);
@@ -701,7 +647,7 @@ fn connections_without_hello_are_bounded() {
 #[test]
 fn a_stalled_daemon_does_not_free_pages_live_agents_map() {
     let Some(s) = setup("faults-stall") else { return };
-    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[])]);
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[], "warn")]);
     let d = kids.0[0].id();
     let sock = s.dir.join("twinpaged.sock");
     let logs = [s.dir.join("a.log"), s.dir.join("b.log")];
@@ -714,7 +660,7 @@ fn a_stalled_daemon_does_not_free_pages_live_agents_map() {
     kids.0.push(start(flat_out([51, 512, 64, 1], &logs[0])));
     kids.0.push(start(flat_out([51, 512, 64, 1], &logs[1])));
     let pids = [kids.0[1].id(), kids.0[2].id()];
-    assert!(wait_until(Duration::from_secs(20), || pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_merged") > 500)));
+    assert!(wait_until(Duration::from_secs(20), || pids.iter().all(|&p| tree_counter(&s.dir, p, "twinpage_daemon_merged") > 500)));
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(d as i32, libc::SIGSTOP) };
     // Their logs, not the tree: the stopped daemon may hold the tree's lock,
@@ -725,29 +671,29 @@ fn a_stalled_daemon_does_not_free_pages_live_agents_map() {
     // SAFETY: as above.
     unsafe { libc::kill(d as i32, libc::SIGCONT) };
     assert!(alone, "the agents did not give up on the stopped daemon");
-    let merged: Vec<u64> = pids.iter().map(|&p| get(&s.dir, p, "twinpage_daemon_merged")).collect();
+    let merged: Vec<u64> = pids.iter().map(|&p| tree_counter(&s.dir, p, "twinpage_daemon_merged")).collect();
     eprintln!("timed out with {merged:?} pages merged through the daemon");
-    assert!(wait_until(Duration::from_secs(10), || pids.iter().all(|&p| get(&s.dir, p, "twinpage_daemon_agents") == 1)), "no reconnect");
+    assert!(wait_until(Duration::from_secs(10), || pids.iter().all(|&p| tree_counter(&s.dir, p, "twinpage_daemon_agents") == 1)), "no reconnect");
     // Their pages (orphans now) are still mapped and still theirs: give
     // a wrong free time to show, with the processes checking every 20 ms.
     std::thread::sleep(Duration::from_secs(1));
     for c in kids.0.iter_mut().skip(1) {
         assert!(c.try_wait().unwrap().is_none(), "pid {} died", c.id());
     }
-    assert!(get(&s.dir, d, "twinpage_store_bytes") > 0);
+    assert!(tree_counter(&s.dir, d, "twinpage_store_bytes") > 0);
     // Reconnected, they took their parked references back: pages they
     // rewrite since are released to the daemon, whose sharers stay those
     // the agents count (a parked reference would stay after the write).
     let sharers = || {
-        let c = counters(&s.dir, d);
+        let c = tree_counters(&s.dir, d);
         c.get("pages_shared").copied().unwrap_or(0) + c.get("pages_sharing").copied().unwrap_or(0)
     };
     let agree = wait_until(Duration::from_secs(5), || {
         let before = sharers();
-        let agents: u64 = pids.iter().map(|&p| get(&s.dir, p, "twinpage_daemon_merged")).sum();
+        let agents: u64 = pids.iter().map(|&p| tree_counter(&s.dir, p, "twinpage_daemon_merged")).sum();
         before == agents && sharers() == before
     });
-    eprintln!("after 1 s of writes: daemon sharers {}, agents' daemon merges {:?}", sharers(), pids.map(|p| get(&s.dir, p, "twinpage_daemon_merged")));
+    eprintln!("after 1 s of writes: daemon sharers {}, agents' daemon merges {:?}", sharers(), pids.map(|p| tree_counter(&s.dir, p, "twinpage_daemon_merged")));
     assert!(agree, "the daemon counts references the agents no longer hold");
     for _ in 0..2 {
         eprintln!("{}", finish_twin(kids.0.remove(1)).trim());

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::procs::{Kids};
 use common::{engine, flat_out, have_uffd, pagemap_flags, preload_lib, program, tempdir, wait_for, wait_until, Mem};
 use twinpage::statsfs::{StatsTree, StatsTreeOptions};
 
@@ -144,18 +145,6 @@ fn use_zero_pages_under_zero_only_drops_zero_pages_and_nothing_else() {
     assert_eq!((s.pages_shared, s.pages_sharing), (0, 0), "{s:?}");
     assert!(data_intact(&m));
     m.unmap(&e);
-}
-
-/// Children killed on drop, so a failing assertion leaves nothing running.
-struct Kids(Vec<Child>);
-
-impl Drop for Kids {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn counter(dir: &Path, pid: u32, name: &str) -> u64 {

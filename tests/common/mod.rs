@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use twinpage::{Engine, KsmStats};
 
+pub mod procs;
+
 pub const PAGE: usize = 4096;
 
 /// Whether prerequisites hold; outside CI a missing one skips the test with a
