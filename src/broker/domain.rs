@@ -276,6 +276,17 @@ impl Domain {
         h.generation += 1;
         self.generations.insert(agent, h.generation);
         self.live.insert(agent, 0);
+        // Queue entries whose unstable entry was since matched or replaced
+        // (the same page proposed again) stand for nothing: without this an
+        // agent scanning flat out grows its queue by a scan's worth of pages
+        // per full scan, up to max_proposals.
+        if let Some(q) = self.proposals.get_mut(&agent) {
+            let unstable = &self.unstable;
+            q.retain(|&(digest, token, generation)| {
+                unstable.get(&digest).is_some_and(|p| (p.agent, p.token, p.generation) == (agent, token, generation))
+            });
+            q.shrink_to(q.len());
+        }
         if self.unstable.len() > 1024 && self.unstable.len() > 2 * self.stable.pages_shared() as usize {
             let gens = &self.generations;
             self.unstable.retain(|_, p| gens.get(&p.agent) == Some(&p.generation));
