@@ -101,7 +101,11 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
                 }
                 c.store_dir = Some(PathBuf::from(v));
             }
-            "PIN_GUARD" => drop(flag(&k, &v)?),
+            "PIN_GUARD" => {
+                if crate::merge::pin::PinGuard::parse(&v).is_none() {
+                    return Err(format!("{k}={v:?}: use 1 (check what can be checked), strict (merge only that) or 0"));
+                }
+            }
             "DOMAIN" => {
                 if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
                     return Err(format!("{k}={v:?}: 1-64 characters of [A-Za-z0-9._-]"));

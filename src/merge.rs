@@ -20,7 +20,7 @@ use crate::scan::{Core, Shared};
 use crate::sys::{mman, PAGE_SIZE};
 use crate::warn_once;
 
-mod pin;
+pub(crate) mod pin;
 pub use pin::{pin_guard_enabled, Scratch};
 
 /// What a run does with its pages.
@@ -221,6 +221,9 @@ pub fn merge_run(
             }
         } else {
             pin::note_unguarded(region);
+            if pin::pin_guard() == pin::PinGuard::Strict {
+                ok.iter_mut().for_each(|o| *o = false);
+            }
         }
     }
 

@@ -517,9 +517,6 @@ fn the_daemon_killed_mid_batch_again_and_again_loses_nothing() {
     kids.0.push(daemon);
     assert!(wait_until(Duration::from_secs(10), || connected(&pids)), "agents did not reconnect to the last daemon");
     // The last daemon still merges: two newcomers with the same content.
-    // (Not the old twins' rewritten pages: a page written after merging sits
-    // in twinpage's store mapping, where the pin check cannot look, so it is
-    // not merged again; see the README's "Pinned pages".)
     kids.0.push(start(flat_out([14, 256, 0, 0])));
     kids.0.push(start(flat_out([14, 256, 0, 0])));
     assert!(wait_until(Duration::from_secs(10), || tree_counter(&s.dir, d, "pages_shared") > 0), "the last daemon merged nothing");

@@ -28,21 +28,49 @@ use crate::warn_once;
 
 use super::{guest_page, is_zero, Item, RunKind};
 
-/// The environment switch that turns the pin check off, for the test that
-/// shows what it prevents: `TWINPAGE_PIN_GUARD=0` (the preload refuses a
-/// value that is not a kernel boolean; anything but false leaves it on).
+/// The environment switch of the pin check: `TWINPAGE_PIN_GUARD` = a
+/// kernel boolean or `strict` (the preload refuses anything else).
 pub const PIN_GUARD_ENV: &str = "TWINPAGE_PIN_GUARD";
 
-/// Whether the pin check is on (it is, unless `TWINPAGE_PIN_GUARD=0`).
-pub fn pin_guard_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        let off = std::env::var(PIN_GUARD_ENV).is_ok_and(|v| kernel_compat::parse::kstrtobool(&v).is_ok_and(|b| !b));
-        if off {
+/// How merges treat pages that may be pinned by in-flight I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinGuard {
+    /// No check (`0`): for the test that shows what the check prevents.
+    Off,
+    /// The default (`1`): pages the kernel lets us check (anonymous memory,
+    /// Linux 6.8+) are checked; the others (private file mappings, pages
+    /// written after merging, which sit in twinpage's own store mapping)
+    /// merge unchecked and are counted in `twinpage_merges_unchecked`.
+    On,
+    /// `strict`: only checked pages merge; the others never do.
+    Strict,
+}
+
+impl PinGuard {
+    /// Parses a `TWINPAGE_PIN_GUARD` value.
+    pub fn parse(v: &str) -> Option<Self> {
+        if v.trim_end_matches('\n') == "strict" {
+            return Some(Self::Strict);
+        }
+        kernel_compat::parse::kstrtobool(v).ok().map(|on| if on { Self::On } else { Self::Off })
+    }
+}
+
+/// The pin check's mode, from the environment once (default `On`).
+pub fn pin_guard() -> PinGuard {
+    static MODE: std::sync::OnceLock<PinGuard> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| {
+        let mode = std::env::var(PIN_GUARD_ENV).ok().and_then(|v| PinGuard::parse(&v)).unwrap_or(PinGuard::On);
+        if mode == PinGuard::Off {
             log::warn!("twinpage: {PIN_GUARD_ENV}=0: pages under O_DIRECT may be merged mid-I/O (for tests only)");
         }
-        !off
+        mode
     })
+}
+
+/// Whether the pin check is on (unless `TWINPAGE_PIN_GUARD=0`).
+pub fn pin_guard_enabled() -> bool {
+    pin_guard() != PinGuard::Off
 }
 
 /// Whether merges in `region` get the pin check.
@@ -53,9 +81,18 @@ pub(super) fn applies(sh: &Shared, region: &Region) -> bool {
         && region.prot & libc::PROT_WRITE != 0
 }
 
-/// Says once per kind of memory that merges there go without the pin check.
+/// Says once per kind of memory that merges there go without the pin check
+/// (or, `strict`, not at all).
 pub(super) fn note_unguarded(region: &Region) {
     if !pin_guard_enabled() {
+        return;
+    }
+    if pin_guard() == PinGuard::Strict {
+        warn_once!(
+            "pin-strict",
+            "twinpage: TWINPAGE_PIN_GUARD=strict: memory the pin check cannot cover (private file mappings, \
+             kernels without UFFDIO_MOVE) is not merged"
+        );
         return;
     }
     if region.kind == crate::maps::MappingKind::Anon && region.prot & libc::PROT_WRITE != 0 {
@@ -72,14 +109,22 @@ pub(super) fn note_unguarded(region: &Region) {
     }
 }
 
-/// Says once that pages copied on write inside twinpage's own mappings do
-/// not merge again.
+/// Says once that pages copied on write inside twinpage's own mappings
+/// merge again unchecked (or, `strict`, not at all).
 pub(super) fn note_unchecked_overlay() {
-    warn_once!(
-        "pin-overlay",
-        "twinpage: a page written after merging sits in a file mapping, where UFFDIO_MOVE cannot check \
-         it for pins: such pages do not merge again while the pin check is on"
-    );
+    if pin_guard() == PinGuard::Strict {
+        warn_once!(
+            "pin-overlay",
+            "twinpage: a page written after merging sits in a file mapping, where UFFDIO_MOVE cannot check \
+             it for pins: with TWINPAGE_PIN_GUARD=strict such pages do not merge again"
+        );
+    } else {
+        warn_once!(
+            "pin-overlay",
+            "twinpage: a page written after merging sits in a file mapping, where UFFDIO_MOVE cannot check \
+             it for pins: such pages merge again unchecked (TWINPAGE_PIN_GUARD=strict keeps them apart)"
+        );
+    }
 }
 
 /// An anonymous mapping registered with the engine's userfaultfd, where
@@ -159,14 +204,14 @@ pub(super) fn check<'a>(
     let mut moved = Moved { scratch, start, kind, out: vec![false; n], missing: vec![false; n] };
 
     // A page twinpage's own store mapping holds after copy-on-write sits in
-    // a file mapping, which UFFDIO_MOVE refuses: it cannot be checked, so it
-    // does not merge (it may be the very page a direct read is filling).
-    for (i, it) in items.iter().enumerate() {
-        if st.records[it.page].flags & PageRecord::OVERLAY != 0 {
-            ok[i] = false;
-        }
+    // a file mapping, which UFFDIO_MOVE refuses: it cannot be checked. It
+    // merges unchecked where it is (counted), or, strict, not at all (it may
+    // be the very page a direct read is filling).
+    let overlay: Vec<bool> = items.iter().map(|it| st.records[it.page].flags & PageRecord::OVERLAY != 0).collect();
+    if pin_guard() == PinGuard::Strict {
+        ok.iter_mut().zip(&overlay).for_each(|(o, &ov)| *o &= !ov);
     }
-    let movable = |i: usize, ok: &[bool]| ok[i];
+    let movable = |i: usize, ok: &[bool]| ok[i] && !overlay[i];
     let mut i = 0;
     while i < n {
         if !movable(i, ok) {
