@@ -757,13 +757,7 @@ pub fn unmerge_disallowed(sh: &Shared, mode: MergeMode) {
         unmerge_all(sh);
         return;
     }
-    let regions: Vec<Arc<Region>> = sh.registry.read().iter().cloned().collect();
-    for r in regions {
-        let mut st = r.state.write();
-        if st.dead {
-            continue;
-        }
-        let mut core = sh.core.lock();
+    each_live_region(sh, |r, st, core| {
         let disallowed = |st: &RegionState, i: usize| {
             st.records[i].state == PageState::Merged && {
                 // SAFETY: a page of a live region we hold locked; a merged page
@@ -774,22 +768,23 @@ pub fn unmerge_disallowed(sh: &Shared, mode: MergeMode) {
         };
         let mut i = 0;
         while i < r.pages {
-            if !disallowed(&st, i) {
+            if !disallowed(st, i) {
                 i += 1;
                 continue;
             }
             let mut j = i + 1;
-            while j < r.pages && disallowed(&st, j) {
+            while j < r.pages && disallowed(st, j) {
                 j += 1;
             }
-            unmerge_range(sh, &r, &mut st, &mut core, i, j);
+            unmerge_range(sh, r, st, core, i, j);
             i = j;
         }
-    }
+    });
 }
 
-/// `run=2`: unmerges every registered page.
-pub fn unmerge_all(sh: &Shared) {
+/// Runs `f` on every live region, under its lock and then the core lock
+/// (the engine's lock order).
+fn each_live_region(sh: &Shared, mut f: impl FnMut(&Region, &mut RegionState, &mut Core)) {
     let regions: Vec<Arc<Region>> = sh.registry.read().iter().cloned().collect();
     for r in regions {
         let mut st = r.state.write();
@@ -797,9 +792,15 @@ pub fn unmerge_all(sh: &Shared) {
             continue;
         }
         let mut core = sh.core.lock();
-        let pages = r.pages;
-        unmerge_range(sh, &r, &mut st, &mut core, 0, pages);
+        f(&r, &mut st, &mut core);
     }
+}
+
+/// `run=2`: unmerges every registered page.
+pub fn unmerge_all(sh: &Shared) {
+    each_live_region(sh, |r, st, core| {
+        unmerge_range(sh, r, st, core, 0, r.pages);
+    });
 }
 
 /// Publishes the counts.
