@@ -6,12 +6,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::procs::{daemon_bin, finish_twin, spawn_ready, start_daemon, tree_counter, tree_counters, Kids};
-use common::{have_uffd, preload_lib, program, tempdir, wait_until};
+use common::procs::{finish_twin, setup, spawn_ready, start_daemon, tree_counter, tree_counters, Kids};
+use common::wait_until;
 
 const PAGE: u64 = 4096;
 
@@ -34,21 +34,6 @@ fn start_twin(prog: &Path, lib: &Path, dir: &Path, args: [u64; 4], domain: Optio
 
 fn global(dir: &Path, name: &str) -> u64 {
     std::fs::read_to_string(dir.join("kernel/mm/ksm").join(name)).unwrap_or_default().trim().parse().unwrap_or(0)
-}
-
-struct Setup {
-    lib: PathBuf,
-    prog: PathBuf,
-    daemon: PathBuf,
-    dir: PathBuf,
-}
-
-fn setup(tag: &str) -> Option<Setup> {
-    let (Some(lib), Some(prog), Some(daemon)) = (preload_lib(), program("twin"), daemon_bin()) else { return None };
-    if !have_uffd() {
-        return None;
-    }
-    Some(Setup { lib, prog, daemon, dir: tempdir(tag) })
 }
 
 #[test]

@@ -14,8 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::procs::{daemon_bin, finish_twin, spawn_ready, start_daemon, tree_counter, tree_counters, Kids};
-use common::{have_uffd, preload_lib, program, tempdir, wait_until};
+use common::procs::{finish_twin, setup, spawn_ready, start_daemon, tree_counter, tree_counters, Kids, Setup};
+use common::wait_until;
 use twinpage::broker::conn::Conn;
 
 /// `twin SEED COMMON PAIRS WRITES`, preloaded, connecting to `socket`.
@@ -43,21 +43,6 @@ fn daemon_empty(dir: &Path, d: u32) -> bool {
     ["twinpage_store_bytes", "pages_shared", "pages_sharing", "twinpage_daemon_agents"]
         .iter()
         .all(|k| c.get(*k) == Some(&0))
-}
-
-struct Setup {
-    lib: PathBuf,
-    prog: PathBuf,
-    daemon: PathBuf,
-    dir: PathBuf,
-}
-
-fn setup(tag: &str) -> Option<Setup> {
-    let (Some(lib), Some(prog), Some(daemon)) = (preload_lib(), program("twin"), daemon_bin()) else { return None };
-    if !have_uffd() {
-        return None;
-    }
-    Some(Setup { lib, prog, daemon, dir: tempdir(tag) })
 }
 
 /// Where a relay cuts its first connection: after forwarding its `k`-th

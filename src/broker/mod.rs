@@ -435,24 +435,34 @@ mod tests {
         let mut b = Broker::new();
         let (_a, fd) = b.join(1, 1000, None).unwrap();
         let raw = fd.as_raw_fd();
+        let st = assert_read_only(raw);
+        assert_eq!(st.st_mode & 0o777, 0o400, "other uids cannot reopen it for writing");
+        // SAFETY: F_GET_SEALS on our own fd.
+        let seals = unsafe { libc::fcntl(raw, libc::F_GET_SEALS) };
+        assert_eq!(seals, libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL);
+    }
+
+    /// What every agent's store fd must refuse: write, truncate, hole
+    /// punching, allocation, new seals, a shared-writable mapping. Returns
+    /// its fstat.
+    fn assert_read_only(raw: std::os::fd::RawFd) -> libc::stat {
         let errno = || std::io::Error::last_os_error().raw_os_error();
         // SAFETY: each call gets valid arguments: our fd, a local buffer, a null
-        // hint for mmap; none touches memory we do not own.
+        // hint for mmap, a zeroed stat; none touches memory we do not own.
         unsafe {
             assert_eq!(libc::write(raw, [1u8; 16].as_ptr().cast(), 16), -1);
             assert_eq!(errno(), Some(libc::EBADF));
             assert_eq!(libc::ftruncate(raw, 1 << 20), -1);
             assert_eq!(libc::fallocate(raw, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096), -1);
             assert_eq!(errno(), Some(libc::EBADF));
+            assert_eq!(libc::fallocate(raw, libc::FALLOC_FL_KEEP_SIZE, 0, 4096), -1);
             assert_eq!(libc::fcntl(raw, libc::F_ADD_SEALS, libc::F_SEAL_WRITE), -1);
             let m = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, raw, 0);
             assert_eq!(m, libc::MAP_FAILED);
             assert_eq!(errno(), Some(libc::EACCES));
-            let seals = libc::fcntl(raw, libc::F_GET_SEALS);
-            assert_eq!(seals, libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL);
             let mut st: libc::stat = std::mem::zeroed();
             assert_eq!(libc::fstat(raw, &mut st), 0);
-            assert_eq!(st.st_mode & 0o777, 0o400, "other uids cannot reopen it for writing");
+            st
         }
     }
 
@@ -469,25 +479,9 @@ mod tests {
         }
         let mut b = Broker { store_dir: Some(shm.to_path_buf()), ..Broker::new() };
         let (_a, fd) = b.join(1, 1000, None).unwrap();
-        let raw = fd.as_raw_fd();
-        let errno = || std::io::Error::last_os_error().raw_os_error();
-        // SAFETY: as above: our fd, a local buffer, a null hint for mmap.
-        unsafe {
-            assert_eq!(libc::write(raw, [1u8; 16].as_ptr().cast(), 16), -1);
-            assert_eq!(errno(), Some(libc::EBADF));
-            assert_eq!(libc::ftruncate(raw, 1 << 20), -1);
-            assert_eq!(libc::fallocate(raw, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096), -1);
-            assert_eq!(errno(), Some(libc::EBADF));
-            assert_eq!(libc::fallocate(raw, libc::FALLOC_FL_KEEP_SIZE, 0, 4096), -1);
-            assert_eq!(libc::fcntl(raw, libc::F_ADD_SEALS, libc::F_SEAL_WRITE), -1);
-            let m = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, raw, 0);
-            assert_eq!(m, libc::MAP_FAILED);
-            assert_eq!(errno(), Some(libc::EACCES));
-            let mut st: libc::stat = std::mem::zeroed();
-            assert_eq!(libc::fstat(raw, &mut st), 0);
-            assert_eq!(st.st_mode & 0o777, 0o400, "other uids cannot reopen it for writing");
-            assert_eq!(st.st_nlink, 0, "an unnamed file: no path reaches it");
-        }
+        let st = assert_read_only(fd.as_raw_fd());
+        assert_eq!(st.st_mode & 0o777, 0o400, "other uids cannot reopen it for writing");
+        assert_eq!(st.st_nlink, 0, "an unnamed file: no path reaches it");
         // Not tmpfs: refused with a clear error.
         assert!(matches!(crate::store::Store::new_in(Some(std::path::Path::new("/proc"))), Err(crate::store::StoreError::NotTmpfs(_))));
     }

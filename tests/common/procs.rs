@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use super::{require, wait_until};
+use super::{have_uffd, preload_lib, program, require, tempdir, wait_until};
 
 /// Children killed on drop, so a failing assertion leaves nothing running.
 pub struct Kids(pub Vec<Child>);
@@ -71,4 +71,23 @@ pub fn tree_counters(dir: &Path, pid: u32) -> BTreeMap<String, u64> {
 /// One of a process's counters in the tree, 0 if absent.
 pub fn tree_counter(dir: &Path, pid: u32, name: &str) -> u64 {
     tree_counters(dir, pid).get(name).copied().unwrap_or(0)
+}
+
+/// What the twinpaged tests run: the preload, tests/programs/twin.c, the
+/// daemon, and a fresh tree directory.
+pub struct Setup {
+    pub lib: PathBuf,
+    pub prog: PathBuf,
+    pub daemon: PathBuf,
+    pub dir: PathBuf,
+}
+
+/// The twinpaged tests' prerequisites, or `None` (skipped, or failed under
+/// CI) when one is missing.
+pub fn setup(tag: &str) -> Option<Setup> {
+    let (Some(lib), Some(prog), Some(daemon)) = (preload_lib(), program("twin"), daemon_bin()) else { return None };
+    if !have_uffd() {
+        return None;
+    }
+    Some(Setup { lib, prog, daemon, dir: tempdir(tag) })
 }
