@@ -234,13 +234,28 @@ pub fn merge_run(
             i += 1;
             continue;
         }
+        // A page written after merging sits in a private file mapping, where
+        // a discard would show the file (a store page) again: it needs a
+        // mapping of its own even when it becomes a zero page.
+        let overlay = |k: usize| st.records[items[k].page].flags & PageRecord::OVERLAY != 0;
         let mut j = i + 1;
-        while j < n && ok[j] && (kind == RunKind::Zero || items[j].store == items[j - 1].store + 1) {
+        while j < n
+            && ok[j]
+            && overlay(j) == overlay(i)
+            && (kind == RunKind::Zero || items[j].store == items[j - 1].store + 1)
+        {
             j += 1;
         }
         let addr = start + i * PAGE_SIZE;
         let bytes = (j - i) * PAGE_SIZE;
-        let done = remap(sh, region, core, addr, bytes, kind, items[i].store);
+        // The pin check moved every checked page out: a zero page's hole is
+        // then already its merged state, and a discard now could drop a
+        // write that landed in the hole since.
+        let zero = ZeroHow {
+            overlay: overlay(i),
+            moved_out: pinned.as_ref().is_some_and(|m| (i..j).all(|k| m.out[k])),
+        };
+        let done = remap(sh, region, core, addr, bytes, kind, items[i].store, zero);
         if !done {
             ok[i..j].iter_mut().for_each(|o| *o = false);
         }
@@ -302,8 +317,24 @@ impl Drop for UnwindGuard<'_> {
     }
 }
 
+/// How a stretch of a zero run becomes zero pages.
+#[derive(Debug, Clone, Copy, Default)]
+struct ZeroHow {
+    /// The pages sit in a store mapping (written after merging).
+    overlay: bool,
+    /// The pin check moved them all out already.
+    moved_out: bool,
+}
+
+/// Whether a zero run's stretch drops to the zero page in place (anonymous
+/// memory of the region's own mapping), costing no mapping.
+fn zero_in_place(region: &Region, kind: RunKind, how: ZeroHow) -> bool {
+    kind == RunKind::Zero && region.kind == crate::maps::MappingKind::Anon && !how.overlay
+}
+
 /// Replaces `[addr, addr+bytes)` with store pages from `store`, or with the
 /// zero page. False when it could not (budget or error); nothing changed then.
+#[allow(clippy::too_many_arguments)]
 fn remap(
     sh: &Shared,
     region: &Region,
@@ -312,13 +343,16 @@ fn remap(
     bytes: usize,
     kind: RunKind,
     store: u32,
+    zero: ZeroHow,
 ) -> bool {
     let pages = (bytes / PAGE_SIZE) as u64;
-    let anon_zero = kind == RunKind::Zero && region.kind == crate::maps::MappingKind::Anon;
+    let anon_zero = zero_in_place(region, kind, zero);
     if !anon_zero && !core.map_budget.allow(2, pages) {
         return false;
     }
-    let res = if anon_zero {
+    let res = if anon_zero && zero.moved_out {
+        Ok(())
+    } else if anon_zero {
         // SAFETY: the range is a write-protected run of a region we hold, checked
         // all-zero; after the discard it reads back as zeros, what it held.
         unsafe { mman::madvise(addr, bytes, libc::MADV_DONTNEED) }
@@ -380,6 +414,9 @@ fn settle(
                 rec.age = 0;
                 if region.kind != crate::maps::MappingKind::Anon {
                     rec.flags |= PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY;
+                } else if rec.flags & PageRecord::OVERLAY != 0 {
+                    // A fresh anonymous mapping: the region's own kind again.
+                    rec.flags = (rec.flags | PageRecord::NEEDS_REGISTER) & !PageRecord::OVERLAY;
                 }
                 core.counters.zero_pages += 1;
             }

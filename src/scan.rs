@@ -460,7 +460,12 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
         return;
     }
     let mergeable = region.mergeability == Mergeability::Mergeable && !st.failed;
-    let use_zero = sh.tunables.use_zero_pages();
+    // Zero pages of anonymous memory always drop to the kernel's zero page,
+    // whatever `use_zero_pages`: it costs no mapping, where merging them into
+    // one store page (the kernel's use_zero_pages=0 behaviour) costs a mapping
+    // per scattered zero page against vm.max_map_count. Counted in
+    // `ksm_zero_pages`, as the kernel counts its use_zero_pages=1 merges.
+    let use_zero = sh.tunables.use_zero_pages() || region.kind == crate::maps::MappingKind::Anon;
     let smart = sh.tunables.smart_scan();
     let max_sharing = sh.tunables.max_page_sharing();
     let zh = zero_hash();

@@ -36,9 +36,8 @@ fn ten_identical_pages_merge_and_unmerge_on_write() {
 }
 
 /// Ten pages written full of zeros, registered, two full scans later.
-fn ten_zero_pages(e: &twinpage::Engine) -> Mem {
+fn ten_zero_pages(e: &twinpage::Engine, m: Mem) -> Mem {
     flat_out(e);
-    let m = Mem::anon(10);
     for i in 0..10 {
         m.zero(i);
     }
@@ -48,11 +47,25 @@ fn ten_zero_pages(e: &twinpage::Engine) -> Mem {
 }
 
 #[test]
-fn zero_pages_merge_like_any_content_without_use_zero_pages() {
+fn zero_pages_of_a_private_file_mapping_merge_like_any_content_without_use_zero_pages() {
     let Some(e) = engine() else { return };
-    let m = ten_zero_pages(&e);
+    let m = ten_zero_pages(&e, Mem::memfd_private(10));
     let s = e.stats();
     assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (1, 9, 0), "{s:?}");
+    m.unmap(&e);
+}
+
+/// Where twinpage differs from the kernel: anonymous zero pages go to the
+/// kernel's zero page even with use_zero_pages=0 (a store page would cost a
+/// mapping per scattered zero page).
+#[test]
+fn anonymous_zero_pages_drop_to_the_zero_page_without_use_zero_pages() {
+    let Some(e) = engine() else { return };
+    let m = ten_zero_pages(&e, Mem::anon(10));
+    let s = e.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (0, 0, 10), "{s:?}");
+    assert_eq!(s.twinpage_mappings_added, 0, "{s:?}");
+    assert_eq!(e.store_allocated_bytes(), 0);
     m.unmap(&e);
 }
 
@@ -60,7 +73,7 @@ fn zero_pages_merge_like_any_content_without_use_zero_pages() {
 fn zero_pages_drop_to_the_zero_page_with_use_zero_pages() {
     let Some(e) = engine() else { return };
     e.set_use_zero_pages(true);
-    let m = ten_zero_pages(&e);
+    let m = ten_zero_pages(&e, Mem::anon(10));
     let s = e.stats();
     assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (0, 0, 10), "{s:?}");
     // The pages read back as zeros and no longer hold memory.
@@ -111,5 +124,34 @@ fn memfd_private_memory_merges() {
     for i in 0..16 {
         assert!(m.page_matches(i, (i % 4) as u64));
     }
+    m.unmap(&e);
+}
+
+/// A merged page rewritten with zeros sits in the store mapping (private
+/// copy-on-write of the store file); dropping it to the zero page there
+/// would show the store page again. It must read zeros from then on.
+#[test]
+fn a_merged_page_rewritten_with_zeros_becomes_a_zero_page_and_reads_zeros() {
+    let Some(e) = engine() else { return };
+    flat_out(&e);
+    let m = Mem::anon(4);
+    for i in 0..4 {
+        m.fill(i, 77);
+    }
+    e.register(m.addr, m.len).unwrap();
+    let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| (s.pages_shared, s.pages_sharing) == (1, 3));
+    assert!(ok, "{s:?}");
+    m.zero(1);
+    let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| s.ksm_zero_pages == 1);
+    assert!(ok, "the rewritten page did not become a zero page: {s:?}");
+    assert!(e.wait_full_scans(2, Duration::from_secs(10)));
+    assert!((0..512).all(|w| m.read_u64(1, w) == 0), "a zero page shows other content");
+    for i in [0, 2, 3] {
+        assert!(m.page_matches(i, 77));
+    }
+    let s = e.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (1, 2, 1), "{s:?}");
+    m.write_u64(1, 3, 5);
+    assert_eq!(m.read_u64(1, 3), 5);
     m.unmap(&e);
 }

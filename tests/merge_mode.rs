@@ -61,7 +61,10 @@ fn each_mode_merges_what_it_allows_and_a_stricter_one_unmerges() {
     assert_eq!(read_mode(&dir), "[all] zero-only off\n", "the default, shown as the kernel's multi-choice attributes");
     e.set_attr(MODE, "zero-only").unwrap();
 
-    let m = Mem::anon(ZEROS + 2 * PAIRS);
+    // A private file mapping (QEMU's memory-backend-memfd share=off): its zero
+    // pages merge into a store page, as the kernel's do with use_zero_pages=0
+    // (anonymous zero pages would go to the zero page, see ksm_semantics).
+    let m = Mem::memfd_private(ZEROS + 2 * PAIRS);
     for i in 0..ZEROS {
         m.zero(i);
     }

@@ -223,8 +223,14 @@ pub(super) fn check<'a>(
             j += 1;
         }
         let (s, len) = (start + i * PAGE_SIZE, (j - i) * PAGE_SIZE);
-        moved.missing[i..j].iter_mut().for_each(|m| *m = true);
-        if let Err(e) = sh.uffd.register_wp_missing(s, len) {
+        // A zero page moved out leaves a hole that already is its merged
+        // state (it reads as the zero page; a write gets a fresh page, as a
+        // write to a merged zero page would), so accesses need not wait
+        // there. Anything else waits in missing mode until its store page
+        // is mapped or the page comes back.
+        let needs_missing = kind != RunKind::Zero;
+        moved.missing[i..j].iter_mut().for_each(|m| *m = needs_missing);
+        if let Err(e) = if needs_missing { sh.uffd.register_wp_missing(s, len) } else { Ok(()) } {
             warn_once!("pin-missing", "twinpage: cannot register missing mode for the pin check: {e}; not merging");
             ok[i..j].iter_mut().for_each(|o| *o = false);
             i = j;
@@ -347,6 +353,13 @@ pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, items: 
         // scratch mapping), kept blocked by missing mode.
         let failed = unsafe { move_stretch(sh, start, m.scratch.page(0), i, j, &mut back) };
         for (k, e) in failed {
+            if m.kind == RunKind::Zero && e.raw_os_error() == Some(libc::EEXIST) {
+                // A zero page's hole is not held in missing mode: a write
+                // landed there after the move, and that write is the page's
+                // content now. (Unreachable while a moved-out page cannot
+                // change: a zero page moved out stays merged.)
+                continue;
+            }
             warn_once!("pin-back", "twinpage: moving a page back failed at {:#x}: {e}; copying it back", start + k * PAGE_SIZE);
             if let Err(e) = put_back_by_copy(region, start + k * PAGE_SIZE, m.scratch.page(k)) {
                 // Nothing else can give the page back: the region stops
@@ -373,10 +386,24 @@ pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, items: 
         while j < n && !replaced(j) {
             j += 1;
         }
-        if let Err(e) = sh.uffd.register_wp(start + i * PAGE_SIZE, (j - i) * PAGE_SIZE) {
+        // Registering write-protect mode alone over a range registered with
+        // both is a no-op for the kernel (it keeps a registration that
+        // already covers the mode asked for), so missing mode only goes with
+        // an unregister first. That also drops the write-protection of these
+        // pages, which nothing needs any more: they are holes of merged zero
+        // pages (a write gets a fresh page, as it would) or pages put back
+        // unmerged (unprotected next anyway). Faulters waiting in the holes
+        // are woken by the unregister and find the zero page, which is what
+        // those pages hold. It also lets the split mappings merge again.
+        let (s, len) = (start + i * PAGE_SIZE, (j - i) * PAGE_SIZE);
+        if let Err(e) = sh.uffd.unregister(s, len).and_then(|()| sh.uffd.register_wp(s, len)) {
             // The stray-fault thread resolves missing faults there (zero page
-            // into a hole), so this costs speed, not data.
+            // into a hole), so this costs speed, not data; pages left without
+            // registration are registered again before their next merge.
             warn_once!("pin-unmissing", "twinpage: cannot drop missing mode after the pin check: {e}");
+            for it in &items[i..j] {
+                st.records[it.page].flags |= PageRecord::NEEDS_REGISTER;
+            }
         }
         i = j;
     }
