@@ -556,12 +556,15 @@ impl Drop for Engine {
 
 /// Sleeps for `ms` or until kicked.
 fn nap(inner: &Inner, ms: u64) {
+    nap_for(inner, Duration::from_millis(ms));
+}
+
+/// Sleeps for `d` or until kicked.
+fn nap_for(inner: &Inner, d: Duration) {
     let w = &inner.wakeup;
     let g = w.generation.lock().unwrap_or_else(|e| e.into_inner());
     let start = *g;
-    let _ = w
-        .cond
-        .wait_timeout_while(g, Duration::from_millis(ms), |g| *g == start && !inner.shutdown.load(Ordering::Relaxed));
+    let _ = w.cond.wait_timeout_while(g, d, |g| *g == start && !inner.shutdown.load(Ordering::Relaxed));
 }
 
 fn scanner_main(inner: &Inner) {
@@ -603,6 +606,7 @@ fn scanner_main(inner: &Inner) {
             0 => 0,
             p => (p / agents).max(1),
         };
+        let began = std::time::Instant::now();
         if budget > 0 {
             scan::scan_pages(sh, budget);
             scan::publish(sh);
@@ -610,6 +614,12 @@ fn scanner_main(inner: &Inner) {
         let sleep = u64::from(t.sleep_millisecs());
         if sleep > 0 || budget == 0 {
             nap(inner, sleep.max(1));
+        } else if agents > 1 {
+            // sleep_millisecs=0 makes ksmd one thread flat out, one core for
+            // every process. Agents of one daemon each scan their own
+            // process, so each takes its share of that core: it rests
+            // (agents - 1) times as long as its round took.
+            nap_for(inner, began.elapsed() * (agents as u32 - 1).min(1023));
         } else {
             std::thread::yield_now();
         }
