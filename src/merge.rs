@@ -72,6 +72,12 @@ pub fn is_zero(page: &[u8]) -> bool {
 
 /// Merges one run of consecutive pages of `region`. Records, reservations
 /// and counters are settled before it returns.
+///
+/// A zero run of anonymous memory may also be sparse: pages in order with
+/// gaps, all inside mappings registered with the engine's userfaultfd (see
+/// [`zero_span_ok`]). The whole span is protected, checked and woken with
+/// one call each, so scattered zero pages cost one TLB flush per batch for
+/// the protection instead of one per page.
 pub fn merge_run(
     sh: &Shared,
     region: &Region,
@@ -84,9 +90,14 @@ pub fn merge_run(
     if n == 0 {
         return;
     }
-    let start = region.addr(items[0].page);
-    let len = n * PAGE_SIZE;
-    debug_assert!(items.windows(2).all(|w| w[1].page == w[0].page + 1));
+    let first = items[0].page;
+    let span = items[n - 1].page + 1 - first;
+    let start = region.addr(first);
+    let len = span * PAGE_SIZE;
+    let contiguous = span == n;
+    debug_assert!(items.windows(2).all(|w| w[1].page > w[0].page));
+    debug_assert!(contiguous || (kind == RunKind::Zero && region.kind == crate::maps::MappingKind::Anon));
+    let addr_of = |i: usize| region.addr(items[i].page);
     let mut ok = vec![false; n];
 
     // Under the mapping budget, a merge that cannot be remapped is not worth
@@ -98,17 +109,15 @@ pub fn merge_run(
         return;
     }
 
-    let needs_register = items
-        .iter()
-        .any(|it| st.records[it.page].flags & PageRecord::NEEDS_REGISTER != 0);
+    let needs_register = st.records[first..first + span].iter().any(|r| r.flags & PageRecord::NEEDS_REGISTER != 0);
     if needs_register {
         if let Err(e) = sh.uffd.register_wp(start, len) {
             warn_once!("uffd-register", "twinpage: cannot re-register merged memory for write-protect: {e}");
             settle(sh, region, st, core, items, kind, &ok);
             return;
         }
-        for it in items {
-            st.records[it.page].flags &= !PageRecord::NEEDS_REGISTER;
+        for r in &mut st.records[first..first + span] {
+            r.flags &= !PageRecord::NEEDS_REGISTER;
         }
     }
 
@@ -142,15 +151,15 @@ pub fn merge_run(
         return;
     }
 
-    let mut entries = vec![Default::default(); n];
+    let mut entries = vec![Default::default(); span];
     let mut fresh_fills: Vec<u32> = Vec::new();
     if sh.pagemap.read(start, &mut entries).is_ok() {
         for (i, it) in items.iter().enumerate() {
-            let e = entries[i];
+            let e = entries[it.page - first];
             if !(e.present() && e.uffd_wp() && !e.file()) {
                 continue;
             }
-            let addr = start + i * PAGE_SIZE;
+            let addr = addr_of(i);
             // SAFETY: the page belongs to `region`, whose lock we hold, and it is
             // write-protected: nobody writes it while we read.
             let page = unsafe { guest_page(addr) };
@@ -199,7 +208,8 @@ pub fn merge_run(
         // A page discarded and faulted in again after our check has lost the
         // protection: catch it before the remap.
         if sh.pagemap.read(start, &mut entries).is_ok() {
-            for (i, e) in entries.iter().enumerate() {
+            for (i, it) in items.iter().enumerate() {
+                let e = entries[it.page - first];
                 ok[i] &= e.present() && e.uffd_wp() && !e.file();
             }
         } else {
@@ -215,7 +225,7 @@ pub fn merge_run(
             if items.iter().any(|it| st.records[it.page].flags & PageRecord::OVERLAY != 0) {
                 pin::note_unchecked_overlay();
             }
-            pinned = pin::check(sh, region, st, core, start, items, kind, &mut ok);
+            pinned = pin::check(sh, region, st, core, items, kind, &mut ok);
             if pinned.is_none() {
                 ok.iter_mut().for_each(|o| *o = false);
             }
@@ -241,12 +251,13 @@ pub fn merge_run(
         let mut j = i + 1;
         while j < n
             && ok[j]
+            && items[j].page == items[j - 1].page + 1
             && overlay(j) == overlay(i)
             && (kind == RunKind::Zero || items[j].store == items[j - 1].store + 1)
         {
             j += 1;
         }
-        let addr = start + i * PAGE_SIZE;
+        let addr = addr_of(i);
         let bytes = (j - i) * PAGE_SIZE;
         // The pin check moved every checked page out: a zero page's hole is
         // then already its merged state, and a discard now could drop a
@@ -269,7 +280,13 @@ pub fn merge_run(
     }
 
     // Unprotect what stays (this wakes its waiters), then wake the remapped.
-    let mut i = 0;
+    // A sparse zero span stays in its own mappings: all of it at once.
+    if !contiguous {
+        if let Err(e) = sh.uffd.unprotect(start, len) {
+            warn_once!("uffd-unprotect", "twinpage: unprotect failed at {start:#x}: {e}");
+        }
+    }
+    let mut i = if contiguous { 0 } else { n };
     while i < n {
         if ok[i] {
             i += 1;

@@ -612,6 +612,39 @@ fn runs(items: &[Item]) -> impl Iterator<Item = &[Item]> {
     items.chunk_by(|a, b| b.page == a.page + 1)
 }
 
+/// Splits zero items (sorted by page) into the runs `merge_run` takes. In
+/// anonymous memory, zero pages that stay in place may form one sparse run
+/// across pages that are not merged, as long as every page from its first to
+/// its last is in a mapping registered with the engine's userfaultfd (no
+/// `NEEDS_REGISTER`) and no item sits in a store mapping (`OVERLAY`: it gets
+/// a mapping of its own); otherwise runs are consecutive pages.
+fn zero_runs<'a>(region: &Region, st: &RegionState, zeros: &'a [Item]) -> Vec<&'a [Item]> {
+    let anon = region.kind == crate::maps::MappingKind::Anon;
+    let registered = |p: usize| st.records[p].flags & PageRecord::NEEDS_REGISTER == 0;
+    let in_place = |p: usize| registered(p) && st.records[p].flags & PageRecord::OVERLAY == 0;
+    let mut out = Vec::new();
+    let mut s = 0;
+    let mut sparse_ok = anon && zeros.first().is_some_and(|it| in_place(it.page));
+    for k in 1..zeros.len() {
+        let (prev, next) = (zeros[k - 1].page, zeros[k].page);
+        if sparse_ok && in_place(next) && (prev + 1..next).all(registered) {
+            continue;
+        }
+        let contiguous = prev - zeros[s].page == k - 1 - s;
+        if contiguous && next == prev + 1 {
+            sparse_ok = false;
+            continue;
+        }
+        out.push(&zeros[s..k]);
+        s = k;
+        sparse_ok = anon && in_place(next);
+    }
+    if !zeros.is_empty() {
+        out.push(&zeros[s..]);
+    }
+    out
+}
+
 fn execute(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut Core, d: Decisions) {
     // Fills first: they write the store pages that joins compare against.
     let mut fills = d.fills;
@@ -652,7 +685,7 @@ fn execute(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut C
     for run in runs(&d.joins) {
         merge::merge_run(sh, region, st, core, run, RunKind::Join);
     }
-    for run in runs(&d.zeros) {
+    for run in zero_runs(region, st, &d.zeros) {
         merge::merge_run(sh, region, st, core, run, RunKind::Zero);
     }
     for run in runs(&d.remote) {

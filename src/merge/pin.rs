@@ -163,7 +163,8 @@ impl Drop for Scratch {
 /// A run whose equal pages were moved to the scratch mapping.
 pub(super) struct Moved<'a> {
     scratch: parking_lot::MappedMutexGuard<'a, Scratch>,
-    start: usize,
+    /// The guest address of page `i` of the run (a sparse zero run has gaps).
+    addrs: Vec<usize>,
     kind: RunKind,
     /// Page `i` of the run sits at scratch page `i`.
     pub(super) out: Vec<bool>,
@@ -181,7 +182,6 @@ pub(super) fn check<'a>(
     region: &Region,
     st: &RegionState,
     core: &mut Core,
-    start: usize,
     items: &[Item],
     kind: RunKind,
     ok: &mut [bool],
@@ -201,7 +201,8 @@ pub(super) fn check<'a>(
         }
     }
     let scratch = parking_lot::MutexGuard::map(slot, |s| s.as_mut().expect("set above"));
-    let mut moved = Moved { scratch, start, kind, out: vec![false; n], missing: vec![false; n] };
+    let addrs: Vec<usize> = items.iter().map(|it| region.addr(it.page)).collect();
+    let mut moved = Moved { scratch, addrs, kind, out: vec![false; n], missing: vec![false; n] };
 
     // A page twinpage's own store mapping holds after copy-on-write sits in
     // a file mapping, which UFFDIO_MOVE refuses: it cannot be checked. It
@@ -219,10 +220,10 @@ pub(super) fn check<'a>(
             continue;
         }
         let mut j = i + 1;
-        while j < n && movable(j, ok) {
+        while j < n && movable(j, ok) && items[j].page == items[j - 1].page + 1 {
             j += 1;
         }
-        let (s, len) = (start + i * PAGE_SIZE, (j - i) * PAGE_SIZE);
+        let (s, len) = (moved.addrs[i], (j - i) * PAGE_SIZE);
         // A zero page moved out leaves a hole that already is its merged
         // state (it reads as the zero page; a write gets a fresh page, as a
         // write to a merged zero page would), so accesses need not wait
@@ -236,17 +237,18 @@ pub(super) fn check<'a>(
             i = j;
             continue;
         }
-        let scratch_base = moved.scratch.page(0);
-        // SAFETY: [i, j) is a write-protected stretch of a region we hold,
-        // registered in missing mode, so the holes it leaves block accesses;
-        // the scratch pages are ours and empty.
-        let failed = unsafe { move_stretch(sh, scratch_base, start, i, j, &mut moved.out) };
+        let to = moved.scratch.page(i);
+        // SAFETY: [i, j) is a write-protected stretch of consecutive pages of a
+        // region we hold, registered in missing mode so the holes it leaves
+        // block accesses (zero pages: the hole is their merged state); the
+        // scratch pages are ours and empty.
+        let failed = unsafe { move_stretch(sh, to, s, i, j, &mut moved.out) };
         for (k, e) in failed {
             ok[k] = false;
             if e.raw_os_error() == Some(libc::EBUSY) {
                 core.counters.pinned_skipped += 1;
             } else {
-                warn_once!("pin-move", "twinpage: UFFDIO_MOVE at {:#x} failed: {e}; page not merged", start + k * PAGE_SIZE);
+                warn_once!("pin-move", "twinpage: UFFDIO_MOVE at {:#x} failed: {e}; page not merged", moved.addrs[k]);
             }
         }
         i = j;
@@ -275,7 +277,8 @@ pub(super) fn check<'a>(
     Some(moved)
 }
 
-/// Moves pages `[i, j)` from `from + k*PAGE_SIZE` to `to + k*PAGE_SIZE`,
+/// Moves pages `[i, j)` of a run, page `k` from `from + (k-i)*PAGE_SIZE` to
+/// `to + (k-i)*PAGE_SIZE` (`from` and `to` are page `i`'s addresses),
 /// setting `done[k]` for each page moved; returns the pages that did not
 /// move, with why. A stretch may span two mappings, which one call refuses
 /// (`EINVAL`): then the page is tried alone.
@@ -290,12 +293,14 @@ unsafe fn move_stretch(
     j: usize,
     done: &mut [bool],
 ) -> Vec<(usize, std::io::Error)> {
+    let first = i;
     let mut failed = Vec::new();
     let mut single = false;
     while i < j {
         let end = if single { i + 1 } else { j };
+        let off = (i - first) * PAGE_SIZE;
         // SAFETY: the caller's guarantee covers [i, j).
-        match unsafe { sh.uffd.move_pages(to + i * PAGE_SIZE, from + i * PAGE_SIZE, (end - i) * PAGE_SIZE) } {
+        match unsafe { sh.uffd.move_pages(to + off, from + off, (end - i) * PAGE_SIZE) } {
             Ok(_) => {
                 done[i..end].iter_mut().for_each(|d| *d = true);
                 i = end;
@@ -337,7 +342,7 @@ fn store_bytes<'c>(sh: &'c Shared, core: &'c Core, kind: RunKind, store: u32) ->
 /// again, and frees the old pages of the merged ones.
 pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, items: &[Item], ok: &[bool], m: &mut Moved<'_>) {
     let n = items.len();
-    let start = m.start;
+    let next_page = |j: usize| items[j].page == items[j - 1].page + 1;
     let mut i = 0;
     while i < n {
         if !m.out[i] || ok[i] {
@@ -345,13 +350,13 @@ pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, items: 
             continue;
         }
         let mut j = i + 1;
-        while j < n && m.out[j] && !ok[j] {
+        while j < n && m.out[j] && !ok[j] && next_page(j) {
             j += 1;
         }
         let mut back = vec![false; n];
         // SAFETY: the stretch is a hole of our run (its pages are in the
         // scratch mapping), kept blocked by missing mode.
-        let failed = unsafe { move_stretch(sh, start, m.scratch.page(0), i, j, &mut back) };
+        let failed = unsafe { move_stretch(sh, m.addrs[i], m.scratch.page(i), i, j, &mut back) };
         for (k, e) in failed {
             if m.kind == RunKind::Zero && e.raw_os_error() == Some(libc::EEXIST) {
                 // A zero page's hole is not held in missing mode: a write
@@ -360,11 +365,12 @@ pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, items: 
                 // change: a zero page moved out stays merged.)
                 continue;
             }
-            warn_once!("pin-back", "twinpage: moving a page back failed at {:#x}: {e}; copying it back", start + k * PAGE_SIZE);
-            if let Err(e) = put_back_by_copy(region, start + k * PAGE_SIZE, m.scratch.page(k)) {
+            let at = m.addrs[k];
+            warn_once!("pin-back", "twinpage: moving a page back failed at {at:#x}: {e}; copying it back");
+            if let Err(e) = put_back_by_copy(region, at, m.scratch.page(k)) {
                 // Nothing else can give the page back: the region stops
                 // merging, and the hole reads as zeros once released.
-                log::error!("twinpage: cannot put back the page at {:#x}: {e}", start + k * PAGE_SIZE);
+                log::error!("twinpage: cannot put back the page at {at:#x}: {e}");
                 st.failed = true;
             } else {
                 st.records[items[k].page].flags |= PageRecord::NEEDS_REGISTER;
@@ -383,19 +389,18 @@ pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, items: 
             continue;
         }
         let mut j = i + 1;
-        while j < n && !replaced(j) {
+        while j < n && !replaced(j) && next_page(j) {
             j += 1;
         }
         // Registering write-protect mode alone over a range registered with
         // both is a no-op for the kernel (it keeps a registration that
         // already covers the mode asked for), so missing mode only goes with
         // an unregister first. That also drops the write-protection of these
-        // pages, which nothing needs any more: they are holes of merged zero
-        // pages (a write gets a fresh page, as it would) or pages put back
-        // unmerged (unprotected next anyway). Faulters waiting in the holes
-        // are woken by the unregister and find the zero page, which is what
-        // those pages hold. It also lets the split mappings merge again.
-        let (s, len) = (start + i * PAGE_SIZE, (j - i) * PAGE_SIZE);
+        // pages, which nothing needs any more: they are pages put back
+        // unmerged or never moved (unprotected next anyway), and the
+        // unregister wakes whoever waited on them. It also lets the split
+        // mappings merge again.
+        let (s, len) = (m.addrs[i], (j - i) * PAGE_SIZE);
         if let Err(e) = sh.uffd.unregister(s, len).and_then(|()| sh.uffd.register_wp(s, len)) {
             // The stray-fault thread resolves missing faults there (zero page
             // into a hole), so this costs speed, not data; pages left without
