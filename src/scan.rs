@@ -134,10 +134,15 @@ impl MapBudget {
     /// Whether `maps` more mappings would fit (recounting when the estimate
     /// says no and the last count is stale); reserves nothing.
     pub fn has_room(&mut self, maps: usize) -> bool {
-        if self.counted + self.since_count + maps > self.limit {
-            let stale = self.last_count.is_none_or(|t| t.elapsed() > Duration::from_millis(100));
-            if stale {
+        // Near the limit the estimate must be right: mappings we do not see
+        // (the host program's, splits at region edges) make it drift by about
+        // 1% of what we add. So there, count again once we have added a few
+        // since the last count, or it is old.
+        if self.near_limit(maps) {
+            if self.since_count > 16 {
                 self.recount();
+            } else {
+                self.recount_if_older(Self::RECOUNT_NEAR_LIMIT);
             }
         }
         self.counted + self.since_count + maps <= self.limit
@@ -152,6 +157,33 @@ impl MapBudget {
         self.since_count += maps;
         self.added_total += maps as u64;
         true
+    }
+
+    /// Counting reads all of /proc/self/maps, whose cost grows with the
+    /// mappings (tens of ms at 60k): near the limit at most every 100 ms;
+    /// otherwise, at the end of a full scan, every few seconds.
+    const RECOUNT_NEAR_LIMIT: Duration = Duration::from_millis(100);
+    const RECOUNT_FULL_SCAN: Duration = Duration::from_secs(3);
+
+    fn near_limit(&self, maps: usize) -> bool {
+        self.counted + self.since_count + maps > self.limit - self.limit / 16
+    }
+
+    /// At the end of a full scan: recounts when near the limit, or every
+    /// few seconds (the published map count).
+    pub fn recount_at_full_scan(&mut self) {
+        if self.near_limit(0) {
+            self.recount();
+        } else {
+            self.recount_if_older(Self::RECOUNT_FULL_SCAN);
+        }
+    }
+
+    /// Recounts if the last count is older than `age`.
+    pub fn recount_if_older(&mut self, age: Duration) {
+        if self.last_count.is_none_or(|t| t.elapsed() > age) {
+            self.recount();
+        }
     }
 
     /// Counts the process's mappings again.
@@ -357,7 +389,7 @@ impl Core {
     fn end_full_scan(&mut self, sh: &Shared) {
         self.counters.full_scans += 1;
         self.unstable.clear();
-        self.map_budget.recount();
+        self.map_budget.recount_at_full_scan();
         if let Some(link) = self.remote.as_mut() {
             if let Err(e) = link.full_scan() {
                 self.lose_remote(sh, &e);

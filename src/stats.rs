@@ -64,7 +64,7 @@ stats! {
     rmap_items,
     /// Bytes of twinpage metadata (records, trees, store bookkeeping).
     twinpage_metadata_bytes,
-    /// Mappings twinpage has added to the process (estimate, recounted each full scan).
+    /// Mappings twinpage has added to the process (estimate, recounted every few seconds).
     twinpage_mappings_added,
     /// The process's mapping count when last counted plus twinpage's additions since.
     twinpage_map_count,
