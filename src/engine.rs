@@ -241,6 +241,7 @@ impl Engine {
                 let mut core = sh.core.lock();
                 core.counters.records_bytes += (pages * std::mem::size_of::<PageRecord>()) as u64;
                 core.counters.registered_pages += pages as u64;
+                core.counters.activity += 1;
                 if mergeability == Mergeability::ScanOnly {
                     core.counters.unmergeable_pages += pages as u64;
                 }
@@ -554,6 +555,10 @@ impl Drop for Engine {
     }
 }
 
+/// At sleep_millisecs=0, an idle scanner (no change in a whole scan) uses
+/// one part in this many of the time.
+const IDLE_SHARE: u32 = 5;
+
 /// Sleeps for `ms` or until kicked.
 fn nap(inner: &Inner, ms: u64) {
     nap_for(inner, Duration::from_millis(ms));
@@ -612,14 +617,18 @@ fn scanner_main(inner: &Inner) {
             scan::publish(sh);
         }
         let sleep = u64::from(t.sleep_millisecs());
+        // sleep_millisecs=0 makes ksmd one thread flat out, one core for
+        // every process. Agents of one daemon each scan their own process,
+        // so each takes its share of that core: it rests (agents - 1) times
+        // as long as its round took. While whole scans change nothing, a
+        // scanner runs at a fifth of that: a full scan here is an order of
+        // magnitude cheaper than ksmd's, so it still notices a change as
+        // soon as ksmd would, and burns no core doing nothing.
+        let share = agents as u32 * if sh.core.lock().idle() { IDLE_SHARE } else { 1 };
         if sleep > 0 || budget == 0 {
             nap(inner, sleep.max(1));
-        } else if agents > 1 {
-            // sleep_millisecs=0 makes ksmd one thread flat out, one core for
-            // every process. Agents of one daemon each scan their own
-            // process, so each takes its share of that core: it rests
-            // (agents - 1) times as long as its round took.
-            nap_for(inner, began.elapsed() * (agents as u32 - 1).min(1023));
+        } else if share > 1 {
+            nap_for(inner, began.elapsed() * (share - 1).min(8191));
         } else {
             std::thread::yield_now();
         }

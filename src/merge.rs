@@ -422,6 +422,7 @@ fn settle(
     kind: RunKind,
     ok: &[bool],
 ) {
+    core.counters.activity += ok.iter().filter(|&&o| o).count() as u64;
     for (i, it) in items.iter().enumerate() {
         let rec = &mut st.records[it.page];
         match (kind, ok[i]) {

@@ -103,6 +103,10 @@ pub struct Counters {
     pub daemon_merged: u64,
     /// Merges held back because the store's filesystem was full.
     pub store_full: u64,
+    /// Changes the scanner saw: a page's checksum changed, a page merged or
+    /// was written after merging, memory was registered. A full scan that
+    /// saw none was idle.
+    pub activity: u64,
 }
 
 /// The mapping budget: twinpage's remaps split mappings, and the kernel caps a
@@ -232,6 +236,10 @@ pub struct Core {
     pub last_link: Option<u32>,
     /// Releases of LAST_LINK orphans meanwhile.
     pub last_released: Vec<u32>,
+    /// `counters.activity` when the last full scan ended.
+    activity_mark: u64,
+    /// Full scans in a row that saw no activity.
+    quiet_scans: u32,
 }
 
 impl Core {
@@ -249,7 +257,14 @@ impl Core {
             remote_lost: false,
             last_link: None,
             last_released: Vec::new(),
+            activity_mark: 0,
+            quiet_scans: 0,
         }
+    }
+
+    /// Whether nothing changed during the last full scan nor since.
+    pub fn idle(&self) -> bool {
+        self.quiet_scans > 0 && self.counters.activity == self.activity_mark
     }
 
     /// A merged record stops mapping its store page: the reference goes back
@@ -295,6 +310,7 @@ impl Core {
         if rec.state != PageState::Hashed {
             self.counters.hashed += 1;
         }
+        self.counters.activity += 1;
         rec.state = PageState::Hashed;
         rec.key = cks;
         false
@@ -388,6 +404,12 @@ impl Core {
 
     fn end_full_scan(&mut self, sh: &Shared) {
         self.counters.full_scans += 1;
+        if self.counters.activity == self.activity_mark {
+            self.quiet_scans = self.quiet_scans.saturating_add(1);
+        } else {
+            self.quiet_scans = 0;
+        }
+        self.activity_mark = self.counters.activity;
         self.unstable.clear();
         self.map_budget.recount_at_full_scan();
         if let Some(link) = self.remote.as_mut() {
@@ -517,6 +539,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
                     // A write broke the sharing (copy-on-write).
                     rec.state = PageState::None;
                     core.counters.cow_breaks += 1;
+                    core.counters.activity += 1;
                     core.release_record(sh, rec);
                 } else {
                     continue;
@@ -526,6 +549,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
                 if e.present() && (e.exclusive() || e.file()) {
                     rec.state = PageState::None;
                     core.counters.zero_pages -= 1;
+                    core.counters.activity += 1;
                 } else {
                     continue;
                 }

@@ -82,6 +82,10 @@ pub struct BenchArgs {
     /// Merged pages written once each to time the first write.
     #[arg(long, default_value_t = 2000)]
     pub latency_pages: usize,
+    /// Memory workloads: after convergence, with the workload stopped, the
+    /// merger's CPU over this many seconds (the idle row; 0: skip).
+    #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(0..=3600))]
+    pub idle_secs: u64,
     /// Guests for the qemu workload.
     #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub guests: usize,
@@ -143,6 +147,9 @@ pub struct WorkerArgs {
     /// As for bench.
     #[arg(long)]
     pub latency_pages: usize,
+    /// As for bench.
+    #[arg(long, default_value_t = 0)]
+    pub idle_secs: u64,
 }
 
 /// Runs `twinpage bench-worker`.
@@ -230,6 +237,7 @@ fn worker_command(a: &BenchArgs, side: Side) -> Command {
         .args(["--sleep-millisecs", &a.sleep_millisecs.to_string()])
         .args(["--timeout", &a.timeout.to_string()])
         .args(["--latency-pages", &a.latency_pages.to_string()])
+        .args(["--idle-secs", &a.idle_secs.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if a.use_zero_pages {

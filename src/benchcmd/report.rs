@@ -145,6 +145,11 @@ impl Report<'_> {
         row("time to 100% after the buffers were filled (s)", &|s| Self::time_full(s) - s.get("guests_ready_s"), 2, &Self::time_label);
         row("CPU of merging threads (s)", &|s| s.get("cpu_s"), 2, &none);
         row("of which twinpaged (s)", &|s| s.get("daemon_cpu_s"), 2, &none);
+        if self.sides.iter().any(|s| s.values.contains_key("idle_cpu_s")) {
+            let secs = self.sides.iter().map(|s| s.get("idle_secs")).find(|v| v.is_finite()).unwrap_or(f64::NAN);
+            row(&format!("CPU while idle, {secs:.0} s after convergence (s)"), &|s| s.get("idle_cpu_s"), 3, &none);
+            row("full scans while idle", &|s| s.get("idle_full_scans"), 0, &none);
+        }
         row("pages_shared", &|s| s.get("pages_shared"), 0, &none);
         row("pages_sharing (+ksm_zero_pages)", &|s| s.get("pages_sharing") + s.get("ksm_zero_pages"), 0, &none);
         row("saved, counters (MiB)", &|s| s.final_saved() as f64 * MIB_PER_PAGE, 1, &none);

@@ -288,6 +288,16 @@ pub fn run(a: &WorkerArgs) -> i32 {
     stop.store(true, Ordering::Relaxed);
     let _ = worker.join();
 
+    // Idle: nothing changes any more; what does merging cost now?
+    if a.idle_secs > 0 {
+        let (cpu0, scans0) = (merger.cpu(), merger.counters().full_scans);
+        std::thread::sleep(Duration::from_secs(a.idle_secs));
+        let cpu = merger.cpu() - cpu0;
+        out.line(format_args!("r idle_cpu_s {cpu:.3}"));
+        out.line(format_args!("r idle_full_scans {}", merger.counters().full_scans - scans0));
+        out.line(format_args!("r idle_secs {}", a.idle_secs));
+    }
+
     // First write to merged pages: up to `latency_pages` pages with a twin,
     // spread over the memory, one write each, timed.
     let n = a.latency_pages.min(plan.dups.len());
