@@ -297,6 +297,7 @@ impl Core {
             let why = crate::link::chain(why);
             log::warn!("twinpage: lost twinpaged ({why}); this process merges its own pages until it is back");
             self.remote_lost = true;
+            self.counters.activity += 1;
         }
     }
 

@@ -147,6 +147,8 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
                 );
                 let agents = link.agents.max(1) as usize;
                 core.remote = Some(link);
+                // A new link is news for the scanner: it is not idle.
+                core.counters.activity += 1;
                 return agents;
             }
         }
