@@ -118,7 +118,7 @@ pub fn merge_run(
     let mut reserved = vec![true; n];
     if matches!(kind, RunKind::Fill | RunKind::Join) {
         let want: Vec<Option<u32>> =
-            items.iter().map(|it| core.stable.node(it.store).filter(|n| !n.filled).map(|_| it.store)).collect();
+            items.iter().map(|it| core.stable.node(it.store).filter(|n| !n.filled()).map(|_| it.store)).collect();
         if want.iter().any(Option::is_some) {
             let (ok, err) = sh.store.reserve(&want);
             if let Some(e) = err {
@@ -172,7 +172,7 @@ pub fn merge_run(
                 RunKind::Fill | RunKind::Join => {
                     let Some(node) = core.stable.node(it.store).copied() else { continue };
                     let Ok(ptr) = sh.store.page_ptr(it.store) else { continue };
-                    if node.filled {
+                    if node.filled() {
                         // SAFETY: `ptr` is the engine's view of a store page in use;
                         // store pages are never written once filled.
                         let store = unsafe { std::slice::from_raw_parts(ptr as *const u8, PAGE_SIZE) };
@@ -188,7 +188,7 @@ pub fn merge_run(
                         // but us (we hold the engine lock); `page` is write-protected.
                         unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), ptr, PAGE_SIZE) };
                         if let Some(n) = core.stable.node_mut(it.store) {
-                            n.filled = true;
+                            n.set_filled();
                         }
                         fresh_fills.push(it.store);
                         true

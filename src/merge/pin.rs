@@ -323,7 +323,7 @@ fn store_bytes<'c>(sh: &'c Shared, core: &'c Core, kind: RunKind, store: u32) ->
     let ptr = match kind {
         RunKind::Remote => core.remote.as_ref()?.store.page_ptr(store).ok()?,
         _ => {
-            core.stable.node(store).filter(|n| n.filled)?;
+            core.stable.node(store).filter(|n| n.filled())?;
             sh.store.page_ptr(store).ok()?
         }
     };
