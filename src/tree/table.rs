@@ -19,7 +19,7 @@ fn tag(hash: u64) -> u8 {
 /// The home bucket of `hash` among `n`: its low 32 bits scaled onto `n` (the
 /// tag comes from the top bits, so the two stay independent).
 fn home(hash: u64, n: usize) -> usize {
-    ((hash & 0xffff_ffff) * n as u64 >> 32) as usize
+    (((hash & 0xffff_ffff) * n as u64) >> 32) as usize
 }
 
 /// Most buckets full before the table grows.
