@@ -5,8 +5,8 @@
 //! by shifting back (no tombstones). A SwissTable rounds its buckets up to a
 //! power of two, which just past a boundary doubles the bytes per entry; this
 //! one holds between 75% and 87.5% of its buckets full, always. Probes read
-//! eight tags at a time (the first eight are mirrored past the end, so a
-//! group never wraps).
+//! sixteen tags at a time (the first sixteen are mirrored past the end, so
+//! a group never wraps).
 //!
 //! The caller gives the hash of every value it inserts and, for moves
 //! (growth, deletion), a way to recompute it from a stored value.
@@ -25,19 +25,19 @@ fn home(hash: u64, n: usize) -> usize {
 }
 
 /// Tags read per probe step.
-const GROUP: usize = 8;
-const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-const HIGH: u64 = 0x8080_8080_8080_8080;
+const GROUP: usize = 16;
+const LOW7: u128 = 0x7f7f_7f7f_7f7f_7f7f_7f7f_7f7f_7f7f_7f7f;
+const HIGH: u128 = 0x8080_8080_8080_8080_8080_8080_8080_8080;
 
 /// The top bit of every byte of `g` equal to `t` (exact: no carry crosses
 /// a byte).
-fn matching(g: u64, t: u8) -> u64 {
-    let x = g ^ (u64::from(t) * 0x0101_0101_0101_0101);
+fn matching(g: u128, t: u8) -> u128 {
+    let x = g ^ (u128::from(t) * 0x0101_0101_0101_0101_0101_0101_0101_0101);
     !(((x & LOW7) + LOW7) | x) & HIGH
 }
 
 /// The top bit of every empty byte of `g` (full tags have theirs set).
-fn empty(g: u64) -> u64 {
+fn empty(g: u128) -> u128 {
     !g & HIGH
 }
 
@@ -50,7 +50,7 @@ fn buckets_for(len: usize) -> usize {
     if len == 0 {
         0
     } else {
-        (len * FRESH_LOAD.1).div_ceil(FRESH_LOAD.0).max(8)
+        (len * FRESH_LOAD.1).div_ceil(FRESH_LOAD.0).max(GROUP)
     }
 }
 
@@ -85,10 +85,10 @@ impl<T: Copy + Default> SlimTable<T> {
         self.tags.len().saturating_sub(GROUP)
     }
 
-    fn group(&self, at: usize) -> u64 {
+    fn group(&self, at: usize) -> u128 {
         let mut g = [0u8; GROUP];
         g.copy_from_slice(&self.tags[at..at + GROUP]);
-        u64::from_le_bytes(g)
+        u128::from_le_bytes(g)
     }
 
     fn set_tag(&mut self, i: usize, t: u8) {
@@ -271,7 +271,7 @@ mod tests {
         }
         assert_eq!(t.heap_bytes(), t.buckets() as u64 * 5 + GROUP as u64);
         t.clear_keeping(10);
-        assert!(t.is_empty() && t.buckets() == 14);
+        assert!(t.is_empty() && t.buckets() == 16);
         assert!(t.find(mix(5), |&s| s == 5).is_none());
     }
 
