@@ -167,7 +167,9 @@ fn unstable(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         g.sample_size(10);
         g.bench_function(BenchmarkId::new("rebuild(clear+insert)", n), |b| b.iter(|| fill(&mut t)));
-        assert_eq!(t.len(), n as u64);
+        // The table keeps 32 bits of each key: random keys share them with
+        // odds n^2/2^33 (about one pair at 1e5, a hundred at 1e6).
+        assert!(t.len() >= n as u64 - n as u64 / 1000, "{} of {n}", t.len());
 
         g.throughput(Throughput::Elements(1));
         g.sample_size(100);

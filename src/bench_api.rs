@@ -110,7 +110,7 @@ impl MergeHarness {
                 return Err("store pages are not consecutive".into());
             }
             merge::merge_run(&sh, &source, &mut st, &mut core, &items, RunKind::Fill);
-            let merged = st.records.iter().filter(|r| r.state == PageState::Merged).count();
+            let merged = st.records.iter().filter(|r| r.state() == PageState::Merged).count();
             if merged != SOURCE_PAGES {
                 return Err(format!(
                     "filling the store merged {merged} of {SOURCE_PAGES} source pages (mismatches {}, held back {})",
@@ -189,7 +189,7 @@ impl MergeHarness {
         }
         let elapsed = t.elapsed();
 
-        let merged = st.records.iter().filter(|r| r.state == PageState::Merged).count();
+        let merged = st.records.iter().filter(|r| r.state() == PageState::Merged).count();
         assert_eq!(
             merged,
             units * run_len,

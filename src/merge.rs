@@ -109,7 +109,7 @@ pub fn merge_run(
         return;
     }
 
-    let needs_register = st.records[first..first + span].iter().any(|r| r.flags & PageRecord::NEEDS_REGISTER != 0);
+    let needs_register = st.records[first..first + span].iter().any(|r| r.flags() & PageRecord::NEEDS_REGISTER != 0);
     if needs_register {
         if let Err(e) = sh.uffd.register_wp(start, len) {
             warn_once!("uffd-register", "twinpage: cannot re-register merged memory for write-protect: {e}");
@@ -117,7 +117,7 @@ pub fn merge_run(
             return;
         }
         for r in &mut st.records[first..first + span] {
-            r.flags &= !PageRecord::NEEDS_REGISTER;
+            r.clear_flags(PageRecord::NEEDS_REGISTER);
         }
     }
 
@@ -127,7 +127,7 @@ pub fn merge_run(
     let mut reserved = vec![true; n];
     if matches!(kind, RunKind::Fill | RunKind::Join) {
         let want: Vec<Option<u32>> =
-            items.iter().map(|it| core.stable.node(it.store).filter(|n| !n.filled).map(|_| it.store)).collect();
+            items.iter().map(|it| core.stable.node(it.store).filter(|n| !n.filled()).map(|_| it.store)).collect();
         if want.iter().any(Option::is_some) {
             let (ok, err) = sh.store.reserve(&want);
             if let Some(e) = err {
@@ -181,7 +181,7 @@ pub fn merge_run(
                 RunKind::Fill | RunKind::Join => {
                     let Some(node) = core.stable.node(it.store).copied() else { continue };
                     let Ok(ptr) = sh.store.page_ptr(it.store) else { continue };
-                    if node.filled {
+                    if node.filled() {
                         // SAFETY: `ptr` is the engine's view of a store page in use;
                         // store pages are never written once filled.
                         let store = unsafe { std::slice::from_raw_parts(ptr as *const u8, PAGE_SIZE) };
@@ -197,7 +197,7 @@ pub fn merge_run(
                         // but us (we hold the engine lock); `page` is write-protected.
                         unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), ptr, PAGE_SIZE) };
                         if let Some(n) = core.stable.node_mut(it.store) {
-                            n.filled = true;
+                            n.set_filled();
                         }
                         fresh_fills.push(it.store);
                         true
@@ -222,7 +222,7 @@ pub fn merge_run(
     let mut pinned = None;
     if ok.iter().any(|&o| o) {
         if pin::applies(sh, region) {
-            if items.iter().any(|it| st.records[it.page].flags & PageRecord::OVERLAY != 0) {
+            if items.iter().any(|it| st.records[it.page].flags() & PageRecord::OVERLAY != 0) {
                 pin::note_unchecked_overlay();
             }
             pinned = pin::check(sh, region, st, core, items, kind, &mut ok);
@@ -247,7 +247,7 @@ pub fn merge_run(
         // A page written after merging sits in a private file mapping, where
         // a discard would show the file (a store page) again: it needs a
         // mapping of its own even when it becomes a zero page.
-        let overlay = |k: usize| st.records[items[k].page].flags & PageRecord::OVERLAY != 0;
+        let overlay = |k: usize| st.records[items[k].page].flags() & PageRecord::OVERLAY != 0;
         let mut j = i + 1;
         while j < n
             && ok[j]
@@ -428,23 +428,23 @@ fn settle(
         match (kind, ok[i]) {
             (RunKind::Zero, true) => {
                 core.forget_hashed(rec);
-                rec.state = PageState::Zero;
-                rec.age = 0;
+                rec.set_state(PageState::Zero);
+                rec.set_age(0);
                 if region.kind != crate::maps::MappingKind::Anon {
-                    rec.flags |= PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY;
-                } else if rec.flags & PageRecord::OVERLAY != 0 {
+                    rec.add_flags(PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY);
+                } else if rec.flags() & PageRecord::OVERLAY != 0 {
                     // A fresh anonymous mapping: the region's own kind again.
-                    rec.flags = (rec.flags | PageRecord::NEEDS_REGISTER) & !PageRecord::OVERLAY;
+                    rec.set_flags((rec.flags() | PageRecord::NEEDS_REGISTER) & !PageRecord::OVERLAY);
                 }
                 core.counters.zero_pages += 1;
             }
             (RunKind::Zero, false) => {}
             (_, true) => {
                 core.forget_hashed(rec);
-                rec.state = PageState::Merged;
-                rec.key = it.store;
-                rec.age = 0;
-                rec.flags |= PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY;
+                rec.set_state(PageState::Merged);
+                rec.set_key(it.store);
+                rec.set_age(0);
+                rec.add_flags(PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY);
                 if kind != RunKind::Remote {
                     core.stable.commit(it.store);
                     continue;
@@ -452,12 +452,12 @@ fn settle(
                 core.counters.daemon_merged += 1;
                 match core.remote.as_mut() {
                     Some(link) => {
-                        rec.flags |= PageRecord::REMOTE;
+                        rec.add_flags(PageRecord::REMOTE);
                         link.committed.push(it.store);
                     }
                     // The link broke during the batch: an orphan of it.
-                    None if core.last_link.is_some() => rec.flags |= PageRecord::ORPHAN | PageRecord::LAST_LINK,
-                    None => rec.flags |= PageRecord::ORPHAN,
+                    None if core.last_link.is_some() => rec.add_flags(PageRecord::ORPHAN | PageRecord::LAST_LINK),
+                    None => rec.add_flags(PageRecord::ORPHAN),
                 }
             }
             (RunKind::Remote, false) => {
@@ -484,13 +484,13 @@ pub fn restore_with_content(sh: &Shared, region: &Region, st: &mut RegionState, 
     let start = region.addr(from);
     let n = to - from;
     let len = n * PAGE_SIZE;
-    if st.records[from..to].iter().any(|r| r.flags & PageRecord::NEEDS_REGISTER != 0) {
+    if st.records[from..to].iter().any(|r| r.flags() & PageRecord::NEEDS_REGISTER != 0) {
         if let Err(e) = sh.uffd.register_wp(start, len) {
             log::debug!("twinpage: restore at {start:#x}+{len:#x}: register: {e}");
             return false;
         }
         for r in &mut st.records[from..to] {
-            r.flags &= !PageRecord::NEEDS_REGISTER;
+            r.clear_flags(PageRecord::NEEDS_REGISTER);
         }
     }
     sh.inflight.begin(start, start + len);
@@ -529,7 +529,7 @@ pub fn restore_with_content(sh: &Shared, region: &Region, st: &mut RegionState, 
     if done {
         reapply_advice(region, start, len);
         for r in &mut st.records[from..to] {
-            r.flags = (r.flags | PageRecord::NEEDS_REGISTER) & !PageRecord::OVERLAY;
+            r.set_flags((r.flags() | PageRecord::NEEDS_REGISTER) & !PageRecord::OVERLAY);
         }
     }
     done

@@ -1,5 +1,5 @@
 //! The region registry: ranges registered for merging, with one record per
-//! page (the kernel's rmap_item, in 8 bytes).
+//! page (the kernel's rmap_item, in 6 bytes).
 //!
 //! Protocol with unmap (modelled in `tests/loom.rs`): the scanner holds a
 //! region's lock for the whole of a batch on it, including merges; whoever
@@ -28,20 +28,24 @@ pub enum PageState {
     Zero,
 }
 
-/// The per-page record. `key` is the checksum while `Hashed`, the store page
-/// index while `Merged`.
+/// The per-page record: `key` is the checksum while `Hashed`, the store page
+/// index while `Merged`. Six bytes (the kernel's rmap_item is 64): the key as
+/// two halves so the record is 2-aligned, the state with the flags in one
+/// byte, smart_scan's age and skips in the other (both small: the age only
+/// matters up to 9 and saturates at 15, skips are at most 8).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PageRecord {
-    pub key: u32,
-    pub state: PageState,
-    /// smart_scan: how many scans this page went without merging.
-    pub age: u8,
-    /// smart_scan: scans to skip before looking again.
-    pub skips: u8,
-    pub flags: u8,
+    key: [u16; 2],
+    /// State in the low 2 bits, flags above.
+    bits: u8,
+    /// Age in the low 4 bits, skips in the high 4.
+    smart: u8,
 }
 
-const _: () = assert!(std::mem::size_of::<PageRecord>() == 8);
+const _: () = assert!(std::mem::size_of::<PageRecord>() == 6);
+
+const STATE_MASK: u8 = 0b11;
+const AGE_MAX: u8 = 0x0f;
 
 impl PageRecord {
     /// The page sits in a mapping twinpage made (a store or zero overlay), which
@@ -62,6 +66,54 @@ impl PageRecord {
     /// daemon takes the link's references over on reconnect (`Resume`), the
     /// page is REMOTE again and its release reaches the broker.
     pub const LAST_LINK: u8 = 1 << 4;
+    const ALL_FLAGS: u8 = (1 << 5) - 1;
+
+    pub fn key(&self) -> u32 {
+        u32::from(self.key[0]) | u32::from(self.key[1]) << 16
+    }
+    pub fn set_key(&mut self, key: u32) {
+        self.key = [key as u16, (key >> 16) as u16];
+    }
+    pub fn state(&self) -> PageState {
+        match self.bits & STATE_MASK {
+            0 => PageState::None,
+            1 => PageState::Hashed,
+            2 => PageState::Merged,
+            _ => PageState::Zero,
+        }
+    }
+    pub fn set_state(&mut self, state: PageState) {
+        self.bits = (self.bits & !STATE_MASK) | state as u8;
+    }
+    pub fn flags(&self) -> u8 {
+        self.bits >> 2
+    }
+    pub fn set_flags(&mut self, flags: u8) {
+        debug_assert_eq!(flags & !Self::ALL_FLAGS, 0);
+        self.bits = (self.bits & STATE_MASK) | (flags & Self::ALL_FLAGS) << 2;
+    }
+    pub fn add_flags(&mut self, flags: u8) {
+        self.set_flags(self.flags() | flags);
+    }
+    pub fn clear_flags(&mut self, flags: u8) {
+        self.set_flags(self.flags() & !flags);
+    }
+    /// smart_scan: how many scans this page went without merging (saturates
+    /// at 15; the skip schedule is the same for every age from 9 on).
+    pub fn age(&self) -> u8 {
+        self.smart & AGE_MAX
+    }
+    pub fn set_age(&mut self, age: u8) {
+        self.smart = (self.smart & !AGE_MAX) | age.min(AGE_MAX);
+    }
+    /// smart_scan: scans to skip before looking again (at most 15).
+    pub fn skips(&self) -> u8 {
+        self.smart >> 4
+    }
+    pub fn set_skips(&mut self, skips: u8) {
+        debug_assert!(skips <= AGE_MAX);
+        self.smart = (self.smart & AGE_MAX) | skips.min(AGE_MAX) << 4;
+    }
 }
 
 /// What the scanner may do in a region.
@@ -221,5 +273,51 @@ impl Registry {
 
     pub fn len(&self) -> usize {
         self.by_start.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_fields_keep_their_values_and_leave_each_other_alone() {
+        let all = PageRecord::NEEDS_REGISTER
+            | PageRecord::OVERLAY
+            | PageRecord::REMOTE
+            | PageRecord::ORPHAN
+            | PageRecord::LAST_LINK;
+        for state in [
+            PageState::None,
+            PageState::Hashed,
+            PageState::Merged,
+            PageState::Zero,
+        ] {
+            for key in [0, 1, 0xffff, 0x1_0000, 0xdead_beef, u32::MAX] {
+                let mut r = PageRecord::default();
+                r.set_key(key);
+                r.set_state(state);
+                r.set_flags(all);
+                r.set_age(200);
+                r.set_skips(8);
+                assert_eq!(
+                    (r.key(), r.state(), r.flags(), r.age(), r.skips()),
+                    (key, state, all, 15, 8)
+                );
+                r.clear_flags(PageRecord::OVERLAY);
+                r.set_age(0);
+                assert_eq!(
+                    (r.key(), r.state(), r.flags(), r.age(), r.skips()),
+                    (key, state, all & !PageRecord::OVERLAY, 0, 8)
+                );
+                r.set_skips(0);
+                r.set_flags(0);
+                r.add_flags(PageRecord::LAST_LINK);
+                assert_eq!(
+                    (r.key(), r.state(), r.flags(), r.age(), r.skips()),
+                    (key, state, PageRecord::LAST_LINK, 0, 0)
+                );
+            }
+        }
     }
 }

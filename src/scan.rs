@@ -270,21 +270,21 @@ impl Core {
     /// A merged record stops mapping its store page: the reference goes back
     /// to whoever counts it (our stable tree, or the daemon's broker).
     pub fn release_record(&mut self, sh: &Shared, rec: &mut PageRecord) {
-        if rec.flags & (PageRecord::REMOTE | PageRecord::ORPHAN) != 0 {
+        if rec.flags() & (PageRecord::REMOTE | PageRecord::ORPHAN) != 0 {
             self.counters.daemon_merged -= 1;
-            let remote = rec.flags & PageRecord::REMOTE != 0;
+            let remote = rec.flags() & PageRecord::REMOTE != 0;
             match self.remote.as_mut() {
-                Some(link) if remote => link.released.push(rec.key),
+                Some(link) if remote => link.released.push(rec.key()),
                 // A page of the link that broke (not yet, or already, an
                 // orphan): sent if the daemon hands that link's references over.
-                _ if (remote || rec.flags & PageRecord::LAST_LINK != 0) && self.last_link.is_some() => {
-                    self.last_released.push(rec.key)
+                _ if (remote || rec.flags() & PageRecord::LAST_LINK != 0) && self.last_link.is_some() => {
+                    self.last_released.push(rec.key())
                 }
                 _ => {}
             }
-            rec.flags &= !(PageRecord::REMOTE | PageRecord::ORPHAN | PageRecord::LAST_LINK);
+            rec.clear_flags(PageRecord::REMOTE | PageRecord::ORPHAN | PageRecord::LAST_LINK);
         } else {
-            self.release(sh, rec.key);
+            self.release(sh, rec.key());
         }
     }
 
@@ -305,21 +305,21 @@ impl Core {
     /// (unchanged for a scan: it may enter the unstable tree); if not, records
     /// `cks` for the next visit.
     pub fn note_checksum(&mut self, rec: &mut PageRecord, cks: u32) -> bool {
-        if rec.state == PageState::Hashed && rec.key == cks {
+        if rec.state() == PageState::Hashed && rec.key() == cks {
             return true;
         }
-        if rec.state != PageState::Hashed {
+        if rec.state() != PageState::Hashed {
             self.counters.hashed += 1;
         }
         self.counters.activity += 1;
-        rec.state = PageState::Hashed;
-        rec.key = cks;
+        rec.set_state(PageState::Hashed);
+        rec.set_key(cks);
         false
     }
 
     /// Clears a `Hashed` record's place in the counts.
     pub fn forget_hashed(&mut self, rec: &PageRecord) {
-        if rec.state == PageState::Hashed {
+        if rec.state() == PageState::Hashed {
             self.counters.hashed -= 1;
         }
     }
@@ -347,13 +347,13 @@ impl Core {
     /// pages the caller guarantees their mappings are gone or unmerged.
     pub fn drop_records(&mut self, sh: &Shared, records: &mut [PageRecord]) {
         for rec in records.iter_mut() {
-            match rec.state {
+            match rec.state() {
                 PageState::Hashed => self.counters.hashed -= 1,
                 PageState::Merged => self.release_record(sh, rec),
                 PageState::Zero => self.counters.zero_pages -= 1,
                 PageState::None => {}
             }
-            rec.state = PageState::None;
+            rec.set_state(PageState::None);
         }
     }
 
@@ -424,21 +424,21 @@ impl Core {
 /// smart_scan, as the kernel's should_skip_rmap_item: a page that keeps not
 /// merging is looked at less and less often (every 2nd, 3rd, 5th, 9th scan).
 fn should_skip(rec: &mut PageRecord) -> bool {
-    let age = rec.age;
-    rec.age = rec.age.saturating_add(1);
+    let age = rec.age();
+    rec.set_age(age.saturating_add(1));
     if age < 3 {
         return false;
     }
-    if rec.skips == 0 {
-        rec.skips = match age {
+    if rec.skips() == 0 {
+        rec.set_skips(match age {
             0..=3 => 1,
             4..=5 => 2,
             6..=8 => 4,
             _ => 8,
-        };
+        });
         return false;
     }
-    rec.skips -= 1;
+    rec.set_skips(rec.skips() - 1);
     true
 }
 
@@ -534,11 +534,11 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
         let idx = first + i;
         core.counters.pages_scanned += 1;
         let rec = &mut st.records[idx];
-        match rec.state {
+        match rec.state() {
             PageState::Merged => {
                 if e.present() && !e.file() {
                     // A write broke the sharing (copy-on-write).
-                    rec.state = PageState::None;
+                    rec.set_state(PageState::None);
                     core.counters.cow_breaks += 1;
                     core.counters.activity += 1;
                     core.release_record(sh, rec);
@@ -548,7 +548,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
             }
             PageState::Zero => {
                 if e.present() && (e.exclusive() || e.file()) {
-                    rec.state = PageState::None;
+                    rec.set_state(PageState::None);
                     core.counters.zero_pages -= 1;
                     core.counters.activity += 1;
                 } else {
@@ -560,7 +560,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
         let rec = &mut st.records[idx];
         if !e.anon() || e.swapped() {
             core.forget_hashed(rec);
-            rec.state = PageState::None;
+            rec.set_state(PageState::None);
             continue;
         }
         if !mergeable || mode == MergeMode::Off {
@@ -577,7 +577,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
         if h == zh && !e.exclusive() && is_zero(page) {
             // The shared zero page of a never-written page: nothing to merge.
             core.forget_hashed(rec);
-            rec.state = PageState::None;
+            rec.set_state(PageState::None);
             continue;
         }
         // The merge mode decides here, before any tree or the daemon hears of
@@ -585,7 +585,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
         // neither join a store page nor become one.
         if !mode.allows(h == zh && is_zero(page)) {
             core.forget_hashed(rec);
-            rec.state = PageState::None;
+            rec.set_state(PageState::None);
             continue;
         }
         let cks = h as u32;
@@ -615,7 +615,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
             Some(t) if t != me => {
                 let equal = if t.region == region.id {
                     let tidx = t.page as usize;
-                    st.records.get(tidx).is_some_and(|r| r.state == PageState::Hashed) && {
+                    st.records.get(tidx).is_some_and(|r| r.state() == PageState::Hashed) && {
                         // SAFETY: a page of our own region, under our lock.
                         let other = unsafe { guest_page(region.addr(tidx)) };
                         other == page
@@ -623,7 +623,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
                 } else {
                     with_other_region(sh, t, |r2, st2| {
                         let tidx = t.page as usize;
-                        st2.records.get(tidx).is_some_and(|r| r.state == PageState::Hashed) && {
+                        st2.records.get(tidx).is_some_and(|r| r.state() == PageState::Hashed) && {
                             // SAFETY: a page of `r2`, live while we hold its lock.
                             let other = unsafe { guest_page(r2.addr(tidx)) };
                             other == page
@@ -677,8 +677,8 @@ fn runs(items: &[Item]) -> impl Iterator<Item = &[Item]> {
 /// a mapping of its own); otherwise runs are consecutive pages.
 fn zero_runs<'a>(region: &Region, st: &RegionState, zeros: &'a [Item]) -> Vec<&'a [Item]> {
     let anon = region.kind == crate::maps::MappingKind::Anon;
-    let registered = |p: usize| st.records[p].flags & PageRecord::NEEDS_REGISTER == 0;
-    let in_place = |p: usize| registered(p) && st.records[p].flags & PageRecord::OVERLAY == 0;
+    let registered = |p: usize| st.records[p].flags() & PageRecord::NEEDS_REGISTER == 0;
+    let in_place = |p: usize| registered(p) && st.records[p].flags() & PageRecord::OVERLAY == 0;
     let mut out = Vec::new();
     let mut s = 0;
     let mut sparse_ok = anon && zeros.first().is_some_and(|it| in_place(it.page));
@@ -714,9 +714,9 @@ fn execute(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut C
                 let live: Vec<Item> = run
                     .iter()
                     .copied()
-                    .filter(|it| st2.records[it.page].state == PageState::Hashed)
+                    .filter(|it| st2.records[it.page].state() == PageState::Hashed)
                     .collect();
-                for it in run.iter().filter(|it| st2.records[it.page].state != PageState::Hashed) {
+                for it in run.iter().filter(|it| st2.records[it.page].state() != PageState::Hashed) {
                     if core.stable.cancel(it.store) {
                         core.free_store_page(sh, it.store);
                     }
@@ -765,11 +765,11 @@ fn execute(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut C
 /// failed run falls back to private copies inside the store mapping).
 pub fn unmerge_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, from: usize, to: usize) -> bool {
     let mut all_ok = true;
-    let touched = |r: &PageRecord| r.flags & PageRecord::OVERLAY != 0 || r.state == PageState::Merged;
+    let touched = |r: &PageRecord| r.flags() & PageRecord::OVERLAY != 0 || r.state() == PageState::Merged;
     let mut i = from;
     while i < to {
         if !touched(&st.records[i]) {
-            if st.records[i].state == PageState::Zero {
+            if st.records[i].state() == PageState::Zero {
                 // Dropped to the zero page inside the owner's own mapping: it
                 // already is what it would be without twinpage.
                 core.drop_records(sh, &mut st.records[i..i + 1]);
@@ -804,7 +804,7 @@ pub fn unmerge_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &
 /// merges; used before the owner discards them. Content is not preserved:
 /// the owner is about to discard it.
 pub fn restore_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, from: usize, to: usize) {
-    let overlaid = |r: &PageRecord| r.state == PageState::Merged || r.flags & PageRecord::OVERLAY != 0;
+    let overlaid = |r: &PageRecord| r.state() == PageState::Merged || r.flags() & PageRecord::OVERLAY != 0;
     let mut i = from;
     while i < to {
         if !overlaid(&st.records[i]) {
@@ -825,7 +825,7 @@ pub fn restore_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &
             Ok(()) => {
                 crate::merge::reapply_advice(region, addr, bytes);
                 for rec in &mut st.records[i..j] {
-                    rec.flags = (rec.flags | PageRecord::NEEDS_REGISTER) & !PageRecord::OVERLAY;
+                    rec.set_flags((rec.flags() | PageRecord::NEEDS_REGISTER) & !PageRecord::OVERLAY);
                 }
                 core.drop_records(sh, &mut st.records[i..j]);
             }
@@ -854,7 +854,7 @@ pub fn unmerge_disallowed(sh: &Shared, mode: MergeMode) {
     }
     each_live_region(sh, |r, st, core| {
         let disallowed = |st: &RegionState, i: usize| {
-            st.records[i].state == PageState::Merged && {
+            st.records[i].state() == PageState::Merged && {
                 // SAFETY: a page of a live region we hold locked; a merged page
                 // is mapped and readable (a remap never drops PROT_READ).
                 let page = unsafe { guest_page(r.addr(i)) };

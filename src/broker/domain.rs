@@ -201,12 +201,12 @@ impl Domain {
                 let ok = h.uploads.remove(&p.store).is_some_and(|digest| {
                     digest == p.digest
                         && crate::scan::page_hash(&p.bytes[..]) == digest
-                        && self.stable.node(p.store).is_some_and(|n| !n.filled)
+                        && self.stable.node(p.store).is_some_and(|n| !n.filled())
                         && self.write_page(p.store, &p.bytes[..])
                 });
                 if ok {
                     if let Some(n) = self.stable.node_mut(p.store) {
-                        n.filled = true;
+                        n.set_filled();
                     }
                 } else if take_one(&mut h.pending, p.store) && self.stable.cancel(p.store) {
                     self.free(p.store);

@@ -208,7 +208,7 @@ pub(super) fn check<'a>(
     // a file mapping, which UFFDIO_MOVE refuses: it cannot be checked. It
     // merges unchecked where it is (counted), or, strict, not at all (it may
     // be the very page a direct read is filling).
-    let overlay: Vec<bool> = items.iter().map(|it| st.records[it.page].flags & PageRecord::OVERLAY != 0).collect();
+    let overlay: Vec<bool> = items.iter().map(|it| st.records[it.page].flags() & PageRecord::OVERLAY != 0).collect();
     if pin_guard() == PinGuard::Strict {
         ok.iter_mut().zip(&overlay).for_each(|(o, &ov)| *o &= !ov);
     }
@@ -328,7 +328,7 @@ fn store_bytes<'c>(sh: &'c Shared, core: &'c Core, kind: RunKind, store: u32) ->
     let ptr = match kind {
         RunKind::Remote => core.remote.as_ref()?.store.page_ptr(store).ok()?,
         _ => {
-            core.stable.node(store).filter(|n| n.filled)?;
+            core.stable.node(store).filter(|n| n.filled())?;
             sh.store.page_ptr(store).ok()?
         }
     };
@@ -373,7 +373,7 @@ pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, items: 
                 log::error!("twinpage: cannot put back the page at {at:#x}: {e}");
                 st.failed = true;
             } else {
-                st.records[items[k].page].flags |= PageRecord::NEEDS_REGISTER;
+                st.records[items[k].page].add_flags(PageRecord::NEEDS_REGISTER);
             }
         }
         i = j;
@@ -407,7 +407,7 @@ pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, items: 
             // registration are registered again before their next merge.
             warn_once!("pin-unmissing", "twinpage: cannot drop missing mode after the pin check: {e}");
             for it in &items[i..j] {
-                st.records[it.page].flags |= PageRecord::NEEDS_REGISTER;
+                st.records[it.page].add_flags(PageRecord::NEEDS_REGISTER);
             }
         }
         i = j;

@@ -174,8 +174,8 @@ fn orphan_all(sh: &Shared) {
     let regions: Vec<_> = sh.registry.read().iter().cloned().collect();
     for r in regions {
         let mut st = r.state.write();
-        for rec in st.records.iter_mut().filter(|r| r.flags & PageRecord::REMOTE != 0) {
-            rec.flags = (rec.flags & !PageRecord::REMOTE) | PageRecord::ORPHAN | last;
+        for rec in st.records.iter_mut().filter(|r| r.flags() & PageRecord::REMOTE != 0) {
+            rec.set_flags((rec.flags() & !PageRecord::REMOTE) | PageRecord::ORPHAN | last);
         }
     }
     sh.core.lock().remote_lost = false;
@@ -187,10 +187,10 @@ fn readopt(sh: &Shared, adopted: bool) {
     let regions: Vec<_> = sh.registry.read().iter().cloned().collect();
     for r in regions {
         let mut st = r.state.write();
-        for rec in st.records.iter_mut().filter(|r| r.flags & PageRecord::LAST_LINK != 0) {
-            rec.flags &= !PageRecord::LAST_LINK;
+        for rec in st.records.iter_mut().filter(|r| r.flags() & PageRecord::LAST_LINK != 0) {
+            rec.clear_flags(PageRecord::LAST_LINK);
             if adopted {
-                rec.flags = (rec.flags & !PageRecord::ORPHAN) | PageRecord::REMOTE;
+                rec.set_flags((rec.flags() & !PageRecord::ORPHAN) | PageRecord::REMOTE);
             }
         }
     }
