@@ -138,16 +138,17 @@ impl MapBudget {
     /// Whether `maps` more mappings would fit (recounting when the estimate
     /// says no and the last count is stale); reserves nothing.
     pub fn has_room(&mut self, maps: usize) -> bool {
-        // Near the limit the estimate must be right: mappings we do not see
-        // (the host program's, splits at region edges) make it drift by about
-        // 1% of what we add. So there, count again once we have added a few
-        // since the last count, or it is old.
-        if self.near_limit(maps) {
-            if self.since_count > 16 {
-                self.recount();
-            } else {
-                self.recount_if_older(Self::RECOUNT_NEAR_LIMIT);
-            }
+        // The estimate adds two mappings a remap: mostly too many (a remap
+        // beside one of ours merges with it), sometimes too few (splits we do
+        // not see drift it about 1% low). Count again once the additions
+        // since the last count reach half the room that count left: a few
+        // counts on the way to the limit, each halving the error's reach.
+        // Held back at the limit, count again now and then.
+        let room = self.limit.saturating_sub(self.counted);
+        if self.since_count > 0 && self.since_count + maps >= room.div_ceil(2) {
+            self.recount();
+        } else if self.counted + self.since_count + maps > self.limit {
+            self.recount_if_older(Self::RECOUNT_HELD_BACK);
         }
         self.counted + self.since_count + maps <= self.limit
     }
@@ -164,23 +165,14 @@ impl MapBudget {
     }
 
     /// Counting reads all of /proc/self/maps, whose cost grows with the
-    /// mappings (tens of ms at 60k): near the limit at most every 100 ms;
-    /// otherwise, at the end of a full scan, every few seconds.
-    const RECOUNT_NEAR_LIMIT: Duration = Duration::from_millis(100);
+    /// mappings (tens of ms at 60k): while merges are held back at most once
+    /// a second; at the end of a full scan every few seconds.
+    const RECOUNT_HELD_BACK: Duration = Duration::from_secs(1);
     const RECOUNT_FULL_SCAN: Duration = Duration::from_secs(3);
 
-    fn near_limit(&self, maps: usize) -> bool {
-        self.counted + self.since_count + maps > self.limit - self.limit / 16
-    }
-
-    /// At the end of a full scan: recounts when near the limit, or every
-    /// few seconds (the published map count).
+    /// At the end of a full scan: every few seconds (the published count).
     pub fn recount_at_full_scan(&mut self) {
-        if self.near_limit(0) {
-            self.recount();
-        } else {
-            self.recount_if_older(Self::RECOUNT_FULL_SCAN);
-        }
+        self.recount_if_older(Self::RECOUNT_FULL_SCAN);
     }
 
     /// Recounts if the last count is older than `age`.
