@@ -626,7 +626,7 @@ fn scanner_main(inner: &Inner) {
         // read, publishing the counters).
         let coalesce = if idle && sleep > 0 { IDLE_COALESCE } else { 1 };
         let budget = budget.saturating_mul(coalesce as usize);
-        let cpu_before = crate::sys::thread_cpu_time();
+        let began = std::time::Instant::now();
         if budget > 0 {
             scan::scan_pages(sh, budget);
             scan::publish(sh);
@@ -634,9 +634,9 @@ fn scanner_main(inner: &Inner) {
         // sleep_millisecs=0 makes ksmd one thread flat out, one core for
         // every process. Agents of one daemon each scan their own process,
         // so each takes its share of that core: it rests (agents - 1) times
-        // the CPU time its round took (not the wall time: a round that waited
-        // on the daemon used none), at most MAX_REST so that a lost daemon
-        // or new work is noticed soon. While whole scans change nothing, a
+        // as long as its round took (wall time, which counts the daemon's
+        // work for it too), at most MAX_REST so that a lost daemon or new
+        // work is noticed soon. While whole scans change nothing, a
         // scanner runs at a fifth of that: a full scan here is an order of
         // magnitude cheaper than ksmd's, so it still notices a change as
         // soon as ksmd would, and burns no core doing nothing.
@@ -644,8 +644,7 @@ fn scanner_main(inner: &Inner) {
         if sleep > 0 || budget == 0 {
             nap(inner, sleep.max(1) * coalesce);
         } else if share > 1 {
-            let used = crate::sys::thread_cpu_time().saturating_sub(cpu_before);
-            nap_for(inner, (used * (share - 1).min(8191)).min(MAX_REST));
+            nap_for(inner, (began.elapsed() * (share - 1).min(8191)).min(MAX_REST));
         } else {
             std::thread::yield_now();
         }

@@ -22,18 +22,6 @@ pub fn page_size() -> usize {
     usize::try_from(size).unwrap_or(PAGE_SIZE)
 }
 
-/// CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`).
-pub fn thread_cpu_time() -> std::time::Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant
-    // every Linux has.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if r != 0 {
-        return std::time::Duration::ZERO;
-    }
-    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
 /// Last OS error as an `io::Error`.
 pub(crate) fn last_err() -> std::io::Error {
     std::io::Error::last_os_error()
