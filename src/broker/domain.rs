@@ -28,11 +28,45 @@ const FULL_RETRY: Duration = Duration::from_secs(1);
 
 /// An unstable-tree entry: which agent's page proposed the digest, during
 /// which of its full scans.
+///
+/// Generations are u32 (an agent's full scans, wrapping; only compared for
+/// equality): the entry is 16 bytes, not 24.
 #[derive(Debug, Clone, Copy)]
 struct Proposal {
-    agent: u32,
     token: u64,
-    generation: u64,
+    agent: u32,
+    generation: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Proposal>() == 16);
+
+/// An agent's proposal queue entry (digest, token, generation) in 20 bytes:
+/// as two u64 and a u32 it would be padded to 24.
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    digest: [u32; 2],
+    token: [u32; 2],
+    generation: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Queued>() == 20);
+
+fn join64(v: [u32; 2]) -> u64 {
+    u64::from(v[0]) | u64::from(v[1]) << 32
+}
+
+fn split64(v: u64) -> [u32; 2] {
+    [v as u32, (v >> 32) as u32]
+}
+
+impl Queued {
+    fn new(digest: u64, token: u64, generation: u32) -> Self {
+        Self { digest: split64(digest), token: split64(token), generation }
+    }
+
+    fn parts(&self) -> (u64, u64, u32) {
+        (join64(self.digest), join64(self.token), self.generation)
+    }
 }
 
 /// What one agent holds in a domain: merges done (`held`) and ordered but not
@@ -44,8 +78,9 @@ pub struct Holdings {
     pending: HashMap<u32, u32>,
     /// Store pages the agent was told to upload and has not filled yet.
     uploads: HashMap<u32, u64>,
-    /// Bumped at each of the agent's full scans: older proposals are stale.
-    pub generation: u64,
+    /// Bumped (wrapping) at each of the agent's full scans: older proposals
+    /// are stale.
+    pub generation: u32,
 }
 
 impl Holdings {
@@ -80,13 +115,13 @@ pub struct Domain {
     unstable: NoHash<u64, Proposal>,
     alloc: StoreAlloc,
     /// Agents' current generations, to tell stale proposals.
-    generations: HashMap<u32, u64>,
+    generations: HashMap<u32, u32>,
     /// Live (not stale) proposals per agent: `pages_unshared`.
     live: HashMap<u32, u64>,
     /// Each agent's proposals, oldest first (digest, token): an agent never
     /// has more than `max_proposals` entries in the unstable tree, so a
     /// hostile or huge agent cannot grow the daemon without bound.
-    proposals: HashMap<u32, VecDeque<(u64, u64, u64)>>,
+    proposals: HashMap<u32, VecDeque<Queued>>,
     /// Merges held back because the store's filesystem was full, cumulative.
     pub store_full: u64,
     /// No new store pages before this (the filesystem was full).
@@ -131,7 +166,7 @@ impl Domain {
                 continue;
             }
             let me = Proposal { agent, token: c.token, generation: h.generation };
-            let live = |p: &Proposal, gens: &HashMap<u32, u64>| gens.get(&p.agent) == Some(&p.generation);
+            let live = |p: &Proposal, gens: &HashMap<u32, u32>| gens.get(&p.agent) == Some(&p.generation);
             match self.unstable.get(&c.digest) {
                 Some(p) if live(p, &self.generations) && (p.agent, p.token) != (agent, c.token) => {
                     // A second page with this digest: it becomes the content of a
@@ -172,7 +207,7 @@ impl Domain {
         }
         let fifo = self.proposals.entry(agent).or_default();
         while fifo.len() >= max_proposals {
-            let Some((old, token, generation)) = fifo.pop_front() else { break };
+            let Some((old, token, generation)) = fifo.pop_front().map(|q| q.parts()) else { break };
             // Entries since matched or replaced are not this one any more.
             let ours = |p: &Proposal| (p.agent, p.token, p.generation) == (agent, token, generation);
             if let Some(p) = self.unstable.get(&old).copied().filter(ours) {
@@ -184,7 +219,7 @@ impl Domain {
                 }
             }
         }
-        fifo.push_back((digest, me.token, me.generation));
+        fifo.push_back(Queued::new(digest, me.token, me.generation));
         // Only a stale entry (counted no more) can be replaced here.
         self.unstable.insert(digest, me);
         *self.live.entry(agent).or_default() += 1;
@@ -273,7 +308,7 @@ impl Domain {
 
     /// The agent finished a full scan: its proposals are stale from now on.
     pub fn full_scan(&mut self, agent: u32, h: &mut Holdings) {
-        h.generation += 1;
+        h.generation = h.generation.wrapping_add(1);
         self.generations.insert(agent, h.generation);
         self.live.insert(agent, 0);
         // Queue entries whose unstable entry was since matched or replaced
@@ -282,7 +317,8 @@ impl Domain {
         // per full scan, up to max_proposals.
         if let Some(q) = self.proposals.get_mut(&agent) {
             let unstable = &self.unstable;
-            q.retain(|&(digest, token, generation)| {
+            q.retain(|e| {
+                let (digest, token, generation) = e.parts();
                 unstable.get(&digest).is_some_and(|p| (p.agent, p.token, p.generation) == (agent, token, generation))
             });
             q.shrink_to(q.len());
@@ -290,6 +326,11 @@ impl Domain {
         if self.unstable.len() > 1024 && self.unstable.len() > 2 * self.stable.pages_shared() as usize {
             let gens = &self.generations;
             self.unstable.retain(|_, p| gens.get(&p.agent) == Some(&p.generation));
+        }
+        // Room for what is left, not for the largest scan so far (rehashing
+        // only when three quarters are unused keeps this amortised).
+        if self.unstable.capacity() > 1024 && self.unstable.len() < self.unstable.capacity() / 4 {
+            self.unstable.shrink_to(self.unstable.len() * 2);
         }
     }
 
@@ -368,7 +409,9 @@ impl Domain {
 
     pub fn metadata_bytes(&self) -> u64 {
         let fifo: usize = self.proposals.values().map(|q| q.capacity()).sum();
-        self.stable.metadata_bytes() + self.unstable.capacity() as u64 * 33 + fifo as u64 * 24 + self.alloc.metadata_bytes()
+        let slot = (std::mem::size_of::<u64>() + std::mem::size_of::<Proposal>() + 1) as u64;
+        let queued = std::mem::size_of::<Queued>() as u64;
+        self.stable.metadata_bytes() + self.unstable.capacity() as u64 * slot + fifo as u64 * queued + self.alloc.metadata_bytes()
     }
 
     /// Entries `agent` has in the unstable tree, live or stale.
