@@ -50,8 +50,12 @@ fn pages_merge_across_processes_and_a_killed_agent_is_forgotten() {
     // two can merge them. Each process's pairs merge within itself.
     let all = common + 2 * pairs;
     let t = Instant::now();
+    // Each process publishes its own counters (at most every 50 ms): wait
+    // for the daemon's too, not only the agents'.
     let merged = wait_until(Duration::from_secs(30), || {
-        tree_counter(&s.dir, a, "twinpage_daemon_merged") == all && tree_counter(&s.dir, b, "twinpage_daemon_merged") == all
+        tree_counter(&s.dir, a, "twinpage_daemon_merged") == all
+            && tree_counter(&s.dir, b, "twinpage_daemon_merged") == all
+            && tree_counter(&s.dir, d, "pages_sharing") == common + 2 * pairs
     });
     let (ca, cb, cd) = (tree_counters(&s.dir, a), tree_counters(&s.dir, b), tree_counters(&s.dir, d));
     eprintln!("merged in {:.2} s\nagent a {ca:?}\nagent b {cb:?}\ndaemon {cd:?}", t.elapsed().as_secs_f64());
