@@ -75,7 +75,7 @@ pub fn is_zero(page: &[u8]) -> bool {
 ///
 /// A zero run of anonymous memory may also be sparse: pages in order with
 /// gaps, all inside mappings registered with the engine's userfaultfd (see
-/// [`zero_span_ok`]). The whole span is protected, checked and woken with
+/// `scan::zero_runs`). The whole span is protected, checked and woken with
 /// one call each, so scattered zero pages cost one TLB flush per batch for
 /// the protection instead of one per page.
 pub fn merge_run(
@@ -335,7 +335,7 @@ impl Drop for UnwindGuard<'_> {
 }
 
 /// How a stretch of a zero run becomes zero pages.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct ZeroHow {
     /// The pages sit in a store mapping (written after merging).
     overlay: bool,
@@ -434,7 +434,7 @@ fn settle(
                     rec.add_flags(PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY);
                 } else if rec.flags() & PageRecord::OVERLAY != 0 {
                     // A fresh anonymous mapping: the region's own kind again.
-                    rec.set_flags((rec.flags() | PageRecord::NEEDS_REGISTER) & !PageRecord::OVERLAY);
+                    rec.set_own_mapping();
                 }
                 core.counters.zero_pages += 1;
             }
@@ -529,7 +529,7 @@ pub fn restore_with_content(sh: &Shared, region: &Region, st: &mut RegionState, 
     if done {
         reapply_advice(region, start, len);
         for r in &mut st.records[from..to] {
-            r.set_flags((r.flags() | PageRecord::NEEDS_REGISTER) & !PageRecord::OVERLAY);
+            r.set_own_mapping();
         }
     }
     done
@@ -538,17 +538,20 @@ pub fn restore_with_content(sh: &Shared, region: &Region, st: &mut RegionState, 
 fn copy_and_move(region: &Region, start: usize, len: usize) -> std::io::Result<()> {
     // SAFETY: a write-protected run of a region we hold: no write races the
     // copy, and the content the owner sees stays the same.
-    unsafe { copy_over(start, len, region.prot, region.original_mapping(start)) }
+    unsafe { copy_over(start, start, len, region.prot, region.original_mapping(start)) }
 }
 
-/// Copies `[start, start+len)` into a fresh mapping made with `(flags, fd,
-/// offset)`, gives it `prot`, and moves it over the range with `mremap`.
+/// Copies `[src, src+len)` into a fresh mapping made with `(flags, fd,
+/// offset)`, gives it `prot`, and moves it over `[dst, dst+len)` with
+/// `mremap`.
 ///
 /// # Safety
-/// The range must be readable, owned by the caller, hold no Rust reference,
-/// and no write may race the copy.
-unsafe fn copy_over(
-    start: usize,
+/// The source must be readable and no write may race the copy; the
+/// destination must be owned by the caller; neither may hold a Rust
+/// reference.
+pub(crate) unsafe fn copy_over(
+    src: usize,
+    dst: usize,
     len: usize,
     prot: libc::c_int,
     (flags, fd, off): (libc::c_int, libc::c_int, libc::off_t),
@@ -558,14 +561,14 @@ unsafe fn copy_over(
     let tmp = unsafe { mman::raw_mmap(0, len, rw, flags, fd, off)? };
     // SAFETY: `tmp` is our fresh writable mapping of `len` bytes; the caller
     // guarantees the source is readable; they do not overlap.
-    unsafe { std::ptr::copy_nonoverlapping(start as *const u8, tmp as *mut u8, len) };
+    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, tmp as *mut u8, len) };
     if prot != rw {
         // SAFETY: our own fresh mapping.
         unsafe { libc::syscall(libc::SYS_mprotect, tmp, len, prot as libc::c_long) };
     }
-    // SAFETY: moves our fresh mapping, holding the same content, over the
+    // SAFETY: moves our fresh mapping, holding the source's content, over the
     // range the caller owns.
-    match unsafe { mman::raw_mremap(tmp, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, start) } {
+    match unsafe { mman::raw_mremap(tmp, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, dst) } {
         Ok(_) => Ok(()),
         Err(e) => {
             // SAFETY: still our own fresh mapping.
@@ -584,5 +587,5 @@ unsafe fn copy_over(
 /// thread running, and no Rust reference into it.
 pub unsafe fn replace_with_anon_copy(addr: usize, len: usize, prot: libc::c_int) -> std::io::Result<()> {
     // SAFETY: the caller's guarantees are copy_over's.
-    unsafe { copy_over(addr, len, prot, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)) }
+    unsafe { copy_over(addr, addr, len, prot, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)) }
 }

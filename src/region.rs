@@ -98,6 +98,11 @@ impl PageRecord {
     pub fn clear_flags(&mut self, flags: u8) {
         self.set_flags(self.flags() & !flags);
     }
+    /// A fresh mapping of the region's own kind now holds the page: no
+    /// overlay any more, and not registered with userfaultfd yet.
+    pub fn set_own_mapping(&mut self) {
+        self.set_flags((self.flags() | Self::NEEDS_REGISTER) & !Self::OVERLAY);
+    }
     /// smart_scan: how many scans this page went without merging (saturates
     /// at 15; the skip schedule is the same for every age from 9 on).
     pub fn age(&self) -> u8 {

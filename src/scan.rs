@@ -817,7 +817,7 @@ pub fn restore_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &
             Ok(()) => {
                 crate::merge::reapply_advice(region, addr, bytes);
                 for rec in &mut st.records[i..j] {
-                    rec.set_flags((rec.flags() | PageRecord::NEEDS_REGISTER) & !PageRecord::OVERLAY);
+                    rec.set_own_mapping();
                 }
                 core.drop_records(sh, &mut st.records[i..j]);
             }

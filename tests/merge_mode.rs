@@ -46,6 +46,18 @@ fn merged(m: &Mem, i: usize) -> bool {
     pagemap_flags(m.addr + i * common::PAGE).1
 }
 
+/// `ZEROS` zero pages, then `PAIRS` pairs of identical pages.
+fn layout(m: Mem) -> Mem {
+    for i in 0..ZEROS {
+        m.zero(i);
+    }
+    for p in 0..2 * PAIRS {
+        m.fill(ZEROS + p, 1000 + (p / 2) as u64);
+    }
+    m
+}
+
+/// What [`layout`] wrote is still there.
 fn data_intact(m: &Mem) -> bool {
     (0..ZEROS).all(|i| (0..512).all(|w| m.read_u64(i, w) == 0))
         && (0..2 * PAIRS).all(|p| m.page_matches(ZEROS + p, 1000 + (p / 2) as u64))
@@ -64,13 +76,7 @@ fn each_mode_merges_what_it_allows_and_a_stricter_one_unmerges() {
     // A private file mapping (QEMU's memory-backend-memfd share=off): its zero
     // pages merge into a store page, as the kernel's do with use_zero_pages=0
     // (anonymous zero pages would go to the zero page, see ksm_semantics).
-    let m = Mem::memfd_private(ZEROS + 2 * PAIRS);
-    for i in 0..ZEROS {
-        m.zero(i);
-    }
-    for p in 0..2 * PAIRS {
-        m.fill(ZEROS + p, 1000 + (p / 2) as u64);
-    }
+    let m = layout(Mem::memfd_private(ZEROS + 2 * PAIRS));
     e.register(m.addr, m.len).unwrap();
 
     // zero-only: the zero pages share one store page, the pairs stay apart.
@@ -133,13 +139,7 @@ fn use_zero_pages_under_zero_only_drops_zero_pages_and_nothing_else() {
     flat_out(&e);
     e.set_attr("use_zero_pages", "1").unwrap();
     e.set_attr(MODE, "zero-only").unwrap();
-    let m = Mem::anon(ZEROS + 2 * PAIRS);
-    for i in 0..ZEROS {
-        m.zero(i);
-    }
-    for p in 0..2 * PAIRS {
-        m.fill(ZEROS + p, 1000 + (p / 2) as u64);
-    }
+    let m = layout(Mem::anon(ZEROS + 2 * PAIRS));
     e.register(m.addr, m.len).unwrap();
     let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| s.ksm_zero_pages == ZEROS as u64);
     assert!(ok, "{s:?}");

@@ -18,7 +18,7 @@ use nohash_hasher::BuildNoHashHasher;
 use super::proto::{Candidate, FillPage, Order, OrderKind};
 use crate::store::{Store, StoreAlloc, StoreError};
 use crate::sys::PAGE_SIZE;
-use crate::tree::StableTree;
+use crate::tree::{StableTree, U64Halves};
 
 type NoHash<K, V> = HashMap<K, V, BuildNoHashHasher<u64>>;
 
@@ -40,32 +40,30 @@ struct Proposal {
 
 const _: () = assert!(std::mem::size_of::<Proposal>() == 16);
 
-/// An agent's proposal queue entry (digest, token, generation) in 20 bytes:
-/// as two u64 and a u32 it would be padded to 24.
+/// An agent's proposal queue entry in 20 bytes: as two u64 and a u32 it
+/// would be padded to 24.
 #[derive(Debug, Clone, Copy)]
 struct Queued {
-    digest: [u32; 2],
-    token: [u32; 2],
+    digest: U64Halves,
+    token: U64Halves,
     generation: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<Queued>() == 20);
 
-fn join64(v: [u32; 2]) -> u64 {
-    u64::from(v[0]) | u64::from(v[1]) << 32
-}
-
-fn split64(v: u64) -> [u32; 2] {
-    [v as u32, (v >> 32) as u32]
-}
-
 impl Queued {
-    fn new(digest: u64, token: u64, generation: u32) -> Self {
-        Self { digest: split64(digest), token: split64(token), generation }
+    fn new(digest: u64, p: &Proposal) -> Self {
+        Self { digest: U64Halves::new(digest), token: U64Halves::new(p.token), generation: p.generation }
     }
 
-    fn parts(&self) -> (u64, u64, u32) {
-        (join64(self.digest), join64(self.token), self.generation)
+    fn digest(&self) -> u64 {
+        self.digest.get()
+    }
+
+    /// Whether `p` is still the unstable entry this queue entry of `agent`
+    /// stands for (not matched or replaced since).
+    fn names(&self, agent: u32, p: &Proposal) -> bool {
+        (p.agent, p.token, p.generation) == (agent, self.token.get(), self.generation)
     }
 }
 
@@ -207,11 +205,10 @@ impl Domain {
         }
         let fifo = self.proposals.entry(agent).or_default();
         while fifo.len() >= max_proposals {
-            let Some((old, token, generation)) = fifo.pop_front().map(|q| q.parts()) else { break };
+            let Some(q) = fifo.pop_front() else { break };
             // Entries since matched or replaced are not this one any more.
-            let ours = |p: &Proposal| (p.agent, p.token, p.generation) == (agent, token, generation);
-            if let Some(p) = self.unstable.get(&old).copied().filter(ours) {
-                self.unstable.remove(&old);
+            if let Some(p) = self.unstable.get(&q.digest()).copied().filter(|p| q.names(agent, p)) {
+                self.unstable.remove(&q.digest());
                 if self.generations.get(&agent) == Some(&p.generation) {
                     if let Some(n) = self.live.get_mut(&agent) {
                         *n = n.saturating_sub(1);
@@ -219,7 +216,7 @@ impl Domain {
                 }
             }
         }
-        fifo.push_back(Queued::new(digest, me.token, me.generation));
+        fifo.push_back(Queued::new(digest, &me));
         // Only a stale entry (counted no more) can be replaced here.
         self.unstable.insert(digest, me);
         *self.live.entry(agent).or_default() += 1;
@@ -317,10 +314,7 @@ impl Domain {
         // per full scan, up to max_proposals.
         if let Some(q) = self.proposals.get_mut(&agent) {
             let unstable = &self.unstable;
-            q.retain(|e| {
-                let (digest, token, generation) = e.parts();
-                unstable.get(&digest).is_some_and(|p| (p.agent, p.token, p.generation) == (agent, token, generation))
-            });
+            q.retain(|e| unstable.get(&e.digest()).is_some_and(|p| e.names(agent, p)));
             q.shrink_to(q.len());
         }
         if self.unstable.len() > 1024 && self.unstable.len() > 2 * self.stable.pages_shared() as usize {

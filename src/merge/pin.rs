@@ -381,7 +381,7 @@ pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, items: 
 
     // Store stretches are new mappings of their own; the rest of what was
     // registered in missing mode goes back to write-protect only.
-    let replaced = |i: usize| !m.missing[i] || (ok[i] && m.kind != RunKind::Zero);
+    let replaced = |i: usize| !m.missing[i] || ok[i];
     let mut i = 0;
     while i < n {
         if replaced(i) {
@@ -425,27 +425,11 @@ pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, items: 
 /// Copies scratch page `from` into a fresh anonymous page moved over the
 /// hole at `addr`.
 fn put_back_by_copy(region: &Region, addr: usize, from: usize) -> std::io::Result<()> {
-    let rw = libc::PROT_READ | libc::PROT_WRITE;
-    // SAFETY: a fresh mapping at an address the kernel picks.
-    let tmp = unsafe { mman::raw_mmap(0, PAGE_SIZE, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)? };
-    // SAFETY: `tmp` is our fresh writable page; `from` is a scratch page
-    // holding the guest's page; they do not overlap.
-    unsafe { std::ptr::copy_nonoverlapping(from as *const u8, tmp as *mut u8, PAGE_SIZE) };
-    if region.prot != rw {
-        // SAFETY: our own fresh mapping.
-        unsafe { libc::syscall(libc::SYS_mprotect, tmp, PAGE_SIZE, region.prot as libc::c_long) };
-    }
-    // SAFETY: moves our fresh page, holding the guest's content, over the
-    // hole the merge made in a run it holds.
-    match unsafe { mman::raw_mremap(tmp, PAGE_SIZE, PAGE_SIZE, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, addr) } {
-        Ok(_) => {
-            super::reapply_advice(region, addr, PAGE_SIZE);
-            Ok(())
-        }
-        Err(e) => {
-            // SAFETY: still our own fresh mapping.
-            let _ = unsafe { mman::raw_munmap(tmp, PAGE_SIZE) };
-            Err(e)
-        }
-    }
+    let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+    // SAFETY: `from` is a scratch page holding the guest's page, which only
+    // this merge touches (under the scratch lock); `addr` is the hole the
+    // merge made in a run it holds.
+    unsafe { super::copy_over(from, addr, PAGE_SIZE, region.prot, anon) }?;
+    super::reapply_advice(region, addr, PAGE_SIZE);
+    Ok(())
 }
