@@ -41,7 +41,7 @@
 //!
 //! [`StatsTree::spawn`] starts a thread for one [`Engine`](crate::Engine)
 //! that passes over the tree at least once per `sleep_millisecs` (and at
-//! least every 200 ms, at most every 10 ms; [`StatsTreeHandle::kick`]
+//! least every 200 ms, at most every 50 ms; [`StatsTreeHandle::kick`]
 //! forces a pass). A pass takes the lock (waiting at most 2 s, else the
 //! pass is skipped: a stopped process holding it cannot hang the others),
 //! writes the process's `proc/<pid>` files, recomputes the global files and
