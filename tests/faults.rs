@@ -53,56 +53,78 @@ struct Cut {
     deliver: bool,
 }
 
-/// A frame-level relay between agents and the daemon listening on `listen`:
-/// a connection is cut as `cut` says, later ones pass untouched. (Should a
-/// connection end before its k-th frame, e.g. the agent's 2 s timeout on a
-/// loaded machine, the next one is cut instead, so every k happens.)
-fn relay(listen: &Path, upstream: PathBuf, cut: Cut, log: Arc<Mutex<Vec<String>>>) {
+/// A frame-level relay to the daemon listening on `upstream`, itself
+/// listening on `listen`: `judge` sees every frame, either way, with its
+/// direction and the state `connection` made for its connection, and may
+/// forward it (`send`, false if that failed); it says whether the connection
+/// goes on.
+fn frame_relay<C: Send + Sync + 'static>(
+    listen: &Path,
+    upstream: PathBuf,
+    connection: impl Fn() -> C + Send + 'static,
+    judge: impl Fn(&C, &str, &twinpage::broker::proto::Msg, &mut dyn FnMut() -> bool) -> bool + Send + Sync + 'static,
+) {
     let _ = std::fs::remove_file(listen);
     let l = UnixListener::bind(listen).unwrap();
-    let armed = Arc::new(Mutex::new(Some(cut)));
+    let judge = Arc::new(judge);
     std::thread::spawn(move || {
         for agent in l.incoming() {
             let Ok(agent) = agent else { return };
-            let Ok(daemon) = UnixStream::connect(&upstream) else { return };
-            let limit = *armed.lock().unwrap();
-            let count = Arc::new(Mutex::new(0usize));
+            let Ok(daemon) = UnixStream::connect(&upstream) else { continue };
+            let state = Arc::new(connection());
             for (from, to, dir) in [(&agent, &daemon, "->"), (&daemon, &agent, "<-")] {
                 let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
-                let (count, log, armed) = (count.clone(), log.clone(), armed.clone());
+                let (state, judge) = (state.clone(), judge.clone());
                 std::thread::spawn(move || {
                     let mut rx = Conn::new(from.try_clone().unwrap());
                     let mut tx = Conn::new(to.try_clone().unwrap());
-                    let end = || {
-                        let _ = from.shutdown(std::net::Shutdown::Both);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    };
                     loop {
-                        let Ok((msg, fd)) = rx.recv() else { return end() };
-                        let mut c = count.lock().unwrap();
-                        *c += 1;
-                        let sent = match limit {
-                            Some(cut) if *c > cut.k => return end(),
-                            Some(cut) if *c == cut.k && !cut.deliver => false,
-                            _ => true,
-                        };
-                        if sent {
-                            let r = match &fd {
+                        let Ok((msg, fd)) = rx.recv() else { break };
+                        let mut send = || {
+                            match &fd {
                                 Some(fd) => tx.send_with_fd(&msg, std::os::fd::AsFd::as_fd(fd)),
                                 None => tx.send(&msg),
-                            };
-                            if r.is_err() {
-                                return end();
                             }
-                        }
-                        if limit.is_some_and(|cut| *c == cut.k) {
-                            *armed.lock().unwrap() = None;
-                            log.lock().unwrap().push(format!("{cut:?}: cut at {dir} {}", msg.name()));
-                            return end();
+                            .is_ok()
+                        };
+                        if !judge(&state, dir, &msg, &mut send) {
+                            break;
                         }
                     }
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
                 });
             }
+        }
+    });
+}
+
+/// A relay whose connection is cut as `cut` says, later ones pass
+/// untouched. (Should a connection end before its k-th frame, e.g. the
+/// agent's 2 s timeout on a loaded machine, the next one is cut instead, so
+/// every k happens.)
+fn relay(listen: &Path, upstream: PathBuf, cut: Cut, log: Arc<Mutex<Vec<String>>>) {
+    let armed = Arc::new(Mutex::new(Some(cut)));
+    let connection = {
+        let armed = armed.clone();
+        // The cut this connection is armed with, and its frames so far.
+        move || (*armed.lock().unwrap(), Mutex::new(0usize))
+    };
+    frame_relay(listen, upstream, connection, move |(limit, count), dir, msg, send| {
+        let mut c = count.lock().unwrap();
+        *c += 1;
+        match *limit {
+            Some(cut) if *c > cut.k => false,
+            Some(cut) if *c == cut.k => {
+                if cut.deliver && !send() {
+                    // Not cut here: the next connection is.
+                    return false;
+                }
+                *armed.lock().unwrap() = None;
+                log.lock().unwrap().push(format!("{cut:?}: cut at {dir} {}", msg.name()));
+                false
+            }
+            _ => send(),
         }
     });
 }
@@ -115,58 +137,26 @@ struct KillAt {
     deliver: bool,
 }
 
-/// A frame-level relay (every connection) that, when armed, SIGKILLs the
-/// daemon `pid` names on the armed frame: the daemon dies in the middle of
-/// an exchange, deliberately. The frames hit are logged.
+/// A relay (every connection) that, when armed, SIGKILLs the daemon `pid`
+/// names on the armed frame: the daemon dies in the middle of an exchange,
+/// deliberately. The frames hit are logged.
 fn killing_relay(listen: &Path, upstream: PathBuf, arm: Arc<Mutex<Option<KillAt>>>, pid: Arc<std::sync::atomic::AtomicU32>, log: Arc<Mutex<Vec<String>>>) {
-    let _ = std::fs::remove_file(listen);
-    let l = UnixListener::bind(listen).unwrap();
-    std::thread::spawn(move || {
-        for agent in l.incoming() {
-            let Ok(agent) = agent else { return };
-            let Ok(daemon) = UnixStream::connect(&upstream) else { continue };
-            for (from, to, dir) in [(&agent, &daemon, "->"), (&daemon, &agent, "<-")] {
-                let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
-                let (arm, pid, log) = (arm.clone(), pid.clone(), log.clone());
-                std::thread::spawn(move || {
-                    let mut rx = Conn::new(from.try_clone().unwrap());
-                    let mut tx = Conn::new(to.try_clone().unwrap());
-                    let end = || {
-                        let _ = from.shutdown(std::net::Shutdown::Both);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    };
-                    loop {
-                        let Ok((msg, fd)) = rx.recv() else { return end() };
-                        let mut armed = arm.lock().unwrap();
-                        let kill = armed.as_mut().and_then(|k| {
-                            k.frames -= 1;
-                            (k.frames == 0).then_some(k.deliver)
-                        });
-                        let send = |tx: &mut Conn| match &fd {
-                            Some(fd) => tx.send_with_fd(&msg, std::os::fd::AsFd::as_fd(fd)),
-                            None => tx.send(&msg),
-                        };
-                        match kill {
-                            Some(deliver) => {
-                                if deliver {
-                                    let _ = send(&mut tx);
-                                }
-                                let p = pid.load(std::sync::atomic::Ordering::SeqCst);
-                                // SAFETY: kill(2) of the test's own daemon child.
-                                unsafe { libc::kill(p as i32, libc::SIGKILL) };
-                                *armed = None;
-                                log.lock().unwrap().push(format!("{} {dir} {}", if deliver { "after" } else { "with in flight" }, msg.name()));
-                            }
-                            None => {
-                                if send(&mut tx).is_err() {
-                                    return end();
-                                }
-                            }
-                        }
-                    }
-                });
-            }
+    frame_relay(listen, upstream, || (), move |(), dir, msg, send| {
+        let mut armed = arm.lock().unwrap();
+        let kill = armed.as_mut().and_then(|k| {
+            k.frames -= 1;
+            (k.frames == 0).then_some(k.deliver)
+        });
+        let Some(deliver) = kill else { return send() };
+        if deliver {
+            send();
         }
+        let p = pid.load(std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: kill(2) of the test's own daemon child.
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+        *armed = None;
+        log.lock().unwrap().push(format!("{} {dir} {}", if deliver { "after" } else { "with in flight" }, msg.name()));
+        true
     });
 }
 
