@@ -148,6 +148,19 @@ impl Link {
         }
     }
 
+    /// Tells the broker which store pages of the resumed agent this process
+    /// still maps, one entry per mapping; the broker drops the rest.
+    pub fn hold(&mut self, store: &[u32]) -> Result<(), LinkError> {
+        let mut chunks = store.chunks(crate::broker::proto::MAX_ITEMS).peekable();
+        if chunks.peek().is_none() {
+            self.conn.send(&Msg::Holding { store: Vec::new(), done: true })?;
+        }
+        while let Some(c) = chunks.next() {
+            self.conn.send(&Msg::Holding { store: c.to_vec(), done: chunks.peek().is_none() })?;
+        }
+        Ok(())
+    }
+
     /// Tells the broker a full scan ended (our unstable-tree entries age out).
     pub fn full_scan(&mut self) -> Result<(), LinkError> {
         self.conn.send(&Msg::FullScan)?;

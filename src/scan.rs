@@ -226,8 +226,6 @@ pub struct Core {
     /// The agent id of the link that broke last, while its orphans
     /// (LAST_LINK) may still be taken back by the same daemon.
     pub last_link: Option<u32>,
-    /// Releases of LAST_LINK orphans meanwhile.
-    pub last_released: Vec<u32>,
     /// `counters.activity` when the last full scan ended.
     activity_mark: u64,
     /// Full scans in a row that saw no activity.
@@ -248,7 +246,6 @@ impl Core {
             remote: None,
             remote_lost: false,
             last_link: None,
-            last_released: Vec::new(),
             activity_mark: 0,
             quiet_scans: 0,
         }
@@ -264,15 +261,10 @@ impl Core {
     pub fn release_record(&mut self, sh: &Shared, rec: &mut PageRecord) {
         if rec.flags() & (PageRecord::REMOTE | PageRecord::ORPHAN) != 0 {
             self.counters.daemon_merged -= 1;
-            let remote = rec.flags() & PageRecord::REMOTE != 0;
-            match self.remote.as_mut() {
-                Some(link) if remote => link.released.push(rec.key()),
-                // A page of the link that broke (not yet, or already, an
-                // orphan): sent if the daemon hands that link's references over.
-                _ if (remote || rec.flags() & PageRecord::LAST_LINK != 0) && self.last_link.is_some() => {
-                    self.last_released.push(rec.key())
-                }
-                _ => {}
+            // A page of a link that broke is simply not claimed when the
+            // daemon hands that link's references over (`Holding`).
+            if let (Some(link), true) = (self.remote.as_mut(), rec.flags() & PageRecord::REMOTE != 0) {
+                link.released.push(rec.key());
             }
             rec.clear_flags(PageRecord::REMOTE | PageRecord::ORPHAN | PageRecord::LAST_LINK);
         } else {
@@ -284,7 +276,6 @@ impl Core {
     pub fn lose_remote(&mut self, sh: &Shared, why: &crate::link::LinkError) {
         if let Some(link) = self.remote.take() {
             self.last_link = Some(link.agent_id);
-            self.last_released.clear();
             sh.daemon_fd.store(-1, std::sync::atomic::Ordering::SeqCst);
             let why = crate::link::chain(why);
             log::warn!("twinpage: lost twinpaged ({why}); this process merges its own pages until it is back");

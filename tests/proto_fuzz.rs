@@ -58,7 +58,7 @@ fn domain(rng: &mut StdRng) -> String {
 /// frame (offset, width in bytes).
 fn message(rng: &mut StdRng) -> (Msg, Vec<(usize, usize)>) {
     let p = HEADER;
-    match rng.gen_range(0..9) {
+    match rng.gen_range(0..11) {
         0 => {
             let d = if rng.gen_bool(0.5) { Some(domain(rng)) } else { None };
             (Msg::Hello { pid: rng.gen(), domain: d }, vec![(p + 4, 1)])
@@ -106,6 +106,11 @@ fn message(rng: &mut StdRng) -> (Msg, Vec<(usize, usize)>) {
             let n = len(rng, MAX_ITEMS);
             (Msg::Filled { results: (0..n).map(|_| (rng.gen(), rng.gen())).collect() }, vec![(p, 4)])
         }
+        8 => {
+            let store = (0..len(rng, MAX_ITEMS)).map(|_| rng.gen()).collect();
+            (Msg::Holding { store, done: rng.gen() }, vec![(p + 1, 4)])
+        }
+        9 => (if rng.gen() { Msg::Resume { agent_id: rng.gen() } } else { Msg::Resumed { ok: rng.gen() } }, vec![]),
         _ => {
             let n = len(rng, MAX_REASON);
             let reason: String = if rng.gen_bool(0.2) {

@@ -79,12 +79,26 @@ pub struct Holdings {
     /// Bumped (wrapping) at each of the agent's full scans: older proposals
     /// are stale.
     pub generation: u32,
+    /// References of a parked self this agent took over (`Resume`) that it
+    /// has not claimed yet (`Holding`).
+    unclaimed: Option<Unclaimed>,
+}
+
+/// A parked self's references, held and ordered, until the agent says which
+/// of them it still maps: the parked self may have carried out orders it
+/// never reported, or not carried them out, and its last reports may have
+/// gone with the link. Only the agent knows what it maps.
+#[derive(Debug, Default)]
+struct Unclaimed {
+    held: HashMap<u32, u32>,
+    pending: HashMap<u32, u32>,
 }
 
 impl Holdings {
     /// Merged pages the agent holds.
     pub fn merged(&self) -> u64 {
-        self.held.values().map(|&n| u64::from(n)).sum()
+        let unclaimed = self.unclaimed.as_ref().map_or(0, |u| u.held.values().chain(u.pending.values()).map(|&n| u64::from(n)).sum());
+        self.held.values().map(|&n| u64::from(n)).sum::<u64>() + unclaimed
     }
 }
 
@@ -334,6 +348,11 @@ impl Domain {
     /// pages it was to upload and never filled (nobody maps those: joins of
     /// a page are ordered once it is filled), so others can merge them.
     pub fn park(&mut self, agent: u32, h: &mut Holdings) {
+        // A claim cut short: what was not claimed yet may still be mapped,
+        // so it stays held (a leak until the process exits, never a hole).
+        if let Some(u) = h.unclaimed.take() {
+            self.keep_all(u.held, u.pending, h);
+        }
         for (idx, _) in std::mem::take(&mut h.uploads) {
             if take_one(&mut h.pending, idx) && self.stable.cancel(idx) {
                 self.free(idx);
@@ -345,42 +364,83 @@ impl Domain {
         self.unstable.retain(|_, p| p.agent != agent);
     }
 
-    /// A reconnected agent takes over what its parked self held: its merges,
-    /// and orders it may have carried out before the link broke (their
-    /// reports were lost; the agent holds those pages as its own now, and
-    /// releases them when it stops using them).
+    /// A reconnected agent takes over what its parked self held and was
+    /// ordered, unclaimed until it says what it maps ([`claim`](Self::claim)).
     pub fn adopt(&mut self, from: Holdings, into: &mut Holdings) {
+        // Unfilled uploads and unfinished claims were settled when it was parked.
+        debug_assert!(from.uploads.is_empty() && from.unclaimed.is_none());
+        let u = into.unclaimed.get_or_insert_with(Unclaimed::default);
         for (idx, n) in from.held {
-            *into.held.entry(idx).or_default() += n;
+            *u.held.entry(idx).or_default() += n;
         }
         for (idx, n) in from.pending {
+            *u.pending.entry(idx).or_default() += n;
+        }
+    }
+
+    /// The agent maps these store pages of its parked self (one entry per
+    /// mapping): each moves one unclaimed reference to `held`, an order
+    /// carried out becoming a merge. Entries beyond what the parked self held
+    /// or was ordered are ignored. With `done`, every reference left
+    /// unclaimed is dropped, and store pages nobody else holds are freed.
+    /// Returns the references dropped.
+    pub fn claim(&mut self, h: &mut Holdings, store: &[u32], done: bool) -> u64 {
+        if let Some(u) = h.unclaimed.as_mut() {
+            for &idx in store {
+                if take_one(&mut u.held, idx) {
+                    *h.held.entry(idx).or_default() += 1;
+                } else if take_one(&mut u.pending, idx) {
+                    self.stable.commit(idx);
+                    *h.held.entry(idx).or_default() += 1;
+                }
+            }
+        }
+        let Some(u) = h.unclaimed.take_if(|_| done) else { return 0 };
+        self.drop_all(u.held, u.pending)
+    }
+
+    /// Takes every reference in `held` and every order in `pending` as the
+    /// agent's merges.
+    fn keep_all(&mut self, held: HashMap<u32, u32>, pending: HashMap<u32, u32>, into: &mut Holdings) {
+        for (idx, n) in held {
+            *into.held.entry(idx).or_default() += n;
+        }
+        for (idx, n) in pending {
             for _ in 0..n {
                 self.stable.commit(idx);
             }
             *into.held.entry(idx).or_default() += n;
         }
-        // Unfilled uploads went when it was parked.
-        debug_assert!(from.uploads.is_empty());
+    }
+
+    /// Releases every reference in `held` and cancels every order in
+    /// `pending`, freeing store pages nobody holds any more; returns how many.
+    fn drop_all(&mut self, held: HashMap<u32, u32>, pending: HashMap<u32, u32>) -> u64 {
+        let mut dropped = 0;
+        for (idx, n) in pending {
+            for _ in 0..n {
+                dropped += 1;
+                if self.stable.cancel(idx) {
+                    self.free(idx);
+                }
+            }
+        }
+        for (idx, n) in held {
+            for _ in 0..n {
+                dropped += 1;
+                if self.stable.release(idx) {
+                    self.free(idx);
+                }
+            }
+        }
+        dropped
     }
 
     /// The agent is gone (its process exited): everything it held or had
     /// been ordered is dropped; store pages nobody else holds are freed.
     pub fn leave(&mut self, agent: u32, mut h: Holdings) {
         self.park(agent, &mut h);
-        for (idx, n) in h.pending {
-            for _ in 0..n {
-                if self.stable.cancel(idx) {
-                    self.free(idx);
-                }
-            }
-        }
-        for (idx, n) in h.held {
-            for _ in 0..n {
-                if self.stable.release(idx) {
-                    self.free(idx);
-                }
-            }
-        }
+        self.drop_all(h.held, h.pending);
     }
 
     fn free(&mut self, idx: u32) {

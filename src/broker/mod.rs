@@ -225,6 +225,12 @@ impl Broker {
         Resume::Taken
     }
 
+    /// The agent maps these store pages of the parked self it resumed; with
+    /// `done`, the references it did not claim are dropped (returns how many).
+    pub fn claim(&mut self, agent: u32, store: &[u32], done: bool) -> u64 {
+        self.parts(agent).map_or(0, |(d, h)| d.claim(h, store, done))
+    }
+
     /// The agent's process is gone: its references are dropped and store
     /// pages only it held are freed.
     pub fn leave(&mut self, agent: u32) {
@@ -392,9 +398,59 @@ mod tests {
         assert_eq!(b.stats().twinpage_store_bytes, PAGE as u64, "the parked join keeps the page");
         assert_eq!(b.resume(a1b, a1), Resume::Taken);
         assert_eq!(b.parked(), 0);
+        // It did the join before the link broke: it maps the page.
+        assert_eq!(b.claim(a1b, &[s, s, 12345], true), 0, "one claim per reference held; unknown pages claim nothing");
+        assert_eq!(b.stats().twinpage_store_bytes, PAGE as u64);
         b.report(a1b, &[], &[], &[s]);
         let st = b.stats();
         assert_eq!((st.pages_shared, st.twinpage_store_bytes), (0, 0));
+    }
+
+    /// Issue 19: after a broken link the broker held references for orders
+    /// never carried out and for releases lost with the link. A resumed
+    /// agent says what it maps; the rest goes when its claim is done, and a
+    /// claim cut short by another break keeps everything (never a hole).
+    #[test]
+    fn a_resumed_agent_keeps_exactly_what_it_claims() {
+        let mut b = Broker::new();
+        let (a1, _f1) = b.join(10, 1000, None).unwrap();
+        let (a2, _f2) = b.join(11, 1000, None).unwrap();
+        let pages: Vec<_> = (0..3u8).map(page).collect();
+        let cands = |base: u64| pages.iter().enumerate().map(|(i, p)| cand(base + i as u64, p, true)).collect::<Vec<_>>();
+        assert!(b.scan(a2, &cands(0)).is_empty());
+        let up = b.scan(a1, &cands(10));
+        let filled: Vec<_> = up.iter().zip(&pages).map(|(o, p)| FillPage { store: o.store, digest: cand(0, p, true).digest, bytes: p.clone() }).collect();
+        let stores: Vec<u32> = up.iter().map(|o| o.store).collect();
+        assert!(b.fill(a1, &filled).iter().all(|r| r.1));
+        // a1 merged all three and reported them; a2 was ordered to join all
+        // three, did two, and its link broke before it reported.
+        b.report(a1, &stores, &[], &[]);
+        let joins = b.scan(a2, &cands(0));
+        assert_eq!(joins.len(), 3);
+        b.park(a2);
+        let (a2b, _f3) = b.join(11, 1000, None).unwrap();
+        assert_eq!(b.resume(a2b, a2), Resume::Taken);
+        assert_eq!(b.stats().twinpage_store_bytes, 3 * PAGE as u64);
+        assert_eq!(b.claim(a2b, &stores[..1], false), 0);
+        assert_eq!(b.claim(a2b, &stores[1..2], true), 1, "the join it never did is dropped");
+        let st = b.stats();
+        assert_eq!((st.pages_shared, st.pages_sharing), (3, 2));
+        // a1 lets go of everything: only the two a2 maps stay.
+        b.report(a1, &[], &[], &stores);
+        assert_eq!(b.stats().twinpage_store_bytes, 2 * PAGE as u64);
+        // Held references a claim leaves out are dropped too; a claim cut
+        // short by a break keeps what was not claimed yet.
+        b.park(a2b);
+        let (a2c, _f4) = b.join(11, 1000, None).unwrap();
+        assert_eq!(b.resume(a2c, a2b), Resume::Taken);
+        b.park(a2c);
+        assert_eq!(b.stats().twinpage_store_bytes, 2 * PAGE as u64, "a claim not done keeps everything");
+        let (a2d, _f5) = b.join(11, 1000, None).unwrap();
+        assert_eq!(b.resume(a2d, a2c), Resume::Taken);
+        assert_eq!(b.claim(a2d, &stores[1..2], true), 1);
+        assert_eq!(b.stats().twinpage_store_bytes, PAGE as u64);
+        b.leave(a2d);
+        assert_eq!(b.stats().twinpage_store_bytes, 0);
     }
 
     /// An agent keeps at most `max_proposals` entries in the unstable tree,

@@ -46,6 +46,7 @@ const K_FILL: u16 = 3;
 const K_REPORT: u16 = 4;
 const K_FULL_SCAN: u16 = 5;
 const K_RESUME: u16 = 6;
+const K_HOLDING: u16 = 7;
 const K_WELCOME: u16 = 16;
 const K_ORDERS: u16 = 17;
 const K_FILLED: u16 = 18;
@@ -72,6 +73,7 @@ const fn max_payload(kind: u16) -> Option<usize> {
         K_FILLED => 4 + MAX_ITEMS * RESULT_BYTES,
         K_REFUSED => 2 + MAX_REASON,
         K_RESUME => 4,
+        K_HOLDING => 1 + 4 + MAX_ITEMS * 4,
         K_RESUMED => 1,
         _ => return None,
     })
@@ -79,7 +81,7 @@ const fn max_payload(kind: u16) -> Option<usize> {
 
 // Every kind's largest frame fits the global limit.
 const _: () = {
-    let kinds = [K_HELLO, K_SCAN, K_FILL, K_REPORT, K_FULL_SCAN, K_RESUME, K_WELCOME, K_ORDERS, K_FILLED, K_REFUSED, K_RESUMED];
+    let kinds = [K_HELLO, K_SCAN, K_FILL, K_REPORT, K_FULL_SCAN, K_RESUME, K_HOLDING, K_WELCOME, K_ORDERS, K_FILLED, K_REFUSED, K_RESUMED];
     let mut i = 0;
     while i < kinds.len() {
         match max_payload(kinds[i]) {
@@ -125,7 +127,7 @@ pub struct FillPage {
     pub bytes: Box<[u8; PAGE]>,
 }
 
-/// One message. Kinds 1–6 go from agent to broker, 16–20 back.
+/// One message. Kinds 1–7 go from agent to broker, 16–20 back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
     /// Kind 1: the first message of an agent; `domain` names the sharing
@@ -148,6 +150,13 @@ pub enum Msg {
     /// broker hands that agent's references over to the new one when it
     /// has them parked for this process. Wire: `u32` agent id.
     Resume { agent_id: u32 },
+    /// Kind 7: after `Resumed { ok: true }`, what the agent still maps of
+    /// its parked self's store pages: one entry per page it maps, in as many
+    /// messages as it takes, the last with `done`. The broker keeps exactly
+    /// those references (never more than the parked self held) and drops
+    /// the rest when `done` arrives: orders carried out but never reported,
+    /// reports lost with the link. Wire: `u8` done, `u32` count, `u32`s.
+    Holding { store: Vec<u32>, done: bool },
     /// Kind 16: the agent is in; the read-only store fd travels with this
     /// message (`SCM_RIGHTS`). Wire: `u32` agent id, `u32` agents.
     Welcome { agent_id: u32, agents: u32 },
@@ -174,6 +183,7 @@ impl Msg {
             Msg::Report { .. } => K_REPORT,
             Msg::FullScan => K_FULL_SCAN,
             Msg::Resume { .. } => K_RESUME,
+            Msg::Holding { .. } => K_HOLDING,
             Msg::Resumed { .. } => K_RESUMED,
             Msg::Welcome { .. } => K_WELCOME,
             Msg::Orders { .. } => K_ORDERS,
@@ -191,6 +201,7 @@ impl Msg {
             Msg::Report { .. } => "Report",
             Msg::FullScan => "FullScan",
             Msg::Resume { .. } => "Resume",
+            Msg::Holding { .. } => "Holding",
             Msg::Resumed { .. } => "Resumed",
             Msg::Welcome { .. } => "Welcome",
             Msg::Orders { .. } => "Orders",
@@ -243,6 +254,7 @@ pub fn validate(msg: &Msg) -> Result<(), ProtoError> {
         }
         Msg::Orders { orders, .. } => count(orders.len(), MAX_ITEMS, "too many orders"),
         Msg::Filled { results } => count(results.len(), MAX_ITEMS, "too many results"),
+        Msg::Holding { store, .. } => count(store.len(), MAX_ITEMS, "too many holdings"),
         Msg::Refused { reason } => count(reason.len(), MAX_REASON, "reason too long"),
         _ => Ok(()),
     }
@@ -263,6 +275,14 @@ fn put_len32(out: &mut Vec<u8>, n: usize) {
     put_u32(out, u32::try_from(n).unwrap_or(u32::MAX));
 }
 
+/// A list of `u32`s: its count, then the values.
+fn put_u32s(out: &mut Vec<u8>, list: &[u32]) {
+    put_len32(out, list.len());
+    for &v in list {
+        put_u32(out, v);
+    }
+}
+
 /// Bytes of the payload of `msg`.
 fn payload_len(msg: &Msg) -> usize {
     match msg {
@@ -272,6 +292,7 @@ fn payload_len(msg: &Msg) -> usize {
         Msg::Report { committed, cancelled, released } => 12 + 4 * (committed.len() + cancelled.len() + released.len()),
         Msg::FullScan => 0,
         Msg::Resume { .. } => 4,
+        Msg::Holding { store, .. } => 5 + 4 * store.len(),
         Msg::Resumed { .. } => 1,
         Msg::Welcome { .. } => 8,
         Msg::Orders { orders, .. } => 8 + orders.len() * ORDER_BYTES,
@@ -326,11 +347,12 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
         }
         Msg::Report { committed, cancelled, released } => {
             for list in [committed, cancelled, released] {
-                put_len32(out, list.len());
-                for &v in list {
-                    put_u32(out, v);
-                }
+                put_u32s(out, list);
             }
+        }
+        Msg::Holding { store, done } => {
+            out.push(*done as u8);
+            put_u32s(out, store);
         }
         Msg::FullScan => {}
         Msg::Resume { agent_id } => put_u32(out, *agent_id),
@@ -514,6 +536,10 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), ProtoError> {
         }
         K_FULL_SCAN => Msg::FullScan,
         K_RESUME => Msg::Resume { agent_id: r.u32()? },
+        K_HOLDING => {
+            let done = r.bool()?;
+            Msg::Holding { store: r.u32s(MAX_ITEMS, true)?, done }
+        }
         K_RESUMED => Msg::Resumed { ok: r.bool()? },
         K_WELCOME => Msg::Welcome { agent_id: r.u32()?, agents: r.u32()? },
         K_ORDERS => {
@@ -617,6 +643,9 @@ mod tests {
         roundtrip(Msg::Resume { agent_id: 77 });
         roundtrip(Msg::Resumed { ok: true });
         roundtrip(Msg::Resumed { ok: false });
+        roundtrip(Msg::Holding { store: vec![], done: true });
+        roundtrip(Msg::Holding { store: vec![7, 7, 3, u32::MAX], done: false });
+        roundtrip(Msg::Holding { store: (0..MAX_ITEMS as u32).collect(), done: true });
         roundtrip(Msg::Hello { pid: u32::MAX, domain: Some("qemu-guests.a_b:c".into()) });
         roundtrip(Msg::Hello { pid: 0, domain: Some("x".repeat(MAX_DOMAIN)) });
         roundtrip(Msg::Scan { items: vec![] });
@@ -671,7 +700,7 @@ mod tests {
         assert_eq!(frame_len(&header(0, 2, K_FULL_SCAN)), Err(ProtoError::Version(2)));
         assert_eq!(frame_len(&header(0, 0, K_FULL_SCAN)), Err(ProtoError::Version(0)));
         assert_eq!(decode(&header(0, 7, 999)), Err(ProtoError::Version(7)));
-        for kind in [0, 7, 15, 21, u16::MAX] {
+        for kind in [0, 8, 15, 21, u16::MAX] {
             assert_eq!(frame_len(&header(0, VERSION, kind)), Err(ProtoError::Kind(kind)));
         }
         // Oversized announcements fail from the header alone.

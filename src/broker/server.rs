@@ -253,6 +253,12 @@ fn agent_loop(daemon: &Daemon, conn: &mut Conn, id: u32) -> Result<(), ConnError
                 daemon.broker.lock().report(id, &committed, &cancelled, &released);
             }
             Msg::FullScan => daemon.broker.lock().full_scan(id),
+            Msg::Holding { store, done } => {
+                let dropped = daemon.broker.lock().claim(id, &store, done);
+                if dropped > 0 {
+                    log::info!("twinpaged: agent {id} no longer maps {dropped} pages of its parked self; their references are dropped");
+                }
+            }
             Msg::Resume { agent_id } => {
                 // The old connection's thread may not have seen its end yet
                 // (it then waits up to EXIT_GRACE_MS for the process): wait

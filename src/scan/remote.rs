@@ -118,24 +118,14 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
                     // Next time without: a daemon that does not know Resume
                     // closes the link on it.
                     log::debug!("twinpage: twinpaged at {} dropped the link on Resume: {}", cfg.socket.display(), crate::link::chain(&e));
-                    readopt(sh, false);
-                    let mut core = sh.core.lock();
-                    core.last_link = None;
-                    core.last_released.clear();
+                    forget_last_link(sh);
                     return 1;
                 }
             };
-            if last.is_some() {
-                readopt(sh, adopted);
+            if last.is_some() && !adopted {
+                forget_last_link(sh);
             }
             let mut core = sh.core.lock();
-            if last.is_some() {
-                let released = std::mem::take(&mut core.last_released);
-                if adopted {
-                    link.released.extend(released);
-                }
-                core.last_link = None;
-            }
             if core.remote.is_none() && !core.remote_lost {
                 use std::sync::atomic::Ordering;
                 sh.daemon_fd.store(link.raw_fd(), Ordering::SeqCst);
@@ -149,6 +139,10 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
                 core.remote = Some(link);
                 // A new link is news for the scanner: it is not idle.
                 core.counters.activity += 1;
+                drop(core);
+                if adopted {
+                    claim_last_link(sh);
+                }
                 return agents;
             }
         }
@@ -181,17 +175,39 @@ fn orphan_all(sh: &Shared) {
     sh.core.lock().remote_lost = false;
 }
 
-/// After a reconnect: the lost link's orphans are REMOTE again when the
-/// daemon took their references over, plain orphans otherwise.
-fn readopt(sh: &Shared, adopted: bool) {
-    let regions: Vec<_> = sh.registry.read().iter().cloned().collect();
-    for r in regions {
+/// The daemon did not take the lost link's references over (restarted, or
+/// it gave up waiting): its orphans stay plain orphans.
+fn forget_last_link(sh: &Shared) {
+    for r in sh.registry.read().iter() {
+        let mut st = r.state.write();
+        for rec in st.records.iter_mut() {
+            rec.clear_flags(PageRecord::LAST_LINK);
+        }
+    }
+    sh.core.lock().last_link = None;
+}
+
+/// The daemon took the lost link's references over (`Resumed`), and the new
+/// link is in place: the lost link's orphans this process still maps are
+/// REMOTE again, and the daemon is told exactly which (`Holding`), so it
+/// drops the references the old link left behind that no page maps (orders
+/// never carried out, reports lost with the link). A page released before
+/// its region is gone through here is not claimed; one released after is
+/// claimed and then released over the new link, in that order.
+fn claim_last_link(sh: &Shared) {
+    let mut claims = Vec::new();
+    for r in sh.registry.read().iter() {
         let mut st = r.state.write();
         for rec in st.records.iter_mut().filter(|r| r.flags() & PageRecord::LAST_LINK != 0) {
-            rec.clear_flags(PageRecord::LAST_LINK);
-            if adopted {
-                rec.set_flags((rec.flags() & !PageRecord::ORPHAN) | PageRecord::REMOTE);
-            }
+            rec.set_flags((rec.flags() & !(PageRecord::ORPHAN | PageRecord::LAST_LINK)) | PageRecord::REMOTE);
+            claims.push(rec.key());
         }
+    }
+    let mut core = sh.core.lock();
+    let core = &mut *core;
+    core.last_link = None;
+    let Some(link) = core.remote.as_mut() else { return };
+    if let Err(e) = link.hold(&claims) {
+        core.lose_remote(sh, &e);
     }
 }
