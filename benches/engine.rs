@@ -84,13 +84,17 @@ fn stable(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         g.sample_size(10);
         g.bench_with_input(BenchmarkId::new("build(insert+commit)", n), &keys, |b, keys| {
-            b.iter_batched(StableTree::default, |mut t| {
-                for (i, &k) in keys.iter().enumerate() {
-                    t.insert(k, i as u32, 1);
-                    t.commit(i as u32);
-                }
-                t
-            }, BatchSize::LargeInput)
+            b.iter_batched(
+                StableTree::default,
+                |mut t| {
+                    for (i, &k) in keys.iter().enumerate() {
+                        t.insert(k, i as u32, 1);
+                        t.commit(i as u32);
+                    }
+                    t
+                },
+                BatchSize::LargeInput,
+            )
         });
 
         g.throughput(Throughput::Elements(1));
@@ -208,9 +212,7 @@ fn merge(c: &mut Criterion) {
     g.bench_function("isolated_page", |b| b.iter_custom(|iters| h.merge_isolated(iters)));
     for run_len in [64usize, 512] {
         g.throughput(Throughput::Elements(run_len as u64));
-        g.bench_function(BenchmarkId::new("run", run_len), |b| {
-            b.iter_custom(|iters| h.merge_runs(run_len, iters))
-        });
+        g.bench_function(BenchmarkId::new("run", run_len), |b| b.iter_custom(|iters| h.merge_runs(run_len, iters)));
     }
     g.finish();
     let s = h.stats();

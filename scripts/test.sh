@@ -16,6 +16,9 @@ rustc --version
 step "build (release)"
 cargo build --release --workspace --all-targets
 
+step "rustfmt (the tree is formatted)"
+cargo fmt --all -- --check
+
 step "clippy (warnings are errors; undocumented unsafe is denied)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 

@@ -16,8 +16,8 @@ use crate::sys::pagemap::Pagemap;
 use crate::sys::uffd::{self, UffdError, UffdMsg, Userfaultfd};
 use crate::sys::PAGE_SIZE;
 use crate::tunables::{AdvisorMode, TunableError, Tunables};
-use kernel_compat::WriteError;
 use crate::warn_once;
+use kernel_compat::WriteError;
 
 /// Errors of the engine API.
 #[derive(Debug, thiserror::Error)]
@@ -216,22 +216,22 @@ impl Engine {
                         vma.path
                     );
                 }
-                let mergeability = match if no_backing { Err(io::Error::from_raw_os_error(libc::ENOENT)) } else { sh.uffd.register_wp(ps, pe - ps) } {
-                    Ok(()) => Mergeability::Mergeable,
-                    Err(err) => {
-                        warn_once!(
-                            "scan-only",
-                            "twinpage: {} at {ps:#x} cannot be write-protected ({err}); it is scanned and reported but never merged",
-                            if vma.path.is_empty() { "memory" } else { vma.path.as_str() }
-                        );
-                        Mergeability::ScanOnly
-                    }
-                };
+                let mergeability =
+                    match if no_backing { Err(io::Error::from_raw_os_error(libc::ENOENT)) } else { sh.uffd.register_wp(ps, pe - ps) } {
+                        Ok(()) => Mergeability::Mergeable,
+                        Err(err) => {
+                            warn_once!(
+                                "scan-only",
+                                "twinpage: {} at {ps:#x} cannot be write-protected ({err}); it is scanned and reported but never merged",
+                                if vma.path.is_empty() { "memory" } else { vma.path.as_str() }
+                            );
+                            Mergeability::ScanOnly
+                        }
+                    };
                 let pages = (pe - ps) / PAGE_SIZE;
                 let mut reg = sh.registry.write();
                 let id = reg.next_id();
-                let mut region =
-                    Region::new(id, ps, pages, vma.kind, mergeability, vma.prot, vec![PageRecord::default(); pages]);
+                let mut region = Region::new(id, ps, pages, vma.kind, mergeability, vma.prot, vec![PageRecord::default(); pages]);
                 region.dontfork = vma.dontfork;
                 region.dontdump = vma.dontdump;
                 region.file_offset = vma.offset + (ps - vma.start) as u64;
@@ -294,13 +294,7 @@ impl Engine {
         }
     }
 
-    fn remove_range(
-        &self,
-        addr: usize,
-        len: usize,
-        unmerge: bool,
-        between: impl FnOnce(),
-    ) -> Result<(), EngineError> {
+    fn remove_range(&self, addr: usize, len: usize, unmerge: bool, between: impl FnOnce()) -> Result<(), EngineError> {
         if !addr.is_multiple_of(PAGE_SIZE) {
             between();
             return Err(EngineError::Inval);
@@ -331,15 +325,7 @@ impl Engine {
             let mut split = |lo: usize, hi: usize| {
                 if lo < hi {
                     let id = reg.next_id();
-                    let mut n = Region::new(
-                        id,
-                        r.addr(lo),
-                        hi - lo,
-                        r.kind,
-                        r.mergeability,
-                        r.prot,
-                        records[lo..hi].to_vec(),
-                    );
+                    let mut n = Region::new(id, r.addr(lo), hi - lo, r.kind, r.mergeability, r.prot, records[lo..hi].to_vec());
                     n.dontfork = r.dontfork;
                     n.dontdump = r.dontdump;
                     n.backing = r.backing.clone();
@@ -705,10 +691,6 @@ pub fn has_numa() -> bool {
 /// Reopens the file behind a private file mapping: by path, or through
 /// /proc/self/map_files when the path is gone (memfd, deleted file).
 fn open_backing(vma: &maps::Vma) -> Option<Arc<std::fs::File>> {
-    let by_path = (!vma.path.ends_with("(deleted)") && vma.path.starts_with('/'))
-        .then(|| std::fs::File::open(&vma.path).ok())
-        .flatten();
-    by_path
-        .or_else(|| std::fs::File::open(format!("/proc/self/map_files/{:x}-{:x}", vma.start, vma.end)).ok())
-        .map(Arc::new)
+    let by_path = (!vma.path.ends_with("(deleted)") && vma.path.starts_with('/')).then(|| std::fs::File::open(&vma.path).ok()).flatten();
+    by_path.or_else(|| std::fs::File::open(format!("/proc/self/map_files/{:x}-{:x}", vma.start, vma.end)).ok()).map(Arc::new)
 }

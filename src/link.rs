@@ -72,7 +72,6 @@ pub struct Link {
     pub released: Vec<u32>,
 }
 
-
 impl Link {
     /// Connects and joins the domain.
     pub fn connect(cfg: &DaemonConfig) -> Result<Self, LinkError> {

@@ -69,11 +69,7 @@ fn parse_line(line: &str) -> Option<Vma> {
 /// /proc/self/maps (cheap); `dontfork`/`dontdump` are left false.
 pub fn vmas_in(start: usize, end: usize) -> io::Result<Vec<Vma>> {
     let text = fs::read_to_string("/proc/self/maps")?;
-    Ok(text
-        .lines()
-        .filter_map(parse_line)
-        .filter(|v| v.end > start && v.start < end)
-        .collect())
+    Ok(text.lines().filter_map(parse_line).filter(|v| v.end > start && v.start < end).collect())
 }
 
 /// As [`vmas_in`], with `VmFlags` from /proc/self/smaps. smaps walks the page
@@ -120,10 +116,7 @@ pub fn map_count() -> io::Result<usize> {
 
 /// `vm.max_map_count`.
 pub fn max_map_count() -> usize {
-    fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(65530)
+    fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530)
 }
 
 #[cfg(test)]

@@ -65,9 +65,7 @@ pub fn is_zero(page: &[u8]) -> bool {
         unsafe { page.align_to::<u64>() }
     };
     // OR-reducing 64-byte chunks vectorises; an early exit per word does not.
-    pre.iter().all(|&b| b == 0)
-        && post.iter().all(|&b| b == 0)
-        && words.chunks(8).all(|c| c.iter().fold(0u64, |a, &w| a | w) == 0)
+    pre.iter().all(|&b| b == 0) && post.iter().all(|&b| b == 0) && words.chunks(8).all(|c| c.iter().fold(0u64, |a, &w| a | w) == 0)
 }
 
 /// Merges one run of consecutive pages of `region`. Records, reservations
@@ -78,14 +76,7 @@ pub fn is_zero(page: &[u8]) -> bool {
 /// `scan::zero_runs`). The whole span is protected, checked and woken with
 /// one call each, so scattered zero pages cost one TLB flush per batch for
 /// the protection instead of one per page.
-pub fn merge_run(
-    sh: &Shared,
-    region: &Region,
-    st: &mut RegionState,
-    core: &mut Core,
-    items: &[Item],
-    kind: RunKind,
-) {
+pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, items: &[Item], kind: RunKind) {
     let n = items.len();
     if n == 0 {
         return;
@@ -126,8 +117,7 @@ pub fn merge_run(
     // store would be a SIGBUS. Without space, those merges wait.
     let mut reserved = vec![true; n];
     if matches!(kind, RunKind::Fill | RunKind::Join) {
-        let want: Vec<Option<u32>> =
-            items.iter().map(|it| core.stable.node(it.store).filter(|n| !n.filled()).map(|_| it.store)).collect();
+        let want: Vec<Option<u32>> = items.iter().map(|it| core.stable.node(it.store).filter(|n| !n.filled()).map(|_| it.store)).collect();
         if want.iter().any(Option::is_some) {
             let (ok, err) = sh.store.reserve(&want);
             if let Some(e) = err {
@@ -262,10 +252,7 @@ pub fn merge_run(
         // The pin check moved every checked page out: a zero page's hole is
         // then already its merged state, and a discard now could drop a
         // write that landed in the hole since.
-        let zero = ZeroHow {
-            overlay: overlay(i),
-            moved_out: pinned.as_ref().is_some_and(|m| (i..j).all(|k| m.out[k])),
-        };
+        let zero = ZeroHow { overlay: overlay(i), moved_out: pinned.as_ref().is_some_and(|m| (i..j).all(|k| m.out[k])) };
         let done = remap(sh, region, core, addr, bytes, kind, items[i].store, zero);
         if !done {
             ok[i..j].iter_mut().for_each(|o| *o = false);
@@ -352,16 +339,7 @@ fn zero_in_place(region: &Region, kind: RunKind, how: ZeroHow) -> bool {
 /// Replaces `[addr, addr+bytes)` with store pages from `store`, or with the
 /// zero page. False when it could not (budget or error); nothing changed then.
 #[allow(clippy::too_many_arguments)]
-fn remap(
-    sh: &Shared,
-    region: &Region,
-    core: &mut Core,
-    addr: usize,
-    bytes: usize,
-    kind: RunKind,
-    store: u32,
-    zero: ZeroHow,
-) -> bool {
+fn remap(sh: &Shared, region: &Region, core: &mut Core, addr: usize, bytes: usize, kind: RunKind, store: u32, zero: ZeroHow) -> bool {
     let pages = (bytes / PAGE_SIZE) as u64;
     let anon_zero = zero_in_place(region, kind, zero);
     if !anon_zero && !core.map_budget.allow(2, pages) {
@@ -413,15 +391,7 @@ pub(crate) fn reapply_advice(region: &Region, addr: usize, bytes: usize) {
 
 /// Brings records, stable-tree reservations and counters in line with what
 /// happened to each page of the run.
-fn settle(
-    sh: &Shared,
-    region: &Region,
-    st: &mut RegionState,
-    core: &mut Core,
-    items: &[Item],
-    kind: RunKind,
-    ok: &[bool],
-) {
+fn settle(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, items: &[Item], kind: RunKind, ok: &[bool]) {
     core.counters.activity += ok.iter().filter(|&&o| o).count() as u64;
     for (i, it) in items.iter().enumerate() {
         let rec = &mut st.records[it.page];

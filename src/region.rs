@@ -287,17 +287,8 @@ mod tests {
 
     #[test]
     fn record_fields_keep_their_values_and_leave_each_other_alone() {
-        let all = PageRecord::NEEDS_REGISTER
-            | PageRecord::OVERLAY
-            | PageRecord::REMOTE
-            | PageRecord::ORPHAN
-            | PageRecord::LAST_LINK;
-        for state in [
-            PageState::None,
-            PageState::Hashed,
-            PageState::Merged,
-            PageState::Zero,
-        ] {
+        let all = PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY | PageRecord::REMOTE | PageRecord::ORPHAN | PageRecord::LAST_LINK;
+        for state in [PageState::None, PageState::Hashed, PageState::Merged, PageState::Zero] {
             for key in [0, 1, 0xffff, 0x1_0000, 0xdead_beef, u32::MAX] {
                 let mut r = PageRecord::default();
                 r.set_key(key);
@@ -305,23 +296,14 @@ mod tests {
                 r.set_flags(all);
                 r.set_age(200);
                 r.set_skips(8);
-                assert_eq!(
-                    (r.key(), r.state(), r.flags(), r.age(), r.skips()),
-                    (key, state, all, 15, 8)
-                );
+                assert_eq!((r.key(), r.state(), r.flags(), r.age(), r.skips()), (key, state, all, 15, 8));
                 r.clear_flags(PageRecord::OVERLAY);
                 r.set_age(0);
-                assert_eq!(
-                    (r.key(), r.state(), r.flags(), r.age(), r.skips()),
-                    (key, state, all & !PageRecord::OVERLAY, 0, 8)
-                );
+                assert_eq!((r.key(), r.state(), r.flags(), r.age(), r.skips()), (key, state, all & !PageRecord::OVERLAY, 0, 8));
                 r.set_skips(0);
                 r.set_flags(0);
                 r.add_flags(PageRecord::LAST_LINK);
-                assert_eq!(
-                    (r.key(), r.state(), r.flags(), r.age(), r.skips()),
-                    (key, state, PageRecord::LAST_LINK, 0, 0)
-                );
+                assert_eq!((r.key(), r.state(), r.flags(), r.age(), r.skips()), (key, state, PageRecord::LAST_LINK, 0, 0));
             }
         }
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::broker::proto::Candidate;
 use crate::inflight::InFlight;
 use crate::merge::{self, guest_page, is_zero, Item, RunKind};
 use crate::primitive::{Arc, RwLock};
@@ -21,7 +22,6 @@ use crate::sys::{mman, PAGE_SIZE};
 use crate::tree::{PageRef, StableTree, UnstableTree};
 use crate::tunables::{MergeMode, Tunables};
 use crate::warn_once;
-use crate::broker::proto::Candidate;
 
 pub mod remote;
 
@@ -694,11 +694,7 @@ fn execute(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut C
         let rid = group[0].0;
         let fill_all = |r: &Region, st2: &mut RegionState, core: &mut Core| {
             for run in runs(&items) {
-                let live: Vec<Item> = run
-                    .iter()
-                    .copied()
-                    .filter(|it| st2.records[it.page].state() == PageState::Hashed)
-                    .collect();
+                let live: Vec<Item> = run.iter().copied().filter(|it| st2.records[it.page].state() == PageState::Hashed).collect();
                 for it in run.iter().filter(|it| st2.records[it.page].state() != PageState::Hashed) {
                     if core.stable.cancel(it.store) {
                         core.free_store_page(sh, it.store);

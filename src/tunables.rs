@@ -350,38 +350,38 @@ impl Tunables {
 /// newline) for tunables `t` and counters `s`; `None` for a name the kernel
 /// does not have (`merge_across_nodes` only exists with NUMA).
 pub fn show_attr(t: &Tunables, s: &crate::KsmStats, name: &str, numa: bool) -> Option<String> {
-        let v = match name {
-            "run" => t.run().to_string(),
-            "pages_to_scan" => t.pages_to_scan().to_string(),
-            "sleep_millisecs" => t.sleep_millisecs().to_string(),
-            "use_zero_pages" => u8::from(t.use_zero_pages()).to_string(),
-            "max_page_sharing" => t.max_page_sharing().to_string(),
-            "merge_across_nodes" if numa => t.merge_across_nodes().to_string(),
-            "smart_scan" => u8::from(t.smart_scan()).to_string(),
-            "stable_node_chains_prune_millisecs" => t.stable_node_chains_prune_millisecs().to_string(),
-            "advisor_mode" => kernel_compat::format_advisor_mode(match t.advisor_mode() {
-                AdvisorMode::None => kernel_compat::AdvisorMode::None,
-                AdvisorMode::ScanTime => kernel_compat::AdvisorMode::ScanTime,
-            }),
-            "advisor_max_cpu" => t.advisor_max_cpu().to_string(),
-            "advisor_min_pages_to_scan" => t.advisor_min_pages_to_scan().to_string(),
-            "advisor_max_pages_to_scan" => t.advisor_max_pages_to_scan().to_string(),
-            "advisor_target_scan_time" => t.advisor_target_scan_time().to_string(),
-            MERGE_MODE => t.merge_mode().show(),
-            "pages_shared" => s.pages_shared.to_string(),
-            "pages_sharing" => s.pages_sharing.to_string(),
-            "pages_unshared" => s.pages_unshared.to_string(),
-            "pages_volatile" => s.pages_volatile.to_string(),
-            "pages_scanned" => s.pages_scanned.to_string(),
-            "pages_skipped" => s.pages_skipped.to_string(),
-            "full_scans" => s.full_scans.to_string(),
-            "ksm_zero_pages" => s.ksm_zero_pages.to_string(),
-            "general_profit" => s.general_profit.to_string(),
-            "stable_node_chains" => s.stable_node_chains.to_string(),
-            "stable_node_dups" => s.stable_node_dups.to_string(),
-            _ => return None,
-        };
-        Some(v)
+    let v = match name {
+        "run" => t.run().to_string(),
+        "pages_to_scan" => t.pages_to_scan().to_string(),
+        "sleep_millisecs" => t.sleep_millisecs().to_string(),
+        "use_zero_pages" => u8::from(t.use_zero_pages()).to_string(),
+        "max_page_sharing" => t.max_page_sharing().to_string(),
+        "merge_across_nodes" if numa => t.merge_across_nodes().to_string(),
+        "smart_scan" => u8::from(t.smart_scan()).to_string(),
+        "stable_node_chains_prune_millisecs" => t.stable_node_chains_prune_millisecs().to_string(),
+        "advisor_mode" => kernel_compat::format_advisor_mode(match t.advisor_mode() {
+            AdvisorMode::None => kernel_compat::AdvisorMode::None,
+            AdvisorMode::ScanTime => kernel_compat::AdvisorMode::ScanTime,
+        }),
+        "advisor_max_cpu" => t.advisor_max_cpu().to_string(),
+        "advisor_min_pages_to_scan" => t.advisor_min_pages_to_scan().to_string(),
+        "advisor_max_pages_to_scan" => t.advisor_max_pages_to_scan().to_string(),
+        "advisor_target_scan_time" => t.advisor_target_scan_time().to_string(),
+        MERGE_MODE => t.merge_mode().show(),
+        "pages_shared" => s.pages_shared.to_string(),
+        "pages_sharing" => s.pages_sharing.to_string(),
+        "pages_unshared" => s.pages_unshared.to_string(),
+        "pages_volatile" => s.pages_volatile.to_string(),
+        "pages_scanned" => s.pages_scanned.to_string(),
+        "pages_skipped" => s.pages_skipped.to_string(),
+        "full_scans" => s.full_scans.to_string(),
+        "ksm_zero_pages" => s.ksm_zero_pages.to_string(),
+        "general_profit" => s.general_profit.to_string(),
+        "stable_node_chains" => s.stable_node_chains.to_string(),
+        "stable_node_dups" => s.stable_node_dups.to_string(),
+        _ => return None,
+    };
+    Some(v)
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::procs::{Kids};
+use common::procs::Kids;
 use common::{preload_lib, program, require, tempdir, wait_until};
 use twinpage::statsfs::{StatsTree, StatsTreeOptions};
 
@@ -70,7 +70,9 @@ fn the_tree_is_readable_by_all_and_writable_by_its_owner_only() {
     assert!(wait_until(Duration::from_secs(10), || proc_dir.join("ksm_stat").exists()));
 
     let ksm = root.join("kernel/mm/ksm");
-    for d in [root.clone(), root.join("kernel"), root.join("kernel/mm"), ksm.clone(), root.join("proc"), proc_dir.clone(), root.join("twinpage")] {
+    for d in
+        [root.clone(), root.join("kernel"), root.join("kernel/mm"), ksm.clone(), root.join("proc"), proc_dir.clone(), root.join("twinpage")]
+    {
         assert_eq!(mode(&d), 0o755, "{}", d.display());
     }
     let mut files = 0;
@@ -219,7 +221,8 @@ fn another_uid_cannot_connect_or_join_a_domain_it_does_not_own() {
     BufReader::new(twin.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
     kids.0.push(twin);
     assert!(wait_until(Duration::from_secs(10), || daemon_counter(&dir, d, "twinpage_daemon_agents") == 1), "root's agent joined vmA");
-    for (domain, want) in [("vmA", "ACCESS: REFUSED"), ("uid:0", "ACCESS: REFUSED"), ("", "ACCESS: JOINED"), ("nobodys", "ACCESS: JOINED")] {
+    for (domain, want) in [("vmA", "ACCESS: REFUSED"), ("uid:0", "ACCESS: REFUSED"), ("", "ACCESS: JOINED"), ("nobodys", "ACCESS: JOINED")]
+    {
         let r = connect_as_nobody(&sock, domain);
         assert!(r.starts_with(want), "uid {NOBODY} asking for domain {domain:?}: {r}");
         println!("uid {NOBODY}, domain {domain:?}: {r}");

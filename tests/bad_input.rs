@@ -232,7 +232,8 @@ fn every_writable_attribute_refuses_bad_values_and_keeps_its_value() {
         let word = v.trim_end();
         assert!(shown == format!("{word}\n") || shown.contains(&format!("[{word}]")), "{name}: {v:?} shows {shown:?}");
         assert_eq!(errors(), seq, "{name}: {v:?} refused");
-        let text = if before.contains('[') { before.split('[').nth(1).unwrap().split(']').next().unwrap().to_string() } else { before.clone() };
+        let text =
+            if before.contains('[') { before.split('[').nth(1).unwrap().split(']').next().unwrap().to_string() } else { before.clone() };
         e.set_attr(name, &text).unwrap();
         pass();
         writes += 5;

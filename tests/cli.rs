@@ -32,13 +32,7 @@ impl Drop for TempRoot {
 }
 
 fn twinpage(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_twinpage"))
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .env_remove("TWINPAGE_DIR")
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_twinpage")).args(args).arg("--dir").arg(dir).env_remove("TWINPAGE_DIR").output().unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -134,7 +128,9 @@ fn set_exit_statuses_and_messages() {
     assert_eq!(s.engine.tunables().merge_mode(), twinpage::MergeMode::ZeroOnly);
     assert!(twinpage(&["set", "twinpage_merge_mode", "all"], s.dir()).status.success());
     // Malformed command lines: usage, status 2, nothing written.
-    for args in [&["set"][..], &["set", "run"], &["set", "run", "1", "2"], &["stat", "--bogus"], &["frobnicate"], &["top", "--interval", "x"]] {
+    for args in
+        [&["set"][..], &["set", "run"], &["set", "run", "1", "2"], &["stat", "--bogus"], &["frobnicate"], &["top", "--interval", "x"]]
+    {
         let out = twinpage(args, s.dir());
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
         assert!(!out.stderr.is_empty());
@@ -274,11 +270,8 @@ fn demo_still_runs() {
         return;
     }
     let root = TempRoot::new("demo");
-    let out = Command::new(env!("CARGO_BIN_EXE_twinpage"))
-        .args(["demo", "--mib", "16", "--publish", "--dir"])
-        .arg(&root.0)
-        .output()
-        .unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_twinpage")).args(["demo", "--mib", "16", "--publish", "--dir"]).arg(&root.0).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let o = text(&out.stdout);
     assert!(o.contains("memory saved:") && o.contains("publishing statistics under"), "{o}");

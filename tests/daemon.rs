@@ -31,7 +31,6 @@ fn start_twin(prog: &Path, lib: &Path, dir: &Path, args: [u64; 4], domain: Optio
     spawn_ready(&mut cmd)
 }
 
-
 fn global(dir: &Path, name: &str) -> u64 {
     std::fs::read_to_string(dir.join("kernel/mm/ksm").join(name)).unwrap_or_default().trim().parse().unwrap_or(0)
 }
@@ -87,7 +86,8 @@ fn pages_merge_across_processes_and_a_killed_agent_is_forgotten() {
     // The last agent leaves: the store is empty.
     let kb = kids.0.remove(1);
     finish_twin(kb);
-    assert!(wait_until(Duration::from_secs(5), || tree_counter(&s.dir, d, "twinpage_store_bytes") == 0 && tree_counter(&s.dir, d, "twinpage_daemon_agents") == 0));
+    assert!(wait_until(Duration::from_secs(5), || tree_counter(&s.dir, d, "twinpage_store_bytes") == 0
+        && tree_counter(&s.dir, d, "twinpage_daemon_agents") == 0));
     assert_eq!(tree_counter(&s.dir, d, "pages_shared"), 0);
     drop(kids);
     let _ = std::fs::remove_dir_all(&s.dir);
@@ -109,7 +109,8 @@ fn a_killed_daemon_leaves_agents_running_and_a_new_one_merges_again() {
     d.kill().unwrap();
     d.wait().unwrap();
     assert!(
-        wait_until(Duration::from_secs(5), || tree_counter(&s.dir, a, "twinpage_daemon_agents") == 0 && tree_counter(&s.dir, b, "twinpage_daemon_agents") == 0),
+        wait_until(Duration::from_secs(5), || tree_counter(&s.dir, a, "twinpage_daemon_agents") == 0
+            && tree_counter(&s.dir, b, "twinpage_daemon_agents") == 0),
         "agents did not notice the daemon's death"
     );
     // They run on (writing, breaking sharing, merging their own pairs locally).
@@ -123,7 +124,8 @@ fn a_killed_daemon_leaves_agents_running_and_a_new_one_merges_again() {
     kids.0.insert(0, start_daemon(&s.daemon, &s.dir, &[], "info"));
     let d2 = kids.0[0].id();
     assert!(
-        wait_until(Duration::from_secs(5), || tree_counter(&s.dir, a, "twinpage_daemon_agents") == 1 && tree_counter(&s.dir, b, "twinpage_daemon_agents") == 1),
+        wait_until(Duration::from_secs(5), || tree_counter(&s.dir, a, "twinpage_daemon_agents") == 1
+            && tree_counter(&s.dir, b, "twinpage_daemon_agents") == 1),
         "agents did not reconnect"
     );
     kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [11, 512, 64, 0], None));
@@ -142,7 +144,10 @@ fn a_killed_daemon_leaves_agents_running_and_a_new_one_merges_again() {
         let k = kids.0.remove(1);
         eprintln!("{}", finish_twin(k).trim());
     }
-    assert!(wait_until(Duration::from_secs(5), || tree_counter(&s.dir, d2, "twinpage_store_bytes") == 0), "store not empty after all agents left");
+    assert!(
+        wait_until(Duration::from_secs(5), || tree_counter(&s.dir, d2, "twinpage_store_bytes") == 0),
+        "store not empty after all agents left"
+    );
     drop(kids);
     let _ = std::fs::remove_dir_all(&s.dir);
 }

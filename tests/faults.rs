@@ -40,9 +40,7 @@ fn start(mut cmd: Command) -> Child {
 /// The daemon's store is empty and it counts no sharing and no agent.
 fn daemon_empty(dir: &Path, d: u32) -> bool {
     let c = tree_counters(dir, d);
-    ["twinpage_store_bytes", "pages_shared", "pages_sharing", "twinpage_daemon_agents"]
-        .iter()
-        .all(|k| c.get(*k) == Some(&0))
+    ["twinpage_store_bytes", "pages_shared", "pages_sharing", "twinpage_daemon_agents"].iter().all(|k| c.get(*k) == Some(&0))
 }
 
 /// Where a relay cuts its first connection: after forwarding its `k`-th
@@ -140,24 +138,35 @@ struct KillAt {
 /// A relay (every connection) that, when armed, SIGKILLs the daemon `pid`
 /// names on the armed frame: the daemon dies in the middle of an exchange,
 /// deliberately. The frames hit are logged.
-fn killing_relay(listen: &Path, upstream: PathBuf, arm: Arc<Mutex<Option<KillAt>>>, pid: Arc<std::sync::atomic::AtomicU32>, log: Arc<Mutex<Vec<String>>>) {
-    frame_relay(listen, upstream, || (), move |(), dir, msg, send| {
-        let mut armed = arm.lock().unwrap();
-        let kill = armed.as_mut().and_then(|k| {
-            k.frames -= 1;
-            (k.frames == 0).then_some(k.deliver)
-        });
-        let Some(deliver) = kill else { return send() };
-        if deliver {
-            send();
-        }
-        let p = pid.load(std::sync::atomic::Ordering::SeqCst);
-        // SAFETY: kill(2) of the test's own daemon child.
-        unsafe { libc::kill(p as i32, libc::SIGKILL) };
-        *armed = None;
-        log.lock().unwrap().push(format!("{} {dir} {}", if deliver { "after" } else { "with in flight" }, msg.name()));
-        true
-    });
+fn killing_relay(
+    listen: &Path,
+    upstream: PathBuf,
+    arm: Arc<Mutex<Option<KillAt>>>,
+    pid: Arc<std::sync::atomic::AtomicU32>,
+    log: Arc<Mutex<Vec<String>>>,
+) {
+    frame_relay(
+        listen,
+        upstream,
+        || (),
+        move |(), dir, msg, send| {
+            let mut armed = arm.lock().unwrap();
+            let kill = armed.as_mut().and_then(|k| {
+                k.frames -= 1;
+                (k.frames == 0).then_some(k.deliver)
+            });
+            let Some(deliver) = kill else { return send() };
+            if deliver {
+                send();
+            }
+            let p = pid.load(std::sync::atomic::Ordering::SeqCst);
+            // SAFETY: kill(2) of the test's own daemon child.
+            unsafe { libc::kill(p as i32, libc::SIGKILL) };
+            *armed = None;
+            log.lock().unwrap().push(format!("{} {dir} {}", if deliver { "after" } else { "with in flight" }, msg.name()));
+            true
+        },
+    );
 }
 
 /// Every message boundary of a merge cycle, both ways (the k-th frame
@@ -293,7 +302,9 @@ fn a_full_store_tmpfs_pauses_merging_and_space_resumes_it() {
     cmd.env("TWINPAGE_SOCKET", "off").env("TWINPAGE_STORE_DIR", &fs.0);
     let mut kids = Kids(vec![start(cmd)]);
     let p = kids.0[0].id();
-    let held = wait_until(Duration::from_secs(20), || tree_counter(&s.dir, p, "twinpage_store_full") > 0 && tree_counter(&s.dir, p, "full_scans") > 20);
+    let held = wait_until(Duration::from_secs(20), || {
+        tree_counter(&s.dir, p, "twinpage_store_full") > 0 && tree_counter(&s.dir, p, "full_scans") > 20
+    });
     let c = tree_counters(&s.dir, p);
     eprintln!("full: {} pages free, {c:?}", fs.free() / 4096);
     assert!(held, "merging was not held back by the full store");
@@ -411,7 +422,9 @@ fn agents_killed_mid_merge_leak_nothing_and_survivors_verify() {
     );
     assert!(merged_when_killed > 0, "no victim was killed with merged pages: the kills missed the merging");
     // The survivors: merged with each other, every byte as written.
-    assert!(wait_until(Duration::from_secs(10), || survivors.iter().all(|&p| tree_counter(&s.dir, p, "twinpage_daemon_merged") > common / 2)));
+    assert!(wait_until(Duration::from_secs(10), || survivors
+        .iter()
+        .all(|&p| tree_counter(&s.dir, p, "twinpage_daemon_merged") > common / 2)));
     for _ in 0..2 {
         eprintln!("{}", finish_twin(kids.0.remove(1)).trim());
     }
@@ -525,7 +538,10 @@ fn agents_over_the_maximum_are_refused_and_merge_alone() {
     kids.0.push(start(third));
     let p3 = kids.0[3].id();
     // It merges its own pairs alone, and stays out of the daemon.
-    assert!(wait_until(Duration::from_secs(10), || tree_counter(&s.dir, p3, "pages_sharing") == 16), "the refused agent did not merge alone");
+    assert!(
+        wait_until(Duration::from_secs(10), || tree_counter(&s.dir, p3, "pages_sharing") == 16),
+        "the refused agent did not merge alone"
+    );
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(tree_counter(&s.dir, p3, "twinpage_daemon_agents"), 0);
     assert_eq!(tree_counter(&s.dir, d, "twinpage_daemon_agents"), 2);
@@ -534,7 +550,10 @@ fn agents_over_the_maximum_are_refused_and_merge_alone() {
     assert!(text.contains("maximum of 2 agents"), "the refusal's reason did not reach the agent");
     // A place frees up: it connects (and merges its new pages with the others').
     finish_twin(kids.0.remove(1));
-    assert!(wait_until(Duration::from_secs(5), || tree_counter(&s.dir, p3, "twinpage_daemon_agents") == 1), "the agent did not get the free place");
+    assert!(
+        wait_until(Duration::from_secs(5), || tree_counter(&s.dir, p3, "twinpage_daemon_agents") == 1),
+        "the agent did not get the free place"
+    );
     for _ in 0..2 {
         finish_twin(kids.0.remove(1));
     }
@@ -566,7 +585,10 @@ fn proposals_per_agent_are_bounded() {
         most = most.max(tree_counter(&s.dir, d, "pages_unshared"));
         std::thread::sleep(Duration::from_millis(5));
     }
-    eprintln!("one agent of {pages} unique pages: at most {most} proposals (cap {cap}); agent {:?}", tree_counters(&s.dir, a).get("full_scans"));
+    eprintln!(
+        "one agent of {pages} unique pages: at most {most} proposals (cap {cap}); agent {:?}",
+        tree_counters(&s.dir, a).get("full_scans")
+    );
     assert!(most > 0 && most <= cap, "proposals of one agent: {most}, cap {cap}");
     kids.0.push(start(no_smart([31, pages, 0, 0])));
     let b = kids.0[2].id();
@@ -654,7 +676,10 @@ fn a_stalled_daemon_does_not_free_pages_live_agents_map() {
     assert!(alone, "the agents did not give up on the stopped daemon");
     let merged: Vec<u64> = pids.iter().map(|&p| tree_counter(&s.dir, p, "twinpage_daemon_merged")).collect();
     eprintln!("timed out with {merged:?} pages merged through the daemon");
-    assert!(wait_until(Duration::from_secs(10), || pids.iter().all(|&p| tree_counter(&s.dir, p, "twinpage_daemon_agents") == 1)), "no reconnect");
+    assert!(
+        wait_until(Duration::from_secs(10), || pids.iter().all(|&p| tree_counter(&s.dir, p, "twinpage_daemon_agents") == 1)),
+        "no reconnect"
+    );
     // Their pages (orphans now) are still mapped and still theirs: give
     // a wrong free time to show, with the processes checking every 20 ms.
     std::thread::sleep(Duration::from_secs(1));
@@ -674,7 +699,11 @@ fn a_stalled_daemon_does_not_free_pages_live_agents_map() {
         let agents: u64 = pids.iter().map(|&p| tree_counter(&s.dir, p, "twinpage_daemon_merged")).sum();
         before == agents && sharers() == before
     });
-    eprintln!("after 1 s of writes: daemon sharers {}, agents' daemon merges {:?}", sharers(), pids.map(|p| tree_counter(&s.dir, p, "twinpage_daemon_merged")));
+    eprintln!(
+        "after 1 s of writes: daemon sharers {}, agents' daemon merges {:?}",
+        sharers(),
+        pids.map(|p| tree_counter(&s.dir, p, "twinpage_daemon_merged"))
+    );
     assert!(agree, "the daemon counts references the agents no longer hold");
     for _ in 0..2 {
         eprintln!("{}", finish_twin(kids.0.remove(1)).trim());

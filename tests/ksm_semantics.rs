@@ -101,11 +101,7 @@ fn max_page_sharing_builds_chains_like_the_kernel() {
     assert!(ok, "{s:?}");
     assert!(e.wait_full_scans(1, Duration::from_secs(10)));
     let s = e.stats();
-    assert_eq!(
-        (s.pages_shared, s.pages_sharing, s.stable_node_chains, s.stable_node_dups),
-        (4, 996, 1, 4),
-        "{s:?}"
-    );
+    assert_eq!((s.pages_shared, s.pages_sharing, s.stable_node_chains, s.stable_node_dups), (4, 996, 1, 4), "{s:?}");
     assert_eq!(e.set_max_page_sharing(10), Err(twinpage::TunableError::Busy));
     m.unmap(&e);
 }

@@ -121,8 +121,7 @@ impl Sh {
             for (lo, hi) in [(0, from), (to, r.pages)] {
                 if lo < hi {
                     let id = reg.next_id();
-                    let n =
-                        Region::new(id, r.addr(lo), hi - lo, r.kind, r.mergeability, r.prot, records[lo..hi].to_vec());
+                    let n = Region::new(id, r.addr(lo), hi - lo, r.kind, r.mergeability, r.prot, records[lo..hi].to_vec());
                     reg.insert(Arc::new(n));
                 }
             }
@@ -291,11 +290,7 @@ fn broken_blocking_second_region_lock_deadlocks() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("deadlock; threads ="),
-        "loom did not find the deadlock ({}):\n{stderr}",
-        out.status
-    );
+    assert!(!out.status.success() && stderr.contains("deadlock; threads ="), "loom did not find the deadlock ({}):\n{stderr}", out.status);
 }
 
 // ---------------------------------------------------------------------------
@@ -328,11 +323,7 @@ struct Kernel {
 
 impl Kernel {
     fn new(wp: bool) -> Self {
-        Self {
-            pte: Mutex::new(Pte { wp, content: STORE }),
-            events: Mutex::new(Vec::new()),
-            writer_done: AtomicBool::new(false),
-        }
+        Self { pte: Mutex::new(Pte { wp, content: STORE }), events: Mutex::new(Vec::new()), writer_done: AtomicBool::new(false) }
     }
 
     /// A guest write (vCPU, KVM, a syscall): lands if the page is not

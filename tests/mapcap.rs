@@ -42,7 +42,10 @@ fn merging_stays_under_a_lowered_max_map_count() {
     assert!(e.wait_full_scans(2, Duration::from_secs(30)));
     let s = e.stats();
     let maps = twinpage::maps::map_count().unwrap();
-    eprintln!("mapcap: cap {cap}, limit {}, mappings now {maps} (estimate {}), pages_sharing {}, held back {}", s.twinpage_map_limit, s.twinpage_map_count, s.pages_sharing, s.twinpage_merges_held_back);
+    eprintln!(
+        "mapcap: cap {cap}, limit {}, mappings now {maps} (estimate {}), pages_sharing {}, held back {}",
+        s.twinpage_map_limit, s.twinpage_map_count, s.pages_sharing, s.twinpage_merges_held_back
+    );
     assert_eq!(s.twinpage_map_limit as usize, cap - cap / 8);
     assert!(maps <= s.twinpage_map_limit as usize + 2, "{maps} mappings, limit {}", s.twinpage_map_limit);
     // The program's own mappings still fit: 200 of them, alternating

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::procs::{Kids};
+use common::procs::Kids;
 use common::{engine, flat_out, have_uffd, pagemap_flags, preload_lib, program, tempdir, wait_for, wait_until, Mem};
 use twinpage::statsfs::{StatsTree, StatsTreeOptions};
 
@@ -59,8 +59,7 @@ fn layout(m: Mem) -> Mem {
 
 /// What [`layout`] wrote is still there.
 fn data_intact(m: &Mem) -> bool {
-    (0..ZEROS).all(|i| (0..512).all(|w| m.read_u64(i, w) == 0))
-        && (0..2 * PAIRS).all(|p| m.page_matches(ZEROS + p, 1000 + (p / 2) as u64))
+    (0..ZEROS).all(|i| (0..512).all(|w| m.read_u64(i, w) == 0)) && (0..2 * PAIRS).all(|p| m.page_matches(ZEROS + p, 1000 + (p / 2) as u64))
 }
 
 #[test]
@@ -82,7 +81,13 @@ fn each_mode_merges_what_it_allows_and_a_stricter_one_unmerges() {
     // zero-only: the zero pages share one store page, the pairs stay apart.
     let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| s.pages_shared == 1 && s.pages_sharing == ZEROS as u64 - 1);
     assert!(ok, "zero-only: {s:?}");
-    assert!(e.wait_full_scans(3, Duration::from_secs(10)), "{:?} {:?} {}", e.stats(), e.show_attr("run"), e.show_attr("pages_to_scan").unwrap());
+    assert!(
+        e.wait_full_scans(3, Duration::from_secs(10)),
+        "{:?} {:?} {}",
+        e.stats(),
+        e.show_attr("run"),
+        e.show_attr("pages_to_scan").unwrap()
+    );
     let s = e.stats();
     assert_eq!((s.pages_shared, s.pages_sharing), (1, ZEROS as u64 - 1), "zero-only merged a non-zero page: {s:?}");
     assert!((0..ZEROS).all(|i| merged(&m, i)), "zero pages map the store");

@@ -20,7 +20,6 @@ fn run_preloaded(prog: &Path, args: &[&str], lib: &Path, dir: &Path) -> std::pro
         .unwrap()
 }
 
-
 #[test]
 fn churn_never_merges_into_freed_or_reused_memory() {
     let (Some(lib), Some(prog)) = (preload_lib(), program("churn")) else { return };
@@ -34,10 +33,7 @@ fn churn_never_merges_into_freed_or_reused_memory() {
     eprintln!("churn ({:.1} s):\n{stdout}{}", t.elapsed().as_secs_f64(), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && stdout.contains("CHURN OK ops=100000"), "churn failed");
     let counter = |name: &str| -> u64 {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("COUNTER ")?.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or(0)
+        stdout.lines().find_map(|l| l.strip_prefix("COUNTER ")?.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0)
     };
     assert!(counter("twinpage_merge_runs") > 1000, "too few merges during churn");
     assert!(counter("twinpage_cow_breaks") > 100, "too few copy-on-write breaks during churn");
@@ -56,10 +52,8 @@ fn prctl_memory_merge_merges_anonymous_memory() {
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && stdout.contains("PRCTL OK"));
     assert!(stdout.contains("GET_BEFORE 0") && stdout.contains("GET_AFTER 1") && stdout.contains("BAD_ARGS -1"));
-    let merging: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("MERGING_PAGES ")?.trim().parse().ok())
-        .expect("ksm_merging_pages readable");
+    let merging: u64 =
+        stdout.lines().find_map(|l| l.strip_prefix("MERGING_PAGES ")?.trim().parse().ok()).expect("ksm_merging_pages readable");
     // Two areas of 2048 pages, each of 4 distinct pages: all of them merge.
     assert!(merging >= 4000, "ksm_merging_pages {merging}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -26,8 +26,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use twinpage::broker::conn::{Conn, ConnError};
 use twinpage::broker::proto::{
-    decode, encode, frame_len, validate, Candidate, FillPage, Msg, Order, OrderKind, ProtoError, HEADER,
-    MAX_DOMAIN, MAX_FILL, MAX_ITEMS, MAX_PAYLOAD, MAX_REASON, PAGE, VERSION,
+    decode, encode, frame_len, validate, Candidate, FillPage, Msg, Order, OrderKind, ProtoError, HEADER, MAX_DOMAIN, MAX_FILL, MAX_ITEMS,
+    MAX_PAYLOAD, MAX_REASON, PAGE, VERSION,
 };
 use twinpage::sys::scm;
 
@@ -94,11 +94,7 @@ fn message(rng: &mut StdRng) -> (Msg, Vec<(usize, usize)>) {
         6 => {
             let n = len(rng, MAX_ITEMS);
             let orders = (0..n)
-                .map(|_| Order {
-                    token: rng.gen(),
-                    store: rng.gen(),
-                    kind: if rng.gen() { OrderKind::Join } else { OrderKind::Upload },
-                })
+                .map(|_| Order { token: rng.gen(), store: rng.gen(), kind: if rng.gen() { OrderKind::Join } else { OrderKind::Upload } })
                 .collect();
             (Msg::Orders { agents: rng.gen(), orders }, vec![(p + 4, 4)])
         }
@@ -195,13 +191,7 @@ fn mutate(rng: &mut StdRng, buf: &mut Vec<u8>, fields: &[(usize, usize)]) {
             4 if !fields.is_empty() => {
                 let (off, width) = fields[rng.gen_range(0..fields.len())];
                 let old = get(buf, off, width);
-                let limits = [
-                    MAX_ITEMS as u64,
-                    MAX_ITEMS as u64 + 1,
-                    MAX_FILL as u64 + 1,
-                    MAX_REASON as u64 + 1,
-                    MAX_DOMAIN as u64,
-                ];
+                let limits = [MAX_ITEMS as u64, MAX_ITEMS as u64 + 1, MAX_FILL as u64 + 1, MAX_REASON as u64 + 1, MAX_DOMAIN as u64];
                 let v = tweak(rng, old, width, &limits);
                 put(buf, off, width, v);
                 // Sometimes keep the frame length consistent with the count.

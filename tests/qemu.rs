@@ -122,10 +122,7 @@ impl Guest {
     }
 
     fn attr(&self, name: &str) -> u64 {
-        std::fs::read_to_string(self.tree.join("kernel/mm/ksm").join(name))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+        std::fs::read_to_string(self.tree.join("kernel/mm/ksm").join(name)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
     }
 
     fn merging_pages(&self) -> u64 {
@@ -137,9 +134,7 @@ impl Guest {
 
     fn pss_kb(&self) -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.child.id())).unwrap_or_default();
-        s.lines()
-            .find_map(|l| l.strip_prefix("Pss:").and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok()))
-            .unwrap_or(0)
+        s.lines().find_map(|l| l.strip_prefix("Pss:").and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())).unwrap_or(0)
     }
 
     /// Starts merging through the stats tree, as an operator would
@@ -151,7 +146,15 @@ impl Guest {
     fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Guest) -> bool) {
         let deadline = Instant::now() + timeout;
         while !pred(self) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; pages_sharing={}; twinpage counters: {}; stderr: {}", self.attr("pages_sharing"), std::fs::read_to_string(self.tree.join(format!("proc/{}/twinpage_counters", self.pid()))).unwrap_or_default().replace('\n', " "), self.stderr_text());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; pages_sharing={}; twinpage counters: {}; stderr: {}",
+                self.attr("pages_sharing"),
+                std::fs::read_to_string(self.tree.join(format!("proc/{}/twinpage_counters", self.pid())))
+                    .unwrap_or_default()
+                    .replace('\n', " "),
+                self.stderr_text()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -257,7 +260,10 @@ fn file_backed_share_off_guest_merges_and_verifies() {
 
 #[test]
 fn anonymous_guest_ram_merges_and_verifies() {
-    merges_and_verifies("ram", vec!["-object".into(), "memory-backend-ram,id=mem,size=512M".into(), "-machine".into(), "memory-backend=mem".into()]);
+    merges_and_verifies(
+        "ram",
+        vec!["-object".into(), "memory-backend-ram,id=mem,size=512M".into(), "-machine".into(), "memory-backend=mem".into()],
+    );
 }
 
 #[test]
@@ -298,7 +304,10 @@ fn balloon_inflate_and_deflate_while_merged() {
     assert!(r[1].contains("return"), "{r:?}");
     let actual = |g: &Guest| {
         let r = g.qmp(&[r#"{"execute":"query-balloon"}"#]);
-        r[1].split("\"actual\":").nth(1).and_then(|s| s.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok()).unwrap_or(0)
+        r[1].split("\"actual\":")
+            .nth(1)
+            .and_then(|s| s.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
+            .unwrap_or(0)
     };
     g.wait_for("the balloon to inflate", Duration::from_secs(20), |g| actual(g) <= 340 << 20);
     let during = g.attr("pages_sharing");
@@ -535,7 +544,14 @@ fn two_guests_share_pages_through_twinpaged_and_survive_kills() {
     // rewriting 5% of its pages before each round (new duplicates to merge).
     let size = format!("tp.mib={SH_MIB}");
     let a_args = [size.clone(), format!("tp.patterns={A_PATTERNS}"), "tp.wait=12".into()];
-    let b_args = [size, format!("tp.patterns={B_PATTERNS}"), "tp.wait=12".into(), "tp.loop=1".into(), "tp.interval=3".into(), "tp.looprewrite=5".into()];
+    let b_args = [
+        size,
+        format!("tp.patterns={B_PATTERNS}"),
+        "tp.wait=12".into(),
+        "tp.loop=1".into(),
+        "tp.interval=3".into(),
+        "tp.looprewrite=5".into(),
+    ];
     let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
     let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
     let mem = ["-m".to_string(), "256M".to_string()];
@@ -552,7 +568,11 @@ fn two_guests_share_pages_through_twinpaged_and_survive_kills() {
     poll(
         "both QEMUs to connect to twinpaged",
         Duration::from_secs(10),
-        || counter(&tree, pa, "twinpage_daemon_agents") == 1 && counter(&tree, pb, "twinpage_daemon_agents") == 1 && counter(&tree, dpid, "twinpage_daemon_agents") == 2,
+        || {
+            counter(&tree, pa, "twinpage_daemon_agents") == 1
+                && counter(&tree, pb, "twinpage_daemon_agents") == 1
+                && counter(&tree, dpid, "twinpage_daemon_agents") == 2
+        },
         || format!("daemon {:?}; log {}", proc_counters(&tree, dpid), daemon.log_text()),
     );
     assert_eq!(a.attr("pages_sharing"), 0);
@@ -652,7 +672,12 @@ fn two_guests_share_pages_through_twinpaged_and_survive_kills() {
                 let d = proc_counters(&tree, dpid);
                 let cb = proc_counters(&tree, pb);
                 let global = a.attr("pages_sharing");
-                let s = (d["pages_shared"] + d["pages_sharing"], cb["twinpage_daemon_merged"], global, d["pages_sharing"] + cb["pages_sharing"]);
+                let s = (
+                    d["pages_shared"] + d["pages_sharing"],
+                    cb["twinpage_daemon_merged"],
+                    global,
+                    d["pages_sharing"] + cb["pages_sharing"],
+                );
                 seen.set(s);
                 d["twinpage_daemon_agents"] == 1 && s.1 > 0 && s.0 == s.1 && s.2 == s.3
             },
@@ -682,7 +707,12 @@ fn two_guests_share_pages_through_twinpaged_and_survive_kills() {
     let (mapped_before, _) = store_pages(pb);
     daemon.kill();
     let t_dkill = Instant::now();
-    poll("B to notice the daemon is gone", Duration::from_secs(5), || counter(&tree, pb, "twinpage_daemon_agents") == 0, || format!("B {:?}", proc_counters(&tree, pb)));
+    poll(
+        "B to notice the daemon is gone",
+        Duration::from_secs(5),
+        || counter(&tree, pb, "twinpage_daemon_agents") == 0,
+        || format!("B {:?}", proc_counters(&tree, pb)),
+    );
     let (mapped_after, _) = store_pages(pb);
     std::thread::sleep(Duration::from_millis(200)); // console lines in flight at the kill
     b.drain();
@@ -761,7 +791,9 @@ fn background_snapshot_of_a_merged_guest_completes() {
     assert!(merging >= dup, "ksm_merging_pages {merging}");
 
     let file = g.dir.join("snapshot");
-    let r = g.qmp(&[r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"background-snapshot","state":true}]}}"#]);
+    let r = g.qmp(&[
+        r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"background-snapshot","state":true}]}}"#,
+    ]);
     assert!(r[1].contains("return"), "background-snapshot refused: {r:?}; stderr: {}", g.stderr_text());
     let t = Instant::now();
     // A unix socket, not `exec:cat > file`: exec forks QEMU, and a fork

@@ -83,10 +83,8 @@ fn names_formats_and_modes_match_the_kernel() {
     let h = publish(&e, &root.0);
     let tree = Tree::at(&root.0);
     let ours = tree.ksm().names().unwrap();
-    let expected: BTreeSet<String> = twinpage::tunables::all_attrs()
-        .filter(|a| e.show_attr(a.name).is_some())
-        .map(|a| a.name.to_string())
-        .collect();
+    let expected: BTreeSet<String> =
+        twinpage::tunables::all_attrs().filter(|a| e.show_attr(a.name).is_some()).map(|a| a.name.to_string()).collect();
     assert_eq!(ours, expected, "only kernel names and twinpage_* under kernel/mm/ksm");
     assert!(ours.iter().all(|n| attrs::find(n).is_some() || n.starts_with("twinpage_")));
     for (name, dir) in [("twinpage", &tree.ksm()), ("kernel", &KsmSysfs::kernel())] {
@@ -123,10 +121,7 @@ fn names_formats_and_modes_match_the_kernel() {
     let stat_text = std::fs::read_to_string(proc_dir.join("ksm_stat")).unwrap();
     let stat = procfs::parse(&stat_text).unwrap();
     assert_eq!(stat.render(), stat_text);
-    assert_eq!(
-        std::fs::read_to_string(proc_dir.join("ksm_merging_pages")).unwrap(),
-        procfs::render_merging_pages(stat.ksm_merging_pages)
-    );
+    assert_eq!(std::fs::read_to_string(proc_dir.join("ksm_merging_pages")).unwrap(), procfs::render_merging_pages(stat.ksm_merging_pages));
     // The kernel's own file for this process parses with the same parser.
     if let Ok(k) = std::fs::read_to_string(procfs::ksm_stat_path(Path::new("/proc"), std::process::id())) {
         procfs::parse(&k).unwrap_or_else(|err| panic!("/proc/self/ksm_stat: {err}"));
@@ -138,13 +133,65 @@ fn names_formats_and_modes_match_the_kernel() {
 /// Inputs tried on every writable attribute (as kernel-compat's
 /// conformance test).
 const CASES: &[&str] = &[
-    "", "abc", "-1", "-0", "0", "1", "2", "3", "5", "+5", " 5", "5 ", "5\n", "5\n\n", "\n", "+", "+-5", "0x10", "010",
-    "99999999999999999999", "99999999999999999999x", "4294967295", "4294967296", "4294967297", "2147483647",
-    "2147483648", "-2147483648", "18446744073709551615", "18446744073709551616", "256", "300", "y", "Y", "yes", "n",
-    "no", "on", "off", "of", "o", "t", "true", "false", "e", "d", "x", "none", "none\n", " none", "None", "scan-time",
-    "scan-time\n", "scan-time\n\n", "scan_time", "[none] scan-time", "[none] scan-time\n", "5\0junk", "none\0junk",
+    "",
+    "abc",
+    "-1",
+    "-0",
+    "0",
+    "1",
+    "2",
+    "3",
+    "5",
+    "+5",
+    " 5",
+    "5 ",
+    "5\n",
+    "5\n\n",
+    "\n",
+    "+",
+    "+-5",
+    "0x10",
+    "010",
+    "99999999999999999999",
+    "99999999999999999999x",
+    "4294967295",
+    "4294967296",
+    "4294967297",
+    "2147483647",
+    "2147483648",
+    "-2147483648",
+    "18446744073709551615",
+    "18446744073709551616",
+    "256",
+    "300",
+    "y",
+    "Y",
+    "yes",
+    "n",
+    "no",
+    "on",
+    "off",
+    "of",
+    "o",
+    "t",
+    "true",
+    "false",
+    "e",
+    "d",
+    "x",
+    "none",
+    "none\n",
+    " none",
+    "None",
+    "scan-time",
+    "scan-time\n",
+    "scan-time\n\n",
+    "scan_time",
+    "[none] scan-time",
+    "[none] scan-time\n",
+    "5\0junk",
+    "none\0junk",
 ];
-
 
 /// Gives the engine the kernel's saved settings, and publishes them.
 fn mirror(e: &Engine, h: &StatsTreeHandle, snap: &Snapshot) {
@@ -238,10 +285,7 @@ fn writes_get_the_kernels_outcome() {
         }
     }
     saved.finish().expect("restore the kernel's KSM settings");
-    eprintln!(
-        "{checked} writes compared with the kernel ({refused} refused by both) in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("{checked} writes compared with the kernel ({refused} refused by both) in {:.1} s", started.elapsed().as_secs_f64());
     assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
     assert!(checked > 700 && refused > 300);
 }
@@ -319,7 +363,9 @@ fn pages_to_scan_written_to_the_tree_changes_the_scan_rate() {
     std::thread::sleep(Duration::from_millis(200));
     let high = rate(&scanned, Duration::from_millis(1500));
     // Invalid writes change nothing.
-    for (n, v) in [("pages_to_scan", "abc"), ("pages_to_scan", "-1"), ("pages_to_scan", "99999999999999999999"), ("sleep_millisecs", "0x10")] {
+    for (n, v) in
+        [("pages_to_scan", "abc"), ("pages_to_scan", "-1"), ("pages_to_scan", "99999999999999999999"), ("sleep_millisecs", "0x10")]
+    {
         match tree_write(&tree, &h, n, v.as_bytes()) {
             WaitOutcome::Refused(r) => assert_eq!((r.attr.as_str(), r.error), (n, WriteError::Inval)),
             other => panic!("{n} <- {v:?}: {other:?}"),
@@ -396,7 +442,6 @@ impl Drop for ChildGuard {
     }
 }
 
-
 fn num(tree: &Tree, name: &str) -> i128 {
     tree.attribute(name).unwrap().parse().unwrap()
 }
@@ -455,7 +500,10 @@ fn several_processes_share_one_tree() {
     });
     assert!(both, "the child applied pages_to_scan=777: {:?}", tree.processes().unwrap());
     // EBUSY judged on the summed pages_shared.
-    assert!(matches!(tree.set("max_page_sharing", b"3", Duration::from_secs(2)), Err(twinpage::statsfs::SetError::Refused(WriteError::Busy))));
+    assert!(matches!(
+        tree.set("max_page_sharing", b"3", Duration::from_secs(2)),
+        Err(twinpage::statsfs::SetError::Refused(WriteError::Busy))
+    ));
     // The child dies: its directory goes, cumulative counters stay.
     let scanned_before = num(&tree, "pages_scanned");
     let full_before = num(&tree, "full_scans");

@@ -80,16 +80,8 @@ fn shared_mappings_are_refused() {
     let Some(e) = engine() else { return };
     let len = 16 * PAGE;
     // SAFETY: a fresh shared anonymous mapping.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
+    let p =
+        unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) };
     assert_ne!(p, libc::MAP_FAILED);
     let r = e.register(p as usize, len);
     assert!(matches!(r, Err(twinpage::EngineError::Shared)), "{r:?}");
@@ -114,9 +106,7 @@ fn private_disk_file_mappings_are_scanned_never_merged() {
     }
     let len = 16 * PAGE;
     // SAFETY: a fresh private mapping of our own file.
-    let p = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, file.as_raw_fd(), 0)
-    };
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, file.as_raw_fd(), 0) };
     assert_ne!(p, libc::MAP_FAILED);
     let m = Mem { addr: p as usize, len };
     for i in 0..16 {

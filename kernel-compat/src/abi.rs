@@ -98,25 +98,15 @@ pub const KSM_SYSFS_DIR: &str = "/sys/kernel/mm/ksm";
 /// `(pages_sharing + ksm_zero_pages) * PAGE_SIZE - rmap_items * 64`, in
 /// wrapping `unsigned long` arithmetic printed as `long`.
 pub fn general_profit(pages_sharing: u64, ksm_zero_pages: i64, rmap_items: u64) -> i64 {
-    pages_sharing
-        .wrapping_add(ksm_zero_pages as u64)
-        .wrapping_mul(PAGE_SIZE)
-        .wrapping_sub(rmap_items.wrapping_mul(KSM_RMAP_ITEM_SIZE)) as i64
+    pages_sharing.wrapping_add(ksm_zero_pages as u64).wrapping_mul(PAGE_SIZE).wrapping_sub(rmap_items.wrapping_mul(KSM_RMAP_ITEM_SIZE))
+        as i64
 }
 
 /// `pages_volatile` as 6.18 computes it:
 /// `rmap_items - pages_shared - pages_sharing - pages_unshared` as a
 /// `long`, clamped to 0 (the counters are read without locking).
-pub fn pages_volatile(
-    rmap_items: u64,
-    pages_shared: u64,
-    pages_sharing: u64,
-    pages_unshared: u64,
-) -> i64 {
-    let v = rmap_items
-        .wrapping_sub(pages_shared)
-        .wrapping_sub(pages_sharing)
-        .wrapping_sub(pages_unshared) as i64;
+pub fn pages_volatile(rmap_items: u64, pages_shared: u64, pages_sharing: u64, pages_unshared: u64) -> i64 {
+    let v = rmap_items.wrapping_sub(pages_shared).wrapping_sub(pages_sharing).wrapping_sub(pages_unshared) as i64;
     v.max(0)
 }
 

@@ -92,11 +92,7 @@ impl Attr {
         match self.format {
             Format::U32 => t.parse::<u32>().is_ok() && is_plain_decimal(t),
             Format::U64 => t.parse::<u64>().is_ok() && is_plain_decimal(t),
-            Format::I64 => {
-                t.parse::<i64>().is_ok()
-                    && is_plain_decimal(t.strip_prefix('-').unwrap_or(t))
-                    && t != "-0"
-            }
+            Format::I64 => t.parse::<i64>().is_ok() && is_plain_decimal(t.strip_prefix('-').unwrap_or(t)) && t != "-0",
             Format::Bool => t == "0" || t == "1",
             Format::AdvisorMode => t == "[none] scan-time" || t == "none [scan-time]",
         }
@@ -108,50 +104,57 @@ fn is_plain_decimal(t: &str) -> bool {
 }
 
 const fn ro(name: &'static str, format: Format, doc: &'static str) -> Attr {
-    Attr {
-        name,
-        writable: false,
-        default: "0",
-        format,
-        parser: None,
-        raw_parse_errors: false,
-        numa_only: false,
-        doc,
-    }
+    Attr { name, writable: false, default: "0", format, parser: None, raw_parse_errors: false, numa_only: false, doc }
 }
 
-const fn rw(
-    name: &'static str,
-    default: &'static str,
-    format: Format,
-    parser: Parser,
-    doc: &'static str,
-) -> Attr {
-    Attr {
-        name,
-        writable: true,
-        default,
-        format,
-        parser: Some(parser),
-        raw_parse_errors: false,
-        numa_only: false,
-        doc,
-    }
+const fn rw(name: &'static str, default: &'static str, format: Format, parser: Parser, doc: &'static str) -> Attr {
+    Attr { name, writable: true, default, format, parser: Some(parser), raw_parse_errors: false, numa_only: false, doc }
 }
 
 /// All files of `/sys/kernel/mm/ksm` on Linux 6.18 (with `CONFIG_NUMA`),
 /// sorted by name as `ls` lists them.
 pub const ATTRS: &[Attr] = &[
-    rw("advisor_max_cpu", "70", Format::U32, Parser::Ulong, "CPU percent ksmd may use under the scan-time advisor; no range check, truncated to 32 bits"),
+    rw(
+        "advisor_max_cpu",
+        "70",
+        Format::U32,
+        Parser::Ulong,
+        "CPU percent ksmd may use under the scan-time advisor; no range check, truncated to 32 bits",
+    ),
     rw("advisor_max_pages_to_scan", "30000", Format::U64, Parser::Ulong, "upper bound the advisor gives pages_to_scan"),
     rw("advisor_min_pages_to_scan", "500", Format::U64, Parser::Ulong, "lower bound the advisor gives pages_to_scan; also its start value"),
-    rw("advisor_mode", "[none] scan-time", Format::AdvisorMode, Parser::AdvisorMode, "none, or scan-time: tune pages_to_scan to reach advisor_target_scan_time"),
+    rw(
+        "advisor_mode",
+        "[none] scan-time",
+        Format::AdvisorMode,
+        Parser::AdvisorMode,
+        "none, or scan-time: tune pages_to_scan to reach advisor_target_scan_time",
+    ),
     rw("advisor_target_scan_time", "200", Format::U64, Parser::Ulong, "seconds a full scan should take under the advisor; at least 1"),
     ro("full_scans", Format::U64, "number of completed scans of all mergeable memory"),
     ro("general_profit", Format::I64, "bytes saved: (pages_sharing + ksm_zero_pages) * PAGE_SIZE - rmap_items * 64; can be negative"),
     ro("ksm_zero_pages", Format::I64, "empty pages merged with the kernel zero page (use_zero_pages)"),
-    Attr { raw_parse_errors: true, ..rw("max_page_sharing", "256", Format::U32, Parser::Int, "most page slots sharing one KSM page; at least 2; EBUSY to change while pages_shared > 0") },
-    Attr { raw_parse_errors: true, numa_only: true, ..rw("merge_across_nodes", "1", Format::U32, Parser::Ulong, "merge pages of different NUMA nodes; 0 or 1; EBUSY to change while pages_shared > 0") },
+    Attr {
+        raw_parse_errors: true,
+        ..rw(
+            "max_page_sharing",
+            "256",
+            Format::U32,
+            Parser::Int,
+            "most page slots sharing one KSM page; at least 2; EBUSY to change while pages_shared > 0",
+        )
+    },
+    Attr {
+        raw_parse_errors: true,
+        numa_only: true,
+        ..rw(
+            "merge_across_nodes",
+            "1",
+            Format::U32,
+            Parser::Ulong,
+            "merge pages of different NUMA nodes; 0 or 1; EBUSY to change while pages_shared > 0",
+        )
+    },
     ro("pages_scanned", Format::U64, "pages scanned since boot"),
     ro("pages_shared", Format::U64, "KSM pages in use (stable tree nodes)"),
     ro("pages_sharing", Format::U64, "additional page slots sharing them: the pages saved"),
@@ -218,11 +221,7 @@ mod tests {
             assert!(a.matches_format(a.default), "{}", a.name);
             assert_eq!(a.writable, a.parser.is_some(), "{}", a.name);
         }
-        let signed: Vec<&str> = ATTRS
-            .iter()
-            .filter(|a| a.is_signed())
-            .map(|a| a.name)
-            .collect();
+        let signed: Vec<&str> = ATTRS.iter().filter(|a| a.is_signed()).map(|a| a.name).collect();
         assert_eq!(signed, SIGNED_ATTRS);
     }
 
@@ -241,10 +240,7 @@ mod tests {
         assert!(!gp.matches_format("-0"));
         assert!(!find("pages_shared").unwrap().matches_format("-1"));
         assert!(!find("pages_shared").unwrap().matches_format("01"));
-        assert_eq!(
-            format_advisor_mode(AdvisorMode::ScanTime),
-            "none [scan-time]"
-        );
+        assert_eq!(format_advisor_mode(AdvisorMode::ScanTime), "none [scan-time]");
         assert_eq!(render("5"), "5\n");
         assert!(find("nope").is_none());
         assert_eq!(find("run").unwrap().mode(), 0o644);

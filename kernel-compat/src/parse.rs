@@ -144,10 +144,7 @@ pub fn sysfs_streq(a: impl AsRef<[u8]>, b: impl AsRef<[u8]>) -> bool {
     let a = c_str(a.as_ref());
     let b = c_str(b.as_ref());
     let common = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-    matches!(
-        (&a[common..], &b[common..]),
-        ([], []) | ([], [b'\n']) | ([b'\n'], [])
-    )
+    matches!((&a[common..], &b[common..]), ([], []) | ([], [b'\n']) | ([b'\n'], []))
 }
 
 #[cfg(test)]
@@ -170,10 +167,7 @@ mod tests {
 
     #[test]
     fn uint_refuses() {
-        for bad in [
-            "", "\n", "abc", "-1", "-0", "0x10", " 5", "5 ", "5\n\n", "+", "+-5", "-+5", "++5",
-            "1a", "\x005", "5\r\n", "５",
-        ] {
+        for bad in ["", "\n", "abc", "-1", "-0", "0x10", " 5", "5 ", "5\n\n", "+", "+-5", "-+5", "++5", "1a", "\x005", "5\r\n", "５"] {
             assert_eq!(kstrtouint(bad), Err(Inval), "{bad:?}");
         }
         assert_eq!(kstrtouint("4294967296"), Err(Range));
@@ -213,28 +207,10 @@ mod tests {
 
     #[test]
     fn bools() {
-        for t in [
-            "y",
-            "Y",
-            "yes",
-            "1",
-            "on",
-            "ON",
-            "oN",
-            "t",
-            "true",
-            "e",
-            "enable",
-            "y\n",
-            "Yesterday",
-            "10",
-        ] {
+        for t in ["y", "Y", "yes", "1", "on", "ON", "oN", "t", "true", "e", "enable", "y\n", "Yesterday", "10"] {
             assert_eq!(kstrtobool(t), Ok(true), "{t:?}");
         }
-        for f in [
-            "n", "N", "no", "0", "off", "OFF", "of", "oF", "f", "false", "d", "disable",
-            "nonsense", "0\n\n",
-        ] {
+        for f in ["n", "N", "no", "0", "off", "OFF", "of", "oF", "f", "false", "d", "disable", "nonsense", "0\n\n"] {
             assert_eq!(kstrtobool(f), Ok(false), "{f:?}");
         }
         for bad in ["", "\n", "2", "o", "ox", "o\0n", " y", "\0", "a", "x", "-1"] {

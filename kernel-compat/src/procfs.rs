@@ -94,50 +94,26 @@ pub fn parse(text: &str) -> Result<KsmStat, ParseStatError> {
     if text.is_empty() {
         return Err(ParseStatError::Empty);
     }
-    let body = text.strip_suffix('\n').ok_or_else(|| {
-        ParseStatError::Trailing(text.rsplit('\n').next().unwrap_or("").to_string())
-    })?;
+    let body = text.strip_suffix('\n').ok_or_else(|| ParseStatError::Trailing(text.rsplit('\n').next().unwrap_or("").to_string()))?;
     let mut lines = body.split('\n');
     let mut n = 0usize;
     let mut field = |expected: &'static str| -> Result<String, ParseStatError> {
         n += 1;
         let got = lines.next().unwrap_or("");
-        got.strip_prefix(expected)
-            .map(str::to_string)
-            .ok_or_else(|| ParseStatError::BadLine {
-                line: n,
-                expected,
-                got: got.to_string(),
-            })
+        got.strip_prefix(expected).map(str::to_string).ok_or_else(|| ParseStatError::BadLine { line: n, expected, got: got.to_string() })
     };
-    fn num<T: std::str::FromStr>(
-        v: String,
-        line: usize,
-        expected: &'static str,
-    ) -> Result<T, ParseStatError> {
-        let ok = !v.is_empty()
-            && !v.starts_with('+')
-            && v.bytes()
-                .skip(usize::from(v.starts_with('-')))
-                .all(|b| b.is_ascii_digit());
+    fn num<T: std::str::FromStr>(v: String, line: usize, expected: &'static str) -> Result<T, ParseStatError> {
+        let ok = !v.is_empty() && !v.starts_with('+') && v.bytes().skip(usize::from(v.starts_with('-'))).all(|b| b.is_ascii_digit());
         match v.parse::<T>() {
             Ok(x) if ok => Ok(x),
-            _ => Err(ParseStatError::BadLine {
-                line,
-                expected,
-                got: format!("{expected}{v}"),
-            }),
+            _ => Err(ParseStatError::BadLine { line, expected, got: format!("{expected}{v}") }),
         }
     }
     fn flag(v: String, line: usize, expected: &'static str) -> Result<bool, ParseStatError> {
         match v.as_str() {
             "yes" => Ok(true),
             "no" => Ok(false),
-            _ => Err(ParseStatError::BadLine {
-                line,
-                expected,
-                got: format!("{expected}{v}"),
-            }),
+            _ => Err(ParseStatError::BadLine { line, expected, got: format!("{expected}{v}") }),
         }
     }
     let stat = KsmStat {
@@ -182,7 +158,8 @@ pub fn ksm_stat_path(proc_root: &std::path::Path, pid: u32) -> std::path::PathBu
 mod tests {
     use super::*;
 
-    const ZERO: &str = "ksm_rmap_items 0\nksm_zero_pages 0\nksm_merging_pages 0\nksm_process_profit 0\nksm_merge_any: no\nksm_mergeable: no\n";
+    const ZERO: &str =
+        "ksm_rmap_items 0\nksm_zero_pages 0\nksm_merging_pages 0\nksm_process_profit 0\nksm_merge_any: no\nksm_mergeable: no\n";
 
     #[test]
     fn render_matches_kernel_bytes() {
@@ -200,12 +177,7 @@ mod tests {
             "ksm_rmap_items 256\nksm_zero_pages 0\nksm_merging_pages 256\nksm_process_profit 1032192\nksm_merge_any: no\nksm_mergeable: yes\n"
         );
         assert_eq!(parse(&s.render()), Ok(s));
-        let neg = KsmStat {
-            ksm_rmap_items: 10,
-            ksm_process_profit: -640,
-            ksm_zero_pages: -1,
-            ..KsmStat::default()
-        };
+        let neg = KsmStat { ksm_rmap_items: 10, ksm_process_profit: -640, ksm_zero_pages: -1, ..KsmStat::default() };
         assert_eq!(KsmStat::parse(&neg.render()), Ok(neg));
     }
 

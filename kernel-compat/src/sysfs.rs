@@ -117,10 +117,7 @@ pub const RESTORE_ORDER: &[&str] = &[
 ];
 
 fn invalid_data(path: &Path, text: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("{}: unexpected value {text:?}", path.display()),
-    )
+    io::Error::new(io::ErrorKind::InvalidData, format!("{}: unexpected value {text:?}", path.display()))
 }
 
 impl KsmSysfs {
@@ -153,10 +150,7 @@ impl KsmSysfs {
     /// `run` can be opened for writing (root, writable sysfs). Opening
     /// changes nothing.
     pub fn is_writable(&self) -> bool {
-        OpenOptions::new()
-            .write(true)
-            .open(self.path("run"))
-            .is_ok()
+        OpenOptions::new().write(true).open(self.path("run")).is_ok()
     }
 
     /// The file's content as is (with its newline).
@@ -197,20 +191,12 @@ impl KsmSysfs {
     pub fn write(&self, name: &str, value: impl AsRef<[u8]>) -> Result<(), WriteOutcomeError> {
         let path = self.path(name);
         let bytes = value.as_ref();
-        let result = OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(&path)
-            .and_then(|mut f| f.write_all(bytes));
+        let result = OpenOptions::new().write(true).truncate(true).open(&path).and_then(|mut f| f.write_all(bytes));
         result.map_err(|source| {
             let value = String::from_utf8_lossy(bytes).into_owned();
             match source.raw_os_error().and_then(WriteError::from_errno) {
                 Some(kind) => WriteOutcomeError::Refused { path, value, kind },
-                None => WriteOutcomeError::Io {
-                    path,
-                    value,
-                    source,
-                },
+                None => WriteOutcomeError::Io { path, value, source },
             }
         })
     }
@@ -249,8 +235,7 @@ impl KsmSysfs {
     /// The writable settings as [`Tunables`].
     pub fn tunables(&self) -> io::Result<Tunables> {
         let snap = self.snapshot()?;
-        snap.tunables()
-            .map_err(|name| invalid_data(&self.path(&name), snap.get(&name).unwrap_or("")))
+        snap.tunables().map_err(|name| invalid_data(&self.path(&name), snap.get(&name).unwrap_or("")))
     }
 
     /// Reads every writable attribute of [`attrs::ATTRS`] that exists.
@@ -289,19 +274,14 @@ impl KsmSysfs {
         if snapshot.get("run").is_some() && run_now.as_deref() != Some("0") {
             note(self.write("run", "0"));
         }
-        let scan_time = snapshot
-            .get("advisor_mode")
-            .and_then(AdvisorMode::from_show)
-            == Some(AdvisorMode::ScanTime);
+        let scan_time = snapshot.get("advisor_mode").and_then(AdvisorMode::from_show) == Some(AdvisorMode::ScanTime);
         for &name in RESTORE_ORDER {
             let Some(saved) = snapshot.get(name) else {
                 continue;
             };
             match name {
                 "advisor_mode" => {
-                    let word = AdvisorMode::from_show(saved)
-                        .map(AdvisorMode::as_str)
-                        .unwrap_or(saved);
+                    let word = AdvisorMode::from_show(saved).map(AdvisorMode::as_str).unwrap_or(saved);
                     note(self.write(name, word));
                 }
                 "pages_to_scan" if scan_time => {}
@@ -345,11 +325,7 @@ impl SavedKsm {
     /// Takes the snapshot.
     pub fn new(sysfs: KsmSysfs) -> io::Result<SavedKsm> {
         let snapshot = sysfs.snapshot()?;
-        Ok(SavedKsm {
-            sysfs,
-            snapshot,
-            armed: true,
-        })
+        Ok(SavedKsm { sysfs, snapshot, armed: true })
     }
 
     /// The saved values.
@@ -385,10 +361,7 @@ impl Drop for SavedKsm {
     fn drop(&mut self) {
         if self.armed {
             if let Err(e) = self.sysfs.restore(&self.snapshot) {
-                eprintln!(
-                    "kernel-compat: could not restore {}: {e}",
-                    self.sysfs.root.display()
-                );
+                eprintln!("kernel-compat: could not restore {}: {e}", self.sysfs.root.display());
             }
         }
     }

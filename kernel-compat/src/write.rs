@@ -189,9 +189,7 @@ impl Value {
             | Value::AdvisorMaxCpu(v) => v.to_string(),
             Value::UseZeroPages(b) | Value::SmartScan(b) => u32::from(b).to_string(),
             Value::AdvisorMode(m) => attrs::format_advisor_mode(m),
-            Value::AdvisorMinPagesToScan(v)
-            | Value::AdvisorMaxPagesToScan(v)
-            | Value::AdvisorTargetScanTime(v) => v.to_string(),
+            Value::AdvisorMinPagesToScan(v) | Value::AdvisorMaxPagesToScan(v) | Value::AdvisorTargetScanTime(v) => v.to_string(),
         }
     }
 }
@@ -281,9 +279,7 @@ pub fn parse_write_bytes(name: &str, text: &[u8], ctx: &WriteContext) -> Result<
             Value::PagesToScan(kstrtouint(text).map_err(inval)?)
         }
         "sleep_millisecs" => Value::SleepMillisecs(kstrtouint(text).map_err(inval)?),
-        "stable_node_chains_prune_millisecs" => {
-            Value::StableNodeChainsPruneMillisecs(kstrtouint(text).map_err(inval)?)
-        }
+        "stable_node_chains_prune_millisecs" => Value::StableNodeChainsPruneMillisecs(kstrtouint(text).map_err(inval)?),
         "use_zero_pages" => Value::UseZeroPages(kstrtobool(text).map_err(inval)?),
         "smart_scan" => Value::SmartScan(kstrtobool(text).map_err(inval)?),
         "max_page_sharing" => {
@@ -353,11 +349,7 @@ fn check_writable(name: &str, ctx: &WriteContext) -> Result<(), WriteError> {
 ///   the first NUL, and [`parse_write_bytes`] decides.
 ///
 /// On success `write(2)` returns `min(bytes.len(), SYSFS_WRITE_MAX)`.
-pub fn model_write(
-    name: &str,
-    bytes: &[u8],
-    ctx: &WriteContext,
-) -> Result<Option<Value>, WriteError> {
+pub fn model_write(name: &str, bytes: &[u8], ctx: &WriteContext) -> Result<Option<Value>, WriteError> {
     check_writable(name, ctx)?;
     if bytes.is_empty() {
         return Ok(None);
@@ -470,12 +462,7 @@ impl Tunables {
 
     /// [`parse_write`] then [`Tunables::apply`]: a whole store, as the kernel
     /// does it, given the current `pages_shared`.
-    pub fn write(
-        &mut self,
-        name: &str,
-        text: &str,
-        pages_shared: u64,
-    ) -> Result<Value, WriteError> {
+    pub fn write(&mut self, name: &str, text: &str, pages_shared: u64) -> Result<Value, WriteError> {
         let v = parse_write(name, text, &self.context(pages_shared))?;
         self.apply(v);
         Ok(v)
@@ -509,23 +496,15 @@ impl Tunables {
     /// What reading writable attribute `name` prints, without the newline;
     /// `None` for anything else.
     pub fn show(&self, name: &str) -> Option<String> {
-        self.values()
-            .into_iter()
-            .find(|v| v.name() == name)
-            .map(|v| v.show())
+        self.values().into_iter().find(|v| v.name() == name).map(|v| v.show())
     }
 
     /// Reads the settings back from `(name, text)` pairs as printed by the
     /// kernel (e.g. a [`crate::sysfs::Snapshot`]); attributes not given keep
     /// their defaults, and a missing `merge_across_nodes` means no NUMA.
     /// Fails with the name of the first attribute whose text does not parse.
-    pub fn from_shown<'a>(
-        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<Tunables, String> {
-        let mut t = Tunables {
-            numa: false,
-            ..Tunables::default()
-        };
+    pub fn from_shown<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Tunables, String> {
+        let mut t = Tunables { numa: false, ..Tunables::default() };
         for (name, text) in pairs {
             let text = text.trim();
             let bad = || name.to_string();
@@ -547,9 +526,7 @@ impl Tunables {
                     t.numa = true;
                 }
                 "smart_scan" => t.smart_scan = bool_()?,
-                "stable_node_chains_prune_millisecs" => {
-                    t.stable_node_chains_prune_millisecs = u32_()?
-                }
+                "stable_node_chains_prune_millisecs" => t.stable_node_chains_prune_millisecs = u32_()?,
                 "advisor_mode" => t.advisor_mode = AdvisorMode::from_show(text).ok_or_else(bad)?,
                 "advisor_max_cpu" => t.advisor_max_cpu = u32_()?,
                 "advisor_min_pages_to_scan" => t.advisor_min_pages_to_scan = u64_()?,
@@ -588,44 +565,23 @@ mod tests {
         assert_eq!(parse_write("run", "+1", &ctx()), Ok(Value::Run(1)));
         assert_eq!(parse_write("run", "3", &ctx()), Err(Inval));
         assert_eq!(parse_write("run", "-1", &ctx()), Err(Inval));
-        assert_eq!(
-            parse_write("run", "99999999999999999999", &ctx()),
-            Err(Inval)
-        );
+        assert_eq!(parse_write("run", "99999999999999999999", &ctx()), Err(Inval));
         assert_eq!(parse_write("run", "", &ctx()), Err(Inval));
     }
 
     #[test]
     fn max_page_sharing_rules() {
         let mut c = ctx();
-        assert_eq!(
-            parse_write("max_page_sharing", "2", &c),
-            Ok(Value::MaxPageSharing(2))
-        );
+        assert_eq!(parse_write("max_page_sharing", "2", &c), Ok(Value::MaxPageSharing(2)));
         assert_eq!(parse_write("max_page_sharing", "1", &c), Err(Inval));
         assert_eq!(parse_write("max_page_sharing", "-1", &c), Err(Inval));
-        assert_eq!(
-            parse_write("max_page_sharing", "-2147483648", &c),
-            Err(Inval)
-        );
-        assert_eq!(
-            parse_write("max_page_sharing", "2147483648", &c),
-            Err(Range)
-        );
-        assert_eq!(
-            parse_write("max_page_sharing", "99999999999", &c),
-            Err(Range)
-        );
+        assert_eq!(parse_write("max_page_sharing", "-2147483648", &c), Err(Inval));
+        assert_eq!(parse_write("max_page_sharing", "2147483648", &c), Err(Range));
+        assert_eq!(parse_write("max_page_sharing", "99999999999", &c), Err(Range));
         assert_eq!(parse_write("max_page_sharing", "abc", &c), Err(Inval));
         c.pages_shared = 1;
-        assert_eq!(
-            parse_write("max_page_sharing", "256", &c),
-            Ok(Value::MaxPageSharing(256))
-        );
-        assert_eq!(
-            parse_write("max_page_sharing", "+256\n", &c),
-            Ok(Value::MaxPageSharing(256))
-        );
+        assert_eq!(parse_write("max_page_sharing", "256", &c), Ok(Value::MaxPageSharing(256)));
+        assert_eq!(parse_write("max_page_sharing", "+256\n", &c), Ok(Value::MaxPageSharing(256)));
         assert_eq!(parse_write("max_page_sharing", "300", &c), Err(Busy));
         assert_eq!(parse_write("max_page_sharing", "1", &c), Err(Inval));
     }
@@ -633,21 +589,12 @@ mod tests {
     #[test]
     fn merge_across_nodes_rules() {
         let mut c = ctx();
-        assert_eq!(
-            parse_write("merge_across_nodes", "0", &c),
-            Ok(Value::MergeAcrossNodes(0))
-        );
+        assert_eq!(parse_write("merge_across_nodes", "0", &c), Ok(Value::MergeAcrossNodes(0)));
         assert_eq!(parse_write("merge_across_nodes", "2", &c), Err(Inval));
         assert_eq!(parse_write("merge_across_nodes", "-1", &c), Err(Inval));
-        assert_eq!(
-            parse_write("merge_across_nodes", "99999999999999999999", &c),
-            Err(Range)
-        );
+        assert_eq!(parse_write("merge_across_nodes", "99999999999999999999", &c), Err(Range));
         c.pages_shared = 3;
-        assert_eq!(
-            parse_write("merge_across_nodes", "1", &c),
-            Ok(Value::MergeAcrossNodes(1))
-        );
+        assert_eq!(parse_write("merge_across_nodes", "1", &c), Ok(Value::MergeAcrossNodes(1)));
         assert_eq!(parse_write("merge_across_nodes", "0", &c), Err(Busy));
         c.numa = false;
         assert_eq!(parse_write("merge_across_nodes", "1", &c), Err(NoSuchAttr));
@@ -656,45 +603,18 @@ mod tests {
     #[test]
     fn advisor_rules() {
         let c = ctx();
-        assert_eq!(
-            parse_write("advisor_mode", "scan-time\n", &c),
-            Ok(Value::AdvisorMode(AdvisorMode::ScanTime))
-        );
-        assert_eq!(
-            parse_write("advisor_mode", "none", &c),
-            Ok(Value::AdvisorMode(AdvisorMode::None))
-        );
+        assert_eq!(parse_write("advisor_mode", "scan-time\n", &c), Ok(Value::AdvisorMode(AdvisorMode::ScanTime)));
+        assert_eq!(parse_write("advisor_mode", "none", &c), Ok(Value::AdvisorMode(AdvisorMode::None)));
         assert_eq!(parse_write("advisor_mode", "scan_time", &c), Err(Inval));
-        assert_eq!(
-            parse_write("advisor_mode", "[none] scan-time", &c),
-            Err(Inval)
-        );
-        assert_eq!(
-            parse_write("advisor_max_cpu", "4294967297", &c),
-            Ok(Value::AdvisorMaxCpu(1))
-        );
-        assert_eq!(
-            parse_write("advisor_max_cpu", "200", &c),
-            Ok(Value::AdvisorMaxCpu(200))
-        );
+        assert_eq!(parse_write("advisor_mode", "[none] scan-time", &c), Err(Inval));
+        assert_eq!(parse_write("advisor_max_cpu", "4294967297", &c), Ok(Value::AdvisorMaxCpu(1)));
+        assert_eq!(parse_write("advisor_max_cpu", "200", &c), Ok(Value::AdvisorMaxCpu(200)));
         assert_eq!(parse_write("advisor_target_scan_time", "0", &c), Err(Inval));
-        assert_eq!(
-            parse_write("advisor_target_scan_time", "18446744073709551615", &c),
-            Ok(Value::AdvisorTargetScanTime(u64::MAX))
-        );
-        assert_eq!(
-            parse_write("advisor_min_pages_to_scan", "0", &c),
-            Ok(Value::AdvisorMinPagesToScan(0))
-        );
-        let on = WriteContext {
-            advisor_on: true,
-            ..c
-        };
+        assert_eq!(parse_write("advisor_target_scan_time", "18446744073709551615", &c), Ok(Value::AdvisorTargetScanTime(u64::MAX)));
+        assert_eq!(parse_write("advisor_min_pages_to_scan", "0", &c), Ok(Value::AdvisorMinPagesToScan(0)));
+        let on = WriteContext { advisor_on: true, ..c };
         assert_eq!(parse_write("pages_to_scan", "100", &on), Err(Inval));
-        assert_eq!(
-            parse_write("pages_to_scan", "100", &c),
-            Ok(Value::PagesToScan(100))
-        );
+        assert_eq!(parse_write("pages_to_scan", "100", &c), Ok(Value::PagesToScan(100)));
     }
 
     #[test]
@@ -708,20 +628,11 @@ mod tests {
     fn whole_write_path() {
         assert_eq!(model_write("sleep_millisecs", b"", &ctx()), Ok(None));
         assert_eq!(model_write("full_scans", b"", &ctx()), Err(ReadOnly));
-        assert_eq!(
-            model_write("sleep_millisecs", b"5\0junk", &ctx()),
-            Ok(Some(Value::SleepMillisecs(5)))
-        );
+        assert_eq!(model_write("sleep_millisecs", b"5\0junk", &ctx()), Ok(Some(Value::SleepMillisecs(5))));
         let mut long = vec![b'0'; 4096];
         long.push(b'7');
-        assert_eq!(
-            model_write("sleep_millisecs", &long, &ctx()),
-            Ok(Some(Value::SleepMillisecs(0)))
-        );
-        assert_eq!(
-            model_write("sleep_millisecs", &long[1..], &ctx()),
-            Ok(Some(Value::SleepMillisecs(7)))
-        );
+        assert_eq!(model_write("sleep_millisecs", &long, &ctx()), Ok(Some(Value::SleepMillisecs(0))));
+        assert_eq!(model_write("sleep_millisecs", &long[1..], &ctx()), Ok(Some(Value::SleepMillisecs(7))));
     }
 
     #[test]
@@ -738,19 +649,11 @@ mod tests {
         assert_eq!(t.pages_to_scan, 100);
         assert_eq!(t.show("advisor_mode").unwrap(), "[none] scan-time");
         assert_eq!(t.show("use_zero_pages").unwrap(), "0");
-        let shown: Vec<(String, String)> = t
-            .values()
-            .iter()
-            .map(|v| (v.name().to_string(), v.show()))
-            .collect();
-        let back =
-            Tunables::from_shown(shown.iter().map(|(a, b)| (a.as_str(), b.as_str()))).unwrap();
+        let shown: Vec<(String, String)> = t.values().iter().map(|v| (v.name().to_string(), v.show())).collect();
+        let back = Tunables::from_shown(shown.iter().map(|(a, b)| (a.as_str(), b.as_str()))).unwrap();
         assert_eq!(back, t);
         for v in t.values() {
-            assert_eq!(
-                parse_write(v.name(), &v.to_write_text(), &t.context(0)),
-                Ok(v)
-            );
+            assert_eq!(parse_write(v.name(), &v.to_write_text(), &t.context(0)), Ok(v));
         }
     }
 }

@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use kernel_compat::testutil::{kernel_ksm_writable, require_or_skip, sysfs_lock};
 use kernel_compat::write::SYSFS_WRITE_MAX;
-use kernel_compat::{
-    attrs, procfs, AdvisorMode, KsmSysfs, SavedKsm, Tunables, Value, WriteContext, WriteError,
-};
+use kernel_compat::{attrs, procfs, AdvisorMode, KsmSysfs, SavedKsm, Tunables, Value, WriteContext, WriteError};
 
 /// Inputs tried on every writable attribute.
 const CASES: &[&str] = &[
@@ -85,12 +83,7 @@ fn ksm() -> KsmSysfs {
 
 /// `write_all` as the driver does it: one `write(2)` per chunk of at most
 /// [`SYSFS_WRITE_MAX`] bytes, applying each accepted chunk.
-fn model_write_all(
-    name: &str,
-    bytes: &[u8],
-    tun: &mut Tunables,
-    pages_shared: u64,
-) -> Result<(), WriteError> {
+fn model_write_all(name: &str, bytes: &[u8], tun: &mut Tunables, pages_shared: u64) -> Result<(), WriteError> {
     for chunk in bytes.chunks(SYSFS_WRITE_MAX) {
         if let Some(v) = kernel_compat::model_write(name, chunk, &tun.context(pages_shared))? {
             tun.apply(v);
@@ -123,9 +116,7 @@ fn check_one(k: &KsmSysfs, name: &str, bytes: &[u8]) -> Option<String> {
         _ => false,
     };
     if !outcome_ok {
-        return Some(format!(
-            "{name} <- {shown:?}: model {predicted:?}, kernel {actual:?}"
-        ));
+        return Some(format!("{name} <- {shown:?}: model {predicted:?}, kernel {actual:?}"));
     }
     let after = k.tunables().expect("read tunables");
     let mut expected = predicted_state;
@@ -134,9 +125,7 @@ fn check_one(k: &KsmSysfs, name: &str, bytes: &[u8]) -> Option<String> {
         expected.pages_to_scan = after.pages_to_scan;
     }
     if after != expected {
-        return Some(format!(
-            "{name} <- {shown:?}: model state {expected:?}, kernel state {after:?}"
-        ));
+        return Some(format!("{name} <- {shown:?}: model state {expected:?}, kernel state {after:?}"));
     }
     None
 }
@@ -149,72 +138,37 @@ fn attrs_match_real_directory() {
     }
     let real = k.names().unwrap();
     let numa = real.contains("merge_across_nodes");
-    let ours: BTreeSet<String> = attrs::ATTRS
-        .iter()
-        .filter(|a| numa || !a.numa_only)
-        .map(|a| a.name.to_string())
-        .collect();
+    let ours: BTreeSet<String> = attrs::ATTRS.iter().filter(|a| numa || !a.numa_only).map(|a| a.name.to_string()).collect();
     assert_eq!(real, ours, "ATTRS differs from the directory listing");
     if !numa {
         eprintln!("note: kernel without CONFIG_NUMA: no merge_across_nodes");
     }
     for a in attrs::ATTRS.iter().filter(|a| real.contains(a.name)) {
-        let mode = std::fs::metadata(k.path(a.name))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = std::fs::metadata(k.path(a.name)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, a.mode(), "mode of {}", a.name);
         let raw = k.read_raw(a.name).unwrap();
-        assert!(
-            raw.ends_with('\n') && raw.matches('\n').count() == 1,
-            "{}: {raw:?}",
-            a.name
-        );
-        assert!(
-            a.matches_format(&raw),
-            "{}: {raw:?} is not in format {:?}",
-            a.name,
-            a.format
-        );
+        assert!(raw.ends_with('\n') && raw.matches('\n').count() == 1, "{}: {raw:?}", a.name);
+        assert!(a.matches_format(&raw), "{}: {raw:?} is not in format {:?}", a.name, a.format);
     }
     // The settings read back as Tunables, and their show() is byte-exact.
     let t = k.tunables().unwrap();
     for a in attrs::writable().filter(|a| real.contains(a.name)) {
-        assert_eq!(
-            t.show(a.name).unwrap(),
-            k.read(a.name).unwrap(),
-            "{}",
-            a.name
-        );
+        assert_eq!(t.show(a.name).unwrap(), k.read(a.name).unwrap(), "{}", a.name);
     }
 }
 
 #[test]
 fn proc_self_ksm_stat_round_trips() {
     let path = procfs::ksm_stat_path(std::path::Path::new("/proc"), std::process::id());
-    if !require_or_skip(
-        path.exists(),
-        "/proc/<pid>/ksm_stat (CONFIG_KSM, Linux >= 6.1)",
-    ) {
+    if !require_or_skip(path.exists(), "/proc/<pid>/ksm_stat (CONFIG_KSM, Linux >= 6.1)") {
         return;
     }
     let text = std::fs::read_to_string(&path).unwrap();
     let stat = procfs::parse(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
     assert_eq!(stat.render(), text, "render is not byte-exact");
     let merging = std::fs::read_to_string(path.with_file_name("ksm_merging_pages")).unwrap();
-    assert_eq!(
-        procfs::render_merging_pages(stat.ksm_merging_pages),
-        merging
-    );
-    assert_eq!(
-        stat.ksm_process_profit,
-        procfs::process_profit(
-            stat.ksm_merging_pages,
-            stat.ksm_zero_pages,
-            stat.ksm_rmap_items
-        )
-    );
+    assert_eq!(procfs::render_merging_pages(stat.ksm_merging_pages), merging);
+    assert_eq!(stat.ksm_process_profit, procfs::process_profit(stat.ksm_merging_pages, stat.ksm_zero_pages, stat.ksm_rmap_items));
     // A kernel thread has no mm: both files are empty.
     if let Ok(kthread) = std::fs::read_to_string("/proc/2/ksm_stat") {
         assert_eq!(procfs::parse(&kthread), Err(procfs::ParseStatError::Empty));
@@ -223,10 +177,7 @@ fn proc_self_ksm_stat_round_trips() {
 
 #[test]
 fn writes_match_kernel() {
-    if !require_or_skip(
-        kernel_ksm_writable(),
-        "root and a writable /sys/kernel/mm/ksm",
-    ) {
+    if !require_or_skip(kernel_ksm_writable(), "root and a writable /sys/kernel/mm/ksm") {
         return;
     }
     let _lock = sysfs_lock();
@@ -235,11 +186,7 @@ fn writes_match_kernel() {
     let mut mismatches = Vec::new();
     let mut checked = 0usize;
 
-    let mut targets: Vec<&str> = attrs::ATTRS
-        .iter()
-        .map(|a| a.name)
-        .filter(|n| names.contains(*n))
-        .collect();
+    let mut targets: Vec<&str> = attrs::ATTRS.iter().map(|a| a.name).filter(|n| names.contains(*n)).collect();
     targets.push("no_such_attribute");
     for &name in &targets {
         for case in CASES {
@@ -254,11 +201,7 @@ fn writes_match_kernel() {
     long.push(b'7');
     for bytes in [&long[1..], &long[..]] {
         saved.restore().unwrap();
-        mismatches.extend(check_one(
-            &saved,
-            "stable_node_chains_prune_millisecs",
-            bytes,
-        ));
+        mismatches.extend(check_one(&saved, "stable_node_chains_prune_millisecs", bytes));
         checked += 1;
     }
 
@@ -275,20 +218,12 @@ fn writes_match_kernel() {
 
     saved.finish().expect("restore");
     eprintln!("{checked} writes compared with the kernel");
-    assert!(
-        mismatches.is_empty(),
-        "{} mismatches:\n{}",
-        mismatches.len(),
-        mismatches.join("\n")
-    );
+    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
 }
 
 #[test]
 fn saved_ksm_restores_everything() {
-    if !require_or_skip(
-        kernel_ksm_writable(),
-        "root and a writable /sys/kernel/mm/ksm",
-    ) {
+    if !require_or_skip(kernel_ksm_writable(), "root and a writable /sys/kernel/mm/ksm") {
         return;
     }
     let _lock = sysfs_lock();
@@ -316,9 +251,7 @@ fn saved_ksm_restores_everything() {
             }
         }
         for v in &changes {
-            saved
-                .write_value(v)
-                .unwrap_or_else(|e| panic!("{v:?}: {e}"));
+            saved.write_value(v).unwrap_or_else(|e| panic!("{v:?}: {e}"));
         }
         // Switching to scan-time started pages_to_scan at the advisor minimum.
         assert_eq!(saved.read_u64("pages_to_scan").unwrap(), 123);
@@ -363,16 +296,10 @@ fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// really shared by ksmd.
 #[test]
 fn busy_rules_with_shared_pages() {
-    if !require_or_skip(
-        kernel_ksm_writable(),
-        "root and a writable /sys/kernel/mm/ksm",
-    ) {
+    if !require_or_skip(kernel_ksm_writable(), "root and a writable /sys/kernel/mm/ksm") {
         return;
     }
-    let python = Command::new("python3")
-        .arg("-c")
-        .arg("import mmap; mmap.MADV_MERGEABLE")
-        .status();
+    let python = Command::new("python3").arg("-c").arg("import mmap; mmap.MADV_MERGEABLE").status();
     if !matches!(python, Ok(s) if s.success()) {
         eprintln!("skipping: needs python3 with mmap.madvise to create mergeable memory");
         return;
@@ -391,18 +318,14 @@ fn busy_rules_with_shared_pages() {
         .spawn()
         .expect("spawn python3");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
     let helper = Helper(child);
 
     saved.write("pages_to_scan", "5000").unwrap();
     saved.write("sleep_millisecs", "0").unwrap();
     saved.write("run", "1").unwrap();
-    let merged = wait_until(Duration::from_secs(10), || {
-        saved.read_u64("pages_sharing").unwrap_or(0) > 0
-    });
+    let merged = wait_until(Duration::from_secs(10), || saved.read_u64("pages_sharing").unwrap_or(0) > 0);
     assert!(merged, "ksmd did not merge the helper's pages");
     saved.write("run", "0").unwrap();
 
@@ -410,19 +333,9 @@ fn busy_rules_with_shared_pages() {
     let stat_text = std::fs::read_to_string(format!("/proc/{}/ksm_stat", helper.0.id())).unwrap();
     let stat = procfs::parse(&stat_text).unwrap();
     assert_eq!(stat.render(), stat_text);
-    assert!(
-        stat.ksm_mergeable && !stat.ksm_merge_any && stat.ksm_merging_pages > 0,
-        "{stat:?}"
-    );
+    assert!(stat.ksm_mergeable && !stat.ksm_merge_any && stat.ksm_merging_pages > 0, "{stat:?}");
     // Per-process profit: 4 KiB per merged page, 64 bytes per rmap item.
-    assert_eq!(
-        stat.ksm_process_profit,
-        procfs::process_profit(
-            stat.ksm_merging_pages,
-            stat.ksm_zero_pages,
-            stat.ksm_rmap_items
-        )
-    );
+    assert_eq!(stat.ksm_process_profit, procfs::process_profit(stat.ksm_merging_pages, stat.ksm_zero_pages, stat.ksm_rmap_items));
     let profit = saved.read_i64("general_profit").unwrap();
     assert!(profit > 0, "general_profit {profit}");
 
@@ -431,40 +344,23 @@ fn busy_rules_with_shared_pages() {
         if !saved.names().unwrap().contains(name) {
             continue;
         }
-        for case in [
-            "256",
-            "300",
-            "0",
-            "1",
-            "2",
-            "abc",
-            "99999999999999999999",
-            "-1",
-        ] {
+        for case in ["256", "300", "0", "1", "2", "abc", "99999999999999999999", "-1"] {
             let ctx = saved.write_context().unwrap();
             assert!(ctx.pages_shared > 0);
             mismatches.extend(check_one(&saved, name, case.as_bytes()));
         }
     }
-    let busy =
-        kernel_compat::parse_write("max_page_sharing", "300", &saved.write_context().unwrap());
+    let busy = kernel_compat::parse_write("max_page_sharing", "300", &saved.write_context().unwrap());
     assert_eq!(busy, Err(WriteError::Busy));
 
     // Let the helper go and ksmd drop its stable nodes again.
     drop(helper);
     saved.write("run", "1").unwrap();
-    let drained = wait_until(Duration::from_secs(10), || {
-        saved.read_u64("pages_shared").unwrap_or(1) == 0
-    });
+    let drained = wait_until(Duration::from_secs(10), || saved.read_u64("pages_shared").unwrap_or(1) == 0);
     if !drained {
         // Only our helper's pages were merged (pages_shared was 0 before).
         saved.write("run", "2").unwrap();
     }
     saved.finish().expect("restore");
-    assert!(
-        mismatches.is_empty(),
-        "{} mismatches:\n{}",
-        mismatches.len(),
-        mismatches.join("\n")
-    );
+    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
 }

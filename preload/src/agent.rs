@@ -7,8 +7,8 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use twinpage::statsfs::{ProcessFlags, StatsTree, StatsTreeHandle, StatsTreeOptions};
 use twinpage::link::DaemonConfig;
+use twinpage::statsfs::{ProcessFlags, StatsTree, StatsTreeHandle, StatsTreeOptions};
 use twinpage::{Engine, EngineError};
 
 use crate::config::{self, Config};
@@ -176,12 +176,7 @@ pub fn get_or_init() -> Option<&'static Agent> {
     }
     engine.set_daemon(cfg.socket.clone().map(|socket| DaemonConfig { socket, domain: cfg.domain.clone() }));
     start_stats(&engine, cfg);
-    let agent = Box::new(Agent {
-        engine,
-        cfg,
-        merge_any: AtomicBool::new(false),
-        excluded: Mutex::new(Vec::new()),
-    });
+    let agent = Box::new(Agent { engine, cfg, merge_any: AtomicBool::new(false), excluded: Mutex::new(Vec::new()) });
     AGENT.store(Box::into_raw(agent), Ordering::Release);
     STATE.store(ACTIVE, Ordering::Release);
     get()
@@ -324,8 +319,7 @@ fn unmerge_inherited_store_mappings() {
         let Some((s, e)) = range.split_once('-') else { continue };
         let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) else { continue };
         let p = perms.as_bytes();
-        let prot = if p.first() == Some(&b'r') { libc::PROT_READ } else { 0 }
-            | if p.get(1) == Some(&b'w') { libc::PROT_WRITE } else { 0 };
+        let prot = if p.first() == Some(&b'r') { libc::PROT_READ } else { 0 } | if p.get(1) == Some(&b'w') { libc::PROT_WRITE } else { 0 };
         if prot & libc::PROT_READ == 0 {
             continue;
         }
@@ -385,13 +379,7 @@ impl Agent {
     }
 
     /// `madvise`: `Some(result)` when handled here, `None` to pass it on.
-    pub fn madvise(
-        &self,
-        addr: usize,
-        len: usize,
-        advice: c_int,
-        raw: fn(usize, usize, c_int) -> c_int,
-    ) -> Option<io::Result<c_int>> {
+    pub fn madvise(&self, addr: usize, len: usize, advice: c_int, raw: fn(usize, usize, c_int) -> c_int) -> Option<io::Result<c_int>> {
         match advice {
             libc::MADV_MERGEABLE => {
                 if !addr.is_multiple_of(twinpage::sys::PAGE_SIZE) {

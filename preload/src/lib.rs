@@ -144,14 +144,7 @@ fn raw_mmap(addr: usize, len: usize, prot: c_int, flags: c_int, fd: c_int, off: 
 /// # Safety
 /// As `mmap(2)`.
 #[no_mangle]
-pub unsafe extern "C" fn mmap(
-    addr: *mut c_void,
-    len: usize,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    off: libc::off_t,
-) -> *mut c_void {
+pub unsafe extern "C" fn mmap(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: libc::off_t) -> *mut c_void {
     let addr = addr as usize;
     let r = with_agent(false, |a| a.mmap(addr, len, prot, flags, fd, off, raw_mmap))
         .unwrap_or_else(|| raw_mmap(addr, len, prot, flags, fd, off));
@@ -161,14 +154,7 @@ pub unsafe extern "C" fn mmap(
 /// # Safety
 /// As `mmap64(2)` (the same call on x86_64).
 #[no_mangle]
-pub unsafe extern "C" fn mmap64(
-    addr: *mut c_void,
-    len: usize,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    off: libc::off_t,
-) -> *mut c_void {
+pub unsafe extern "C" fn mmap64(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: libc::off_t) -> *mut c_void {
     // SAFETY: forwarded as given.
     unsafe { mmap(addr, len, prot, flags, fd, off) }
 }
@@ -181,13 +167,7 @@ fn raw_mremap(old: usize, old_len: usize, new_len: usize, flags: c_int, new_addr
 /// # Safety
 /// As `mremap(2)`.
 #[no_mangle]
-pub unsafe extern "C" fn mremap(
-    old: *mut c_void,
-    old_len: usize,
-    new_len: usize,
-    flags: c_int,
-    new_addr: *mut c_void,
-) -> *mut c_void {
+pub unsafe extern "C" fn mremap(old: *mut c_void, old_len: usize, new_len: usize, flags: c_int, new_addr: *mut c_void) -> *mut c_void {
     let (old, new_addr) = (old as usize, new_addr as usize);
     let r = with_agent(false, |a| a.mremap(old, old_len, new_len, flags, new_addr, raw_mremap))
         .unwrap_or_else(|| raw_mremap(old, old_len, new_len, flags, new_addr));

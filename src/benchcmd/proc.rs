@@ -37,9 +37,7 @@ pub fn kthread_pid(name: &str) -> Option<u32> {
 
 /// CPU seconds of the kernel thread `name` so far (0 if not found).
 pub fn kthread_cpu(name: &str) -> f64 {
-    kthread_pid(name)
-        .and_then(|pid| stat_cpu(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?))
-        .unwrap_or(0.0)
+    kthread_pid(name).and_then(|pid| stat_cpu(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)).unwrap_or(0.0)
 }
 
 /// CPU seconds of this process's threads whose names are in `names`.
@@ -70,9 +68,7 @@ fn threads_cpu(pid: &str, names: &[&str]) -> f64 {
 }
 
 fn kb_field(text: &str, field: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(field).and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok()))
-        .unwrap_or(0)
+    text.lines().find_map(|l| l.strip_prefix(field).and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())).unwrap_or(0)
 }
 
 /// A field of `/proc/self/smaps_rollup`, in kB.

@@ -92,9 +92,7 @@ fn tree_stat(root: &Path, name: &str) -> Option<f64> {
 
 fn pid_pss_kb(pid: u32) -> u64 {
     let t = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    t.lines()
-        .find_map(|l| l.strip_prefix("Pss:").and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok()))
-        .unwrap_or(0)
+    t.lines().find_map(|l| l.strip_prefix("Pss:").and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())).unwrap_or(0)
 }
 
 /// The running guests, stopped (SIGTERM, then SIGKILL) and reaped on drop.
@@ -252,7 +250,13 @@ fn run(a: &BenchArgs, mode: Mode, target: Option<u64>) -> Result<SideResult, Str
         "  {:>8} {} guests booting ({mem_mib} MiB RAM, {buf_mib} MiB guest buffer each{})",
         mode.as_str(),
         a.guests,
-        if daemon_mode { ", merging through twinpaged" } else if twinpage { ", each merging alone (--no-daemon)" } else { "" }
+        if daemon_mode {
+            ", merging through twinpaged"
+        } else if twinpage {
+            ", each merging alone (--no-daemon)"
+        } else {
+            ""
+        }
     );
     let mut r = SideResult { side: mode.as_str(), expected: target.unwrap_or(0), ..SideResult::default() };
     r.loadavg = super::loadavg();
@@ -262,9 +266,7 @@ fn run(a: &BenchArgs, mode: Mode, target: Option<u64>) -> Result<SideResult, Str
             let s = (k.read_u64("pages_sharing").unwrap_or(0) + k.read_u64("ksm_zero_pages").unwrap_or(0)).saturating_sub(base);
             (s, k.read_u64("full_scans").unwrap_or(0))
         }
-        Mode::Side(Side::Twinpage) => {
-            (tree_u64(&tree, "pages_sharing") + tree_u64(&tree, "ksm_zero_pages"), tree_u64(&tree, "full_scans"))
-        }
+        Mode::Side(Side::Twinpage) => (tree_u64(&tree, "pages_sharing") + tree_u64(&tree, "ksm_zero_pages"), tree_u64(&tree, "full_scans")),
     };
     let timeout = Duration::from_secs(a.timeout);
     // The saving has settled when it stayed within a small tolerance (guest
@@ -296,8 +298,7 @@ fn run(a: &BenchArgs, mode: Mode, target: Option<u64>) -> Result<SideResult, Str
         if last_print.elapsed() >= Duration::from_secs(1) {
             last_print = Instant::now();
             let passes: Vec<usize> = logs.iter().map(|l| console(l).verify_ms.len()).collect();
-            let counters =
-                if mode == Mode::Alone { String::new() } else { format!("sharing {saved:>9} pages, full_scans {scans}, ") };
+            let counters = if mode == Mode::Alone { String::new() } else { format!("sharing {saved:>9} pages, full_scans {scans}, ") };
             println!("  {:>8} {:7.2} s  {counters}guest verify passes {passes:?}", mode.as_str(), t.as_secs_f64());
         }
         if t > timeout {
@@ -333,9 +334,7 @@ fn run(a: &BenchArgs, mode: Mode, target: Option<u64>) -> Result<SideResult, Str
     let cpu = match mode {
         Mode::Alone => 0.0,
         Mode::Side(Side::Kernel) => proc::kthread_cpu("ksmd") - cpu0,
-        Mode::Side(Side::Twinpage) => {
-            guests.0.iter().map(|g| proc::pid_threads_cpu(g.id(), &["twinpage-scan", "twinpage-fault"])).sum()
-        }
+        Mode::Side(Side::Twinpage) => guests.0.iter().map(|g| proc::pid_threads_cpu(g.id(), &["twinpage-scan", "twinpage-fault"])).sum(),
     };
     let daemon_cpu = daemon.as_ref().map(Daemon::cpu_s);
     let v = &mut r.values;
@@ -396,7 +395,11 @@ fn run(a: &BenchArgs, mode: Mode, target: Option<u64>) -> Result<SideResult, Str
     guests.stop();
     drop(daemon);
     if failures > 0 {
-        return Err(format!("a guest found wrong data in its memory ({failures} TP-BAD/TP-VERDICT FAIL lines); see {}/qemu-{}-*.log", a.out.display(), mode.as_str()));
+        return Err(format!(
+            "a guest found wrong data in its memory ({failures} TP-BAD/TP-VERDICT FAIL lines); see {}/qemu-{}-*.log",
+            a.out.display(),
+            mode.as_str()
+        ));
     }
     Ok(r)
 }

@@ -165,7 +165,11 @@ impl Report<'_> {
         row("Shmem growth (MiB; twinpage's store is shmem)", &|s| s.get("shmem_gain_kb") / 1024.0, 1, &none);
         row("twinpage store allocated (MiB)", &|s| s.get("store_allocated_kb") / 1024.0, 1, &none);
         row("metadata bytes per scanned page", &|s| s.get("metadata_bytes_per_page"), 1, &|s| {
-            if s.side == "kernel" { " (rmap_item)".into() } else { String::new() }
+            if s.side == "kernel" {
+                " (rmap_item)".into()
+            } else {
+                String::new()
+            }
         });
         row("mappings added", &|s| s.get("mappings_added"), 0, &none);
         row("map count after", &|s| s.get("map_count_after"), 0, &none);
@@ -173,7 +177,11 @@ impl Report<'_> {
         // Pages with a twin are written; when not all merged, some writes hit unmerged pages.
         let partly = |s: &SideResult| {
             let f = s.final_saved() as f64 / s.expected.max(1) as f64;
-            if f < 0.99 { format!(" (only {:.0}% merged)", f * 100.0) } else { String::new() }
+            if f < 0.99 {
+                format!(" (only {:.0}% merged)", f * 100.0)
+            } else {
+                String::new()
+            }
         };
         row("first write to merged page p50 (µs)", &|s| s.get("first_write_p50_us"), 2, &partly);
         row("first write to merged page p99 (µs)", &|s| s.get("first_write_p99_us"), 2, &partly);
@@ -208,20 +216,9 @@ impl Report<'_> {
     pub fn svg(&self) -> String {
         let (w, h) = (720.0, 400.0);
         let (l, r, top, bot) = (70.0, 20.0, 40.0, 50.0);
-        let tmax = self
-            .sides
-            .iter()
-            .filter_map(|s| s.samples.last().map(|x| x.0))
-            .fold(0.1f64, f64::max);
+        let tmax = self.sides.iter().filter_map(|s| s.samples.last().map(|x| x.0)).fold(0.1f64, f64::max);
         let expected = self.sides.iter().map(|s| s.expected).max().unwrap_or(0);
-        let ymax = self
-            .sides
-            .iter()
-            .flat_map(|s| s.samples.iter().map(|x| x.1))
-            .chain([expected])
-            .max()
-            .unwrap_or(1)
-            .max(1) as f64
+        let ymax = self.sides.iter().flat_map(|s| s.samples.iter().map(|x| x.1)).chain([expected]).max().unwrap_or(1).max(1) as f64
             * MIB_PER_PAGE
             * 1.05;
         let x = |t: f64| l + (w - l - r) * t / tmax;
@@ -252,10 +249,16 @@ impl Report<'_> {
             let _ = writeln!(s, "<line x1=\"{l}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#ddd\"/>", y(v), w - r);
             let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.0}</text>", l - 6.0, y(v) + 4.0);
         }
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
             (l + w - r) / 2.0,
             h - 12.0,
-            if self.args.workload == super::Workload::Qemu { "seconds since the guests were launched" } else { "seconds since madvise / register" }
+            if self.args.workload == super::Workload::Qemu {
+                "seconds since the guests were launched"
+            } else {
+                "seconds since madvise / register"
+            }
         );
         let _ = writeln!(
             s,

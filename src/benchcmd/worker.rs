@@ -51,12 +51,7 @@ impl Merger {
         match self {
             Merger::Kernel(k) => {
                 let r = |n: &str| k.read_u64(n).unwrap_or(0);
-                Counters {
-                    sharing: r("pages_sharing"),
-                    shared: r("pages_shared"),
-                    zero: r("ksm_zero_pages"),
-                    full_scans: r("full_scans"),
-                }
+                Counters { sharing: r("pages_sharing"), shared: r("pages_shared"), zero: r("ksm_zero_pages"), full_scans: r("full_scans") }
             }
             Merger::Twinpage(e) => {
                 let s = e.stats();
@@ -238,10 +233,7 @@ pub fn run(a: &WorkerArgs) -> i32 {
             last = saved;
             last_change_scan = c.full_scans;
             last_change_at = Instant::now();
-        } else if saved > 0
-            && c.full_scans >= last_change_scan + 3
-            && last_change_at.elapsed() > Duration::from_secs(1)
-        {
+        } else if saved > 0 && c.full_scans >= last_change_scan + 3 && last_change_at.elapsed() > Duration::from_secs(1) {
             break;
         }
         if t > timeout {

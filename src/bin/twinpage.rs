@@ -142,16 +142,7 @@ fn fill(page: &mut [u8], seed: u64) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn demo(
-    mib: usize,
-    dup: u8,
-    layout: Layout,
-    patterns: usize,
-    pages_to_scan: u32,
-    sleep: u32,
-    publish: Option<PathBuf>,
-    hold: u64,
-) -> i32 {
+fn demo(mib: usize, dup: u8, layout: Layout, patterns: usize, pages_to_scan: u32, sleep: u32, publish: Option<PathBuf>, hold: u64) -> i32 {
     let engine = match Engine::new() {
         Ok(e) => Arc::new(e),
         Err(e) => {
@@ -167,10 +158,7 @@ fn demo(
     let publisher = match publish {
         None => None,
         Some(root) => {
-            let opts = StatsTreeOptions {
-                explicit: vec!["pages_to_scan".into(), "sleep_millisecs".into()],
-                ..StatsTreeOptions::default()
-            };
+            let opts = StatsTreeOptions { explicit: vec!["pages_to_scan".into(), "sleep_millisecs".into()], ..StatsTreeOptions::default() };
             match StatsTree::spawn(engine.clone(), root.clone(), opts) {
                 Ok(h) => {
                     println!("publishing statistics under {}", root.display());
@@ -453,10 +441,7 @@ fn set(t: &Tree, attr: &str, value: &str) -> i32 {
 fn sparkline(values: &VecDeque<f64>) -> String {
     const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
     let max = values.iter().copied().fold(0.0f64, f64::max);
-    values
-        .iter()
-        .map(|&v| if max <= 0.0 { BARS[0] } else { BARS[((v / max) * 7.0).round().clamp(0.0, 7.0) as usize] })
-        .collect()
+    values.iter().map(|&v| if max <= 0.0 { BARS[0] } else { BARS[((v / max) * 7.0).round().clamp(0.0, 7.0) as usize] }).collect()
 }
 
 fn clock() -> String {

@@ -98,7 +98,10 @@ fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
         return Err(format!("--dir (TWINPAGE_DIR) must be an absolute path, not {:?}", args.dir));
     }
     if args.socket.as_ref().is_some_and(|s| !s.is_absolute()) {
-        return Err(format!("--socket (TWINPAGE_SOCKET) must be an absolute path, not {:?}", args.socket.as_ref().unwrap_or(&PathBuf::new())));
+        return Err(format!(
+            "--socket (TWINPAGE_SOCKET) must be an absolute path, not {:?}",
+            args.socket.as_ref().unwrap_or(&PathBuf::new())
+        ));
     }
     let socket = args.socket.clone().unwrap_or_else(|| args.dir.join("twinpaged.sock"));
     twinpage::sys::signals::install_handlers();

@@ -136,8 +136,7 @@ impl Conn {
                 grown[..self.filled].copy_from_slice(&self.rbuf[..self.filled]);
                 self.rbuf = grown;
             }
-            let (n, fd) =
-                scm::recv_with_fd(self.sock.as_fd(), &mut self.rbuf[self.filled..want]).map_err(ConnError::io)?;
+            let (n, fd) = scm::recv_with_fd(self.sock.as_fd(), &mut self.rbuf[self.filled..want]).map_err(ConnError::io)?;
             if let Some(fd) = fd {
                 // A second descriptor within one frame is dropped (closed).
                 self.pending_fd.get_or_insert(fd);

@@ -419,7 +419,8 @@ mod tests {
         let cands = |base: u64| pages.iter().enumerate().map(|(i, p)| cand(base + i as u64, p, true)).collect::<Vec<_>>();
         assert!(b.scan(a2, &cands(0)).is_empty());
         let up = b.scan(a1, &cands(10));
-        let filled: Vec<_> = up.iter().zip(&pages).map(|(o, p)| FillPage { store: o.store, digest: cand(0, p, true).digest, bytes: p.clone() }).collect();
+        let filled: Vec<_> =
+            up.iter().zip(&pages).map(|(o, p)| FillPage { store: o.store, digest: cand(0, p, true).digest, bytes: p.clone() }).collect();
         let stores: Vec<u32> = up.iter().map(|o| o.store).collect();
         assert!(b.fill(a1, &filled).iter().all(|r| r.1));
         // a1 merged all three and reported them; a2 was ordered to join all
@@ -461,11 +462,13 @@ mod tests {
         b.limits.max_proposals = 100;
         let (a1, _f1) = b.join(1, 1000, None).unwrap();
         let (a2, _f2) = b.join(2, 1000, None).unwrap();
-        let pages: Vec<_> = (0..1000u32).map(|i| {
-            let mut p = Box::new([0u8; PAGE]);
-            p[..4].copy_from_slice(&i.to_le_bytes());
-            p
-        }).collect();
+        let pages: Vec<_> = (0..1000u32)
+            .map(|i| {
+                let mut p = Box::new([0u8; PAGE]);
+                p[..4].copy_from_slice(&i.to_le_bytes());
+                p
+            })
+            .collect();
         let cands = |range: std::ops::Range<usize>| range.map(|i| cand(i as u64, &pages[i], true)).collect::<Vec<_>>();
         assert!(b.scan(a1, &cands(0..1000)).is_empty());
         let d = b.domains.get(&default_domain(1000)).unwrap();

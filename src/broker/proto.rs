@@ -650,10 +650,7 @@ mod tests {
         roundtrip(Msg::Hello { pid: 0, domain: Some("x".repeat(MAX_DOMAIN)) });
         roundtrip(Msg::Scan { items: vec![] });
         roundtrip(Msg::Scan {
-            items: vec![
-                Candidate { token: 1, digest: u64::MAX, stable: true },
-                Candidate { token: u64::MAX, digest: 0, stable: false },
-            ],
+            items: vec![Candidate { token: 1, digest: u64::MAX, stable: true }, Candidate { token: u64::MAX, digest: 0, stable: false }],
         });
         roundtrip(Msg::Fill { pages: vec![] });
         roundtrip(Msg::Fill { pages: vec![FillPage { store: 7, digest: 99, bytes: page(3) }] });
@@ -665,10 +662,7 @@ mod tests {
         roundtrip(Msg::Orders { agents: 2, orders: vec![] });
         roundtrip(Msg::Orders {
             agents: 2,
-            orders: vec![
-                Order { token: 5, store: 6, kind: OrderKind::Join },
-                Order { token: 7, store: 8, kind: OrderKind::Upload },
-            ],
+            orders: vec![Order { token: 5, store: 6, kind: OrderKind::Join }, Order { token: 7, store: 8, kind: OrderKind::Upload }],
         });
         roundtrip(Msg::Filled { results: vec![] });
         roundtrip(Msg::Filled { results: vec![(1, true), (2, false)] });
@@ -715,10 +709,7 @@ mod tests {
         assert_eq!(frame_len(&header(260, VERSION, K_HELLO)), Ok(268));
         let fill_max = 4 + MAX_FILL * FILL_PAGE_BYTES;
         assert_eq!(frame_len(&header(fill_max as u32, VERSION, K_FILL)), Ok(HEADER + fill_max));
-        assert_eq!(
-            frame_len(&header(fill_max as u32 + 1, VERSION, K_FILL)),
-            Err(ProtoError::TooLarge(fill_max + 1))
-        );
+        assert_eq!(frame_len(&header(fill_max as u32 + 1, VERSION, K_FILL)), Err(ProtoError::TooLarge(fill_max + 1)));
         // A valid header with its payload missing is incomplete by exactly
         // the missing bytes.
         assert_eq!(decode(&header(100, VERSION, K_SCAN)), Err(ProtoError::Incomplete(100)));
@@ -795,13 +786,10 @@ mod tests {
         assert!(frame_len(&raw(K_REPORT, &r)).is_ok());
         assert_eq!(decode(&raw(K_REPORT, &r)), Err(ProtoError::Malformed("too many report entries")));
         // Validation mirrors the decoder.
-        assert!(validate(&Msg::Fill { pages: vec![FillPage { store: 0, digest: 0, bytes: page(0) }; MAX_FILL + 1] })
-            .is_err());
-        assert!(validate(&Msg::Scan { items: vec![Candidate { token: 0, digest: 0, stable: false }; MAX_ITEMS + 1] })
-            .is_err());
+        assert!(validate(&Msg::Fill { pages: vec![FillPage { store: 0, digest: 0, bytes: page(0) }; MAX_FILL + 1] }).is_err());
+        assert!(validate(&Msg::Scan { items: vec![Candidate { token: 0, digest: 0, stable: false }; MAX_ITEMS + 1] }).is_err());
         assert!(validate(&Msg::Refused { reason: "x".repeat(MAX_REASON + 1) }).is_err());
-        assert!(validate(&Msg::Report { committed: vec![], cancelled: vec![0; MAX_ITEMS + 1], released: vec![] })
-            .is_err());
+        assert!(validate(&Msg::Report { committed: vec![], cancelled: vec![0; MAX_ITEMS + 1], released: vec![] }).is_err());
     }
 
     #[test]

@@ -75,10 +75,7 @@ pub fn pin_guard_enabled() -> bool {
 
 /// Whether merges in `region` get the pin check.
 pub(super) fn applies(sh: &Shared, region: &Region) -> bool {
-    pin_guard_enabled()
-        && sh.uffd.can_move()
-        && region.kind == crate::maps::MappingKind::Anon
-        && region.prot & libc::PROT_WRITE != 0
+    pin_guard_enabled() && sh.uffd.can_move() && region.kind == crate::maps::MappingKind::Anon && region.prot & libc::PROT_WRITE != 0
 }
 
 /// Says once per kind of memory that merges there go without the pin check
@@ -96,10 +93,7 @@ pub(super) fn note_unguarded(region: &Region) {
         return;
     }
     if region.kind == crate::maps::MappingKind::Anon && region.prot & libc::PROT_WRITE != 0 {
-        warn_once!(
-            "pin-nomove",
-            "twinpage: this kernel lacks UFFDIO_MOVE (Linux 6.8+): pages under O_DIRECT may be merged mid-I/O"
-        );
+        warn_once!("pin-nomove", "twinpage: this kernel lacks UFFDIO_MOVE (Linux 6.8+): pages under O_DIRECT may be merged mid-I/O");
     } else {
         warn_once!(
             "pin-file",
@@ -285,14 +279,7 @@ pub(super) fn check<'a>(
 ///
 /// # Safety
 /// As for [`crate::sys::uffd::Userfaultfd::move_pages`], for every page.
-unsafe fn move_stretch(
-    sh: &Shared,
-    to: usize,
-    from: usize,
-    mut i: usize,
-    j: usize,
-    done: &mut [bool],
-) -> Vec<(usize, std::io::Error)> {
+unsafe fn move_stretch(sh: &Shared, to: usize, from: usize, mut i: usize, j: usize, done: &mut [bool]) -> Vec<(usize, std::io::Error)> {
     let first = i;
     let mut failed = Vec::new();
     let mut single = false;

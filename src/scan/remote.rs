@@ -36,7 +36,11 @@ pub fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<C
     let mut uploads = Vec::new();
     for o in orders {
         let page = (o.token & 0xffff_ffff) as usize;
-        if (o.token >> 32) as u32 != region.id || page < first || page >= first + n || digests[page - first] == 0 && o.kind == OrderKind::Upload {
+        if (o.token >> 32) as u32 != region.id
+            || page < first
+            || page >= first + n
+            || digests[page - first] == 0 && o.kind == OrderKind::Upload
+        {
             link.cancelled.push(o.store);
             continue;
         }
@@ -153,7 +157,11 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
                 log::debug!("twinpage: no twinpaged at {}", cfg.socket.display());
                 return 1;
             }
-            crate::warn_once!("daemon-connect", "twinpage: twinpaged not reachable at {} ({why}); merging within this process", cfg.socket.display());
+            crate::warn_once!(
+                "daemon-connect",
+                "twinpage: twinpaged not reachable at {} ({why}); merging within this process",
+                cfg.socket.display()
+            );
         }
     }
     1

@@ -144,7 +144,11 @@ pub(crate) fn check_root(root: &Path) -> io::Result<()> {
     if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!("{} is writable by other users (mode {:o}); use a directory only its owner can write", root.display(), m.mode() & 0o7777),
+            format!(
+                "{} is writable by other users (mode {:o}); use a directory only its owner can write",
+                root.display(),
+                m.mode() & 0o7777
+            ),
         ));
     }
     Ok(())

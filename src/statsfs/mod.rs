@@ -210,9 +210,6 @@ pub struct StatsTreeOptions {
 
 impl std::fmt::Debug for StatsTreeOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StatsTreeOptions")
-            .field("flags", &self.flags.as_ref().map(|_| "<fn>"))
-            .field("explicit", &self.explicit)
-            .finish()
+        f.debug_struct("StatsTreeOptions").field("flags", &self.flags.as_ref().map(|_| "<fn>")).field("explicit", &self.explicit).finish()
     }
 }

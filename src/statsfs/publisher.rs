@@ -184,8 +184,8 @@ impl StatsTree {
 
     fn open(engine: Arc<dyn Source>, root: PathBuf, opts: StatsTreeOptions) -> io::Result<Self> {
         let pid = std::process::id();
-        let starttime = file::process_starttime(pid)
-            .ok_or_else(|| io::Error::other("cannot read this process's start time from /proc/self/stat"))?;
+        let starttime =
+            file::process_starttime(pid).ok_or_else(|| io::Error::other("cannot read this process's start time from /proc/self/stat"))?;
         let ksm_dir = root.join(layout::KSM);
         let tw = root.join(layout::TWINPAGE);
         file::create_dir(&root)?;
@@ -318,7 +318,8 @@ impl StatsTree {
         let agg = self.aggregate(&mut state, Some(&stats))?;
         let pages_shared = u64::try_from(agg.counters.get("pages_shared").copied().unwrap_or(0)).unwrap_or(0);
         self.sync_tunables(&mut shared, &mut state, pages_shared)?;
-        let own: String = self.attrs.iter().filter(|a| a.attr.writable).map(|a| format!("{} {}\n", a.attr.name, self.engine_view[a.attr.name])).collect();
+        let own: String =
+            self.attrs.iter().filter(|a| a.attr.writable).map(|a| format!("{} {}\n", a.attr.name, self.engine_view[a.attr.name])).collect();
         self.own_tunables.write(own.as_bytes())?;
         self.write_global(&agg)?;
         self.shared_file.write(shared.render().as_bytes())?;
@@ -412,8 +413,7 @@ impl StatsTree {
             }
         }
         let value = |c: &Counters, n: &str| c.get(n).copied().unwrap_or(0);
-        let participants: Vec<&(u32, u64, Counters)> =
-            live.iter().filter(|l| value(&l.2, "twinpage_pages_registered") > 0).collect();
+        let participants: Vec<&(u32, u64, Counters)> = live.iter().filter(|l| value(&l.2, "twinpage_pages_registered") > 0).collect();
         let rounds = participants
             .iter()
             .map(|(pid, _, c)| u64::try_from(value(c, "full_scans")).unwrap_or(0).saturating_sub(state.marks[pid].rounds))

@@ -204,10 +204,8 @@ impl Tree {
             let counters = counters::parse_lines(&read(layout::COUNTERS));
             let start = counters.get("starttime").and_then(|&v| u64::try_from(v).ok());
             let live = start.is_some() && file::process_starttime(pid) == start;
-            let tunables = read(layout::OWN_TUNABLES)
-                .lines()
-                .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
-                .collect();
+            let tunables =
+                read(layout::OWN_TUNABLES).lines().filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string()))).collect();
             out.push(ProcessEntry {
                 pid,
                 comm: if live { file::process_comm(pid).unwrap_or_default() } else { String::new() },
@@ -229,8 +227,7 @@ impl Tree {
     /// Whether every running process's engine has `value` for `name`
     /// (`proc/<pid>/twinpage_tunables`).
     pub fn all_have(&self, name: &str, value: &str) -> bool {
-        self.processes()
-            .is_ok_and(|ps| ps.iter().filter(|p| p.live).all(|p| p.tunables.iter().any(|(n, v)| n == name && v == value)))
+        self.processes().is_ok_and(|ps| ps.iter().filter(|p| p.live).all(|p| p.tunables.iter().any(|(n, v)| n == name && v == value)))
     }
 
     /// The generation: publishers' passes so far.
@@ -257,11 +254,7 @@ impl Tree {
     }
 
     fn ticket(&self, name: &str) -> io::Result<Ticket> {
-        Ok(Ticket {
-            name: name.to_string(),
-            generation: self.generation()?,
-            errors: self.last_error()?.map_or(0, |r| r.seq),
-        })
+        Ok(Ticket { name: name.to_string(), generation: self.generation()?, errors: self.last_error()?.map_or(0, |r| r.seq) })
     }
 
     /// Writes `bytes` into attribute file `name` exactly as given, like

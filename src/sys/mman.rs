@@ -21,18 +21,10 @@ use super::last_err;
 /// The range must be page-aligned, owned by the caller's protocol (registered
 /// and held against a concurrent unmap), and no Rust reference may point into
 /// it: its old contents are replaced atomically.
-pub unsafe fn map_private_fixed(
-    addr: usize,
-    len: usize,
-    prot: libc::c_int,
-    fd: BorrowedFd<'_>,
-    offset: u64,
-) -> io::Result<()> {
+pub unsafe fn map_private_fixed(addr: usize, len: usize, prot: libc::c_int, fd: BorrowedFd<'_>, offset: u64) -> io::Result<()> {
     // SAFETY: the caller guarantees the range may be replaced; MAP_FIXED
     // replaces exactly [addr, addr+len).
-    let ret = unsafe {
-        raw_mmap(addr, len, prot, libc::MAP_FIXED | libc::MAP_PRIVATE, fd.as_raw_fd(), offset as libc::off_t)
-    };
+    let ret = unsafe { raw_mmap(addr, len, prot, libc::MAP_FIXED | libc::MAP_PRIVATE, fd.as_raw_fd(), offset as libc::off_t) };
     ret.map(drop)
 }
 
@@ -111,13 +103,7 @@ pub unsafe fn raw_munmap(addr: usize, len: usize) -> io::Result<()> {
 ///
 /// # Safety
 /// As for `mremap(2)`: the caller owns both ranges.
-pub unsafe fn raw_mremap(
-    old: usize,
-    old_len: usize,
-    new_len: usize,
-    flags: libc::c_int,
-    new_addr: usize,
-) -> io::Result<usize> {
+pub unsafe fn raw_mremap(old: usize, old_len: usize, new_len: usize, flags: libc::c_int, new_addr: usize) -> io::Result<usize> {
     // SAFETY: the caller upholds mremap's contract.
     let ret = unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags as libc::c_long, new_addr) };
     if ret < 0 {

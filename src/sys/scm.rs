@@ -208,15 +208,8 @@ pub fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<PeerCred> {
     let mut len = size_of::<Ucred>() as libc::socklen_t;
     // SAFETY: `cred` is valid for writes of `len` bytes and `len` for a write
     // of one socklen_t; both outlive the call.
-    let ret = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut Ucred).cast(),
-            &mut len,
-        )
-    };
+    let ret =
+        unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut Ucred).cast(), &mut len) };
     cvt(ret)?;
     if len as usize != size_of::<Ucred>() {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "SO_PEERCRED returned a short struct"));
@@ -249,9 +242,7 @@ pub fn connect(path: &Path, timeout: Duration) -> io::Result<OwnedFd> {
     set_timeout(sock.as_fd(), libc::SO_SNDTIMEO, timeout)?;
     loop {
         // SAFETY: `addr` is a valid sockaddr_un of at least `addr_len` bytes.
-        let ret = unsafe {
-            libc::connect(sock.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), addr_len)
-        };
+        let ret = unsafe { libc::connect(sock.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), addr_len) };
         if ret == 0 {
             return Ok(sock);
         }
@@ -461,10 +452,7 @@ mod tests {
         let mut buf = [0u8; 2];
         server.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"hi");
-        assert_eq!(
-            connect(&dir.join("missing"), Duration::from_secs(1)).unwrap_err().kind(),
-            io::ErrorKind::NotFound
-        );
+        assert_eq!(connect(&dir.join("missing"), Duration::from_secs(1)).unwrap_err().kind(), io::ErrorKind::NotFound);
         assert_eq!(connect(&path, Duration::ZERO).unwrap_err().kind(), io::ErrorKind::InvalidInput);
         drop(listener);
         let _ = std::fs::remove_dir_all(&dir);

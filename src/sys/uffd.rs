@@ -114,8 +114,7 @@ pub const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, 0x3F, size_of::<UffdioApi>
 pub const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, 0x00, size_of::<UffdioRegister>());
 pub const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, 0x01, size_of::<UffdioRange>());
 pub const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, size_of::<UffdioRange>());
-pub const UFFDIO_WRITEPROTECT: u64 =
-    ioc(IOC_READ | IOC_WRITE, 0x06, size_of::<UffdioWriteprotect>());
+pub const UFFDIO_WRITEPROTECT: u64 = ioc(IOC_READ | IOC_WRITE, 0x06, size_of::<UffdioWriteprotect>());
 pub const UFFDIO_ZEROPAGE: u64 = ioc(IOC_READ | IOC_WRITE, 0x04, size_of::<UffdioZeropage>());
 pub const UFFDIO_MOVE: u64 = ioc(IOC_READ | IOC_WRITE, 0x05, size_of::<UffdioMove>());
 /// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`.
@@ -255,10 +254,7 @@ impl Userfaultfd {
     }
 
     fn writeprotect(&self, start: usize, len: usize, mode: u64) -> io::Result<()> {
-        let mut wp = UffdioWriteprotect {
-            range: UffdioRange { start: start as u64, len: len as u64 },
-            mode,
-        };
+        let mut wp = UffdioWriteprotect { range: UffdioRange { start: start as u64, len: len as u64 }, mode };
         loop {
             // SAFETY: `wp` is a valid uffdio_writeprotect for the call.
             let ret = unsafe { raw_ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp as *mut _ as usize) };
@@ -353,11 +349,7 @@ impl AsFd for Userfaultfd {
 }
 
 fn open_dev() -> io::Result<OwnedFd> {
-    let dev = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open("/dev/userfaultfd")?;
+    let dev = OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open("/dev/userfaultfd")?;
     let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
     // SAFETY: `dev` is an open /dev/userfaultfd; USERFAULTFD_IOC_NEW takes its
     // flags by value and returns a new fd or -1.

@@ -52,14 +52,7 @@ impl Mem {
         let len = pages * PAGE;
         // SAFETY: a fresh anonymous mapping; no existing memory is touched.
         let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
         };
         assert_ne!(p, libc::MAP_FAILED);
         Self { addr: p as usize, len }
@@ -74,14 +67,7 @@ impl Mem {
             let fd = libc::memfd_create(c"tp-test".as_ptr(), libc::MFD_CLOEXEC);
             assert!(fd >= 0);
             assert_eq!(libc::ftruncate(fd, len as i64), 0);
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE,
-                fd,
-                0,
-            );
+            let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, fd, 0);
             assert_ne!(p, libc::MAP_FAILED);
             libc::close(fd);
             Self { addr: p as usize, len }
@@ -127,9 +113,7 @@ impl Mem {
     }
 
     pub fn page_matches(&self, i: usize, seed: u64) -> bool {
-        (0..PAGE / 8).all(|w| {
-            self.read_u64(i, w) == seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(w as u64) | 1
-        })
+        (0..PAGE / 8).all(|w| self.read_u64(i, w) == seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(w as u64) | 1)
     }
 
     /// Unmaps through the engine's protocol.
@@ -168,9 +152,7 @@ pub fn pagemap_flags(addr: usize) -> (bool, bool) {
 /// A field of /proc/self/smaps_rollup in kB.
 pub fn smaps_rollup_kb(field: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field).and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok()))
-        .unwrap_or(0)
+    s.lines().find_map(|l| l.strip_prefix(field).and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())).unwrap_or(0)
 }
 
 /// `target/release/libtwinpage.so` (scripts/test.sh builds it first).
@@ -199,7 +181,6 @@ pub fn program(name: &str) -> Option<PathBuf> {
     drop(built);
     require(ok, "gcc to build the test programs").then_some(p?)
 }
-
 
 /// A fresh directory under the temp dir, for a stats tree.
 pub fn tempdir(tag: &str) -> PathBuf {
