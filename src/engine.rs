@@ -229,15 +229,36 @@ impl Engine {
                         }
                     };
                 let pages = (pe - ps) / PAGE_SIZE;
-                let mut reg = sh.registry.write();
-                let id = reg.next_id();
-                let mut region = Region::new(id, ps, pages, vma.kind, mergeability, vma.prot, vec![PageRecord::default(); pages]);
+                let mut region = Region::new(0, ps, pages, vma.kind, mergeability, vma.prot, vec![PageRecord::default(); pages]);
                 region.dontfork = vma.dontfork;
                 region.dontdump = vma.dontdump;
                 region.file_offset = vma.offset + (ps - vma.start) as u64;
                 region.backing = backing;
-                reg.insert(Arc::new(region));
-                drop(reg);
+                // A private file mapping's pages can be checked for pins only
+                // in anonymous memory: where the file holds zeros, they move
+                // there now (`anonymize`).
+                let parts = match (&region.backing, mergeability) {
+                    (Some(file), Mergeability::Mergeable) => crate::anonymize::convert(sh, &region, file),
+                    _ => vec![crate::anonymize::Part { start: ps, end: pe, anon: false, registered: true }],
+                };
+                for part in parts {
+                    let n = (part.end - part.start) / PAGE_SIZE;
+                    let mut records = vec![PageRecord::default(); n];
+                    if !part.registered {
+                        records.iter_mut().for_each(|r| r.add_flags(PageRecord::NEEDS_REGISTER));
+                    }
+                    let mut reg = sh.registry.write();
+                    let id = reg.next_id();
+                    let kind = if part.anon { MappingKind::Anon } else { region.kind };
+                    let mut r = Region::new(id, part.start, n, kind, mergeability, region.prot, records);
+                    r.dontfork = region.dontfork;
+                    r.dontdump = region.dontdump;
+                    if !part.anon {
+                        r.file_offset = region.file_offset + (part.start - ps) as u64;
+                        r.backing = region.backing.clone();
+                    }
+                    reg.insert(Arc::new(r));
+                }
                 let mut core = sh.core.lock();
                 core.counters.records_bytes += (pages * std::mem::size_of::<PageRecord>()) as u64;
                 core.counters.registered_pages += pages as u64;
@@ -637,13 +658,27 @@ fn scanner_main(inner: &Inner) {
     }
 }
 
-/// The safety net: a write fault on a page no merge holds is released at once.
+/// The safety net: a write fault on a page no merge holds is released at
+/// once (a merged page's first write gets an anonymous page of its own).
+///
+/// A fault on a page a merge holds is the merge's to wake, but it may come
+/// after the merge's wake: a writer the wake let go can fault again on the
+/// protected store page before the merge has left its range. Such faults
+/// are kept and woken once no merge holds their page any more; a writer
+/// still blocked then faults again and is served as any other.
 fn fault_main(inner: &Inner) {
     let sh = &inner.sh;
     let mut buf = [UffdMsg::default(); 64];
+    let mut held: Vec<usize> = Vec::new();
     while !inner.shutdown.load(Ordering::Relaxed) {
         use std::os::fd::AsFd;
-        match uffd::poll_readable(sh.uffd.as_fd(), 100) {
+        held.retain(|&page| {
+            sh.inflight.holds(page) || {
+                let _ = sh.uffd.wake(page, PAGE_SIZE);
+                false
+            }
+        });
+        match uffd::poll_readable(sh.uffd.as_fd(), if held.is_empty() { 100 } else { 1 }) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
@@ -664,21 +699,26 @@ fn fault_main(inner: &Inner) {
                 continue;
             }
             let page = (msg.pf_address as usize) & !(PAGE_SIZE - 1);
-            if msg.pf_flags & uffd::UFFD_PAGEFAULT_FLAG_WP == 0 {
+            let released = if msg.pf_flags & uffd::UFFD_PAGEFAULT_FLAG_WP == 0 {
                 // A missing fault: only the pin check registers missing mode,
-                // for the length of a merge, whose wake releases its own. One
-                // outside a merge is a hole of anonymous memory left in that
-                // mode: the zero page is what it would have read.
+                // for the length of a merge. One outside a merge is a hole of
+                // anonymous memory left in that mode: the zero page is what it
+                // would have read.
                 sh.inflight.release_stray(page, || {
                     if sh.uffd.zeropage(page, PAGE_SIZE).is_err() {
                         let _ = sh.uffd.wake(page, PAGE_SIZE);
                     }
-                });
-                continue;
+                })
+            } else {
+                !sh.inflight.holds(page)
+                    && (crate::merge::cow::first_write(sh, page)
+                        || sh.inflight.release_stray(page, || {
+                            let _ = sh.uffd.unprotect(page, PAGE_SIZE);
+                        }))
+            };
+            if !released {
+                held.push(page);
             }
-            sh.inflight.release_stray(page, || {
-                let _ = sh.uffd.unprotect(page, PAGE_SIZE);
-            });
         }
     }
 }

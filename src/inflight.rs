@@ -28,6 +28,11 @@ impl InFlight {
         }
     }
 
+    /// Whether a merge holds `addr` now.
+    pub fn holds(&self, addr: usize) -> bool {
+        self.ranges.lock().iter().any(|&(s, e)| addr >= s && addr < e)
+    }
+
     /// Runs `release` (unprotect and wake) for a faulting address unless a
     /// merge holds it; returns whether it ran. Holding the lock across
     /// `release` keeps a merge from starting on that page meanwhile.

@@ -20,6 +20,7 @@ use crate::scan::{Core, Shared};
 use crate::sys::{mman, PAGE_SIZE};
 use crate::warn_once;
 
+pub(crate) mod cow;
 pub(crate) mod pin;
 pub use pin::{pin_guard_enabled, Scratch};
 
@@ -212,22 +213,21 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
     let mut pinned = None;
     if ok.iter().any(|&o| o) {
         if pin::applies(sh, region) {
-            if items.iter().any(|it| st.records[it.page].flags() & PageRecord::OVERLAY != 0) {
-                pin::note_unchecked_overlay();
-            }
             pinned = pin::check(sh, region, st, core, items, kind, &mut ok);
             if pinned.is_none() {
                 ok.iter_mut().for_each(|o| *o = false);
             }
         } else {
-            pin::note_unguarded(region);
-            if pin::pin_guard() == pin::PinGuard::Strict {
-                ok.iter_mut().for_each(|o| *o = false);
+            // Unchecked: the check is off (a test), or the region is
+            // read-only; anything else the scan passed over (`may_merge`).
+            for (o, it) in ok.iter_mut().zip(items) {
+                *o &= pin::may_merge(sh, region, &st.records[it.page]);
             }
         }
     }
 
     // Remap each stretch of equal pages with consecutive store pages.
+    let mut guarded = Vec::new();
     let mut i = 0;
     while i < n {
         if !ok[i] {
@@ -253,15 +253,17 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
         // then already its merged state, and a discard now could drop a
         // write that landed in the hole since.
         let zero = ZeroHow { overlay: overlay(i), moved_out: pinned.as_ref().is_some_and(|m| (i..j).all(|k| m.out[k])) };
-        let done = remap(sh, region, core, addr, bytes, kind, items[i].store, zero);
-        if !done {
-            ok[i..j].iter_mut().for_each(|o| *o = false);
+        match remap(sh, region, core, addr, bytes, kind, items[i].store, zero) {
+            None => ok[i..j].iter_mut().for_each(|o| *o = false),
+            Some(true) => guarded.push((i, j)),
+            Some(false) => {}
         }
         i = j;
     }
 
-    let unchecked = ok.iter().enumerate().filter(|&(i, &o)| o && !pinned.as_ref().is_some_and(|m| m.out[i])).count();
-    core.counters.merges_unchecked += unchecked as u64;
+    if !pin::pin_guard_enabled() {
+        core.counters.merges_unchecked += ok.iter().filter(|&&o| o).count() as u64;
+    }
     if let Some(out) = pinned.as_mut() {
         pin::finish(sh, region, st, items, &ok, out);
     }
@@ -302,6 +304,12 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
         }
     }
     settle(sh, region, st, core, items, kind, &ok);
+    // Registered and protected for their first write already.
+    for (i, j) in guarded {
+        for it in &items[i..j] {
+            st.records[it.page].clear_flags(PageRecord::NEEDS_REGISTER);
+        }
+    }
 }
 
 struct UnwindGuard<'a> {
@@ -337,43 +345,73 @@ fn zero_in_place(region: &Region, kind: RunKind, how: ZeroHow) -> bool {
 }
 
 /// Replaces `[addr, addr+bytes)` with store pages from `store`, or with the
-/// zero page. False when it could not (budget or error); nothing changed then.
+/// zero page. `None` when it could not (budget or error); nothing changed
+/// then. Otherwise whether the new mapping is a store stretch registered and
+/// write-protected for its first write.
 #[allow(clippy::too_many_arguments)]
-fn remap(sh: &Shared, region: &Region, core: &mut Core, addr: usize, bytes: usize, kind: RunKind, store: u32, zero: ZeroHow) -> bool {
+fn remap(
+    sh: &Shared,
+    region: &Region,
+    core: &mut Core,
+    addr: usize,
+    bytes: usize,
+    kind: RunKind,
+    store: u32,
+    zero: ZeroHow,
+) -> Option<bool> {
     let pages = (bytes / PAGE_SIZE) as u64;
     let anon_zero = zero_in_place(region, kind, zero);
     if !anon_zero && !core.map_budget.allow(2, pages) {
-        return false;
+        return None;
     }
     let res = if anon_zero && zero.moved_out {
-        Ok(())
+        Ok(false)
     } else if anon_zero {
         // SAFETY: the range is a write-protected run of a region we hold, checked
         // all-zero; after the discard it reads back as zeros, what it held.
-        unsafe { mman::madvise(addr, bytes, libc::MADV_DONTNEED) }
+        unsafe { mman::madvise(addr, bytes, libc::MADV_DONTNEED) }.map(|()| false)
     } else if kind == RunKind::Zero {
         // SAFETY: as above; fresh anonymous memory reads back as zeros.
-        unsafe { mman::map_anon_fixed(addr, bytes, region.prot) }
+        unsafe { mman::map_anon_fixed(addr, bytes, region.prot) }.map(|()| false)
     } else {
         let off = crate::store::Store::offset(store);
         let fd = match (kind, core.remote.as_ref()) {
             (RunKind::Remote, Some(link)) => link.store.fd(),
-            (RunKind::Remote, None) => return false,
+            (RunKind::Remote, None) => return None,
             _ => sh.store.fd(),
         };
         // SAFETY: the range is a write-protected run of a region we hold, each
         // page byte-equal to its store page: the mapping changes, the content not.
-        unsafe { mman::map_private_fixed(addr, bytes, region.prot, fd, off) }
+        unsafe { mman::map_private_fixed(addr, bytes, region.prot, fd, off) }.map(|()| guard_store_stretch(sh, addr, bytes))
     };
-    if let Err(e) = res {
-        warn_once!("remap", "twinpage: remap at {addr:#x} failed: {e}; merging held back");
-        return false;
-    }
+    let guarded = match res {
+        Ok(g) => g,
+        Err(e) => {
+            warn_once!("remap", "twinpage: remap at {addr:#x} failed: {e}; merging held back");
+            return None;
+        }
+    };
     if !anon_zero {
         core.counters.merge_runs += 1;
         reapply_advice(region, addr, bytes);
     }
-    true
+    Some(guarded)
+}
+
+/// A store stretch just mapped is write-protected, so that its first write
+/// comes to the fault thread (`cow`) instead of becoming a copy inside the
+/// store mapping. Registers and protects before the run is woken: nobody
+/// can write there in between. Without it (an error, logged once), pages
+/// are registered again before their next merge, and a page written
+/// meanwhile is copied in place and never merges again.
+fn guard_store_stretch(sh: &Shared, addr: usize, bytes: usize) -> bool {
+    match sh.uffd.register_wp(addr, bytes).and_then(|()| sh.uffd.protect(addr, bytes)) {
+        Ok(()) => true,
+        Err(e) => {
+            warn_once!("store-wp", "twinpage: cannot write-protect a merged stretch at {addr:#x}: {e}");
+            false
+        }
+    }
 }
 
 /// A new mapping loses the old one's madvise flags; QEMU sets DONTFORK and
@@ -466,6 +504,11 @@ pub fn restore_with_content(sh: &Shared, region: &Region, st: &mut RegionState, 
     sh.inflight.begin(start, start + len);
     let mut guard = UnwindGuard { sh, start, len, armed: true };
     let mut entries = vec![Default::default(); n];
+    // Merged pages are write-protected for their first write, which the
+    // fault thread leaves alone under a range in flight: the populate below
+    // would wait for ever. Writers racing it are caught by the protection
+    // that follows.
+    let _ = sh.uffd.unprotect(start, len);
     let mut protected = false;
     for _ in 0..4 {
         // SAFETY: a run of a region we hold; populate-write only breaks sharing.
@@ -534,7 +577,11 @@ pub(crate) unsafe fn copy_over(
     unsafe { std::ptr::copy_nonoverlapping(src as *const u8, tmp as *mut u8, len) };
     if prot != rw {
         // SAFETY: our own fresh mapping.
-        unsafe { libc::syscall(libc::SYS_mprotect, tmp, len, prot as libc::c_long) };
+        if let Err(e) = unsafe { mman::mprotect(tmp, len, prot) } {
+            // SAFETY: still our own fresh mapping.
+            let _ = unsafe { mman::raw_munmap(tmp, len) };
+            return Err(e);
+        }
     }
     // SAFETY: moves our fresh mapping, holding the source's content, over the
     // range the caller owns.

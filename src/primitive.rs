@@ -88,6 +88,19 @@ impl<T> RwLock<T> {
     pub fn try_write(&self) -> Option<RwLockWriteGuard<'_, T>> {
         self.inner.try_write()
     }
+
+    /// Takes the write lock if it comes free within `wait` (loom: only if it
+    /// is free now). The fault thread uses it: a writer it serves waits at
+    /// most that long for a batch to end.
+    pub fn try_write_for(&self, wait: std::time::Duration) -> Option<RwLockWriteGuard<'_, T>> {
+        #[cfg(loom)]
+        {
+            let _ = wait;
+            self.inner.try_write()
+        }
+        #[cfg(not(loom))]
+        self.inner.try_write_for(wait)
+    }
 }
 
 /// A reader-writer lock built from loom's `Mutex` and `Condvar`, whose blocking

@@ -234,6 +234,11 @@ impl Registry {
         self.by_id.get(&id)
     }
 
+    /// The region `addr` is in, if any.
+    pub fn containing(&self, addr: usize) -> Option<&Arc<Region>> {
+        self.by_start.range(..=addr).next_back().map(|(_, r)| r).filter(|r| r.end() > addr)
+    }
+
     /// Regions overlapping `[start, end)`.
     pub fn overlapping(&self, start: usize, end: usize) -> Vec<Arc<Region>> {
         let mut out = Vec::new();

@@ -90,12 +90,16 @@ pub struct Counters {
     pub hashed: u64,
     pub merge_runs: u64,
     pub cow_breaks: u64,
+    /// Copy-on-write breaks the kernel made inside a store mapping.
+    pub cow_in_place: u64,
     pub mismatches: u64,
     /// Merges refused because the page was pinned (in-flight I/O) or not
     /// exclusive to this process (`UFFDIO_MOVE` said `EBUSY`).
     pub pinned_skipped: u64,
-    /// Pages merged without the pin check (no UFFDIO_MOVE for them).
+    /// Pages merged without the pin check (TWINPAGE_PIN_GUARD=0).
     pub merges_unchecked: u64,
+    /// Scans of pages no pin check can cover, passed over.
+    pub uncheckable_skipped: u64,
     pub records_bytes: u64,
     pub registered_pages: u64,
     pub unmergeable_pages: u64,
@@ -372,9 +376,11 @@ impl Core {
             twinpage_merges_held_back: self.map_budget.held_back,
             twinpage_merge_runs: c.merge_runs,
             twinpage_cow_breaks: c.cow_breaks,
+            twinpage_cow_in_place: c.cow_in_place,
             twinpage_merge_mismatches: c.mismatches,
             twinpage_pinned_skipped: c.pinned_skipped,
             twinpage_merges_unchecked: c.merges_unchecked,
+            twinpage_uncheckable_skipped: c.uncheckable_skipped,
             twinpage_pages_unmergeable: c.unmergeable_pages,
             twinpage_pages_registered: c.registered_pages,
             twinpage_merging_pages: self.stable.sharers() + c.daemon_merged,
@@ -519,10 +525,12 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
         let rec = &mut st.records[idx];
         match rec.state() {
             PageState::Merged => {
-                if e.present() && !e.file() {
-                    // A write broke the sharing (copy-on-write).
+                if !crate::merge::cow::still_store_content(e) {
+                    // A write broke the sharing, and the kernel made the
+                    // copy inside the store mapping (`merge::cow` could not).
                     rec.set_state(PageState::None);
                     core.counters.cow_breaks += 1;
+                    core.counters.cow_in_place += 1;
                     core.counters.activity += 1;
                     core.release_record(sh, rec);
                 } else {
@@ -547,6 +555,15 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
             continue;
         }
         if !mergeable || mode == MergeMode::Off {
+            continue;
+        }
+        // A device may be writing into a page no pin check can cover: it is
+        // never proposed, so it neither joins a store page nor becomes one.
+        if !crate::merge::pin::may_merge(sh, region, rec) {
+            core.forget_hashed(rec);
+            rec.set_state(PageState::None);
+            core.counters.uncheckable_skipped += 1;
+            crate::merge::pin::note_uncheckable(sh, region);
             continue;
         }
         if smart && should_skip(rec) {
@@ -763,6 +780,9 @@ pub fn unmerge_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &
         let ok = crate::merge::restore_with_content(sh, region, st, i, j);
         if !ok {
             all_ok = false;
+            // Merged pages are write-protected for their first write: the
+            // fault thread would wait for our lock.
+            let _ = sh.uffd.unprotect(region.addr(i), (j - i) * PAGE_SIZE);
             // SAFETY: the run is in a live region we hold; populate-write gives
             // each page a private copy of the content it already shows.
             let res = unsafe { mman::madvise(region.addr(i), (j - i) * PAGE_SIZE, mman::MADV_POPULATE_WRITE) };

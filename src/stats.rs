@@ -76,15 +76,22 @@ stats! {
     twinpage_merge_runs,
     /// Merged pages whose sharing a write broke (copy-on-write), cumulative.
     twinpage_cow_breaks,
+    /// Of those, writes the kernel copied inside a store mapping because the
+    /// fault thread could not give the page an anonymous copy in time: such
+    /// a page is never merged again (no pin check reaches it); cumulative.
+    twinpage_cow_in_place,
     /// Merge attempts that failed the byte comparison under write-protect.
     twinpage_merge_mismatches,
     /// Merges refused because the page was pinned by in-flight I/O
     /// (`O_DIRECT`, io_uring) or shared with a forked child, cumulative.
     twinpage_pinned_skipped,
-    /// Pages merged without the pin check: private file mappings, pages
-    /// written after merging (they sit in twinpage's file mapping), kernels
-    /// without UFFDIO_MOVE, or TWINPAGE_PIN_GUARD=off; cumulative.
+    /// Pages merged without the pin check: only with TWINPAGE_PIN_GUARD=0
+    /// (a test's switch); cumulative.
     twinpage_merges_unchecked,
+    /// Scans of pages passed over because no pin check can cover them (data
+    /// of a private file mapping, a copy made inside a store mapping, any
+    /// writable page on a kernel without UFFDIO_MOVE); cumulative.
+    twinpage_uncheckable_skipped,
     /// Registered pages in regions that can be scanned but never merged.
     twinpage_pages_unmergeable,
     /// Pages registered for merging.

@@ -17,9 +17,14 @@
 //! duration: such an access blocks like a write to a protected page, and the
 //! merge's final wake lets it retry on the store page (or the page put back).
 //!
-//! `UFFDIO_MOVE` moves only anonymous pages of anonymous mappings: private
-//! file mappings (QEMU's `memory-backend-file` with `share=off`) get no pin
-//! check, and neither do kernels without it (see the README).
+//! `UFFDIO_MOVE` moves only anonymous pages of anonymous mappings, so a
+//! writable page merges only where it is one ([`may_merge`]): the holes of a
+//! private file mapping become anonymous memory when it is registered
+//! (QEMU's `memory-backend-file` with `share=off`), and the first write to a
+//! merged page lands in an anonymous page of its own (`cow`). What is left
+//! (a private file mapping's data, a copy made inside a store mapping when
+//! the fault thread could not step in, every writable page on a kernel
+//! without `UFFDIO_MOVE`) is never merged (see the README).
 
 use crate::region::{PageRecord, Region, RegionState};
 use crate::scan::{Core, Shared};
@@ -29,28 +34,26 @@ use crate::warn_once;
 use super::{guest_page, is_zero, Item, RunKind};
 
 /// The environment switch of the pin check: `TWINPAGE_PIN_GUARD` = a
-/// kernel boolean or `strict` (the preload refuses anything else).
+/// kernel boolean, or `strict` (the same as on; the preload refuses
+/// anything else).
 pub const PIN_GUARD_ENV: &str = "TWINPAGE_PIN_GUARD";
 
 /// How merges treat pages that may be pinned by in-flight I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinGuard {
-    /// No check (`0`): for the test that shows what the check prevents.
+    /// No check (`0`): for the test that shows what the check prevents;
+    /// such merges are counted in `twinpage_merges_unchecked`.
     Off,
-    /// The default (`1`): pages the kernel lets us check (anonymous memory,
-    /// Linux 6.8+) are checked; the others (private file mappings, pages
-    /// written after merging, which sit in twinpage's own store mapping)
-    /// merge unchecked and are counted in `twinpage_merges_unchecked`.
+    /// The default (`1`, or `strict`): every writable page is checked
+    /// before it merges; a page that cannot be checked never merges.
     On,
-    /// `strict`: only checked pages merge; the others never do.
-    Strict,
 }
 
 impl PinGuard {
     /// Parses a `TWINPAGE_PIN_GUARD` value.
     pub fn parse(v: &str) -> Option<Self> {
         if v.trim_end_matches('\n') == "strict" {
-            return Some(Self::Strict);
+            return Some(Self::On);
         }
         kernel_compat::parse::kstrtobool(v).ok().map(|on| if on { Self::On } else { Self::Off })
     }
@@ -75,48 +78,49 @@ pub fn pin_guard_enabled() -> bool {
 
 /// Whether merges in `region` get the pin check.
 pub(super) fn applies(sh: &Shared, region: &Region) -> bool {
-    pin_guard_enabled() && sh.uffd.can_move() && region.kind == crate::maps::MappingKind::Anon && region.prot & libc::PROT_WRITE != 0
+    pin_guard_enabled() && sh.uffd.can_move() && region.kind == crate::maps::MappingKind::Anon && writable(region)
 }
 
-/// Says once per kind of memory that merges there go without the pin check
-/// (or, `strict`, not at all).
-pub(super) fn note_unguarded(region: &Region) {
-    if !pin_guard_enabled() {
-        return;
+fn writable(region: &Region) -> bool {
+    region.prot & libc::PROT_WRITE != 0
+}
+
+/// Whether the page of `rec` in `region` may merge: with the check on, a
+/// writable page must be one the check can cover, an anonymous page of an
+/// anonymous mapping (the region's own, or one `cow` put there), on a kernel
+/// with `UFFDIO_MOVE`. A page of a read-only mapping cannot be the target
+/// of a device write (that needs write access), so it needs no check.
+pub(crate) fn may_merge(sh: &Shared, region: &Region, rec: &PageRecord) -> bool {
+    if !pin_guard_enabled() || !writable(region) {
+        return true;
     }
-    if pin_guard() == PinGuard::Strict {
+    // In an anonymous region, an overlay page that is neither merged nor a
+    // zero page is a copy made inside a store mapping: a file mapping.
+    sh.uffd.can_move() && region.kind == crate::maps::MappingKind::Anon && rec.flags() & PageRecord::OVERLAY == 0
+}
+
+/// Says once per kind of memory that it is not merged because no pin check
+/// can cover it there.
+pub(crate) fn note_uncheckable(sh: &Shared, region: &Region) {
+    if !sh.uffd.can_move() {
         warn_once!(
-            "pin-strict",
-            "twinpage: TWINPAGE_PIN_GUARD=strict: memory the pin check cannot cover (private file mappings, \
-             kernels without UFFDIO_MOVE) is not merged"
+            "pin-nomove",
+            "twinpage: this kernel lacks UFFDIO_MOVE (Linux 6.8+), the only pin check userspace has: writable memory is not \
+             merged (a page under O_DIRECT could lose the device's write)"
         );
-        return;
-    }
-    if region.kind == crate::maps::MappingKind::Anon && region.prot & libc::PROT_WRITE != 0 {
-        warn_once!("pin-nomove", "twinpage: this kernel lacks UFFDIO_MOVE (Linux 6.8+): pages under O_DIRECT may be merged mid-I/O");
-    } else {
+    } else if region.kind != crate::maps::MappingKind::Anon {
         warn_once!(
             "pin-file",
-            "twinpage: private file mappings get no pin check (UFFDIO_MOVE moves only anonymous pages): \
-             pages under O_DIRECT there may be merged mid-I/O"
-        );
-    }
-}
-
-/// Says once that pages copied on write inside twinpage's own mappings
-/// merge again unchecked (or, `strict`, not at all).
-pub(super) fn note_unchecked_overlay() {
-    if pin_guard() == PinGuard::Strict {
-        warn_once!(
-            "pin-overlay",
-            "twinpage: a page written after merging sits in a file mapping, where UFFDIO_MOVE cannot check \
-             it for pins: with TWINPAGE_PIN_GUARD=strict such pages do not merge again"
+            "twinpage: data of a private file mapping ({} bytes at {:#x} and maybe more) is not merged: its written pages sit in a \
+             file mapping, where UFFDIO_MOVE cannot check them for pins (the file's holes are merged as anonymous memory)",
+            region.pages * PAGE_SIZE,
+            region.start
         );
     } else {
         warn_once!(
             "pin-overlay",
-            "twinpage: a page written after merging sits in a file mapping, where UFFDIO_MOVE cannot check \
-             it for pins: such pages merge again unchecked (TWINPAGE_PIN_GUARD=strict keeps them apart)"
+            "twinpage: a page written after merging was copied inside a store mapping (the fault thread could not step in), \
+             where UFFDIO_MOVE cannot check it for pins: it is not merged again"
         );
     }
 }
@@ -199,14 +203,13 @@ pub(super) fn check<'a>(
     let mut moved = Moved { scratch, addrs, kind, out: vec![false; n], missing: vec![false; n] };
 
     // A page twinpage's own store mapping holds after copy-on-write sits in
-    // a file mapping, which UFFDIO_MOVE refuses: it cannot be checked. It
-    // merges unchecked where it is (counted), or, strict, not at all (it may
-    // be the very page a direct read is filling).
-    let overlay: Vec<bool> = items.iter().map(|it| st.records[it.page].flags() & PageRecord::OVERLAY != 0).collect();
-    if pin_guard() == PinGuard::Strict {
-        ok.iter_mut().zip(&overlay).for_each(|(o, &ov)| *o &= !ov);
+    // a file mapping, which UFFDIO_MOVE refuses: it cannot be checked, and
+    // does not merge (it may be the very page a direct read is filling).
+    // The scan passes such pages over (`may_merge`); this is the backstop.
+    for (o, it) in ok.iter_mut().zip(items) {
+        *o &= st.records[it.page].flags() & PageRecord::OVERLAY == 0;
     }
-    let movable = |i: usize, ok: &[bool]| ok[i] && !overlay[i];
+    let movable = |i: usize, ok: &[bool]| ok[i];
     let mut i = 0;
     while i < n {
         if !movable(i, ok) {

@@ -111,3 +111,18 @@ pub unsafe fn raw_mremap(old: usize, old_len: usize, new_len: usize, flags: libc
     }
     Ok(ret as usize)
 }
+
+/// `mprotect(2)` as a raw system call (the preload's interposer is not
+/// involved).
+///
+/// # Safety
+/// As for `mprotect(2)`: the caller owns the range, and no Rust reference
+/// into it relies on the protection it loses.
+pub unsafe fn mprotect(addr: usize, len: usize, prot: libc::c_int) -> io::Result<()> {
+    // SAFETY: the caller upholds mprotect's contract.
+    let ret = unsafe { libc::syscall(libc::SYS_mprotect, addr, len, prot as libc::c_long) };
+    if ret < 0 {
+        return Err(last_err());
+    }
+    Ok(())
+}

@@ -8,6 +8,7 @@ pub mod mman;
 pub mod pagemap;
 pub mod pidfd;
 pub mod scm;
+pub mod seek;
 pub mod signals;
 pub mod uffd;
 

@@ -61,12 +61,22 @@ impl Mem {
     /// A `MAP_PRIVATE` mapping of a fresh memfd (as QEMU's
     /// memory-backend-file share=off on tmpfs).
     pub fn memfd_private(pages: usize) -> Self {
+        Self::memfd_private_of(pages, 0)
+    }
+
+    /// A private mapping of a memfd whose every page holds the byte `fill`
+    /// in the file (0: a file of holes).
+    pub fn memfd_private_of(pages: usize, fill: u8) -> Self {
         let len = pages * PAGE;
         // SAFETY: plain syscalls on a fresh memfd.
         unsafe {
             let fd = libc::memfd_create(c"tp-test".as_ptr(), libc::MFD_CLOEXEC);
             assert!(fd >= 0);
             assert_eq!(libc::ftruncate(fd, len as i64), 0);
+            if fill != 0 {
+                let data = vec![fill; len];
+                assert_eq!(libc::pwrite(fd, data.as_ptr().cast(), len, 0), len as isize);
+            }
             let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, fd, 0);
             assert_ne!(p, libc::MAP_FAILED);
             libc::close(fd);
