@@ -13,8 +13,10 @@
  *
  * Prints "PINNED reads=R mismatches=M lost=L", the process's
  * twinpage counters as "COUNTER name value" lines, and exits 0 when M is 0.
- * Exit 3: io_uring unavailable (MODE uring). usage:
- * pinned MODE SECONDS FILE PAGES THREADS */
+ * Exit 3: io_uring unavailable (MODE uring). BACKING is anon (default) or
+ * memfd: the pages are then a private mapping of a memfd, as QEMU's
+ * memory-backend-file with share=off. usage:
+ * pinned MODE SECONDS FILE PAGES THREADS [BACKING] */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -142,7 +144,7 @@ static void *reader(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 6) { fprintf(stderr, "usage: pinned odirect|uring SECONDS FILE PAGES THREADS\n"); return 2; }
+    if (argc != 6 && argc != 7) { fprintf(stderr, "usage: pinned odirect|uring SECONDS FILE PAGES THREADS [anon|memfd]\n"); return 2; }
     use_uring = !strcmp(argv[1], "uring");
     double secs = atof(argv[2]);
     npages = strtoul(argv[4], 0, 0);
@@ -166,7 +168,14 @@ int main(int argc, char **argv) {
     dfd = open(argv[3], O_RDONLY | O_DIRECT);
     if (dfd < 0) { perror("pinned: O_DIRECT open"); return 2; }
 
-    buf = mmap(0, npages * PS, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int mfd = -1;
+    if (argc > 6 && !strcmp(argv[6], "memfd")) {
+        mfd = memfd_create("pinned-ram", MFD_CLOEXEC);
+        if (mfd < 0 || ftruncate(mfd, (off_t)(npages * PS))) { perror("pinned: memfd"); return 2; }
+    } else if (argc > 6 && strcmp(argv[6], "anon")) {
+        fprintf(stderr, "pinned: BACKING is anon or memfd\n"); return 2;
+    }
+    buf = mmap(0, npages * PS, PROT_READ | PROT_WRITE, MAP_PRIVATE | (mfd < 0 ? MAP_ANONYMOUS : 0), mfd, 0);
     if (buf == MAP_FAILED) { perror("pinned: mmap"); return 2; }
     for (size_t p = 0; p < npages; p++) memcpy(buf + p * PS, pattern, PS);
     if (madvise(buf, npages * PS, MADV_MERGEABLE)) { perror("pinned: madvise"); return 2; }
