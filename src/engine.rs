@@ -670,6 +670,8 @@ fn fault_main(inner: &Inner) {
     let sh = &inner.sh;
     let mut buf = [UffdMsg::default(); 64];
     let mut held: Vec<usize> = Vec::new();
+    // First writes whose region a batch holds: (page, since).
+    let mut waiting: Vec<(usize, std::time::Instant)> = Vec::new();
     while !inner.shutdown.load(Ordering::Relaxed) {
         use std::os::fd::AsFd;
         held.retain(|&page| {
@@ -678,7 +680,9 @@ fn fault_main(inner: &Inner) {
                 false
             }
         });
-        match uffd::poll_readable(sh.uffd.as_fd(), if held.is_empty() { 100 } else { 1 }) {
+        waiting.retain(|&(page, since)| !serve_write(sh, page, since));
+        let idle = held.is_empty() && waiting.is_empty();
+        match uffd::poll_readable(sh.uffd.as_fd(), if idle { 100 } else { 1 }) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
@@ -709,18 +713,39 @@ fn fault_main(inner: &Inner) {
                         let _ = sh.uffd.wake(page, PAGE_SIZE);
                     }
                 })
+            } else if sh.inflight.holds(page) {
+                false
             } else {
-                !sh.inflight.holds(page)
-                    && (crate::merge::cow::first_write(sh, page)
-                        || sh.inflight.release_stray(page, || {
-                            let _ = sh.uffd.unprotect(page, PAGE_SIZE);
-                        }))
+                let now = std::time::Instant::now();
+                if !serve_write(sh, page, now) {
+                    waiting.push((page, now));
+                }
+                true
             };
             if !released {
                 held.push(page);
             }
         }
     }
+}
+
+/// Serves a write fault on a protected page that no merge held when it came:
+/// a merged page's first write gets an anonymous page (`merge::cow`), any
+/// other page is released where it is, and so is a merged page whose region
+/// stayed locked for [`cow::MAX_WAIT`](crate::merge::cow::MAX_WAIT) since
+/// `since`. False while it should wait for the region's lock.
+fn serve_write(sh: &Shared, page: usize, since: std::time::Instant) -> bool {
+    use crate::merge::cow::{first_write, FirstWrite, MAX_WAIT};
+    match first_write(sh, page) {
+        FirstWrite::Done => return true,
+        FirstWrite::Busy if since.elapsed() < MAX_WAIT => return false,
+        FirstWrite::Busy | FirstWrite::NotMine => {}
+    }
+    // A merge that began meanwhile wakes its own waiters (this one included).
+    sh.inflight.release_stray(page, || {
+        let _ = sh.uffd.unprotect(page, PAGE_SIZE);
+    });
+    true
 }
 
 /// Whether this kernel has NUMA (and so a `merge_across_nodes` attribute).

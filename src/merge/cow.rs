@@ -12,10 +12,11 @@
 //! The written page then lives in an anonymous mapping, where the next merge
 //! checks it like any other.
 //!
-//! The fault thread needs the region's lock for this. When it cannot have
-//! it soon enough (a batch holds it), it lets the kernel make the copy in
-//! place as before: the writer goes on, and the scan passes that page over
-//! from then on (`pin::may_merge`), so a page nobody can check never merges.
+//! The fault thread needs the region's lock for this. While a batch holds
+//! it, the fault waits its turn (the writer stays blocked) for at most
+//! [`MAX_WAIT`]; past that the kernel makes the copy in place as before: the
+//! writer goes on, and the scan passes that page over from then on
+//! (`pin::may_merge`), so a page nobody can check never merges.
 
 use std::time::Duration;
 
@@ -24,27 +25,43 @@ use crate::scan::Shared;
 use crate::sys::PAGE_SIZE;
 use crate::warn_once;
 
-/// How long a writer may wait for the region's lock before the kernel's
-/// copy-on-write takes over: a scan batch holds it for a few milliseconds.
-const LOCK_WAIT: Duration = Duration::from_millis(20);
+/// How long one attempt waits for the region's lock: short, so that other
+/// faults are not held up behind it.
+const LOCK_WAIT: Duration = Duration::from_millis(2);
+
+/// How long a writer may wait in all for the region's lock before the
+/// kernel's copy-on-write takes over: a scan batch holds it for a few
+/// milliseconds, a batch talking to a stalled daemon up to its timeout.
+pub(crate) const MAX_WAIT: Duration = Duration::from_millis(200);
+
+/// What became of a write fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FirstWrite {
+    /// The page has its anonymous copy and the writer was woken.
+    Done,
+    /// Not a merged page of an anonymous region, or the copy failed: the
+    /// caller releases the fault as any other.
+    NotMine,
+    /// The region is locked: try again (until [`MAX_WAIT`]).
+    Busy,
+}
 
 /// Resolves a write fault at `page` on a merged page of an anonymous region
 /// by moving an anonymous copy of it into place, and wakes the writer.
-/// False when this is not such a page or the copy could not be made: the
-/// caller then releases the fault as any other.
-pub(crate) fn first_write(sh: &Shared, page: usize) -> bool {
-    let Some(region) = sh.registry.read().containing(page).cloned() else { return false };
+pub(crate) fn first_write(sh: &Shared, page: usize) -> FirstWrite {
+    use FirstWrite::{Busy, Done, NotMine};
+    let Some(region) = sh.registry.read().containing(page).cloned() else { return NotMine };
     if region.kind != crate::maps::MappingKind::Anon {
-        return false;
+        return NotMine;
     }
-    let Some(mut st) = region.state.try_write_for(LOCK_WAIT) else { return false };
+    let Some(mut st) = region.state.try_write_for(LOCK_WAIT) else { return Busy };
     if st.dead {
-        return false;
+        return NotMine;
     }
     let idx = (page - region.start) / PAGE_SIZE;
     let rec = st.records[idx];
     if rec.state() != PageState::Merged || rec.flags() & PageRecord::OVERLAY == 0 {
-        return false;
+        return NotMine;
     }
     // Still the store page, or not faulted in since it was mapped, or a
     // copy the kernel made in place under the protection (a write to a
@@ -54,12 +71,12 @@ pub(crate) fn first_write(sh: &Shared, page: usize) -> bool {
     // may be pinned: not ours to copy.
     let mut e = [crate::sys::pagemap::PageEntry::default()];
     if sh.pagemap.read(page, &mut e).is_err() || !still_store_content(e[0]) {
-        return false;
+        return NotMine;
     }
     let mut core = sh.core.lock();
     // The copy splits the store stretch: up to two more mappings.
     if !core.map_budget.allow(2, 0) {
-        return false;
+        return NotMine;
     }
     let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
     // SAFETY: `page` is a merged page of a region we hold: mapped, readable,
@@ -67,7 +84,7 @@ pub(crate) fn first_write(sh: &Shared, page: usize) -> bool {
     // reference points into it.
     if let Err(e) = unsafe { super::copy_over(page, page, PAGE_SIZE, region.prot, anon) } {
         warn_once!("cow-copy", "twinpage: cannot give the written page at {page:#x} an anonymous copy: {e}; the kernel copies it");
-        return false;
+        return NotMine;
     }
     super::reapply_advice(&region, page, PAGE_SIZE);
     let rec = &mut st.records[idx];
@@ -82,7 +99,7 @@ pub(crate) fn first_write(sh: &Shared, page: usize) -> bool {
     if let Err(e) = sh.uffd.wake(page, PAGE_SIZE) {
         warn_once!("cow-wake", "twinpage: wake after a first write failed at {page:#x}: {e}");
     }
-    true
+    Done
 }
 
 /// Whether a merged page's page table entry still shows the store page's
