@@ -164,6 +164,14 @@ impl Engine {
     /// private mappings that userfaultfd cannot write-protect (regular disk
     /// files) are scanned and reported but never merged.
     pub fn register(&self, addr: usize, len: usize) -> Result<(), EngineError> {
+        self.register_with(addr, len, false)
+    }
+
+    /// [`register`](Self::register), reading the mappings' advice (DONTFORK,
+    /// DONTDUMP, which remaps carry over) whatever the length: for a range
+    /// that is guest RAM in pieces, such as one registered again after it
+    /// moved.
+    pub fn register_with(&self, addr: usize, len: usize, read_advice: bool) -> Result<(), EngineError> {
         if !addr.is_multiple_of(PAGE_SIZE) || len == 0 {
             return Err(EngineError::Inval);
         }
@@ -171,7 +179,7 @@ impl Engine {
         let end = addr.checked_add(len).ok_or(EngineError::Inval)?;
         // Flags such as DONTFORK matter for guest RAM; for small ranges the
         // cost of reading smaps is not worth it.
-        let vmas = if len >= 1 << 20 { maps::vmas_with_flags_in(addr, end) } else { maps::vmas_in(addr, end) };
+        let vmas = if read_advice || len >= 1 << 20 { maps::vmas_with_flags_in(addr, end) } else { maps::vmas_in(addr, end) };
         let vmas = vmas.map_err(EngineError::Maps)?;
         let sh = &self.inner.sh;
         let mut result = Ok(());

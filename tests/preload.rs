@@ -121,3 +121,10 @@ fn mprotect_of_merged_memory_keeps_every_byte() {
 fn a_forked_child_keeps_its_memory_when_the_parent_frees_store_pages() {
     program_succeeds("fork", "FORK OK");
 }
+
+/// mremap of merged memory (emulated by the preload where merging split it
+/// into several mappings) keeps every byte and grows with zeros.
+#[test]
+fn mremap_of_split_merged_memory_keeps_every_byte() {
+    program_succeeds("mremap_split", "MREMAP OK");
+}

@@ -356,6 +356,12 @@ impl Agent {
     }
 
     fn register(&self, addr: usize, len: usize) -> io::Result<c_int> {
+        self.register_with(addr, len, false)
+    }
+
+    /// `register`, reading the mappings' advice whatever the length (see
+    /// `Engine::register_with`).
+    fn register_with(&self, addr: usize, len: usize, read_advice: bool) -> io::Result<c_int> {
         let mut result = Ok(0);
         {
             // What falls in a handed-over range is remembered for its return.
@@ -368,7 +374,7 @@ impl Agent {
             }
         }
         for (s, e) in self.not_excluded(addr, len) {
-            match self.engine.register(s, e - s) {
+            match self.engine.register_with(s, e - s, read_advice) {
                 Ok(()) | Err(EngineError::Shared) => {}
                 Err(EngineError::Unmapped) => result = Err(errno(libc::ENOMEM)),
                 Err(EngineError::Inval) => return Err(errno(libc::EINVAL)),
@@ -473,12 +479,12 @@ impl Agent {
             for (s, e) in parts {
                 let (ns, ne) = (base + (s - old), (base + (e - old)).min(base + new_len));
                 if ns < ne {
-                    let _ = self.register(ns, ne - ns);
+                    let _ = self.register_with(ns, ne - ns, true);
                 }
             }
         } else {
             for (s, e) in parts {
-                let _ = self.register(s, e - s);
+                let _ = self.register_with(s, e - s, true);
             }
         }
         Some(r)
@@ -648,10 +654,12 @@ impl Agent {
 }
 
 /// mremap of private anonymous memory that spans several mappings: shrink in
-/// place, grow in place into free space, or move by copying. Returns the new
-/// address or `-errno`.
+/// place, grow in place into free space, or move each mapping with the
+/// kernel's mremap (nothing copied, so no write from another thread is lost,
+/// and each keeps its protection and advice). Returns the new address or
+/// `-errno`.
 fn emulate_mremap(old: usize, old_len: usize, new_len: usize, flags: c_int, new_addr: usize) -> isize {
-    use twinpage::sys::mman::{raw_mmap, raw_munmap};
+    use twinpage::sys::mman::{raw_mmap, raw_mremap, raw_munmap};
     let page = twinpage::sys::PAGE_SIZE;
     let (old_len, new_len) = (old_len.next_multiple_of(page), new_len.next_multiple_of(page));
     let rw = libc::PROT_READ | libc::PROT_WRITE;
@@ -673,23 +681,56 @@ fn emulate_mremap(old: usize, old_len: usize, new_len: usize, flags: c_int, new_
             Err(_) => -(libc::ENOMEM as isize),
         };
     }
+    let Ok(vmas) = twinpage::maps::vmas_in(old, old + old_len) else { return -(libc::EFAULT as isize) };
     let dst = if flags & libc::MREMAP_FIXED != 0 {
-        // SAFETY: the caller asked for new_addr to be replaced (MREMAP_FIXED).
-        unsafe { raw_mmap(new_addr, new_len, rw, anon | libc::MAP_FIXED, -1, 0) }
+        new_addr
     } else {
-        // SAFETY: fresh memory anywhere.
-        unsafe { raw_mmap(0, new_len, rw, anon, -1, 0) }
+        // SAFETY: an inaccessible reservation anywhere, replaced below.
+        match unsafe { raw_mmap(0, new_len, libc::PROT_NONE, anon, -1, 0) } {
+            Ok(d) => d,
+            Err(e) => return err(e),
+        }
     };
-    let dst = match dst {
-        Ok(d) => d,
-        Err(e) => return err(e),
-    };
-    // SAFETY: both ranges are mapped, readable and writable private memory
-    // of the caller; they do not overlap (dst is fresh).
-    unsafe { std::ptr::copy_nonoverlapping(old as *const u8, dst as *mut u8, old_len.min(new_len)) };
-    // SAFETY: the old range moved; the caller gives it up.
-    if let Err(e) = unsafe { raw_munmap(old, old_len) } {
-        log::warn!("twinpage: unmapping the old range of an emulated mremap failed: {e}");
+    // Each mapping moves with the kernel's own mremap: its pages, protection
+    // and advice (DONTFORK, DONTDUMP) go along, nothing is copied, and a
+    // write from another thread lands in a page that moves.
+    let keep = old_len.min(new_len);
+    let mut moved: Vec<(usize, usize)> = Vec::new();
+    for v in &vmas {
+        let (s, e) = (v.start.max(old), v.end.min(old + keep));
+        if s >= e {
+            continue;
+        }
+        let to = dst + (s - old);
+        // SAFETY: [s, e) is one mapping of the caller's range, which it asked
+        // to move; `to` lies in the destination the caller named or in our
+        // reservation.
+        if let Err(e2) = unsafe { raw_mremap(s, e - s, e - s, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to) } {
+            // Put back what moved: the caller sees a failed mremap, as the
+            // kernel's fails whole.
+            for &(from, len) in moved.iter().rev() {
+                let back = old + (from - dst);
+                // SAFETY: moving our own move back to where it was.
+                let _ = unsafe { raw_mremap(from, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, back) };
+            }
+            if flags & libc::MREMAP_FIXED == 0 {
+                // SAFETY: our own reservation.
+                let _ = unsafe { raw_munmap(dst, new_len) };
+            }
+            return err(e2);
+        }
+        moved.push((to, e - s));
+    }
+    if new_len > old_len {
+        // Growth: fresh private anonymous memory, as the kernel extends the
+        // mapping (the range was checked readable and writable).
+        // SAFETY: the tail of the destination, ours or the caller's.
+        if let Err(e) = unsafe { raw_mmap(dst + old_len, new_len - old_len, rw, anon | libc::MAP_FIXED, -1, 0) } {
+            log::warn!("twinpage: growing an emulated mremap failed: {e}");
+        }
+    } else if old_len > new_len {
+        // SAFETY: the part of the old range the caller gives up.
+        let _ = unsafe { raw_munmap(old + new_len, old_len - new_len) };
     }
     dst as isize
 }
