@@ -66,7 +66,13 @@ impl PageRecord {
     /// daemon takes the link's references over on reconnect (`Resume`), the
     /// page is REMOTE again and its release reaches the broker.
     pub const LAST_LINK: u8 = 1 << 4;
-    const ALL_FLAGS: u8 = (1 << 5) - 1;
+    /// `UFFDIO_MOVE` refused the page (`EBUSY`): pinned, or left "maybe
+    /// shared" by a fork whose child has exec'd or exited. The next scan
+    /// makes it exclusive again if it can (`MADV_POPULATE_WRITE`), which
+    /// hides no pin: a page pinned for a device's write is exclusive
+    /// already, and is reused, not copied.
+    pub const UNSHARE: u8 = 1 << 5;
+    const ALL_FLAGS: u8 = (1 << 6) - 1;
 
     pub fn key(&self) -> u32 {
         u32::from(self.key[0]) | u32::from(self.key[1]) << 16

@@ -566,6 +566,18 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
             crate::merge::pin::note_uncheckable(sh, region);
             continue;
         }
+        if rec.flags() & PageRecord::UNSHARE != 0 {
+            rec.clear_flags(PageRecord::UNSHARE);
+            // Not under write-protection (only a merge, which holds this
+            // lock, protects an anonymous page): the populate cannot wait on
+            // our own fault thread.
+            if e.present() && !e.uffd_wp() {
+                // SAFETY: a page of a region we hold; populate-write takes a
+                // write fault that changes no byte: it reuses the page (now
+                // exclusive) or copies it, a pinned one keeping its place.
+                let _ = unsafe { mman::madvise(region.addr(idx), PAGE_SIZE, mman::MADV_POPULATE_WRITE) };
+            }
+        }
         if smart && should_skip(rec) {
             core.counters.pages_skipped += 1;
             continue;

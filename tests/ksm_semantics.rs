@@ -166,3 +166,34 @@ fn a_merged_page_rewritten_with_zeros_becomes_a_zero_page_and_reads_zeros() {
     assert_eq!(m.read_u64(1, 3), 5);
     m.unmap(&e);
 }
+
+/// A fork leaves every anonymous page of the parent "maybe shared" until
+/// it is written, even once the child has exited, and `UFFDIO_MOVE` (the
+/// pin check) refuses such a page as it refuses a pinned one. Kernel KSM
+/// merges them; so must twinpage, by making them exclusive again first.
+#[test]
+fn pages_a_fork_left_maybe_shared_merge_once_the_child_is_gone() {
+    let Some(e) = engine() else { return };
+    flat_out(&e);
+    let m = Mem::anon(64);
+    for i in 0..64 {
+        m.fill(i, (i % 2) as u64);
+    }
+    // SAFETY: the child only calls _exit, which is async-signal-safe.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(0) };
+    }
+    assert!(pid > 0);
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    e.register(m.addr, m.len).unwrap();
+    let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| (s.pages_shared, s.pages_sharing) == (2, 62));
+    assert!(ok, "{s:?}");
+    for i in 0..64 {
+        assert!(m.page_matches(i, (i % 2) as u64));
+    }
+    m.unmap(&e);
+}

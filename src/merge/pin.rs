@@ -178,7 +178,7 @@ pub(super) struct Moved<'a> {
 pub(super) fn check<'a>(
     sh: &'a Shared,
     region: &Region,
-    st: &RegionState,
+    st: &mut RegionState,
     core: &mut Core,
     items: &[Item],
     kind: RunKind,
@@ -244,6 +244,7 @@ pub(super) fn check<'a>(
             ok[k] = false;
             if e.raw_os_error() == Some(libc::EBUSY) {
                 core.counters.pinned_skipped += 1;
+                st.records[items[k].page].add_flags(PageRecord::UNSHARE);
             } else {
                 warn_once!("pin-move", "twinpage: UFFDIO_MOVE at {:#x} failed: {e}; page not merged", moved.addrs[k]);
             }
