@@ -119,6 +119,21 @@ fn io_uring_reads_into_merging_memory_keep_their_data() {
     assert_kept_every_read(&o);
 }
 
+/// io_uring registered buffers are pinned for the ring's life, as VFIO pins
+/// guest RAM: they must never merge, and every fixed read must land.
+#[test]
+fn io_uring_fixed_buffers_never_merge_and_keep_their_data() {
+    if !io_uring_allowed() {
+        return;
+    }
+    let Some(o) = run("fixed", None) else { return };
+    assert!(o.field("reads") > 1000, "too few reads");
+    assert_eq!(o.field("mismatches"), 0, "a fixed read's data was lost");
+    assert_eq!(o.code, Some(0));
+    assert!(o.counter("twinpage_pinned_skipped") > 1000, "the registered buffers were not met as pinned");
+    assert_eq!(o.counter("twinpage_merging_pages"), 0, "a registered buffer is merged");
+}
+
 /// QEMU's memory-backend-file with share=off: a private file mapping, whose
 /// written pages would sit in the file mapping, out of the pin check's
 /// reach. Registered, it becomes anonymous memory (the file holds zeros),

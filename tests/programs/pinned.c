@@ -4,10 +4,14 @@
  * pattern), maps PAGES anonymous pages all holding one pattern (so they are
  * duplicates: merge candidates), marks them mergeable, then runs THREADS
  * readers for SECONDS. Each reader loops over its own pages: write the
- * pattern back after discarding the page (the page is a duplicate again), wait a little (so the
- * scanner may pick it up meanwhile), read one block into it with O_DIRECT
- * (MODE odirect: pread; MODE uring: IORING_OP_READ through a raw io_uring)
- * and check that the page holds exactly that block. A page still holding
+ * pattern back (the page is a duplicate again; if it was merged, this is
+ * its first write since; three readers in four discard the page first,
+ * so they meet the check on fresh pages more often), wait a little (so the scanner may merge it
+ * meanwhile), read one block into it with O_DIRECT (MODE odirect: pread;
+ * MODE uring: IORING_OP_READ through a raw io_uring; MODE fixed:
+ * IORING_OP_READ_FIXED into the reader's pages, registered with the ring
+ * once with IORING_REGISTER_BUFFERS, which pins them for the ring's life
+ * as VFIO pins guest RAM) and check that the page holds exactly that block. A page still holding
  * the pattern after its read returned is a lost write: the device wrote into
  * a physical page that no longer backs the address.
  *
@@ -29,13 +33,14 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
 #define PS 4096
 #define BLOCKS 256
 
-static int use_uring;
+static int use_uring, use_fixed;
 static int dfd;
 static uint8_t *buf, *pattern, *blocks;
 static size_t npages, nthreads;
@@ -82,12 +87,15 @@ static int ring_init(struct ring *r) {
     return 0;
 }
 
-/* One IORING_OP_READ of a block into dst, waited for; bytes read or -errno. */
-static int ring_read(struct ring *r, void *dst, off_t off) {
+/* One IORING_OP_READ of a block into dst (IORING_OP_READ_FIXED of
+ * registered buffer `fixed` when it is >= 0), waited for; bytes read or
+ * -errno. */
+static int ring_read(struct ring *r, void *dst, off_t off, int fixed) {
     unsigned tail = *r->sq_tail, idx = tail & *r->sq_mask;
     struct io_uring_sqe *sqe = &r->sqes[idx];
     memset(sqe, 0, sizeof *sqe);
-    sqe->opcode = IORING_OP_READ;
+    sqe->opcode = fixed >= 0 ? IORING_OP_READ_FIXED : IORING_OP_READ;
+    if (fixed >= 0) sqe->buf_index = (unsigned short)fixed;
     sqe->fd = dfd;
     sqe->addr = (uintptr_t)dst;
     sqe->len = PS;
@@ -113,22 +121,25 @@ static void *reader(void *arg) {
     size_t t = (size_t)arg;
     struct ring r;
     if (use_uring && ring_init(&r)) { perror("pinned: io_uring"); exit(2); }
+    if (use_fixed) {
+        struct iovec iov[1024];
+        unsigned n = 0;
+        for (size_t p = t; p < npages && n < 1024; p += nthreads, n++) iov[n] = (struct iovec){buf + p * PS, PS};
+        if (syscall(__NR_io_uring_register, r.fd, IORING_REGISTER_BUFFERS, iov, n)) { perror("pinned: IORING_REGISTER_BUFFERS"); exit(2); }
+    }
     uint64_t rng = 0x2545F4914F6CDD1Dull ^ (t * 0x9E3779B97F4A7C15ull);
     while (now() < deadline) {
         for (size_t p = t; p < npages && now() < deadline; p += nthreads) {
             uint8_t *dst = buf + p * PS;
-            /* A page written after merging stays in twinpage's store mapping,
-             * where it cannot be checked for pins and so never merges again;
-             * a discard gives the address its anonymous mapping back, so the
-             * pattern written next is a fresh, checkable candidate. */
-            if (madvise(dst, PS, MADV_DONTNEED)) { perror("pinned: madvise(DONTNEED)"); exit(2); }
+            if (t % 4 != 3 && !use_fixed && madvise(dst, PS, MADV_DONTNEED)) { perror("pinned: madvise(DONTNEED)"); exit(2); }
             memcpy(dst, pattern, PS);
             rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
             /* Up to 1 ms: the scanner passes over the pages about that often. */
             struct timespec ts = {0, (long)(rng % 1000) * 1000};
             nanosleep(&ts, 0);
             unsigned b = (rng >> 20) % BLOCKS;
-            long n = use_uring ? ring_read(&r, dst, (off_t)b * PS) : pread(dfd, dst, PS, (off_t)b * PS);
+            int fixed = use_fixed ? (int)((p - t) / nthreads) : -1;
+            long n = use_uring ? ring_read(&r, dst, (off_t)b * PS, fixed) : pread(dfd, dst, PS, (off_t)b * PS);
             if (n != PS) { fprintf(stderr, "pinned: read returned %ld (%s)\n", n, strerror(n < 0 ? (int)-n : errno)); exit(2); }
             atomic_fetch_add(&reads, 1);
             if (memcmp(dst, blocks + (size_t)b * PS, PS)) {
@@ -144,8 +155,9 @@ static void *reader(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 6 && argc != 7) { fprintf(stderr, "usage: pinned odirect|uring SECONDS FILE PAGES THREADS [anon|memfd]\n"); return 2; }
-    use_uring = !strcmp(argv[1], "uring");
+    if (argc != 6 && argc != 7) { fprintf(stderr, "usage: pinned odirect|uring|fixed SECONDS FILE PAGES THREADS [anon|memfd]\n"); return 2; }
+    use_fixed = !strcmp(argv[1], "fixed");
+    use_uring = use_fixed || !strcmp(argv[1], "uring");
     double secs = atof(argv[2]);
     npages = strtoul(argv[4], 0, 0);
     nthreads = strtoul(argv[5], 0, 0);
