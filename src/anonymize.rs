@@ -30,7 +30,7 @@ use crate::merge::{is_zero, reapply_advice};
 use crate::region::Region;
 use crate::scan::Shared;
 use crate::sys::pagemap::PageEntry;
-use crate::sys::{mman, seek, PAGE_SIZE};
+use crate::sys::{file as sysfile, mman, PAGE_SIZE};
 
 /// A stretch of a registered private file mapping after conversion: whether
 /// it is anonymous memory now.
@@ -130,11 +130,11 @@ fn zero_in_file(file: &File, offset: u64, pages: usize) -> io::Result<Vec<bool>>
     let mut buf = vec![0u8; 64 * PAGE_SIZE];
     let mut pos = offset;
     while pos < end {
-        let Some(data) = seek::next_data(file.as_fd(), pos)? else { break };
+        let Some(data) = sysfile::next_data(file.as_fd(), pos)? else { break };
         if data >= end {
             break;
         }
-        let hole = seek::next_hole(file.as_fd(), data)?.unwrap_or(end).min(end);
+        let hole = sysfile::next_hole(file.as_fd(), data)?.unwrap_or(end).min(end);
         let mut p = data - (data - offset) % PAGE_SIZE as u64;
         while p < hole {
             let n = (buf.len() as u64).min(end - p) as usize;

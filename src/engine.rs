@@ -216,6 +216,15 @@ impl Engine {
                     MappingKind::PrivateFile => open_backing(vma),
                     _ => None,
                 };
+                // Hugetlbfs memory is left alone, as the kernel's KSM leaves it.
+                if backing.as_ref().is_some_and(|f| crate::sys::file::is_hugetlbfs(std::os::fd::AsFd::as_fd(&**f)).unwrap_or(false)) {
+                    warn_once!(
+                        "hugetlb",
+                        "twinpage: {} at {ps:#x} is hugetlbfs memory, which is never merged (as with kernel KSM)",
+                        vma.path
+                    );
+                    continue;
+                }
                 let no_backing = vma.kind == MappingKind::PrivateFile && backing.is_none();
                 if no_backing {
                     warn_once!(

@@ -197,3 +197,47 @@ fn pages_a_fork_left_maybe_shared_merge_once_the_child_is_gone() {
     }
     m.unmap(&e);
 }
+
+/// Hugetlbfs memory is never merged, as the kernel's KSM leaves it: not
+/// registered, and never turned into small anonymous pages.
+#[test]
+fn hugetlbfs_memory_is_left_alone() {
+    let Some(e) = engine() else { return };
+    const NR: &str = "/proc/sys/vm/nr_hugepages";
+    let before = std::fs::read_to_string(NR).unwrap_or_default();
+    let need = before.trim().parse::<u64>().unwrap_or(0).max(2);
+    let _ = std::fs::write(NR, need.to_string());
+    let free = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:")?.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if !common::require(free >= 1, "a free huge page (root, /proc/sys/vm/nr_hugepages)") {
+        return;
+    }
+    let len = 2 << 20;
+    // SAFETY: plain syscalls on a fresh hugetlbfs memfd and our own mapping.
+    let addr = unsafe {
+        let fd = libc::memfd_create(c"tp-huge".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_HUGETLB);
+        assert!(fd >= 0, "memfd_create(MFD_HUGETLB): {}", std::io::Error::last_os_error());
+        assert_eq!(libc::ftruncate(fd, len as i64), 0);
+        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, fd, 0);
+        assert_ne!(p, libc::MAP_FAILED);
+        libc::close(fd);
+        std::ptr::write_bytes(p as *mut u8, 7, len);
+        p as usize
+    };
+    flat_out(&e);
+    e.register(addr, len).unwrap();
+    let s = e.stats();
+    assert_eq!((s.twinpage_pages_registered, s.pages_sharing, s.ksm_zero_pages), (0, 0, 0), "{s:?}");
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let block = smaps.split_inclusive('\n').skip_while(|l| !l.starts_with(&format!("{addr:x}-"))).take(30).collect::<String>();
+    assert!(block.contains("KernelPageSize:     2048 kB"), "no longer hugetlbfs memory:\n{block}");
+    // SAFETY: reading and unmapping our own mapping.
+    unsafe {
+        assert!((0..len).step_by(4096).all(|i| *((addr + i) as *const u8) == 7));
+        libc::munmap(addr as *mut libc::c_void, len);
+    }
+    let _ = std::fs::write(NR, before.trim());
+}

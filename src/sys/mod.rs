@@ -3,12 +3,12 @@
 //! descriptor passing (`scm`). The rest of the crate calls safe wrappers whose
 //! preconditions are stated here.
 
+pub mod file;
 pub mod memfd;
 pub mod mman;
 pub mod pagemap;
 pub mod pidfd;
 pub mod scm;
-pub mod seek;
 pub mod signals;
 pub mod uffd;
 

@@ -1,5 +1,6 @@
-//! `lseek` with `SEEK_DATA` and `SEEK_HOLE`, which std does not offer: where
-//! a file (tmpfs, memfd) has data and where it has holes.
+//! What std does not tell of a file: where it has data and where holes
+//! (`lseek` with `SEEK_DATA`, `SEEK_HOLE`), and whether it lives on
+//! hugetlbfs (`fstatfs`).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -29,4 +30,20 @@ pub fn next_data(fd: BorrowedFd<'_>, off: u64) -> io::Result<Option<u64>> {
 /// one); `None` when `off` is past the end of file.
 pub fn next_hole(fd: BorrowedFd<'_>, off: u64) -> io::Result<Option<u64>> {
     seek(fd, off, libc::SEEK_HOLE)
+}
+
+/// `f_type` of hugetlbfs (linux/magic.h).
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// Whether the file is on hugetlbfs, whose memory KSM leaves alone.
+pub fn is_hugetlbfs(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs writes a statfs into the buffer we own.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatfs succeeded, so it filled the buffer.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between libcs
+    Ok(st.f_type as i64 == HUGETLBFS_MAGIC)
 }
