@@ -146,6 +146,13 @@ impl Engine {
 
     /// As [`Engine::registered_in`], with the kind of mapping each range was
     /// when registered.
+    /// The advice registered memory in `[addr, addr+len)` had when it was
+    /// registered (any region's).
+    pub fn advice_in(&self, addr: usize, len: usize) -> Advice {
+        let regions = self.inner.sh.registry.read().overlapping(addr, addr.saturating_add(len));
+        Advice { dontfork: regions.iter().any(|r| r.dontfork), dontdump: regions.iter().any(|r| r.dontdump) }
+    }
+
     pub fn registered_kinds_in(&self, addr: usize, len: usize) -> Vec<(usize, usize, MappingKind)> {
         let end = addr.saturating_add(len);
         self.inner
@@ -164,14 +171,14 @@ impl Engine {
     /// private mappings that userfaultfd cannot write-protect (regular disk
     /// files) are scanned and reported but never merged.
     pub fn register(&self, addr: usize, len: usize) -> Result<(), EngineError> {
-        self.register_with(addr, len, false)
+        self.register_with(addr, len, None)
     }
 
-    /// [`register`](Self::register), reading the mappings' advice (DONTFORK,
-    /// DONTDUMP, which remaps carry over) whatever the length: for a range
-    /// that is guest RAM in pieces, such as one registered again after it
-    /// moved.
-    pub fn register_with(&self, addr: usize, len: usize, read_advice: bool) -> Result<(), EngineError> {
+    /// [`register`](Self::register), with the mappings' advice (DONTFORK,
+    /// DONTDUMP, which remaps carry over) known already: for a range that
+    /// was registered before it moved, whatever its length, without reading
+    /// smaps (costly with many mappings).
+    pub fn register_with(&self, addr: usize, len: usize, advice: Option<Advice>) -> Result<(), EngineError> {
         if !addr.is_multiple_of(PAGE_SIZE) || len == 0 {
             return Err(EngineError::Inval);
         }
@@ -179,8 +186,13 @@ impl Engine {
         let end = addr.checked_add(len).ok_or(EngineError::Inval)?;
         // Flags such as DONTFORK matter for guest RAM; for small ranges the
         // cost of reading smaps is not worth it.
-        let vmas = if read_advice || len >= 1 << 20 { maps::vmas_with_flags_in(addr, end) } else { maps::vmas_in(addr, end) };
-        let vmas = vmas.map_err(EngineError::Maps)?;
+        let vmas = if advice.is_none() && len >= 1 << 20 { maps::vmas_with_flags_in(addr, end) } else { maps::vmas_in(addr, end) };
+        let mut vmas = vmas.map_err(EngineError::Maps)?;
+        if let Some(a) = advice {
+            for v in &mut vmas {
+                (v.dontfork, v.dontdump) = (a.dontfork, a.dontdump);
+            }
+        }
         let sh = &self.inner.sh;
         let mut result = Ok(());
         let mut covered = addr;
@@ -763,6 +775,14 @@ fn serve_write(sh: &Shared, page: usize, since: std::time::Instant) -> bool {
         let _ = sh.uffd.unprotect(page, PAGE_SIZE);
     });
     true
+}
+
+/// madvise flags of guest RAM that twinpage carries over to the mappings
+/// it makes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Advice {
+    pub dontfork: bool,
+    pub dontdump: bool,
 }
 
 /// Whether this kernel has NUMA (and so a `merge_across_nodes` attribute).

@@ -43,6 +43,17 @@ impl<T> Mutex<T> {
     }
 }
 
+/// Releases a write guard handing the lock straight to a thread waiting for
+/// it, if any (loom: a plain release). A thread that takes the lock again at
+/// once (the scanner, batch after batch) would otherwise win it back before
+/// a woken waiter (the fault thread, serving a first write) runs.
+pub fn unlock_fair<T>(guard: RwLockWriteGuard<'_, T>) {
+    #[cfg(loom)]
+    drop(guard);
+    #[cfg(not(loom))]
+    parking_lot::RwLockWriteGuard::unlock_fair(guard);
+}
+
 /// A reader-writer lock with parking_lot's panic-free interface.
 ///
 /// Under `cfg(loom)` it is [`loom_rwlock::RwLock`] rather than loom's own

@@ -490,6 +490,9 @@ pub fn scan_pages(sh: &Shared, budget: usize) -> usize {
                 scan_batch(sh, &region, &mut st, &mut core, cursor.page, n);
             }
             core.cursor.page = cursor.page + n;
+            drop(core);
+            // A first write may be waiting for this region (`merge::cow`).
+            crate::primitive::unlock_fair(st);
         }
         visited += n;
         left -= n;

@@ -356,12 +356,12 @@ impl Agent {
     }
 
     fn register(&self, addr: usize, len: usize) -> io::Result<c_int> {
-        self.register_with(addr, len, false)
+        self.register_with(addr, len, None)
     }
 
-    /// `register`, reading the mappings' advice whatever the length (see
+    /// `register`, with the mappings' advice known (see
     /// `Engine::register_with`).
-    fn register_with(&self, addr: usize, len: usize, read_advice: bool) -> io::Result<c_int> {
+    fn register_with(&self, addr: usize, len: usize, advice: Option<twinpage::engine::Advice>) -> io::Result<c_int> {
         let mut result = Ok(0);
         {
             // What falls in a handed-over range is remembered for its return.
@@ -374,7 +374,7 @@ impl Agent {
             }
         }
         for (s, e) in self.not_excluded(addr, len) {
-            match self.engine.register_with(s, e - s, read_advice) {
+            match self.engine.register_with(s, e - s, advice) {
                 Ok(()) | Err(EngineError::Shared) => {}
                 Err(EngineError::Unmapped) => result = Err(errno(libc::ENOMEM)),
                 Err(EngineError::Inval) => return Err(errno(libc::EINVAL)),
@@ -460,6 +460,7 @@ impl Agent {
         raw: fn(usize, usize, usize, c_int, usize) -> isize,
     ) -> Option<isize> {
         let kinds = self.engine.registered_kinds_in(old, old_len);
+        let advice = Some(self.engine.advice_in(old, old_len));
         let parts: Vec<(usize, usize)> = kinds.iter().map(|&(s, e, _)| (s, e)).collect();
         let _ = self.engine.unregister(old, old_len);
         let fixed_over = flags & libc::MREMAP_FIXED != 0 && self.engine.overlaps(new_addr, new_len);
@@ -479,12 +480,12 @@ impl Agent {
             for (s, e) in parts {
                 let (ns, ne) = (base + (s - old), (base + (e - old)).min(base + new_len));
                 if ns < ne {
-                    let _ = self.register_with(ns, ne - ns, true);
+                    let _ = self.register_with(ns, ne - ns, advice);
                 }
             }
         } else {
             for (s, e) in parts {
-                let _ = self.register_with(s, e - s, true);
+                let _ = self.register_with(s, e - s, advice);
             }
         }
         Some(r)
