@@ -101,12 +101,17 @@ fn redirect_sysfs_shows_twinpage_to_programs_that_hard_code_the_kernel_paths() {
 
 /// Runs tests/programs/NAME.c with the preload and expects `marker` on stdout.
 fn program_succeeds(name: &str, marker: &str) {
+    program_succeeds_with(name, &[], marker)
+}
+
+/// [`program_succeeds`] with arguments.
+fn program_succeeds_with(name: &str, args: &[&str], marker: &str) {
     let (Some(lib), Some(prog)) = (preload_lib(), program(name)) else { return };
     if !have_uffd() {
         return;
     }
     let dir = tempdir(name);
-    let out = run_preloaded(&prog, &[], &lib, &dir);
+    let out = run_preloaded(&prog, args, &lib, &dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains(marker), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
@@ -123,8 +128,9 @@ fn a_forked_child_keeps_its_memory_when_the_parent_frees_store_pages() {
 }
 
 /// mremap of merged memory (emulated by the preload where merging split it
-/// into several mappings) keeps every byte and grows with zeros.
+/// into several mappings) keeps every byte, grows with zeros, and keeps
+/// DONTFORK and DONTDUMP on every moved mapping.
 #[test]
-fn mremap_of_split_merged_memory_keeps_every_byte() {
-    program_succeeds("mremap_split", "MREMAP OK");
+fn mremap_of_split_merged_memory_keeps_bytes_and_advice() {
+    program_succeeds_with("mremap_split", &["advice"], "MREMAP OK");
 }

@@ -4,7 +4,7 @@
  * a move that grows the range, every byte must be where it was, the grown
  * tail zero, and the moved range mapped. With "advice" as its argument it
  * also requires every moved mapping to carry both flags (smaps VmFlags "dc"
- * and "dd"): not yet true, see the README. Prints "MREMAP OK", or
+ * and "dd"), a moment after the move. Prints "MREMAP OK", or
  * "MREMAP FAIL ..." and exits 1; exits 2 on a setup error. */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -74,8 +74,14 @@ int main(int argc, char **argv) {
             if (q[i * PS + b] != ((i / 2) % 2 ? (unsigned char)(i | 1) : 7)) { printf("MREMAP FAIL byte %lu of page %lu\n", b, i); return 1; }
     for (unsigned long b = N * PS; b < 2 * N * PS; b++)
         if (q[b]) { printf("MREMAP FAIL the grown tail is not zero\n"); return 1; }
+    /* A merge at the new address maps its store page, then gives it the
+     * advice: a mapping caught in between shows without it. Only a loss
+     * still there a moment later counts. */
     int seen;
-    if (!flags_kept((unsigned long)q, N * PS, &seen) && check_advice) return 1;
+    if (!flags_kept((unsigned long)q, N * PS, &seen)) {
+        usleep(200000);
+        if (!flags_kept((unsigned long)q, N * PS, &seen) && check_advice) return 1;
+    }
     if (seen < 1) { printf("MREMAP FAIL no mapping at the new address\n"); return 1; }
     q[3] = 1;
     printf("MREMAP OK (%d mappings moved)\n", seen);
