@@ -173,25 +173,28 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
 /// takes them back, or exits.
 fn orphan_all(sh: &Shared) {
     let last = if sh.core.lock().last_link.is_some() { PageRecord::LAST_LINK } else { 0 };
+    for_each_flagged(sh, PageRecord::REMOTE, |rec| {
+        rec.set_flags((rec.flags() & !PageRecord::REMOTE) | PageRecord::ORPHAN | last);
+    });
+    sh.core.lock().remote_lost = false;
+}
+
+/// Runs `f` on every record with `flag`, region by region under each one's
+/// lock. The registry is a leaf lock (whoever holds a region lock may take
+/// it, to unregister): the regions are listed first, and it is let go
+/// before any region lock is taken.
+fn for_each_flagged(sh: &Shared, flag: u8, mut f: impl FnMut(&mut PageRecord)) {
     let regions: Vec<_> = sh.registry.read().iter().cloned().collect();
     for r in regions {
         let mut st = r.state.write();
-        for rec in st.records.iter_mut().filter(|r| r.flags() & PageRecord::REMOTE != 0) {
-            rec.set_flags((rec.flags() & !PageRecord::REMOTE) | PageRecord::ORPHAN | last);
-        }
+        st.records.iter_mut().filter(|rec| rec.flags() & flag != 0).for_each(&mut f);
     }
-    sh.core.lock().remote_lost = false;
 }
 
 /// The daemon did not take the lost link's references over (restarted, or
 /// it gave up waiting): its orphans stay plain orphans.
 fn forget_last_link(sh: &Shared) {
-    for r in sh.registry.read().iter() {
-        let mut st = r.state.write();
-        for rec in st.records.iter_mut() {
-            rec.clear_flags(PageRecord::LAST_LINK);
-        }
-    }
+    for_each_flagged(sh, PageRecord::LAST_LINK, |rec| rec.clear_flags(PageRecord::LAST_LINK));
     sh.core.lock().last_link = None;
 }
 
@@ -204,13 +207,10 @@ fn forget_last_link(sh: &Shared) {
 /// claimed and then released over the new link, in that order.
 fn claim_last_link(sh: &Shared) {
     let mut claims = Vec::new();
-    for r in sh.registry.read().iter() {
-        let mut st = r.state.write();
-        for rec in st.records.iter_mut().filter(|r| r.flags() & PageRecord::LAST_LINK != 0) {
-            rec.set_flags((rec.flags() & !(PageRecord::ORPHAN | PageRecord::LAST_LINK)) | PageRecord::REMOTE);
-            claims.push(rec.key());
-        }
-    }
+    for_each_flagged(sh, PageRecord::LAST_LINK, |rec| {
+        rec.set_flags((rec.flags() & !(PageRecord::ORPHAN | PageRecord::LAST_LINK)) | PageRecord::REMOTE);
+        claims.push(rec.key());
+    });
     let mut core = sh.core.lock();
     let core = &mut *core;
     core.last_link = None;
