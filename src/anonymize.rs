@@ -26,11 +26,11 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 
-use crate::merge::{is_zero, reapply_advice};
+use crate::merge::{fill_and_move, is_zero, reapply_advice};
 use crate::region::Region;
 use crate::scan::Shared;
 use crate::sys::pagemap::PageEntry;
-use crate::sys::{file as sysfile, mman, PAGE_SIZE};
+use crate::sys::{file as sysfile, PAGE_SIZE};
 
 /// A stretch of a registered private file mapping after conversion: whether
 /// it is anonymous memory now.
@@ -163,26 +163,20 @@ fn zero_in_file(file: &File, offset: u64, pages: usize) -> io::Result<Vec<bool>>
 /// The range must be part of a registered region, write-protected, with no
 /// Rust reference into it.
 unsafe fn move_to_anon(sh: &Shared, region: &Region, addr: usize, len: usize, entries: &[PageEntry]) -> io::Result<bool> {
-    let rw = libc::PROT_READ | libc::PROT_WRITE;
-    // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
-    let tmp = unsafe { mman::raw_mmap(0, len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)? };
-    let fresh = FreshMapping { addr: tmp, len };
-    for (k, e) in entries.iter().enumerate() {
-        if (e.present() && !e.file()) || e.swapped() {
-            let off = k * PAGE_SIZE;
-            // SAFETY: the caller guarantees the source page is readable and not
-            // written meanwhile; `tmp` is our fresh writable mapping.
-            unsafe { std::ptr::copy_nonoverlapping((addr + off) as *const u8, (tmp + off) as *mut u8, PAGE_SIZE) };
+    let copy_written = |tmp: usize| {
+        for (k, e) in entries.iter().enumerate() {
+            if (e.present() && !e.file()) || e.swapped() {
+                let off = k * PAGE_SIZE;
+                // SAFETY: the caller guarantees the source page is readable and
+                // not written meanwhile; `tmp` is the fresh writable mapping.
+                unsafe { std::ptr::copy_nonoverlapping((addr + off) as *const u8, (tmp + off) as *mut u8, PAGE_SIZE) };
+            }
         }
-    }
-    if region.prot != rw {
-        // SAFETY: our own fresh mapping.
-        unsafe { mman::mprotect(tmp, len, region.prot)? };
-    }
-    // SAFETY: moves our fresh mapping, holding the range's content, over the
-    // range, which the caller owns.
-    unsafe { mman::raw_mremap(tmp, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, addr)? };
-    std::mem::forget(fresh);
+    };
+    let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+    // SAFETY: the caller owns the range; `copy_written` writes only the
+    // fresh mapping. Unwritten pages stay fresh zeros, what the file holds.
+    unsafe { fill_and_move(addr, len, region.prot, anon, copy_written)? };
     reapply_advice(region, addr, len);
     // Unregistered, it is registered again before its first merge: a write
     // lands in anonymous memory either way.
@@ -192,19 +186,5 @@ unsafe fn move_to_anon(sh: &Shared, region: &Region, addr: usize, len: usize, en
             crate::warn_once!("anonymize-register", "twinpage: cannot register anonymous memory at {addr:#x}: {e}");
             Ok(false)
         }
-    }
-}
-
-/// A fresh mapping, unmapped on drop unless it was moved into place (and
-/// forgotten).
-struct FreshMapping {
-    addr: usize,
-    len: usize,
-}
-
-impl Drop for FreshMapping {
-    fn drop(&mut self) {
-        // SAFETY: our own fresh mapping, never handed out.
-        let _ = unsafe { mman::raw_munmap(self.addr, self.len) };
     }
 }

@@ -144,8 +144,6 @@ impl Engine {
         self.registered_kinds_in(addr, len).into_iter().map(|(s, e, _)| (s, e)).collect()
     }
 
-    /// As [`Engine::registered_in`], with the kind of mapping each range was
-    /// when registered.
     /// The advice registered memory in `[addr, addr+len)` had when it was
     /// registered (any region's).
     pub fn advice_in(&self, addr: usize, len: usize) -> Advice {
@@ -153,6 +151,8 @@ impl Engine {
         Advice { dontfork: regions.iter().any(|r| r.dontfork), dontdump: regions.iter().any(|r| r.dontdump) }
     }
 
+    /// As [`Engine::registered_in`], with the kind of mapping each range was
+    /// when registered.
     pub fn registered_kinds_in(&self, addr: usize, len: usize) -> Vec<(usize, usize, MappingKind)> {
         let end = addr.saturating_add(len);
         self.inner

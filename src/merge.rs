@@ -567,14 +567,35 @@ pub(crate) unsafe fn copy_over(
     dst: usize,
     len: usize,
     prot: libc::c_int,
+    mapping: (libc::c_int, libc::c_int, libc::off_t),
+) -> std::io::Result<()> {
+    // SAFETY: the caller guarantees the source is readable and not written
+    // meanwhile; `tmp` is the fresh writable mapping of `len` bytes, apart
+    // from it.
+    let copy = |tmp: usize| unsafe { std::ptr::copy_nonoverlapping(src as *const u8, tmp as *mut u8, len) };
+    // SAFETY: the caller's guarantees are fill_and_move's.
+    unsafe { fill_and_move(dst, len, prot, mapping, copy) }
+}
+
+/// Makes a fresh writable mapping of `len` bytes with `(flags, fd, offset)`,
+/// lets `fill` write it (given its address), gives it `prot`, and moves it
+/// over `[dst, dst+len)` with `mremap` in one step. On an error the fresh
+/// mapping goes and `dst` is as it was.
+///
+/// # Safety
+/// The destination must be owned by the caller, with no Rust reference into
+/// it; `fill` may write only the fresh mapping.
+pub(crate) unsafe fn fill_and_move(
+    dst: usize,
+    len: usize,
+    prot: libc::c_int,
     (flags, fd, off): (libc::c_int, libc::c_int, libc::off_t),
+    fill: impl FnOnce(usize),
 ) -> std::io::Result<()> {
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     // SAFETY: a fresh mapping at an address the kernel picks.
     let tmp = unsafe { mman::raw_mmap(0, len, rw, flags, fd, off)? };
-    // SAFETY: `tmp` is our fresh writable mapping of `len` bytes; the caller
-    // guarantees the source is readable; they do not overlap.
-    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, tmp as *mut u8, len) };
+    fill(tmp);
     if prot != rw {
         // SAFETY: our own fresh mapping.
         if let Err(e) = unsafe { mman::mprotect(tmp, len, prot) } {
@@ -583,7 +604,7 @@ pub(crate) unsafe fn copy_over(
             return Err(e);
         }
     }
-    // SAFETY: moves our fresh mapping, holding the source's content, over the
+    // SAFETY: moves our fresh mapping, holding what `fill` wrote, over the
     // range the caller owns.
     match unsafe { mman::raw_mremap(tmp, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, dst) } {
         Ok(_) => Ok(()),

@@ -209,15 +209,14 @@ pub(super) fn check<'a>(
     for (o, it) in ok.iter_mut().zip(items) {
         *o &= st.records[it.page].flags() & PageRecord::OVERLAY == 0;
     }
-    let movable = |i: usize, ok: &[bool]| ok[i];
     let mut i = 0;
     while i < n {
-        if !movable(i, ok) {
+        if !ok[i] {
             i += 1;
             continue;
         }
         let mut j = i + 1;
-        while j < n && movable(j, ok) && items[j].page == items[j - 1].page + 1 {
+        while j < n && ok[j] && items[j].page == items[j - 1].page + 1 {
             j += 1;
         }
         let (s, len) = (moved.addrs[i], (j - i) * PAGE_SIZE);
