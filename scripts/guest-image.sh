@@ -13,7 +13,7 @@
 # environment:
 #   TP_KERNEL_PKG  kernel package (default: what linux-image-cloud-amd64 depends on)
 #   TP_MODULES     modules to load in the guest, dependencies added
-#                  (default: virtio_pci virtio_balloon virtio_console)
+#                  (default: virtio_pci virtio_balloon virtio_console virtio_blk)
 #   TP_REBUILD=1   rebuild even if the image is up to date
 set -euo pipefail
 
@@ -25,7 +25,7 @@ export TP_LOG_NAME=guest-image
 . "$src/lib.sh"
 
 out=${1:-$repo/target/guest}
-modules=${TP_MODULES:-virtio_pci virtio_balloon virtio_console}
+modules=${TP_MODULES:-virtio_pci virtio_balloon virtio_console virtio_blk}
 kernel_meta=linux-image-cloud-amd64
 
 mkdir -p "$out"
@@ -98,7 +98,7 @@ for applet in $("$root/bin/busybox" --list-full); do
     [ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
 done
 install -m 0755 "$src/init" "$root/init"
-gcc -static -O2 -Wall -Wextra -s -o "$root/bin/tp-workload" "$src/workload.c"
+gcc -static -pthread -O2 -Wall -Wextra -s -o "$root/bin/tp-workload" "$src/workload.c"
 if [ "$(id -u)" -eq 0 ]; then
     mknod -m 600 "$root/dev/console" c 5 1
     mknod -m 666 "$root/dev/null" c 1 3

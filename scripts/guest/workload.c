@@ -16,12 +16,16 @@
  *   TP-VERIFY round=K ok              after each successful verification
  *   TP-REWRITE round=K pages=R words=W unique=U pattern=P
  *   TP-BAD round=K page=P kind=... want=... got=... w0=...   (first few)
+ *   TP-ODIRECT start|reads=N lost=L corrupt=C errors=E     (tp.odirect > 0)
+ *   TP-ODIRECT-BAD thread=T buf=B block=K kind=lost|corrupt w0=...  (first few)
  *   TP-VERDICT OK | TP-VERDICT FAIL page=P round=K bad_pages=N
  *   TP-IDLE | TP-POWEROFF
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,12 +44,14 @@ static const char *kind_name[] = {"unique", "dup", "zero"};
 struct params {
     long mib, dup, zero, patterns, wait, rewrite, settle, seed;
     long loop, rounds, interval, looprewrite, poweroff, thp;
+    long odirect, odthreads;
 };
 
 static struct params P = {
     .mib = 128, .dup = 50, .zero = 0, .patterns = 16, .wait = 20,
     .rewrite = 10, .settle = 2, .seed = 1, .loop = 0, .rounds = 0,
     .interval = 5, .looprewrite = 0, .poweroff = 0, .thp = 0,
+    .odirect = 0, .odthreads = 4,
 };
 
 static const struct { const char *name; long *val; long min, max; } PARAMS[] = {
@@ -57,6 +63,7 @@ static const struct { const char *name; long *val; long min, max; } PARAMS[] = {
     {"interval", &P.interval, 0, 1L << 30},
     {"looprewrite", &P.looprewrite, 0, 100},
     {"poweroff", &P.poweroff, 0, 1},    {"thp", &P.thp, 0, 1},
+    {"odirect", &P.odirect, 0, 1L << 30}, {"odthreads", &P.odthreads, 1, 64},
 };
 
 static uint8_t *buf;
@@ -258,6 +265,104 @@ static int check(long round, uint64_t *bad_out, uint64_t *first_out)
     return 1;
 }
 
+/*
+ * O_DIRECT reader (tp.odirect=SECONDS): the scenario of a guest whose disk
+ * is `cache=none` (QEMU reads with O_DIRECT straight into guest RAM, which
+ * the host pins for the read). tp.odthreads threads each fill OD_BUFS
+ * page-aligned buffers with one byte, so that the host can merge them,
+ * sleep, then read a random disk block into every buffer with O_DIRECT and
+ * check it. A read whose buffer still holds the fill byte afterwards was
+ * lost: the host wrote it into a page the guest no longer had.
+ *
+ * Disk block b (of /dev/vda, written by the host test) holds the words
+ * DISK_MAGIC | b << 16 | j, j = 0..511.
+ */
+#define OD_BUFS 256
+#define OD_FILL 0x5a
+#define OD_SLEEP_NS 40000000L
+#define DISK_MAGIC 0x54504b0000000000ULL /* "TPK" */
+
+static int od_fd = -1;
+static uint64_t od_blocks;
+static double od_end;
+static uint64_t od_reads, od_lost, od_corrupt, od_errors, od_reported;
+
+static void od_check(long t, unsigned b, uint64_t block, const uint64_t *w)
+{
+    const uint8_t *bytes = (const uint8_t *)w;
+    int stale = 1, good = 1;
+    for (unsigned j = 0; j < WORDS; j++)
+        if (w[j] != (DISK_MAGIC | block << 16 | j)) { good = 0; break; }
+    if (good) return;
+    for (unsigned j = 0; j < PAGE; j++)
+        if (bytes[j] != OD_FILL) { stale = 0; break; }
+    __atomic_add_fetch(stale ? &od_lost : &od_corrupt, 1, __ATOMIC_RELAXED);
+    if (__atomic_fetch_add(&od_reported, 1, __ATOMIC_RELAXED) < MAX_BAD_REPORT)
+        printf("TP-ODIRECT-BAD thread=%ld buf=%u block=%" PRIu64 " kind=%s w0=%016" PRIx64
+               " w511=%016" PRIx64 "\n", t, b, block, stale ? "lost" : "corrupt", w[0], w[WORDS - 1]);
+}
+
+static void *od_thread(void *arg)
+{
+    long t = (long)arg;
+    size_t len = (size_t)OD_BUFS * PAGE;
+    uint8_t *bufs = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (bufs == MAP_FAILED) {
+        __atomic_add_fetch(&od_errors, 1, __ATOMIC_RELAXED);
+        return NULL;
+    }
+    if (!P.thp) madvise(bufs, len, MADV_NOHUGEPAGE);
+    uint64_t s = mix64((uint64_t)t + 0x6f64ULL) | 1;
+    while (now_s() < od_end) {
+        memset(bufs, OD_FILL, len);
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = OD_SLEEP_NS};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+        for (unsigned b = 0; b < OD_BUFS; b++) {
+            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+            uint64_t block = s % od_blocks;
+            uint64_t *w = (uint64_t *)(bufs + (size_t)b * PAGE);
+            ssize_t n = pread(od_fd, w, PAGE, (off_t)(block * PAGE));
+            if (n != (ssize_t)PAGE) {
+                if (__atomic_fetch_add(&od_errors, 1, __ATOMIC_RELAXED) < MAX_BAD_REPORT)
+                    printf("TP-ODIRECT-ERR thread=%ld block=%" PRIu64 " ret=%zd: %s\n", t, block, n,
+                           n < 0 ? strerror(errno) : "short read");
+                continue;
+            }
+            __atomic_add_fetch(&od_reads, 1, __ATOMIC_RELAXED);
+            od_check(t, b, block, w);
+        }
+    }
+    munmap(bufs, len);
+    return NULL;
+}
+
+/* Returns 1 when every read landed. */
+static int odirect(void)
+{
+    od_fd = open("/dev/vda", O_RDONLY | O_DIRECT);
+    off_t size = od_fd < 0 ? -1 : lseek(od_fd, 0, SEEK_END);
+    if (size < (off_t)PAGE) {
+        printf("TP-ODIRECT-ERR cannot use /dev/vda (size %jd): %s\n", (intmax_t)size, strerror(errno));
+        return 0;
+    }
+    od_blocks = (uint64_t)size / PAGE;
+    printf("TP-ODIRECT start threads=%ld blocks=%" PRIu64 " seconds=%ld uptime=%.2f\n", P.odthreads,
+           od_blocks, P.odirect, uptime_s());
+    fflush(stdout);
+    od_end = now_s() + (double)P.odirect;
+    pthread_t th[64];
+    long started = 0;
+    for (long t = 0; t < P.odthreads; t++)
+        if (pthread_create(&th[started], NULL, od_thread, (void *)t) == 0) started++;
+    for (long t = 0; t < started; t++) pthread_join(th[t], NULL);
+    if (started < P.odthreads) od_errors++;
+    close(od_fd);
+    printf("TP-ODIRECT reads=%" PRIu64 " lost=%" PRIu64 " corrupt=%" PRIu64 " errors=%" PRIu64
+           " uptime=%.2f\n", od_reads, od_lost, od_corrupt, od_errors, uptime_s());
+    fflush(stdout);
+    return od_lost == 0 && od_corrupt == 0 && od_errors == 0 && od_reads > 0;
+}
+
 static int parse_arg(const char *a)
 {
     while (*a == '-') a++;
@@ -309,9 +414,10 @@ int main(int argc, char **argv)
         return 2;
     }
     printf("TP-START mib=%ld dup=%ld zero=%ld patterns=%ld wait=%ld rewrite=%ld settle=%ld"
-           " seed=%ld loop=%ld rounds=%ld interval=%ld looprewrite=%ld poweroff=%ld thp=%ld\n",
+           " seed=%ld loop=%ld rounds=%ld interval=%ld looprewrite=%ld poweroff=%ld thp=%ld"
+           " odirect=%ld odthreads=%ld\n",
            P.mib, P.dup, P.zero, P.patterns, P.wait, P.rewrite, P.settle, P.seed, P.loop,
-           P.rounds, P.interval, P.looprewrite, P.poweroff, P.thp);
+           P.rounds, P.interval, P.looprewrite, P.poweroff, P.thp, P.odirect, P.odthreads);
     fflush(stdout);
 
     size_t len = (size_t)P.mib << 20;
@@ -345,6 +451,10 @@ int main(int argc, char **argv)
     uint64_t bad = 0, first = 0;
     sleep_s(P.wait);
     int ok = check(round, &bad, &first);
+    if (ok && P.odirect && !odirect()) {
+        printf("TP-VERDICT FAIL page=none round=%ld bad_pages=0 reason=odirect\n", round);
+        return finish(0);
+    }
     if (ok) {
         round++;
         rewrite(round, P.rewrite);

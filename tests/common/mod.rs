@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use twinpage::{Engine, KsmStats};
 
+pub mod guest;
 pub mod procs;
 
 pub const PAGE: usize = 4096;
