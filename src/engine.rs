@@ -546,6 +546,12 @@ impl Engine {
         self.inner.sh.daemon_fd.load(std::sync::atomic::Ordering::SeqCst) >= 0
     }
 
+    /// The stores whose pages this process may map (its own, and every
+    /// daemon's it was linked to), by file identity.
+    pub fn store_ids(&self) -> Vec<crate::sys::file::FileId> {
+        self.inner.sh.stores.lock().clone()
+    }
+
     /// The daemon socket's fd while connected: a forked child (which never
     /// uses its parent's engine) closes it, so that the daemon sees the parent
     /// leave when it exits.

@@ -29,6 +29,8 @@ pub struct Vma {
     pub dontdump: bool,
     /// Registered with a userfaultfd (`um`, `uw` or `ui` in `VmFlags`).
     pub userfaultfd: bool,
+    /// The mapped file (all zero for anonymous memory).
+    pub file: crate::sys::file::FileId,
 }
 
 fn parse_line(line: &str) -> Option<Vma> {
@@ -36,8 +38,10 @@ fn parse_line(line: &str) -> Option<Vma> {
     let range = it.next()?;
     let perms = it.next()?.as_bytes();
     let offset = u64::from_str_radix(it.next()?, 16).ok()?;
-    let _dev = it.next()?;
-    let inode: u64 = it.next()?.parse().ok()?;
+    let dev = it.next()?;
+    let inode_field = it.next()?;
+    let inode: u64 = inode_field.parse().ok()?;
+    let file = crate::sys::file::FileId::parse_maps(dev.as_bytes(), inode_field.as_bytes())?;
     let path = it.collect::<Vec<_>>().join(" ");
     let (s, e) = range.split_once('-')?;
     let start = usize::from_str_radix(s, 16).ok()?;
@@ -62,7 +66,7 @@ fn parse_line(line: &str) -> Option<Vma> {
     } else {
         MappingKind::PrivateFile
     };
-    Some(Vma { start, end, prot, kind, offset, path, dontfork: false, dontdump: false, userfaultfd: false })
+    Some(Vma { start, end, prot, kind, offset, path, dontfork: false, dontdump: false, userfaultfd: false, file })
 }
 
 /// The mappings overlapping `[start, end)`, in address order, from

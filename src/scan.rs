@@ -58,12 +58,17 @@ pub struct Shared {
     pub daemon_fd: std::sync::atomic::AtomicI32,
     /// Where the pin check moves pages while it looks at them (`merge::pin`).
     pub scratch: parking_lot::Mutex<Option<crate::merge::Scratch>>,
+    /// Every store this process may map: its own and each daemon's it was
+    /// linked to (mappings of a store outlive the link that brought it).
+    pub stores: parking_lot::Mutex<Vec<crate::sys::file::FileId>>,
 }
 
 impl Shared {
     /// A fresh engine's state around its kernel handles and store.
     pub fn new(uffd: Userfaultfd, pagemap: Pagemap, store: Store) -> Self {
+        let stores = store.file_id().into_iter().collect();
         Self {
+            stores: parking_lot::Mutex::new(stores),
             uffd,
             pagemap,
             store,

@@ -152,6 +152,12 @@ impl Store {
         self.file.as_fd()
     }
 
+    /// The store file's identity, by which its mappings are recognised in
+    /// `/proc/<pid>/maps` (its path depends on how it was made).
+    pub fn file_id(&self) -> io::Result<crate::sys::file::FileId> {
+        crate::sys::file::FileId::of(self.fd())
+    }
+
     /// Makes page `idx` addressable through the engine's view (growing the
     /// file and mapping its segment when first needed) and returns its address.
     /// Through a read-only view the page must only be read.

@@ -10,8 +10,14 @@ use common::{have_uffd, preload_lib, program, tempdir};
 
 /// Runs `prog args` with the preload, its tree in `dir`, merging flat out.
 fn run_preloaded(prog: &Path, args: &[&str], lib: &Path, dir: &Path) -> std::process::Output {
+    run_preloaded_env(prog, args, lib, dir, &[])
+}
+
+/// [`run_preloaded`] with more environment.
+fn run_preloaded_env(prog: &Path, args: &[&str], lib: &Path, dir: &Path, env: &[(&str, &str)]) -> std::process::Output {
     Command::new(prog)
         .args(args)
+        .envs(env.iter().copied())
         .env("LD_PRELOAD", lib)
         .env("TWINPAGE_DIR", dir)
         .env("TWINPAGE_PAGES_TO_SCAN", "100000")
@@ -56,6 +62,31 @@ fn prctl_memory_merge_merges_anonymous_memory() {
         stdout.lines().find_map(|l| l.strip_prefix("MERGING_PAGES ")?.trim().parse().ok()).expect("ksm_merging_pages readable");
     // Two areas of 2048 pages, each of 4 distinct pages: all of them merge.
     assert!(merging >= 4000, "ksm_merging_pages {merging}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// ksm_functional_tests' test_prctl_fork_exec: merge-any survives fork and
+/// exec, and the exec'd program's memory merges and is counted in its own
+/// `proc/<pid>` (the child mapped memory before the exec, so the image before
+/// it had published there already). Before: the fork handler built an
+/// engine, and the exec'd program found `proc/<pid>` taken ("this process
+/// already publishes") and published nothing.
+#[test]
+fn merge_any_survives_fork_and_exec_and_the_execd_program_publishes() {
+    let (Some(lib), Some(prog)) = (preload_lib(), program("prctl")) else { return };
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempdir("prctl-forkexec");
+    let out = run_preloaded(&prog, &["forkexec", "3"], &lib, &dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}{stderr}");
+    assert!(out.status.success() && stdout.contains("FORKEXEC status=0") && stdout.contains("PRCTL OK"), "fork+exec failed");
+    assert!(stdout.contains("GET_BEFORE 1"), "merge-any lost across fork and exec");
+    assert!(!stderr.contains("already publishes"), "{stderr}");
+    let merging: u64 = stdout.lines().find_map(|l| l.strip_prefix("MERGING_PAGES ")?.trim().parse().ok()).unwrap_or(0);
+    assert!(merging >= 4000, "the exec'd program's ksm_merging_pages: {merging}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -125,6 +156,23 @@ fn mprotect_of_merged_memory_keeps_every_byte() {
 #[test]
 fn a_forked_child_keeps_its_memory_when_the_parent_frees_store_pages() {
     program_succeeds("fork", "FORK OK");
+}
+
+/// The same with the store an `O_TMPFILE` in `TWINPAGE_STORE_DIR` (its
+/// mappings show as `/dev/shm/#N (deleted)`): the child still recognises
+/// them, by device and inode. Before, it looked for the memfd's name, kept
+/// the parent's store pages mapped, and read what the parent freed.
+#[test]
+fn a_forked_child_keeps_its_memory_with_the_store_in_a_store_dir() {
+    let (Some(lib), Some(prog)) = (preload_lib(), program("fork")) else { return };
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempdir("fork-store-dir");
+    let out = run_preloaded_env(&prog, &[], &lib, &dir, &[("TWINPAGE_STORE_DIR", "/dev/shm")]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("FORK OK"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// mremap of merged memory (emulated by the preload where merging split it

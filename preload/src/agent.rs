@@ -23,8 +23,15 @@ static CONFIG: OnceLock<Config> = OnceLock::new();
 static AGENT: AtomicPtr<Agent> = AtomicPtr::new(std::ptr::null_mut());
 static INIT: Mutex<()> = Mutex::new(());
 
-/// Where the store's mappings show in /proc/self/maps.
-const STORE_NAME: &str = "/memfd:twinpage-store";
+/// Set in the child of a fork whose parent merged any (`PR_SET_MEMORY_MERGE`):
+/// the child's agent is made at its first `mmap` or `prctl`, in the program's
+/// own context, never in the fork handler.
+static MERGE_ANY_PENDING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the agent should be made now for merge-any (see [`MERGE_ANY_PENDING`]).
+pub fn merge_any_pending() -> bool {
+    MERGE_ANY_PENDING.load(Ordering::Relaxed)
+}
 
 thread_local! {
     static INSIDE: Cell<bool> = const { Cell::new(false) };
@@ -176,7 +183,8 @@ pub fn get_or_init() -> Option<&'static Agent> {
     }
     engine.set_daemon(cfg.socket.clone().map(|socket| DaemonConfig { socket, domain: cfg.domain.clone() }));
     start_stats(&engine, cfg);
-    let agent = Box::new(Agent { engine, cfg, merge_any: AtomicBool::new(false), excluded: Mutex::new(Vec::new()) });
+    let merge_any = AtomicBool::new(MERGE_ANY_PENDING.swap(false, Ordering::SeqCst));
+    let agent = Box::new(Agent { engine, cfg, merge_any, excluded: Mutex::new(Vec::new()) });
     AGENT.store(Box::into_raw(agent), Ordering::Release);
     STATE.store(ACTIVE, Ordering::Release);
     get()
@@ -227,9 +235,8 @@ static FORK_PIPE: Mutex<Option<(c_int, c_int)>> = Mutex::new(None);
 
 extern "C" fn before_fork() {
     let _ = std::panic::catch_unwind(|| {
-        if get().is_none() {
-            return;
-        }
+        let Some(a) = get() else { return };
+        crate::forkchild::remember_stores(&a.engine.store_ids());
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two fds into the array.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0 {
@@ -274,6 +281,7 @@ extern "C" fn after_fork_parent() {
 /// In the child of a fork: twinpage starts clean (no registrations, threads
 /// start again on the next one). Inherited store mappings get private copies
 /// first, so the parent freeing a store page can never change the child's memory.
+/// Like `forkchild`, nothing here allocates, locks (but by trying) or logs.
 extern "C" fn after_fork_child() {
     let _ = std::panic::catch_unwind(|| {
         let was_active = STATE.load(Ordering::SeqCst) == ACTIVE;
@@ -291,14 +299,11 @@ extern "C" fn after_fork_child() {
         if let Ok(mut g) = STATS.try_lock() {
             std::mem::forget(g.take());
         }
+        twinpage::statsfs::forget_parent_publishers();
         if was_active {
             STATE.store(CONFIGURED, Ordering::SeqCst);
-            unmerge_inherited_store_mappings();
-            if merge_any {
-                if let Some(a) = get_or_init() {
-                    a.merge_any.store(true, Ordering::SeqCst);
-                }
-            }
+            crate::forkchild::copy_inherited_store_mappings();
+            MERGE_ANY_PENDING.store(merge_any, Ordering::SeqCst);
         }
         // Copies done: the parent may free store pages again.
         if let Some((rd, wr)) = FORK_PIPE.try_lock().ok().and_then(|mut g| g.take()) {
@@ -309,26 +314,6 @@ extern "C" fn after_fork_child() {
             }
         }
     });
-}
-
-fn unmerge_inherited_store_mappings() {
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return };
-    for line in maps.lines().filter(|l| l.contains(STORE_NAME)) {
-        let mut f = line.split_ascii_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else { continue };
-        let Some((s, e)) = range.split_once('-') else { continue };
-        let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) else { continue };
-        let p = perms.as_bytes();
-        let prot = if p.first() == Some(&b'r') { libc::PROT_READ } else { 0 } | if p.get(1) == Some(&b'w') { libc::PROT_WRITE } else { 0 };
-        if prot & libc::PROT_READ == 0 {
-            continue;
-        }
-        // SAFETY: in the child right after fork only this thread runs; the
-        // range is an inherited store mapping, readable, and keeps its content.
-        if let Err(err) = unsafe { twinpage::merge::replace_with_anon_copy(s, e - s, prot) } {
-            log::warn!("twinpage: cannot give the child a private copy of merged memory at {s:#x}: {err}");
-        }
-    }
 }
 
 fn errno(e: c_int) -> io::Error {
@@ -469,7 +454,7 @@ impl Agent {
         } else {
             raw(old, old_len, new_len, flags, new_addr)
         };
-        if r == -(libc::EFAULT as isize) && split_anon(old, old_len) {
+        if r == -(libc::EFAULT as isize) && split_anon(old, old_len, &self.engine.store_ids()) {
             // Merging (or userfaultfd registration flags) split the range into
             // several mappings, which mremap refuses; for private anonymous
             // memory, do what it would have done.
@@ -738,13 +723,13 @@ fn emulate_mremap(old: usize, old_len: usize, new_len: usize, flags: c_int, new_
 
 /// `[addr, addr+len)` is covered, without holes, by several private
 /// anonymous mappings (or store mappings standing for them).
-fn split_anon(addr: usize, len: usize) -> bool {
+fn split_anon(addr: usize, len: usize, stores: &[twinpage::sys::file::FileId]) -> bool {
     let end = addr.saturating_add(len);
     let Ok(vmas) = twinpage::maps::vmas_in(addr, end) else { return false };
     let mut at = addr;
     for v in &vmas {
-        let anon = v.kind == twinpage::maps::MappingKind::Anon
-            || (v.kind == twinpage::maps::MappingKind::PrivateFile && v.path.starts_with(STORE_NAME));
+        let anon =
+            v.kind == twinpage::maps::MappingKind::Anon || (v.kind == twinpage::maps::MappingKind::PrivateFile && stores.contains(&v.file));
         if v.start > at || !anon || v.prot & (libc::PROT_READ | libc::PROT_WRITE) != (libc::PROT_READ | libc::PROT_WRITE) {
             return false;
         }

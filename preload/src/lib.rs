@@ -13,6 +13,7 @@
 
 mod agent;
 mod config;
+mod forkchild;
 mod redirect;
 
 use std::ffi::{c_int, c_ulong, c_void};
@@ -146,7 +147,8 @@ fn raw_mmap(addr: usize, len: usize, prot: c_int, flags: c_int, fd: c_int, off: 
 #[no_mangle]
 pub unsafe extern "C" fn mmap(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: libc::off_t) -> *mut c_void {
     let addr = addr as usize;
-    let r = with_agent(false, |a| a.mmap(addr, len, prot, flags, fd, off, raw_mmap))
+    // A forked child of a merge-any parent makes its agent at its first mmap.
+    let r = with_agent(agent::merge_any_pending(), |a| a.mmap(addr, len, prot, flags, fd, off, raw_mmap))
         .unwrap_or_else(|| raw_mmap(addr, len, prot, flags, fd, off));
     map_ret(r)
 }
@@ -198,7 +200,7 @@ fn raw_prctl(option: c_int, a2: c_ulong, a3: c_ulong, a4: c_ulong, a5: c_ulong) 
 #[no_mangle]
 pub unsafe extern "C" fn prctl(option: c_int, a2: c_ulong, a3: c_ulong, a4: c_ulong, a5: c_ulong) -> c_int {
     if option == kernel_compat::abi::PR_SET_MEMORY_MERGE || option == kernel_compat::abi::PR_GET_MEMORY_MERGE {
-        let init = option == kernel_compat::abi::PR_SET_MEMORY_MERGE && a2 != 0;
+        let init = (option == kernel_compat::abi::PR_SET_MEMORY_MERGE && a2 != 0) || agent::merge_any_pending();
         if let Some(r) = with_agent(init, |a| Some(a.prctl_memory_merge(option, a2, a3, a4, a5))) {
             return ret_of(r);
         }

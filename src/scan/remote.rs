@@ -129,6 +129,12 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
             if last.is_some() && !adopted {
                 forget_last_link(sh);
             }
+            if let Ok(id) = link.store.file_id() {
+                let mut stores = sh.stores.lock();
+                if !stores.contains(&id) {
+                    stores.push(id);
+                }
+            }
             let mut core = sh.core.lock();
             if core.remote.is_none() && !core.remote_lost {
                 use std::sync::atomic::Ordering;

@@ -52,6 +52,8 @@ enum Msg {
 /// [module documentation](super) for the layout and the rules.
 pub struct StatsTree {
     engine: Arc<dyn Source>,
+    /// This program image publishes under `root` while the tree lives.
+    _claim: RootClaim,
     root: PathBuf,
     pid: u32,
     starttime: u64,
@@ -160,6 +162,40 @@ fn own_counters_text(starttime: u64, s: &KsmStats) -> String {
     format!("starttime {starttime}\n{}", counters::render_lines(counters::of(s).iter().map(|(k, v)| (k.as_str(), *v))))
 }
 
+/// The roots this program image publishes under. A process's directory
+/// with this process's start time under another root was left by the image
+/// before an `exec`, which the kernel's counters forget as well.
+static PUBLISHING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// In the child of a fork: the parent's publishers are not this process's.
+/// Only a try-lock and no freeing (the child may not be able to do more).
+pub fn forget_parent_publishers() {
+    if let Ok(mut roots) = PUBLISHING.try_lock() {
+        std::mem::forget(std::mem::take(&mut *roots));
+    }
+}
+
+/// One root in [`PUBLISHING`], given back on drop.
+struct RootClaim(PathBuf);
+
+impl RootClaim {
+    /// None while this image publishes under `root` already.
+    fn take(root: &Path) -> Option<RootClaim> {
+        let mut roots = PUBLISHING.lock().unwrap_or_else(|e| e.into_inner());
+        if roots.iter().any(|r| r == root) {
+            return None;
+        }
+        roots.push(root.to_path_buf());
+        Some(RootClaim(root.to_path_buf()))
+    }
+}
+
+impl Drop for RootClaim {
+    fn drop(&mut self) {
+        PUBLISHING.lock().unwrap_or_else(|e| e.into_inner()).retain(|r| r != &self.0);
+    }
+}
+
 /// The global counters of one pass.
 struct Aggregate {
     counters: Counters,
@@ -197,15 +233,14 @@ impl StatsTree {
         let _guard = lock.lock_timeout(LOCK_TIMEOUT)?;
         let state_file = InPlaceFile::open(&tw.join(layout::STATE), 0o644)?;
         let proc_dir = root.join(layout::PROC).join(pid.to_string());
+        let claim = RootClaim::take(&root).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::AlreadyExists, format!("this process already publishes into {}", root.display()))
+        })?;
         if proc_dir.exists() {
             let old = counters::parse_lines(&fs::read_to_string(proc_dir.join(layout::COUNTERS)).unwrap_or_default());
-            if old.get("starttime").copied() == Some(i128::from(starttime)) {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("this process already publishes into {}", root.display()),
-                ));
-            }
-            // Left by an earlier process with the same pid.
+            // Left by an earlier process with the same pid, or by this one
+            // before it called exec (same start time; that image is gone,
+            // and with it every page it had merged).
             let mut state = State::parse(&String::from_utf8_lossy(&state_file.read()?));
             retire_counters(&mut state, pid, &old);
             fs::remove_dir_all(&proc_dir)?;
@@ -227,6 +262,7 @@ impl StatsTree {
         let shared = SharedTunables::parse(&String::from_utf8_lossy(&shared_file.read()?));
         let numa = engine.show_attr("merge_across_nodes").is_some();
         let mut tree = StatsTree {
+            _claim: claim,
             numa,
             root: root.clone(),
             pid,

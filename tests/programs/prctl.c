@@ -1,6 +1,11 @@
 /* A process that only calls prctl(PR_SET_MEMORY_MERGE, 1): its private
  * anonymous memory is merged, before and after the call. Prints the
- * PR_GET_MEMORY_MERGE value, then "PRCTL OK" once its memory verifies. */
+ * PR_GET_MEMORY_MERGE value, then "PRCTL OK" once its memory verifies.
+ *
+ * prctl forkexec SECS: sets merge-any, maps memory, forks; the child maps
+ * memory too, then execs this program (prctl SECS), which must find
+ * merge-any still on and its memory merged, as ksm_functional_tests'
+ * test_prctl_fork_exec expects. Prints "FORKEXEC status=N" at the end. */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdio.h>
@@ -8,6 +13,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #define PS 4096
 #ifndef PR_SET_MEMORY_MERGE
@@ -22,7 +28,26 @@ static uint8_t *area(size_t pages) {
     return m;
 }
 
+static int fork_exec(const char *secs) {
+    if (prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)) { perror("prctl"); return 2; }
+    area(256);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0) { perror("fork"); return 2; }
+    if (pid == 0) {
+        area(16);
+        execl("/proc/self/exe", "prctl", secs, (char *)NULL);
+        perror("exec");
+        _exit(2);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    printf("FORKEXEC status=%d\n", WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 2 && strcmp(argv[1], "forkexec") == 0) return fork_exec(argv[2]);
     int secs = argc > 1 ? atoi(argv[1]) : 5;
     size_t pages = 2048;
     uint8_t *before = area(pages);
@@ -39,10 +64,11 @@ int main(int argc, char **argv) {
                 printf("PRCTL FAIL page=%zu\n", p);
                 return 1;
             }
-    char path[64], buf[64] = "";
+    char path[4096], buf[64] = "";
     snprintf(path, sizeof path, "%s/proc/%d/ksm_merging_pages", getenv("TWINPAGE_DIR") ? getenv("TWINPAGE_DIR") : "/run/twinpage", getpid());
     FILE *f = fopen(path, "r");
     if (f) { if (!fgets(buf, sizeof buf, f)) buf[0] = 0; fclose(f); }
+    if (!buf[0]) printf("MISSING_PATH %s\n", path);
     printf("MERGING_PAGES %s", buf[0] ? buf : "missing\n");
     printf("PRCTL OK\n");
     return 0;
