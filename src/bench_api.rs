@@ -214,7 +214,7 @@ impl MergeHarness {
     /// The engine's counters now (merge runs, mismatches, held-back pages).
     pub fn stats(&self) -> crate::KsmStats {
         let regions = self.sh.registry.read().len() as u64;
-        self.sh.core.lock().snapshot(regions, self.sh.store.allocated_bytes().unwrap_or(0))
+        self.sh.core.lock().snapshot(regions, self.sh.store.allocated_bytes().unwrap_or(0), u64::from(self.sh.tunables.max_page_sharing()))
     }
 }
 

@@ -572,16 +572,11 @@ impl Engine {
             return Ok(());
         }
         let inner = self.inner.clone();
-        let scanner = std::thread::Builder::new()
-            .name("twinpage-scan".into())
-            .spawn(move || scanner_main(&inner))
-            .map_err(|e| EngineError::Thread("scanner", e))?;
+        let scanner =
+            crate::threads::spawn("twinpage-scan", move || scanner_main(&inner)).map_err(|e| EngineError::Thread("scanner", e))?;
         threads.push(scanner);
         let inner = self.inner.clone();
-        let fault = std::thread::Builder::new()
-            .name("twinpage-fault".into())
-            .spawn(move || fault_main(&inner))
-            .map_err(|e| EngineError::Thread("fault", e))?;
+        let fault = crate::threads::spawn("twinpage-fault", move || fault_main(&inner)).map_err(|e| EngineError::Thread("fault", e))?;
         threads.push(fault);
         Ok(())
     }

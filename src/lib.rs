@@ -26,6 +26,7 @@ pub mod stats;
 pub mod statsfs;
 pub mod store;
 pub mod sys;
+pub mod threads;
 pub mod tree;
 pub mod tunables;
 

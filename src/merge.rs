@@ -436,7 +436,7 @@ fn settle(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, i
         match (kind, ok[i]) {
             (RunKind::Zero, true) => {
                 core.forget_hashed(rec);
-                rec.set_state(PageState::Zero);
+                core.zero_added(rec, !sh.tunables.use_zero_pages());
                 rec.set_age(0);
                 if region.kind != crate::maps::MappingKind::Anon {
                     rec.add_flags(PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY);
@@ -444,7 +444,6 @@ fn settle(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, i
                     // A fresh anonymous mapping: the region's own kind again.
                     rec.set_own_mapping();
                 }
-                core.counters.zero_pages += 1;
             }
             (RunKind::Zero, false) => {}
             (_, true) => {

@@ -90,7 +90,12 @@ pub struct Counters {
     pub pages_scanned: u64,
     pub pages_skipped: u64,
     pub full_scans: u64,
+    /// Pages dropped to the kernel's zero page (records in `Zero` state).
     pub zero_pages: u64,
+    /// Of `zero_pages`, those dropped while `use_zero_pages` was 0: the
+    /// kernel would have merged them into a KSM page of zeros, and the
+    /// published counts show them that way (`Core::snapshot`).
+    pub zero_as_ksm: u64,
     /// Records in `Hashed` state.
     pub hashed: u64,
     pub merge_runs: u64,
@@ -342,18 +347,38 @@ impl Core {
             match rec.state() {
                 PageState::Hashed => self.counters.hashed -= 1,
                 PageState::Merged => self.release_record(sh, rec),
-                PageState::Zero => self.counters.zero_pages -= 1,
+                PageState::Zero => self.zero_gone(rec),
                 PageState::None => {}
             }
             rec.set_state(PageState::None);
         }
     }
 
-    /// The published view of the counts.
-    pub fn snapshot(&self, regions: u64, store_bytes: u64) -> KsmStats {
+    /// A page now maps the zero page; `as_ksm`: `use_zero_pages` is 0, so
+    /// it counts as the kernel's merge into a KSM page of zeros.
+    pub fn zero_added(&mut self, rec: &mut PageRecord, as_ksm: bool) {
+        rec.set_state(PageState::Zero);
+        rec.set_key(u32::from(as_ksm));
+        self.counters.zero_pages += 1;
+        self.counters.zero_as_ksm += u64::from(as_ksm);
+    }
+
+    /// A `Zero` record stops mapping the zero page (its state is the caller's).
+    pub fn zero_gone(&mut self, rec: &PageRecord) {
+        self.counters.zero_pages -= 1;
+        self.counters.zero_as_ksm -= u64::from(rec.key() == 1);
+    }
+
+    /// The published view of the counts. Zero pages dropped while
+    /// `use_zero_pages` was 0 show as the kernel shows them: merged into KSM
+    /// pages of zeros, each shared by at most `max_sharing` mappings
+    /// (`pages_shared` the pages, `pages_sharing` the rest), not in
+    /// `ksm_zero_pages`; what is saved is the same either way.
+    pub fn snapshot(&self, regions: u64, store_bytes: u64, max_sharing: u64) -> KsmStats {
         let c = &self.counters;
-        let shared = self.stable.pages_shared();
-        let sharing = self.stable.pages_sharing();
+        let zero_shared = c.zero_as_ksm.div_ceil(max_sharing.max(2));
+        let shared = self.stable.pages_shared() + zero_shared;
+        let sharing = self.stable.pages_sharing() + (c.zero_as_ksm - zero_shared);
         let unshared = self.unstable.len();
         let rmap_items = c.hashed + shared + sharing + c.daemon_merged;
         let metadata = c.records_bytes
@@ -361,7 +386,7 @@ impl Core {
             + self.unstable.metadata_bytes()
             + self.alloc.metadata_bytes()
             + regions * std::mem::size_of::<Region>() as u64;
-        let saved = (sharing + c.zero_pages) * PAGE_SIZE as u64;
+        let saved = (self.stable.pages_sharing() + c.zero_pages) * PAGE_SIZE as u64;
         KsmStats {
             pages_shared: shared,
             pages_sharing: sharing,
@@ -370,7 +395,7 @@ impl Core {
             pages_scanned: c.pages_scanned,
             pages_skipped: c.pages_skipped,
             full_scans: c.full_scans,
-            ksm_zero_pages: c.zero_pages,
+            ksm_zero_pages: c.zero_pages - c.zero_as_ksm,
             stable_node_chains: self.stable.chains(),
             stable_node_dups: self.stable.dups(),
             rmap_items,
@@ -388,7 +413,7 @@ impl Core {
             twinpage_uncheckable_skipped: c.uncheckable_skipped,
             twinpage_pages_unmergeable: c.unmergeable_pages,
             twinpage_pages_registered: c.registered_pages,
-            twinpage_merging_pages: self.stable.sharers() + c.daemon_merged,
+            twinpage_merging_pages: self.stable.sharers() + c.daemon_merged + c.zero_as_ksm,
             twinpage_daemon_merged: c.daemon_merged,
             twinpage_daemon_agents: u64::from(self.remote.is_some()),
             twinpage_store_bytes: store_bytes,
@@ -547,8 +572,8 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
             }
             PageState::Zero => {
                 if e.present() && (e.exclusive() || e.file()) {
+                    core.zero_gone(rec);
                     rec.set_state(PageState::None);
-                    core.counters.zero_pages -= 1;
                     core.counters.activity += 1;
                 } else {
                     continue;
@@ -921,7 +946,7 @@ pub fn unmerge_all(sh: &Shared) {
 pub fn publish(sh: &Shared) {
     let regions = { sh.registry.read().len() as u64 };
     let store_bytes = sh.store.allocated_bytes().unwrap_or(0);
-    let snap = sh.core.lock().snapshot(regions, store_bytes);
+    let snap = sh.core.lock().snapshot(regions, store_bytes, u64::from(sh.tunables.max_page_sharing()));
     sh.stats.publish(&snap);
 }
 

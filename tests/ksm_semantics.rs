@@ -56,7 +56,8 @@ fn a_private_file_mapping_merges_where_the_file_holds_zeros_only() {
     let Some(e) = engine() else { return };
     let m = ten_zero_pages(&e, Mem::memfd_private(10));
     let s = e.stats();
-    assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (0, 0, 10), "{s:?}");
+    // use_zero_pages=0: counted as the kernel's one KSM page of zeros.
+    assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (1, 9, 0), "{s:?}");
     assert_eq!(s.twinpage_uncheckable_skipped, 0, "{s:?}");
     m.unmap(&e);
     let Some(e) = engine() else { return };
@@ -70,17 +71,32 @@ fn a_private_file_mapping_merges_where_the_file_holds_zeros_only() {
     m.unmap(&e);
 }
 
-/// Where twinpage differs from the kernel: anonymous zero pages go to the
-/// kernel's zero page even with use_zero_pages=0 (a store page would cost a
-/// mapping per scattered zero page).
+/// Where twinpage differs from the kernel underneath: anonymous zero pages
+/// go to the kernel's zero page even with use_zero_pages=0 (a store page
+/// would cost a mapping per scattered zero page). The counters follow the
+/// tunable all the same: as the kernel's, one KSM page of zeros shared by
+/// the rest, chained at max_page_sharing, none in ksm_zero_pages.
 #[test]
 fn anonymous_zero_pages_drop_to_the_zero_page_without_use_zero_pages() {
     let Some(e) = engine() else { return };
     let m = ten_zero_pages(&e, Mem::anon(10));
     let s = e.stats();
-    assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (0, 0, 10), "{s:?}");
+    assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (1, 9, 0), "{s:?}");
+    assert_eq!(s.twinpage_merging_pages, 10, "{s:?}");
     assert_eq!(s.twinpage_mappings_added, 0, "{s:?}");
     assert_eq!(e.store_allocated_bytes(), 0);
+    // One written: nine left, still one shared page of zeros.
+    m.write_u64(3, 0, 7);
+    assert!(e.wait_full_scans(1, Duration::from_secs(10)));
+    let s = e.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (1, 8, 0), "{s:?}");
+    m.unmap(&e);
+    let Some(e) = engine() else { return };
+    e.set_max_page_sharing(4).unwrap();
+    let m = ten_zero_pages(&e, Mem::anon(10));
+    let s = e.stats();
+    // Ten sharers at most four per page: three pages, seven sharing.
+    assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (3, 7, 0), "{s:?}");
     m.unmap(&e);
 }
 
@@ -153,7 +169,9 @@ fn a_merged_page_rewritten_with_zeros_becomes_a_zero_page_and_reads_zeros() {
     let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| (s.pages_shared, s.pages_sharing) == (1, 3));
     assert!(ok, "{s:?}");
     m.zero(1);
-    let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| s.ksm_zero_pages == 1);
+    // use_zero_pages=0: the zero page counts as the kernel's KSM page of
+    // zeros, shared by one page.
+    let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| (s.pages_shared, s.pages_sharing) == (2, 2));
     assert!(ok, "the rewritten page did not become a zero page: {s:?}");
     assert!(e.wait_full_scans(2, Duration::from_secs(10)));
     assert!((0..512).all(|w| m.read_u64(1, w) == 0), "a zero page shows other content");
@@ -161,7 +179,7 @@ fn a_merged_page_rewritten_with_zeros_becomes_a_zero_page_and_reads_zeros() {
         assert!(m.page_matches(i, 77));
     }
     let s = e.stats();
-    assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (1, 2, 1), "{s:?}");
+    assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (2, 2, 0), "{s:?}");
     m.write_u64(1, 3, 5);
     assert_eq!(m.read_u64(1, 3), 5);
     m.unmap(&e);

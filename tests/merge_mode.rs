@@ -67,6 +67,9 @@ fn each_mode_merges_what_it_allows_and_a_stricter_one_unmerges() {
     let Some(e) = engine() else { return };
     let e = Arc::new(e);
     flat_out(&e);
+    // Zero pages counted in ksm_zero_pages (with 0 they would count as one
+    // KSM page of zeros, as the kernel's do).
+    e.set_use_zero_pages(true);
     let dir = tempdir("merge-mode");
     let tree = StatsTree::spawn(e.clone(), dir.clone(), StatsTreeOptions::default()).unwrap();
     assert_eq!(read_mode(&dir), "[all] zero-only off\n", "the default, shown as the kernel's multi-choice attributes");

@@ -14,13 +14,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::guest::{prerequisites, Guest};
+use common::kernel_ksm::{kernel_ksm_writable, ksm_read, KernelKsm};
 use common::require;
 
 const GUEST_MEM: &str = "256M";
 const DISK_BLOCKS: u64 = 16384;
 /// Seconds of O_DIRECT reads (the scenario of issue 14).
 const ODIRECT_S: u64 = 30;
-const KSM: &str = "/sys/kernel/mm/ksm";
 
 /// The disk the guest reads: block b holds the words `"TPK" | b << 16 | j`
 /// (scripts/guest/workload.c checks them).
@@ -32,50 +32,6 @@ fn write_disk(path: &Path) {
         }
     }
     f.into_inner().unwrap().sync_all().unwrap();
-}
-
-fn ksm_read(name: &str) -> u64 {
-    std::fs::read_to_string(Path::new(KSM).join(name)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
-}
-
-fn ksm_write(name: &str, value: &str) {
-    std::fs::write(Path::new(KSM).join(name), value).unwrap_or_else(|e| panic!("{KSM}/{name} <- {value}: {e}"));
-}
-
-/// Kernel KSM merging flat out while it lives; on drop it unmerges
-/// everything (`run=2`) and puts the host's settings back.
-struct KernelKsm {
-    saved: Vec<(&'static str, String)>,
-}
-
-impl KernelKsm {
-    fn flat_out() -> KernelKsm {
-        let saved = ["pages_to_scan", "sleep_millisecs", "run"]
-            .into_iter()
-            .map(|n| (n, std::fs::read_to_string(Path::new(KSM).join(n)).unwrap().trim().to_string()))
-            .collect();
-        ksm_write("run", "2"); // start from nothing merged
-        ksm_write("pages_to_scan", "100000");
-        ksm_write("sleep_millisecs", "0");
-        KernelKsm { saved }
-    }
-
-    fn start(&self) {
-        ksm_write("run", "1");
-    }
-}
-
-impl Drop for KernelKsm {
-    fn drop(&mut self) {
-        let _ = std::fs::write(Path::new(KSM).join("run"), "2");
-        for (n, v) in self.saved.iter().rev() {
-            let _ = std::fs::write(Path::new(KSM).join(n), v);
-        }
-    }
-}
-
-fn kernel_ksm_writable() -> bool {
-    std::fs::OpenOptions::new().write(true).open(Path::new(KSM).join("run")).is_ok()
 }
 
 #[derive(Clone, Copy, PartialEq)]

@@ -67,6 +67,8 @@ impl Area {
 fn no_write_is_ever_lost() {
     let Some(e) = engine() else { return };
     flat_out(&e);
+    // Zero pages counted as such (ksm_zero_pages), not as one KSM page of zeros.
+    e.set_use_zero_pages(true);
     let secs: u64 = std::env::var("TWINPAGE_TORTURE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     let areas = Arc::new([Area::new(Mem::anon(PAGES_PER_AREA)), Area::new(Mem::memfd_private(PAGES_PER_AREA))]);
     for a in areas.iter() {

@@ -259,7 +259,7 @@ extern "C" fn after_fork_parent() {
             return;
         };
         let hold = a.engine.hold_frees();
-        let waiter = std::thread::Builder::new().name("twinpage-fork".into()).spawn(move || {
+        let waiter = twinpage::threads::spawn("twinpage-fork", move || {
             let mut b = [0u8; 1];
             // SAFETY: reading one byte into our buffer from our pipe; returns 0
             // (EOF) once the child closed its end.
@@ -527,9 +527,11 @@ impl Agent {
         Ok(0)
     }
 
-    /// Registers the private anonymous memory mapped now, except the brk heap
-    /// and stacks (which twinpage's own threads write while merging).
+    /// Registers the private anonymous memory mapped now, except the brk heap,
+    /// the main stack (which twinpage's own threads write while merging) and
+    /// the stacks of twinpage's threads (not the program's memory).
     fn register_existing_anon(&self) {
+        let own = twinpage::threads::own_stacks();
         let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return };
         let mut ranges = Vec::new();
         for line in maps.lines() {
@@ -543,7 +545,9 @@ impl Agent {
             }
             let Some((s, e)) = f[0].split_once('-') else { continue };
             if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) {
-                ranges.push((s, e));
+                if !own.iter().any(|&(os, oe)| os < e && s < oe) {
+                    ranges.push((s, e));
+                }
             }
         }
         for (s, e) in ranges {

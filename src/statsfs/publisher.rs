@@ -7,7 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kernel_compat::write::SYSFS_WRITE_MAX;
@@ -214,7 +214,7 @@ impl StatsTree {
         tree.pass()?;
         let (tx, rx) = mpsc::channel();
         let pid = tree.pid;
-        let thread = thread::Builder::new().name("twinpage-stats".into()).spawn(move || tree.run(rx))?;
+        let thread = crate::threads::spawn("twinpage-stats", move || tree.run(rx))?;
         Ok(StatsTreeHandle { tx, thread: Some(thread), root, pid })
     }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use twinpage::{Engine, KsmStats};
 
 pub mod guest;
+pub mod kernel_ksm;
 pub mod procs;
 
 pub const PAGE: usize = 4096;

@@ -5,7 +5,12 @@
  * prctl forkexec SECS: sets merge-any, maps memory, forks; the child maps
  * memory too, then execs this program (prctl SECS), which must find
  * merge-any still on and its memory merged, as ksm_functional_tests'
- * test_prctl_fork_exec expects. Prints "FORKEXEC status=N" at the end. */
+ * test_prctl_fork_exec expects. Prints "FORKEXEC status=N" at the end.
+ *
+ * prctl count PAGES SECS [BYTE]: sets merge-any, maps PAGES pages of 0xcf
+ * (or BYTE), prints
+ * "READY", sleeps SECS and exits: what ksm_functional_tests' test_prctl
+ * counts (pages_shared 1, pages_sharing PAGES-1 on the kernel). */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdio.h>
@@ -46,8 +51,24 @@ static int fork_exec(const char *secs) {
     return 0;
 }
 
+static int count(size_t pages, int secs, int byte) {
+    if (prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)) { perror("prctl"); return 2; }
+    uint8_t *m = mmap(NULL, pages * PS, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) { perror("mmap"); return 2; }
+    memset(m, byte, pages * PS);
+    printf("READY\n");
+    fflush(stdout);
+    sleep(secs);
+    for (size_t i = 0; i < pages * PS; i++)
+        if (m[i] != byte) { printf("COUNT FAIL at %zu\n", i); return 1; }
+    printf("COUNT OK\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc > 2 && strcmp(argv[1], "forkexec") == 0) return fork_exec(argv[2]);
+    if (argc > 3 && strcmp(argv[1], "count") == 0)
+        return count((size_t)atol(argv[2]), atoi(argv[3]), argc > 4 ? (int)strtol(argv[4], NULL, 0) : 0xcf);
     int secs = argc > 1 ? atoi(argv[1]) : 5;
     size_t pages = 2048;
     uint8_t *before = area(pages);

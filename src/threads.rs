@@ -1,0 +1,83 @@
+//! Threads twinpage starts inside a host process, and the stacks they run
+//! on. Merge-any (`PR_SET_MEMORY_MERGE`) registers the private anonymous
+//! memory of the whole process, as the kernel does; twinpage's own stacks
+//! are not the program's memory, change with every call twinpage makes,
+//! and would show in the program's counters, so they are left out.
+
+use std::io;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+/// Stacks of twinpage's live threads: `[start, end)`.
+static STACKS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+/// Starts a named thread whose stack is known to [`own_stacks`] while it runs.
+pub fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> io::Result<JoinHandle<T>> {
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        let _mine = current_stack().map(StackEntry::add);
+        f()
+    })
+}
+
+/// The stacks of twinpage's threads running now.
+pub fn own_stacks() -> Vec<(usize, usize)> {
+    STACKS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+struct StackEntry((usize, usize));
+
+impl StackEntry {
+    fn add(range: (usize, usize)) -> StackEntry {
+        STACKS.lock().unwrap_or_else(|e| e.into_inner()).push(range);
+        StackEntry(range)
+    }
+}
+
+impl Drop for StackEntry {
+    fn drop(&mut self) {
+        let mut stacks = STACKS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = stacks.iter().position(|r| *r == self.0) {
+            stacks.swap_remove(i);
+        }
+    }
+}
+
+/// This thread's stack, from glibc's record of it.
+fn current_stack() -> Option<(usize, usize)> {
+    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
+    // SAFETY: fills `attr` for the calling thread; destroyed below.
+    if unsafe { libc::pthread_getattr_np(libc::pthread_self(), attr.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    let (mut addr, mut size) = (std::ptr::null_mut(), 0usize);
+    // SAFETY: `attr` was initialised by pthread_getattr_np.
+    let r = unsafe { libc::pthread_attr_getstack(attr.as_ptr(), &mut addr, &mut size) };
+    // SAFETY: as above; destroyed once.
+    unsafe { libc::pthread_attr_destroy(attr.as_mut_ptr()) };
+    (r == 0 && size > 0).then(|| (addr as usize, addr as usize + size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spawned_threads_stack_is_known_while_it_runs() {
+        let local = 0u8;
+        let here = &local as *const u8 as usize;
+        assert!(!own_stacks().iter().any(|&(s, e)| (s..e).contains(&here)), "the test's own thread is not twinpage's");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = spawn("stack-test", move || {
+            let local = 0u8;
+            tx.send(&local as *const u8 as usize).unwrap();
+            done_rx.recv().unwrap();
+        })
+        .unwrap();
+        let inside = rx.recv().unwrap();
+        assert!(own_stacks().iter().any(|&(s, e)| (s..e).contains(&inside)));
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+        assert!(!own_stacks().iter().any(|&(s, e)| (s..e).contains(&inside)));
+    }
+}

@@ -1,0 +1,114 @@
+//! Programs written for kernel KSM, run unchanged on kernel KSM and on
+//! twinpage in one test: the kernel is the oracle for what they see.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use common::kernel_ksm::{kernel_ksm_writable, ksm_read, KernelKsm};
+use common::procs::spawn_ready;
+use common::{have_uffd, preload_lib, program, require, tempdir, wait_until};
+
+/// What a program left in the counters once merging settled.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    pages_shared: u64,
+    pages_sharing: u64,
+    ksm_zero_pages: u64,
+}
+
+impl Seen {
+    fn read(read: impl Fn(&str) -> u64) -> Seen {
+        Seen { pages_shared: read("pages_shared"), pages_sharing: read("pages_sharing"), ksm_zero_pages: read("ksm_zero_pages") }
+    }
+}
+
+fn tree_read(dir: &Path, name: &str) -> u64 {
+    std::fs::read_to_string(dir.join("kernel/mm/ksm").join(name)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Waits for the program's verdict line.
+fn finish(mut c: Child, verdict: &str) {
+    let mut out = String::new();
+    c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let status = c.wait().unwrap();
+    assert!(status.success() && out.contains(verdict), "{out} ({status})");
+}
+
+/// `prog args` under kernel KSM (flat out, from `run=2`, with `tunables`):
+/// the counters after three more full scans once it printed READY.
+fn on_kernel(prog: &Path, args: &[&str], verdict: &str, tunables: &[(&str, &str)]) -> Seen {
+    let k = KernelKsm::flat_out();
+    for (n, v) in tunables {
+        k.set(n, v);
+    }
+    let c = spawn_ready(Command::new(prog).args(args));
+    k.start();
+    assert!(k.wait_full_scans(3, Duration::from_secs(30)), "ksmd made no three full scans");
+    let seen = Seen::read(ksm_read);
+    finish(c, verdict);
+    seen
+}
+
+/// The same under the preload (flat out, the same tunables as
+/// `TWINPAGE_*`), read from its tree.
+fn on_twinpage(lib: &Path, prog: &Path, args: &[&str], verdict: &str, tunables: &[(&str, &str)], tag: &str) -> Seen {
+    let dir = tempdir(tag);
+    let c = spawn_ready(
+        Command::new(prog)
+            .args(args)
+            .envs(tunables.iter().map(|(n, v)| (format!("TWINPAGE_{}", n.to_uppercase()), *v)))
+            .env("LD_PRELOAD", lib)
+            .env("TWINPAGE_DIR", &dir)
+            .env("TWINPAGE_PAGES_TO_SCAN", "100000")
+            .env("TWINPAGE_SLEEP_MILLISECS", "0"),
+    );
+    let from = tree_read(&dir, "full_scans");
+    assert!(wait_until(Duration::from_secs(30), || tree_read(&dir, "full_scans") >= from + 3), "no three full scans");
+    let seen = Seen::read(|n| tree_read(&dir, n));
+    finish(c, verdict);
+    let _ = std::fs::remove_dir_all(&dir);
+    seen
+}
+
+fn prerequisites(name: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let (lib, prog) = (preload_lib()?, program(name)?);
+    (have_uffd() && require(kernel_ksm_writable(), "root and a writable /sys/kernel/mm/ksm (the oracle)")).then_some((lib, prog))
+}
+
+/// ksm_functional_tests' test_prctl: after `PR_SET_MEMORY_MERGE`, ten pages
+/// of one byte merge into one shared page and nine sharers, and nothing else
+/// of the process shows in the counters. twinpage's own thread stacks used
+/// to (3 shared, 11 sharing).
+#[test]
+fn merge_any_counts_only_the_programs_memory() {
+    let Some((lib, prog)) = prerequisites("prctl") else { return };
+    let args = ["count", "10", "4"];
+    let kernel = on_kernel(&prog, &args, "COUNT OK", &[]);
+    let twin = on_twinpage(&lib, &prog, &args, "COUNT OK", &[], "oracle-count");
+    eprintln!("kernel {kernel:?}, twinpage {twin:?}");
+    assert_eq!(kernel, Seen { pages_shared: 1, pages_sharing: 9, ksm_zero_pages: 0 }, "the oracle itself");
+    assert_eq!(twin, kernel);
+}
+
+/// Zero pages count as the tunable says, on both: with use_zero_pages=0 as
+/// KSM pages of zeros (chained at max_page_sharing), with 1 in
+/// ksm_zero_pages. twinpage used to count them in ksm_zero_pages always.
+#[test]
+fn zero_page_counters_follow_use_zero_pages() {
+    let Some((lib, prog)) = prerequisites("prctl") else { return };
+    let args = ["count", "600", "4", "0"];
+    for (i, tunables) in
+        [vec![("use_zero_pages", "0")], vec![("use_zero_pages", "1")], vec![("use_zero_pages", "0"), ("max_page_sharing", "16")]]
+            .into_iter()
+            .enumerate()
+    {
+        let kernel = on_kernel(&prog, &args, "COUNT OK", &tunables);
+        let twin = on_twinpage(&lib, &prog, &args, "COUNT OK", &tunables, &format!("oracle-zero-{i}"));
+        eprintln!("{tunables:?}: kernel {kernel:?}, twinpage {twin:?}");
+        assert_eq!(twin, kernel, "{tunables:?}");
+    }
+}
