@@ -935,11 +935,27 @@ fn each_live_region(sh: &Shared, mut f: impl FnMut(&Region, &mut RegionState, &m
     }
 }
 
-/// `run=2`: unmerges every registered page.
+/// `run=2`: unmerges every registered page and forgets what the scans
+/// learnt (checksums, the unstable tree, smart_scan's back-off), as the
+/// kernel's `run=2` removes every rmap_item. The next scan starts a pass at
+/// the first region and `full_scans` counts from 0 again, as ksmd's
+/// `seqnr` does, so that after `run=1` a program that waits for two full
+/// scans has seen every page scanned twice (once to note its checksum, once
+/// to merge it).
 pub fn unmerge_all(sh: &Shared) {
     each_live_region(sh, |r, st, core| {
         unmerge_range(sh, r, st, core, 0, r.pages);
+        for rec in st.records.iter_mut().filter(|rec| matches!(rec.state(), PageState::Hashed | PageState::None)) {
+            core.forget_hashed(rec);
+            rec.set_state(PageState::None);
+            rec.set_age(0);
+            rec.set_skips(0);
+        }
     });
+    let mut core = sh.core.lock();
+    core.unstable.clear();
+    core.cursor = Cursor { fresh: true, ..Default::default() };
+    core.counters.full_scans = 0;
 }
 
 /// Publishes the counts.

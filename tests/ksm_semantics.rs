@@ -259,3 +259,38 @@ fn hugetlbfs_memory_is_left_alone() {
     }
     let _ = std::fs::write(NR, before.trim());
 }
+
+/// ksmd's barrier, as the kernel's selftests use it: after `run=2` (which
+/// resets `full_scans` to 0) and `run=1`, two more full scans merge every
+/// duplicate, even memory registered while the scanner was in the middle
+/// of a pass. Before, `run=2` kept the cursor where it was: the first
+/// "full scan" after `run=1` was the rest of the old pass, and the new
+/// memory (mapped below the cursor) was only noted once, not merged.
+#[test]
+fn two_full_scans_after_run_2_and_run_1_merge_everything() {
+    let Some(e) = engine() else { return };
+    e.set_pages_to_scan(1000).unwrap();
+    e.set_attr("sleep_millisecs", "5").unwrap();
+    // A big area of unique pages keeps the cursor busy mid-pass.
+    let a = Mem::anon(20_000);
+    for i in 0..a.pages() {
+        a.fill(i, 1_000_000 + i as u64);
+    }
+    e.register(a.addr, a.len).unwrap();
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(37 + 50 * round));
+        e.set_attr("run", "2").unwrap();
+        assert!(wait_until(Duration::from_secs(5), || e.stats().full_scans == 0), "run=2 did not reset full_scans: {:?}", e.stats());
+        let b = Mem::anon(64);
+        for i in 0..b.pages() {
+            b.fill(i, 7);
+        }
+        e.register(b.addr, b.len).unwrap();
+        e.set_attr("run", "1").unwrap();
+        assert!(e.wait_full_scans(2, Duration::from_secs(20)));
+        let s = e.stats();
+        assert_eq!((s.pages_shared, s.pages_sharing), (1, 63), "round {round}: {s:?}");
+        b.unmap(&e);
+    }
+    a.unmap(&e);
+}
