@@ -16,6 +16,7 @@ pub mod engine;
 pub mod envconfig;
 pub mod inflight;
 pub mod link;
+pub mod maplimit;
 pub mod maps;
 pub mod merge;
 pub mod primitive;

@@ -96,7 +96,7 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
     // write-protecting and comparing.
     let anon_zero = kind == RunKind::Zero && region.kind == crate::maps::MappingKind::Anon;
     if !anon_zero && !core.map_budget.has_room(2) {
-        core.map_budget.held_back += n as u64;
+        core.map_budget.hold_back(n as u64);
         settle(sh, region, st, core, items, kind, &ok);
         return;
     }

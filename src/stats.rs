@@ -72,6 +72,10 @@ stats! {
     twinpage_map_limit,
     /// Merges not done because they would have crossed that limit, cumulative.
     twinpage_merges_held_back,
+    /// Pages the last full scan that held any back left unmerged for that
+    /// limit (0 once none were for 10 s; not cumulative): about what raising
+    /// `vm.max_map_count` would let merge.
+    twinpage_pages_held_back,
     /// Remap calls made (each maps one run of consecutive store pages).
     twinpage_merge_runs,
     /// Merged pages whose sharing a write broke (copy-on-write), cumulative.

@@ -1,12 +1,21 @@
 //! The mapping budget: with vm.max_map_count lowered, twinpage stays below
 //! its headroom, the program's own mmap calls still succeed, and the stats
-//! say merging was held back.
+//! say merging was held back; a root twinpaged raises the limit (and says
+//! so), or with --keep-max-map-count the agent, the daemon and `twinpage
+//! stat` say what is held back and what fixes it.
 
 mod common;
 
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
+use common::procs::{finish_twin, setup, spawn_ready, tree_counter, Kids};
 use common::*;
+
+/// The tests change one host-wide setting: one at a time.
+static ONE: Mutex<()> = Mutex::new(());
 
 const SYSCTL: &str = "/proc/sys/vm/max_map_count";
 
@@ -21,6 +30,7 @@ impl Drop for SavedMaxMapCount {
 
 #[test]
 fn merging_stays_under_a_lowered_max_map_count() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
     let old = std::fs::read_to_string(SYSCTL).unwrap_or_default();
     if !require(std::fs::write(SYSCTL, old.trim()).is_ok(), "root, to change vm.max_map_count") {
         return;
@@ -68,4 +78,115 @@ fn merging_stays_under_a_lowered_max_map_count() {
     }
     m.unmap(&e);
     drop(e);
+}
+
+fn max_map_count() -> u64 {
+    std::fs::read_to_string(SYSCTL).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+/// vm.max_map_count lowered to `cap` until the guard drops, or None (skip).
+fn lowered(cap: u64) -> Option<SavedMaxMapCount> {
+    let old = std::fs::read_to_string(SYSCTL).unwrap_or_default();
+    if !require(std::fs::write(SYSCTL, old.trim()).is_ok(), "root, to change vm.max_map_count") {
+        return None;
+    }
+    let saved = SavedMaxMapCount(old);
+    std::fs::write(SYSCTL, cap.to_string()).unwrap();
+    Some(saved)
+}
+
+/// twinpaged on `dir` with `extra` arguments, its log in `log`.
+fn daemon(bin: &Path, dir: &Path, extra: &[&str], log: &Path) -> Child {
+    let sock = dir.join("twinpaged.sock");
+    let c = Command::new(bin)
+        .arg("--dir")
+        .arg(dir)
+        .args(extra)
+        .env("TWINPAGE_LOG", "info")
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()), "twinpaged did not start");
+    c
+}
+
+/// twin.c with 4000 pairs of equal neighbouring pages: each merged page
+/// stands alone in its mapping, ~8000 mappings for all of them.
+fn pairs(s: &common::procs::Setup, log: &Path) -> Child {
+    spawn_ready(
+        Command::new(&s.prog)
+            .args(["5", "0", "4000", "0"])
+            .env("LD_PRELOAD", &s.lib)
+            .env("TWINPAGE_DIR", &s.dir)
+            .env("TWINPAGE_PAGES_TO_SCAN", "100000")
+            .env("TWINPAGE_SLEEP_MILLISECS", "5")
+            .stderr(std::fs::File::create(log).unwrap())
+            .stdout(Stdio::piped()),
+    )
+}
+
+/// At vm.max_map_count=3000, a root twinpaged raises the limit to what its
+/// agent's registered pages can need, logs it once, and every pair merges.
+#[test]
+fn a_root_daemon_raises_a_low_max_map_count_and_says_so() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(s) = setup("mapcap-raise") else { return };
+    let Some(_restore) = lowered(3000) else { return };
+    let dlog = s.dir.join("daemon.log");
+    let mut kids = Kids(vec![daemon(&s.daemon, &s.dir, &[], &dlog)]);
+    kids.0.push(pairs(&s, &s.dir.join("agent.log")));
+    let p = kids.0[1].id();
+    assert!(wait_until(Duration::from_secs(15), || max_map_count() > 3000), "vm.max_map_count stayed at {}", max_map_count());
+    let log = std::fs::read_to_string(&dlog).unwrap_or_default();
+    eprintln!("{log}");
+    assert_eq!(log.matches("raised vm.max_map_count from 3000 to").count(), 1, "{log}");
+    // Merged through the daemon: the agent counts them as its merging pages.
+    assert!(
+        wait_until(Duration::from_secs(20), || tree_counter(&s.dir, p, "twinpage_merging_pages") >= 8000),
+        "not every pair merged under the raised limit: {:?}",
+        procs::tree_counters(&s.dir, p)
+    );
+    eprintln!("raised to {}; the agent merged {} pages", max_map_count(), tree_counter(&s.dir, p, "twinpage_merging_pages"));
+    finish_twin(kids.0.remove(1));
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// With --keep-max-map-count the limit stays; the agent logs once what is
+/// held back and the command that fixes it, so does the daemon, and
+/// `twinpage stat` shows it.
+#[test]
+fn held_back_merges_are_reported_where_the_limit_is_kept() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(s) = setup("mapcap-keep") else { return };
+    let Some(_restore) = lowered(3000) else { return };
+    let dlog = s.dir.join("daemon.log");
+    let alog = s.dir.join("agent.log");
+    let mut kids = Kids(vec![daemon(&s.daemon, &s.dir, &["--keep-max-map-count"], &dlog)]);
+    kids.0.push(pairs(&s, &alog));
+    let p = kids.0[1].id();
+    assert!(
+        wait_until(Duration::from_secs(15), || tree_counter(&s.dir, p, "twinpage_pages_held_back") > 0),
+        "nothing held back: {:?}",
+        procs::tree_counters(&s.dir, p)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read_to_string(&dlog)
+            .unwrap_or_default()
+            .contains("because of vm.max_map_count=3000")),
+        "the daemon said nothing: {}",
+        std::fs::read_to_string(&dlog).unwrap_or_default()
+    );
+    let stat = Command::new(env!("CARGO_BIN_EXE_twinpage")).args(["stat", "--dir"]).arg(&s.dir).output().unwrap();
+    let stat = String::from_utf8_lossy(&stat.stdout);
+    let agent = std::fs::read_to_string(&alog).unwrap_or_default();
+    eprintln!("agent:\n{agent}\nstat:\n{stat}");
+    assert_eq!(max_map_count(), 3000, "--keep-max-map-count changed it");
+    assert_eq!(agent.matches("merges held back by vm.max_map_count=3000").count(), 1, "{agent}");
+    assert!(agent.contains("sysctl -w vm.max_map_count="), "{agent}");
+    let line = stat.lines().find(|l| l.starts_with("held back:")).unwrap_or_else(|| panic!("no held-back line:\n{stat}"));
+    assert!(line.contains("vm.max_map_count=3000") && line.contains("sysctl -w vm.max_map_count="), "{line}");
+    finish_twin(kids.0.remove(1));
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
 }

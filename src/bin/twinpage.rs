@@ -319,6 +319,20 @@ impl Snapshot {
     fn saved_bytes(&self) -> i128 {
         (self.num("pages_sharing") + self.num("ksm_zero_pages")) * PAGE as i128
     }
+
+    /// The line about merges `vm.max_map_count` holds back, when it does.
+    fn held_back_line(&self) -> Option<String> {
+        let held = self.twinpage.get("twinpage_pages_held_back").copied().unwrap_or(0);
+        if held <= 0 {
+            return None;
+        }
+        let now = twinpage::maplimit::read().map_or("?".to_string(), |v| v.to_string());
+        let want = twinpage::maplimit::need(&self.processes).map_or(1 << 20, |n| n.max_map_count);
+        Some(format!(
+            "held back: {held} pages ({:.1} MiB) not merged because of vm.max_map_count={now}; `sysctl -w vm.max_map_count={want}` lets them merge (twinpaged running as root raises it itself)",
+            (held * PAGE as i128) as f64 / MIB
+        ))
+    }
 }
 
 fn json_str(s: &str) -> String {
@@ -413,6 +427,9 @@ fn stat(t: &Tree, json: bool) -> i32 {
         s.num("pages_sharing"),
         s.num("ksm_zero_pages")
     );
+    if let Some(l) = s.held_back_line() {
+        println!("{l}");
+    }
     println!();
     for r in process_rows(&s) {
         println!("{r}");
@@ -517,6 +534,10 @@ fn top(t: &Tree, interval_ms: u64, once: bool) -> i32 {
             saved.len(),
             saved.iter().copied().fold(0.0f64, f64::max)
         ));
+        if let Some(l) = s.held_back_line() {
+            out.push_str(&l);
+            out.push_str("\n\n");
+        }
         for r in process_rows(&s) {
             out.push_str(&r);
             out.push('\n');

@@ -48,6 +48,12 @@ struct Args {
     /// full, new merges wait for space (`twinpage_store_full`).
     #[arg(long, env = "TWINPAGE_STORE_DIR")]
     store_dir: Option<PathBuf>,
+    /// Never raise vm.max_map_count. By default, running as root, the
+    /// daemon raises it to what its agents' registered memory can need
+    /// (each merged page that stands alone costs a mapping) and leaves it
+    /// so at exit; it never lowers it.
+    #[arg(long)]
+    keep_max_map_count: bool,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -132,7 +138,14 @@ fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
         .spawn(move || server::serve(d, listener, s))
         .map_err(|e| format!("cannot start the accept thread: {e}"))?;
     log::info!("twinpaged: listening on {} (tree {})", socket.display(), args.dir.display());
+    let reader = twinpage::statsfs::Tree::at(args.dir.clone());
+    let mut keeper = twinpage::maplimit::Keeper::new(args.keep_max_map_count);
+    let mut ticks = 0u32;
     while !twinpage::sys::signals::interrupted() {
+        if ticks.is_multiple_of(20) {
+            keeper.tick(&reader);
+        }
+        ticks = ticks.wrapping_add(1);
         std::thread::sleep(Duration::from_millis(100));
     }
     log::info!("twinpaged: stopping; agents go on with their merged pages");

@@ -1,0 +1,122 @@
+//! `vm.max_map_count` for `twinpaged`: what its agents' merges need of it,
+//! and raising it.
+//!
+//! Each merged page that stands alone costs its process one mapping (one
+//! file page cannot appear at two offsets of one mapping), and the kernel
+//! caps a process at `vm.max_map_count`; kernel KSM needs none. At Debian's
+//! 65530 a 1 GiB guest of scattered duplicates merges about half of what
+//! ksmd merges. So the daemon, when it runs as root, raises the limit to what
+//! its agents' registered memory can need (never lowers it), and says so
+//! once; otherwise it says once, when merges are held back, what fixes it.
+
+use std::io;
+
+use crate::scan::MapBudget;
+use crate::statsfs::{ProcessEntry, Tree};
+
+const SYSCTL: &str = "/proc/sys/vm/max_map_count";
+
+/// What a process can need: its mappings now plus one for every page it
+/// registered (each could end up a merge of its own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Need {
+    /// The `vm.max_map_count` that leaves twinpage room for all of it.
+    pub max_map_count: u64,
+    pub pid: u32,
+    pub comm: String,
+    pub registered: u64,
+}
+
+fn counter(p: &ProcessEntry, name: &str) -> u64 {
+    p.counters.get(name).map_or(0, |&v| u64::try_from(v).unwrap_or(0))
+}
+
+/// The largest need among `processes`, if any registered memory.
+pub fn need(processes: &[ProcessEntry]) -> Option<Need> {
+    processes
+        .iter()
+        .filter(|p| p.live)
+        .map(|p| {
+            let registered = counter(p, "twinpage_pages_registered");
+            let maps = counter(p, "twinpage_map_count");
+            let want = usize::try_from(maps + registered).unwrap_or(usize::MAX / 2);
+            Need { max_map_count: MapBudget::max_map_count_for(want) as u64, pid: p.pid, comm: p.comm.clone(), registered }
+        })
+        .filter(|n| n.registered > 0)
+        .max_by_key(|n| n.max_map_count)
+}
+
+/// Pages held back by the limit in the processes' last full scans.
+pub fn held_back(processes: &[ProcessEntry]) -> u64 {
+    processes.iter().filter(|p| p.live).map(|p| counter(p, "twinpage_pages_held_back")).sum()
+}
+
+pub fn read() -> io::Result<u64> {
+    std::fs::read_to_string(SYSCTL)?.trim().parse().map_err(|_| io::Error::other(format!("{SYSCTL}: not a number")))
+}
+
+/// The daemon's side: called every few seconds with the tree.
+#[derive(Debug)]
+pub struct Keeper {
+    /// `--keep-max-map-count`: never write the sysctl.
+    keep: bool,
+    /// A raise failed (not root): only advise from then on.
+    cannot: bool,
+    advised: bool,
+}
+
+impl Keeper {
+    pub fn new(keep: bool) -> Keeper {
+        Keeper { keep, cannot: false, advised: false }
+    }
+
+    /// Raises the limit to what the agents under `tree` can need, or advises
+    /// (once) when merges are held back and it may not.
+    pub fn tick(&mut self, tree: &Tree) {
+        let Ok(processes) = tree.processes() else { return };
+        let Ok(now) = read() else { return };
+        log::debug!("twinpaged: vm.max_map_count {now}, need {:?}, held back {}", need(&processes), held_back(&processes));
+        let Some(need) = need(&processes).filter(|n| n.max_map_count > now) else { return };
+        if !self.keep && !self.cannot {
+            match std::fs::write(SYSCTL, need.max_map_count.to_string()) {
+                Ok(()) => {
+                    log::info!(
+                        "twinpaged: raised vm.max_map_count from {now} to {}: pid {} ({}) registered {} pages, and each merged page that stands alone costs it a mapping (kernel KSM needs none); left so at exit (--keep-max-map-count keeps the host's value)",
+                        need.max_map_count,
+                        need.pid,
+                        need.comm,
+                        need.registered
+                    );
+                    return;
+                }
+                Err(e) => {
+                    self.cannot = true;
+                    log::info!("twinpaged: cannot raise vm.max_map_count ({e}); merges it holds back will be reported");
+                }
+            }
+        }
+        let held = held_back(&processes);
+        if held > 0 && !self.advised {
+            self.advised = true;
+            log::warn!(
+                "twinpaged: {held} pages ({} MiB) are not merged because of vm.max_map_count={now}; `sysctl -w vm.max_map_count={}` lets them merge",
+                (held * crate::sys::PAGE_SIZE as u64) >> 20,
+                need.max_map_count
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_asked_limit_leaves_twinpage_the_room_it_needs() {
+        for want in [1usize, 5000, 65530, 262_144 + 1000, 3_000_000] {
+            let max = MapBudget::max_map_count_for(want);
+            assert!(MapBudget::limit_for(max) >= want, "{want}: {max} gives {}", MapBudget::limit_for(max));
+            assert_eq!(max % 65536, 0);
+        }
+    }
+}
