@@ -46,9 +46,12 @@ impl Daemon {
     pub fn start(exe: &Path, tree: &Path, log: &Path, tunables: &[(&str, String)]) -> Result<Daemon, String> {
         let sock = tree.join("twinpaged.sock");
         let logf = fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        // The bench sets vm.max_map_count itself (--raise-max-map-count,
+        // restored after): its daemon leaves the host's value alone.
         let child = Command::new(exe)
             .arg("--dir")
             .arg(tree)
+            .arg("--keep-max-map-count")
             .env_remove("TWINPAGE_SOCKET")
             .env_remove("LD_PRELOAD")
             .env("TWINPAGE_LOG", "info")
