@@ -512,6 +512,44 @@ impl Engine {
         Ok(())
     }
 
+    /// A `write(2)` of `bytes` to attribute `name`, as sysfs takes it: in
+    /// chunks of at most a page, each checked with the kernel's rules and
+    /// applied before this returns; the first refusal stops it. `run=2`
+    /// has unmerged everything (and reset `full_scans`) when it returns, as
+    /// the kernel's store does.
+    pub fn write_attr(&self, name: &str, bytes: &[u8]) -> Result<(), WriteError> {
+        let chunks: Vec<&[u8]> = if bytes.is_empty() { vec![bytes] } else { bytes.chunks(kernel_compat::write::SYSFS_WRITE_MAX).collect() };
+        for chunk in chunks {
+            let Some(text) = crate::tunables::model_write(name, chunk, &self.write_context())? else { continue };
+            self.set_attr(name, &text)?;
+            if name == "run" && self.tunables().run() == 2 {
+                scan::unmerge_all(&self.inner.sh);
+            }
+            scan::publish(&self.inner.sh);
+        }
+        Ok(())
+    }
+
+    /// What the kernel's store functions check a write against, now.
+    fn write_context(&self) -> kernel_compat::WriteContext {
+        let t = self.tunables();
+        kernel_compat::WriteContext {
+            pages_shared: self.inner.sh.core.lock().stable.pages_shared(),
+            advisor_on: t.advisor_mode() == crate::tunables::AdvisorMode::ScanTime,
+            run: t.run(),
+            max_page_sharing: t.max_page_sharing(),
+            merge_across_nodes: t.merge_across_nodes(),
+            numa: has_numa(),
+        }
+    }
+
+    /// The counters at this instant (the published ones are as of the
+    /// scanner's last batch).
+    pub fn stats_now(&self) -> KsmStats {
+        scan::publish(&self.inner.sh);
+        self.stats()
+    }
+
     /// What reading attribute `name` of `/sys/kernel/mm/ksm` prints, without
     /// the newline; `None` for a name the kernel does not have.
     pub fn show_attr(&self, name: &str) -> Option<String> {

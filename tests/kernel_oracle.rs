@@ -112,3 +112,29 @@ fn zero_page_counters_follow_use_zero_pages() {
         assert_eq!(twin, kernel, "{tunables:?}");
     }
 }
+
+/// A program that drives KSM through its files (tests/programs/ksmfiles.c,
+/// the patterns of the kernel's selftests: long-lived fds read with pread,
+/// one-byte writes that must fail with the kernel's errno, `run=2` then
+/// `run=1` and two full scans as the barrier, stdio for one-off values)
+/// prints the same lines on kernel KSM and under the preload with
+/// `TWINPAGE_REDIRECT_SYSFS=1`. Before, writes returned at once and were
+/// applied 50-200 ms later (bad values too), and reads were as stale.
+#[test]
+fn ksm_files_answer_as_the_kernels_do() {
+    let Some((lib, prog)) = prerequisites("ksmfiles") else { return };
+    let kernel = {
+        let _k = KernelKsm::flat_out();
+        Command::new(&prog).output().unwrap()
+    };
+    let dir = tempdir("oracle-files");
+    let twin = Command::new(&prog).env("LD_PRELOAD", &lib).env("TWINPAGE_REDIRECT_SYSFS", "1").env("TWINPAGE_DIR", &dir).output().unwrap();
+    let (k, t) = (String::from_utf8_lossy(&kernel.stdout), String::from_utf8_lossy(&twin.stdout));
+    eprintln!("kernel:\n{k}{}\ntwinpage:\n{t}{}", String::from_utf8_lossy(&kernel.stderr), String::from_utf8_lossy(&twin.stderr));
+    assert!(kernel.status.success() && k.ends_with("KSMFILES DONE\n"), "the oracle itself");
+    for (a, b) in k.lines().zip(t.lines()) {
+        assert_eq!(b, a, "twinpage differs from the kernel");
+    }
+    assert_eq!(t.lines().count(), k.lines().count());
+    let _ = std::fs::remove_dir_all(&dir);
+}

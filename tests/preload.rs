@@ -105,27 +105,34 @@ fn bad_environment_is_named_and_the_program_runs_without_twinpage() {
     }
 }
 
+/// `cat` of the kernel's paths under the redirect reads what this process's
+/// engine says (its tunables, its own counts, a `proc/self` file that exists
+/// before anything merged); without the redirect, the kernel's file.
 #[test]
 fn redirect_sysfs_shows_twinpage_to_programs_that_hard_code_the_kernel_paths() {
     let Some(lib) = preload_lib() else { return };
+    if !have_uffd() {
+        return;
+    }
     let dir = tempdir("redirect");
-    std::fs::create_dir_all(dir.join("kernel/mm/ksm")).unwrap();
-    std::fs::write(dir.join("kernel/mm/ksm/pages_sharing"), "424242\n").unwrap();
-    let kernel = std::fs::read_to_string("/sys/kernel/mm/ksm/pages_sharing").unwrap_or_default();
-    let read = |redirect: &str| {
+    let read = |path: &str, redirect: &str| {
         let out = Command::new("cat")
-            .arg("/sys/kernel/mm/ksm/pages_sharing")
+            .arg(path)
             .env("LD_PRELOAD", &lib)
             .env("TWINPAGE_DIR", &dir)
             .env("TWINPAGE_REDIRECT_SYSFS", redirect)
+            .env("TWINPAGE_MAX_PAGE_SHARING", "77")
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    assert_eq!(read("1"), "424242");
+    assert_eq!(read("/sys/kernel/mm/ksm/max_page_sharing", "1"), "77");
+    assert_eq!(read("/sys/kernel/mm/ksm/pages_sharing", "1"), "0");
+    assert_eq!(read("/proc/self/ksm_merging_pages", "1"), "0");
     // Off: the kernel's own file.
+    let kernel = std::fs::read_to_string("/sys/kernel/mm/ksm/max_page_sharing").unwrap_or_default();
     if !kernel.is_empty() {
-        assert_eq!(read("0"), kernel.trim());
+        assert_eq!(read("/sys/kernel/mm/ksm/max_page_sharing", "0"), kernel.trim());
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -321,6 +321,16 @@ fn errno(e: c_int) -> io::Error {
 }
 
 impl Agent {
+    /// This process's engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// `PR_SET_MEMORY_MERGE` is in force (`ksm_merge_any`).
+    pub fn merges_any(&self) -> bool {
+        self.merge_any.load(Ordering::Relaxed)
+    }
+
     fn not_excluded(&self, addr: usize, len: usize) -> Vec<(usize, usize)> {
         let end = addr.saturating_add(len);
         let ex = self.excluded.lock().unwrap_or_else(|e| e.into_inner());

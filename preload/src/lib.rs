@@ -15,6 +15,7 @@ mod agent;
 mod config;
 mod forkchild;
 mod redirect;
+mod sysfs;
 
 use std::ffi::{c_int, c_ulong, c_void};
 
@@ -246,7 +247,9 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_i
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     // Only a userfaultfd can give memory back; twinpage's own threads close
-    // files while holding engine locks, and must never get further than this.
+    // files while holding engine locks, and must never get further than this
+    // (the served files' table is a leaf lock, taken only while some are open).
+    sysfs::forget(fd);
     let uffd = agent::handovers_active() && is_userfaultfd(fd);
     // SAFETY: the host program's own close, passed on unchanged.
     let r = neg_errno(unsafe { libc::syscall(libc::SYS_close, fd as libc::c_long) });
@@ -279,3 +282,132 @@ static INIT: extern "C" fn() = {
     }
     init
 };
+
+/// A symbol name with its NUL, as dlsym takes it.
+fn name_of(nul_terminated: &'static str) -> &'static std::ffi::CStr {
+    std::ffi::CStr::from_bytes_with_nul(nul_terminated.as_bytes()).unwrap_or(c"")
+}
+
+/// libc's own `name`, found past this library (RTLD_NEXT), as type `T`.
+///
+/// # Safety
+/// `T` must be the function pointer type of libc's `name`.
+unsafe fn next<T: Copy>(name: &std::ffi::CStr, cache: &std::sync::OnceLock<usize>) -> Option<T> {
+    let f = *cache.get_or_init(|| {
+        // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+        unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize }
+    });
+    // SAFETY: a non-null result is the function named, whose type the caller
+    // gives; function pointers and usize have the same size here.
+    (f != 0).then(|| unsafe { std::mem::transmute_copy::<usize, T>(&f) })
+}
+
+/// Defines interposers of libc's read functions: a served KSM file
+/// (`sysfs`) is computed again before a read from offset 0, then libc's own
+/// function runs unchanged.
+macro_rules! reads {
+    ($($name:ident($($arg:ident: $ty:ty),*) off $off:expr;)*) => {$(
+        /// # Safety
+        /// As libc's function of this name.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(fd: c_int, $($arg: $ty),*) -> isize {
+            static REAL: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+            sysfs::before_read(fd, $off);
+            // SAFETY: libc's function of the same name and type.
+            match unsafe { next::<unsafe extern "C" fn(c_int, $($ty),*) -> isize>(
+                name_of(concat!(stringify!($name), "\0")), &REAL) } {
+                // SAFETY: the program's own call, passed on unchanged.
+                Some(real) => unsafe { real(fd, $($arg),*) },
+                None => {
+                    set_errno(libc::ENOSYS);
+                    -1
+                }
+            }
+        }
+    )*};
+}
+
+reads! {
+    read(buf: *mut c_void, n: usize) off None;
+    pread(buf: *mut c_void, n: usize, off: libc::off_t) off Some(off);
+    pread64(buf: *mut c_void, n: usize, off: libc::off_t) off Some(off);
+    __read_chk(buf: *mut c_void, n: usize, buflen: usize) off None;
+    __pread_chk(buf: *mut c_void, n: usize, off: libc::off_t, buflen: usize) off Some(off);
+    __pread64_chk(buf: *mut c_void, n: usize, off: libc::off_t, buflen: usize) off Some(off);
+}
+
+/// Defines interposers of libc's write functions: a write to a served KSM
+/// file is applied by the engine (`sysfs::write`), anything else goes to
+/// libc's own function unchanged.
+macro_rules! writes {
+    ($($name:ident($($arg:ident: $ty:ty),*);)*) => {$(
+        /// # Safety
+        /// As libc's function of this name.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(fd: c_int, buf: *const c_void, n: usize, $($arg: $ty),*) -> isize {
+            static REAL: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+            if !buf.is_null() || n == 0 {
+                let bytes: &[u8] = if n == 0 { &[] } else {
+                    // SAFETY: the program hands write(2) n readable bytes at buf.
+                    unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), n) }
+                };
+                match sysfs::write(fd, bytes) {
+                    Some(Ok(done)) => return done as isize,
+                    Some(Err(e)) => {
+                        set_errno(e.raw_os_error().unwrap_or(libc::EIO));
+                        return -1;
+                    }
+                    None => {}
+                }
+            }
+            // SAFETY: libc's function of the same name and type.
+            match unsafe { next::<unsafe extern "C" fn(c_int, *const c_void, usize, $($ty),*) -> isize>(
+                name_of(concat!(stringify!($name), "\0")), &REAL) } {
+                // SAFETY: the program's own call, passed on unchanged.
+                Some(real) => unsafe { real(fd, buf, n, $($arg),*) },
+                None => {
+                    set_errno(libc::ENOSYS);
+                    -1
+                }
+            }
+        }
+    )*};
+}
+
+writes! {
+    write();
+    pwrite(off: libc::off_t);
+    pwrite64(off: libc::off_t);
+}
+
+/// # Safety
+/// As `fclose(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn fclose(f: *mut libc::FILE) -> c_int {
+    static REAL: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let mut applied = Ok(());
+    if !f.is_null() {
+        // SAFETY: the program's open stream.
+        let fd = unsafe { libc::fileno(f) };
+        if sysfs::served_fd(fd) {
+            // What stdio buffered reaches the memfd first.
+            // SAFETY: as above.
+            unsafe { libc::fflush(f) };
+            applied = sysfs::before_fclose(fd);
+            sysfs::forget(fd);
+        }
+    }
+    // SAFETY: libc's fclose.
+    let r = match unsafe { next::<unsafe extern "C" fn(*mut libc::FILE) -> c_int>(c"fclose", &REAL) } {
+        // SAFETY: the program's own stream.
+        Some(real) => unsafe { real(f) },
+        None => libc::EOF,
+    };
+    match applied {
+        Ok(()) => r,
+        Err(e) => {
+            set_errno(e.raw_os_error().unwrap_or(libc::EIO));
+            libc::EOF
+        }
+    }
+}

@@ -50,7 +50,35 @@ fn real_fopen(name: &CStr) -> Option<FopenFn> {
     (!f.is_null()).then(|| unsafe { std::mem::transmute::<*mut libc::c_void, FopenFn>(f) })
 }
 
+/// The in-process file (`sysfs`) a redirected path names.
+fn served(path: *const c_char) -> Option<crate::sysfs::File> {
+    root()?;
+    if path.is_null() {
+        return None;
+    }
+    // SAFETY: the caller passes a NUL-terminated path, as open(2) requires.
+    crate::sysfs::classify(unsafe { CStr::from_ptr(path) }.to_str().ok()?)
+}
+
+/// A program checking for the kernel's files before it opens them finds
+/// them: the agent, and with it the tree, is made now.
+fn ensure_tree(path: *const c_char) {
+    if served(path).is_some() {
+        let _ = crate::agent::get_or_init();
+    }
+}
+
 fn openat_raw(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc::c_uint) -> c_int {
+    if let Some(file) = served(path) {
+        match crate::sysfs::open(file, flags) {
+            Some(Ok(fd)) => return fd,
+            Some(Err(e)) => {
+                crate::set_errno(e.raw_os_error().unwrap_or(libc::EIO));
+                return -1;
+            }
+            None => {}
+        }
+    }
     let new = rewrite(path);
     let path = new.as_ref().map_or(path, |p| p.as_ptr());
     // SAFETY: the program's own openat, with (possibly) our rewritten path.
@@ -85,7 +113,46 @@ pub unsafe extern "C" fn openat64(dirfd: c_int, path: *const c_char, flags: c_in
     openat_raw(dirfd, path, flags, mode)
 }
 
+/// `open(2)` flags for an `fopen` mode string.
+fn fopen_flags(mode: &[u8]) -> c_int {
+    let plus = mode.contains(&b'+');
+    let cloexec = if mode.contains(&b'e') { libc::O_CLOEXEC } else { 0 };
+    cloexec
+        | match mode.first() {
+            Some(b'w') => (if plus { libc::O_RDWR } else { libc::O_WRONLY }) | libc::O_CREAT | libc::O_TRUNC,
+            Some(b'a') => (if plus { libc::O_RDWR } else { libc::O_WRONLY }) | libc::O_CREAT | libc::O_APPEND,
+            _ => {
+                if plus {
+                    libc::O_RDWR
+                } else {
+                    libc::O_RDONLY
+                }
+            }
+        }
+}
+
 unsafe fn fopen_via(name: &CStr, path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+    if let (Some(file), false) = (served(path), mode.is_null()) {
+        // SAFETY: fopen's mode is a NUL-terminated string.
+        let m = unsafe { CStr::from_ptr(mode) };
+        match crate::sysfs::open(file, fopen_flags(m.to_bytes())) {
+            Some(Ok(fd)) => {
+                // SAFETY: our fresh fd, and the program's mode.
+                let f = unsafe { libc::fdopen(fd, mode) };
+                if f.is_null() {
+                    crate::sysfs::forget(fd);
+                    // SAFETY: our own fd.
+                    unsafe { libc::syscall(libc::SYS_close, fd as libc::c_long) };
+                }
+                return f;
+            }
+            Some(Err(e)) => {
+                crate::set_errno(e.raw_os_error().unwrap_or(libc::EIO));
+                return std::ptr::null_mut();
+            }
+            None => {}
+        }
+    }
     let Some(real) = real_fopen(name) else {
         crate::set_errno(libc::ENOSYS);
         return std::ptr::null_mut();
@@ -116,6 +183,7 @@ pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *m
 /// As `access(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
+    ensure_tree(path);
     let new = rewrite(path);
     let path = new.as_ref().map_or(path, |p| p.as_ptr());
     // SAFETY: the program's own access(2).
@@ -127,6 +195,7 @@ pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
 /// As `stat(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn stat(path: *const c_char, buf: *mut libc::stat) -> c_int {
+    ensure_tree(path);
     let new = rewrite(path);
     let path = new.as_ref().map_or(path, |p| p.as_ptr());
     // SAFETY: the program's own stat(2) into its buffer.
