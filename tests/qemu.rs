@@ -44,6 +44,10 @@ fn merges_and_verifies(tag: &str, backend: Vec<String>) {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let args = tp_args(20);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // Named as libvirt names its guests: `twinpage stat` shows the name.
+    let guest = format!("tp-{tag}");
+    let mut backend = backend;
+    backend.extend(["-name".to_string(), format!("guest={guest},debug-threads=on")]);
     let mut g = Guest::boot(tag, &lib, &args, &backend, true);
     g.wait_line("TP-READY", Duration::from_secs(60));
     // Merging starts only now (run=0 until here), so READY is the unmerged baseline.
@@ -67,6 +71,10 @@ fn merges_and_verifies(tag: &str, backend: Vec<String>) {
     );
     assert!(merging >= DUP_PAGES);
     assert!(dropped >= DUP_PAGES * 4 * 3 / 4, "QEMU's PSS dropped only {dropped} kB");
+    let stat = Command::new(env!("CARGO_BIN_EXE_twinpage")).args(["stat", "--dir"]).arg(&g.tree).output().unwrap();
+    let stat = String::from_utf8_lossy(&stat.stdout);
+    let row = stat.lines().find(|l| l.split_whitespace().next() == Some(&g.pid().to_string())).unwrap_or_default();
+    assert!(row.split_whitespace().nth(1) == Some(guest.as_str()), "twinpage stat does not name the guest {guest}:\n{stat}");
     let verdict = g.finish();
     assert_eq!(verdict, "TP-VERDICT OK");
 }

@@ -352,14 +352,14 @@ fn json_str(s: &str) -> String {
 fn process_rows(s: &Snapshot) -> Vec<String> {
     let mut rows = vec![format!(
         "{:>8} {:<16} {:>14} {:>11} {:>16} {:>11}",
-        "PID", "COMMAND", "MERGING_PAGES", "ZERO_PAGES", "PROFIT_BYTES", "PROFIT_MiB"
+        "PID", "NAME", "MERGING_PAGES", "ZERO_PAGES", "PROFIT_BYTES", "PROFIT_MiB"
     )];
     for p in &s.processes {
         let st = p.stat.unwrap_or_default();
         rows.push(format!(
             "{:>8} {:<16} {:>14} {:>11} {:>16} {:>11.1}",
             p.pid,
-            p.comm,
+            p.name,
             st.ksm_merging_pages,
             st.ksm_zero_pages,
             st.ksm_process_profit,
@@ -393,9 +393,10 @@ fn stat(t: &Tree, json: bool) -> i32 {
             .map(|p| {
                 let st = p.stat.unwrap_or_default();
                 format!(
-                    "{{\"pid\":{},\"comm\":{},\"ksm_rmap_items\":{},\"ksm_merging_pages\":{},\"ksm_zero_pages\":{},\"ksm_process_profit\":{},\"ksm_merge_any\":{},\"ksm_mergeable\":{}}}",
+                    "{{\"pid\":{},\"comm\":{},\"name\":{},\"ksm_rmap_items\":{},\"ksm_merging_pages\":{},\"ksm_zero_pages\":{},\"ksm_process_profit\":{},\"ksm_merge_any\":{},\"ksm_mergeable\":{}}}",
                     p.pid,
                     json_str(&p.comm),
+                    json_str(&p.name),
                     st.ksm_rmap_items,
                     st.ksm_merging_pages,
                     st.ksm_zero_pages,

@@ -239,9 +239,43 @@ pub(crate) fn process_comm(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end_matches('\n').to_string())
 }
 
+/// The name an operator knows a process by: a QEMU guest's name (`-name
+/// guest=NAME,...` or `-name NAME`, as libvirt and people pass it), else
+/// its command (`comm`).
+pub(crate) fn process_name(pid: u32) -> Option<String> {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    guest_name(&cmdline).or_else(|| process_comm(pid))
+}
+
+/// `-name`'s guest name in a NUL-separated command line.
+fn guest_name(cmdline: &[u8]) -> Option<String> {
+    let mut args = cmdline.split(|&b| b == 0).map(String::from_utf8_lossy);
+    args.find(|a| a == "-name")?;
+    let value = args.next()?;
+    // QEMU's option syntax: `guest=NAME,debug-threads=on` or a bare first
+    // value; a doubled comma is a literal comma.
+    let first = value.replace(",,", "\u{0}");
+    let part = first.split(',').find(|p| p.starts_with("guest=")).or_else(|| first.split(',').next().filter(|p| !p.contains('=')))?;
+    let name = part.trim_start_matches("guest=").replace('\u{0}', ",");
+    (!name.is_empty()).then_some(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_is_named_as_qemu_was_told() {
+        let cmd = |args: &[&str]| args.join("\0").into_bytes();
+        assert_eq!(
+            guest_name(&cmd(&["qemu-system-x86_64", "-name", "guest=web-1,debug-threads=on", "-m", "1G"])).as_deref(),
+            Some("web-1")
+        );
+        assert_eq!(guest_name(&cmd(&["qemu", "-name", "db"])).as_deref(), Some("db"));
+        assert_eq!(guest_name(&cmd(&["qemu", "-name", "a,,b,process=x"])).as_deref(), Some("a,b"));
+        assert_eq!(guest_name(&cmd(&["qemu", "-m", "1G"])), None);
+        assert_eq!(guest_name(&cmd(&["qemu", "-name", "process=x"])), None);
+    }
 
     #[test]
     fn starttime_of_self() {

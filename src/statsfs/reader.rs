@@ -54,6 +54,9 @@ pub struct ProcessEntry {
     pub pid: u32,
     /// `/proc/<pid>/comm` (empty if it is gone).
     pub comm: String,
+    /// What an operator calls it: a QEMU guest's `-name`, else `comm`
+    /// (empty if it is gone).
+    pub name: String,
     /// Its `ksm_stat`, if readable.
     pub stat: Option<KsmStat>,
     /// It is still running (the pid and its start time match).
@@ -209,6 +212,7 @@ impl Tree {
             out.push(ProcessEntry {
                 pid,
                 comm: if live { file::process_comm(pid).unwrap_or_default() } else { String::new() },
+                name: if live { file::process_name(pid).unwrap_or_default() } else { String::new() },
                 stat: procfs::parse(&read(layout::KSM_STAT)).ok(),
                 live,
                 counters,
