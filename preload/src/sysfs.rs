@@ -18,7 +18,8 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use kernel_compat::procfs::{self, KsmStat};
+use kernel_compat::procfs;
+use twinpage::statsfs::ProcessFlags;
 
 /// What an open file shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,20 +84,12 @@ fn render(a: &crate::agent::Agent, file: File) -> Option<Vec<u8>> {
         }
         File::KsmStat | File::MergingPages => {
             let s = e.stats_now();
-            let merging = s.twinpage_merging_pages;
-            if file == File::MergingPages {
-                return Some(procfs::render_merging_pages(merging).into_bytes());
-            }
-            let zero = i64::try_from(s.ksm_zero_pages).unwrap_or(i64::MAX);
-            let stat = KsmStat {
-                ksm_rmap_items: s.rmap_items,
-                ksm_zero_pages: zero,
-                ksm_merging_pages: merging,
-                ksm_process_profit: procfs::process_profit(merging, zero, s.rmap_items),
-                ksm_merge_any: a.merges_any(),
-                ksm_mergeable: s.twinpage_pages_registered > 0,
-            };
-            Some(stat.render().into_bytes())
+            let flags = ProcessFlags { merge_any: a.merges_any(), mergeable: s.twinpage_pages_registered > 0 };
+            let stat = twinpage::statsfs::process_stat(&s, flags);
+            Some(match file {
+                File::MergingPages => procfs::render_merging_pages(stat.ksm_merging_pages).into_bytes(),
+                _ => stat.render().into_bytes(),
+            })
         }
     }
 }

@@ -158,6 +158,20 @@ fn write_text(name: &str, shown: &str) -> String {
     shown.to_string()
 }
 
+/// A process's `/proc/<pid>/ksm_stat` from its counters.
+pub fn process_stat(s: &KsmStats, flags: ProcessFlags) -> KsmStat {
+    let merging = s.twinpage_merging_pages;
+    let zero = i64::try_from(s.ksm_zero_pages).unwrap_or(i64::MAX);
+    KsmStat {
+        ksm_rmap_items: s.rmap_items,
+        ksm_zero_pages: zero,
+        ksm_merging_pages: merging,
+        ksm_process_profit: procfs::process_profit(merging, zero, s.rmap_items),
+        ksm_merge_any: flags.merge_any,
+        ksm_mergeable: flags.mergeable,
+    }
+}
+
 fn own_counters_text(starttime: u64, s: &KsmStats) -> String {
     format!("starttime {starttime}\n{}", counters::render_lines(counters::of(s).iter().map(|(k, v)| (k.as_str(), *v))))
 }
@@ -391,19 +405,10 @@ impl StatsTree {
             Some(f) => f(s),
             None => ProcessFlags { merge_any: false, mergeable: s.twinpage_pages_registered > 0 },
         };
-        let merging = s.twinpage_merging_pages;
-        let zero = i64::try_from(s.ksm_zero_pages).unwrap_or(i64::MAX);
-        let stat = KsmStat {
-            ksm_rmap_items: s.rmap_items,
-            ksm_zero_pages: zero,
-            ksm_merging_pages: merging,
-            ksm_process_profit: procfs::process_profit(merging, zero, s.rmap_items),
-            ksm_merge_any: flags.merge_any,
-            ksm_mergeable: flags.mergeable,
-        };
+        let stat = process_stat(s, flags);
         self.own_counters.write(own_counters_text(self.starttime, s).as_bytes())?;
         self.ksm_stat.write(stat.render().as_bytes())?;
-        self.merging_pages.write(procfs::render_merging_pages(merging).as_bytes())?;
+        self.merging_pages.write(procfs::render_merging_pages(stat.ksm_merging_pages).as_bytes())?;
         Ok(())
     }
 
