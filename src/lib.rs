@@ -12,6 +12,7 @@ pub(crate) mod anonymize;
 pub mod bench_api;
 pub mod benchcmd;
 pub mod broker;
+pub mod doctor;
 pub mod engine;
 pub mod envconfig;
 pub mod inflight;

@@ -100,6 +100,14 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
+    /// Check this host for what twinpage needs (kernel, userfaultfd,
+    /// vm.max_map_count, THP, kernel KSM, twinpaged, the store directory):
+    /// each fact ok / warning / error with its fix; exits 1 on an error.
+    Doctor {
+        /// The tree's root [default: $TWINPAGE_DIR or /run/twinpage].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Run one workload under kernel KSM and under twinpage, and compare (root).
     Bench(twinpage::benchcmd::BenchArgs),
     /// One side of `bench`, in its own process.
@@ -116,6 +124,7 @@ fn main() {
             demo(mib, dup, layout, patterns.max(1), pages_to_scan, sleep_millisecs, publish, hold)
         }
         Cmd::Stat { dir, json } => stat(&tree(dir), json),
+        Cmd::Doctor { dir } => doctor(&tree(dir)),
         Cmd::Set { attr, value, dir } => set(&tree(dir), &attr, &value),
         Cmd::Top { dir, interval, once } => top(&tree(dir), interval.max(50), once),
         Cmd::Bench(a) => twinpage::benchcmd::main(&a),
@@ -436,6 +445,18 @@ fn stat(t: &Tree, json: bool) -> i32 {
         println!("{r}");
     }
     0
+}
+
+fn doctor(t: &Tree) -> i32 {
+    let findings = twinpage::doctor::check(t);
+    for f in &findings {
+        println!("{:<8} {:<14} {}", f.level.as_str(), f.topic, f.fact);
+        if !f.fix.is_empty() {
+            println!("{:<8} {:<14} fix: {}", "", "", f.fix);
+        }
+    }
+    let worst = findings.iter().map(|f| f.level).max().unwrap_or(twinpage::doctor::Level::Ok);
+    i32::from(worst == twinpage::doctor::Level::Error)
 }
 
 fn set(t: &Tree, attr: &str, value: &str) -> i32 {

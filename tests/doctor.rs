@@ -1,0 +1,113 @@
+//! `twinpage doctor` on this host: the facts it reports and its exit code,
+//! with the conditions it warns about made real (a lowered
+//! vm.max_map_count under a registered process, kernel KSM merging a
+//! process twinpage does not see, a store directory that is not tmpfs).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::kernel_ksm::{kernel_ksm_writable, KernelKsm};
+use common::procs::{spawn_ready, Kids};
+use common::*;
+
+const SYSCTL: &str = "/proc/sys/vm/max_map_count";
+
+fn doctor(dir: &Path, env: &[(&str, &str)]) -> (Output, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_twinpage")).args(["doctor", "--dir"]).arg(dir).envs(env.iter().copied()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}");
+    (out, text)
+}
+
+/// The line of `topic`, and the fix line after it if any.
+fn topic<'a>(text: &'a str, topic: &str) -> (&'a str, &'a str) {
+    let lines: Vec<&str> = text.lines().collect();
+    let i = lines.iter().position(|l| l.split_whitespace().nth(1) == Some(topic)).unwrap_or_else(|| panic!("no {topic} line:\n{text}"));
+    let fix = lines.get(i + 1).filter(|l| l.trim_start().starts_with("fix:")).copied().unwrap_or("");
+    (lines[i], fix)
+}
+
+#[test]
+fn every_fact_is_reported_and_a_store_dir_off_tmpfs_is_an_error() {
+    let dir = tempdir("doctor-plain");
+    let (out, text) = doctor(&dir, &[]);
+    for t in ["kernel", "userfaultfd", "max_map_count", "thp", "kernel_ksm", "twinpaged", "store"] {
+        let (line, _) = topic(&text, t);
+        assert!(["ok", "warning", "error"].contains(&line.split_whitespace().next().unwrap()), "{line}");
+    }
+    let errors = text.lines().filter(|l| l.starts_with("error")).count();
+    assert_eq!(out.status.code(), Some(i32::from(errors > 0)), "exit code against {errors} errors");
+    // /tmp is the root file system here, not tmpfs.
+    let (out, text) = doctor(&dir, &[("TWINPAGE_STORE_DIR", "/tmp")]);
+    let (line, fix) = topic(&text, "store");
+    assert!(line.starts_with("error") && line.contains("not tmpfs") && fix.contains("tmpfs"), "{line} / {fix}");
+    assert_eq!(out.status.code(), Some(1));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Restores vm.max_map_count on drop.
+struct Saved(String);
+
+impl Drop for Saved {
+    fn drop(&mut self) {
+        let _ = std::fs::write(SYSCTL, &self.0);
+    }
+}
+
+/// A process with 8000 pages registered at vm.max_map_count=3000: a
+/// warning naming it, with the value that covers it.
+#[test]
+fn a_low_max_map_count_under_registered_memory_is_a_warning_with_its_fix() {
+    let (Some(lib), Some(prog)) = (preload_lib(), program("twin")) else { return };
+    let old = std::fs::read_to_string(SYSCTL).unwrap_or_default();
+    if !have_uffd() || !require(std::fs::write(SYSCTL, old.trim()).is_ok(), "root, to change vm.max_map_count") {
+        return;
+    }
+    let _restore = Saved(old);
+    std::fs::write(SYSCTL, "3000").unwrap();
+    let dir = tempdir("doctor-maps");
+    let kid = spawn_ready(
+        Command::new(&prog)
+            .args(["3", "0", "4000", "0"])
+            .env("LD_PRELOAD", &lib)
+            .env("TWINPAGE_DIR", &dir)
+            .env("TWINPAGE_LOG", "error")
+            .stdout(Stdio::piped()),
+    );
+    let pid = kid.id();
+    let _kids = Kids(vec![kid]);
+    assert!(
+        wait_until(Duration::from_secs(10), || procs::tree_counter(&dir, pid, "twinpage_pages_registered") == 8000),
+        "the program did not publish"
+    );
+    let (_, text) = doctor(&dir, &[]);
+    let (line, fix) = topic(&text, "max_map_count");
+    assert!(line.starts_with("warning") && line.contains("vm.max_map_count=3000") && line.contains(&format!("pid {pid}")), "{line}");
+    assert!(fix.contains("sysctl -w vm.max_map_count=65536"), "{fix}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kernel KSM merging a process twinpage does not see: a warning naming it.
+#[test]
+fn kernel_ksm_merging_other_processes_is_a_warning() {
+    let Some(prog) = program("prctl") else { return };
+    if !require(kernel_ksm_writable(), "root and a writable /sys/kernel/mm/ksm") {
+        return;
+    }
+    let k = KernelKsm::flat_out();
+    let kid = spawn_ready(Command::new(&prog).args(["count", "64", "10"]).stdout(Stdio::piped()));
+    let pid = kid.id();
+    let _kids = Kids(vec![kid]);
+    k.start();
+    let merged =
+        || std::fs::read_to_string(format!("/proc/{pid}/ksm_merging_pages")).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(10), || merged() == 64), "kernel KSM did not merge the program");
+    let dir = tempdir("doctor-ksm");
+    let (_, text) = doctor(&dir, &[]);
+    let (line, fix) = topic(&text, "kernel_ksm");
+    assert!(line.starts_with("warning") && line.contains(&format!("{pid} (")) && !fix.is_empty(), "{line} / {fix}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
