@@ -25,6 +25,10 @@ daemon=1
 if [ "${1:-}" = --no-daemon ]; then daemon=0; fi
 mib=${GUEST_MIB:-192}
 cargo build --release --quiet --workspace
+# Everything the guests need, installed once before they start side by side.
+# shellcheck source=guest/lib.sh disable=SC1091
+TP_LOG_NAME=demo . scripts/guest/lib.sh
+tp_need qemu-system-x86_64:qemu-system-x86
 scripts/guest-image.sh >/dev/null
 dir=$(mktemp -d /tmp/twinpage-demo.XXXXXX)
 export TWINPAGE_DIR=$dir/tree TWINPAGE_PAGES_TO_SCAN=${TWINPAGE_PAGES_TO_SCAN:-20000} TWINPAGE_SLEEP_MILLISECS=${TWINPAGE_SLEEP_MILLISECS:-20}
@@ -63,11 +67,16 @@ while kill -0 "${guests[0]}" 2>/dev/null || kill -0 "${guests[1]}" 2>/dev/null; 
     fi
     sleep 1
 done
+ok=0
 for i in 1 2; do
-    echo "guest $i: $(grep -a -o 'TP-VERDICT.*' "$dir/guest$i.log" | tr -d '\r' || echo 'no verdict')"
+    verdict=$(grep -a -o 'TP-VERDICT.*' "$dir/guest$i.log" | tr -d '\r' || true)
+    echo "guest $i: ${verdict:-no verdict (log: $dir/guest$i.log)}"
+    if [ "$verdict" = "TP-VERDICT OK" ]; then ok=$((ok + 1)); fi
 done
 if [ $daemon = 1 ]; then
     echo "each guest held $((mib / 2)) MiB of duplicate data, and the same data as the other guest: under twinpaged they share it"
 else
     echo "each guest held $((mib / 2)) MiB of duplicate data; without twinpaged each process merges its own pages"
 fi
+# The demo fails unless both guests verified their data.
+[ "$ok" = 2 ] || { echo "demo: $((2 - ok)) guest(s) gave no OK verdict" >&2; exit 1; }

@@ -38,3 +38,6 @@ fi
 
 step "test guest boots (TCG) and verifies its memory"
 scripts/guest/smoke-test.sh
+
+step "the demo, end to end: two guests under twinpaged, both verdicts OK"
+GUEST_MIB=64 scripts/demo.sh

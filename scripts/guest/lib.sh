@@ -8,12 +8,18 @@ tp_die() { tp_log "error: $*"; exit 1; }
 
 if [ "$(id -u)" -eq 0 ]; then TP_SUDO=(); else TP_SUDO=(sudo); fi
 
+# Scripts run side by side (two guests booting at once) take turns at apt
+# instead of failing on its lock: every apt run here holds this file's lock.
+TP_APT_LOCK=${TP_APT_LOCK:-/tmp/twinpage-apt.lock}
+tp_apt() {
+    "${TP_SUDO[@]}" flock -w 900 "$TP_APT_LOCK" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 "$@"
+}
+
 tp_apt_updated=0
 tp_apt_update() {
     [ "$tp_apt_updated" = 1 ] && return 0
     tp_log "apt-get update"
-    "${TP_SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 \
-        || tp_die "apt-get update failed"
+    tp_apt update -qq >&2 || tp_die "apt-get update failed"
     tp_apt_updated=1
 }
 
@@ -21,9 +27,7 @@ tp_apt_update() {
 tp_apt_install() {
     tp_apt_update
     tp_log "apt-get install $*"
-    "${TP_SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends "$@" >&2 \
-        || tp_die "apt-get install $* failed"
+    tp_apt install -y -qq --no-install-recommends "$@" >&2 || tp_die "apt-get install $* failed"
 }
 
 # tp_need CMD:PKG...: install PKG for every CMD not found on PATH (one apt run).
