@@ -85,7 +85,7 @@ fn max_map_count(processes: &[ProcessEntry]) -> Finding {
     };
     let held = crate::maplimit::held_back(processes);
     match crate::maplimit::need(processes) {
-        Some(need) if need.max_map_count > now => finding(
+        Some(need) if need.exceeds(now) => finding(
             Level::Warning,
             "max_map_count",
             format!(

@@ -20,6 +20,8 @@ const SYSCTL: &str = "/proc/sys/vm/max_map_count";
 /// registered (each could end up a merge of its own).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Need {
+    /// Mappings the process can need.
+    pub mappings: u64,
     /// The `vm.max_map_count` that leaves twinpage room for all of it.
     pub max_map_count: u64,
     pub pid: u32,
@@ -40,10 +42,23 @@ pub fn need(processes: &[ProcessEntry]) -> Option<Need> {
             let registered = counter(p, "twinpage_pages_registered");
             let maps = counter(p, "twinpage_map_count");
             let want = usize::try_from(maps + registered).unwrap_or(usize::MAX / 2);
-            Need { max_map_count: MapBudget::max_map_count_for(want) as u64, pid: p.pid, comm: p.comm.clone(), registered }
+            Need {
+                mappings: want as u64,
+                max_map_count: MapBudget::max_map_count_for(want) as u64,
+                pid: p.pid,
+                comm: p.comm.clone(),
+                registered,
+            }
         })
         .filter(|n| n.registered > 0)
         .max_by_key(|n| n.max_map_count)
+}
+
+impl Need {
+    /// Whether `vm.max_map_count=now` leaves twinpage too little room for it.
+    pub fn exceeds(&self, now: u64) -> bool {
+        MapBudget::limit_for(usize::try_from(now).unwrap_or(usize::MAX)) < usize::try_from(self.mappings).unwrap_or(usize::MAX)
+    }
 }
 
 /// Pages held back by the limit in the processes' last full scans.
@@ -76,7 +91,7 @@ impl Keeper {
         let Ok(processes) = tree.processes() else { return };
         let Ok(now) = read() else { return };
         log::debug!("twinpaged: vm.max_map_count {now}, need {:?}, held back {}", need(&processes), held_back(&processes));
-        let Some(need) = need(&processes).filter(|n| n.max_map_count > now) else { return };
+        let Some(need) = need(&processes).filter(|n| n.exceeds(now)) else { return };
         if !self.keep && !self.cannot {
             match std::fs::write(SYSCTL, need.max_map_count.to_string()) {
                 Ok(()) => {
@@ -118,5 +133,13 @@ mod tests {
             assert!(MapBudget::limit_for(max) >= want, "{want}: {max} gives {}", MapBudget::limit_for(max));
             assert_eq!(max % 65536, 0);
         }
+    }
+
+    #[test]
+    fn a_small_process_does_not_move_the_limit() {
+        let need = |mappings: u64| Need { mappings, max_map_count: 0, pid: 1, comm: String::new(), registered: mappings };
+        assert!(!need(612).exceeds(65530), "a few hundred pages must not raise Debian's default");
+        assert!(need(60_000).exceeds(65530));
+        assert!(!need(60_000).exceeds(MapBudget::max_map_count_for(60_000) as u64));
     }
 }
