@@ -148,3 +148,66 @@ fn node_exporter_reports_twinpage() {
     drop(handle);
     m.unmap(&engine);
 }
+
+/// Per-VM figures: twinpaged's textfile (`--textfile-dir`), read by the real
+/// exporter's textfile collector, has one series per process labelled by
+/// pid and name, with the process's own ksm_merging_pages.
+#[test]
+fn node_exporter_reports_twinpaged_per_process_series() {
+    if !require_or_skip(exporter_installed(), "prometheus-node-exporter (scripts/test.sh installs it)") {
+        return;
+    }
+    let Some(s) = common::procs::setup("exporter-textfile") else { return };
+    let textfiles = s.dir.join("textfiles");
+    std::fs::create_dir_all(&textfiles).unwrap();
+    let tf = textfiles.to_str().unwrap().to_string();
+    let mut kids = common::procs::Kids(vec![common::procs::start_daemon(&s.daemon, &s.dir, &["--textfile-dir", &tf], "warn")]);
+    for _ in 0..2 {
+        kids.0.push(common::procs::spawn_ready(
+            Command::new(&s.prog)
+                .args(["11", "512", "0", "0"])
+                .env("LD_PRELOAD", &s.lib)
+                .env("TWINPAGE_DIR", &s.dir)
+                .env("TWINPAGE_PAGES_TO_SCAN", "100000")
+                .env("TWINPAGE_SLEEP_MILLISECS", "5")
+                .stdout(Stdio::piped()),
+        ));
+    }
+    let pids = [kids.0[1].id(), kids.0[2].id()];
+    let series = |pid: u32| {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        format!("twinpage_process_merging_pages{{name=\"{}\",pid=\"{pid}\"}}", comm.trim())
+    };
+    let port = free_port();
+    let _exporter = Exporter(
+        Command::new(EXPORTER)
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--collector.disable-defaults")
+            .arg("--collector.textfile")
+            .arg(format!("--collector.textfile.directory={tf}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let b = scrape(port).unwrap_or_default();
+        let m = samples(&b);
+        if pids.iter().all(|&p| m.get(&series(p)) == Some(&512.0)) {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "no per-process series of 512 merged pages:\n{b}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let m = samples(&body);
+    assert_eq!(m.get("node_textfile_scrape_error"), Some(&0.0), "the exporter could not parse the file");
+    for p in pids {
+        assert_eq!(m.get(&series(p).replace("merging_pages", "registered_pages")), Some(&512.0));
+    }
+    for _ in 0..2 {
+        common::procs::finish_twin(kids.0.remove(1));
+    }
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}

@@ -54,6 +54,11 @@ struct Args {
     /// so at exit; it never lowers it.
     #[arg(long)]
     keep_max_map_count: bool,
+    /// Write per-process figures for Prometheus (pid and guest-name labels)
+    /// to DIR/twinpage.prom every 2 s, for node_exporter's textfile
+    /// collector (Debian's: /var/lib/prometheus/node-exporter).
+    #[arg(long)]
+    textfile_dir: Option<PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -144,6 +149,12 @@ fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
     while !twinpage::sys::signals::interrupted() {
         if ticks.is_multiple_of(20) {
             keeper.tick(&reader);
+            if let Some(dir) = &args.textfile_dir {
+                let text = twinpage::statsfs::prom::render(&reader.processes().unwrap_or_default());
+                if let Err(e) = twinpage::statsfs::prom::write(dir, &text) {
+                    twinpage::warn_once!("textfile", "twinpaged: cannot write {}/twinpage.prom: {e}", dir.display());
+                }
+            }
         }
         ticks = ticks.wrapping_add(1);
         std::thread::sleep(Duration::from_millis(100));

@@ -106,6 +106,7 @@
 
 mod counters;
 mod file;
+pub mod prom;
 mod publisher;
 mod reader;
 mod shared;
