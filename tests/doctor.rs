@@ -13,8 +13,6 @@ use common::kernel_ksm::{kernel_ksm_writable, KernelKsm};
 use common::procs::{spawn_ready, Kids};
 use common::*;
 
-const SYSCTL: &str = "/proc/sys/vm/max_map_count";
-
 fn doctor(dir: &Path, env: &[(&str, &str)]) -> (Output, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_twinpage")).args(["doctor", "--dir"]).arg(dir).envs(env.iter().copied()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -48,26 +46,15 @@ fn every_fact_is_reported_and_a_store_dir_off_tmpfs_is_an_error() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Restores vm.max_map_count on drop.
-struct Saved(String);
-
-impl Drop for Saved {
-    fn drop(&mut self) {
-        let _ = std::fs::write(SYSCTL, &self.0);
-    }
-}
-
 /// A process with 8000 pages registered at vm.max_map_count=3000: a
 /// warning naming it, with the value that covers it.
 #[test]
 fn a_low_max_map_count_under_registered_memory_is_a_warning_with_its_fix() {
     let (Some(lib), Some(prog)) = (preload_lib(), program("twin")) else { return };
-    let old = std::fs::read_to_string(SYSCTL).unwrap_or_default();
-    if !have_uffd() || !require(std::fs::write(SYSCTL, old.trim()).is_ok(), "root, to change vm.max_map_count") {
+    if !have_uffd() {
         return;
     }
-    let _restore = Saved(old);
-    std::fs::write(SYSCTL, "3000").unwrap();
+    let Some(_restore) = common::sysctl::lowered(3000) else { return };
     let dir = tempdir("doctor-maps");
     let kid = spawn_ready(
         Command::new(&prog)

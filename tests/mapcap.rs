@@ -12,32 +12,17 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use common::procs::{finish_twin, setup, spawn_ready, tree_counter, Kids};
+use common::sysctl::{lowered, max_map_count};
 use common::*;
 
 /// The tests change one host-wide setting: one at a time.
 static ONE: Mutex<()> = Mutex::new(());
 
-const SYSCTL: &str = "/proc/sys/vm/max_map_count";
-
-/// Restores vm.max_map_count on drop (also when the test panics).
-struct SavedMaxMapCount(String);
-
-impl Drop for SavedMaxMapCount {
-    fn drop(&mut self) {
-        let _ = std::fs::write(SYSCTL, &self.0);
-    }
-}
-
 #[test]
 fn merging_stays_under_a_lowered_max_map_count() {
     let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
-    let old = std::fs::read_to_string(SYSCTL).unwrap_or_default();
-    if !require(std::fs::write(SYSCTL, old.trim()).is_ok(), "root, to change vm.max_map_count") {
-        return;
-    }
-    let _restore = SavedMaxMapCount(old.clone());
     let cap = 3000usize;
-    std::fs::write(SYSCTL, cap.to_string()).unwrap();
+    let Some(_restore) = lowered(cap as u64) else { return };
     let Some(e) = engine() else { return };
     flat_out(&e);
     // Every other page a copy of one of 4 patterns: each merge is isolated
@@ -78,21 +63,6 @@ fn merging_stays_under_a_lowered_max_map_count() {
     }
     m.unmap(&e);
     drop(e);
-}
-
-fn max_map_count() -> u64 {
-    std::fs::read_to_string(SYSCTL).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
-}
-
-/// vm.max_map_count lowered to `cap` until the guard drops, or None (skip).
-fn lowered(cap: u64) -> Option<SavedMaxMapCount> {
-    let old = std::fs::read_to_string(SYSCTL).unwrap_or_default();
-    if !require(std::fs::write(SYSCTL, old.trim()).is_ok(), "root, to change vm.max_map_count") {
-        return None;
-    }
-    let saved = SavedMaxMapCount(old);
-    std::fs::write(SYSCTL, cap.to_string()).unwrap();
-    Some(saved)
 }
 
 /// twinpaged on `dir` with `extra` arguments, its log in `log`.

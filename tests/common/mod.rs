@@ -10,6 +10,7 @@ use twinpage::{Engine, KsmStats};
 pub mod guest;
 pub mod kernel_ksm;
 pub mod procs;
+pub mod sysctl;
 
 pub const PAGE: usize = 4096;
 
