@@ -23,6 +23,7 @@ use crate::tree::{PageRef, StableTree, UnstableTree};
 use crate::tunables::{MergeMode, Tunables};
 use crate::warn_once;
 
+pub mod advisor;
 pub mod remote;
 
 /// Pages handled under one region lock.
@@ -298,6 +299,8 @@ pub struct Core {
     activity_mark: u64,
     /// Full scans in a row that saw no activity.
     quiet_scans: u32,
+    /// The scan-time advisor (`advisor_mode=scan-time`).
+    advisor: advisor::Advisor,
 }
 
 impl Core {
@@ -316,6 +319,7 @@ impl Core {
             last_link: None,
             activity_mark: 0,
             quiet_scans: 0,
+            advisor: advisor::Advisor::default(),
         }
     }
 
@@ -479,6 +483,11 @@ impl Core {
 
     fn end_full_scan(&mut self, sh: &Shared) {
         self.counters.full_scans += 1;
+        // Under twinpaged the rate is one budget for all its agents; the
+        // advisor steers a process merging on its own.
+        if self.remote.is_none() {
+            self.advisor.full_scan_ended(&sh.tunables);
+        }
         if self.counters.activity == self.activity_mark {
             self.quiet_scans = self.quiet_scans.saturating_add(1);
         } else {

@@ -244,6 +244,13 @@ impl Tunables {
         self.pages_to_scan.store(v.into(), Ordering::Relaxed);
         Ok(())
     }
+    /// The scan-time advisor's choice (`scan::advisor`), which no user may
+    /// write while it is on.
+    pub(crate) fn advise_pages_to_scan(&self, v: u32) {
+        if self.advisor_mode() == AdvisorMode::ScanTime {
+            self.pages_to_scan.store(v.into(), Ordering::Relaxed);
+        }
+    }
     pub(crate) fn set_sleep_millisecs(&self, v: u32) {
         self.sleep_millisecs.store(v.into(), Ordering::Relaxed);
     }

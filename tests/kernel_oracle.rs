@@ -5,11 +5,11 @@ mod common;
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::kernel_ksm::{kernel_ksm_writable, ksm_read, KernelKsm};
-use common::procs::spawn_ready;
+use common::procs::{spawn_ready, Kids};
 use common::{have_uffd, preload_lib, program, require, tempdir, wait_until};
 
 /// What a program left in the counters once merging settled.
@@ -136,5 +136,57 @@ fn ksm_files_answer_as_the_kernels_do() {
         assert_eq!(b, a, "twinpage differs from the kernel");
     }
     assert_eq!(t.lines().count(), k.lines().count());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `pages_to_scan` every 0.5 s for `secs` while `read` gives it.
+fn trace_pages_to_scan(secs: u64, read: impl Fn() -> u64) -> Vec<u64> {
+    (0..secs * 2)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(500));
+            read()
+        })
+        .collect()
+}
+
+/// The scan-time advisor on both, the same workload (60000 unique pages,
+/// which take 2.4 s a scan at the advisor's starting 500 pages per 20 ms,
+/// against a 1 s target, capped at 3000 pages): both speed up from 500 and
+/// settle at the cap, never above it.
+#[test]
+fn the_scan_time_advisor_steers_as_the_kernels_does() {
+    let Some((lib, prog)) = prerequisites("prctl") else { return };
+    let advisor = [("advisor_max_pages_to_scan", "3000"), ("advisor_target_scan_time", "1"), ("sleep_millisecs", "20")];
+    let args = ["count", "60000", "35", "-1"];
+    let kernel = {
+        let k = KernelKsm::flat_out();
+        for (n, v) in advisor {
+            k.set(n, v);
+        }
+        k.set("advisor_mode", "scan-time");
+        let c = Kids(vec![spawn_ready(Command::new(&prog).args(args).stdout(Stdio::piped()))]);
+        k.start();
+        let t = trace_pages_to_scan(30, || ksm_read("pages_to_scan"));
+        drop(c);
+        t
+    };
+    let dir = tempdir("oracle-advisor");
+    let twin = {
+        let mut cmd = Command::new(&prog);
+        cmd.args(args).env("LD_PRELOAD", &lib).env("TWINPAGE_DIR", &dir).env("TWINPAGE_ADVISOR_MODE", "scan-time").stdout(Stdio::piped());
+        for (n, v) in advisor {
+            cmd.env(format!("TWINPAGE_{}", n.to_uppercase()), v);
+        }
+        let c = Kids(vec![spawn_ready(&mut cmd)]);
+        let t = trace_pages_to_scan(30, || tree_read(&dir, "pages_to_scan"));
+        drop(c);
+        t
+    };
+    eprintln!("pages_to_scan every 0.5 s\nkernel:   {kernel:?}\ntwinpage: {twin:?}");
+    for (side, t) in [("kernel", &kernel), ("twinpage", &twin)] {
+        assert!(t.iter().all(|&p| p <= 3000), "{side} went past advisor_max_pages_to_scan: {t:?}");
+        assert!(t.iter().any(|&p| p > 500), "{side} never sped up: {t:?}");
+        assert_eq!(t.last(), Some(&3000), "{side} did not settle at the cap: {t:?}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -27,12 +27,29 @@ static ONE: Mutex<()> = Mutex::new(());
 impl KernelKsm {
     pub fn flat_out() -> KernelKsm {
         let one = ONE.lock().unwrap_or_else(|e| e.into_inner());
-        // `run` last: it is put back last, once the others are.
-        let saved = ["pages_to_scan", "sleep_millisecs", "use_zero_pages", "max_page_sharing", "run"]
-            .into_iter()
-            .map(|n| (n, std::fs::read_to_string(Path::new(KSM).join(n)).unwrap().trim().to_string()))
-            .collect();
+        // `advisor_mode` first (pages_to_scan cannot be written while the
+        // advisor is on; switching it resets pages_to_scan), `run` last.
+        let saved = [
+            "advisor_mode",
+            "advisor_max_pages_to_scan",
+            "advisor_target_scan_time",
+            "pages_to_scan",
+            "sleep_millisecs",
+            "use_zero_pages",
+            "max_page_sharing",
+            "run",
+        ]
+        .into_iter()
+        .filter(|n| Path::new(KSM).join(n).exists())
+        .map(|n| {
+            let v = std::fs::read_to_string(Path::new(KSM).join(n)).unwrap().trim().to_string();
+            // "[none] scan-time" is written back as "none".
+            let v = v.split_whitespace().find(|w| w.starts_with('[')).map_or(v.clone(), |w| w.trim_matches(['[', ']']).to_string());
+            (n, v)
+        })
+        .collect();
         ksm_write("run", "2"); // start from nothing merged
+        ksm_write("advisor_mode", "none");
         ksm_write("pages_to_scan", "100000");
         ksm_write("sleep_millisecs", "0");
         KernelKsm { saved, _one: one }

@@ -8,7 +8,7 @@
  * test_prctl_fork_exec expects. Prints "FORKEXEC status=N" at the end.
  *
  * prctl count PAGES SECS [BYTE]: sets merge-any, maps PAGES pages of 0xcf
- * (or BYTE), prints
+ * (or BYTE; -1: every page different), prints
  * "READY", sleeps SECS and exits: what ksm_functional_tests' test_prctl
  * counts (pages_shared 1, pages_sharing PAGES-1 on the kernel). */
 #define _GNU_SOURCE
@@ -55,12 +55,19 @@ static int count(size_t pages, int secs, int byte) {
     if (prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)) { perror("prctl"); return 2; }
     uint8_t *m = mmap(NULL, pages * PS, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) { perror("mmap"); return 2; }
-    memset(m, byte, pages * PS);
+    /* BYTE -1: every page different (its index in every word), nothing to merge. */
+    for (size_t p = 0; p < pages; p++)
+        for (size_t w = 0; w < PS / 8; w++)
+            ((uint64_t *)(m + p * PS))[w] = byte < 0 ? (uint64_t)p * 0x9E3779B97F4A7C15ull + w : 0x0101010101010101ull * (uint8_t)byte;
     printf("READY\n");
     fflush(stdout);
     sleep(secs);
-    for (size_t i = 0; i < pages * PS; i++)
-        if (m[i] != byte) { printf("COUNT FAIL at %zu\n", i); return 1; }
+    for (size_t p = 0; p < pages; p++)
+        for (size_t w = 0; w < PS / 8; w++)
+            if (((uint64_t *)(m + p * PS))[w] != (byte < 0 ? (uint64_t)p * 0x9E3779B97F4A7C15ull + w : 0x0101010101010101ull * (uint8_t)byte)) {
+                printf("COUNT FAIL at page %zu\n", p);
+                return 1;
+            }
     printf("COUNT OK\n");
     return 0;
 }
