@@ -546,6 +546,7 @@ impl Engine {
     /// The counters at this instant (the published ones are as of the
     /// scanner's last batch).
     pub fn stats_now(&self) -> KsmStats {
+        scan::recheck_zero_pages(&self.inner.sh);
         scan::publish(&self.inner.sh);
         self.stats()
     }

@@ -1022,6 +1022,37 @@ pub fn unmerge_all(sh: &Shared) {
     core.counters.full_scans = 0;
 }
 
+/// Zero pages written since the scanner last looked stop counting now, as
+/// the kernel's count drops at the write fault: every `Zero` record whose
+/// page is no longer the zero page (pagemap) is let go. For reads that must
+/// be exact (`Engine::stats_now`); the scan does the same as it passes.
+pub fn recheck_zero_pages(sh: &Shared) {
+    const CHUNK: usize = 4096;
+    each_live_region(sh, |r, st, core| {
+        if core.counters.zero_pages == 0 {
+            return;
+        }
+        let mut entries = vec![PageEntry::default(); CHUNK.min(r.pages)];
+        for first in (0..r.pages).step_by(CHUNK) {
+            let n = CHUNK.min(r.pages - first);
+            if !st.records[first..first + n].iter().any(|rec| rec.state() == PageState::Zero) {
+                continue;
+            }
+            if sh.pagemap.read(r.addr(first), &mut entries[..n]).is_err() {
+                return;
+            }
+            for (i, e) in entries[..n].iter().enumerate() {
+                let rec = &mut st.records[first + i];
+                if rec.state() == PageState::Zero && e.present() && (e.exclusive() || e.file()) {
+                    core.zero_gone(rec);
+                    rec.set_state(PageState::None);
+                    core.counters.activity += 1;
+                }
+            }
+        }
+    });
+}
+
 /// Publishes the counts.
 pub fn publish(sh: &Shared) {
     let regions = { sh.registry.read().len() as u64 };

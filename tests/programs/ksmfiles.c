@@ -36,6 +36,16 @@ static long read_path(const char *path) {
     return v;
 }
 
+/* "ksm_zero_pages N" of /proc/self/ksm_stat, read through a long-lived fd. */
+static long stat_zero_pages(int fd) {
+    char buf[512];
+    ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+    if (n <= 0) return -1;
+    buf[n] = 0;
+    char *at = strstr(buf, "ksm_zero_pages ");
+    return at ? strtol(at + strlen("ksm_zero_pages "), NULL, 10) : -1;
+}
+
 static const char *wr(int fd, const char *s) {
     static char res[32];
     ssize_t n = write(fd, s, strlen(s));
@@ -103,7 +113,21 @@ int main(void) {
     printf("ksm_merging_pages again: %ld\n", read_fd(merging));
     for (int i = 0; i < PAGES * PS; i++)
         if (m[i] != 0xab) { printf("DATA FAIL at %d\n", i); return 1; }
+    /* Zero pages under use_zero_pages=1: counted once merged, and no longer
+     * the moment each is written (the kernel counts at the write fault). */
+    int stat = open("/proc/self/ksm_stat", O_RDONLY);
+    r = stdio_write(PATH("use_zero_pages"), "1");
+    printf("use_zero_pages=1: %s\n", r);
+    unsigned char *z = mmap(NULL, 16 * PS, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(z, 0, 16 * PS);
+    printf("madvise zeros: %d\n", madvise(z, 16 * PS, MADV_MERGEABLE));
+    printf("two full scans: %d\n", wait_scans(scans, 2));
+    printf("ksm_zero_pages merged: %ld\n", stat_zero_pages(stat));
+    for (int i = 0; i < 16; i++) z[i * PS] = 1;
+    printf("ksm_zero_pages right after writing them: %ld\n", stat_zero_pages(stat));
     printf("run=2: %s\n", wr(run, "2"));
+    r = stdio_write(PATH("use_zero_pages"), "0");
+    printf("use_zero_pages=0: %s\n", r);
     printf("KSMFILES DONE\n");
     return 0;
 }
