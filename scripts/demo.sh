@@ -56,17 +56,32 @@ done
 echo "two guests booting (logs in $dir); twinpage's tree: $TWINPAGE_DIR"
 ksm=$TWINPAGE_DIR/kernel/mm/ksm
 pss() { awk '/^Pss:/ {print int($2/1024)}' "/proc/$1/smaps_rollup" 2>/dev/null || echo -; }
+# A counter of the tree, read again when caught mid-rewrite: the publisher
+# rewrites its files in place, and a read at that instant can see part of
+# the old value after the new one (known; the in-process files and a FUSE
+# tree would not have this).
+val() {
+    local v i
+    for i in 1 2 3 4 5 6 7 8; do
+        v=$(cat "$ksm/$1" 2>/dev/null || true)
+        if [[ "$v" =~ ^[0-9]+$ ]]; then echo "$v"; return; fi
+        sleep 0.02
+    done
+    echo 0
+}
 printf '%6s %12s %13s %14s %10s %14s %14s\n' time_s pages_shared pages_sharing pages_unshared saved_MiB guest1_PSS_MiB guest2_PSS_MiB
 start=$SECONDS
 while kill -0 "${guests[0]}" 2>/dev/null || kill -0 "${guests[1]}" 2>/dev/null; do
     if [ -r "$ksm/pages_sharing" ]; then
-        sharing=$(cat "$ksm/pages_sharing")
-        printf '%6s %12s %13s %14s %10s %14s %14s\n' $((SECONDS - start)) "$(cat "$ksm/pages_shared")" "$sharing" \
-            "$(cat "$ksm/pages_unshared")" $(( (sharing + $(cat "$ksm/ksm_zero_pages")) * 4 / 1024 )) \
+        sharing=$(val pages_sharing)
+        printf '%6s %12s %13s %14s %10s %14s %14s\n' $((SECONDS - start)) "$(val pages_shared)" "$sharing" \
+            "$(val pages_unshared)" $(( (sharing + $(val ksm_zero_pages)) * 4 / 1024 )) \
             "$(pss "${guests[0]}")" "$(pss "${guests[1]}")"
     fi
     sleep 1
 done
+# The guests' verdicts are in their logs once they have exited.
+for g in "${guests[@]}"; do wait "$g" 2>/dev/null || true; done
 ok=0
 for i in 1 2; do
     verdict=$(grep -a -o 'TP-VERDICT.*' "$dir/guest$i.log" | tr -d '\r' || true)
