@@ -172,6 +172,7 @@ unsafe fn move_to_anon(sh: &Shared, region: &Region, addr: usize, len: usize, en
                 unsafe { std::ptr::copy_nonoverlapping((addr + off) as *const u8, (tmp + off) as *mut u8, PAGE_SIZE) };
             }
         }
+        Ok(())
     };
     let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
     // SAFETY: the caller owns the range; `copy_written` writes only the

@@ -213,14 +213,18 @@ impl Engine {
                 result = Err(EngineError::Shared);
                 continue;
             }
-            if vma.prot & libc::PROT_READ == 0 {
-                continue;
-            }
             // A store mapping left by an earlier merge holds the owner's private
             // copies: it stands for anonymous memory.
             let mut vma = vma.clone();
             if vma.path.starts_with("/memfd:twinpage-store") {
                 vma.kind = MappingKind::Anon;
+            }
+            // PROT_NONE anonymous memory merges, as with the kernel (read
+            // through /proc/self/mem: `guest`); a file mapping's content is
+            // read in place when it is registered (`anonymize`), so it waits
+            // until it is readable again.
+            if vma.prot & libc::PROT_READ == 0 && vma.kind != MappingKind::Anon {
+                continue;
             }
             let vma = &vma;
             for (ps, pe) in self.unregistered_parts(s, e) {

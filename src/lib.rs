@@ -15,6 +15,7 @@ pub mod broker;
 pub mod doctor;
 pub mod engine;
 pub mod envconfig;
+pub(crate) mod guest;
 pub mod inflight;
 pub mod link;
 pub mod maplimit;

@@ -15,6 +15,7 @@
 //!    the rest, and wake the whole run: a woken writer retries and takes
 //!    copy-on-write on identical content.
 
+use crate::guest::read_page;
 use crate::region::{PageRecord, PageState, Region, RegionState};
 use crate::scan::{Core, Shared};
 use crate::sys::{mman, PAGE_SIZE};
@@ -43,19 +44,6 @@ pub enum RunKind {
 pub struct Item {
     pub page: usize,
     pub store: u32,
-}
-
-/// A guest page as bytes.
-///
-/// # Safety
-/// `addr` must be a page of a live registered region whose lock the caller
-/// holds, so the page stays mapped and readable. Its bytes may still change
-/// under the reader unless it is write-protected; callers use the bytes only
-/// as hash input or under write-protect.
-pub unsafe fn guest_page<'a>(addr: usize) -> &'a [u8] {
-    // SAFETY: the caller guarantees the page is mapped and readable for the
-    // lifetime of the borrow.
-    unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) }
 }
 
 /// True when every byte of the page is zero.
@@ -153,7 +141,8 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
             let addr = addr_of(i);
             // SAFETY: the page belongs to `region`, whose lock we hold, and it is
             // write-protected: nobody writes it while we read.
-            let page = unsafe { guest_page(addr) };
+            let Ok(page) = (unsafe { read_page(region.prot, addr) }) else { continue };
+            let page = &*page;
             ok[i] = match kind {
                 RunKind::Zero => is_zero(page),
                 RunKind::Remote => {
@@ -382,7 +371,13 @@ fn remap(
         };
         // SAFETY: the range is a write-protected run of a region we hold, each
         // page byte-equal to its store page: the mapping changes, the content not.
-        unsafe { mman::map_private_fixed(addr, bytes, region.prot, fd, off) }.map(|()| guard_store_stretch(sh, addr, bytes))
+        // Memory the program cannot write is left unguarded: only a writer
+        // with the kernel's FOLL_FORCE (a debugger, /proc/self/mem) could
+        // write it, and such a write fails with EIO on a write-protected page
+        // (a remote fault cannot wait for us); unguarded, the kernel copies
+        // the page in place and the scanner sees it (`cow_in_place`).
+        unsafe { mman::map_private_fixed(addr, bytes, region.prot, fd, off) }
+            .map(|()| region.prot & libc::PROT_WRITE != 0 && guard_store_stretch(sh, addr, bytes))
     };
     let guarded = match res {
         Ok(g) => g,
@@ -510,8 +505,7 @@ pub fn restore_with_content(sh: &Shared, region: &Region, st: &mut RegionState, 
     let _ = sh.uffd.unprotect(start, len);
     let mut protected = false;
     for _ in 0..4 {
-        // SAFETY: a run of a region we hold; populate-write only breaks sharing.
-        if unsafe { mman::madvise(start, len, mman::MADV_POPULATE_WRITE) }.is_err() {
+        if populate(region, start, len).is_err() {
             break;
         }
         if sh.uffd.protect(start, len).is_err() {
@@ -547,6 +541,20 @@ pub fn restore_with_content(sh: &Shared, region: &Region, st: &mut RegionState, 
     done
 }
 
+/// Faults every page of `[start, start+len)` in, so that the protection
+/// covers each: a write fault where the program may write (it breaks sharing
+/// too), else a read through `/proc/self/mem` (a populate would need the
+/// access the program lacks).
+fn populate(region: &Region, start: usize, len: usize) -> std::io::Result<()> {
+    if region.prot & libc::PROT_WRITE != 0 {
+        // SAFETY: a run of a region the caller holds; populate-write only
+        // breaks sharing.
+        return unsafe { mman::madvise(start, len, mman::MADV_POPULATE_WRITE) };
+    }
+    let mut page = [0u8; PAGE_SIZE];
+    (start..start + len).step_by(PAGE_SIZE).try_for_each(|a| crate::guest::read_unreadable(a, &mut page))
+}
+
 fn copy_and_move(region: &Region, start: usize, len: usize) -> std::io::Result<()> {
     // SAFETY: a write-protected run of a region we hold: no write races the
     // copy, and the content the owner sees stays the same.
@@ -571,7 +579,17 @@ pub(crate) unsafe fn copy_over(
     // SAFETY: the caller guarantees the source is readable and not written
     // meanwhile; `tmp` is the fresh writable mapping of `len` bytes, apart
     // from it.
-    let copy = |tmp: usize| unsafe { std::ptr::copy_nonoverlapping(src as *const u8, tmp as *mut u8, len) };
+    let copy = |tmp: usize| {
+        if prot & libc::PROT_READ == 0 {
+            // SAFETY: `tmp` is the fresh writable mapping of `len` bytes.
+            let buf = unsafe { std::slice::from_raw_parts_mut(tmp as *mut u8, len) };
+            crate::guest::read_unreadable(src, buf)
+        } else {
+            // SAFETY: as above, and the source is readable.
+            unsafe { std::ptr::copy_nonoverlapping(src as *const u8, tmp as *mut u8, len) };
+            Ok(())
+        }
+    };
     // SAFETY: the caller's guarantees are fill_and_move's.
     unsafe { fill_and_move(dst, len, prot, mapping, copy) }
 }
@@ -583,18 +601,23 @@ pub(crate) unsafe fn copy_over(
 ///
 /// # Safety
 /// The destination must be owned by the caller, with no Rust reference into
-/// it; `fill` may write only the fresh mapping.
+/// it; `fill` may write only the fresh mapping. An error from `fill` is
+/// returned with nothing moved.
 pub(crate) unsafe fn fill_and_move(
     dst: usize,
     len: usize,
     prot: libc::c_int,
     (flags, fd, off): (libc::c_int, libc::c_int, libc::off_t),
-    fill: impl FnOnce(usize),
+    fill: impl FnOnce(usize) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     // SAFETY: a fresh mapping at an address the kernel picks.
     let tmp = unsafe { mman::raw_mmap(0, len, rw, flags, fd, off)? };
-    fill(tmp);
+    if let Err(e) = fill(tmp) {
+        // SAFETY: our own fresh mapping.
+        let _ = unsafe { mman::raw_munmap(tmp, len) };
+        return Err(e);
+    }
     if prot != rw {
         // SAFETY: our own fresh mapping.
         if let Err(e) = unsafe { mman::mprotect(tmp, len, prot) } {

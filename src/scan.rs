@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::broker::proto::Candidate;
+use crate::guest::read_page;
 use crate::inflight::InFlight;
-use crate::merge::{self, guest_page, is_zero, Item, RunKind};
+use crate::merge::{self, is_zero, Item, RunKind};
 use crate::primitive::{Arc, RwLock};
 use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState, Registry};
 use crate::stats::{KsmStats, Stats};
@@ -681,7 +682,10 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
         }
         // SAFETY: the page is in `region`, live under our lock; its bytes only
         // feed the hash here.
-        let page = unsafe { guest_page(region.addr(idx)) };
+        let Ok(page) = (unsafe { read_page(region.prot, region.addr(idx)) }) else {
+            continue;
+        };
+        let page = &*page;
         let h = page_hash(page);
         if h == zh && !e.exclusive() && is_zero(page) {
             // The shared zero page of a never-written page: nothing to merge.
@@ -726,16 +730,14 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
                     let tidx = t.page as usize;
                     st.records.get(tidx).is_some_and(|r| r.state() == PageState::Hashed) && {
                         // SAFETY: a page of our own region, under our lock.
-                        let other = unsafe { guest_page(region.addr(tidx)) };
-                        other == page
+                        unsafe { read_page(region.prot, region.addr(tidx)) }.is_ok_and(|other| *other == *page)
                     }
                 } else {
                     with_other_region(sh, t, |r2, st2| {
                         let tidx = t.page as usize;
                         st2.records.get(tidx).is_some_and(|r| r.state() == PageState::Hashed) && {
                             // SAFETY: a page of `r2`, live while we hold its lock.
-                            let other = unsafe { guest_page(r2.addr(tidx)) };
-                            other == page
+                            unsafe { read_page(r2.prot, r2.addr(tidx)) }.is_ok_and(|other| *other == *page)
                         }
                     })
                     .unwrap_or(false)
@@ -964,9 +966,8 @@ pub fn unmerge_disallowed(sh: &Shared, mode: MergeMode) {
         let disallowed = |st: &RegionState, i: usize| {
             st.records[i].state() == PageState::Merged && {
                 // SAFETY: a page of a live region we hold locked; a merged page
-                // is mapped and readable (a remap never drops PROT_READ).
-                let page = unsafe { guest_page(r.addr(i)) };
-                !mode.allows(is_zero(page))
+                // is mapped (a remap keeps the region's protection).
+                unsafe { read_page(r.prot, r.addr(i)) }.is_ok_and(|page| !mode.allows(is_zero(&page)))
             }
         };
         let mut i = 0;

@@ -122,16 +122,33 @@ fn zero_page_counters_follow_use_zero_pages() {
 /// applied 50-200 ms later (bad values too), and reads were as stale.
 #[test]
 fn ksm_files_answer_as_the_kernels_do() {
-    let Some((lib, prog)) = prerequisites("ksmfiles") else { return };
+    same_lines("ksmfiles", "KSMFILES DONE", "oracle-files");
+}
+
+/// PROT_NONE anonymous memory merges (ksm_merging_pages, shared frames),
+/// takes writes through /proc/self/mem, unmerges with MADV_UNMERGEABLE and
+/// keeps its content and merging across mprotect to PROT_NONE and back
+/// (tests/programs/protnone.c, the steps of the kernel's test_prot_none and
+/// more). Before, twinpage never registered PROT_NONE memory: a program
+/// waiting for two full scans waited for ever.
+#[test]
+fn prot_none_memory_merges_as_the_kernels_does() {
+    same_lines("protnone", "PROTNONE DONE", "oracle-protnone");
+}
+
+/// Runs `name` on kernel KSM and under the preload with
+/// `TWINPAGE_REDIRECT_SYSFS=1`; the two print the same lines, ending `done`.
+fn same_lines(name: &str, done: &str, tag: &str) {
+    let Some((lib, prog)) = prerequisites(name) else { return };
     let kernel = {
         let _k = KernelKsm::flat_out();
         Command::new(&prog).output().unwrap()
     };
-    let dir = tempdir("oracle-files");
+    let dir = tempdir(tag);
     let twin = Command::new(&prog).env("LD_PRELOAD", &lib).env("TWINPAGE_REDIRECT_SYSFS", "1").env("TWINPAGE_DIR", &dir).output().unwrap();
     let (k, t) = (String::from_utf8_lossy(&kernel.stdout), String::from_utf8_lossy(&twin.stdout));
     eprintln!("kernel:\n{k}{}\ntwinpage:\n{t}{}", String::from_utf8_lossy(&kernel.stderr), String::from_utf8_lossy(&twin.stderr));
-    assert!(kernel.status.success() && k.ends_with("KSMFILES DONE\n"), "the oracle itself");
+    assert!(kernel.status.success() && k.ends_with(&format!("{done}\n")), "the oracle itself");
     for (a, b) in k.lines().zip(t.lines()) {
         assert_eq!(b, a, "twinpage differs from the kernel");
     }
@@ -139,7 +156,6 @@ fn ksm_files_answer_as_the_kernels_do() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `pages_to_scan` every 0.5 s for `secs` while `read` gives it.
 fn trace_pages_to_scan(secs: u64, read: impl Fn() -> u64) -> Vec<u64> {
     (0..secs * 2)
         .map(|_| {

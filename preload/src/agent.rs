@@ -487,9 +487,9 @@ impl Agent {
     }
 
     /// `mprotect` of registered memory: merged pages are remapped with the
-    /// protection they had at registration, and the scanner reads every
-    /// registered page, so the range is unmerged and unregistered first and
-    /// registered again (as the kernel keeps VM_MERGEABLE) when it stays readable.
+    /// protection they had at registration, so the range is unmerged and
+    /// unregistered first and registered again with its new protection (as
+    /// the kernel keeps VM_MERGEABLE; `PROT_NONE` anonymous memory merges too).
     pub fn mprotect(&self, addr: usize, len: usize, prot: c_int, raw: fn(usize, usize, c_int) -> c_int) -> Option<c_int> {
         if !self.engine.overlaps(addr, len) {
             return None;
@@ -497,9 +497,6 @@ impl Agent {
         let parts = self.engine.registered_in(addr, len);
         let _ = self.engine.unregister(addr, len);
         let r = raw(addr, len, prot);
-        if r == 0 && prot & libc::PROT_READ == 0 {
-            return Some(r);
-        }
         for (s, e) in parts {
             let _ = self.register(s, e - s);
         }

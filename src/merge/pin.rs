@@ -31,7 +31,8 @@ use crate::scan::{Core, Shared};
 use crate::sys::{mman, PAGE_SIZE};
 use crate::warn_once;
 
-use super::{guest_page, is_zero, Item, RunKind};
+use super::{is_zero, Item, RunKind};
+use crate::guest::guest_page;
 
 /// The environment switch of the pin check: `TWINPAGE_PIN_GUARD` = a
 /// kernel boolean, or `strict` (the same as on; the preload refuses

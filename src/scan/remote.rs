@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use super::{Core, Shared};
 use crate::broker::proto::{Candidate, FillPage, OrderKind, PAGE};
+use crate::guest::read_page;
 use crate::link::Link;
-use crate::merge::{guest_page, Item};
+use crate::merge::Item;
 use crate::region::{PageRecord, Region};
 
 /// A page's name in messages: region id and page index.
@@ -54,12 +55,14 @@ pub fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<C
         let pages = uploads
             .iter()
             .map(|it| {
+                let mut copy = Box::new([0u8; PAGE]);
                 // SAFETY: a page of `region`, live under the lock our caller holds;
                 // the copy may be torn by a concurrent write, which the broker's
-                // digest check and our later comparison under write-protect catch.
-                let bytes = unsafe { guest_page(region.addr(it.page)) };
-                let mut copy = Box::new([0u8; PAGE]);
-                copy.copy_from_slice(bytes);
+                // digest check and our later comparison under write-protect catch
+                // (as they catch a page that could not be read: zeros go).
+                if let Ok(bytes) = unsafe { read_page(region.prot, region.addr(it.page)) } {
+                    copy.copy_from_slice(&bytes);
+                }
                 FillPage { store: it.store, digest: digests[it.page - first], bytes: copy }
             })
             .collect();
