@@ -29,18 +29,14 @@ pub struct Need {
     pub registered: u64,
 }
 
-fn counter(p: &ProcessEntry, name: &str) -> u64 {
-    p.counters.get(name).map_or(0, |&v| u64::try_from(v).unwrap_or(0))
-}
-
 /// The largest need among `processes`, if any registered memory.
 pub fn need(processes: &[ProcessEntry]) -> Option<Need> {
     processes
         .iter()
         .filter(|p| p.live)
         .map(|p| {
-            let registered = counter(p, "twinpage_pages_registered");
-            let maps = counter(p, "twinpage_map_count");
+            let registered = p.counter("twinpage_pages_registered");
+            let maps = p.counter("twinpage_map_count");
             let want = usize::try_from(maps + registered).unwrap_or(usize::MAX / 2);
             Need {
                 mappings: want as u64,
@@ -63,7 +59,7 @@ impl Need {
 
 /// Pages held back by the limit in the processes' last full scans.
 pub fn held_back(processes: &[ProcessEntry]) -> u64 {
-    processes.iter().filter(|p| p.live).map(|p| counter(p, "twinpage_pages_held_back")).sum()
+    processes.iter().filter(|p| p.live).map(|p| p.counter("twinpage_pages_held_back")).sum()
 }
 
 pub fn read() -> io::Result<u64> {

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::procs::Kids;
+use common::procs::{tree_counter as counter, Kids};
 use common::{engine, flat_out, have_uffd, pagemap_flags, preload_lib, program, tempdir, wait_for, wait_until, Mem};
 use twinpage::statsfs::{StatsTree, StatsTreeOptions};
 
@@ -155,11 +155,6 @@ fn use_zero_pages_under_zero_only_drops_zero_pages_and_nothing_else() {
     assert_eq!((s.pages_shared, s.pages_sharing), (0, 0), "{s:?}");
     assert!(data_intact(&m));
     m.unmap(&e);
-}
-
-fn counter(dir: &Path, pid: u32, name: &str) -> u64 {
-    let text = std::fs::read_to_string(dir.join(format!("proc/{pid}/twinpage_counters"))).unwrap_or_default();
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0)
 }
 
 fn twin(prog: &Path, lib: &Path, dir: &Path) -> Child {

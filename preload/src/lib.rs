@@ -393,8 +393,7 @@ pub unsafe extern "C" fn fclose(f: *mut libc::FILE) -> c_int {
             // What stdio buffered reaches the memfd first.
             // SAFETY: as above.
             unsafe { libc::fflush(f) };
-            applied = sysfs::before_fclose(fd);
-            sysfs::forget(fd);
+            applied = sysfs::close_stream(fd);
         }
     }
     // SAFETY: libc's fclose.

@@ -79,7 +79,11 @@ fn render(a: &crate::agent::Agent, file: File) -> Option<Vec<u8>> {
     let e = a.engine();
     match file {
         File::Attr(name) => {
-            let _ = e.stats_now();
+            // A counter reads as of now (zero pages written since the last
+            // scan let go first); a tunable needs no look at memory.
+            if kernel_compat::attrs::ATTRS.iter().any(|x| x.name == name && !x.writable) {
+                let _ = e.stats_now();
+            }
             Some(kernel_compat::attrs::render(&e.show_attr(name)?).into_bytes())
         }
         File::KsmStat | File::MergingPages => {
@@ -184,11 +188,18 @@ pub fn write(fd: c_int, bytes: &[u8]) -> Option<io::Result<usize>> {
     })
 }
 
-/// Before `fclose` of a served stream: what stdio wrote into the memfd is
-/// applied; an `Err` is what `fclose` reports.
-pub fn before_fclose(fd: c_int) -> io::Result<()> {
-    let Some((File::Attr(name), true)) = lookup(fd) else { return Ok(()) };
-    let rendered = open_files().iter().find(|o| o.fd == fd).map(|o| o.rendered.clone()).unwrap_or_default();
+/// Before `fclose` of a served stream, once stdio flushed: the fd is no
+/// longer served, and what stdio wrote into the memfd is applied; an `Err`
+/// is what `fclose` reports.
+pub fn close_stream(fd: c_int) -> io::Result<()> {
+    let taken = {
+        let mut files = open_files();
+        let at = files.iter().position(|o| o.fd == fd);
+        let o = at.map(|i| files.swap_remove(i));
+        COUNT.store(files.len(), Ordering::Release);
+        o
+    };
+    let Some(Open { file: File::Attr(name), writable: true, rendered, .. }) = taken else { return Ok(()) };
     let mut buf = vec![0u8; 8192];
     // SAFETY: reads our memfd into our buffer.
     let n = raw(unsafe { libc::syscall(libc::SYS_pread64, fd as libc::c_long, buf.as_mut_ptr(), buf.len(), 0) })?;

@@ -13,7 +13,7 @@ use super::ProcessEntry;
 type Metric = (&'static str, &'static str, &'static str, fn(&ProcessEntry) -> i128);
 
 fn counter(p: &ProcessEntry, name: &str) -> i128 {
-    p.counters.get(name).copied().unwrap_or(0)
+    i128::from(p.counter(name))
 }
 
 const METRICS: &[Metric] = &[

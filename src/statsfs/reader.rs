@@ -67,6 +67,13 @@ pub struct ProcessEntry {
     pub tunables: Vec<(String, String)>,
 }
 
+impl ProcessEntry {
+    /// One of its twinpage counters by name (0 if it has none, or one below 0).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters.get(name).map_or(0, |&v| u64::try_from(v).unwrap_or(0))
+    }
+}
+
 /// A write to an attribute file, to wait for with [`Tree::wait`].
 #[derive(Debug, Clone)]
 pub struct Ticket {
