@@ -60,12 +60,22 @@ fn served(path: *const c_char) -> Option<crate::sysfs::File> {
     crate::sysfs::classify(unsafe { CStr::from_ptr(path) }.to_str().ok()?)
 }
 
-/// A program checking for the kernel's files before it opens them finds
-/// them: the agent, and with it the tree, is made now.
+/// A program checking for the kernel's files (or their directory, as the
+/// kernel's ksm_tests does) before it opens them finds them: the agent, and
+/// with it the tree, is made now.
 fn ensure_tree(path: *const c_char) {
-    if served(path).is_some() {
+    if served(path).is_some() || is_ksm_dir(path) {
         let _ = crate::agent::get_or_init();
     }
+}
+
+fn is_ksm_dir(path: *const c_char) -> bool {
+    if root().is_none() || path.is_null() {
+        return false;
+    }
+    // SAFETY: the caller passes a NUL-terminated path, as access(2) requires.
+    let p = unsafe { CStr::from_ptr(path) }.to_bytes();
+    p.strip_suffix(b"/").unwrap_or(p) == SYSFS.as_bytes()
 }
 
 fn openat_raw(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc::c_uint) -> c_int {

@@ -79,6 +79,8 @@ int main(void) {
     const char *K = "/sys/kernel/mm/ksm/";
     char p[256];
 #define PATH(name) (snprintf(p, sizeof p, "%s%s", K, name), p)
+    /* The kernel's ksm_tests looks for the directory before anything else. */
+    printf("access %s: %d\n", K, access(K, F_OK));
     int run = open(PATH("run"), O_RDWR);
     int scans = open(PATH("full_scans"), O_RDONLY);
     int pts = open(PATH("pages_to_scan"), O_RDWR);
