@@ -1,6 +1,7 @@
 //! scripts/install.sh: into a staging directory and out again, leaving what
 //! was there; and the installed daemon, started as its unit file says, with
-//! two programs preloaded with the installed library merging through it.
+//! two programs and a QEMU guest preloaded with the installed library
+//! merging through it.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::guest;
 use common::procs::{finish_twin, spawn_ready, tree_counter, Kids};
 use common::*;
 
@@ -117,6 +119,21 @@ fn the_installed_daemon_and_preload_merge_across_processes() {
     );
     for _ in 0..2 {
         finish_twin(kids.0.remove(1));
+    }
+    // And QEMU, as an operator runs it: a guest with the installed preload
+    // merges through the installed daemon and verifies its data.
+    if guest::prerequisites().is_some() {
+        let args = ["tp.mib=32", "tp.wait=15", "tp.poweroff=1"];
+        let mut g = guest::Guest::boot_in("install", &lib, &args, &["-m".into(), "256M".into()], true, Some(&tree));
+        g.wait_line("TP-READY", Duration::from_secs(90));
+        g.start_merging();
+        let pid = g.pid();
+        g.wait_for("the guest merging through the installed daemon", Duration::from_secs(60), |_| {
+            tree_counter(&tree, pid, "twinpage_daemon_merged") > 1000
+        });
+        eprintln!("guest {pid}: {} pages merged through the installed daemon", tree_counter(&tree, pid, "twinpage_daemon_merged"));
+        let verdict = g.finish();
+        assert!(verdict.contains("TP-VERDICT OK"), "{verdict}");
     }
     drop(kids);
     let (ok, text) = run(&["--uninstall", "--destdir", stage.to_str().unwrap(), "--prefix", "/opt/tp"]);
