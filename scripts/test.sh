@@ -19,8 +19,11 @@ cargo build --release --workspace --all-targets
 step "rustfmt (the tree is formatted)"
 cargo fmt --all -- --check
 
-step "clippy (warnings are errors; undocumented unsafe is denied)"
+step "clippy (warnings are errors; undocumented unsafe is denied; no API newer than the declared rust-version)"
 cargo clippy --release --workspace --all-targets -- -D warnings
+
+step "rustdoc (no warnings: broken links, private links, stray HTML)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace
 
 step "prerequisites: QEMU, gcc, the test guest image, prometheus-node-exporter"
 # shellcheck source=guest/lib.sh disable=SC1091

@@ -56,7 +56,7 @@ pub fn unlock_fair<T>(guard: RwLockWriteGuard<'_, T>) {
 
 /// A reader-writer lock with parking_lot's panic-free interface.
 ///
-/// Under `cfg(loom)` it is [`loom_rwlock::RwLock`] rather than loom's own
+/// Under `cfg(loom)` it is `loom_rwlock::RwLock` rather than loom's own
 /// `RwLock`: in loom 0.7 a thread about to `try_write` is marked blocked when
 /// another thread takes the lock, so loom reports deadlocks that cannot happen
 /// (tokio-rs/loom#376), on exactly the `try_write` the scanner relies on.

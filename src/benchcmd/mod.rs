@@ -3,9 +3,9 @@
 //!
 //! The parent saves the kernel's KSM settings ([`SavedKsm`], restored on
 //! drop and on SIGINT/SIGTERM), sets the tunables, and runs each side in a
-//! fresh `twinpage bench-worker` process ([`worker`]); it collects the
+//! fresh `twinpage bench-worker` process (`worker`); it collects the
 //! worker's samples and results and writes `result.json`, `result.md` and
-//! `saved.svg` ([`report`]).
+//! `saved.svg` (`report`).
 
 mod daemon;
 mod proc;

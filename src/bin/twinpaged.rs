@@ -26,7 +26,7 @@ struct Args {
     /// The stats tree root (as the agents' TWINPAGE_DIR).
     #[arg(long, env = "TWINPAGE_DIR", default_value = "/run/twinpage")]
     dir: PathBuf,
-    /// The socket agents connect to [default: <dir>/twinpaged.sock].
+    /// The socket agents connect to [default: DIR/twinpaged.sock].
     #[arg(long, env = "TWINPAGE_SOCKET")]
     socket: Option<PathBuf>,
     /// Permissions of the socket, in octal. The default lets only this

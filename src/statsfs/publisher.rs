@@ -48,7 +48,7 @@ enum Msg {
     Stop,
 }
 
-/// The publisher of one process (one [`Engine`]) into one tree; see the
+/// The publisher of one process (one [`Engine`](crate::Engine)) into one tree; see the
 /// [module documentation](super) for the layout and the rules.
 pub struct StatsTree {
     engine: Arc<dyn Source>,
