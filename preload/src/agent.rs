@@ -231,18 +231,14 @@ pub fn disable(why: &str) {
 
 /// A pipe whose write end only the child keeps: EOF tells the parent that
 /// the child has copied its inherited merged memory (or exec'd, or died).
-static FORK_PIPE: Mutex<Option<(c_int, c_int)>> = Mutex::new(None);
+static FORK_PIPE: Mutex<Option<(std::io::PipeReader, std::io::PipeWriter)>> = Mutex::new(None);
 
 extern "C" fn before_fork() {
     let _ = std::panic::catch_unwind(|| {
         let Some(a) = get() else { return };
         crate::forkchild::remember_stores(&a.engine.store_ids());
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two fds into the array.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0 {
-            if let Ok(mut g) = FORK_PIPE.try_lock() {
-                *g = Some((fds[0], fds[1]));
-            }
+        if let (Ok(pipe), Ok(mut g)) = (std::io::pipe(), FORK_PIPE.try_lock()) {
+            *g = Some(pipe);
         }
     });
 }
@@ -250,26 +246,14 @@ extern "C" fn before_fork() {
 /// In the parent: store pages are not freed until the child is done copying.
 extern "C" fn after_fork_parent() {
     let _ = std::panic::catch_unwind(|| {
-        let Some((rd, wr)) = FORK_PIPE.try_lock().ok().and_then(|mut g| g.take()) else { return };
-        // SAFETY: our own pipe's write end; the child holds its copy.
-        unsafe { libc::close(wr) };
-        let Some(a) = get() else {
-            // SAFETY: our own pipe's read end.
-            unsafe { libc::close(rd) };
-            return;
-        };
+        let Some((mut rd, wr)) = FORK_PIPE.try_lock().ok().and_then(|mut g| g.take()) else { return };
+        // The child holds its copy of the write end; ours goes now.
+        drop(wr);
+        let Some(a) = get() else { return };
         let hold = a.engine.hold_frees();
         let waiter = twinpage::threads::spawn("twinpage-fork", move || {
-            let mut b = [0u8; 1];
-            // SAFETY: reading one byte into our buffer from our pipe; returns 0
-            // (EOF) once the child closed its end.
-            while unsafe { libc::read(rd, b.as_mut_ptr().cast(), 1) } != 0 {
-                if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                    break;
-                }
-            }
-            // SAFETY: our own fd.
-            unsafe { libc::close(rd) };
+            // Until EOF: the child closed its end (interrupted reads are retried).
+            let _ = std::io::copy(&mut rd, &mut std::io::sink());
             drop(hold);
         });
         if waiter.is_err() {
@@ -305,14 +289,9 @@ extern "C" fn after_fork_child() {
             crate::forkchild::copy_inherited_store_mappings();
             MERGE_ANY_PENDING.store(merge_any, Ordering::SeqCst);
         }
-        // Copies done: the parent may free store pages again.
-        if let Some((rd, wr)) = FORK_PIPE.try_lock().ok().and_then(|mut g| g.take()) {
-            // SAFETY: the child's inherited copies of the pipe's fds.
-            unsafe {
-                libc::close(rd);
-                libc::close(wr);
-            }
-        }
+        // Copies done: the parent may free store pages again (dropping the
+        // child's copies of the pipe only closes them).
+        drop(FORK_PIPE.try_lock().ok().and_then(|mut g| g.take()));
     });
 }
 
