@@ -13,7 +13,7 @@
 //! - `advisor_mode` prints the choices with the current one in brackets,
 //!   see [`format_advisor_mode`].
 
-use crate::write::AdvisorMode;
+use crate::types::AdvisorMode;
 
 /// How an attribute prints its value (the `sysfs_emit` format of its
 /// `_show` function).

@@ -25,6 +25,7 @@ pub mod parse;
 pub mod procfs;
 pub mod sysfs;
 pub mod testutil;
+pub mod types;
 pub mod write;
 
 pub use attrs::{find, format_advisor_mode, Attr, ATTRS};

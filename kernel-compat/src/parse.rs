@@ -20,7 +20,7 @@
 //! Most KSM store functions turn any conversion error into `-EINVAL`; see
 //! [`crate::write::parse_write`] for which ones pass `ERANGE` through.
 
-use crate::write::WriteError;
+use crate::types::WriteError;
 
 /// The input as the kernel sees it: everything before the first NUL byte.
 fn c_str(s: &[u8]) -> &[u8] {
@@ -150,7 +150,7 @@ pub fn sysfs_streq(a: impl AsRef<[u8]>, b: impl AsRef<[u8]>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::write::WriteError::{Inval, Range};
+    use crate::types::WriteError::{Inval, Range};
 
     #[test]
     fn uint_accepts_kernel_forms() {
