@@ -1,7 +1,7 @@
 //! Engine micro-benchmarks:
 //!
 //! - `page_digest`: what the scanner spends per 4 KiB page: the xxh3_64 key
-//!   twinpage uses (`scan::page_hash`), blake3 for comparison, the zero-page
+//!   twinpage uses (`digest::page_hash`), blake3 for comparison, the zero-page
 //!   check and the byte comparison done under write-protect.
 //! - `stable_tree` / `unstable_tree`: tree operations at 1e5 and 1e6 entries
 //!   with random 64-bit keys.
@@ -20,8 +20,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use twinpage::bench_api::MergeHarness;
+use twinpage::digest::page_hash;
 use twinpage::merge::is_zero;
-use twinpage::scan::page_hash;
 use twinpage::sys::PAGE_SIZE;
 use twinpage::tree::{PageRef, StableTree, UnstableTree};
 

@@ -28,7 +28,7 @@ use std::os::fd::AsFd;
 
 use crate::merge::{fill_and_move, is_zero, reapply_advice};
 use crate::region::Region;
-use crate::scan::Shared;
+use crate::state::Shared;
 use crate::sys::pagemap::PageEntry;
 use crate::sys::{file as sysfile, PAGE_SIZE};
 

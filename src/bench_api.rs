@@ -3,7 +3,7 @@
 //! It drives the real merge primitive ([`merge::merge_run`]: write-protect,
 //! pagemap check, byte compare, remap, wake) on memory of this process,
 //! without the engine's threads, so `benches/engine.rs` can time exactly one
-//! merge call. It builds a [`Shared`] and [`Core`](crate::scan::Core) the way
+//! merge call. It builds a [`Shared`] and [`Core`](crate::state::Core) the way
 //! `Engine::new` does and registers anonymous mappings the way
 //! `Engine::register` does (`register_wp`, then a [`Region`]).
 //!
@@ -19,11 +19,12 @@ use std::time::{Duration, Instant};
 
 use memmap2::{Advice, MmapMut};
 
+use crate::digest;
 use crate::maps::MappingKind;
 use crate::merge::{self, Item, RunKind};
 use crate::primitive::Arc;
 use crate::region::{Mergeability, PageRecord, PageState, Region};
-use crate::scan::{self, Shared};
+use crate::state::Shared;
 use crate::store::Store;
 use crate::sys::pagemap::Pagemap;
 use crate::sys::uffd::Userfaultfd;
@@ -89,7 +90,7 @@ impl MergeHarness {
             fill_page(page, pos);
         }
         let source = register(&sh, &map)?;
-        let keys: Vec<u64> = (0..SOURCE_PAGES).map(|pos| scan::page_hash(&content(pos))).collect();
+        let keys: Vec<u64> = (0..SOURCE_PAGES).map(|pos| digest::page_hash(&content(pos))).collect();
 
         let mut stores = Vec::with_capacity(SOURCE_PAGES);
         let mut items = Vec::with_capacity(SOURCE_PAGES);

@@ -104,7 +104,7 @@ fn max_map_count(processes: &[ProcessEntry]) -> Finding {
             "max_map_count",
             format!(
                 "vm.max_map_count={now}: about {} MiB of scattered duplicates per process can merge (kernel KSM has no such limit)",
-                (crate::scan::MapBudget::limit_for(now as usize) * crate::sys::PAGE_SIZE) >> 20
+                (crate::map_budget::MapBudget::limit_for(now as usize) * crate::sys::PAGE_SIZE) >> 20
             ),
             "`sysctl -w vm.max_map_count=1048576` (Fedora's, Ubuntu's and Arch's default), or run twinpaged as root",
         ),

@@ -9,13 +9,15 @@ use std::time::Duration;
 use crate::maps::{self, MappingKind};
 use crate::primitive::{Arc, AtomicBool, Mutex, Ordering};
 use crate::region::{Mergeability, PageRecord, Region};
-use crate::scan::{self, Shared};
+use crate::scan;
+use crate::state::{self, Shared};
 use crate::stats::KsmStats;
 use crate::store::{Store, StoreError};
 use crate::sys::pagemap::Pagemap;
 use crate::sys::uffd::{self, UffdError, UffdMsg, Userfaultfd};
 use crate::sys::PAGE_SIZE;
 use crate::tunables::{AdvisorMode, TunableError, Tunables};
+use crate::unmerge;
 use crate::warn_once;
 use kernel_compat::WriteError;
 
@@ -106,7 +108,7 @@ impl Engine {
             shutdown: AtomicBool::new(false),
             wakeup: Wakeup { generation: std::sync::Mutex::new(0), cond: std::sync::Condvar::new() },
         });
-        scan::publish(&inner.sh);
+        state::publish(&inner.sh);
         Ok(Self { inner, threads: Mutex::new(Vec::new()) })
     }
 
@@ -306,7 +308,7 @@ impl Engine {
             result = Err(EngineError::Unmapped);
         }
         if added {
-            scan::publish(sh);
+            state::publish(sh);
             self.start_threads()?;
             self.kick();
         }
@@ -370,7 +372,7 @@ impl Engine {
             let to = (end.min(r.end()) - r.start) / PAGE_SIZE;
             let mut core = sh.core.lock();
             if unmerge && !st.failed {
-                scan::unmerge_range(sh, r, &mut st, &mut core, from, to);
+                unmerge::unmerge_range(sh, r, &mut st, &mut core, from, to);
             }
             st.dead = true;
             let records = std::mem::take(&mut st.records);
@@ -408,7 +410,7 @@ impl Engine {
             core.drop_records(sh, &mut recs);
         }
         drop(core);
-        scan::publish(sh);
+        state::publish(sh);
         Ok(())
     }
 
@@ -431,13 +433,13 @@ impl Engine {
                 let from = (addr.max(r.start) - r.start) / PAGE_SIZE;
                 let to = (end.min(r.end()) - r.start) / PAGE_SIZE;
                 let mut core = sh.core.lock();
-                scan::restore_range(sh, r, &mut st, &mut core, from, to);
+                unmerge::restore_range(sh, r, &mut st, &mut core, from, to);
             }
             guards.push(st);
         }
         let out = discard();
         drop(guards);
-        scan::publish(sh);
+        state::publish(sh);
         out
     }
 
@@ -527,9 +529,9 @@ impl Engine {
             let Some(text) = crate::tunables::model_write(name, chunk, &self.write_context())? else { continue };
             self.set_attr(name, &text)?;
             if name == "run" && self.tunables().run() == 2 {
-                scan::unmerge_all(&self.inner.sh);
+                unmerge::unmerge_all(&self.inner.sh);
             }
-            scan::publish(&self.inner.sh);
+            state::publish(&self.inner.sh);
         }
         Ok(())
     }
@@ -551,7 +553,7 @@ impl Engine {
     /// scanner's last batch).
     pub fn stats_now(&self) -> KsmStats {
         scan::recheck_zero_pages(&self.inner.sh);
-        scan::publish(&self.inner.sh);
+        state::publish(&self.inner.sh);
         self.stats()
     }
 
@@ -671,8 +673,8 @@ fn scanner_main(inner: &Inner) {
         // `run` says: the operator asked for those pages not to be shared.
         let now = t.merge_mode();
         if now > mode {
-            scan::unmerge_disallowed(sh, now);
-            scan::publish(sh);
+            unmerge::unmerge_disallowed(sh, now);
+            state::publish(sh);
         }
         mode = now;
         match t.run() {
@@ -683,8 +685,8 @@ fn scanner_main(inner: &Inner) {
             }
             2 => {
                 if !unmerged {
-                    scan::unmerge_all(sh);
-                    scan::publish(sh);
+                    unmerge::unmerge_all(sh);
+                    state::publish(sh);
                     unmerged = true;
                 }
                 nap(inner, 1000);
@@ -709,7 +711,7 @@ fn scanner_main(inner: &Inner) {
         let began = std::time::Instant::now();
         if budget > 0 {
             scan::scan_pages(sh, budget);
-            scan::publish(sh);
+            state::publish(sh);
         }
         // sleep_millisecs=0 makes ksmd one thread flat out, one core for
         // every process. Agents of one daemon each scan their own process,

@@ -11,7 +11,7 @@
 
 use std::io;
 
-use crate::scan::MapBudget;
+use crate::map_budget::MapBudget;
 use crate::statsfs::{ProcessEntry, Tree};
 
 const SYSCTL: &str = "/proc/sys/vm/max_map_count";

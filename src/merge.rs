@@ -17,13 +17,13 @@
 
 use crate::guest::read_page;
 use crate::region::{PageRecord, PageState, Region, RegionState};
-use crate::scan::{Core, Shared};
+use crate::state::{Core, Shared};
 use crate::sys::{mman, PAGE_SIZE};
 use crate::warn_once;
 
 pub(crate) mod cow;
 pub(crate) mod pin;
-pub use pin::{pin_guard_enabled, Scratch};
+pub use pin::pin_guard_enabled;
 
 /// What a run does with its pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,7 +289,7 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
         if let Ok(ptr) = sh.store.page_ptr(s) {
             // SAFETY: a store page just filled; nothing writes it again.
             let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, PAGE_SIZE) };
-            core.stable.rekey(s, crate::scan::page_hash(bytes));
+            core.stable.rekey(s, crate::digest::page_hash(bytes));
         }
     }
     settle(sh, region, st, core, items, kind, &ok);

@@ -246,7 +246,7 @@ impl Domain {
             .map(|p| {
                 let ok = h.uploads.remove(&p.store).is_some_and(|digest| {
                     digest == p.digest
-                        && crate::scan::page_hash(&p.bytes[..]) == digest
+                        && crate::digest::page_hash(&p.bytes[..]) == digest
                         && self.stable.node(p.store).is_some_and(|n| !n.filled())
                         && self.write_page(p.store, &p.bytes[..])
                 });

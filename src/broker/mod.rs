@@ -166,7 +166,7 @@ impl Broker {
         // gets no orders for content the mode excludes (a zero digest is
         // checked against the bytes on upload and by the agent on join).
         let mode = self.tunables.merge_mode();
-        let allowed: Vec<Candidate> = items.iter().filter(|c| mode.allows(c.digest == crate::scan::zero_hash())).copied().collect();
+        let allowed: Vec<Candidate> = items.iter().filter(|c| mode.allows(c.digest == crate::digest::zero_hash())).copied().collect();
         let Some((d, h)) = self.parts(agent) else { return Vec::new() };
         let orders = d.scan(agent, h, &allowed, max, max_proposals);
         let uploads = orders.iter().filter(|o| o.kind == proto::OrderKind::Upload).count();
@@ -294,7 +294,7 @@ mod tests {
     }
 
     fn cand(token: u64, p: &[u8; PAGE], stable: bool) -> Candidate {
-        Candidate { token, digest: crate::scan::page_hash(&p[..]), stable }
+        Candidate { token, digest: crate::digest::page_hash(&p[..]), stable }
     }
 
     #[test]

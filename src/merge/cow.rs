@@ -21,7 +21,7 @@
 use std::time::Duration;
 
 use crate::region::{PageRecord, PageState};
-use crate::scan::Shared;
+use crate::state::Shared;
 use crate::sys::PAGE_SIZE;
 use crate::warn_once;
 

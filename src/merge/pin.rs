@@ -27,12 +27,13 @@
 //! without `UFFDIO_MOVE`) is never merged (see docs/architecture.md, "Pinned pages").
 
 use crate::region::{PageRecord, Region, RegionState};
-use crate::scan::{Core, Shared};
+use crate::state::{Core, Shared};
 use crate::sys::{mman, PAGE_SIZE};
 use crate::warn_once;
 
 use super::{is_zero, Item, RunKind};
 use crate::guest::guest_page;
+use crate::scratch::Scratch;
 
 /// The environment switch of the pin check: `TWINPAGE_PIN_GUARD` = a
 /// kernel boolean, or `strict` (the same as on; the preload refuses
@@ -126,39 +127,6 @@ pub(crate) fn note_uncheckable(sh: &Shared, region: &Region) {
     }
 }
 
-/// An anonymous mapping registered with the engine's userfaultfd, where
-/// pages wait while they are checked. Empty between merges.
-#[derive(Debug)]
-pub struct Scratch {
-    addr: usize,
-    pages: usize,
-    prot: libc::c_int,
-}
-
-impl Scratch {
-    fn new(sh: &Shared, pages: usize, prot: libc::c_int) -> std::io::Result<Self> {
-        let len = pages * PAGE_SIZE;
-        // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
-        let addr = unsafe { mman::raw_mmap(0, len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)? };
-        let s = Self { addr, pages, prot };
-        // UFFDIO_MOVE wants its destination registered with the same
-        // userfaultfd; write-protect mode is the one twinpage has anyway.
-        sh.uffd.register_wp(addr, len)?;
-        Ok(s)
-    }
-
-    fn page(&self, i: usize) -> usize {
-        self.addr + i * PAGE_SIZE
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping; nothing refers into it between merges.
-        let _ = unsafe { mman::raw_munmap(self.addr, self.pages * PAGE_SIZE) };
-    }
-}
-
 /// A run whose equal pages were moved to the scratch mapping.
 pub(super) struct Moved<'a> {
     scratch: parking_lot::MappedMutexGuard<'a, Scratch>,
@@ -189,9 +157,9 @@ pub(super) fn check<'a>(
     // UFFDIO_MOVE wants both mappings to have the same protection.
     let region_prot = region.prot;
     let mut slot = sh.scratch.lock();
-    if slot.as_ref().is_none_or(|s| s.pages < n || s.prot != region_prot) {
+    if slot.as_ref().is_none_or(|s| !s.fits(n, region_prot)) {
         *slot = None;
-        match Scratch::new(sh, n.max(64), region_prot) {
+        match Scratch::new(&sh.uffd, n.max(64), region_prot) {
             Ok(s) => *slot = Some(s),
             Err(e) => {
                 warn_once!("pin-scratch", "twinpage: cannot set up the pin check's scratch mapping: {e}; not merging");

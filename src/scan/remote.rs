@@ -4,12 +4,12 @@
 
 use std::time::Instant;
 
-use super::{Core, Shared};
 use crate::broker::proto::{Candidate, FillPage, OrderKind, PAGE};
 use crate::guest::read_page;
 use crate::link::Link;
 use crate::merge::Item;
 use crate::region::{PageRecord, Region};
+use crate::state::{Core, Shared};
 
 /// A page's name in messages: region id and page index.
 pub fn token(region: u32, page: usize) -> u64 {

@@ -1,0 +1,44 @@
+//! The scratch mapping where the pin check parks a run's pages while it
+//! looks at them: owned, unmapped on drop.
+
+use crate::sys::uffd::Userfaultfd;
+use crate::sys::{mman, PAGE_SIZE};
+
+/// An anonymous mapping registered with the engine's userfaultfd, where
+/// pages wait while they are checked. Empty between merges.
+#[derive(Debug)]
+pub struct Scratch {
+    addr: usize,
+    pages: usize,
+    prot: libc::c_int,
+}
+
+impl Scratch {
+    pub(crate) fn new(uffd: &Userfaultfd, pages: usize, prot: libc::c_int) -> std::io::Result<Self> {
+        let len = pages * PAGE_SIZE;
+        // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
+        let addr = unsafe { mman::raw_mmap(0, len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)? };
+        let s = Self { addr, pages, prot };
+        // UFFDIO_MOVE wants its destination registered with the same
+        // userfaultfd; write-protect mode is the one twinpage has anyway.
+        uffd.register_wp(addr, len)?;
+        Ok(s)
+    }
+
+    /// Whether it holds `pages` pages with protection `prot` (a move needs
+    /// the same protection on both sides).
+    pub(crate) fn fits(&self, pages: usize, prot: libc::c_int) -> bool {
+        self.pages >= pages && self.prot == prot
+    }
+
+    pub(crate) fn page(&self, i: usize) -> usize {
+        self.addr + i * PAGE_SIZE
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; nothing refers into it between merges.
+        let _ = unsafe { mman::raw_munmap(self.addr, self.pages * PAGE_SIZE) };
+    }
+}

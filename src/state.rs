@@ -1,0 +1,362 @@
+//! The engine's state: what its threads share ([`Shared`]), and the trees,
+//! store allocation, counters and cursor one batch decides on ([`Core`],
+//! behind one lock). The scanner, the merge protocol, the fault thread and
+//! unmerging all work on it; it knows none of them.
+
+use crate::inflight::InFlight;
+use crate::map_budget::MapBudget;
+use crate::primitive::{Arc, RwLock};
+use crate::region::{PageRecord, PageState, Region, RegionState, Registry};
+use crate::scan::advisor;
+use crate::stats::{KsmStats, Stats};
+use crate::store::{Store, StoreAlloc};
+use crate::sys::pagemap::Pagemap;
+use crate::sys::uffd::Userfaultfd;
+use crate::sys::PAGE_SIZE;
+use crate::tree::{StableTree, UnstableTree};
+use crate::tunables::Tunables;
+use crate::warn_once;
+
+/// What the engine's threads share.
+#[derive(Debug)]
+pub struct Shared {
+    pub uffd: Userfaultfd,
+    pub pagemap: Pagemap,
+    pub store: Store,
+    pub inflight: InFlight,
+    pub tunables: Tunables,
+    pub stats: Stats,
+    pub registry: RwLock<Registry>,
+    pub core: crate::primitive::Mutex<Core>,
+    /// Where twinpaged is, if this engine should use it.
+    pub daemon: parking_lot::Mutex<Option<crate::link::DaemonConfig>>,
+    /// The daemon socket's fd while connected (-1 otherwise), for a forked
+    /// child to close without touching the core lock.
+    pub daemon_fd: std::sync::atomic::AtomicI32,
+    /// Where the pin check moves pages while it looks at them (`merge::pin`).
+    pub scratch: parking_lot::Mutex<Option<crate::scratch::Scratch>>,
+    /// Every store this process may map: its own and each daemon's it was
+    /// linked to (mappings of a store outlive the link that brought it).
+    pub stores: parking_lot::Mutex<Vec<crate::sys::file::FileId>>,
+}
+
+impl Shared {
+    /// A fresh engine's state around its kernel handles and store.
+    pub fn new(uffd: Userfaultfd, pagemap: Pagemap, store: Store) -> Self {
+        let stores = store.file_id().into_iter().collect();
+        Self {
+            stores: parking_lot::Mutex::new(stores),
+            uffd,
+            pagemap,
+            store,
+            inflight: InFlight::default(),
+            tunables: Tunables::default(),
+            stats: Stats::default(),
+            registry: RwLock::new(Registry::default()),
+            core: crate::primitive::Mutex::new(Core::new(crate::maps::max_map_count())),
+            daemon: parking_lot::Mutex::new(None),
+            daemon_fd: std::sync::atomic::AtomicI32::new(-1),
+            scratch: parking_lot::Mutex::new(None),
+        }
+    }
+}
+
+/// Exact counts, kept under the core lock.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub pages_scanned: u64,
+    pub pages_skipped: u64,
+    pub full_scans: u64,
+    /// Pages dropped to the kernel's zero page (records in `Zero` state).
+    pub zero_pages: u64,
+    /// Of `zero_pages`, those dropped while `use_zero_pages` was 0: the
+    /// kernel would have merged them into a KSM page of zeros, and the
+    /// published counts show them that way (`Core::snapshot`).
+    pub zero_as_ksm: u64,
+    /// Records in `Hashed` state.
+    pub hashed: u64,
+    pub merge_runs: u64,
+    pub cow_breaks: u64,
+    /// Copy-on-write breaks the kernel made inside a store mapping.
+    pub cow_in_place: u64,
+    pub mismatches: u64,
+    /// Merges refused because the page was pinned (in-flight I/O) or not
+    /// exclusive to this process (`UFFDIO_MOVE` said `EBUSY`).
+    pub pinned_skipped: u64,
+    /// Pages merged without the pin check (TWINPAGE_PIN_GUARD=0).
+    pub merges_unchecked: u64,
+    /// Scans of pages no pin check can cover, passed over.
+    pub uncheckable_skipped: u64,
+    pub records_bytes: u64,
+    pub registered_pages: u64,
+    pub unmergeable_pages: u64,
+    /// Records merged into a daemon's store (REMOTE or ORPHAN).
+    pub daemon_merged: u64,
+    /// Merges held back because the store's filesystem was full.
+    pub store_full: u64,
+    /// Changes the scanner saw: a page's checksum changed, a page merged or
+    /// was written after merging, memory was registered. A full scan that
+    /// saw none was idle.
+    pub activity: u64,
+}
+
+/// Where the scanner is.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cursor {
+    pub region_start: usize,
+    pub page: usize,
+    /// The cursor has passed no region yet in this full scan.
+    pub fresh: bool,
+}
+
+/// Trees, store allocation and counts: everything one batch decides on.
+#[derive(Debug)]
+pub struct Core {
+    pub stable: StableTree,
+    pub unstable: UnstableTree,
+    pub alloc: StoreAlloc,
+    pub counters: Counters,
+    pub map_budget: MapBudget,
+    pub cursor: Cursor,
+    /// While non-zero, freed store pages are neither punched nor reused (a
+    /// forked child may still map them until it has made its own copies).
+    pub free_holds: u32,
+    pub deferred_frees: Vec<u32>,
+    /// The link to twinpaged, while connected.
+    pub remote: Option<crate::link::Link>,
+    /// The link broke and REMOTE records have not all been made orphans yet:
+    /// no new link until they have (their keys name the old daemon's pages).
+    pub remote_lost: bool,
+    /// The agent id of the link that broke last, while its orphans
+    /// (LAST_LINK) may still be taken back by the same daemon.
+    pub last_link: Option<u32>,
+    /// `counters.activity` when the last full scan ended.
+    activity_mark: u64,
+    /// Full scans in a row that saw no activity.
+    quiet_scans: u32,
+    /// The scan-time advisor (`advisor_mode=scan-time`).
+    advisor: advisor::Advisor,
+}
+
+impl Core {
+    pub fn new(max_map_count: usize) -> Self {
+        Self {
+            stable: StableTree::default(),
+            unstable: UnstableTree::default(),
+            alloc: StoreAlloc::default(),
+            counters: Counters::default(),
+            map_budget: MapBudget::new(max_map_count),
+            cursor: Cursor { fresh: true, ..Default::default() },
+            free_holds: 0,
+            deferred_frees: Vec::new(),
+            remote: None,
+            remote_lost: false,
+            last_link: None,
+            activity_mark: 0,
+            quiet_scans: 0,
+            advisor: advisor::Advisor::default(),
+        }
+    }
+
+    /// Whether nothing changed during the last full scan nor since.
+    pub fn idle(&self) -> bool {
+        self.quiet_scans > 0 && self.counters.activity == self.activity_mark
+    }
+
+    /// A merged record stops mapping its store page: the reference goes back
+    /// to whoever counts it (our stable tree, or the daemon's broker).
+    pub fn release_record(&mut self, sh: &Shared, rec: &mut PageRecord) {
+        if rec.flags() & (PageRecord::REMOTE | PageRecord::ORPHAN) != 0 {
+            self.counters.daemon_merged -= 1;
+            // A page of a link that broke is simply not claimed when the
+            // daemon hands that link's references over (`Holding`).
+            if let (Some(link), true) = (self.remote.as_mut(), rec.flags() & PageRecord::REMOTE != 0) {
+                link.released.push(rec.key());
+            }
+            rec.clear_flags(PageRecord::REMOTE | PageRecord::ORPHAN | PageRecord::LAST_LINK);
+        } else {
+            self.release(sh, rec.key());
+        }
+    }
+
+    /// The link to the daemon broke: go on alone.
+    pub fn lose_remote(&mut self, sh: &Shared, why: &crate::link::LinkError) {
+        if let Some(link) = self.remote.take() {
+            self.last_link = Some(link.agent_id);
+            sh.daemon_fd.store(-1, std::sync::atomic::Ordering::SeqCst);
+            let why = crate::link::chain(why);
+            log::warn!("twinpage: lost twinpaged ({why}); this process merges its own pages until it is back");
+            self.remote_lost = true;
+            self.counters.activity += 1;
+        }
+    }
+
+    /// Whether the page's checksum is the one recorded at its last visit
+    /// (unchanged for a scan: it may enter the unstable tree); if not, records
+    /// `cks` for the next visit.
+    pub fn note_checksum(&mut self, rec: &mut PageRecord, cks: u32) -> bool {
+        if rec.state() == PageState::Hashed && rec.key() == cks {
+            return true;
+        }
+        if rec.state() != PageState::Hashed {
+            self.counters.hashed += 1;
+        }
+        self.counters.activity += 1;
+        rec.set_state(PageState::Hashed);
+        rec.set_key(cks);
+        false
+    }
+
+    /// Clears a `Hashed` record's place in the counts.
+    pub fn forget_hashed(&mut self, rec: &PageRecord) {
+        if rec.state() == PageState::Hashed {
+            self.counters.hashed -= 1;
+        }
+    }
+
+    /// Returns a store page nobody maps any more.
+    pub fn free_store_page(&mut self, sh: &Shared, idx: u32) {
+        if self.free_holds > 0 {
+            self.deferred_frees.push(idx);
+            return;
+        }
+        if let Err(e) = sh.store.punch(idx, 1) {
+            warn_once!("punch", "twinpage: cannot free store pages: {e}");
+        }
+        self.alloc.free(idx);
+    }
+
+    /// A merged page stopped sharing its store page.
+    pub fn release(&mut self, sh: &Shared, idx: u32) {
+        if self.stable.release(idx) {
+            self.free_store_page(sh, idx);
+        }
+    }
+
+    /// Drops every record of `records` from the trees and counts. For merged
+    /// pages the caller guarantees their mappings are gone or unmerged.
+    pub fn drop_records(&mut self, sh: &Shared, records: &mut [PageRecord]) {
+        for rec in records.iter_mut() {
+            match rec.state() {
+                PageState::Hashed => self.counters.hashed -= 1,
+                PageState::Merged => self.release_record(sh, rec),
+                PageState::Zero => self.zero_gone(rec),
+                PageState::None => {}
+            }
+            rec.set_state(PageState::None);
+        }
+    }
+
+    /// A page now maps the zero page; `as_ksm`: `use_zero_pages` is 0, so
+    /// it counts as the kernel's merge into a KSM page of zeros.
+    pub fn zero_added(&mut self, rec: &mut PageRecord, as_ksm: bool) {
+        rec.set_state(PageState::Zero);
+        rec.set_key(u32::from(as_ksm));
+        self.counters.zero_pages += 1;
+        self.counters.zero_as_ksm += u64::from(as_ksm);
+    }
+
+    /// A `Zero` record stops mapping the zero page (its state is the caller's).
+    pub fn zero_gone(&mut self, rec: &PageRecord) {
+        self.counters.zero_pages -= 1;
+        self.counters.zero_as_ksm -= u64::from(rec.key() == 1);
+    }
+
+    /// The published view of the counts. Zero pages dropped while
+    /// `use_zero_pages` was 0 show as the kernel shows them: merged into KSM
+    /// pages of zeros, each shared by at most `max_sharing` mappings
+    /// (`pages_shared` the pages, `pages_sharing` the rest), not in
+    /// `ksm_zero_pages`; what is saved is the same either way.
+    pub fn snapshot(&self, regions: u64, store_bytes: u64, max_sharing: u64) -> KsmStats {
+        let c = &self.counters;
+        let zero_shared = c.zero_as_ksm.div_ceil(max_sharing.max(2));
+        let shared = self.stable.pages_shared() + zero_shared;
+        let sharing = self.stable.pages_sharing() + (c.zero_as_ksm - zero_shared);
+        let unshared = self.unstable.len();
+        let rmap_items = c.hashed + shared + sharing + c.daemon_merged;
+        let metadata = c.records_bytes
+            + self.stable.metadata_bytes()
+            + self.unstable.metadata_bytes()
+            + self.alloc.metadata_bytes()
+            + regions * std::mem::size_of::<Region>() as u64;
+        let saved = (self.stable.pages_sharing() + c.zero_pages) * PAGE_SIZE as u64;
+        KsmStats {
+            pages_shared: shared,
+            pages_sharing: sharing,
+            pages_unshared: unshared,
+            pages_volatile: c.hashed.saturating_sub(unshared),
+            pages_scanned: c.pages_scanned,
+            pages_skipped: c.pages_skipped,
+            full_scans: c.full_scans,
+            ksm_zero_pages: c.zero_pages - c.zero_as_ksm,
+            stable_node_chains: self.stable.chains(),
+            stable_node_dups: self.stable.dups(),
+            rmap_items,
+            twinpage_metadata_bytes: metadata,
+            twinpage_mappings_added: self.map_budget.added_total,
+            twinpage_map_count: self.map_budget.current() as u64,
+            twinpage_map_limit: self.map_budget.limit as u64,
+            twinpage_merges_held_back: self.map_budget.held_back,
+            twinpage_pages_held_back: self.map_budget.held_last_pass,
+            twinpage_merge_runs: c.merge_runs,
+            twinpage_cow_breaks: c.cow_breaks,
+            twinpage_cow_in_place: c.cow_in_place,
+            twinpage_merge_mismatches: c.mismatches,
+            twinpage_pinned_skipped: c.pinned_skipped,
+            twinpage_merges_unchecked: c.merges_unchecked,
+            twinpage_uncheckable_skipped: c.uncheckable_skipped,
+            twinpage_pages_unmergeable: c.unmergeable_pages,
+            twinpage_pages_registered: c.registered_pages,
+            twinpage_merging_pages: self.stable.sharers() + c.daemon_merged + c.zero_as_ksm,
+            twinpage_daemon_merged: c.daemon_merged,
+            twinpage_daemon_agents: u64::from(self.remote.is_some()),
+            twinpage_store_bytes: store_bytes,
+            twinpage_store_full: c.store_full,
+            general_profit: saved as i64 - metadata as i64,
+        }
+    }
+
+    pub(crate) fn end_full_scan(&mut self, sh: &Shared) {
+        self.counters.full_scans += 1;
+        // Under twinpaged the rate is one budget for all its agents; the
+        // advisor steers a process merging on its own.
+        if self.remote.is_none() {
+            self.advisor.full_scan_ended(&sh.tunables);
+        }
+        if self.counters.activity == self.activity_mark {
+            self.quiet_scans = self.quiet_scans.saturating_add(1);
+        } else {
+            self.quiet_scans = 0;
+        }
+        self.activity_mark = self.counters.activity;
+        self.unstable.clear();
+        self.map_budget.recount_at_full_scan();
+        if let Some(link) = self.remote.as_mut() {
+            if let Err(e) = link.full_scan() {
+                self.lose_remote(sh, &e);
+            }
+        }
+    }
+}
+
+/// Runs `f` on every live region, under its lock and then the core lock
+/// (the engine's lock order).
+pub(crate) fn each_live_region(sh: &Shared, mut f: impl FnMut(&Region, &mut RegionState, &mut Core)) {
+    let regions: Vec<Arc<Region>> = sh.registry.read().iter().cloned().collect();
+    for r in regions {
+        let mut st = r.state.write();
+        if st.dead {
+            continue;
+        }
+        let mut core = sh.core.lock();
+        f(&r, &mut st, &mut core);
+    }
+}
+
+/// Publishes the counts.
+pub fn publish(sh: &Shared) {
+    let regions = { sh.registry.read().len() as u64 };
+    let store_bytes = sh.store.allocated_bytes().unwrap_or(0);
+    let snap = sh.core.lock().snapshot(regions, store_bytes, u64::from(sh.tunables.max_page_sharing()));
+    sh.stats.publish(&snap);
+}
