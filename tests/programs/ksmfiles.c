@@ -16,16 +16,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ksmfiles.h"
+
 #define PS 4096
 #define PAGES 64
-
-static long read_fd(int fd) {
-    char buf[64];
-    ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
-    if (n <= 0) return -1;
-    buf[n] = 0;
-    return strtol(buf, NULL, 10);
-}
 
 static long read_path(const char *path) {
     FILE *f = fopen(path, "r");
@@ -63,15 +57,6 @@ static const char *stdio_write(const char *path, const char *s) {
     int r = fclose(f);
     snprintf(res, sizeof res, "%d %s", r, r ? strerrorname_np(errno) : "-");
     return res;
-}
-
-static int wait_scans(int fd, long n) {
-    long start = read_fd(fd);
-    for (int i = 0; i < 60000; i++) {
-        if (read_fd(fd) >= start + n) return 1;
-        usleep(1000);
-    }
-    return 0;
 }
 
 int main(void) {

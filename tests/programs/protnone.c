@@ -17,25 +17,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "ksmfiles.h"
+
 #define PS 4096
 #define PAGES 512
-
-static long read_fd(int fd) {
-    char buf[64];
-    ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
-    if (n <= 0) return -1;
-    buf[n] = 0;
-    return strtol(buf, NULL, 10);
-}
-
-static int wait_scans(int fd, long n) {
-    long start = read_fd(fd);
-    for (int i = 0; i < 60000; i++) {
-        if (read_fd(fd) >= start + n) return 1;
-        usleep(1000);
-    }
-    return 0;
-}
 
 /* How many pages of [m, m+pages) share their frame with another, once
  * each is faulted in by a read through /proc/self/mem. */
