@@ -10,7 +10,6 @@
 pub(crate) mod anonymize;
 #[doc(hidden)]
 pub mod bench_api;
-pub mod benchcmd;
 pub mod broker;
 pub mod digest;
 pub mod doctor;

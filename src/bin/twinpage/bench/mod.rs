@@ -270,7 +270,7 @@ fn run_side(a: &BenchArgs, side: Side) -> Result<SideResult, String> {
     let mut last_print = Instant::now();
     let mut done = false;
     loop {
-        if crate::sys::signals::interrupted() {
+        if twinpage::sys::signals::interrupted() {
             kill(&mut child);
             return Err("interrupted".into());
         }
@@ -341,7 +341,7 @@ pub fn main(a: &BenchArgs) -> i32 {
         eprintln!("twinpage bench: {}: {e}", a.out.display());
         return 1;
     }
-    crate::sys::signals::install_handlers();
+    twinpage::sys::signals::install_handlers();
     let saved = match k.save() {
         Ok(s) => s,
         Err(e) => {
@@ -358,7 +358,7 @@ pub fn main(a: &BenchArgs) -> i32 {
             return 1;
         }
     }
-    if crate::sys::signals::interrupted() {
+    if twinpage::sys::signals::interrupted() {
         eprintln!("twinpage bench: interrupted");
         return 130;
     }
@@ -389,7 +389,7 @@ fn run_both(a: &BenchArgs, k: &SavedKsm) -> i32 {
         match qemu::preflight(a, sides.contains(&Side::Twinpage)).and_then(|()| qemu::run_baseline(a)) {
             Ok(ms) => alone_ms = Some(ms),
             Err(e) => {
-                if !crate::sys::signals::interrupted() {
+                if !twinpage::sys::signals::interrupted() {
                     eprintln!("twinpage bench: {e}");
                 }
                 return 1;
@@ -435,7 +435,7 @@ fn run_both(a: &BenchArgs, k: &SavedKsm) -> i32 {
                 results.push(r)
             }
             Err(e) => {
-                if !crate::sys::signals::interrupted() {
+                if !twinpage::sys::signals::interrupted() {
                     eprintln!("twinpage bench: {e}");
                 }
                 return 1;

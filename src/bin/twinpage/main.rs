@@ -11,6 +11,8 @@
 //!
 //! `--dir` defaults to `$TWINPAGE_DIR`, else `/run/twinpage`.
 
+mod bench;
+
 use std::collections::VecDeque;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -109,10 +111,10 @@ enum Cmd {
         dir: Option<PathBuf>,
     },
     /// Run one workload under kernel KSM and under twinpage, and compare (root).
-    Bench(twinpage::benchcmd::BenchArgs),
+    Bench(bench::BenchArgs),
     /// One side of `bench`, in its own process.
     #[command(hide = true)]
-    BenchWorker(twinpage::benchcmd::WorkerArgs),
+    BenchWorker(bench::WorkerArgs),
 }
 
 fn main() {
@@ -127,8 +129,8 @@ fn main() {
         Cmd::Doctor { dir } => doctor(&tree(dir)),
         Cmd::Set { attr, value, dir } => set(&tree(dir), &attr, &value),
         Cmd::Top { dir, interval, once } => top(&tree(dir), interval.max(50), once),
-        Cmd::Bench(a) => twinpage::benchcmd::main(&a),
-        Cmd::BenchWorker(a) => twinpage::benchcmd::worker_main(&a),
+        Cmd::Bench(a) => bench::main(&a),
+        Cmd::BenchWorker(a) => bench::worker_main(&a),
     };
     std::process::exit(code);
 }

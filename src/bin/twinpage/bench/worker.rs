@@ -2,7 +2,7 @@
 //!
 //! Fills anonymous memory with the workload, then hands it to kernel KSM
 //! (`MADV_MERGEABLE`; the parent has set the kernel's tunables and `run=1`)
-//! or to a [`crate::Engine`] with the same tunables, samples the sharing
+//! or to a [`twinpage::Engine`] with the same tunables, samples the sharing
 //! every 50 ms until it reaches the achievable sharing or a plateau, and
 //! measures. It speaks to the parent in lines on stdout:
 //! `info KEY VALUE`, `s T_MS SAVED_PAGES` (samples) and `r KEY VALUE`
@@ -18,7 +18,7 @@ use kernel_compat::sysfs::KsmSysfs;
 use super::proc;
 use super::workload::{fill, Plan, Shape};
 use super::{Side, WorkerArgs};
-use crate::Engine;
+use twinpage::Engine;
 
 const PAGE: usize = 4096;
 

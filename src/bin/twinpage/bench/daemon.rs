@@ -77,7 +77,7 @@ impl Daemon {
     fn wait_for(&mut self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         while !done() {
-            if crate::sys::signals::interrupted() {
+            if twinpage::sys::signals::interrupted() {
                 return Err("interrupted".into());
             }
             if !matches!(self.child.try_wait(), Ok(None)) {

@@ -281,7 +281,7 @@ fn run(a: &BenchArgs, mode: Mode, target: Option<u64>) -> Result<SideResult, Str
     let enough_passes = || logs.iter().all(|l| console(l).verify_ms.len() >= a.guest_passes);
     let converge = loop {
         std::thread::sleep(Duration::from_millis(50));
-        if crate::sys::signals::interrupted() {
+        if twinpage::sys::signals::interrupted() {
             return Err("interrupted".into());
         }
         if let Some(pid) = guests.0.iter_mut().find_map(|g| (!matches!(g.try_wait(), Ok(None))).then(|| g.id())) {
