@@ -3,7 +3,7 @@
 //! It drives the real merge primitive ([`merge::merge_run`]: write-protect,
 //! pagemap check, byte compare, remap, wake) on memory of this process,
 //! without the engine's threads, so `benches/engine.rs` can time exactly one
-//! merge call. It builds a [`Shared`] and [`Core`](crate::state::Core) the way
+//! merge call. It builds a `Shared` and `Core` the way
 //! `Engine::new` does and registers anonymous mappings the way
 //! `Engine::register` does (`register_wp`, then a [`Region`]).
 //!

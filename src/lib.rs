@@ -18,24 +18,25 @@ pub mod envconfig;
 pub(crate) mod guest;
 pub mod inflight;
 pub mod link;
-pub mod map_budget;
+pub(crate) mod map_budget;
 pub mod maplimit;
 pub mod maps;
 pub mod merge;
 pub mod primitive;
-pub mod ratelimit;
+#[doc(hidden)]
+pub mod ratelimit; // for warn_once!, which the preload uses too
 pub mod region;
-pub mod scan;
+pub(crate) mod scan;
 pub(crate) mod scratch;
-pub mod state;
-pub mod stats;
+pub(crate) mod state;
+pub(crate) mod stats;
 pub mod statsfs;
 pub mod store;
 pub mod sys;
 pub mod threads;
 pub mod tree;
 pub mod tunables;
-pub mod unmerge;
+pub(crate) mod unmerge;
 
 pub use engine::{Engine, EngineError};
 pub use stats::KsmStats;
