@@ -87,6 +87,44 @@ print("json ok")
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// `--advisor-target-scan-time`: both sides run with the scan-time advisor
+/// on and converge; the kernel's settings (its advisor_mode among them) are
+/// as before afterwards; the qemu workload refuses the option.
+#[test]
+fn advisor_run_converges_and_restores_settings() {
+    if !prerequisites() {
+        return;
+    }
+    let _lock = sysfs_lock();
+    let k = KsmSysfs::kernel();
+    let before = k.snapshot().unwrap();
+    let out = out_dir("advisor");
+    let o = Command::new(env!("CARGO_BIN_EXE_twinpage"))
+        .args(["bench", "--workload", "runs", "--size", "32M", "--timeout", "60", "--sleep-millisecs", "20"])
+        .args(["--advisor-target-scan-time", "1", "--advisor-max-cpu", "50", "--idle-secs", "0", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    println!("{stdout}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "bench failed: {}", o.status);
+    let md = std::fs::read_to_string(out.join("result.md")).unwrap();
+    assert!(md.contains("advisor_mode=scan-time, advisor_target_scan_time=1, advisor_max_cpu=50"), "{md}");
+    let json = std::fs::read_to_string(out.join("result.json")).unwrap();
+    assert!(json.contains("\"advisor_target_scan_time\": 1, \"advisor_max_cpu\": 50"), "{json}");
+    assert_eq!(json.matches("\"time_to_100_s\": null").count(), 0, "a side did not converge: {json}");
+    assert_eq!(k.snapshot().unwrap(), before, "kernel KSM settings changed");
+    let _ = std::fs::remove_dir_all(&out);
+
+    let o = Command::new(env!("CARGO_BIN_EXE_twinpage"))
+        .args(["bench", "--workload", "qemu", "--advisor-target-scan-time", "1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("takes a memory workload"));
+}
+
 #[test]
 fn sigint_restores_settings() {
     interrupted_run_restores_settings(libc::SIGINT, "sigint");

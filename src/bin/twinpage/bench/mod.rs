@@ -73,6 +73,15 @@ pub struct BenchArgs {
     /// use_zero_pages for both sides.
     #[arg(long)]
     pub use_zero_pages: bool,
+    /// Run both sides with the scan-time advisor on (`advisor_mode=scan-time`),
+    /// aiming at full scans of this many seconds: it then chooses
+    /// pages_to_scan, starting from advisor_min_pages_to_scan. Memory
+    /// workloads only (under twinpaged the advisor does not steer yet).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
+    pub advisor_target_scan_time: Option<u64>,
+    /// With --advisor-target-scan-time: advisor_max_cpu (percent) for both sides.
+    #[arg(long, requires = "advisor_target_scan_time", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub advisor_max_cpu: Option<u32>,
     /// Raise vm.max_map_count to N for the twinpage side (restored afterwards).
     #[arg(long)]
     pub raise_max_map_count: Option<u64>,
@@ -143,6 +152,12 @@ pub struct WorkerArgs {
     pub use_zero_pages: bool,
     /// As for bench.
     #[arg(long)]
+    pub advisor_target_scan_time: Option<u64>,
+    /// As for bench.
+    #[arg(long)]
+    pub advisor_max_cpu: Option<u32>,
+    /// As for bench.
+    #[arg(long)]
     pub timeout: u64,
     /// As for bench.
     #[arg(long)]
@@ -150,6 +165,20 @@ pub struct WorkerArgs {
     /// As for bench.
     #[arg(long, default_value_t = 0)]
     pub idle_secs: u64,
+}
+
+/// The advisor's settings for `--advisor-target-scan-time`, in the order a
+/// writer must give them (the bounds before the mode).
+pub(crate) fn advisor_settings(a: &BenchArgs) -> Vec<(&'static str, String)> {
+    advisor_pairs(a.advisor_target_scan_time, a.advisor_max_cpu)
+}
+
+pub(crate) fn advisor_pairs(target: Option<u64>, max_cpu: Option<u32>) -> Vec<(&'static str, String)> {
+    let Some(t) = target else { return Vec::new() };
+    let mut v = vec![("advisor_target_scan_time", t.to_string())];
+    v.extend(max_cpu.map(|m| ("advisor_max_cpu", m.to_string())));
+    v.push(("advisor_mode", "scan-time".into()));
+    v
 }
 
 /// Runs `twinpage bench-worker`.
@@ -242,6 +271,12 @@ fn worker_command(a: &BenchArgs, side: Side) -> Command {
         .stderr(Stdio::inherit());
     if a.use_zero_pages {
         c.arg("--use-zero-pages");
+    }
+    if let Some(t) = a.advisor_target_scan_time {
+        c.args(["--advisor-target-scan-time", &t.to_string()]);
+    }
+    if let Some(m) = a.advisor_max_cpu {
+        c.args(["--advisor-max-cpu", &m.to_string()]);
     }
     // The worker must not publish a stats tree or be preloaded.
     c.env_remove("LD_PRELOAD");
@@ -337,6 +372,10 @@ pub fn main(a: &BenchArgs) -> i32 {
         eprintln!("twinpage bench: {} is missing or not writable", k.root().display());
         return 1;
     }
+    if a.advisor_target_scan_time.is_some() && a.workload == Workload::Qemu {
+        eprintln!("twinpage bench: --advisor-target-scan-time takes a memory workload: under twinpaged the advisor does not steer yet");
+        return 2;
+    }
     if let Err(e) = std::fs::create_dir_all(&a.out) {
         eprintln!("twinpage bench: {}: {e}", a.out.display());
         return 1;
@@ -401,9 +440,12 @@ fn run_both(a: &BenchArgs, k: &SavedKsm) -> i32 {
         let r = match side {
             Side::Kernel => {
                 let set = |n: &str, v: String| k.write(n, v).map_err(|e| format!("kernel {n}: {e}"));
-                let setup = set("pages_to_scan", a.pages_to_scan.to_string())
+                // The kernel refuses pages_to_scan while the advisor is on.
+                let setup = set("advisor_mode", "none".into())
+                    .and_then(|_| set("pages_to_scan", a.pages_to_scan.to_string()))
                     .and_then(|_| set("sleep_millisecs", a.sleep_millisecs.to_string()))
                     .and_then(|_| set("use_zero_pages", u8::from(a.use_zero_pages).to_string()))
+                    .and_then(|_| advisor_settings(a).into_iter().try_for_each(|(n, v)| set(n, v)))
                     .and_then(|_| set("run", "1".into()));
                 setup.and_then(|_| {
                     println!("kernel KSM:");

@@ -48,7 +48,7 @@ impl Report<'_> {
         let mut j = String::from("{\n");
         let _ = writeln!(
             j,
-            "  \"params\": {{\"workload\": \"{}\", \"size_bytes\": {}, \"dup_percent\": {}, \"patterns\": {}, \"run_pages\": {}, \"volatile_percent\": {}, \"pages_to_scan\": {}, \"sleep_millisecs\": {}, \"use_zero_pages\": {}, \"raise_max_map_count\": {}, \"guests\": {}, \"no_daemon\": {}}},",
+            "  \"params\": {{\"workload\": \"{}\", \"size_bytes\": {}, \"dup_percent\": {}, \"patterns\": {}, \"run_pages\": {}, \"volatile_percent\": {}, \"pages_to_scan\": {}, \"sleep_millisecs\": {}, \"use_zero_pages\": {}, \"raise_max_map_count\": {}, \"guests\": {}, \"no_daemon\": {}, \"advisor_target_scan_time\": {}, \"advisor_max_cpu\": {}}},",
             a.workload.as_str(),
             a.size,
             a.dup_percent,
@@ -60,7 +60,9 @@ impl Report<'_> {
             a.use_zero_pages,
             a.raise_max_map_count.map_or("null".into(), |v| v.to_string()),
             a.guests,
-            a.no_daemon
+            a.no_daemon,
+            a.advisor_target_scan_time.map_or("null".into(), |v| v.to_string()),
+            a.advisor_max_cpu.map_or("null".into(), |v| v.to_string())
         );
         j.push_str("  \"sides\": {\n");
         for (i, s) in self.sides.iter().enumerate() {
@@ -103,6 +105,10 @@ impl Report<'_> {
             a.sleep_millisecs,
             u8::from(a.use_zero_pages)
         );
+        if let Some(t) = a.advisor_target_scan_time {
+            let cpu = a.advisor_max_cpu.map_or(String::new(), |c| format!(", advisor_max_cpu={c}"));
+            let _ = writeln!(m, "advisor_mode=scan-time, advisor_target_scan_time={t}{cpu} (pages_to_scan above is overridden: the advisor chooses it, from advisor_min_pages_to_scan on)\n");
+        }
         if a.workload == super::Workload::Qemu {
             let _ = writeln!(
                 m,

@@ -92,11 +92,12 @@ pub fn run(a: &WorkerArgs) -> i32 {
                     return 1;
                 }
             };
-            for (name, v) in [
+            let settings = [
                 ("pages_to_scan", a.pages_to_scan.to_string()),
                 ("sleep_millisecs", a.sleep_millisecs.to_string()),
                 ("use_zero_pages", u8::from(a.use_zero_pages).to_string()),
-            ] {
+            ];
+            for (name, v) in settings.into_iter().chain(super::advisor_pairs(a.advisor_target_scan_time, a.advisor_max_cpu)) {
                 if let Err(err) = e.set_attr(name, &v) {
                     eprintln!("twinpage bench-worker: {name}={v}: {err:?}");
                     return 1;
