@@ -42,5 +42,9 @@ fi
 step "test guest boots (TCG) and verifies its memory"
 scripts/guest/smoke-test.sh
 
+step "libvirt: a domain whose QEMU preloads twinpage merges through twinpaged (QEMU as libvirt-qemu, then as root)"
+scripts/libvirt-recipe.sh user
+scripts/libvirt-recipe.sh root
+
 step "the demo, end to end: two guests under twinpaged, both verdicts OK"
 GUEST_MIB=64 scripts/demo.sh
