@@ -617,8 +617,8 @@ impl Engine {
             return Ok(());
         }
         let inner = self.inner.clone();
-        let scanner =
-            crate::threads::spawn("twinpage-scan", move || scanner_main(&inner)).map_err(|e| EngineError::Thread("scanner", e))?;
+        let scanner = crate::threads::spawn(crate::threads::SCAN_THREAD, move || scanner_main(&inner))
+            .map_err(|e| EngineError::Thread("scanner", e))?;
         threads.push(scanner);
         let inner = self.inner.clone();
         let fault = crate::threads::spawn("twinpage-fault", move || fault_main(&inner)).map_err(|e| EngineError::Thread("fault", e))?;

@@ -22,6 +22,7 @@ pub(crate) mod map_budget;
 pub mod maplimit;
 pub mod maps;
 pub mod merge;
+pub mod pacing;
 pub mod primitive;
 #[doc(hidden)]
 pub mod ratelimit; // for warn_once!, which the preload uses too

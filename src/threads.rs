@@ -11,6 +11,9 @@ use std::thread::JoinHandle;
 /// Stacks of twinpage's live threads: `[start, end)`.
 static STACKS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
+/// The name of an engine's scanning thread (twinpaged's advisor measures it).
+pub const SCAN_THREAD: &str = "twinpage-scan";
+
 /// Starts a named thread whose stack is known to [`own_stacks`] while it runs.
 pub fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> io::Result<JoinHandle<T>> {
     std::thread::Builder::new().name(name.into()).spawn(move || {

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::procs::{spawn_ready, Kids};
+use common::procs::{daemon_bin, spawn_ready, tree_counter, Kids};
 use common::{have_uffd, preload_lib, program, tempdir, wait_until};
 
 /// CPU ticks (utime + stime) of the process's `twinpage-scan` thread.
@@ -75,4 +75,64 @@ fn the_advisor_keeps_the_scanner_within_advisor_max_cpu() {
     // from the last scan's cost: a few points over the cap on one scan.
     assert!(capped <= 15.0 * 1.4, "advisor_max_cpu=15 did not hold: {capped:.1}%");
     assert!(loose >= capped * 1.3, "the cap held nothing back ({loose:.1}% with 70): the test shows nothing");
+}
+
+fn tree_attr(dir: &Path, name: &str) -> u64 {
+    std::fs::read_to_string(dir.join("kernel/mm/ksm").join(name)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+/// `pages_to_scan` as process `pid` applies it (its twinpage_tunables).
+fn own_pages_to_scan(dir: &Path, pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join(format!("proc/{pid}/twinpage_tunables"))).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("pages_to_scan ")?.trim().parse().ok())
+}
+
+/// Under twinpaged the advisor steers the one `pages_to_scan` of all its
+/// agents: two agents of 60000 unique pages each, a 1 s target and a cap of
+/// 3000 pages (the kernel_oracle advisor test's workload, twice): the rate
+/// climbs from the advisor's 500 and settles at the cap, never above it,
+/// and both agents scan at the daemon's choice. Before, the agents' own
+/// advisors stayed out under the daemon and nothing steered.
+#[test]
+fn twinpaged_steers_its_agents_with_the_advisor() {
+    let (Some(lib), Some(prog), Some(bin)) = (preload_lib(), program("prctl"), daemon_bin()) else { return };
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempdir("advisor-daemon");
+    let advisor = [
+        ("TWINPAGE_SLEEP_MILLISECS", "20"),
+        ("TWINPAGE_ADVISOR_MAX_PAGES_TO_SCAN", "3000"),
+        ("TWINPAGE_ADVISOR_TARGET_SCAN_TIME", "1"),
+        ("TWINPAGE_ADVISOR_MODE", "scan-time"),
+    ];
+    let mut kids = Kids(Vec::new());
+    let mut d = Command::new(&bin);
+    d.arg("--dir").arg(&dir).env("TWINPAGE_LOG", "warn").envs(advisor);
+    kids.0.push(d.spawn().unwrap());
+    assert!(wait_until(Duration::from_secs(10), || dir.join("twinpaged.sock").exists()), "twinpaged did not start");
+    for _ in 0..2 {
+        kids.0
+            .push(spawn_ready(Command::new(&prog).args(["count", "60000", "40", "-1"]).env("LD_PRELOAD", &lib).env("TWINPAGE_DIR", &dir)));
+    }
+    let (a, b) = (kids.0[1].id(), kids.0[2].id());
+    assert!(
+        wait_until(Duration::from_secs(10), || tree_counter(&dir, a, "twinpage_daemon_agents") == 1
+            && tree_counter(&dir, b, "twinpage_daemon_agents") == 1),
+        "the agents did not connect"
+    );
+    let trace: Vec<u64> = (0..50)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(500));
+            tree_attr(&dir, "pages_to_scan")
+        })
+        .collect();
+    let own = (own_pages_to_scan(&dir, a), own_pages_to_scan(&dir, b));
+    eprintln!("pages_to_scan every 0.5 s: {trace:?}; the agents apply {own:?}");
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(trace.iter().all(|&p| p <= 3000), "went past advisor_max_pages_to_scan: {trace:?}");
+    assert!(trace.iter().any(|&p| p > 500), "never sped up: {trace:?}");
+    assert_eq!(trace.last(), Some(&3000), "did not settle at the cap: {trace:?}");
+    assert_eq!(own, (Some(3000), Some(3000)), "the agents do not scan at the daemon's choice");
 }

@@ -145,8 +145,13 @@ fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
     log::info!("twinpaged: listening on {} (tree {})", socket.display(), args.dir.display());
     let reader = twinpage::statsfs::Tree::at(args.dir.clone());
     let mut keeper = twinpage::maplimit::Keeper::new(args.keep_max_map_count);
+    let mut pacer = twinpage::pacing::Pacer::new();
     let mut ticks = 0u32;
     while !twinpage::sys::signals::interrupted() {
+        if ticks.is_multiple_of(5) {
+            let processes = reader.processes().unwrap_or_default();
+            pacer.tick(&daemon.broker.lock().tunables, &processes);
+        }
         if ticks.is_multiple_of(20) {
             keeper.tick(&reader);
             if let Some(dir) = &args.textfile_dir {

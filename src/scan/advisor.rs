@@ -58,6 +58,13 @@ impl Advisor {
     /// A full scan ended (and the next begins) on the scanning thread: with
     /// the advisor on, `pages_to_scan` gets its new value.
     pub fn full_scan_ended(&mut self, t: &Tunables) {
+        self.steer(t, thread_cpu_ns());
+    }
+
+    /// A full scan ended, the scanning having cost `cpu_ns` of CPU in all so
+    /// far (one thread's, or the sum of twinpaged's agents' scanners): with
+    /// the advisor on, `pages_to_scan` gets its new value.
+    pub fn steer(&mut self, t: &Tunables, cpu_ns: u64) {
         let on = t.advisor_mode() == AdvisorMode::ScanTime;
         if !on {
             self.on = false;
@@ -72,7 +79,7 @@ impl Advisor {
             let inputs = Inputs {
                 pages_to_scan: u64::from(t.pages_to_scan()),
                 scan_ms: now.duration_since(start).as_millis() as u64,
-                cpu_ns: thread_cpu_ns(),
+                cpu_ns,
                 max_cpu: u64::from(t.advisor_max_cpu()),
                 max_pages: t.advisor_max_pages_to_scan(),
                 target_scan_time: t.advisor_target_scan_time(),

@@ -168,6 +168,10 @@ pub trait Source: Send + Sync + 'static {
     fn set_attr(&self, name: &str, text: &str) -> Result<(), kernel_compat::WriteError>;
     /// `sleep_millisecs` now (the publisher's period follows it).
     fn sleep_millisecs(&self) -> u32;
+    /// The scan-time advisor of the tree (twinpaged's, for all its agents)
+    /// chose `pages_to_scan`: take it, as a user's write may not be taken
+    /// while the advisor is on. Sources that do not scan ignore it.
+    fn follow_advisor(&self, _pages_to_scan: u32) {}
 }
 
 impl Source for crate::Engine {
@@ -182,6 +186,9 @@ impl Source for crate::Engine {
     }
     fn sleep_millisecs(&self) -> u32 {
         self.tunables().sleep_millisecs()
+    }
+    fn follow_advisor(&self, pages_to_scan: u32) {
+        self.tunables().advise_pages_to_scan(pages_to_scan);
     }
 }
 

@@ -551,7 +551,14 @@ impl StatsTree {
         remote.sort_unstable();
         for &(seq, n) in &remote {
             let v = shared.value(n).unwrap_or_default().to_string();
-            if self.engine.show_attr(n).as_deref() != Some(v.as_str()) {
+            let advised =
+                n == "pages_to_scan" && shared.value("advisor_mode").and_then(AdvisorMode::from_show) == Some(AdvisorMode::ScanTime);
+            if advised && self.engine.show_attr("advisor_mode").and_then(|m| AdvisorMode::from_show(&m)) == Some(AdvisorMode::ScanTime) {
+                // The advisor's choice (twinpaged's, for all its agents).
+                if let Ok(p) = v.parse() {
+                    self.engine.follow_advisor(p);
+                }
+            } else if self.engine.show_attr(n).as_deref() != Some(v.as_str()) {
                 match self.engine.set_attr(n, &write_text(n, &v)) {
                     Ok(()) => log::info!("twinpage: {n} = {v} (from {})", self.root.display()),
                     Err(e) => self.warn(

@@ -65,11 +65,13 @@ impl Daemon {
         let attrs = tree.join("kernel/mm/ksm");
         // The socket comes first, the tree's files just after.
         d.wait_for("its stats tree", LISTEN_TIMEOUT, || tunables.iter().all(|(n, _)| attrs.join(n).exists()))?;
+        // One at a time, each applied before the next is written (as `twinpage
+        // set` does): writes made within one mtime tick would otherwise be
+        // taken in the files' order, not the writer's (advisor_mode before
+        // pages_to_scan, which the advisor then refuses).
+        let t = twinpage::statsfs::Tree::at(tree.to_path_buf());
         for (name, value) in tunables {
-            let f = attrs.join(name);
-            fs::write(&f, value).map_err(|e| format!("{}: {e}", f.display()))?;
-            let read = || fs::read_to_string(&f).map(|s| s.trim() == value.as_str()).unwrap_or(false);
-            d.wait_for(&format!("{name}={value} to apply"), APPLY_TIMEOUT, read)?;
+            t.set(name, value.as_bytes(), APPLY_TIMEOUT).map_err(|e| format!("twinpaged: {name}={value}: {e}"))?;
         }
         Ok(d)
     }

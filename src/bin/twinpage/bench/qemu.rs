@@ -192,11 +192,12 @@ fn run(a: &BenchArgs, mode: Mode, target: Option<u64>) -> Result<SideResult, Str
     // Declared before the daemon and the guests, so removed after them.
     let tmp = TempDir::new(mode.as_str())?;
     let tree = tmp.0.join("tree");
-    let tunables = [
+    let mut tunables = vec![
         ("pages_to_scan", a.pages_to_scan.to_string()),
         ("sleep_millisecs", a.sleep_millisecs.to_string()),
         ("use_zero_pages", u8::from(a.use_zero_pages).to_string()),
     ];
+    tunables.extend(super::advisor_settings(a));
     let daemon = match &daemon_exe {
         Some(exe) => {
             let d = Daemon::start(exe, &tree, &a.out.join("twinpaged.log"), &tunables)?;
@@ -237,7 +238,8 @@ fn run(a: &BenchArgs, mode: Mode, target: Option<u64>) -> Result<SideResult, Str
                 .env("TWINPAGE_DIR", &tree)
                 .env("TWINPAGE_PAGES_TO_SCAN", a.pages_to_scan.to_string())
                 .env("TWINPAGE_SLEEP_MILLISECS", a.sleep_millisecs.to_string())
-                .env("TWINPAGE_USE_ZERO_PAGES", u8::from(a.use_zero_pages).to_string());
+                .env("TWINPAGE_USE_ZERO_PAGES", u8::from(a.use_zero_pages).to_string())
+                .envs(super::advisor_settings(a).into_iter().map(|(n, v)| (format!("TWINPAGE_{}", n.to_uppercase()), v)));
             if daemon_mode {
                 c.env_remove("TWINPAGE_SOCKET");
             } else {
