@@ -6,7 +6,7 @@
 //! SIGINT.
 
 use std::io::{BufRead as _, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,15 @@ fn out_dir(tag: &str) -> PathBuf {
     p
 }
 
+/// `twinpage bench ARGS --out OUT`, which must succeed; its stdout.
+fn bench(out: &Path, args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_twinpage")).arg("bench").args(args).arg("--out").arg(out).output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    println!("{stdout}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "bench failed: {}", o.status);
+    stdout
+}
+
 #[test]
 fn small_run_writes_outputs_and_restores_settings() {
     if !prerequisites() {
@@ -38,14 +47,7 @@ fn small_run_writes_outputs_and_restores_settings() {
     let before = k.snapshot().unwrap();
     let out = out_dir("small");
     let started = Instant::now();
-    let o = Command::new(env!("CARGO_BIN_EXE_twinpage"))
-        .args(["bench", "--workload", "runs", "--size", "32M", "--timeout", "20", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    println!("{stdout}{}", String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "bench failed: {}", o.status);
+    let stdout = bench(&out, &["--workload", "runs", "--size", "32M", "--timeout", "20"]);
     assert!(started.elapsed() < Duration::from_secs(30));
     assert!(stdout.contains("| time to 100% (s) |"), "no table printed");
     for f in ["result.json", "result.md", "saved.svg"] {
@@ -99,15 +101,8 @@ fn advisor_run_converges_and_restores_settings() {
     let k = KsmSysfs::kernel();
     let before = k.snapshot().unwrap();
     let out = out_dir("advisor");
-    let o = Command::new(env!("CARGO_BIN_EXE_twinpage"))
-        .args(["bench", "--workload", "runs", "--size", "32M", "--timeout", "60", "--sleep-millisecs", "20"])
-        .args(["--advisor-target-scan-time", "1", "--advisor-max-cpu", "50", "--idle-secs", "0", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    println!("{stdout}{}", String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "bench failed: {}", o.status);
+    let args = ["--workload", "runs", "--size", "32M", "--timeout", "60", "--sleep-millisecs", "20", "--idle-secs", "0"];
+    bench(&out, &[&args[..], &["--advisor-target-scan-time", "1", "--advisor-max-cpu", "50"]].concat());
     let md = std::fs::read_to_string(out.join("result.md")).unwrap();
     assert!(md.contains("advisor_mode=scan-time, advisor_target_scan_time=1, advisor_max_cpu=50"), "{md}");
     let json = std::fs::read_to_string(out.join("result.json")).unwrap();

@@ -117,6 +117,21 @@ pub struct BenchArgs {
     pub out: PathBuf,
 }
 
+impl BenchArgs {
+    /// The workload and the tunables both sides run with, in one line.
+    pub(crate) fn settings(&self) -> String {
+        format!(
+            "workload `{}`, {} MiB, {}% duplicates, pages_to_scan={}, sleep_millisecs={}, use_zero_pages={}",
+            self.workload.as_str(),
+            self.size >> 20,
+            self.dup_percent,
+            self.pages_to_scan,
+            self.sleep_millisecs,
+            u8::from(self.use_zero_pages)
+        )
+    }
+}
+
 /// Options of the hidden `twinpage bench-worker`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct WorkerArgs {
@@ -401,15 +416,7 @@ pub fn main(a: &BenchArgs) -> i32 {
 }
 
 fn run_both(a: &BenchArgs, k: &SavedKsm) -> i32 {
-    println!(
-        "twinpage bench: workload {} size {} MiB dup {}% pages_to_scan={} sleep_millisecs={} use_zero_pages={}",
-        a.workload.as_str(),
-        a.size >> 20,
-        a.dup_percent,
-        a.pages_to_scan,
-        a.sleep_millisecs,
-        u8::from(a.use_zero_pages)
-    );
+    println!("twinpage bench: {}", a.settings());
     let mut results = Vec::new();
     let sides: &[Side] = match a.only {
         Some(Side::Kernel) => &[Side::Kernel],

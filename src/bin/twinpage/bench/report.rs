@@ -95,16 +95,7 @@ impl Report<'_> {
     pub fn markdown(&self) -> String {
         let a = self.args;
         let mut m = String::new();
-        let _ = writeln!(
-            m,
-            "workload `{}`, {} MiB, {}% duplicates, pages_to_scan={}, sleep_millisecs={}, use_zero_pages={}\n",
-            a.workload.as_str(),
-            a.size >> 20,
-            a.dup_percent,
-            a.pages_to_scan,
-            a.sleep_millisecs,
-            u8::from(a.use_zero_pages)
-        );
+        let _ = writeln!(m, "{}\n", a.settings());
         if let Some(t) = a.advisor_target_scan_time {
             let cpu = a.advisor_max_cpu.map_or(String::new(), |c| format!(", advisor_max_cpu={c}"));
             let _ = writeln!(m, "advisor_mode=scan-time, advisor_target_scan_time={t}{cpu} (pages_to_scan above is overridden: the advisor chooses it, from advisor_min_pages_to_scan on)\n");
