@@ -518,24 +518,15 @@ impl Agent {
     /// the stacks of twinpage's threads (not the program's memory).
     fn register_existing_anon(&self) {
         let own = twinpage::threads::own_stacks();
-        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return };
-        let mut ranges = Vec::new();
-        for line in maps.lines() {
-            let f: Vec<&str> = line.split_ascii_whitespace().collect();
-            if f.len() < 5 || f[4] != "0" || f.len() > 5 {
-                continue; // file-backed or a named area ([heap], [stack], ...)
-            }
-            let perms = f[1].as_bytes();
-            if perms.len() < 4 || perms[0] != b'r' || perms[1] != b'w' || perms[3] != b'p' {
-                continue;
-            }
-            let Some((s, e)) = f[0].split_once('-') else { continue };
-            if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) {
-                if !own.iter().any(|&(os, oe)| os < e && s < oe) {
-                    ranges.push((s, e));
-                }
-            }
-        }
+        let Ok(vmas) = twinpage::maps::vmas_in(0, usize::MAX) else { return };
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        // Unnamed private anonymous read-write memory: not [heap], [stack], files.
+        let ranges: Vec<(usize, usize)> = vmas
+            .iter()
+            .filter(|v| v.kind == twinpage::maps::MappingKind::Anon && v.path.is_empty() && v.prot & rw == rw)
+            .map(|v| (v.start, v.end))
+            .filter(|&(s, e)| !own.iter().any(|&(os, oe)| os < e && s < oe))
+            .collect();
         for (s, e) in ranges {
             let _ = self.register(s, e - s);
         }
