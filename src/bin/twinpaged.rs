@@ -149,7 +149,9 @@ fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
     let mut ticks = 0u32;
     while !twinpage::sys::signals::interrupted() {
         if ticks.is_multiple_of(5) {
-            let processes = reader.processes().unwrap_or_default();
+            // The agents' files are read only while the advisor is on.
+            let on = daemon.broker.lock().tunables.advisor_mode() == twinpage::AdvisorMode::ScanTime;
+            let processes = if on { reader.processes().unwrap_or_default() } else { Vec::new() };
             pacer.tick(&daemon.broker.lock().tunables, &processes);
         }
         if ticks.is_multiple_of(20) {
