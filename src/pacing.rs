@@ -51,7 +51,8 @@ impl Pacer {
             && self.marks.len() == agents.len()
             && agents.iter().all(|p| self.marks.get(&p.pid).is_some_and(|&m| scans(p) > m));
         if ended || self.marks.is_empty() {
-            let cpu_ns: u64 = agents.iter().map(|p| scan_thread_cpu_ns(p.pid)).sum();
+            let cpu_ns: u64 =
+                agents.iter().map(|p| crate::threads::cpu_ns(&p.pid.to_string(), &[crate::threads::SCAN_THREAD]).unwrap_or(0)).sum();
             if self.marks.is_empty() {
                 self.base_cpu_ns = cpu_ns;
             }
@@ -65,20 +66,4 @@ impl Pacer {
             *m = (*m).min(scans(p));
         }
     }
-}
-
-/// CPU time of process `pid`'s scanning thread so far, in ns (0 if gone).
-fn scan_thread_cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    // SAFETY: sysconf has no preconditions.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
-    for task in tasks.flatten() {
-        if std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim() == crate::threads::SCAN_THREAD) {
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            let f: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
-            let ticks: u64 = f.get(11..13).map_or(0, |t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
-            return ticks * 1_000_000_000 / hz;
-        }
-    }
-    0
 }

@@ -22,6 +22,33 @@ pub fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'stat
     })
 }
 
+/// utime + stime of a `/proc/<pid>[/task/<tid>]/stat` text, in ns.
+pub fn stat_cpu_ns(stat: &str) -> Option<u64> {
+    // The fields after the command name (which may hold spaces) in
+    // parentheses start at field 3 (state); utime is field 14, stime 15.
+    let f: Vec<&str> = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|&h| h > 0).unwrap_or(100);
+    Some(ticks * 1_000_000_000 / hz)
+}
+
+/// CPU time so far, in ns, of the threads of process `pid` (`"self"` for
+/// this one) named one of `names`, such as [`SCAN_THREAD`]; `None` if no
+/// thread has such a name.
+pub fn cpu_ns(pid: &str, names: &[&str]) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut found = None;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if names.contains(&comm.trim_end()) {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            *found.get_or_insert(0) += stat_cpu_ns(&stat).unwrap_or(0);
+        }
+    }
+    found
+}
+
 /// The stacks of twinpage's threads running now.
 pub fn own_stacks() -> Vec<(usize, usize)> {
     STACKS.lock().unwrap_or_else(|e| e.into_inner()).clone()

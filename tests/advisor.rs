@@ -16,19 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::procs::{daemon_bin, spawn_ready, tree_counter, Kids};
 use common::{have_uffd, preload_lib, program, tempdir, wait_until};
-
-/// CPU ticks (utime + stime) of the process's `twinpage-scan` thread.
-fn scan_thread_ticks(pid: u32) -> Option<u64> {
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim() == "twinpage-scan" {
-            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
-            let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            return Some(f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?);
-        }
-    }
-    None
-}
+use twinpage::threads::SCAN_THREAD;
 
 fn full_scans(dir: &Path) -> u64 {
     std::fs::read_to_string(dir.join("kernel/mm/ksm/full_scans")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
@@ -56,14 +44,13 @@ fn scan_cpu_percent(lib: &Path, prog: &Path, max_cpu: u32) -> f64 {
     )]);
     let pid = c.0[0].id();
     assert!(wait_until(Duration::from_secs(90), || full_scans(&dir) >= 5), "no five full scans");
-    let (t0, c0) = (Instant::now(), scan_thread_ticks(pid).expect("a twinpage-scan thread"));
+    let scan_cpu = || twinpage::threads::cpu_ns(&pid.to_string(), &[SCAN_THREAD]).expect("a twinpage-scan thread");
+    let (t0, c0) = (Instant::now(), scan_cpu());
     std::thread::sleep(Duration::from_secs(10));
-    let ticks = scan_thread_ticks(pid).unwrap() - c0;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ns = scan_cpu() - c0;
     drop(c);
     let _ = std::fs::remove_dir_all(&dir);
-    ticks as f64 / hz / t0.elapsed().as_secs_f64() * 100.0
+    ns as f64 / 1e9 / t0.elapsed().as_secs_f64() * 100.0
 }
 
 /// The tests measure CPU and scan rates: one at a time.

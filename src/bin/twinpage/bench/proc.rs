@@ -2,25 +2,13 @@
 
 use std::fs;
 
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
 /// utime + stime in seconds from the text of a `/proc/.../stat` file.
 pub fn stat_cpu(stat: &str) -> Option<f64> {
-    // Fields after the command name (which may contain spaces) in parentheses.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime is field 14, stime 15.
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / clk_tck())
+    twinpage::threads::stat_cpu_ns(stat).map(secs)
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
 }
 
 fn comm(path: &str) -> String {
@@ -51,20 +39,7 @@ pub fn pid_threads_cpu(pid: u32, names: &[&str]) -> f64 {
 }
 
 fn threads_cpu(pid: &str, names: &[&str]) -> f64 {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0.0;
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let tid = e.file_name();
-            let tid = tid.to_str()?;
-            let c = comm(&format!("/proc/{pid}/task/{tid}/comm"));
-            if !names.contains(&c.as_str()) {
-                return None;
-            }
-            stat_cpu(&fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?)
-        })
-        .sum()
+    twinpage::threads::cpu_ns(pid, names).map_or(0.0, secs)
 }
 
 fn kb_field(text: &str, field: &str) -> u64 {
@@ -94,7 +69,9 @@ mod tests {
     fn parses_stat() {
         let s = "42 (a b) S 2 0 0 0 -1 69238880 0 0 0 0 250 150 0 0 25 5 1 0 10 0 0";
         let c = stat_cpu(s).unwrap();
-        assert!((c - 400.0 / clk_tck()).abs() < 1e-9);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        assert!((c - 400.0 / hz).abs() < 1e-9);
         assert!(own_threads_cpu(&["no-such-thread"]) == 0.0);
         assert!(map_count() > 0);
     }
