@@ -62,6 +62,13 @@ pub fn scan_pages(sh: &Shared, budget: usize) -> usize {
     let mut visited = 0;
     let mut empty_wraps = 0;
     while left > 0 {
+        // A write of `run` (2: everything unmerged, full_scans back at 0, as
+        // the write returns) ends the scan at the next batch; otherwise a
+        // call that wraps a small region many times would merge again and
+        // count full scans after the unmerge.
+        if sh.tunables.run() != 1 {
+            break;
+        }
         // The registry is a leaf lock: nobody holding it waits for another lock.
         let cur = sh.core.lock().cursor;
         let (found, empty) = {
