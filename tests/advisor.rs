@@ -14,13 +14,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::procs::{daemon_bin, spawn_ready, tree_counter, Kids};
+use common::procs::{daemon_bin, spawn_ready, trace, tree_attr, tree_counter, Kids};
 use common::{have_uffd, preload_lib, program, tempdir, wait_until};
 use twinpage::threads::SCAN_THREAD;
-
-fn full_scans(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join("kernel/mm/ksm/full_scans")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
-}
 
 /// The scanning thread's CPU percent over 10 s, once the advisor has had
 /// five full scans to settle, with `advisor_max_cpu=max_cpu`.
@@ -43,7 +39,7 @@ fn scan_cpu_percent(lib: &Path, prog: &Path, max_cpu: u32) -> f64 {
             .env("TWINPAGE_ADVISOR_MAX_CPU", max_cpu.to_string()),
     )]);
     let pid = c.0[0].id();
-    assert!(wait_until(Duration::from_secs(90), || full_scans(&dir) >= 5), "no five full scans");
+    assert!(wait_until(Duration::from_secs(90), || tree_attr(&dir, "full_scans") >= 5), "no five full scans");
     let scan_cpu = || twinpage::threads::cpu_ns(&pid.to_string(), &[SCAN_THREAD]).expect("a twinpage-scan thread");
     let (t0, c0) = (Instant::now(), scan_cpu());
     std::thread::sleep(Duration::from_secs(10));
@@ -70,10 +66,6 @@ fn the_advisor_keeps_the_scanner_within_advisor_max_cpu() {
     // from the last scan's cost: a few points over the cap on one scan.
     assert!(capped <= 15.0 * 1.4, "advisor_max_cpu=15 did not hold: {capped:.1}%");
     assert!(loose >= capped * 1.3, "the cap held nothing back ({loose:.1}% with 70): the test shows nothing");
-}
-
-fn tree_attr(dir: &Path, name: &str) -> u64 {
-    std::fs::read_to_string(dir.join("kernel/mm/ksm").join(name)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
 }
 
 /// `pages_to_scan` as process `pid` applies it (its twinpage_tunables).
@@ -117,12 +109,7 @@ fn twinpaged_steers_its_agents_with_the_advisor() {
             && tree_counter(&dir, b, "twinpage_daemon_agents") == 1),
         "the agents did not connect"
     );
-    let trace: Vec<u64> = (0..50)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(500));
-            tree_attr(&dir, "pages_to_scan")
-        })
-        .collect();
+    let trace = trace(25, || tree_attr(&dir, "pages_to_scan"));
     let own = (own_pages_to_scan(&dir, a), own_pages_to_scan(&dir, b));
     eprintln!("pages_to_scan every 0.5 s: {trace:?}; the agents apply {own:?}");
     drop(kids);

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::procs::{finish_twin, setup, spawn_ready, start_daemon, tree_counter, tree_counters, Kids};
+use common::procs::{finish_twin, setup, spawn_ready, start_daemon, tree_attr, tree_counter, tree_counters, Kids};
 use common::wait_until;
 
 const PAGE: u64 = 4096;
@@ -29,10 +29,6 @@ fn start_twin(prog: &Path, lib: &Path, dir: &Path, args: [u64; 4], domain: Optio
         cmd.env("TWINPAGE_DOMAIN", d);
     }
     spawn_ready(&mut cmd)
-}
-
-fn global(dir: &Path, name: &str) -> u64 {
-    std::fs::read_to_string(dir.join("kernel/mm/ksm").join(name)).unwrap_or_default().trim().parse().unwrap_or(0)
 }
 
 #[test]
@@ -63,7 +59,7 @@ fn pages_merge_across_processes_and_a_killed_agent_is_forgotten() {
     assert_eq!(cd["pages_sharing"], common + 2 * pairs);
     assert_eq!(cd["twinpage_store_bytes"], (common + 2 * pairs) * PAGE);
     assert_eq!(ca["pages_sharing"] + cb["pages_sharing"], 0, "no local merges: everything went through the daemon");
-    assert!(wait_until(Duration::from_secs(2), || global(&s.dir, "pages_sharing") == common + 2 * pairs));
+    assert!(wait_until(Duration::from_secs(2), || tree_attr(&s.dir, "pages_sharing") == common + 2 * pairs));
     for pid in [a, b] {
         let mp: u64 = std::fs::read_to_string(s.dir.join(format!("proc/{pid}/ksm_merging_pages"))).unwrap().trim().parse().unwrap();
         assert_eq!(mp, all, "ksm_merging_pages of {pid}");

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::kernel_ksm::{kernel_ksm_writable, ksm_read, KernelKsm};
-use common::procs::{spawn_ready, Kids};
+use common::procs::{spawn_ready, trace, tree_attr, Kids};
 use common::{have_uffd, preload_lib, program, require, tempdir, wait_until};
 
 /// What a program left in the counters once merging settled.
@@ -24,10 +24,6 @@ impl Seen {
     fn read(read: impl Fn(&str) -> u64) -> Seen {
         Seen { pages_shared: read("pages_shared"), pages_sharing: read("pages_sharing"), ksm_zero_pages: read("ksm_zero_pages") }
     }
-}
-
-fn tree_read(dir: &Path, name: &str) -> u64 {
-    std::fs::read_to_string(dir.join("kernel/mm/ksm").join(name)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
 }
 
 /// Waits for the program's verdict line.
@@ -66,9 +62,9 @@ fn on_twinpage(lib: &Path, prog: &Path, args: &[&str], verdict: &str, tunables: 
             .env("TWINPAGE_PAGES_TO_SCAN", "100000")
             .env("TWINPAGE_SLEEP_MILLISECS", "0"),
     );
-    let from = tree_read(&dir, "full_scans");
-    assert!(wait_until(Duration::from_secs(30), || tree_read(&dir, "full_scans") >= from + 3), "no three full scans");
-    let seen = Seen::read(|n| tree_read(&dir, n));
+    let from = tree_attr(&dir, "full_scans");
+    assert!(wait_until(Duration::from_secs(30), || tree_attr(&dir, "full_scans") >= from + 3), "no three full scans");
+    let seen = Seen::read(|n| tree_attr(&dir, n));
     finish(c, verdict);
     let _ = std::fs::remove_dir_all(&dir);
     seen
@@ -156,15 +152,6 @@ fn same_lines(name: &str, done: &str, tag: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn trace_pages_to_scan(secs: u64, read: impl Fn() -> u64) -> Vec<u64> {
-    (0..secs * 2)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(500));
-            read()
-        })
-        .collect()
-}
-
 /// The scan-time advisor on both, the same workload (60000 unique pages,
 /// which take 2.4 s a scan at the advisor's starting 500 pages per 20 ms,
 /// against a 1 s target, capped at 3000 pages): both speed up from 500 and
@@ -182,7 +169,7 @@ fn the_scan_time_advisor_steers_as_the_kernels_does() {
         k.set("advisor_mode", "scan-time");
         let c = Kids(vec![spawn_ready(Command::new(&prog).args(args).stdout(Stdio::piped()))]);
         k.start();
-        let t = trace_pages_to_scan(30, || ksm_read("pages_to_scan"));
+        let t = trace(30, || ksm_read("pages_to_scan"));
         drop(c);
         t
     };
@@ -194,7 +181,7 @@ fn the_scan_time_advisor_steers_as_the_kernels_does() {
             cmd.env(format!("TWINPAGE_{}", n.to_uppercase()), v);
         }
         let c = Kids(vec![spawn_ready(&mut cmd)]);
-        let t = trace_pages_to_scan(30, || tree_read(&dir, "pages_to_scan"));
+        let t = trace(30, || tree_attr(&dir, "pages_to_scan"));
         drop(c);
         t
     };

@@ -126,7 +126,7 @@ impl Guest {
     }
 
     pub fn attr(&self, name: &str) -> u64 {
-        std::fs::read_to_string(self.tree.join("kernel/mm/ksm").join(name)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+        super::procs::tree_attr(&self.tree, name)
     }
 
     pub fn merging_pages(&self) -> u64 {

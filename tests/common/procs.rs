@@ -57,6 +57,21 @@ pub fn finish_twin(mut c: Child) -> String {
     out
 }
 
+/// A number the tree shows in `kernel/mm/ksm/<name>` (0 if unreadable).
+pub fn tree_attr(dir: &Path, name: &str) -> u64 {
+    std::fs::read_to_string(dir.join("kernel/mm/ksm").join(name)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+/// `read()` every 0.5 s for `secs` seconds.
+pub fn trace(secs: u64, read: impl Fn() -> u64) -> Vec<u64> {
+    (0..secs * 2)
+        .map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            read()
+        })
+        .collect()
+}
+
 /// A process's twinpage counters in the tree (empty if it has none yet).
 pub fn tree_counters(dir: &Path, pid: u32) -> BTreeMap<String, u64> {
     let text = std::fs::read_to_string(dir.join(format!("proc/{pid}/twinpage_counters"))).unwrap_or_default();
