@@ -70,9 +70,17 @@ fn on_twinpage(lib: &Path, prog: &Path, args: &[&str], verdict: &str, tunables: 
     seen
 }
 
-fn prerequisites(name: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+/// The tests compare what a program sees step by step, full scans as the
+/// barrier, on both sides: one runs at a time, so that another's scanning
+/// (the advisor test scans 60000 pages flat out) does not decide the race.
+static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The preload, the program `name`, and this file's turn (held while the
+/// guard lives).
+fn prerequisites(name: &str) -> Option<(std::path::PathBuf, std::path::PathBuf, std::sync::MutexGuard<'static, ()>)> {
+    let one = ONE.lock().unwrap_or_else(|e| e.into_inner());
     let (lib, prog) = (preload_lib()?, program(name)?);
-    (have_uffd() && require(kernel_ksm_writable(), "root and a writable /sys/kernel/mm/ksm (the oracle)")).then_some((lib, prog))
+    (have_uffd() && require(kernel_ksm_writable(), "root and a writable /sys/kernel/mm/ksm (the oracle)")).then_some((lib, prog, one))
 }
 
 /// ksm_functional_tests' test_prctl: after `PR_SET_MEMORY_MERGE`, ten pages
@@ -81,7 +89,7 @@ fn prerequisites(name: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)>
 /// to (3 shared, 11 sharing).
 #[test]
 fn merge_any_counts_only_the_programs_memory() {
-    let Some((lib, prog)) = prerequisites("prctl") else { return };
+    let Some((lib, prog, _one)) = prerequisites("prctl") else { return };
     let args = ["count", "10", "4"];
     let kernel = on_kernel(&prog, &args, "COUNT OK", &[]);
     let twin = on_twinpage(&lib, &prog, &args, "COUNT OK", &[], "oracle-count");
@@ -95,7 +103,7 @@ fn merge_any_counts_only_the_programs_memory() {
 /// ksm_zero_pages. twinpage used to count them in ksm_zero_pages always.
 #[test]
 fn zero_page_counters_follow_use_zero_pages() {
-    let Some((lib, prog)) = prerequisites("prctl") else { return };
+    let Some((lib, prog, _one)) = prerequisites("prctl") else { return };
     let args = ["count", "600", "4", "0"];
     for (i, tunables) in
         [vec![("use_zero_pages", "0")], vec![("use_zero_pages", "1")], vec![("use_zero_pages", "0"), ("max_page_sharing", "16")]]
@@ -135,7 +143,7 @@ fn prot_none_memory_merges_as_the_kernels_does() {
 /// Runs `name` on kernel KSM and under the preload with
 /// `TWINPAGE_REDIRECT_SYSFS=1`; the two print the same lines, ending `done`.
 fn same_lines(name: &str, done: &str, tag: &str) {
-    let Some((lib, prog)) = prerequisites(name) else { return };
+    let Some((lib, prog, _one)) = prerequisites(name) else { return };
     let kernel = {
         let _k = KernelKsm::flat_out();
         Command::new(&prog).output().unwrap()
@@ -158,7 +166,7 @@ fn same_lines(name: &str, done: &str, tag: &str) {
 /// settle at the cap, never above it.
 #[test]
 fn the_scan_time_advisor_steers_as_the_kernels_does() {
-    let Some((lib, prog)) = prerequisites("prctl") else { return };
+    let Some((lib, prog, _one)) = prerequisites("prctl") else { return };
     let advisor = [("advisor_max_pages_to_scan", "3000"), ("advisor_target_scan_time", "1"), ("sleep_millisecs", "20")];
     let args = ["count", "60000", "35", "-1"];
     let kernel = {

@@ -42,7 +42,7 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Daemon {
     /// Starts `exe --dir tree` (log in `log`), waits for its socket, and
-    /// writes `tunables` into the tree, waiting until each reads back.
+    /// sets `tunables` in the tree one at a time, each applied before the next.
     pub fn start(exe: &Path, tree: &Path, log: &Path, tunables: &[(&str, String)]) -> Result<Daemon, String> {
         let sock = tree.join("twinpaged.sock");
         let logf = fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
