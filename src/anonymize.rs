@@ -19,7 +19,11 @@
 //!
 //! The copy is made under write-protection, which stops the CPU but not a
 //! device: a direct read into such a page in flight at this very moment
-//! would land in the old page. QEMU registers guest RAM before the guest
+//! would land in the old page; and a page first written, then swapped out,
+//! in the microseconds between the look at pagemap before the protection
+//! and the protection itself would be taken for an empty one (pagemap shows
+//! the protection's marker in an empty pte as a swapped page, so the look
+//! before tells the two apart). QEMU registers guest RAM before the guest
 //! runs; a range converted once is anonymous when it is registered again.
 
 use std::fs::File;
@@ -69,6 +73,11 @@ pub(crate) fn convert(sh: &Shared, region: &Region, file: &File) -> Vec<Part> {
     let len = end - start;
     sh.inflight.begin(start, end);
     let mut parts: Vec<Part> = Vec::new();
+    // Read before the protection too: write-protecting a file mapping puts
+    // a uffd-wp marker in every empty pte, which pagemap then shows as
+    // swapped, like a written page in swap.
+    let mut before = vec![PageEntry::default(); region.pages];
+    let read_before = sh.pagemap.read(start, &mut before);
     if let Err(e) = sh.uffd.protect(start, len) {
         crate::warn_once!("anonymize-protect", "twinpage: cannot write-protect {start:#x} to make it anonymous: {e}");
         sh.inflight.end(start, end);
@@ -76,7 +85,10 @@ pub(crate) fn convert(sh: &Shared, region: &Region, file: &File) -> Vec<Part> {
     }
     let mut entries = vec![PageEntry::default(); region.pages];
     let read = sh.pagemap.read(start, &mut entries);
-    let mut failed = read.is_err();
+    let mut failed = read.is_err() || read_before.is_err();
+    for (e, b) in entries.iter_mut().zip(&before) {
+        *e = written_page(*b, *e);
+    }
     let mut i = 0;
     while i < region.pages {
         let mut j = i + 1;
@@ -119,6 +131,18 @@ pub(crate) fn convert(sh: &Shared, region: &Region, file: &File) -> Vec<Part> {
         );
     }
     parts
+}
+
+/// The entry after write-protection, with a uffd-wp marker (an empty pte
+/// before, "swapped" after) seen as the empty pte it is. Copying it as a
+/// written page would read every page of the file through the mapping:
+/// the file and the anonymous copy would both hold the whole range.
+fn written_page(before: PageEntry, after: PageEntry) -> PageEntry {
+    if after.swapped() && !before.present() && !before.swapped() {
+        PageEntry::default()
+    } else {
+        after
+    }
 }
 
 /// Which pages of the file, from `offset` on, hold zeros: holes are skipped
