@@ -74,8 +74,10 @@ struct Outcome {
     lost: u64,
     /// Mean of `pages_sharing + ksm_zero_pages` during the O_DIRECT phase.
     saving: f64,
-    /// Mean drop of QEMU's PSS during the phase against TP-READY, in kB.
-    pss_drop_kb: f64,
+    /// QEMU's PSS at TP-READY, before merging starts, in kB.
+    pss_ready_kb: f64,
+    /// Mean of QEMU's PSS during the phase, in kB.
+    pss_kb: f64,
     /// twinpage's own counters at the end (empty for the kernel).
     counters: String,
     verdict: String,
@@ -122,16 +124,19 @@ fn run(lib: &Path, disk: &Path, side: Side, backend: Backend, pin_guard: &str) -
             break l.clone();
         }
         assert!(t.elapsed() < Duration::from_secs(ODIRECT_S + 60), "no TP-ODIRECT result; stderr: {}", g.stderr_text());
-        samples.push((saving(&g), pss_ready.saturating_sub(g.pss_kb())));
+        samples.push((saving(&g), g.pss_kb()));
         std::thread::sleep(Duration::from_millis(500));
     };
     let counters = std::fs::read_to_string(g.tree.join(format!("proc/{}/twinpage_counters", g.pid()))).unwrap_or_default();
+    let series: Vec<String> = samples.iter().step_by(6).map(|(s, p)| format!("{s}/{p}")).collect();
+    eprintln!("{tag} {}: PSS at TP-READY {pss_ready} kB; saving pages/PSS kB every 3 s: {}", backend.name(), series.join(" "));
     let n = samples.len().max(1) as f64;
     let out = Outcome {
         reads: field(&result, "reads"),
         lost: field(&result, "lost") + field(&result, "corrupt") + field(&result, "errors"),
         saving: samples.iter().map(|s| s.0 as f64).sum::<f64>() / n,
-        pss_drop_kb: samples.iter().map(|s| s.1 as f64).sum::<f64>() / n,
+        pss_ready_kb: pss_ready as f64,
+        pss_kb: samples.iter().map(|s| s.1 as f64).sum::<f64>() / n,
         counters,
         verdict: String::new(),
     };
@@ -172,7 +177,13 @@ impl Drop for Disk {
 
 /// Issue 14's table, at twinpage's defaults: every read lands on both
 /// backends, no merge goes unchecked, and the saving is kernel KSM's within
-/// 10%.
+/// 10%, in pages and in QEMU's PSS.
+///
+/// Both PSS drops are taken from one baseline, QEMU's PSS at TP-READY under
+/// the kernel (the same guest, nothing merged yet): each side's own reading
+/// there varies by some MB from run to run (where THP backs guest RAM), which
+/// decided a comparison of drops from two baselines; and what a user pays is
+/// QEMU's PSS while it runs, twinpage's own memory included.
 #[test]
 fn odirect_reads_into_merged_guest_ram_land_and_the_saving_matches_kernel_ksm() {
     let Some(lib) = prerequisites_with_kernel_ksm() else { return };
@@ -181,27 +192,31 @@ fn odirect_reads_into_merged_guest_ram_land_and_the_saving_matches_kernel_ksm() 
     for backend in [Backend::FileShareOff, Backend::Anon] {
         let k = run(&lib, &disk.0, Side::Kernel, backend, "");
         let t = run(&lib, &disk.0, Side::Twinpage, backend, "");
+        let (k_drop, t_drop) = (k.pss_ready_kb - k.pss_kb, k.pss_ready_kb - t.pss_kb);
         eprintln!(
-            "{:32} kernel: {} of {} reads lost, saving {:.0} pages, PSS -{:.0} kB | twinpage: {} of {} lost, saving {:.0} pages ({:.2}x), PSS -{:.0} kB ({:.2}x); unchecked={} pin_skipped={} uncheckable_skipped={} cow_in_place={}",
+            "{:32} kernel: {} of {} reads lost, saving {:.0} pages, PSS {:.0} -> {:.0} kB | twinpage: {} of {} lost, saving {:.0} pages ({:.2}x), PSS {:.0} -> {:.0} kB, {:.0} kB below the kernel's TP-READY ({:.2}x the kernel's drop); unchecked={} pin_skipped={} uncheckable_skipped={} cow_in_place={}",
             backend.name(),
             k.lost,
             k.reads,
             k.saving,
-            k.pss_drop_kb,
+            k.pss_ready_kb,
+            k.pss_kb,
             t.lost,
             t.reads,
             t.saving,
             t.saving / k.saving.max(1.0),
-            t.pss_drop_kb,
-            t.pss_drop_kb / k.pss_drop_kb.max(1.0),
+            t.pss_ready_kb,
+            t.pss_kb,
+            t_drop,
+            t_drop / k_drop.max(1.0),
             counter(&t.counters, "twinpage_merges_unchecked"),
             counter(&t.counters, "twinpage_merges_pinned_skipped"),
             counter(&t.counters, "twinpage_uncheckable_skipped"),
             counter(&t.counters, "twinpage_cow_in_place"),
         );
-        rows.push((backend, k, t));
+        rows.push((backend, k, t, k_drop, t_drop));
     }
-    for (backend, k, t) in &rows {
+    for (backend, k, t, k_drop, t_drop) in &rows {
         let name = backend.name();
         assert_eq!(k.verdict, "TP-VERDICT OK", "{name}: the guest under kernel KSM");
         assert!(k.reads > 0 && k.lost == 0, "{name}: kernel KSM lost {} of {} reads", k.lost, k.reads);
@@ -210,7 +225,7 @@ fn odirect_reads_into_merged_guest_ram_land_and_the_saving_matches_kernel_ksm() 
         assert!(!t.counters.is_empty(), "{name}: no twinpage counters");
         assert_eq!(counter(&t.counters, "twinpage_merges_unchecked"), 0, "{name}: unchecked merges:\n{}", t.counters);
         assert!(t.saving >= k.saving * 0.9, "{name}: twinpage saved {:.0} pages, kernel KSM {:.0}", t.saving, k.saving);
-        assert!(t.pss_drop_kb >= k.pss_drop_kb * 0.9, "{name}: PSS dropped {:.0} kB, kernel KSM {:.0} kB", t.pss_drop_kb, k.pss_drop_kb);
+        assert!(*t_drop >= k_drop * 0.9, "{name}: PSS dropped {t_drop:.0} kB under twinpage, {k_drop:.0} kB under kernel KSM");
     }
 }
 
