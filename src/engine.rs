@@ -560,7 +560,36 @@ impl Engine {
     /// What reading attribute `name` of `/sys/kernel/mm/ksm` prints, without
     /// the newline; `None` for a name the kernel does not have.
     pub fn show_attr(&self, name: &str) -> Option<String> {
-        crate::tunables::show_attr(self.tunables(), &self.stats(), name, has_numa())
+        let mut stats = self.stats();
+        // Under twinpaged the shared pages are the daemon's, counted there
+        // for all its processes (the kernel's counts are host-wide too).
+        if matches!(name, "pages_shared" | "pages_sharing") {
+            if let Some((shared, sharing)) = self.daemon_totals() {
+                stats.pages_shared += shared;
+                stats.pages_sharing += sharing;
+            }
+        }
+        crate::tunables::show_attr(self.tunables(), &stats, name, has_numa())
+    }
+
+    /// `pages_shared` and `pages_sharing` of the twinpaged this engine merges
+    /// through, asked now (after sending what this process did since its
+    /// last report); `None` when not connected.
+    fn daemon_totals(&self) -> Option<(u64, u64)> {
+        let sh = &self.inner.sh;
+        let mut core = sh.core.lock();
+        let core = &mut *core;
+        let holds = core.free_holds;
+        let link = core.remote.as_mut()?;
+        // Releases held for a forked child stay queued (see `link`).
+        let asked = if holds == 0 { link.flush() } else { Ok(()) }.and_then(|()| link.totals());
+        match asked {
+            Ok(t) => Some(t),
+            Err(e) => {
+                core.lose_remote(sh, &e);
+                None
+            }
+        }
     }
 
     /// Waits until `full_scans` has grown by `n` (or `timeout` passed); true

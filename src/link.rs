@@ -1,7 +1,8 @@
 //! An engine's link to `twinpaged`: while connected, the scanner's new
 //! merges go through the daemon's broker, so pages merge across processes.
 //!
-//! Only the scanner thread talks on the link, under the core lock. What the
+//! Only the scanner thread talks on the link, under the core lock (and a
+//! reader of the daemon's counts, [`Link::totals`], under that lock too). What the
 //! engine did with the broker's orders (`committed`, `cancelled`) and sharing
 //! that ended (`released`, also from unmap and unmerge on other threads) is
 //! queued here and sent in one `Report` after each batch, except while frees
@@ -158,6 +159,16 @@ impl Link {
             self.conn.send(&Msg::Holding { store: c.to_vec(), done: chunks.peek().is_none() })?;
         }
         Ok(())
+    }
+
+    /// The daemon's `pages_shared` and `pages_sharing` now.
+    pub fn totals(&mut self) -> Result<(u64, u64), LinkError> {
+        self.conn.send(&Msg::AskTotals)?;
+        match self.conn.recv()?.0 {
+            Msg::Totals { pages_shared, pages_sharing } => Ok((pages_shared, pages_sharing)),
+            Msg::Refused { reason } => Err(LinkError::Refused(reason)),
+            m => Err(LinkError::Unexpected(m.name(), "Totals")),
+        }
     }
 
     /// Tells the broker a full scan ended (our unstable-tree entries age out).

@@ -195,6 +195,17 @@ impl StableTree {
         Some(idx)
     }
 
+    /// Reserves one more sharer on store page `idx`, if it has room.
+    pub fn reserve_at(&mut self, idx: u32, max_sharing: u32) -> bool {
+        let max = u64::from(max_sharing.min(MAX_SHARERS));
+        let Some(n) = self.nodes.get(idx as usize) else { return false };
+        if u64::from(n.sharers()) + u64::from(self.pending(idx)) >= max {
+            return false;
+        }
+        self.set_pending(idx, self.pending(idx) + 1);
+        true
+    }
+
     /// Whether a store page for `key` waits for its content.
     pub fn has_unfilled(&self, key: u64) -> bool {
         self.chain(key).any(|i| !self.nodes[i as usize].filled())

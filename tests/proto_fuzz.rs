@@ -31,7 +31,7 @@ use twinpage::broker::proto::{
 };
 use twinpage::sys::scm;
 
-const KINDS: [u16; 9] = [1, 2, 3, 4, 5, 16, 17, 18, 19];
+const KINDS: [u16; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 16, 17, 18, 19, 20, 21];
 
 fn env_num(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
@@ -58,7 +58,7 @@ fn domain(rng: &mut StdRng) -> String {
 /// frame (offset, width in bytes).
 fn message(rng: &mut StdRng) -> (Msg, Vec<(usize, usize)>) {
     let p = HEADER;
-    match rng.gen_range(0..11) {
+    match rng.gen_range(0..12) {
         0 => {
             let d = if rng.gen_bool(0.5) { Some(domain(rng)) } else { None };
             (Msg::Hello { pid: rng.gen(), domain: d }, vec![(p + 4, 1)])
@@ -107,6 +107,7 @@ fn message(rng: &mut StdRng) -> (Msg, Vec<(usize, usize)>) {
             (Msg::Holding { store, done: rng.gen() }, vec![(p + 1, 4)])
         }
         9 => (if rng.gen() { Msg::Resume { agent_id: rng.gen() } } else { Msg::Resumed { ok: rng.gen() } }, vec![]),
+        10 => (if rng.gen() { Msg::AskTotals } else { Msg::Totals { pages_shared: rng.gen(), pages_sharing: rng.gen() } }, vec![]),
         _ => {
             let n = len(rng, MAX_REASON);
             let reason: String = if rng.gen_bool(0.2) {
@@ -517,6 +518,6 @@ fn fuzz_decoder_and_conn() {
 #[test]
 fn limits() {
     assert_eq!(MAX_PAYLOAD, 8 << 20);
-    assert_eq!((VERSION, PAGE, MAX_ITEMS, MAX_FILL, MAX_DOMAIN, MAX_REASON), (1, 4096, 65536, 1024, 255, 1024));
+    assert_eq!((VERSION, PAGE, MAX_ITEMS, MAX_FILL, MAX_DOMAIN, MAX_REASON), (2, 4096, 65536, 1024, 255, 1024));
     assert_eq!(frame_len(&header(u32::MAX, VERSION, 3)), Err(ProtoError::TooLarge(u32::MAX as usize)));
 }

@@ -9,6 +9,13 @@
 //! with that digest a `Join`; each agent compares its page with the store page
 //! under write-protect before it remaps, so a wrong digest costs a failed
 //! merge, never content.
+//!
+//! As in ksmd, the pages of one batch that meet merge in that batch: the
+//! first page (when it is in the batch) and the later ones get joins on the
+//! page being uploaded, which its agent does only once the upload was taken
+//! (it cancels them otherwise). So "two full scans, then every duplicate is
+//! merged" holds under the daemon as without it; before, every page but the
+//! uploaded one waited for the next scan.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -168,22 +175,36 @@ impl Domain {
         // Consecutive pages get consecutive store pages, so their merges
         // coalesce into one mapping on the agent's side.
         let mut last_upload: Option<(u64, u32)> = None;
+        // The store page this batch is uploading for a digest: later pages of
+        // the batch join it.
+        let mut batch: NoHash<u64, u32> = NoHash::default();
+        let tokens: std::collections::HashSet<u64> = items.iter().map(|c| c.token).collect();
         for c in items {
             if let Some(idx) = self.stable.reserve_filled(c.digest, max_sharing) {
                 *h.pending.entry(idx).or_default() += 1;
                 orders.push(Order { token: c.token, store: idx, kind: OrderKind::Join });
                 continue;
             }
+            if let Some(&idx) = batch.get(&c.digest) {
+                if self.stable.reserve_at(idx, max_sharing) {
+                    *h.pending.entry(idx).or_default() += 1;
+                    orders.push(Order { token: c.token, store: idx, kind: OrderKind::Join });
+                    continue;
+                }
+            }
             if !c.stable {
                 continue;
             }
             let me = Proposal { agent, token: c.token, generation: h.generation };
             let live = |p: &Proposal, gens: &HashMap<u32, u32>| gens.get(&p.agent) == Some(&p.generation);
-            match self.unstable.get(&c.digest) {
-                Some(p) if live(p, &self.generations) && (p.agent, p.token) != (agent, c.token) => {
+            match self.unstable.get(&c.digest).copied() {
+                Some(p) if live(&p, &self.generations) && (p.agent, p.token) != (agent, c.token) => {
                     // A second page with this digest: it becomes the content of a
-                    // new store page, which the first joins on its next visit.
-                    if self.stable.has_unfilled(c.digest) {
+                    // new store page, which the first joins now if it is in this
+                    // batch, else on its next visit. Another batch's page still
+                    // waiting for its content is not joined: only its uploader
+                    // knows when it is there.
+                    if self.stable.has_unfilled(c.digest) && !batch.contains_key(&c.digest) {
                         continue;
                     }
                     if self.full_until.is_some_and(|t| Instant::now() < t) {
@@ -203,8 +224,13 @@ impl Domain {
                     *h.pending.entry(idx).or_default() += 1;
                     h.uploads.insert(idx, c.digest);
                     orders.push(Order { token: c.token, store: idx, kind: OrderKind::Upload });
+                    batch.insert(c.digest, idx);
+                    if p.agent == agent && tokens.contains(&p.token) && self.stable.reserve_at(idx, max_sharing) {
+                        *h.pending.entry(idx).or_default() += 1;
+                        orders.push(Order { token: p.token, store: idx, kind: OrderKind::Join });
+                    }
                 }
-                Some(p) if live(p, &self.generations) => {}
+                Some(p) if live(&p, &self.generations) => {}
                 _ => {
                     self.propose(agent, c.digest, me, max_proposals);
                 }
@@ -278,9 +304,11 @@ impl Domain {
         }
         match self.store.page_ptr(idx) {
             Ok(ptr) => {
-                // SAFETY: an unfilled store page: no agent has been told to map it
-                // (joins are only ordered for filled pages), so nobody reads it
-                // while we write; `ptr` points at PAGE_SIZE writable bytes.
+                // SAFETY: an unfilled store page: no agent maps it yet (joins are
+                // ordered for filled pages, and for this one only to its
+                // uploader, which maps it once this fill was taken), so nobody
+                // reads it while we write; `ptr` points at PAGE_SIZE writable
+                // bytes.
                 unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, PAGE_SIZE) };
                 true
             }

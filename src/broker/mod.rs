@@ -338,6 +338,35 @@ mod tests {
         assert_eq!((st.pages_shared, st.twinpage_store_bytes), (0, 0));
     }
 
+    /// As ksmd merges the duplicates it meets in one pass, one batch of 300
+    /// equal pages gets one upload and joins for all the others, chained at
+    /// max_page_sharing (256): the proposer of the batch joins at once.
+    #[test]
+    fn the_duplicates_of_one_batch_join_the_page_it_uploads() {
+        let mut b = Broker::new();
+        let (a, _fd) = b.join(10, 1000, None).unwrap();
+        let p = page(7);
+        let batch: Vec<Candidate> = (1..=300).map(|t| cand(t, &p, true)).collect();
+        let o = b.scan(a, &batch);
+        let mut tokens: Vec<u64> = o.iter().map(|o| o.token).collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, (1..=300).collect::<Vec<u64>>(), "every page ordered once");
+        let uploads: Vec<&Order> = o.iter().filter(|o| o.kind == OrderKind::Upload).collect();
+        assert_eq!(uploads.iter().map(|o| o.token).collect::<Vec<_>>(), [2, 258]);
+        for (up, n) in uploads.iter().zip([256, 44]) {
+            assert_eq!(o.iter().filter(|x| x.store == up.store).count(), n);
+        }
+        let digest = batch[0].digest;
+        // The first upload is taken, the second refused: its joins are
+        // cancelled by the agent, and its store page goes.
+        assert_eq!(b.fill(a, &[FillPage { store: uploads[0].store, digest, bytes: p.clone() }]), vec![(uploads[0].store, true)]);
+        assert_eq!(b.fill(a, &[FillPage { store: uploads[1].store, digest, bytes: page(8) }]), vec![(uploads[1].store, false)]);
+        let on = |s: u32| o.iter().filter(|x| x.store == s).map(|x| x.store).collect::<Vec<u32>>();
+        b.report(a, &on(uploads[0].store), &on(uploads[1].store)[1..], &[]);
+        let st = b.stats();
+        assert_eq!((st.pages_shared, st.pages_sharing, st.twinpage_store_bytes), (1, 255, PAGE as u64));
+    }
+
     #[test]
     fn domains_are_apart_and_owned() {
         let mut b = Broker::new();

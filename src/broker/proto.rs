@@ -20,8 +20,10 @@
 //! ([`frame_len`]) so that a reader can refuse an oversized frame before
 //! waiting for its bytes.
 
-/// Protocol version; a frame of any other version is refused.
-pub const VERSION: u16 = 1;
+/// Protocol version; a frame of any other version is refused. 2 added
+/// `AskTotals`/`Totals`: an agent and a daemon of different versions do not
+/// connect at all, rather than part at the first question.
+pub const VERSION: u16 = 2;
 /// Bytes of a frame header.
 pub const HEADER: usize = 8;
 /// Largest payload of any frame.
@@ -47,11 +49,13 @@ const K_REPORT: u16 = 4;
 const K_FULL_SCAN: u16 = 5;
 const K_RESUME: u16 = 6;
 const K_HOLDING: u16 = 7;
+const K_ASK_TOTALS: u16 = 8;
 const K_WELCOME: u16 = 16;
 const K_ORDERS: u16 = 17;
 const K_FILLED: u16 = 18;
 const K_REFUSED: u16 = 19;
 const K_RESUMED: u16 = 20;
+const K_TOTALS: u16 = 21;
 
 // Wire sizes of list items.
 const CANDIDATE_BYTES: usize = 8 + 8 + 1;
@@ -75,13 +79,30 @@ const fn max_payload(kind: u16) -> Option<usize> {
         K_RESUME => 4,
         K_HOLDING => 1 + 4 + MAX_ITEMS * 4,
         K_RESUMED => 1,
+        K_ASK_TOTALS => 0,
+        K_TOTALS => 16,
         _ => return None,
     })
 }
 
 // Every kind's largest frame fits the global limit.
 const _: () = {
-    let kinds = [K_HELLO, K_SCAN, K_FILL, K_REPORT, K_FULL_SCAN, K_RESUME, K_HOLDING, K_WELCOME, K_ORDERS, K_FILLED, K_REFUSED, K_RESUMED];
+    let kinds = [
+        K_HELLO,
+        K_SCAN,
+        K_FILL,
+        K_REPORT,
+        K_FULL_SCAN,
+        K_RESUME,
+        K_HOLDING,
+        K_ASK_TOTALS,
+        K_WELCOME,
+        K_ORDERS,
+        K_FILLED,
+        K_REFUSED,
+        K_RESUMED,
+        K_TOTALS,
+    ];
     let mut i = 0;
     while i < kinds.len() {
         match max_payload(kinds[i]) {
@@ -127,7 +148,7 @@ pub struct FillPage {
     pub bytes: Box<[u8; PAGE]>,
 }
 
-/// One message. Kinds 1–7 go from agent to broker, 16–20 back.
+/// One message. Kinds 1–8 go from agent to broker, 16–21 back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
     /// Kind 1: the first message of an agent; `domain` names the sharing
@@ -157,6 +178,9 @@ pub enum Msg {
     /// the rest when `done` arrives: orders carried out but never reported,
     /// reports lost with the link. Wire: `u8` done, `u32` count, `u32`s.
     Holding { store: Vec<u32>, done: bool },
+    /// Kind 8: asks for the daemon's counts (`Totals`), for a program that
+    /// reads `/sys/kernel/mm/ksm` in-process. Empty payload.
+    AskTotals,
     /// Kind 16: the agent is in; the read-only store fd travels with this
     /// message (`SCM_RIGHTS`). Wire: `u32` agent id, `u32` agents.
     Welcome { agent_id: u32, agents: u32 },
@@ -171,6 +195,9 @@ pub enum Msg {
     Refused { reason: String },
     /// Kind 20: whether a `Resume` took the old references over. Wire: `u8`.
     Resumed { ok: bool },
+    /// Kind 21: the daemon's `pages_shared` and `pages_sharing` now, over
+    /// all its domains (the kernel's are host-wide). Wire: two `u64`s.
+    Totals { pages_shared: u64, pages_sharing: u64 },
 }
 
 impl Msg {
@@ -189,6 +216,8 @@ impl Msg {
             Msg::Orders { .. } => K_ORDERS,
             Msg::Filled { .. } => K_FILLED,
             Msg::Refused { .. } => K_REFUSED,
+            Msg::AskTotals => K_ASK_TOTALS,
+            Msg::Totals { .. } => K_TOTALS,
         }
     }
 
@@ -207,6 +236,8 @@ impl Msg {
             Msg::Orders { .. } => "Orders",
             Msg::Filled { .. } => "Filled",
             Msg::Refused { .. } => "Refused",
+            Msg::AskTotals => "AskTotals",
+            Msg::Totals { .. } => "Totals",
         }
     }
 }
@@ -290,7 +321,8 @@ fn payload_len(msg: &Msg) -> usize {
         Msg::Scan { items } => 4 + items.len() * CANDIDATE_BYTES,
         Msg::Fill { pages } => 4 + pages.len() * FILL_PAGE_BYTES,
         Msg::Report { committed, cancelled, released } => 12 + 4 * (committed.len() + cancelled.len() + released.len()),
-        Msg::FullScan => 0,
+        Msg::FullScan | Msg::AskTotals => 0,
+        Msg::Totals { .. } => 16,
         Msg::Resume { .. } => 4,
         Msg::Holding { store, .. } => 5 + 4 * store.len(),
         Msg::Resumed { .. } => 1,
@@ -354,7 +386,11 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
             out.push(*done as u8);
             put_u32s(out, store);
         }
-        Msg::FullScan => {}
+        Msg::FullScan | Msg::AskTotals => {}
+        Msg::Totals { pages_shared, pages_sharing } => {
+            put_u64(out, *pages_shared);
+            put_u64(out, *pages_sharing);
+        }
         Msg::Resume { agent_id } => put_u32(out, *agent_id),
         Msg::Resumed { ok } => out.push(*ok as u8),
         Msg::Welcome { agent_id, agents } => {
@@ -535,6 +571,8 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), ProtoError> {
             Msg::Report { committed, cancelled, released }
         }
         K_FULL_SCAN => Msg::FullScan,
+        K_ASK_TOTALS => Msg::AskTotals,
+        K_TOTALS => Msg::Totals { pages_shared: r.u64()?, pages_sharing: r.u64()? },
         K_RESUME => Msg::Resume { agent_id: r.u32()? },
         K_HOLDING => {
             let done = r.bool()?;
@@ -658,6 +696,8 @@ mod tests {
         roundtrip(Msg::Report { committed: vec![1, 2], cancelled: vec![], released: vec![u32::MAX] });
         roundtrip(Msg::Report { committed: vec![], cancelled: vec![5], released: vec![] });
         roundtrip(Msg::FullScan);
+        roundtrip(Msg::AskTotals);
+        roundtrip(Msg::Totals { pages_shared: 3, pages_sharing: u64::MAX });
         roundtrip(Msg::Welcome { agent_id: 3, agents: 4 });
         roundtrip(Msg::Orders { agents: 2, orders: vec![] });
         roundtrip(Msg::Orders {
@@ -691,10 +731,10 @@ mod tests {
         assert_eq!(frame_len(&[]), Err(ProtoError::Incomplete(HEADER)));
         assert_eq!(frame_len(&[0; 5]), Err(ProtoError::Incomplete(3)));
         assert_eq!(decode(&[1, 0, 0]), Err(ProtoError::Incomplete(5)));
-        assert_eq!(frame_len(&header(0, 2, K_FULL_SCAN)), Err(ProtoError::Version(2)));
+        assert_eq!(frame_len(&header(0, 3, K_FULL_SCAN)), Err(ProtoError::Version(3)));
         assert_eq!(frame_len(&header(0, 0, K_FULL_SCAN)), Err(ProtoError::Version(0)));
         assert_eq!(decode(&header(0, 7, 999)), Err(ProtoError::Version(7)));
-        for kind in [0, 8, 15, 21, u16::MAX] {
+        for kind in [0, 9, 15, 22, u16::MAX] {
             assert_eq!(frame_len(&header(0, VERSION, kind)), Err(ProtoError::Kind(kind)));
         }
         // Oversized announcements fail from the header alone.

@@ -253,6 +253,10 @@ fn agent_loop(daemon: &Daemon, conn: &mut Conn, id: u32) -> Result<(), ConnError
                 daemon.broker.lock().report(id, &committed, &cancelled, &released);
             }
             Msg::FullScan => daemon.broker.lock().full_scan(id),
+            Msg::AskTotals => {
+                let s = daemon.broker.lock().stats();
+                conn.send(&Msg::Totals { pages_shared: s.pages_shared, pages_sharing: s.pages_sharing })?;
+            }
             Msg::Holding { store, done } => {
                 let dropped = daemon.broker.lock().claim(id, &store, done);
                 if dropped > 0 {

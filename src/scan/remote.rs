@@ -68,11 +68,23 @@ pub fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<C
             .collect();
         match link.fill(pages) {
             Ok(results) => {
+                let mut refused = Vec::new();
                 for (it, (store, ok)) in uploads.iter().zip(results) {
                     if ok && store == it.store {
                         joins.push(*it);
+                    } else {
+                        refused.push(it.store);
                     }
                 }
+                // Joins on a store page whose upload was refused: it never
+                // got its content.
+                joins.retain(|it| {
+                    let keep = !refused.contains(&it.store);
+                    if !keep {
+                        link.cancelled.push(it.store);
+                    }
+                    keep
+                });
             }
             Err(e) => {
                 core.lose_remote(sh, &e);
