@@ -98,54 +98,6 @@ fn merge_any_counts_only_the_programs_memory() {
     assert_eq!(twin, kernel);
 }
 
-/// Under twinpaged, as without it: three full scans after the program
-/// filled its pages (one may have been under way, one takes the checksums,
-/// one merges), every duplicate has merged, chained at max_page_sharing
-/// (300 pages: 2 shared, 298 sharing). Before, the daemon merged the one
-/// page of a batch's duplicates it had uploaded and the rest a scan later
-/// (1 of 512 PROT_NONE pages after two scans). The host counters come from
-/// the daemon's publisher, up to 200 ms behind: they are awaited.
-#[test]
-fn under_twinpaged_full_scans_are_the_kernels_barrier() {
-    let Some((lib, prog, _one)) = prerequisites("prctl") else { return };
-    let Some(daemon) = daemon_bin() else { return };
-    for pages in [10u64, 300] {
-        let args = ["count".to_string(), pages.to_string(), "4".into()];
-        let kernel = {
-            let k = KernelKsm::flat_out();
-            let c = spawn_ready(Command::new(&prog).args(&args));
-            k.start();
-            assert!(k.wait_full_scans(3, Duration::from_secs(30)), "ksmd made no three full scans");
-            let merging = std::fs::read_to_string(format!("/proc/{}/ksm_merging_pages", c.id())).unwrap();
-            let seen = Seen::read(ksm_read);
-            finish(c, "COUNT OK");
-            (merging.trim().parse::<u64>().unwrap(), seen)
-        };
-        let dir = tempdir(&format!("oracle-daemon-{pages}"));
-        let kids = Kids(vec![start_daemon(&daemon, &dir, &[], "warn")]);
-        let c = spawn_ready(
-            Command::new(&prog)
-                .args(&args)
-                .env("LD_PRELOAD", &lib)
-                .env("TWINPAGE_DIR", &dir)
-                .env("TWINPAGE_PAGES_TO_SCAN", "100000")
-                .env("TWINPAGE_SLEEP_MILLISECS", "0"),
-        );
-        let from = tree_attr(&dir, "full_scans");
-        assert!(wait_until(Duration::from_secs(30), || tree_attr(&dir, "full_scans") >= from + 3), "no three full scans");
-        let merging = std::fs::read_to_string(dir.join(format!("proc/{}/ksm_merging_pages", c.id()))).unwrap();
-        let twin = (merging.trim().parse::<u64>().unwrap(), Seen::read(|n| tree_attr(&dir, n)));
-        let settled = wait_until(Duration::from_secs(2), || Seen::read(|n| tree_attr(&dir, n)) == kernel.1);
-        eprintln!("{pages} pages: kernel {kernel:?}; twinpage under twinpaged {twin:?}, host counters settled: {settled}");
-        finish(c, "COUNT OK");
-        drop(kids);
-        let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(kernel.0, pages, "the oracle itself");
-        assert_eq!(twin.0, kernel.0, "{pages} pages: ksm_merging_pages after three full scans");
-        assert!(settled, "{pages} pages: host counters {:?}, kernel {:?}", twin.1, kernel.1);
-    }
-}
-
 /// Zero pages count as the tunable says, on both: with use_zero_pages=0 as
 /// KSM pages of zeros (chained at max_page_sharing), with 1 in
 /// ksm_zero_pages. twinpage used to count them in ksm_zero_pages always.
@@ -174,7 +126,7 @@ fn zero_page_counters_follow_use_zero_pages() {
 /// applied 50-200 ms later (bad values too), and reads were as stale.
 #[test]
 fn ksm_files_answer_as_the_kernels_do() {
-    same_lines("ksmfiles", "KSMFILES DONE", "oracle-files", false);
+    same_lines("ksmfiles", &[], "KSMFILES DONE", "oracle-files", false);
 }
 
 /// The same program, merging through twinpaged: `pages_shared` and
@@ -183,7 +135,7 @@ fn ksm_files_answer_as_the_kernels_do() {
 /// daemon it has none).
 #[test]
 fn ksm_files_answer_as_the_kernels_do_under_twinpaged() {
-    same_lines("ksmfiles", "KSMFILES DONE", "oracle-files-daemon", true);
+    same_lines("ksmfiles", &[], "KSMFILES DONE", "oracle-files-daemon", true);
 }
 
 /// PROT_NONE anonymous memory merges (ksm_merging_pages, shared frames),
@@ -194,13 +146,27 @@ fn ksm_files_answer_as_the_kernels_do_under_twinpaged() {
 /// waiting for two full scans waited for ever.
 #[test]
 fn prot_none_memory_merges_as_the_kernels_does() {
-    same_lines("protnone", "PROTNONE DONE", "oracle-protnone", false);
+    same_lines("protnone", &[], "PROTNONE DONE", "oracle-protnone", false);
 }
 
-/// Runs `name` on kernel KSM and under the preload with
+/// "run=2, mark N pages of one byte mergeable, run=1, wait for two full
+/// scans": then every page is merged, chained at max_page_sharing
+/// (tests/programs/barrier.c; 300 pages: 2 shared, 298 sharing), PROT_NONE
+/// pages too, alone and through twinpaged. Before, the daemon merged only
+/// the uploaded page of a batch's duplicates in the scan that found them,
+/// the rest a scan later: 1 or 257 of 512 PROT_NONE pages after two scans
+/// (2 runs in 3 by hand).
+#[test]
+fn two_full_scans_after_run_1_merge_every_duplicate_as_the_kernels_do() {
+    let args = ["300", "512n", "300n", "512", "512n", "64n"];
+    same_lines("barrier", &args, "BARRIER DONE", "oracle-barrier", false);
+    same_lines("barrier", &args, "BARRIER DONE", "oracle-barrier-daemon", true);
+}
+
+/// Runs `name args` on kernel KSM and under the preload with
 /// `TWINPAGE_REDIRECT_SYSFS=1` (through twinpaged if `daemon`); the two
 /// print the same lines, ending `done`.
-fn same_lines(name: &str, done: &str, tag: &str, daemon: bool) {
+fn same_lines(name: &str, args: &[&str], done: &str, tag: &str, daemon: bool) {
     let Some((lib, prog, _one)) = prerequisites(name) else { return };
     let bin = if daemon {
         match daemon_bin() {
@@ -212,11 +178,17 @@ fn same_lines(name: &str, done: &str, tag: &str, daemon: bool) {
     };
     let kernel = {
         let _k = KernelKsm::flat_out();
-        Command::new(&prog).output().unwrap()
+        Command::new(&prog).args(args).output().unwrap()
     };
     let dir = tempdir(tag);
     let _kids = Kids(bin.iter().map(|b| start_daemon(b, &dir, &[], "warn")).collect());
-    let twin = Command::new(&prog).env("LD_PRELOAD", &lib).env("TWINPAGE_REDIRECT_SYSFS", "1").env("TWINPAGE_DIR", &dir).output().unwrap();
+    let twin = Command::new(&prog)
+        .args(args)
+        .env("LD_PRELOAD", &lib)
+        .env("TWINPAGE_REDIRECT_SYSFS", "1")
+        .env("TWINPAGE_DIR", &dir)
+        .output()
+        .unwrap();
     let (k, t) = (String::from_utf8_lossy(&kernel.stdout), String::from_utf8_lossy(&twin.stdout));
     eprintln!("kernel:\n{k}{}\ntwinpage:\n{t}{}", String::from_utf8_lossy(&kernel.stderr), String::from_utf8_lossy(&twin.stderr));
     assert!(kernel.status.success() && k.ends_with(&format!("{done}\n")), "the oracle itself");
