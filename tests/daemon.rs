@@ -6,25 +6,18 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::procs::{finish_twin, setup, spawn_ready, start_daemon, tree_attr, tree_counter, tree_counters, Kids};
+use common::procs::{finish_twin, setup, spawn_ready, start_daemon, tree_attr, tree_counter, tree_counters, Kids, Setup};
 use common::wait_until;
 
 const PAGE: u64 = 4096;
 
 /// Starts `twin SEED COMMON PAIRS WRITES` preloaded, and waits for READY.
-fn start_twin(prog: &Path, lib: &Path, dir: &Path, args: [u64; 4], domain: Option<&str>) -> Child {
-    let mut cmd = Command::new(prog);
-    cmd.args(args.map(|a| a.to_string()))
-        .env("LD_PRELOAD", lib)
-        .env("TWINPAGE_DIR", dir)
-        .env("TWINPAGE_PAGES_TO_SCAN", "100000")
-        .env("TWINPAGE_SLEEP_MILLISECS", "0")
-        .env("TWINPAGE_LOG", "info")
-        .stdout(Stdio::piped());
+fn start_twin(s: &Setup, args: [u64; 4], domain: Option<&str>) -> Child {
+    let mut cmd = s.twin(args, 0);
+    cmd.env("TWINPAGE_LOG", "info");
     if let Some(d) = domain {
         cmd.env("TWINPAGE_DOMAIN", d);
     }
@@ -37,8 +30,8 @@ fn pages_merge_across_processes_and_a_killed_agent_is_forgotten() {
     let (common, pairs) = (1024u64, 256u64);
     let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[], "info")]);
     let d = kids.0[0].id();
-    kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [7, common, pairs, 0], None));
-    kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [7, common, pairs, 0], None));
+    kids.0.push(start_twin(&s, [7, common, pairs, 0], None));
+    kids.0.push(start_twin(&s, [7, common, pairs, 0], None));
     let (a, b) = (kids.0[1].id(), kids.0[2].id());
 
     // Common pages are unique within each process: only sharing across the
@@ -93,8 +86,8 @@ fn pages_merge_across_processes_and_a_killed_agent_is_forgotten() {
 fn a_killed_daemon_leaves_agents_running_and_a_new_one_merges_again() {
     let Some(s) = setup("daemon-kill") else { return };
     let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[], "info")]);
-    kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [11, 512, 64, 1], None));
-    kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [11, 512, 64, 1], None));
+    kids.0.push(start_twin(&s, [11, 512, 64, 1], None));
+    kids.0.push(start_twin(&s, [11, 512, 64, 1], None));
     let (a, b) = (kids.0[1].id(), kids.0[2].id());
     assert!(wait_until(Duration::from_secs(30), || {
         tree_counter(&s.dir, a, "twinpage_daemon_merged") > 500 && tree_counter(&s.dir, b, "twinpage_daemon_merged") > 500
@@ -124,8 +117,8 @@ fn a_killed_daemon_leaves_agents_running_and_a_new_one_merges_again() {
             && tree_counter(&s.dir, b, "twinpage_daemon_agents") == 1),
         "agents did not reconnect"
     );
-    kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [11, 512, 64, 0], None));
-    kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [11, 512, 64, 0], None));
+    kids.0.push(start_twin(&s, [11, 512, 64, 0], None));
+    kids.0.push(start_twin(&s, [11, 512, 64, 0], None));
     let (c, e) = (kids.0[3].id(), kids.0[4].id());
     let resumed = wait_until(Duration::from_secs(30), || {
         tree_counter(&s.dir, d2, "pages_sharing") >= 512 + 2 * 64
@@ -155,8 +148,8 @@ fn domains_never_share() {
     let d = kids.0[0].id();
     // Identical content, no duplicates within a process: only sharing across
     // processes could merge anything.
-    kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [5, 1024, 0, 0], Some("red")));
-    kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [5, 1024, 0, 0], Some("blue")));
+    kids.0.push(start_twin(&s, [5, 1024, 0, 0], Some("red")));
+    kids.0.push(start_twin(&s, [5, 1024, 0, 0], Some("blue")));
     let (red, blue) = (kids.0[1].id(), kids.0[2].id());
     let scanned = wait_until(Duration::from_secs(20), || {
         [red, blue].iter().all(|&p| tree_counter(&s.dir, p, "full_scans") >= 20 && tree_counter(&s.dir, p, "twinpage_daemon_agents") == 1)
@@ -166,7 +159,7 @@ fn domains_never_share() {
     assert_eq!(tree_counter(&s.dir, red, "twinpage_daemon_merged") + tree_counter(&s.dir, blue, "twinpage_daemon_merged"), 0);
 
     // The same content in the same domain merges: the setup could merge.
-    kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [5, 1024, 0, 0], Some("red")));
+    kids.0.push(start_twin(&s, [5, 1024, 0, 0], Some("red")));
     let red2 = kids.0[3].id();
     assert!(wait_until(Duration::from_secs(30), || tree_counter(&s.dir, red2, "twinpage_daemon_merged") == 1024));
     assert_eq!(tree_counter(&s.dir, blue, "twinpage_daemon_merged"), 0);
@@ -183,8 +176,8 @@ fn run_2_unmerges_daemon_merges_and_empties_the_store() {
     let Some(s) = setup("daemon-run2") else { return };
     let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &[], "info")]);
     let d = kids.0[0].id();
-    kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [9, 512, 32, 0], None));
-    kids.0.push(start_twin(&s.prog, &s.lib, &s.dir, [9, 512, 32, 0], None));
+    kids.0.push(start_twin(&s, [9, 512, 32, 0], None));
+    kids.0.push(start_twin(&s, [9, 512, 32, 0], None));
     let (a, b) = (kids.0[1].id(), kids.0[2].id());
     let all = 512 + 64;
     assert!(wait_until(Duration::from_secs(30), || {

@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -83,16 +83,7 @@ fn daemon(bin: &Path, dir: &Path, extra: &[&str], log: &Path) -> Child {
 /// twin.c with 4000 pairs of equal neighbouring pages: each merged page
 /// stands alone in its mapping, ~8000 mappings for all of them.
 fn pairs(s: &common::procs::Setup, log: &Path) -> Child {
-    spawn_ready(
-        Command::new(&s.prog)
-            .args(["5", "0", "4000", "0"])
-            .env("LD_PRELOAD", &s.lib)
-            .env("TWINPAGE_DIR", &s.dir)
-            .env("TWINPAGE_PAGES_TO_SCAN", "100000")
-            .env("TWINPAGE_SLEEP_MILLISECS", "5")
-            .stderr(std::fs::File::create(log).unwrap())
-            .stdout(Stdio::piped()),
-    )
+    spawn_ready(s.twin([5, 0, 4000, 0], 5).stderr(std::fs::File::create(log).unwrap()))
 }
 
 /// At vm.max_map_count=3000, a root twinpaged raises the limit to what its

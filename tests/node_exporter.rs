@@ -163,15 +163,7 @@ fn node_exporter_reports_twinpaged_per_process_series() {
     let tf = textfiles.to_str().unwrap().to_string();
     let mut kids = common::procs::Kids(vec![common::procs::start_daemon(&s.daemon, &s.dir, &["--textfile-dir", &tf], "warn")]);
     for _ in 0..2 {
-        kids.0.push(common::procs::spawn_ready(
-            Command::new(&s.prog)
-                .args(["11", "512", "0", "0"])
-                .env("LD_PRELOAD", &s.lib)
-                .env("TWINPAGE_DIR", &s.dir)
-                .env("TWINPAGE_PAGES_TO_SCAN", "100000")
-                .env("TWINPAGE_SLEEP_MILLISECS", "5")
-                .stdout(Stdio::piped()),
-        ));
+        kids.0.push(common::procs::spawn_ready(&mut s.twin([11, 512, 0, 0], 5)));
     }
     let pids = [kids.0[1].id(), kids.0[2].id()];
     let series = |pid: u32| {

@@ -35,7 +35,9 @@
 //! that keeps an fd open and reads again (`pread`, or `lseek` + `read`) sees
 //! fresh values, as with sysfs. A reader racing with a value that gets
 //! shorter may for an instant see the new value's line followed by the tail
-//! of the old one; the first line is always a whole value.
+//! of the old one; the first line is always a whole value. `twinpaged
+//! --sysfs DIR` serves the files under the tree's lock instead: never torn,
+//! with sysfs's write semantics.
 //!
 //! # The publisher
 //!

@@ -97,6 +97,21 @@ pub struct Setup {
     pub dir: PathBuf,
 }
 
+impl Setup {
+    /// `twin SEED COMMON PAIRS WRITES` preloaded into this tree, scanning
+    /// 100000 pages every `sleep_ms`, stdout piped (for [`spawn_ready`]).
+    pub fn twin(&self, args: [u64; 4], sleep_ms: u32) -> Command {
+        let mut cmd = Command::new(&self.prog);
+        cmd.args(args.map(|a| a.to_string()))
+            .env("LD_PRELOAD", &self.lib)
+            .env("TWINPAGE_DIR", &self.dir)
+            .env("TWINPAGE_PAGES_TO_SCAN", "100000")
+            .env("TWINPAGE_SLEEP_MILLISECS", sleep_ms.to_string())
+            .stdout(std::process::Stdio::piped());
+        cmd
+    }
+}
+
 /// The twinpaged tests' prerequisites, or `None` (skipped, or failed under
 /// CI) when one is missing.
 pub fn setup(tag: &str) -> Option<Setup> {

@@ -7,6 +7,8 @@
 //! leaves every guest running with its merged pages; agents carry on alone
 //! and connect again when it is back.
 
+mod view;
+
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -59,6 +61,13 @@ struct Args {
     /// collector (Debian's: /var/lib/prometheus/node-exporter).
     #[arg(long)]
     textfile_dir: Option<PathBuf>,
+    /// Mount the tree's kernel/mm/ksm at DIR/kernel/mm/ksm as a filesystem
+    /// (FUSE) that answers as sysfs does: a read is never torn, a bad write
+    /// fails in write(2) with the kernel's errno, an accepted one returns
+    /// once every process has it (run=2: all unmerged). For programs that
+    /// are not preloaded: `cat`, `echo`, node_exporter --path.sysfs=DIR.
+    #[arg(long)]
+    sysfs: Option<PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -136,6 +145,22 @@ fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
     };
     let tree = StatsTree::spawn(daemon.clone(), args.dir.clone(), opts)
         .map_err(|e| format!("cannot publish the stats tree under {}: {e}", args.dir.display()))?;
+    let view = match &args.sysfs {
+        Some(at) => {
+            // A daemon killed with -9 leaves its mount behind, answering
+            // ENOTCONN: take it away first.
+            if std::fs::metadata(at).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) {
+                nix::mount::umount2(at, nix::mount::MntFlags::MNT_DETACH)
+                    .map_err(|e| format!("--sysfs {}: a stale mount is there and cannot be unmounted: {e}", at.display()))?;
+                log::info!("twinpaged: took away the stale mount at {} (a twinpaged killed before)", at.display());
+            }
+            std::fs::create_dir_all(at).map_err(|e| format!("--sysfs {}: {e}", at.display()))?;
+            let v = view::mount(&args.dir, at).map_err(|e| format!("--sysfs {}: cannot mount: {e}", at.display()))?;
+            log::info!("twinpaged: {}/kernel/mm/ksm answers as sysfs does", at.display());
+            Some(v)
+        }
+        None => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let (d, s) = (daemon.clone(), stop.clone());
     let acceptor = std::thread::Builder::new()
@@ -169,6 +194,7 @@ fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
     log::info!("twinpaged: stopping; agents go on with their merged pages");
     stop.store(true, Ordering::SeqCst);
     let _ = std::fs::remove_file(&socket);
+    drop(view);
     drop(tree);
     drop(acceptor);
     Ok(())

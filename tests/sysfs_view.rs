@@ -1,0 +1,102 @@
+//! `twinpaged --sysfs DIR`: the tree's `kernel/mm/ksm` served as sysfs
+//! serves it, for programs that are not preloaded (`cat`, `echo`,
+//! node_exporter): bad writes fail in `write(2)` with the kernel's errno and
+//! change nothing, accepted ones have reached every process when `write(2)`
+//! returns (`run=2`: nothing merged any more), read-only files refuse
+//! writers (root too), and reads are never torn.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::procs::{finish_twin, setup, spawn_ready, start_daemon, tree_counter, Kids};
+use common::{require, tempdir, wait_until};
+
+fn fuse_available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    require(root && Path::new("/dev/fuse").exists(), "root and /dev/fuse (the view is a FUSE mount)")
+}
+
+fn mounted(at: &Path) -> bool {
+    std::fs::read_to_string("/proc/mounts").unwrap().lines().any(|l| l.split(' ').nth(1) == Some(at.to_str().unwrap()))
+}
+
+/// Merged stretches of `pid`: private mappings of the daemon's store memfd
+/// (the agent also maps the whole store shared and read-only, to compare).
+fn store_mappings(pid: u32) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines().filter(|l| l.contains("twinpage-store") && l.split(' ').nth(1).is_some_and(|p| p.ends_with('p'))).count()
+}
+
+fn write(path: &Path, value: &str) -> Result<(), i32> {
+    std::fs::write(path, value).map_err(|e| e.raw_os_error().unwrap_or(0))
+}
+
+#[test]
+fn the_view_answers_readers_and_writers_as_sysfs_does() {
+    let Some(s) = setup("view") else { return };
+    if !fuse_available() {
+        return;
+    }
+    let view: PathBuf = tempdir("view-mnt");
+    let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--sysfs", view.to_str().unwrap()], "info")]);
+    let ksm = view.join("kernel/mm/ksm");
+    assert!(wait_until(Duration::from_secs(10), || ksm.join("run").is_file()), "the view never showed kernel/mm/ksm/run");
+    let agent = spawn_ready(&mut s.twin([7, 512, 64, 0], 0));
+    let pid = agent.id();
+    kids.0.push(agent);
+    assert!(
+        wait_until(Duration::from_secs(20), || tree_counter(&s.dir, pid, "twinpage_daemon_merged") >= 64 && store_mappings(pid) > 0),
+        "nothing merged through the daemon"
+    );
+
+    // The same files as the tree, with sysfs's modes.
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&ksm), names(&s.dir.join("kernel/mm/ksm")));
+    assert_eq!(std::fs::read_to_string(ksm.join("advisor_mode")).unwrap(), "[none] scan-time\n");
+
+    // A bad value fails in write(2) and changes nothing.
+    let tree_pts = s.dir.join("kernel/mm/ksm/pages_to_scan");
+    let before = std::fs::read_to_string(&tree_pts).unwrap();
+    assert_eq!(write(&ksm.join("pages_to_scan"), "12abc\n"), Err(libc::EINVAL));
+    assert_eq!(write(&ksm.join("sleep_millisecs"), "-1"), Err(libc::EINVAL));
+    assert_eq!(std::fs::read_to_string(&tree_pts).unwrap(), before);
+    assert_eq!(std::fs::read_to_string(ksm.join("pages_to_scan")).unwrap(), before);
+    // Read-only attributes refuse writers, root too (sysfs: EACCES at open).
+    assert_eq!(write(&ksm.join("pages_shared"), "5"), Err(libc::EACCES));
+
+    // An accepted value is every process's when write(2) returns.
+    assert_eq!(write(&ksm.join("pages_to_scan"), "1234\n"), Ok(()));
+    assert_eq!(std::fs::read_to_string(ksm.join("pages_to_scan")).unwrap(), "1234\n");
+    let own = std::fs::read_to_string(s.dir.join(format!("proc/{pid}/twinpage_tunables"))).unwrap();
+    assert!(own.lines().any(|l| l == "pages_to_scan 1234"), "the agent's settings right after the write:\n{own}");
+
+    // Reads are whole values, while the publishers rewrite the files under
+    // them (flat-out scanning moves pages_scanned at every pass).
+    for _ in 0..2000 {
+        let v = std::fs::read_to_string(ksm.join("pages_scanned")).unwrap();
+        assert!(v.ends_with('\n') && v.trim_end().parse::<u64>().is_ok() && v.matches('\n').count() == 1, "torn read {v:?}");
+    }
+
+    // run=2: nothing is merged any more when write(2) returns.
+    assert!(store_mappings(pid) > 0);
+    assert_eq!(write(&ksm.join("run"), "2\n"), Ok(()));
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert_eq!(store_mappings(pid), 0, "store pages still mapped right after run=2 returned:\n{maps}");
+    assert_eq!(std::fs::read_to_string(ksm.join("run")).unwrap(), "2\n");
+
+    finish_twin(kids.0.remove(1));
+    let mut daemon = kids.0.remove(0);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    daemon.wait().unwrap();
+    assert!(!mounted(&view), "the view stayed mounted after twinpaged stopped");
+    let _ = std::fs::remove_dir_all(&view);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
