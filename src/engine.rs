@@ -358,52 +358,20 @@ impl Engine {
         let len = len.checked_next_multiple_of(PAGE_SIZE).ok_or(EngineError::Inval)?;
         let end = addr.saturating_add(len);
         let sh = &self.inner.sh;
-        let regions = sh.registry.read().overlapping(addr, end);
-        // Regions are taken in address order, one at a time, by a thread that
-        // holds no other region lock: no lock-order cycle with the scanner,
-        // which takes a second region only with try_write.
-        let mut dropped: Vec<Vec<PageRecord>> = Vec::new();
-        for r in &regions {
-            let mut st = r.state.write();
-            if st.dead {
-                continue;
-            }
-            let from = (addr.max(r.start) - r.start) / PAGE_SIZE;
-            let to = (end.min(r.end()) - r.start) / PAGE_SIZE;
-            let mut core = sh.core.lock();
+        let dropped = crate::region::take_range(&sh.registry, &sh.core, addr, end, |r, st, core, from, to| {
             if unmerge && !st.failed {
-                unmerge::unmerge_range(sh, r, &mut st, &mut core, from, to);
+                unmerge::unmerge_range(sh, r, st, core, from, to);
             }
-            st.dead = true;
-            let records = std::mem::take(&mut st.records);
-            let mut reg = sh.registry.write();
-            reg.remove(r);
-            let mut split = |lo: usize, hi: usize| {
-                if lo < hi {
-                    let id = reg.next_id();
-                    let mut n = Region::new(id, r.addr(lo), hi - lo, r.kind, r.mergeability, r.prot, records[lo..hi].to_vec());
-                    n.dontfork = r.dontfork;
-                    n.dontdump = r.dontdump;
-                    n.backing = r.backing.clone();
-                    n.file_offset = r.file_offset + (lo * PAGE_SIZE) as u64;
-                    n.state.write().failed = st.failed;
-                    reg.insert(Arc::new(n));
-                }
-            };
-            split(0, from);
-            split(to, r.pages);
-            drop(reg);
             let removed = (to - from) as u64;
             core.counters.records_bytes -= removed * std::mem::size_of::<PageRecord>() as u64;
             core.counters.registered_pages -= removed;
             if r.mergeability == Mergeability::ScanOnly {
                 core.counters.unmergeable_pages -= removed;
             }
-            dropped.push(records[from..to].to_vec());
             if unmerge {
                 let _ = sh.uffd.unregister(r.addr(from), (to - from) * PAGE_SIZE);
             }
-        }
+        });
         between();
         let mut core = sh.core.lock();
         for mut recs in dropped {

@@ -1,7 +1,7 @@
 //! The region registry: ranges registered for merging, with one record per
 //! page (the kernel's rmap_item, in 6 bytes).
 //!
-//! Protocol with unmap (modelled in `tests/loom.rs`): the scanner holds a
+//! Protocol with unmap ([`take_range`], run by `tests/loom.rs`): the scanner holds a
 //! region's lock for the whole of a batch on it, including merges; whoever
 //! unregisters takes the same lock, marks the region dead and removes it from
 //! the registry before the memory goes away. A scanner that finds a region
@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use crate::maps::MappingKind;
-use crate::primitive::{Arc, RwLock};
+use crate::primitive::{Arc, Mutex, RwLock};
 use crate::sys::PAGE_SIZE;
 
 /// Per-page state.
@@ -194,6 +194,19 @@ impl Region {
         self.start + self.pages * PAGE_SIZE
     }
 
+    /// Pages `[lo, hi)` of this region as a region of their own, with id
+    /// `id` and the given records (what stays registered when the rest of a
+    /// region goes).
+    fn part(&self, id: u32, lo: usize, hi: usize, records: Vec<PageRecord>, failed: bool) -> Region {
+        let mut n = Region::new(id, self.addr(lo), hi - lo, self.kind, self.mergeability, self.prot, records);
+        n.dontfork = self.dontfork;
+        n.dontdump = self.dontdump;
+        n.backing = self.backing.clone();
+        n.file_offset = self.file_offset + (lo * PAGE_SIZE) as u64;
+        n.state.write().failed = failed;
+        n
+    }
+
     pub fn addr(&self, idx: usize) -> usize {
         self.start + idx * PAGE_SIZE
     }
@@ -210,6 +223,50 @@ impl Region {
             _ => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
         }
     }
+}
+
+/// Takes `[addr, end)` out of `registry` before the memory goes away (or
+/// stops being merged): each overlapping region, in address order and one
+/// at a time, under its own lock and then `core` (the engine's lock order),
+/// is given to `each` with the page range `[from, to)` that goes (to unmerge
+/// it, count it), then marked dead and removed, and its parts outside the
+/// range go back in as regions of their own with their records. Returns the
+/// records of the pages taken out, by region. A thread here holds one region
+/// lock at a time, so there is no lock-order cycle with the scanner, which
+/// takes a second region only with `try_write`; and a scanner that finds a
+/// region dead, or cannot find it, never touches its memory again
+/// (`tests/loom.rs` runs this very function against a model of the scanner).
+pub fn take_range<C>(
+    registry: &RwLock<Registry>,
+    core: &Mutex<C>,
+    addr: usize,
+    end: usize,
+    mut each: impl FnMut(&Region, &mut RegionState, &mut C, usize, usize),
+) -> Vec<Vec<PageRecord>> {
+    let regions = registry.read().overlapping(addr, end);
+    let mut taken = Vec::new();
+    for r in &regions {
+        let mut st = r.state.write();
+        if st.dead {
+            continue;
+        }
+        let from = (addr.max(r.start) - r.start) / PAGE_SIZE;
+        let to = (end.min(r.end()) - r.start) / PAGE_SIZE;
+        let mut c = core.lock();
+        each(r, &mut st, &mut c, from, to);
+        st.dead = true;
+        let records = std::mem::take(&mut st.records);
+        let mut reg = registry.write();
+        reg.remove(r);
+        for (lo, hi) in [(0, from), (to, r.pages)] {
+            if lo < hi {
+                let id = reg.next_id();
+                reg.insert(Arc::new(r.part(id, lo, hi, records[lo..hi].to_vec(), st.failed)));
+            }
+        }
+        taken.push(records[from..to].to_vec());
+    }
+    taken
 }
 
 /// All registered regions, by start address and by id.

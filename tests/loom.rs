@@ -101,31 +101,11 @@ impl Sh {
         }
     }
 
-    /// The interposed `munmap(addr, pages)`: `Engine::remove_range`'s locking,
-    /// including the split of a partly unmapped region, then the real call.
+    /// The interposed `munmap(addr, pages)`: `Engine::remove_range` takes the
+    /// range out with `region::take_range` (this very function), then the
+    /// real call.
     fn munmap(&self, addr: usize, pages: usize) {
-        let end = addr + pages * PAGE_SIZE;
-        let regions = self.registry.read().overlapping(addr, end);
-        for r in &regions {
-            let mut st = r.state.write();
-            if st.dead {
-                continue;
-            }
-            let from = (addr.max(r.start) - r.start) / PAGE_SIZE;
-            let to = (end.min(r.end()) - r.start) / PAGE_SIZE;
-            let _core = self.core.lock();
-            st.dead = true;
-            let records = std::mem::take(&mut st.records);
-            let mut reg = self.registry.write();
-            reg.remove(r);
-            for (lo, hi) in [(0, from), (to, r.pages)] {
-                if lo < hi {
-                    let id = reg.next_id();
-                    let n = Region::new(id, r.addr(lo), hi - lo, r.kind, r.mergeability, r.prot, records[lo..hi].to_vec());
-                    reg.insert(Arc::new(n));
-                }
-            }
-        }
+        twinpage::region::take_range(&self.registry, &self.core, addr, addr + pages * PAGE_SIZE, |_, _, _, _, _| {});
         // The real munmap, after every region is dead and out of the registry.
         for p in 0..pages {
             self.mapped[(addr - BASE) / PAGE_SIZE + p].store(false, SeqCst);
