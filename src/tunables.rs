@@ -14,12 +14,9 @@ pub enum TunableError {
     Busy,
 }
 
-/// The scan-time advisor's mode (`advisor_mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdvisorMode {
-    None,
-    ScanTime,
-}
+/// The scan-time advisor's mode (`advisor_mode`): kernel-compat's, the one
+/// model of the kernel's attribute.
+pub use kernel_compat::AdvisorMode;
 
 /// Which pages may merge (`twinpage_merge_mode`): the side-channel switch.
 /// Pages that share one physical page leak through copy-on-write timing,
@@ -329,10 +326,6 @@ impl Tunables {
             Value::SmartScan(x) => t.set_smart_scan(x),
             Value::StableNodeChainsPruneMillisecs(x) => t.set_stable_node_chains_prune_millisecs(x),
             Value::AdvisorMode(m) => {
-                let m = match m {
-                    kernel_compat::AdvisorMode::None => AdvisorMode::None,
-                    kernel_compat::AdvisorMode::ScanTime => AdvisorMode::ScanTime,
-                };
                 if m != t.advisor_mode() {
                     // The kernel resets pages_to_scan when the advisor turns on or off.
                     t.set_advisor_mode(AdvisorMode::None);
@@ -366,10 +359,7 @@ pub fn show_attr(t: &Tunables, s: &crate::KsmStats, name: &str, numa: bool) -> O
         "merge_across_nodes" if numa => t.merge_across_nodes().to_string(),
         "smart_scan" => u8::from(t.smart_scan()).to_string(),
         "stable_node_chains_prune_millisecs" => t.stable_node_chains_prune_millisecs().to_string(),
-        "advisor_mode" => kernel_compat::format_advisor_mode(match t.advisor_mode() {
-            AdvisorMode::None => kernel_compat::AdvisorMode::None,
-            AdvisorMode::ScanTime => kernel_compat::AdvisorMode::ScanTime,
-        }),
+        "advisor_mode" => kernel_compat::format_advisor_mode(t.advisor_mode()),
         "advisor_max_cpu" => t.advisor_max_cpu().to_string(),
         "advisor_min_pages_to_scan" => t.advisor_min_pages_to_scan().to_string(),
         "advisor_max_pages_to_scan" => t.advisor_max_pages_to_scan().to_string(),
