@@ -149,6 +149,12 @@ fn prot_none_memory_merges_as_the_kernels_does() {
     same_lines("protnone", &[], "PROTNONE DONE", "oracle-protnone", false);
 }
 
+/// The same program, merging through twinpaged.
+#[test]
+fn prot_none_memory_merges_as_the_kernels_does_under_twinpaged() {
+    same_lines("protnone", &[], "PROTNONE DONE", "oracle-protnone-daemon", true);
+}
+
 /// "run=2, mark N pages of one byte mergeable, run=1, wait for two full
 /// scans": then every page is merged, chained at max_page_sharing
 /// (tests/programs/barrier.c; 300 pages: 2 shared, 298 sharing), PROT_NONE
