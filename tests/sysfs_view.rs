@@ -8,6 +8,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use common::procs::{finish_twin, setup, spawn_ready, start_daemon, tree_counter, Kids};
@@ -30,6 +31,19 @@ fn store_mappings(pid: u32) -> usize {
     maps.lines().filter(|l| l.contains("twinpage-store") && l.split(' ').nth(1).is_some_and(|p| p.ends_with('p'))).count()
 }
 
+/// Unmounts the view when the test ends, failed or not: a daemon killed by
+/// `Kids` on a failed assertion leaves its mount behind.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 fn write(path: &Path, value: &str) -> Result<(), i32> {
     std::fs::write(path, value).map_err(|e| e.raw_os_error().unwrap_or(0))
 }
@@ -41,6 +55,7 @@ fn the_view_answers_readers_and_writers_as_sysfs_does() {
         return;
     }
     let view: PathBuf = tempdir("view-mnt");
+    let _unmount = Unmount(view.clone());
     let mut kids = Kids(vec![start_daemon(&s.daemon, &s.dir, &["--sysfs", view.to_str().unwrap()], "info")]);
     let ksm = view.join("kernel/mm/ksm");
     assert!(wait_until(Duration::from_secs(10), || ksm.join("run").is_file()), "the view never showed kernel/mm/ksm/run");
@@ -97,6 +112,5 @@ fn the_view_answers_readers_and_writers_as_sysfs_does() {
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     daemon.wait().unwrap();
     assert!(!mounted(&view), "the view stayed mounted after twinpaged stopped");
-    let _ = std::fs::remove_dir_all(&view);
     let _ = std::fs::remove_dir_all(&s.dir);
 }
