@@ -186,24 +186,25 @@ impl StableTree {
     }
 
     fn reserve_where(&mut self, key: u64, max_sharing: u32, filled_only: bool) -> Option<u32> {
-        let max = u64::from(max_sharing.min(MAX_SHARERS));
-        let idx = self.chain(key).find(|&i| {
-            let n = &self.nodes[i as usize];
-            u64::from(n.sharers()) + u64::from(self.pending(i)) < max && (n.filled() || !filled_only)
-        })?;
+        let idx = self.chain(key).find(|&i| self.has_room(i, max_sharing) && (self.nodes[i as usize].filled() || !filled_only))?;
         self.set_pending(idx, self.pending(idx) + 1);
         Some(idx)
     }
 
     /// Reserves one more sharer on store page `idx`, if it has room.
     pub fn reserve_at(&mut self, idx: u32, max_sharing: u32) -> bool {
-        let max = u64::from(max_sharing.min(MAX_SHARERS));
-        let Some(n) = self.nodes.get(idx as usize) else { return false };
-        if u64::from(n.sharers()) + u64::from(self.pending(idx)) >= max {
+        if self.nodes.get(idx as usize).is_none() || !self.has_room(idx, max_sharing) {
             return false;
         }
         self.set_pending(idx, self.pending(idx) + 1);
         true
+    }
+
+    /// Whether store page `idx` can take one more sharer, counting the
+    /// reserved ones.
+    fn has_room(&self, idx: u32, max_sharing: u32) -> bool {
+        let max = u64::from(max_sharing.min(MAX_SHARERS));
+        u64::from(self.nodes[idx as usize].sharers()) + u64::from(self.pending(idx)) < max
     }
 
     /// Whether a store page for `key` waits for its content.

@@ -91,6 +91,15 @@ pub struct Holdings {
     unclaimed: Option<Unclaimed>,
 }
 
+impl Holdings {
+    /// Orders `kind` for `token` on store page `store`, which the stable tree
+    /// has reserved for it: pending here until the agent reports it.
+    fn order(&mut self, orders: &mut Vec<Order>, token: u64, store: u32, kind: OrderKind) {
+        *self.pending.entry(store).or_default() += 1;
+        orders.push(Order { token, store, kind });
+    }
+}
+
 /// A parked self's references, held and ordered, until the agent says which
 /// of them it still maps: the parked self may have carried out orders it
 /// never reported, or not carried them out, and its last reports may have
@@ -178,17 +187,17 @@ impl Domain {
         // The store page this batch is uploading for a digest: later pages of
         // the batch join it.
         let mut batch: NoHash<u64, u32> = NoHash::default();
-        let tokens: std::collections::HashSet<u64> = items.iter().map(|c| c.token).collect();
+        // The batch's tokens, made only when a proposal of this agent is
+        // matched (to know whether its page is in the batch).
+        let mut tokens: Option<std::collections::HashSet<u64>> = None;
         for c in items {
             if let Some(idx) = self.stable.reserve_filled(c.digest, max_sharing) {
-                *h.pending.entry(idx).or_default() += 1;
-                orders.push(Order { token: c.token, store: idx, kind: OrderKind::Join });
+                h.order(&mut orders, c.token, idx, OrderKind::Join);
                 continue;
             }
             if let Some(&idx) = batch.get(&c.digest) {
                 if self.stable.reserve_at(idx, max_sharing) {
-                    *h.pending.entry(idx).or_default() += 1;
-                    orders.push(Order { token: c.token, store: idx, kind: OrderKind::Join });
+                    h.order(&mut orders, c.token, idx, OrderKind::Join);
                     continue;
                 }
             }
@@ -221,13 +230,13 @@ impl Domain {
                     let idx = self.alloc.alloc(after);
                     last_upload = Some((c.token, idx));
                     self.stable.insert(c.digest, idx, 1);
-                    *h.pending.entry(idx).or_default() += 1;
                     h.uploads.insert(idx, c.digest);
-                    orders.push(Order { token: c.token, store: idx, kind: OrderKind::Upload });
+                    h.order(&mut orders, c.token, idx, OrderKind::Upload);
                     batch.insert(c.digest, idx);
-                    if p.agent == agent && tokens.contains(&p.token) && self.stable.reserve_at(idx, max_sharing) {
-                        *h.pending.entry(idx).or_default() += 1;
-                        orders.push(Order { token: p.token, store: idx, kind: OrderKind::Join });
+                    let in_batch =
+                        p.agent == agent && tokens.get_or_insert_with(|| items.iter().map(|c| c.token).collect()).contains(&p.token);
+                    if in_batch && self.stable.reserve_at(idx, max_sharing) {
+                        h.order(&mut orders, p.token, idx, OrderKind::Join);
                     }
                 }
                 Some(p) if live(&p, &self.generations) => {}
