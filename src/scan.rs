@@ -107,6 +107,13 @@ pub fn scan_pages(sh: &Shared, budget: usize) -> usize {
         {
             let mut st = region.state.write();
             let mut core = sh.core.lock();
+            // Again under the region's lock: a `run=2` written after the check
+            // above has unmerged this region while we waited for the lock,
+            // and under twinpaged the daemon would order its pages joined
+            // again at once (its store pages stay until the releases reach it).
+            if sh.tunables.run() != 1 {
+                break;
+            }
             if !st.dead {
                 scan_batch(sh, &region, &mut st, &mut core, cursor.page, n);
             }
