@@ -476,29 +476,31 @@ impl Engine {
     }
 
     /// Writes attribute `name` of `/sys/kernel/mm/ksm` with the kernel's
-    /// parsing and rules; a refused value changes nothing.
+    /// parsing and rules; a refused value changes nothing. `run=2` has
+    /// unmerged everything (and reset `full_scans`) when it returns, as the
+    /// kernel's `run_store` has: whoever applies a write (the caller, a
+    /// publisher taking another process's write) returns only then.
     pub fn set_attr(&self, name: &str, text: &str) -> Result<(), WriteError> {
         // The core lock keeps pages_shared from changing between check and store.
         let core = self.inner.sh.core.lock();
         self.tunables().write_attr(name, text, core.stable.pages_shared(), has_numa())?;
         drop(core);
+        if name == "run" && self.tunables().run() == 2 {
+            unmerge::unmerge_all(&self.inner.sh);
+            state::publish(&self.inner.sh);
+        }
         self.kick();
         Ok(())
     }
 
     /// A `write(2)` of `bytes` to attribute `name`, as sysfs takes it: in
     /// chunks of at most a page, each checked with the kernel's rules and
-    /// applied before this returns; the first refusal stops it. `run=2`
-    /// has unmerged everything (and reset `full_scans`) when it returns, as
-    /// the kernel's store does.
+    /// applied before this returns; the first refusal stops it.
     pub fn write_attr(&self, name: &str, bytes: &[u8]) -> Result<(), WriteError> {
         let chunks: Vec<&[u8]> = if bytes.is_empty() { vec![bytes] } else { bytes.chunks(kernel_compat::write::SYSFS_WRITE_MAX).collect() };
         for chunk in chunks {
             let Some(text) = crate::tunables::model_write(name, chunk, &self.write_context())? else { continue };
             self.set_attr(name, &text)?;
-            if name == "run" && self.tunables().run() == 2 {
-                unmerge::unmerge_all(&self.inner.sh);
-            }
             state::publish(&self.inner.sh);
         }
         Ok(())
