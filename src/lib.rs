@@ -34,6 +34,8 @@ pub(crate) mod stats;
 pub mod statsfs;
 pub mod store;
 pub mod sys;
+#[doc(hidden)]
+pub mod testhook;
 pub mod threads;
 pub mod tree;
 pub mod tunables;

@@ -250,6 +250,8 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
         i = j;
     }
 
+    let early = written_before_guarded(sh, &guarded, &addr_of);
+
     if !pin::pin_guard_enabled() {
         core.counters.merges_unchecked += ok.iter().filter(|&&o| o).count() as u64;
     }
@@ -299,6 +301,46 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
             st.records[it.page].clear_flags(PageRecord::NEEDS_REGISTER);
         }
     }
+    for k in early {
+        core.written_in_place(sh, &mut st.records[items[k].page]);
+    }
+}
+
+/// The pages of the store stretches just mapped and guarded that a write
+/// reached before their protection did. `mmap` over the run takes the old
+/// mapping's protection with it, and until `guard_store_stretch` has
+/// registered and protected the new one, nothing holds a writer that comes
+/// along then: the kernel copies the store page into the store mapping for
+/// it, and the protection lands on that written copy afterwards, where it
+/// would pass for a merged page never written (`cow::still_store_content`)
+/// and its write for one not made yet. Read after the protection, a page
+/// that is anonymous already was written then (or is the kernel's copy for
+/// a writer waiting on the protection now; the two cannot be told apart,
+/// and either may be taken for written). Each is unprotected (a waiting
+/// writer goes on) and is the program's page in place, as a copy the fault
+/// thread could not make: no pin check reaches it there, so it never merges
+/// again, and nothing copies it away from under a device that may have
+/// pinned it meanwhile.
+fn written_before_guarded(sh: &Shared, guarded: &[(usize, usize)], addr_of: &dyn Fn(usize) -> usize) -> Vec<usize> {
+    let mut early = Vec::new();
+    for &(i, j) in guarded {
+        let mut entries = vec![Default::default(); j - i];
+        // Unreadable pagemap: nothing to go by; such a page then waits for
+        // its next write, which `cow` serves from its current content.
+        if sh.pagemap.read(addr_of(i), &mut entries).is_err() {
+            continue;
+        }
+        for (k, e) in (i..j).zip(entries) {
+            let e: crate::sys::pagemap::PageEntry = e;
+            if e.present() && !e.file() {
+                early.push(k);
+                if let Err(err) = sh.uffd.unprotect(addr_of(k), PAGE_SIZE) {
+                    warn_once!("uffd-unprotect", "twinpage: unprotect failed at {:#x}: {err}", addr_of(k));
+                }
+            }
+        }
+    }
+    early
 }
 
 struct UnwindGuard<'a> {
@@ -376,8 +418,10 @@ fn remap(
         // write it, and such a write fails with EIO on a write-protected page
         // (a remote fault cannot wait for us); unguarded, the kernel copies
         // the page in place and the scanner sees it (`cow_in_place`).
-        unsafe { mman::map_private_fixed(addr, bytes, region.prot, fd, off) }
-            .map(|()| region.prot & libc::PROT_WRITE != 0 && guard_store_stretch(sh, addr, bytes))
+        unsafe { mman::map_private_fixed(addr, bytes, region.prot, fd, off) }.map(|()| {
+            crate::testhook::stretch_mapped(addr, bytes);
+            region.prot & libc::PROT_WRITE != 0 && guard_store_stretch(sh, addr, bytes)
+        })
     };
     let guarded = match res {
         Ok(g) => g,

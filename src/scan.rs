@@ -159,11 +159,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
                 if !crate::merge::cow::still_store_content(e) {
                     // A write broke the sharing, and the kernel made the
                     // copy inside the store mapping (`merge::cow` could not).
-                    rec.set_state(PageState::None);
-                    core.counters.cow_breaks += 1;
-                    core.counters.cow_in_place += 1;
-                    core.counters.activity += 1;
-                    core.release_record(sh, rec);
+                    core.written_in_place(sh, rec);
                 } else {
                     continue;
                 }

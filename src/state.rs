@@ -179,6 +179,17 @@ impl Core {
         }
     }
 
+    /// A merged page was written where it is mapped, inside its store
+    /// mapping (the kernel's copy-on-write, not `merge::cow`'s): it is the
+    /// program's own page again, and no pin check can reach it there.
+    pub fn written_in_place(&mut self, sh: &Shared, rec: &mut PageRecord) {
+        rec.set_state(crate::region::PageState::None);
+        self.counters.cow_breaks += 1;
+        self.counters.cow_in_place += 1;
+        self.counters.activity += 1;
+        self.release_record(sh, rec);
+    }
+
     /// The link to the daemon broke: go on alone.
     pub fn lose_remote(&mut self, sh: &Shared, why: &crate::link::LinkError) {
         if let Some(link) = self.remote.take() {
