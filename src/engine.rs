@@ -488,6 +488,9 @@ impl Engine {
         if name == "run" && self.tunables().run() == 2 {
             unmerge::unmerge_all(&self.inner.sh);
             state::publish(&self.inner.sh);
+            // Under twinpaged the releases reach it now, and it has counted
+            // them when this returns (its pages_shared is the host's).
+            let _ = self.daemon_totals();
         }
         self.kick();
         Ok(())

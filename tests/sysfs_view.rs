@@ -105,6 +105,25 @@ fn the_view_answers_readers_and_writers_as_sysfs_does() {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert_eq!(store_mappings(pid), 0, "store pages still mapped right after run=2 returned:\n{maps}");
     assert_eq!(std::fs::read_to_string(ksm.join("run")).unwrap(), "2\n");
+    // And every counter says so at once, as the kernel's do.
+    for name in ["pages_shared", "pages_sharing", "full_scans"] {
+        assert_eq!(std::fs::read_to_string(ksm.join(name)).unwrap(), "0\n", "{name} right after run=2 returned");
+    }
+    // run=1: full_scans counts again from 0, and two full scans later
+    // every duplicate is merged again (the barrier the selftests use).
+    // Scanning slowly (a full scan a period) from here, as a program that
+    // waits for full scans would run ksmd, so that counting from 0 again
+    // is what makes the wait short.
+    let before = std::fs::read_to_string(s.dir.join("twinpage/state")).unwrap_or_default();
+    assert_eq!(write(&ksm.join("sleep_millisecs"), "100"), Ok(()));
+    assert_eq!(write(&ksm.join("run"), "1"), Ok(()));
+    let read = |name: &str| std::fs::read_to_string(ksm.join(name)).unwrap().trim_end().parse::<u64>().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || read("full_scans") >= 2),
+        "full_scans after run=1: {}; the tree's state before: {before}",
+        read("full_scans")
+    );
+    assert!(store_mappings(pid) > 0 && read("pages_sharing") > 0, "nothing merged again two full scans after run=1");
 
     finish_twin(kids.0.remove(1));
     let mut daemon = kids.0.remove(0);

@@ -365,9 +365,24 @@ impl StatsTree {
         self.write_own(&stats)?;
         let mut state = State::parse(&String::from_utf8_lossy(&self.state_file.read()?));
         let mut shared = SharedTunables::parse(&String::from_utf8_lossy(&self.shared_file.read()?));
-        let agg = self.aggregate(&mut state, Some(&stats))?;
+        let mut agg = self.aggregate(&mut state, Some(&stats), scanning(&shared))?;
         let pages_shared = u64::try_from(agg.counters.get("pages_shared").copied().unwrap_or(0)).unwrap_or(0);
+        let run_seq = shared.get("run").map(|t| t.seq);
+        let before = self.engine_view.clone();
         self.sync_tunables(&mut shared, &mut state, pages_shared)?;
+        if shared.get("run").is_some_and(|t| Some(t.seq) != run_seq && t.value == "2") {
+            // run=2 made in this pass: ksmd's full_scans starts again from 0 (each
+            // process's own count did, in its engine).
+            state.full_scans = 0;
+        }
+        if self.engine_view != before {
+            // What this pass applied (run=2 unmerging everything, above all)
+            // shows in the counters it publishes, as sysfs shows it as soon
+            // as the write returns.
+            let stats = self.engine.stats();
+            self.write_own(&stats)?;
+            agg = self.aggregate(&mut state, Some(&stats), scanning(&shared))?;
+        }
         let own: String =
             self.attrs.iter().filter(|a| a.attr.writable).map(|a| format!("{} {}\n", a.attr.name, self.engine_view[a.attr.name])).collect();
         self.own_tunables.write(own.as_bytes())?;
@@ -413,8 +428,11 @@ impl StatsTree {
     }
 
     /// Reads every process's counters (retiring the dead) and combines them.
-    /// `own` is this process's, or `None` when it is leaving.
-    fn aggregate(&mut self, state: &mut State, own: Option<&KsmStats>) -> io::Result<Aggregate> {
+    /// `own` is this process's, or `None` when it is leaving. Full-scan
+    /// rounds count only while `scanning` (`run` is 1): after `run=2` the
+    /// global count stays at 0, as ksmd's, while processes that have not
+    /// yet taken it finish their rounds.
+    fn aggregate(&mut self, state: &mut State, own: Option<&KsmStats>, scanning: bool) -> io::Result<Aggregate> {
         let mut live: Vec<(u32, u64, Counters)> = Vec::new();
         if let Some(s) = own {
             live.push((self.pid, self.starttime, counters::of(s)));
@@ -454,13 +472,21 @@ impl StatsTree {
             }
         }
         let value = |c: &Counters, n: &str| c.get(n).copied().unwrap_or(0);
+        // A process's full_scans starts again from 0 at run=2: so do its
+        // rounds, or the global count would wait for it to pass its old one.
+        for (pid, _, c) in &live {
+            let own = u64::try_from(value(c, "full_scans")).unwrap_or(0);
+            if let Some(m) = state.marks.get_mut(pid) {
+                m.rounds = m.rounds.min(own);
+            }
+        }
         let participants: Vec<&(u32, u64, Counters)> = live.iter().filter(|l| value(&l.2, "twinpage_pages_registered") > 0).collect();
         let rounds = participants
             .iter()
             .map(|(pid, _, c)| u64::try_from(value(c, "full_scans")).unwrap_or(0).saturating_sub(state.marks[pid].rounds))
             .min()
             .unwrap_or(0);
-        if rounds > 0 {
+        if rounds > 0 && scanning {
             state.full_scans += rounds;
             for (pid, _, _) in &participants {
                 if let Some(m) = state.marks.get_mut(pid) {
@@ -685,11 +711,17 @@ impl StatsTree {
         let mut state = State::parse(&String::from_utf8_lossy(&self.state_file.read()?));
         retire_counters(&mut state, self.pid, &counters::of(&stats));
         fs::remove_dir_all(&self.proc_dir)?;
-        let agg = self.aggregate(&mut state, None)?;
+        let shared = SharedTunables::parse(&String::from_utf8_lossy(&self.shared_file.read()?));
+        let agg = self.aggregate(&mut state, None, scanning(&shared))?;
         self.write_global(&agg)?;
         self.state_file.write(state.render().as_bytes())?;
         self.bump_generation()
     }
+}
+
+/// Whether ksmd would be scanning: `run` is 1 (or not set yet).
+fn scanning(shared: &SharedTunables) -> bool {
+    shared.value("run").is_none_or(|v| v == "1")
 }
 
 /// Adds a leaving process's cumulative counters to the retired totals.

@@ -108,7 +108,11 @@ int main(void) {
     unsigned char *z = mmap(NULL, 16 * PS, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     memset(z, 0, 16 * PS);
     printf("madvise zeros: %d\n", madvise(z, 16 * PS, MADV_MERGEABLE));
-    printf("two full scans: %d\n", wait_scans(scans, 2));
+    /* Three: kernel KSM itself once left 1 of these 16 for a later pass
+     * after two (CI, a loaded machine: a page whose count is raised for an
+     * instant, by the per-CPU LRU batch its fault put it in, fails
+     * write_protect_page's check and waits for the next pass). */
+    printf("three full scans: %d\n", wait_scans(scans, 3));
     printf("ksm_zero_pages merged: %ld\n", stat_zero_pages(stat));
     for (int i = 0; i < 16; i++) z[i * PS] = 1;
     printf("ksm_zero_pages right after writing them: %ld\n", stat_zero_pages(stat));

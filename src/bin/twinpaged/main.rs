@@ -143,8 +143,10 @@ fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
         flags: Some(Arc::new(|_| ProcessFlags { merge_any: false, mergeable: false })),
         explicit: tunables.iter().map(|(a, _)| a.clone()).collect(),
     };
-    let tree = StatsTree::spawn(daemon.clone(), args.dir.clone(), opts)
-        .map_err(|e| format!("cannot publish the stats tree under {}: {e}", args.dir.display()))?;
+    let tree = Arc::new(
+        StatsTree::spawn(daemon.clone(), args.dir.clone(), opts)
+            .map_err(|e| format!("cannot publish the stats tree under {}: {e}", args.dir.display()))?,
+    );
     let view = match &args.sysfs {
         Some(at) => {
             // A daemon killed with -9 leaves its mount behind, answering
@@ -155,7 +157,9 @@ fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
                 log::info!("twinpaged: took away the stale mount at {} (a twinpaged killed before)", at.display());
             }
             std::fs::create_dir_all(at).map_err(|e| format!("--sysfs {}: {e}", at.display()))?;
-            let v = view::mount(&args.dir, at).map_err(|e| format!("--sysfs {}: cannot mount: {e}", at.display()))?;
+            let t = tree.clone();
+            let v = view::mount(&args.dir, at, Box::new(move || t.publish_now()))
+                .map_err(|e| format!("--sysfs {}: cannot mount: {e}", at.display()))?;
             log::info!("twinpaged: {}/kernel/mm/ksm answers as sysfs does", at.display());
             Some(v)
         }

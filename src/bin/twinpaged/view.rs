@@ -7,11 +7,13 @@
 //!   lock, which every publisher holds while it rewrites the files: never
 //!   torn (a plain file being rewritten can be read as `678\n4` for an
 //!   instant). Counters are as of the last publisher pass (50-200 ms; the
-//!   daemon's own `pages_shared`/`pages_sharing` included).
+//!   daemon's own `pages_shared`/`pages_sharing` included), and include
+//!   the effect of every write that has returned.
 //! - A write is checked with the kernel's rules and refused from `write(2)`
 //!   with the kernel's errno (`EINVAL`, `EBUSY`, `ERANGE`); an accepted one
 //!   returns once every running process's engine has it ([`Tree::set`]:
-//!   `run=2` has unmerged everything). The file offset is ignored and each
+//!   `run=2` has unmerged everything) and the global counters show it
+//!   (`pages_shared` 0 after `run=2`). The file offset is ignored and each
 //!   `write(2)` is one store, as in sysfs; opening a read-only attribute for
 //!   writing is `EACCES`, root included, as in sysfs.
 //!
@@ -60,8 +62,9 @@ impl std::fmt::Debug for View {
 
 /// Mounts the view of the tree at `root` on `at` (an existing directory),
 /// readable by every user.
-pub(crate) fn mount(root: &Path, at: &Path) -> std::io::Result<View> {
-    let fs = KsmFs { tree: Tree::at(root), opened: HashMap::new(), next_fh: 1, uid: nix::unistd::geteuid().as_raw() };
+/// `republish` runs a pass of the daemon's own publisher and waits for it.
+pub(crate) fn mount(root: &Path, at: &Path, republish: Republish) -> std::io::Result<View> {
+    let fs = KsmFs { tree: Tree::at(root), opened: HashMap::new(), next_fh: 1, uid: nix::unistd::geteuid().as_raw(), republish };
     let options = [
         MountOption::FSName("twinpage".into()),
         MountOption::Subtype("twinpage".into()),
@@ -74,8 +77,17 @@ pub(crate) fn mount(root: &Path, at: &Path) -> std::io::Result<View> {
     Ok(View { _session: fuser::spawn_mount2(fs, at, &options)? })
 }
 
+/// Runs a pass of the daemon's publisher now and waits for it.
+pub(crate) type Republish = Box<dyn Fn() -> bool + Send>;
+
 struct KsmFs {
     tree: Tree,
+    /// After an accepted write: every engine has applied it, each in a pass
+    /// that published its counters after applying; one more pass of the
+    /// daemon's publisher puts them, and the daemon's own, into the global
+    /// files, so a read right after `write(2)` shows the write's effect
+    /// (`run=2`: `pages_shared` 0), as sysfs's does.
+    republish: Republish,
     /// What each open file showed at its last read from offset 0.
     opened: HashMap<u64, Vec<u8>>,
     next_fh: u64,
@@ -245,7 +257,12 @@ impl Filesystem for KsmFs {
             return reply.error(libc::EACCES);
         }
         match self.tree.set(a.name, data, WRITE_WAIT) {
-            Ok(_) => reply.written(data.len() as u32),
+            Ok(_) => {
+                if !(self.republish)() {
+                    log::warn!("twinpaged: the counters after the write to {} are not published yet", a.name);
+                }
+                reply.written(data.len() as u32)
+            }
             Err(e) => {
                 log::info!("twinpaged: write of {:?} to {} refused: {e}", String::from_utf8_lossy(data), a.name);
                 reply.error(errno_of(&e))
