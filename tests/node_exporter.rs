@@ -151,7 +151,8 @@ fn node_exporter_reports_twinpage() {
 
 /// Per-VM figures: twinpaged's textfile (`--textfile-dir`), read by the real
 /// exporter's textfile collector, has one series per process labelled by
-/// pid and name, with the process's own ksm_merging_pages.
+/// pid and name, with the process's own ksm_merging_pages, and one per
+/// sharing domain with what its store holds.
 #[test]
 fn node_exporter_reports_twinpaged_per_process_series() {
     if !require_or_skip(exporter_installed(), "prometheus-node-exporter (scripts/test.sh installs it)") {
@@ -196,6 +197,19 @@ fn node_exporter_reports_twinpaged_per_process_series() {
     assert_eq!(m.get("node_textfile_scrape_error"), Some(&0.0), "the exporter could not parse the file");
     for p in pids {
         assert_eq!(m.get(&series(p).replace("merging_pages", "registered_pages")), Some(&512.0));
+    }
+    // Per sharing domain: the two processes' 512 common pages are 512 store
+    // pages of their uid's domain, each mapped twice.
+    let domain = format!("domain=\"uid:{}\"", nix::unistd::geteuid().as_raw());
+    let want = [("pages_shared", 512.0), ("pages_sharing", 512.0), ("agents", 2.0), ("store_bytes", 512.0 * 4096.0)];
+    loop {
+        let b = scrape(port).unwrap_or_default();
+        let m = samples(&b);
+        if want.iter().all(|(n, v)| m.get(&format!("twinpage_domain_{n}{{{domain}}}")) == Some(v)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no per-domain series {want:?} for {domain}:\n{b}");
+        std::thread::sleep(Duration::from_millis(200));
     }
     for _ in 0..2 {
         common::procs::finish_twin(kids.0.remove(1));

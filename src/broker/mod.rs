@@ -103,6 +103,19 @@ pub struct Broker {
     store_full_gone: u64,
 }
 
+/// What one sharing domain holds now (for twinpaged's per-domain metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainFigures {
+    pub name: String,
+    /// Agents connected in it.
+    pub agents: u64,
+    /// Its store pages in use, and the pages beyond the first mapping each
+    /// (the kernel's `pages_shared`/`pages_sharing`, for this domain).
+    pub pages_shared: u64,
+    pub pages_sharing: u64,
+    pub store_bytes: u64,
+}
+
 /// The domain an agent of `uid` joins when it names none.
 pub fn default_domain(uid: u32) -> String {
     format!("uid:{uid}")
@@ -247,6 +260,26 @@ impl Broker {
     /// The agent's pid, for logs.
     pub fn pid_of(&self, agent: u32) -> Option<u32> {
         self.agents.get(&agent).map(|a| a.pid)
+    }
+
+    /// Each sharing domain's figures, by name.
+    pub fn domain_figures(&self) -> Vec<DomainFigures> {
+        let mut v: Vec<DomainFigures> = self
+            .domains
+            .iter()
+            .map(|(name, d)| {
+                let t = d.stable();
+                DomainFigures {
+                    name: name.clone(),
+                    agents: self.agents.values().filter(|a| &a.domain == name).count() as u64,
+                    pages_shared: t.pages_shared(),
+                    pages_sharing: t.pages_sharing(),
+                    store_bytes: d.store.allocated_bytes().unwrap_or(0),
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     /// Bytes all stores hold.

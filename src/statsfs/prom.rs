@@ -1,13 +1,16 @@
-//! Per-process figures for Prometheus, as a node_exporter textfile-collector
-//! file (`--collector.textfile.directory`): one series per process, labelled
-//! by pid and by the name an operator knows it by (a QEMU guest's `-name`).
-//! Host totals are node_exporter's own ksmd collector, pointed at the tree.
+//! Per-process and per-domain figures for Prometheus, as a node_exporter
+//! textfile-collector file (`--collector.textfile.directory`): one series
+//! per process, labelled by pid and by the name an operator knows it by (a
+//! QEMU guest's `-name`), and one per twinpaged sharing domain (what its
+//! store holds and how many pages map it). Host totals are node_exporter's
+//! own ksmd collector, pointed at the tree.
 
 use std::fmt::Write as _;
 use std::io;
 use std::path::Path;
 
 use super::ProcessEntry;
+use crate::broker::DomainFigures;
 
 /// `(metric, help, type, value of a process)`.
 type Metric = (&'static str, &'static str, &'static str, fn(&ProcessEntry) -> i128);
@@ -51,14 +54,36 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// The textfile for the live processes among `processes`.
-pub fn render(processes: &[ProcessEntry]) -> String {
+/// `(metric, help, type, value of a domain)`.
+type DomainMetric = (&'static str, &'static str, &'static str, fn(&DomainFigures) -> u64);
+
+const DOMAIN_METRICS: &[DomainMetric] = &[
+    ("twinpage_domain_pages_shared", "Store pages of the sharing domain in use (its pages_shared).", "gauge", |d| d.pages_shared),
+    (
+        "twinpage_domain_pages_sharing",
+        "Pages of the domain's processes that map one of its store pages, beyond the first (its pages_sharing).",
+        "gauge",
+        |d| d.pages_sharing,
+    ),
+    ("twinpage_domain_agents", "Processes merging in the sharing domain through twinpaged.", "gauge", |d| d.agents),
+    ("twinpage_domain_store_bytes", "Bytes the sharing domain's store holds.", "gauge", |d| d.store_bytes),
+];
+
+/// The textfile for the live processes among `processes` and twinpaged's
+/// sharing `domains`.
+pub fn render(processes: &[ProcessEntry], domains: &[DomainFigures]) -> String {
     let live: Vec<&ProcessEntry> = processes.iter().filter(|p| p.live).collect();
     let mut out = String::new();
     for (name, help, kind, value) in METRICS {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for p in &live {
             let _ = writeln!(out, "{name}{{name=\"{}\",pid=\"{}\"}} {}", escape(&p.name), p.pid, value(p));
+        }
+    }
+    for (name, help, kind, value) in DOMAIN_METRICS {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for d in domains {
+            let _ = writeln!(out, "{name}{{domain=\"{}\"}} {}", escape(&d.name), value(d));
         }
     }
     out
@@ -89,9 +114,12 @@ mod tests {
         };
         p.counters.insert("twinpage_pages_registered".into(), 65536);
         let dead = ProcessEntry { pid: 7, live: false, ..p.clone() };
-        let text = render(&[p, dead]);
+        let d = DomainFigures { name: "uid:0".into(), agents: 2, pages_shared: 3, pages_sharing: 9, store_bytes: 12288 };
+        let text = render(&[p, dead], &[d]);
         assert!(text.contains("twinpage_process_registered_pages{name=\"web \\\"1\\\"\\\\a\",pid=\"42\"} 65536"), "{text}");
         assert!(!text.contains("pid=\"7\""), "a dead process has no series");
-        assert_eq!(text.matches("# TYPE").count(), METRICS.len());
+        assert!(text.contains("twinpage_domain_pages_sharing{domain=\"uid:0\"} 9"), "{text}");
+        assert!(text.contains("twinpage_domain_store_bytes{domain=\"uid:0\"} 12288"), "{text}");
+        assert_eq!(text.matches("# TYPE").count(), METRICS.len() + DOMAIN_METRICS.len());
     }
 }

@@ -186,7 +186,7 @@ fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
         if ticks.is_multiple_of(20) {
             keeper.tick(&reader);
             if let Some(dir) = &args.textfile_dir {
-                let text = twinpage::statsfs::prom::render(&reader.processes().unwrap_or_default());
+                let text = twinpage::statsfs::prom::render(&reader.processes().unwrap_or_default(), &daemon.broker.lock().domain_figures());
                 if let Err(e) = twinpage::statsfs::prom::write(dir, &text) {
                     twinpage::warn_once!("textfile", "twinpaged: cannot write {}/twinpage.prom: {e}", dir.display());
                 }
