@@ -1,25 +1,43 @@
-//! Threads twinpage starts inside a host process, and the stacks they run
+//! Threads twinpage starts inside a host process, and the memory they run
 //! on. Merge-any (`PR_SET_MEMORY_MERGE`) registers the private anonymous
-//! memory of the whole process, as the kernel does; twinpage's own stacks
-//! are not the program's memory, change with every call twinpage makes,
-//! and would show in the program's counters, so they are left out.
+//! memory of the whole process, as the kernel does; twinpage's own memory
+//! is not the program's, changes with every call twinpage makes, and would
+//! show in the program's counters, so it is left out: the stacks of its
+//! threads, and the glibc arena heap each of them allocates from. The
+//! heap matters most: the fault thread serves the write faults of merged
+//! pages, so a merged page in its own heap would be a write it waits on
+//! itself for ever (every later first write in the process with it).
 
 use std::io;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
-/// Stacks of twinpage's live threads: `[start, end)`.
-static STACKS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+/// Memory of twinpage's live threads, `[start, end)`: each stack, and each
+/// arena heap, once per thread that allocates from it.
+static OWN: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
 /// The name of an engine's scanning thread (twinpaged's advisor measures it).
 pub const SCAN_THREAD: &str = "twinpage-scan";
 
-/// Starts a named thread whose stack is known to [`own_stacks`] while it runs.
+/// glibc's reservation for one heap of a thread arena (`HEAP_MAX_SIZE`: twice
+/// the largest mmap threshold, 32 MiB on 64-bit), aligned to its size, so a
+/// heap is found from any address in it.
+const ARENA_HEAP: usize = 64 << 20;
+
+/// Starts a named thread whose stack and arena heap are known to
+/// [`own_ranges`] from before this returns until the thread ends.
 pub fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> io::Result<JoinHandle<T>> {
-    std::thread::Builder::new().name(name.into()).spawn(move || {
-        let _mine = current_stack().map(StackEntry::add);
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let handle = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let _stack = current_stack().map(OwnEntry::add);
+        let _heap = current_arena_heap().map(OwnEntry::add);
+        let _ = tx.send(());
         f()
-    })
+    })?;
+    // Registration may come right after this (merge-any at the engine's
+    // start): the ranges are known by then.
+    let _ = rx.recv();
+    Ok(handle)
 }
 
 /// utime + stime of a `/proc/<pid>[/task/<tid>]/stat` text, in ns.
@@ -49,27 +67,47 @@ pub fn cpu_ns(pid: &str, names: &[&str]) -> Option<u64> {
     found
 }
 
-/// The stacks of twinpage's threads running now.
-pub fn own_stacks() -> Vec<(usize, usize)> {
-    STACKS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+/// The memory of twinpage's threads running now: their stacks and arena
+/// heaps (a heap may be listed once per thread that uses it).
+pub fn own_ranges() -> Vec<(usize, usize)> {
+    OWN.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-struct StackEntry((usize, usize));
+/// One range in [`OWN`] for as long as it lives.
+struct OwnEntry((usize, usize));
 
-impl StackEntry {
-    fn add(range: (usize, usize)) -> StackEntry {
-        STACKS.lock().unwrap_or_else(|e| e.into_inner()).push(range);
-        StackEntry(range)
+impl OwnEntry {
+    fn add(range: (usize, usize)) -> OwnEntry {
+        OWN.lock().unwrap_or_else(|e| e.into_inner()).push(range);
+        OwnEntry(range)
     }
 }
 
-impl Drop for StackEntry {
+impl Drop for OwnEntry {
     fn drop(&mut self) {
-        let mut stacks = STACKS.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = stacks.iter().position(|r| *r == self.0) {
-            stacks.swap_remove(i);
+        let mut own = OWN.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = own.iter().position(|r| *r == self.0) {
+            own.swap_remove(i);
         }
     }
+}
+
+/// The glibc arena heap this thread allocates from, found from a probe
+/// allocation: a thread keeps its arena for life. `None` for the main
+/// arena (the brk `[heap]`, which merge-any leaves out anyway), or when the
+/// allocation is not in an aligned heap (another allocator).
+fn current_arena_heap() -> Option<(usize, usize)> {
+    // Larger than glibc's per-thread cache serves (1032 bytes): a small
+    // probe could get back a chunk of another arena that this thread freed
+    // (the spawning thread's closure, for one), a large one comes from
+    // this thread's arena.
+    let probe: Vec<u8> = Vec::with_capacity(4096);
+    let at = probe.as_ptr() as usize;
+    drop(probe);
+    let base = at & !(ARENA_HEAP - 1);
+    let vmas = crate::maps::vmas_in(at, at + 1).ok()?;
+    let vma = vmas.iter().find(|v| v.start <= at && at < v.end)?;
+    (vma.start == base && vma.path.is_empty()).then_some((base, base + ARENA_HEAP))
 }
 
 /// This thread's stack, from glibc's record of it.
@@ -92,22 +130,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_spawned_threads_stack_is_known_while_it_runs() {
+    fn a_spawned_threads_stack_and_heap_are_known_while_it_runs() {
         let local = 0u8;
         let here = &local as *const u8 as usize;
-        assert!(!own_stacks().iter().any(|&(s, e)| (s..e).contains(&here)), "the test's own thread is not twinpage's");
+        let known = |a: usize| own_ranges().iter().any(|&(s, e)| (s..e).contains(&a));
+        assert!(!known(here), "the test's own thread is not twinpage's");
         let (tx, rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let t = spawn("stack-test", move || {
+        let t = spawn("own-test", move || {
             let local = 0u8;
-            tx.send(&local as *const u8 as usize).unwrap();
+            let heap = vec![7u8; 2048];
+            tx.send((&local as *const u8 as usize, heap.as_ptr() as usize)).unwrap();
             done_rx.recv().unwrap();
+            drop(heap);
         })
         .unwrap();
-        let inside = rx.recv().unwrap();
-        assert!(own_stacks().iter().any(|&(s, e)| (s..e).contains(&inside)));
+        let (stack, heap) = rx.recv().unwrap();
+        assert!(known(stack), "its stack");
+        assert!(known(heap), "its arena heap: {heap:#x} not in {:x?}", own_ranges());
         done_tx.send(()).unwrap();
         t.join().unwrap();
-        assert!(!own_stacks().iter().any(|&(s, e)| (s..e).contains(&inside)));
+        assert!(!known(stack));
     }
 }

@@ -65,6 +65,76 @@ fn prctl_memory_merge_merges_anonymous_memory() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Merge-any registers the process's private anonymous memory, but never
+/// twinpage's own: its threads' stacks and the glibc arena heaps they
+/// allocate from (a merged page in the fault thread's heap would be a write
+/// fault it waits on itself for ever). Read from the kernel: no mapping in
+/// those ranges is registered with userfaultfd (`uw` in smaps' VmFlags),
+/// while the program's memory is.
+#[test]
+fn merge_any_leaves_twinpages_own_memory_alone() {
+    use std::io::BufRead;
+    let (Some(lib), Some(prog)) = (preload_lib(), program("prctl")) else { return };
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempdir("prctl-own");
+    let mut child = Command::new(&prog)
+        .args(["count", "256", "3", "207"])
+        .env("LD_PRELOAD", &lib)
+        .env("TWINPAGE_DIR", &dir)
+        .env("TWINPAGE_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while stdout.read_line(&mut line).unwrap() > 0 && !line.contains("READY") {
+        line.clear();
+    }
+    assert!(line.contains("READY"), "the program did not start");
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", child.id())).unwrap();
+    child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let own: Vec<(usize, usize)> = stderr
+        .lines()
+        .find_map(|l| l.split_once("leaves out twinpage's own memory: ").map(|(_, r)| r.to_string()))
+        .unwrap_or_else(|| panic!("no line naming twinpage's own memory:\n{stderr}"))
+        .split_whitespace()
+        .map(|r| {
+            let (a, b) = r.split_once('-').unwrap();
+            let hex = |x: &str| usize::from_str_radix(x.trim_start_matches("0x"), 16).unwrap();
+            (hex(a), hex(b))
+        })
+        .collect();
+    // The publisher's, the scanner's and the fault thread's: all started
+    // before the registration.
+    assert!(own.iter().filter(|&&(s, e)| e - s != 64 << 20).count() >= 3, "not every thread's stack: {own:x?}");
+    assert!(own.iter().any(|&(s, e)| e - s == 64 << 20), "no arena heap among twinpage's own ranges {own:x?}");
+    // (start, end, registered) of every mapping.
+    let mut vmas = Vec::new();
+    for l in smaps.lines() {
+        if let Some((range, _)) = l.split_once(' ').filter(|(r, _)| r.contains('-') && !r.ends_with(':')) {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                    vmas.push((a, b, false));
+                }
+            }
+        } else if let Some(flags) = l.strip_prefix("VmFlags:") {
+            if let Some(v) = vmas.last_mut() {
+                v.2 = flags.split_whitespace().any(|f| f == "uw");
+            }
+        }
+    }
+    let mine = |&(s, e, _): &(usize, usize, bool)| own.iter().any(|&(os, oe)| os < e && s < oe);
+    assert!(vmas.iter().any(|v| v.2 && !mine(v)), "merge-any registered nothing");
+    let wrong: Vec<String> = vmas.iter().filter(|v| v.2 && mine(v)).map(|v| format!("{:x}-{:x}", v.0, v.1)).collect();
+    assert!(wrong.is_empty(), "twinpage's own memory registered: {wrong:?} (own: {own:x?})");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// ksm_functional_tests' test_prctl_fork_exec: merge-any survives fork and
 /// exec, and the exec'd program's memory merges and is counted in its own
 /// `proc/<pid>` (the child mapped memory before the exec, so the image before

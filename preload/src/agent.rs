@@ -515,9 +515,16 @@ impl Agent {
 
     /// Registers the private anonymous memory mapped now, except the brk heap,
     /// the main stack (which twinpage's own threads write while merging) and
-    /// the stacks of twinpage's threads (not the program's memory).
+    /// the stacks and arena heaps of twinpage's threads (not the program's
+    /// memory; see `twinpage::threads`).
     fn register_existing_anon(&self) {
-        let own = twinpage::threads::own_stacks();
+        if let Err(e) = self.engine.start() {
+            log::warn!("twinpage: cannot start merging: {e}; merge-any registers nothing");
+            return;
+        }
+        let own = twinpage::threads::own_ranges();
+        let shown: Vec<String> = own.iter().map(|(s, e)| format!("{s:#x}-{e:#x}")).collect();
+        log::info!("twinpage: merge-any leaves out twinpage's own memory: {}", shown.join(" "));
         let Ok(vmas) = twinpage::maps::vmas_in(0, usize::MAX) else { return };
         let rw = libc::PROT_READ | libc::PROT_WRITE;
         // Unnamed private anonymous read-write memory: not [heap], [stack], files.
