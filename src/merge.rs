@@ -147,11 +147,9 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
                 RunKind::Zero => is_zero(page),
                 RunKind::Remote => {
                     let Some(link) = core.remote.as_ref() else { continue };
-                    let Ok(ptr) = link.store.page_ptr(it.store) else { continue };
-                    // SAFETY: `ptr` is our read-only view of a filled page of the
-                    // daemon's store; the broker writes a page only before it
-                    // orders any join of it.
-                    let store = unsafe { std::slice::from_raw_parts(ptr as *const u8, PAGE_SIZE) };
+                    // SAFETY: the daemon ordered this join, so its page is filled;
+                    // our reference to it keeps it in use.
+                    let Ok(store) = (unsafe { link.store.filled(it.store) }) else { continue };
                     let eq = store == page;
                     if !eq {
                         core.counters.mismatches += 1;
@@ -160,11 +158,10 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
                 }
                 RunKind::Fill | RunKind::Join => {
                     let Some(node) = core.stable.node(it.store).copied() else { continue };
-                    let Ok(ptr) = sh.store.page_ptr(it.store) else { continue };
                     if node.filled() {
-                        // SAFETY: `ptr` is the engine's view of a store page in use;
-                        // store pages are never written once filled.
-                        let store = unsafe { std::slice::from_raw_parts(ptr as *const u8, PAGE_SIZE) };
+                        // SAFETY: a filled store page, in use (reserved for this
+                        // merge) under the core lock we hold.
+                        let Ok(store) = (unsafe { sh.store.filled(it.store) }) else { continue };
                         let eq = store == page;
                         if !eq {
                             core.counters.mismatches += 1;
@@ -175,7 +172,9 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
                     } else {
                         // SAFETY: an unfilled store page has no sharer and no reader
                         // but us (we hold the engine lock); `page` is write-protected.
-                        unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), ptr, PAGE_SIZE) };
+                        if unsafe { sh.store.fill(it.store, page.as_ptr()) }.is_err() {
+                            continue;
+                        }
                         if let Some(n) = core.stable.node_mut(it.store) {
                             n.set_filled();
                         }
@@ -288,9 +287,8 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
     sh.inflight.end(start, start + len);
 
     for s in fresh_fills {
-        if let Ok(ptr) = sh.store.page_ptr(s) {
-            // SAFETY: a store page just filled; nothing writes it again.
-            let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, PAGE_SIZE) };
+        // SAFETY: a store page just filled, in use, under the core lock we hold.
+        if let Ok(bytes) = unsafe { sh.store.filled(s) } {
             core.stable.rekey(s, crate::digest::page_hash(bytes));
         }
     }

@@ -40,6 +40,8 @@ pub enum StoreError {
     NoSpace(#[source] io::Error),
     #[error("TWINPAGE_STORE_DIR {0}: not a tmpfs directory (userfaultfd write-protect needs shmem)")]
     NotTmpfs(std::path::PathBuf),
+    #[error("a read-only view of the store cannot be written")]
+    ReadOnly,
 }
 
 /// The memfd and the engine's view of it: read-write for the store's owner
@@ -161,7 +163,7 @@ impl Store {
     /// Makes page `idx` addressable through the engine's view (growing the
     /// file and mapping its segment when first needed) and returns its address.
     /// Through a read-only view the page must only be read.
-    pub fn page_ptr(&self, idx: u32) -> Result<*mut u8, StoreError> {
+    fn page_ptr(&self, idx: u32) -> Result<*mut u8, StoreError> {
         let seg = (idx / SEGMENT_PAGES) as usize;
         let slot = self.segments.get(seg).ok_or(StoreError::Full)?;
         let map = match slot.get() {
@@ -190,6 +192,44 @@ impl Store {
         let off = (idx % SEGMENT_PAGES) as usize * PAGE_SIZE;
         // SAFETY: `off` is within the SEGMENT_PAGES pages of this mapping.
         Ok(unsafe { map.as_mut_ptr().add(off) })
+    }
+
+    /// The bytes of filled store page `idx`. Filled pages are never written
+    /// again while they are in use (the engine and the broker each write a
+    /// page once, before anybody maps it or is ordered to join it), and the
+    /// view stays mapped while the store lives: the one place store pages
+    /// are read as bytes.
+    ///
+    /// # Safety
+    /// Page `idx` must be filled and stay in use while the bytes are
+    /// borrowed: the caller holds the lock under which pages are freed (the
+    /// engine's core lock; the daemon's pages are freed only once no agent's
+    /// reference is left).
+    pub unsafe fn filled(&self, idx: u32) -> Result<&[u8], StoreError> {
+        let ptr = self.page_ptr(idx)?;
+        // SAFETY: `ptr` is PAGE_SIZE mapped bytes of this store's view; the
+        // caller guarantees nothing writes them while borrowed.
+        Ok(unsafe { std::slice::from_raw_parts(ptr.cast_const(), PAGE_SIZE) })
+    }
+
+    /// Writes `bytes` (a page) into store page `idx`, which is not filled
+    /// yet. `src` is read with a raw copy: it may be guest memory, which no
+    /// reference may cover.
+    ///
+    /// # Safety
+    /// `src` must be PAGE_SIZE readable bytes that nothing writes meanwhile
+    /// (a write-protected page, or our own copy); page `idx` must be
+    /// unfilled, so that nobody maps or reads it while it is written (the
+    /// caller holds the lock its fill is decided under).
+    pub unsafe fn fill(&self, idx: u32, src: *const u8) -> Result<(), StoreError> {
+        if !self.writable {
+            return Err(StoreError::ReadOnly);
+        }
+        let ptr = self.page_ptr(idx)?;
+        // SAFETY: the caller's guarantees; `ptr` is PAGE_SIZE writable bytes
+        // of a distinct mapping.
+        unsafe { std::ptr::copy_nonoverlapping(src, ptr, PAGE_SIZE) };
+        Ok(())
     }
 
     /// Byte offset of page `idx` in the memfd.

@@ -283,7 +283,7 @@ impl Domain {
                     digest == p.digest
                         && crate::digest::page_hash(&p.bytes[..]) == digest
                         && self.stable.node(p.store).is_some_and(|n| !n.filled())
-                        && self.write_page(p.store, &p.bytes[..])
+                        && self.write_page(p.store, &p.bytes)
                 });
                 if ok {
                     if let Some(n) = self.stable.node_mut(p.store) {
@@ -297,7 +297,7 @@ impl Domain {
             .collect()
     }
 
-    fn write_page(&mut self, idx: u32, bytes: &[u8]) -> bool {
+    fn write_page(&mut self, idx: u32, bytes: &[u8; PAGE_SIZE]) -> bool {
         // Blocks first: a write through the mapping into a hole of a full
         // tmpfs would be a SIGBUS.
         if let (_, Some(e)) = self.store.reserve(&[Some(idx)]) {
@@ -311,16 +311,12 @@ impl Domain {
         if self.full_until.take().is_some() {
             log::info!("twinpaged: store of domain {} has space again; merging resumes", self.name);
         }
-        match self.store.page_ptr(idx) {
-            Ok(ptr) => {
-                // SAFETY: an unfilled store page: no agent maps it yet (joins are
-                // ordered for filled pages, and for this one only to its
-                // uploader, which maps it once this fill was taken), so nobody
-                // reads it while we write; `ptr` points at PAGE_SIZE writable
-                // bytes.
-                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, PAGE_SIZE) };
-                true
-            }
+        // SAFETY: an unfilled store page: no agent maps it yet (joins are
+        // ordered for filled pages, and for this one only to its uploader,
+        // which maps it once this fill was taken), so nobody reads it while
+        // we write; `bytes` is the agent's page, our own copy.
+        match unsafe { self.store.fill(idx, bytes.as_ptr()) } {
+            Ok(()) => true,
             Err(e) => {
                 crate::warn_once!("broker-store", "twinpaged: cannot write the store of domain {}: {e}", self.name);
                 false

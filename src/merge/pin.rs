@@ -284,16 +284,17 @@ unsafe fn move_stretch(sh: &Shared, to: usize, from: usize, mut i: usize, j: usi
 
 /// The bytes of store page `store` for a run of `kind`.
 fn store_bytes<'c>(sh: &'c Shared, core: &'c Core, kind: RunKind, store: u32) -> Option<&'c [u8]> {
-    let ptr = match kind {
-        RunKind::Remote => core.remote.as_ref()?.store.page_ptr(store).ok()?,
+    match kind {
+        // SAFETY: a join the daemon ordered: a filled page, kept in use by
+        // our reference.
+        RunKind::Remote => unsafe { core.remote.as_ref()?.store.filled(store) }.ok(),
         _ => {
             core.stable.node(store).filter(|n| n.filled())?;
-            sh.store.page_ptr(store).ok()?
+            // SAFETY: filled (checked above) and in use under the core lock,
+            // which `core` is borrowed from.
+            unsafe { sh.store.filled(store) }.ok()
         }
-    };
-    // SAFETY: a filled store page (ours or the daemon's): nothing writes it
-    // again while it is in use, and it stays mapped while the engine lives.
-    Some(unsafe { std::slice::from_raw_parts(ptr as *const u8, PAGE_SIZE) })
+    }
 }
 
 /// After the remap: puts back every moved page that was not merged (`ok`
