@@ -15,16 +15,19 @@ use std::os::unix::fs::FileExt;
 
 use crate::sys::PAGE_SIZE;
 
-/// A guest page as bytes.
+/// A guest page as bytes, for as long as `held` is borrowed: the region
+/// (or scratch mapping) the page belongs to, so the bytes cannot outlive it.
 ///
 /// # Safety
-/// `addr` must be a page of a live registered region whose lock the caller
-/// holds, so the page stays mapped and readable. Its bytes may still change
-/// under the reader unless it is write-protected; callers use the bytes only
-/// as hash input or under write-protect.
-pub(crate) unsafe fn guest_page<'a>(addr: usize) -> &'a [u8] {
-    // SAFETY: the caller guarantees the page is mapped and readable for the
-    // lifetime of the borrow.
+/// `addr` must be a page that stays mapped and readable while the bytes
+/// are used: a page of `held`, a live registered region whose lock the
+/// caller holds meanwhile, or of a scratch mapping `held` owns. Its bytes may still change under the reader
+/// unless it is write-protected; callers use the bytes only as hash input
+/// or under write-protect.
+pub(crate) unsafe fn guest_page<W: ?Sized>(held: &W, addr: usize) -> &[u8] {
+    let _ = held;
+    // SAFETY: the caller guarantees the page is mapped and readable while
+    // `held` is borrowed, which bounds the borrow returned.
     unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) }
 }
 
@@ -45,15 +48,16 @@ impl Deref for PageBytes<'_> {
     }
 }
 
-/// The page at `addr` of a mapping with protection `prot`.
+/// The page at `addr` of a mapping with protection `prot`, for as long as
+/// `held` is borrowed.
 ///
 /// # Safety
 /// As [`guest_page`], except that the page need only be mapped: a page the
 /// program cannot read is copied through `/proc/self/mem`.
-pub(crate) unsafe fn read_page<'a>(prot: libc::c_int, addr: usize) -> io::Result<PageBytes<'a>> {
+pub(crate) unsafe fn read_page<W: ?Sized>(held: &W, prot: libc::c_int, addr: usize) -> io::Result<PageBytes<'_>> {
     if prot & libc::PROT_READ != 0 {
         // SAFETY: the caller's guarantees, and the mapping is readable.
-        return Ok(PageBytes::InPlace(unsafe { guest_page(addr) }));
+        return Ok(PageBytes::InPlace(unsafe { guest_page(held, addr) }));
     }
     let mut copy = Box::new([0u8; PAGE_SIZE]);
     read_unreadable(addr, &mut copy[..])?;
@@ -83,7 +87,7 @@ mod tests {
         // SAFETY: our own mapping.
         unsafe { crate::sys::mman::mprotect(addr, PAGE_SIZE, libc::PROT_NONE) }.unwrap();
         // SAFETY: mapped (PROT_NONE), ours, nobody writes it.
-        let page = unsafe { read_page(libc::PROT_NONE, addr) }.unwrap();
+        let page = unsafe { read_page(&(), libc::PROT_NONE, addr) }.unwrap();
         assert!(matches!(page, PageBytes::Copied(_)));
         assert!(page.iter().all(|&b| b == 0x5a));
         drop(page);

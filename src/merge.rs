@@ -141,7 +141,7 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
             let addr = addr_of(i);
             // SAFETY: the page belongs to `region`, whose lock we hold, and it is
             // write-protected: nobody writes it while we read.
-            let Ok(page) = (unsafe { read_page(region.prot, addr) }) else { continue };
+            let Ok(page) = (unsafe { read_page(region, region.prot, addr) }) else { continue };
             let page = &*page;
             ok[i] = match kind {
                 RunKind::Zero => is_zero(page),

@@ -211,7 +211,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
         }
         // SAFETY: the page is in `region`, live under our lock; its bytes only
         // feed the hash here.
-        let Ok(page) = (unsafe { read_page(region.prot, region.addr(idx)) }) else {
+        let Ok(page) = (unsafe { read_page(region, region.prot, region.addr(idx)) }) else {
             continue;
         };
         let page = &*page;
@@ -259,14 +259,14 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
                     let tidx = t.page as usize;
                     st.records.get(tidx).is_some_and(|r| r.state() == PageState::Hashed) && {
                         // SAFETY: a page of our own region, under our lock.
-                        unsafe { read_page(region.prot, region.addr(tidx)) }.is_ok_and(|other| *other == *page)
+                        unsafe { read_page(region, region.prot, region.addr(tidx)) }.is_ok_and(|other| *other == *page)
                     }
                 } else {
                     with_other_region(sh, t, |r2, st2| {
                         let tidx = t.page as usize;
                         st2.records.get(tidx).is_some_and(|r| r.state() == PageState::Hashed) && {
                             // SAFETY: a page of `r2`, live while we hold its lock.
-                            unsafe { read_page(r2.prot, r2.addr(tidx)) }.is_ok_and(|other| *other == *page)
+                            unsafe { read_page(r2, r2.prot, r2.addr(tidx)) }.is_ok_and(|other| *other == *page)
                         }
                     })
                     .unwrap_or(false)

@@ -113,7 +113,7 @@ pub fn unmerge_disallowed(sh: &Shared, mode: MergeMode) {
             st.records[i].state() == PageState::Merged && {
                 // SAFETY: a page of a live region we hold locked; a merged page
                 // is mapped (a remap keeps the region's protection).
-                unsafe { read_page(r.prot, r.addr(i)) }.is_ok_and(|page| !mode.allows(is_zero(&page)))
+                unsafe { read_page(r, r.prot, r.addr(i)) }.is_ok_and(|page| !mode.allows(is_zero(&page)))
             }
         };
         let mut i = 0;

@@ -60,7 +60,7 @@ pub fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<C
                 // the copy may be torn by a concurrent write, which the broker's
                 // digest check and our later comparison under write-protect catch
                 // (as they catch a page that could not be read: zeros go).
-                if let Ok(bytes) = unsafe { read_page(region.prot, region.addr(it.page)) } {
+                if let Ok(bytes) = unsafe { read_page(region, region.prot, region.addr(it.page)) } {
                     copy.copy_from_slice(&bytes);
                 }
                 FillPage { store: it.store, digest: digests[it.page - first], bytes: copy }
