@@ -199,16 +199,13 @@ impl MergeHarness {
             core.map_budget.held_back
         );
 
-        // Undo, as unregistering does: drop the records (releasing the
-        // sharers; the source keeps every store page alive), then unmap.
-        core.drop_records(sh, &mut st.records);
-        st.dead = true;
-        sh.registry.write().remove(&region);
-        core.counters.records_bytes -= (region.pages * std::mem::size_of::<PageRecord>()) as u64;
-        core.counters.registered_pages -= region.pages as u64;
+        // Undo, as the owner's munmap does: the records go (releasing the
+        // sharers; the source keeps every store page alive), then the
+        // memory.
+        drop(core);
         drop(st);
-        drop(map);
-        core.map_budget.recount();
+        sh.remove_range(region.start, region.end(), false, || drop(map));
+        sh.core.lock().map_budget.recount();
         elapsed
     }
 
@@ -233,23 +230,8 @@ fn register(sh: &Shared, map: &MmapMut) -> Result<Arc<Region>, HarnessError> {
     let addr = map.as_ptr() as usize;
     let pages = map.len() / PAGE_SIZE;
     sh.uffd.register_wp(addr, pages * PAGE_SIZE)?;
-    let mut reg = sh.registry.write();
-    let id = reg.next_id();
-    let region = Arc::new(Region::new(
-        id,
-        addr,
-        pages,
-        MappingKind::Anon,
-        Mergeability::Mergeable,
-        libc::PROT_READ | libc::PROT_WRITE,
-        vec![PageRecord::default(); pages],
-    ));
-    reg.insert(region.clone());
-    drop(reg);
-    let mut core = sh.core.lock();
-    core.counters.records_bytes += (pages * std::mem::size_of::<PageRecord>()) as u64;
-    core.counters.registered_pages += pages as u64;
-    Ok(region)
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    Ok(sh.add_region(|id| Region::new(id, addr, pages, MappingKind::Anon, Mergeability::Mergeable, rw, vec![PageRecord::default(); pages])))
 }
 
 #[cfg(test)]

@@ -282,24 +282,17 @@ impl Engine {
                     if !part.registered {
                         records.iter_mut().for_each(|r| r.add_flags(PageRecord::NEEDS_REGISTER));
                     }
-                    let mut reg = sh.registry.write();
-                    let id = reg.next_id();
                     let kind = if part.anon { MappingKind::Anon } else { region.kind };
-                    let mut r = Region::new(id, part.start, n, kind, mergeability, region.prot, records);
-                    r.dontfork = region.dontfork;
-                    r.dontdump = region.dontdump;
-                    if !part.anon {
-                        r.file_offset = region.file_offset + (part.start - ps) as u64;
-                        r.backing = region.backing.clone();
-                    }
-                    reg.insert(Arc::new(r));
-                }
-                let mut core = sh.core.lock();
-                core.counters.records_bytes += (pages * std::mem::size_of::<PageRecord>()) as u64;
-                core.counters.registered_pages += pages as u64;
-                core.counters.activity += 1;
-                if mergeability == Mergeability::ScanOnly {
-                    core.counters.unmergeable_pages += pages as u64;
+                    sh.add_region(|id| {
+                        let mut r = Region::new(id, part.start, n, kind, mergeability, region.prot, records);
+                        r.dontfork = region.dontfork;
+                        r.dontdump = region.dontdump;
+                        if !part.anon {
+                            r.file_offset = region.file_offset + (part.start - ps) as u64;
+                            r.backing = region.backing.clone();
+                        }
+                        r
+                    });
                 }
                 added = true;
             }
@@ -357,28 +350,7 @@ impl Engine {
         }
         let len = len.checked_next_multiple_of(PAGE_SIZE).ok_or(EngineError::Inval)?;
         let end = addr.saturating_add(len);
-        let sh = &self.inner.sh;
-        let dropped = crate::region::take_range(&sh.registry, &sh.core, addr, end, |r, st, core, from, to| {
-            if unmerge && !st.failed {
-                unmerge::unmerge_range(sh, r, st, core, from, to);
-            }
-            let removed = (to - from) as u64;
-            core.counters.records_bytes -= removed * std::mem::size_of::<PageRecord>() as u64;
-            core.counters.registered_pages -= removed;
-            if r.mergeability == Mergeability::ScanOnly {
-                core.counters.unmergeable_pages -= removed;
-            }
-            if unmerge {
-                let _ = sh.uffd.unregister(r.addr(from), (to - from) * PAGE_SIZE);
-            }
-        });
-        between();
-        let mut core = sh.core.lock();
-        for mut recs in dropped {
-            core.drop_records(sh, &mut recs);
-        }
-        drop(core);
-        state::publish(sh);
+        self.inner.sh.remove_range(addr, end, unmerge, between);
         Ok(())
     }
 

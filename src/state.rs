@@ -6,7 +6,7 @@
 use crate::inflight::InFlight;
 use crate::map_budget::MapBudget;
 use crate::primitive::{Arc, RwLock};
-use crate::region::{PageRecord, PageState, Region, RegionState, Registry};
+use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState, Registry};
 use crate::scan::advisor;
 use crate::stats::{KsmStats, Stats};
 use crate::store::{Store, StoreAlloc};
@@ -58,6 +58,53 @@ impl Shared {
             daemon_fd: std::sync::atomic::AtomicI32::new(-1),
             scratch: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// Adds the region `build` makes with its id to the registry, and its
+    /// pages to the counters: the one way memory becomes registered
+    /// (`Engine::register`, the bench harness).
+    pub(crate) fn add_region(&self, build: impl FnOnce(u32) -> Region) -> Arc<Region> {
+        let mut reg = self.registry.write();
+        let region = Arc::new(build(reg.next_id()));
+        reg.insert(region.clone());
+        drop(reg);
+        let mut core = self.core.lock();
+        core.counters.records_bytes += (region.pages * std::mem::size_of::<PageRecord>()) as u64;
+        core.counters.registered_pages += region.pages as u64;
+        if region.mergeability == Mergeability::ScanOnly {
+            core.counters.unmergeable_pages += region.pages as u64;
+        }
+        core.counters.activity += 1;
+        region
+    }
+
+    /// Takes `[addr, end)` out of the registry (`region::take_range`): its
+    /// pages leave the counters, with `unmerge` their merged pages get their
+    /// content back in the region's own kind of mapping first and the range
+    /// leaves the userfaultfd, and their records' references are dropped
+    /// after `between` has run (the owner's unmap, for one).
+    pub(crate) fn remove_range(&self, addr: usize, end: usize, unmerge: bool, between: impl FnOnce()) {
+        let dropped = crate::region::take_range(&self.registry, &self.core, addr, end, |r, st, core, from, to| {
+            if unmerge && !st.failed {
+                crate::unmerge::unmerge_range(self, r, st, core, from, to);
+            }
+            let removed = (to - from) as u64;
+            core.counters.records_bytes -= removed * std::mem::size_of::<PageRecord>() as u64;
+            core.counters.registered_pages -= removed;
+            if r.mergeability == Mergeability::ScanOnly {
+                core.counters.unmergeable_pages -= removed;
+            }
+            if unmerge {
+                let _ = self.uffd.unregister(r.addr(from), (to - from) * PAGE_SIZE);
+            }
+        });
+        between();
+        let mut core = self.core.lock();
+        for mut recs in dropped {
+            core.drop_records(self, &mut recs);
+        }
+        drop(core);
+        publish(self);
     }
 }
 
