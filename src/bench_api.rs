@@ -204,7 +204,7 @@ impl MergeHarness {
         // memory.
         drop(core);
         drop(st);
-        sh.remove_range(region.start, region.end(), false, || drop(map));
+        crate::unmerge::remove_range(sh, region.start, region.end(), false, || drop(map));
         sh.core.lock().map_budget.recount();
         elapsed
     }

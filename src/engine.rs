@@ -350,7 +350,7 @@ impl Engine {
         }
         let len = len.checked_next_multiple_of(PAGE_SIZE).ok_or(EngineError::Inval)?;
         let end = addr.saturating_add(len);
-        self.inner.sh.remove_range(addr, end, unmerge, between);
+        unmerge::remove_range(&self.inner.sh, addr, end, unmerge, between);
         Ok(())
     }
 

@@ -77,35 +77,6 @@ impl Shared {
         core.counters.activity += 1;
         region
     }
-
-    /// Takes `[addr, end)` out of the registry (`region::take_range`): its
-    /// pages leave the counters, with `unmerge` their merged pages get their
-    /// content back in the region's own kind of mapping first and the range
-    /// leaves the userfaultfd, and their records' references are dropped
-    /// after `between` has run (the owner's unmap, for one).
-    pub(crate) fn remove_range(&self, addr: usize, end: usize, unmerge: bool, between: impl FnOnce()) {
-        let dropped = crate::region::take_range(&self.registry, &self.core, addr, end, |r, st, core, from, to| {
-            if unmerge && !st.failed {
-                crate::unmerge::unmerge_range(self, r, st, core, from, to);
-            }
-            let removed = (to - from) as u64;
-            core.counters.records_bytes -= removed * std::mem::size_of::<PageRecord>() as u64;
-            core.counters.registered_pages -= removed;
-            if r.mergeability == Mergeability::ScanOnly {
-                core.counters.unmergeable_pages -= removed;
-            }
-            if unmerge {
-                let _ = self.uffd.unregister(r.addr(from), (to - from) * PAGE_SIZE);
-            }
-        });
-        between();
-        let mut core = self.core.lock();
-        for mut recs in dropped {
-            core.drop_records(self, &mut recs);
-        }
-        drop(core);
-        publish(self);
-    }
 }
 
 /// Exact counts, kept under the core lock.

@@ -4,7 +4,7 @@
 
 use crate::guest::read_page;
 use crate::merge::is_zero;
-use crate::region::{PageRecord, PageState, Region, RegionState};
+use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState};
 use crate::state::{each_live_region, Core, Cursor, Shared};
 use crate::sys::{mman, PAGE_SIZE};
 use crate::tunables::MergeMode;
@@ -53,6 +53,35 @@ pub fn unmerge_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &
         i = j;
     }
     all_ok
+}
+
+/// Takes `[addr, end)` out of the registry (`region::take_range`): its
+/// pages leave the counters, with `unmerge` their merged pages get their
+/// content back in the region's own kind of mapping first and the range
+/// leaves the userfaultfd, and their records' references are dropped
+/// after `between` has run (the owner's unmap, for one).
+pub(crate) fn remove_range(sh: &Shared, addr: usize, end: usize, unmerge: bool, between: impl FnOnce()) {
+    let dropped = crate::region::take_range(&sh.registry, &sh.core, addr, end, |r, st, core, from, to| {
+        if unmerge && !st.failed {
+            unmerge_range(sh, r, st, core, from, to);
+        }
+        let removed = (to - from) as u64;
+        core.counters.records_bytes -= removed * std::mem::size_of::<PageRecord>() as u64;
+        core.counters.registered_pages -= removed;
+        if r.mergeability == Mergeability::ScanOnly {
+            core.counters.unmergeable_pages -= removed;
+        }
+        if unmerge {
+            let _ = sh.uffd.unregister(r.addr(from), (to - from) * PAGE_SIZE);
+        }
+    });
+    between();
+    let mut core = sh.core.lock();
+    for mut recs in dropped {
+        core.drop_records(sh, &mut recs);
+    }
+    drop(core);
+    crate::state::publish(sh);
 }
 
 /// Gives pages `[from, to)` back the mapping they had before twinpage touched
