@@ -161,21 +161,25 @@ pub struct Tunables {
 }
 
 impl Default for Tunables {
+    /// The kernel's defaults (kernel-compat's model holds them), except
+    /// `run`: a process that loads twinpage asked for merging, so it is 1.
     fn default() -> Self {
+        let k = kernel_compat::Tunables::default();
+        let n = |v: u32| AtomicU64::new(u64::from(v));
         Self {
             run: AtomicU64::new(1),
-            pages_to_scan: AtomicU64::new(100),
-            sleep_millisecs: AtomicU64::new(20),
-            use_zero_pages: AtomicU64::new(0),
-            max_page_sharing: AtomicU64::new(256),
-            smart_scan: AtomicU64::new(1),
-            merge_across_nodes: AtomicU64::new(1),
-            stable_node_chains_prune_millisecs: AtomicU64::new(2000),
-            advisor_mode: AtomicU64::new(0),
-            advisor_max_cpu: AtomicU64::new(70),
-            advisor_min_pages_to_scan: AtomicU64::new(500),
-            advisor_max_pages_to_scan: AtomicU64::new(30000),
-            advisor_target_scan_time: AtomicU64::new(200),
+            pages_to_scan: n(k.pages_to_scan),
+            sleep_millisecs: n(k.sleep_millisecs),
+            use_zero_pages: AtomicU64::new(u64::from(k.use_zero_pages)),
+            max_page_sharing: n(k.max_page_sharing),
+            smart_scan: AtomicU64::new(u64::from(k.smart_scan)),
+            merge_across_nodes: n(k.merge_across_nodes),
+            stable_node_chains_prune_millisecs: n(k.stable_node_chains_prune_millisecs),
+            advisor_mode: AtomicU64::new(u64::from(k.advisor_mode == AdvisorMode::ScanTime)),
+            advisor_max_cpu: n(k.advisor_max_cpu),
+            advisor_min_pages_to_scan: AtomicU64::new(k.advisor_min_pages_to_scan),
+            advisor_max_pages_to_scan: AtomicU64::new(k.advisor_max_pages_to_scan),
+            advisor_target_scan_time: AtomicU64::new(k.advisor_target_scan_time),
             merge_mode: AtomicU64::new(MergeMode::All.to_u64()),
         }
     }

@@ -510,12 +510,14 @@ impl StatsTree {
 
     fn context(&self, shared: &SharedTunables, pages_shared: u64) -> WriteContext {
         let num = |n: &str, d: u32| shared.value(n).and_then(|v| v.parse().ok()).unwrap_or(d);
+        // Not published yet: the engine's defaults.
+        let d = crate::tunables::Tunables::default();
         WriteContext {
             pages_shared,
             advisor_on: shared.value("advisor_mode").and_then(AdvisorMode::from_show) == Some(AdvisorMode::ScanTime),
-            run: num("run", 1),
-            max_page_sharing: num("max_page_sharing", 256),
-            merge_across_nodes: num("merge_across_nodes", 1),
+            run: num("run", d.run()),
+            max_page_sharing: num("max_page_sharing", d.max_page_sharing()),
+            merge_across_nodes: num("merge_across_nodes", d.merge_across_nodes()),
             numa: self.numa,
         }
     }
