@@ -249,7 +249,14 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
         i = j;
     }
 
-    let early = written_before_guarded(sh, &guarded, &addr_of);
+    // One pagemap read of the run, into the buffer the checks above used.
+    // Unreadable: nothing to go by; such a page then waits for its next
+    // write, which `cow` serves from its current content.
+    let early = if guarded.is_empty() || sh.pagemap.read(start, &mut entries).is_err() {
+        Vec::new()
+    } else {
+        written_before_guarded(sh, &guarded, |k| entries[items[k].page - first], &addr_of)
+    };
 
     if !pin::pin_guard_enabled() {
         core.counters.merges_unchecked += ok.iter().filter(|&&o| o).count() as u64;
@@ -319,23 +326,23 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
 /// thread could not make: no pin check reaches it there, so it never merges
 /// again, and nothing copies it away from under a device that may have
 /// pinned it meanwhile.
-fn written_before_guarded(sh: &Shared, guarded: &[(usize, usize)], addr_of: &dyn Fn(usize) -> usize) -> Vec<usize> {
-    let mut early = Vec::new();
-    for &(i, j) in guarded {
-        let mut entries = vec![Default::default(); j - i];
-        // Unreadable pagemap: nothing to go by; such a page then waits for
-        // its next write, which `cow` serves from its current content.
-        if sh.pagemap.read(addr_of(i), &mut entries).is_err() {
-            continue;
-        }
-        for (k, e) in (i..j).zip(entries) {
-            let e: crate::sys::pagemap::PageEntry = e;
-            if e.present() && !e.file() {
-                early.push(k);
-                if let Err(err) = sh.uffd.unprotect(addr_of(k), PAGE_SIZE) {
-                    warn_once!("uffd-unprotect", "twinpage: unprotect failed at {:#x}: {err}", addr_of(k));
-                }
-            }
+fn written_before_guarded(
+    sh: &Shared,
+    guarded: &[(usize, usize)],
+    entry_of: impl Fn(usize) -> crate::sys::pagemap::PageEntry,
+    addr_of: &dyn Fn(usize) -> usize,
+) -> Vec<usize> {
+    let early: Vec<usize> = guarded
+        .iter()
+        .flat_map(|&(i, j)| i..j)
+        .filter(|&k| {
+            let e = entry_of(k);
+            e.present() && !e.file()
+        })
+        .collect();
+    for &k in &early {
+        if let Err(err) = sh.uffd.unprotect(addr_of(k), PAGE_SIZE) {
+            warn_once!("uffd-unprotect", "twinpage: unprotect failed at {:#x}: {err}", addr_of(k));
         }
     }
     early
