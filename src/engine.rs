@@ -302,7 +302,7 @@ impl Engine {
         }
         if added {
             state::publish(sh);
-            self.start_threads()?;
+            self.start()?;
             self.kick();
         }
         result
@@ -585,15 +585,11 @@ impl Engine {
         w.cond.notify_all();
     }
 
-    /// Starts the engine's threads now; they start at the first
-    /// registration otherwise. Merge-any calls it before it registers the
-    /// process's memory, so that their stacks and arena heaps are known to
-    /// `threads::own_ranges` and left out.
+    /// Starts the engine's threads now, if they are not running yet; the
+    /// first registration starts them otherwise. Merge-any calls it before
+    /// it registers the process's memory, so that their stacks and arena
+    /// heaps are known to `threads::own_ranges` and left out.
     pub fn start(&self) -> Result<(), EngineError> {
-        self.start_threads()
-    }
-
-    fn start_threads(&self) -> Result<(), EngineError> {
         let mut threads = self.threads.lock();
         if !threads.is_empty() {
             return Ok(());

@@ -21,11 +21,10 @@ use crate::sys::PAGE_SIZE;
 /// # Safety
 /// `addr` must be a page that stays mapped and readable while the bytes
 /// are used: a page of `held`, a live registered region whose lock the
-/// caller holds meanwhile, or of a scratch mapping `held` owns. Its bytes may still change under the reader
-/// unless it is write-protected; callers use the bytes only as hash input
-/// or under write-protect.
-pub(crate) unsafe fn guest_page<W: ?Sized>(held: &W, addr: usize) -> &[u8] {
-    let _ = held;
+/// caller holds meanwhile, or of a scratch mapping `held` owns. Its bytes
+/// may still change under the reader unless it is write-protected; callers
+/// use the bytes only as hash input or under write-protect.
+pub(crate) unsafe fn guest_page<W: ?Sized>(_held: &W, addr: usize) -> &[u8] {
     // SAFETY: the caller guarantees the page is mapped and readable while
     // `held` is borrowed, which bounds the borrow returned.
     unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) }

@@ -201,7 +201,7 @@ impl Core {
     /// mapping (the kernel's copy-on-write, not `merge::cow`'s): it is the
     /// program's own page again, and no pin check can reach it there.
     pub fn written_in_place(&mut self, sh: &Shared, rec: &mut PageRecord) {
-        rec.set_state(crate::region::PageState::None);
+        rec.set_state(PageState::None);
         self.counters.cow_breaks += 1;
         self.counters.cow_in_place += 1;
         self.counters.activity += 1;
