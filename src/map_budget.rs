@@ -3,6 +3,32 @@
 
 use std::time::{Duration, Instant};
 
+/// How much a merge saves per mapping it costs, in four classes. A run of
+/// `pages` pages mapped as `stretches` stretches of consecutive store pages
+/// costs about one mapping per stretch and one for the split it makes: an
+/// isolated page saves one page for two mappings, a run of five different
+/// pages five for six, a zero run of 64 pages (one stretch) 64 for two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Density(u8);
+
+impl Density {
+    /// At least 4 pages a mapping.
+    const DENSEST: Density = Density(3);
+
+    pub(crate) fn of(pages: usize, stretches: usize) -> Density {
+        let cost = stretches + 1;
+        Density(if 5 * pages < 3 * cost {
+            0
+        } else if pages < cost {
+            1
+        } else if pages < 4 * cost {
+            2
+        } else {
+            3
+        })
+    }
+}
+
 /// The mapping budget: twinpage's remaps split mappings, and the kernel caps a
 /// process at `vm.max_map_count`. Stay under it with headroom so the host
 /// program's own mmap never fails because of us.
@@ -22,6 +48,15 @@ pub struct MapBudget {
     held_at: Option<Instant>,
     /// The first refusal was logged (once a process).
     warned: bool,
+    /// Once half the budget is spent, merges sparser than this wait: the
+    /// rest goes to the merges that save most per mapping first.
+    bar: Density,
+    /// The densest merge refused for want of room in the pass under way.
+    held_for_room: Option<Density>,
+    /// Mappings taken in the pass under way by merges at or above the bar.
+    dense_maps: usize,
+    /// The densest merge the bar made wait in the pass under way.
+    deferred: Option<Density>,
     last_count: Option<Instant>,
 }
 
@@ -37,6 +72,10 @@ impl MapBudget {
             held_last_pass: 0,
             held_at: None,
             warned: false,
+            bar: Density::DENSEST,
+            held_for_room: None,
+            dense_maps: 0,
+            deferred: None,
             last_count: Some(Instant::now()),
         }
     }
@@ -71,6 +110,55 @@ impl MapBudget {
             self.recount_if_older(Self::RECOUNT_HELD_BACK);
         }
         self.counted + self.since_count + maps <= self.limit
+    }
+
+    /// Whether a run of `pages` pages in `stretches` stretches may start
+    /// merging (it then reserves its mappings stretch by stretch with
+    /// [`allow`](Self::allow)); a refusal for want of room counts the pages
+    /// as held back.
+    ///
+    /// While less than half the budget is spent, every merge may, in the
+    /// scanner's order. Beyond half, a merge sparser than the bar waits for
+    /// a later full scan (not counted as held back: the limit has not
+    /// refused it), so that whole runs and zero runs merge before isolated
+    /// pages, which cost two mappings for one page. The bar starts at the
+    /// densest class and moves after each full scan
+    /// ([`recount_at_full_scan`](Self::recount_at_full_scan)).
+    pub fn admit(&mut self, pages: usize, stretches: usize) -> bool {
+        let d = Density::of(pages, stretches);
+        if d < self.bar && self.current() * 2 > self.limit {
+            self.deferred = self.deferred.max(Some(d));
+            return false;
+        }
+        if !self.has_room(2) {
+            self.held_for_room = self.held_for_room.max(Some(d));
+            self.hold_back(pages as u64);
+            return false;
+        }
+        if d >= self.bar {
+            self.dense_maps += stretches + 1;
+        }
+        true
+    }
+
+    /// Moves the bar at the end of a full scan. Back under half the budget
+    /// it returns to the densest class. A merge refused for want of room
+    /// sets it to that merge's class: room that frees up goes to it first.
+    /// While merges at or above it took a quarter of the room left or more
+    /// in the scan, it stays; otherwise it comes down to the densest class
+    /// it made wait, which merges in the next scan.
+    fn move_bar(&mut self) {
+        let refused = self.held_for_room.take();
+        let deferred = self.deferred.take();
+        let dense = std::mem::take(&mut self.dense_maps);
+        let room = self.limit.saturating_sub(self.current());
+        if self.current() * 2 <= self.limit {
+            self.bar = Density::DENSEST;
+        } else if let Some(d) = refused {
+            self.bar = d;
+        } else if dense == 0 || room >= 4 * dense {
+            self.bar = deferred.unwrap_or(self.bar);
+        }
     }
 
     /// Reserves room for `maps` new mappings (covering `pages` pages).
@@ -111,6 +199,7 @@ impl MapBudget {
 
     /// At the end of a full scan: every few seconds (the published count).
     pub fn recount_at_full_scan(&mut self) {
+        self.move_bar();
         let held = std::mem::take(&mut self.held_this_pass);
         if held > 0 {
             self.held_last_pass = held;
@@ -141,5 +230,91 @@ impl MapBudget {
 
     pub fn current(&self) -> usize {
         self.counted + self.since_count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A budget of `limit` mappings with `used` spent, counted just now (so
+    /// nothing below reads this process's real mappings).
+    fn budget(limit: usize, used: usize) -> MapBudget {
+        let mut b = MapBudget::new(limit + limit / 8);
+        b.limit = limit;
+        b.counted = used;
+        b.since_count = 0;
+        b.last_count = Some(Instant::now());
+        b
+    }
+
+    #[test]
+    fn density_classes() {
+        assert_eq!(Density::of(1, 1), Density(0), "an isolated page: 1 page for 2 mappings");
+        assert_eq!(Density::of(2, 2), Density(1), "two different pages side by side: 2 for 3");
+        assert_eq!(Density::of(5, 5), Density(1));
+        assert_eq!(Density::of(2, 1), Density(2), "two pages of consecutive store pages: 2 for 2");
+        assert_eq!(Density::of(7, 1), Density(2));
+        assert_eq!(Density::of(8, 1), Density(3), "a run of 8 in one stretch: 8 for 2");
+    }
+
+    #[test]
+    fn under_half_the_budget_everything_merges_in_order() {
+        let mut b = budget(1000, 100);
+        assert!(b.admit(1, 1));
+        assert!(b.admit(5, 5));
+        assert_eq!(b.held_back, 0);
+    }
+
+    #[test]
+    fn beyond_half_the_densest_merge_first_then_the_densest_that_waited() {
+        let mut b = budget(1000, 600);
+        assert!(!b.admit(1, 1), "an isolated page waits while the bar is at the densest class");
+        assert!(!b.admit(5, 5));
+        assert!(b.admit(64, 1), "a 64-page stretch goes first");
+        assert_eq!(b.held_back, 0, "waiting for the bar is not held back by the limit");
+        b.recount_at_full_scan();
+        assert!(b.admit(5, 5), "the densest class that waited comes next");
+        assert!(!b.admit(1, 1));
+        b.recount_at_full_scan();
+        assert!(b.admit(1, 1), "then isolated pages take the rest");
+        b.recount_at_full_scan();
+        assert!(b.admit(1, 1), "nothing waited: the bar stays");
+    }
+
+    #[test]
+    fn the_bar_holds_while_dense_merges_take_much_of_the_room_left() {
+        let mut b = budget(1000, 600);
+        assert!(b.admit(1024, 120), "121 mappings, over a quarter of the room left");
+        assert!(!b.admit(6, 2));
+        b.recount_at_full_scan();
+        assert!(!b.admit(6, 2), "the bar stayed");
+        b.recount_at_full_scan();
+        assert!(b.admit(6, 2), "a scan without: the bar came down");
+    }
+
+    #[test]
+    fn a_dense_merge_refused_for_room_raises_the_bar_again() {
+        let mut b = budget(1000, 600);
+        assert!(!b.admit(1, 1));
+        b.recount_at_full_scan();
+        assert!(b.admit(1, 1));
+        b.counted = 1000;
+        assert!(!b.admit(64, 1), "no room");
+        b.recount_at_full_scan();
+        b.counted = 900;
+        assert!(!b.admit(1, 1), "room freed goes to the dense run that waited, not to an isolated page");
+        assert!(b.admit(64, 1));
+    }
+
+    #[test]
+    fn back_under_half_the_bar_starts_again_at_the_densest_class() {
+        let mut b = budget(1000, 600);
+        assert!(!b.admit(1, 1));
+        b.recount_at_full_scan();
+        b.counted = 100;
+        b.recount_at_full_scan();
+        b.counted = 600;
+        assert!(!b.admit(1, 1));
     }
 }

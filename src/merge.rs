@@ -83,8 +83,7 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
     // Under the mapping budget, a merge that cannot be remapped is not worth
     // write-protecting and comparing.
     let anon_zero = kind == RunKind::Zero && region.kind == crate::maps::MappingKind::Anon;
-    if !anon_zero && !core.map_budget.has_room(2) {
-        core.map_budget.hold_back(n as u64);
+    if !anon_zero && !core.map_budget.admit(n, stretches(items, kind)) {
         settle(sh, region, st, core, items, kind, &ok);
         return;
     }
@@ -363,6 +362,15 @@ impl Drop for UnwindGuard<'_> {
             self.sh.inflight.end(self.start, self.start + self.len);
         }
     }
+}
+
+/// The stretches a run will be mapped as: one per stretch of consecutive
+/// store pages (one for a zero run, which becomes fresh anonymous memory).
+fn stretches(items: &[Item], kind: RunKind) -> usize {
+    if kind == RunKind::Zero {
+        return 1;
+    }
+    1 + items.windows(2).filter(|w| w[1].store != w[0].store.wrapping_add(1)).count()
 }
 
 /// How a stretch of a zero run becomes zero pages.

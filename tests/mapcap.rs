@@ -65,6 +65,71 @@ fn merging_stays_under_a_lowered_max_map_count() {
     drop(e);
 }
 
+/// Content of page `i` of the budget-order test: the first half, every
+/// other page a copy of one of 4 patterns (isolated merges, two mappings a
+/// page); the second half, 64 blocks whose first 32 pages repeat one run of
+/// 32 different pages (a whole run merges as one stretch: two mappings for
+/// 32 pages); everything else unique.
+fn budget_order_page(i: usize) -> u64 {
+    let half = 4096;
+    if i < half {
+        return if i.is_multiple_of(2) { (i % 8) as u64 / 2 } else { 1000 + i as u64 };
+    }
+    let j = (i - half) % 64;
+    if j < 32 {
+        500_000 + j as u64
+    } else {
+        2_000_000 + i as u64
+    }
+}
+
+/// When the budget runs short, runs that save many pages per mapping merge
+/// before isolated pages, even when the isolated pages come first in the
+/// scanner's order. At a limit of 2625 mappings for twinpage, the 2048
+/// isolated merges of the first half alone would take all of it (the run
+/// half, scanned after, would never merge): now every run merges, and the
+/// isolated pages take what is left.
+#[test]
+fn when_the_budget_is_short_whole_runs_merge_before_isolated_pages() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_restore) = lowered(3000) else { return };
+    let Some(e) = engine() else { return };
+    flat_out(&e);
+    let m = Mem::anon(8192);
+    for i in 0..8192 {
+        m.fill(i, budget_order_page(i));
+    }
+    e.register(m.addr, m.len).unwrap();
+    // A merged page is a page of the store file (read first: a remapped page
+    // is not in the page table until touched).
+    let is_merged = |i: usize| {
+        m.read_u64(i, 0);
+        pagemap_flags(m.addr + i * PAGE).1
+    };
+    let merged = |range: std::ops::Range<usize>| range.filter(|&i| is_merged(i)).count();
+    let runs = (4096..8192).filter(|i| (i - 4096) % 64 < 32);
+    let all_runs = || runs.clone().all(is_merged);
+    let done = wait_until(Duration::from_secs(30), || all_runs() && merged(0..4096) > 500);
+    assert!(e.wait_full_scans(4, Duration::from_secs(30)));
+    let s = e.stats();
+    eprintln!(
+        "budget order: run pages merged {} of 2048, isolated pages merged {} of 2048, pages_sharing {}, held back {}, mappings {} (limit {})",
+        runs.clone().filter(|&i| is_merged(i)).count(),
+        merged(0..4096),
+        s.pages_sharing,
+        s.twinpage_merges_held_back,
+        twinpage::maps::map_count().unwrap(),
+        s.twinpage_map_limit
+    );
+    assert!(done, "the runs did not all merge, or the isolated pages got nothing of the rest");
+    assert!(s.twinpage_merges_held_back > 0, "the budget was never short: the test shows nothing");
+    for i in (0..8192).step_by(5) {
+        assert!(m.page_matches(i, budget_order_page(i)), "page {i}");
+    }
+    m.unmap(&e);
+    drop(e);
+}
+
 /// twinpaged on `dir` with `extra` arguments, its log in `log`.
 fn daemon(bin: &Path, dir: &Path, extra: &[&str], log: &Path) -> Child {
     let sock = dir.join("twinpaged.sock");
