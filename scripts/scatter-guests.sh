@@ -10,7 +10,8 @@
 # /dev/shm, the test image's workload with tp.mib=TP_MIB (default 800)
 # tp.dup=50 tp.patterns=16 (seeds 1 and 2), merging flat out
 # (pages_to_scan=100000 sleep_millisecs=0). Twinpage's side runs its guests
-# preloaded under a twinpaged that keeps the host's vm.max_map_count.
+# preloaded under a twinpaged that keeps the host's vm.max_map_count
+# (TP_RAISE=1: one that raises it, as twinpaged does by default as root).
 #
 # Prints a line every 5 s (saved pages, held-back pages, QEMU mappings) and
 # at the end one result line:
@@ -77,7 +78,9 @@ if [ "$side" = kernel ]; then
 else
     [ "$(cat "$ksm/run")" != 1 ] || { echo "scatter-guests.sh: kernel KSM is running (run=1); stop it first" >&2; exit 2; }
     tree=$work/tree
-    TWINPAGE_LOG=info "$bin/twinpaged" --dir "$tree" --keep-max-map-count 2>"$work/twinpaged.log" &
+    keep=(--keep-max-map-count)
+    [ -z "${TP_RAISE:-}" ] || keep=()
+    TWINPAGE_LOG=info "$bin/twinpaged" --dir "$tree" "${keep[@]}" 2>"$work/twinpaged.log" &
     daemon=$!
     for _ in $(seq 100); do [ -e "$tree/kernel/mm/ksm/run" ] && break; sleep 0.1; done
     "$bin/twinpage" set --dir "$tree" pages_to_scan 100000
