@@ -10,57 +10,64 @@
 
 use std::fs::File;
 use std::io;
-use std::ops::Deref;
 use std::os::unix::fs::FileExt;
 
 use crate::sys::PAGE_SIZE;
 
-/// A guest page as bytes, for as long as `held` is borrowed: the region
-/// (or scratch mapping) the page belongs to, so the bytes cannot outlive it.
+/// A page of a mapping only twinpage can reach (a scratch mapping the pin
+/// check moved a page into), as bytes for as long as `held` is borrowed.
 ///
 /// # Safety
-/// `addr` must be a page that stays mapped and readable while the bytes
-/// are used: a page of `held`, a live registered region whose lock the
-/// caller holds meanwhile, or of a scratch mapping `held` owns. Its bytes
-/// may still change under the reader unless it is write-protected; callers
-/// use the bytes only as hash input or under write-protect.
-pub(crate) unsafe fn guest_page<W: ?Sized>(_held: &W, addr: usize) -> &[u8] {
-    // SAFETY: the caller guarantees the page is mapped and readable while
-    // `held` is borrowed, which bounds the borrow returned.
+/// `addr` must be a page of a mapping `held` owns, mapped and readable
+/// while the bytes are used, that nobody else writes: no program thread
+/// and no device can reach it.
+pub(crate) unsafe fn scratch_page<W: ?Sized>(_held: &W, addr: usize) -> &[u8] {
+    // SAFETY: the caller guarantees the page is mapped, readable and written
+    // by nobody while `held` is borrowed, which bounds the borrow returned.
     unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) }
 }
 
-/// One page of registered memory: borrowed where it is readable in place,
-/// else a copy.
-pub(crate) enum PageBytes<'a> {
-    InPlace(&'a [u8]),
-    Copied(Box<[u8; PAGE_SIZE]>),
-}
-
-impl Deref for PageBytes<'_> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Self::InPlace(b) => b,
-            Self::Copied(b) => &b[..],
-        }
-    }
-}
-
-/// The page at `addr` of a mapping with protection `prot`, for as long as
-/// `held` is borrowed.
+/// Copies the page at `addr`, of a mapping with protection `prot`, into
+/// `buf`: with volatile word reads where the program can read it (vCPUs and
+/// devices may write it meanwhile: the copy may be torn, never a data race
+/// in the reader, and no reference into guest memory is made), else
+/// through `/proc/self/mem`.
 ///
 /// # Safety
-/// As [`guest_page`], except that the page need only be mapped: a page the
-/// program cannot read is copied through `/proc/self/mem`.
-pub(crate) unsafe fn read_page<W: ?Sized>(held: &W, prot: libc::c_int, addr: usize) -> io::Result<PageBytes<'_>> {
-    if prot & libc::PROT_READ != 0 {
-        // SAFETY: the caller's guarantees, and the mapping is readable.
-        return Ok(PageBytes::InPlace(unsafe { guest_page(held, addr) }));
+/// `addr` must be a page that stays mapped while the copy runs: a page of
+/// a live registered region whose lock the caller holds (`held`).
+pub(crate) unsafe fn copy_page<W: ?Sized>(_held: &W, prot: libc::c_int, addr: usize, buf: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
+    if prot & libc::PROT_READ == 0 {
+        return read_unreadable(addr, buf);
     }
-    let mut copy = Box::new([0u8; PAGE_SIZE]);
-    read_unreadable(addr, &mut copy[..])?;
-    Ok(PageBytes::Copied(copy))
+    let src = addr as *const u64;
+    for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
+        // SAFETY: `addr` is page-aligned and the page mapped and readable
+        // (the caller's guarantee); `i < PAGE_SIZE / 8`.
+        let word = unsafe { src.add(i).read_volatile() };
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    Ok(())
+}
+
+/// A buffer that pages of registered memory are copied into, so that
+/// nothing borrows memory the program and its devices write.
+pub(crate) struct PageCopy(Box<[u8; PAGE_SIZE]>);
+
+impl PageCopy {
+    pub(crate) fn new() -> PageCopy {
+        PageCopy(Box::new([0; PAGE_SIZE]))
+    }
+
+    /// Copies the page at `addr` (see [`copy_page`]) and returns the copy.
+    ///
+    /// # Safety
+    /// As [`copy_page`].
+    pub(crate) unsafe fn read<W: ?Sized>(&mut self, held: &W, prot: libc::c_int, addr: usize) -> io::Result<&[u8]> {
+        // SAFETY: the caller's guarantees.
+        unsafe { copy_page(held, prot, addr, &mut self.0) }?;
+        Ok(&self.0[..])
+    }
 }
 
 /// Copies `buf.len()` bytes of this process's memory at `addr` into `buf`
@@ -85,11 +92,27 @@ mod tests {
         unsafe { std::ptr::write_bytes(addr as *mut u8, 0x5a, PAGE_SIZE) };
         // SAFETY: our own mapping.
         unsafe { crate::sys::mman::mprotect(addr, PAGE_SIZE, libc::PROT_NONE) }.unwrap();
+        let mut copy = PageCopy::new();
         // SAFETY: mapped (PROT_NONE), ours, nobody writes it.
-        let page = unsafe { read_page(&(), libc::PROT_NONE, addr) }.unwrap();
-        assert!(matches!(page, PageBytes::Copied(_)));
+        let page = unsafe { copy.read(&(), libc::PROT_NONE, addr) }.unwrap();
         assert!(page.iter().all(|&b| b == 0x5a));
-        drop(page);
+        // SAFETY: our own mapping.
+        unsafe { crate::sys::mman::raw_munmap(addr, PAGE_SIZE) }.unwrap();
+    }
+
+    #[test]
+    fn a_readable_page_is_copied_word_for_word() {
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a fresh private mapping of our own.
+        let addr = unsafe { crate::sys::mman::raw_mmap(0, PAGE_SIZE, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) }.unwrap();
+        for i in 0..PAGE_SIZE {
+            // SAFETY: our own writable page, no reference into it.
+            unsafe { (addr as *mut u8).add(i).write(i as u8 ^ 0x33) };
+        }
+        let mut copy = PageCopy::new();
+        // SAFETY: mapped and readable, ours.
+        let page = unsafe { copy.read(&(), rw, addr) }.unwrap();
+        assert!(page.iter().enumerate().all(|(i, &b)| b == i as u8 ^ 0x33));
         // SAFETY: our own mapping.
         unsafe { crate::sys::mman::raw_munmap(addr, PAGE_SIZE) }.unwrap();
     }

@@ -15,7 +15,7 @@
 //!    the rest, and wake the whole run: a woken writer retries and takes
 //!    copy-on-write on identical content.
 
-use crate::guest::read_page;
+use crate::guest::PageCopy;
 use crate::region::{PageRecord, PageState, Region, RegionState};
 use crate::state::{Core, Shared};
 use crate::sys::{mman, PAGE_SIZE};
@@ -131,6 +131,7 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
 
     let mut entries = vec![Default::default(); span];
     let mut fresh_fills: Vec<u32> = Vec::new();
+    let mut copy = PageCopy::new();
     if sh.pagemap.read(start, &mut entries).is_ok() {
         for (i, it) in items.iter().enumerate() {
             let e = entries[it.page - first];
@@ -139,9 +140,9 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
             }
             let addr = addr_of(i);
             // SAFETY: the page belongs to `region`, whose lock we hold, and it is
-            // write-protected: nobody writes it while we read.
-            let Ok(page) = (unsafe { read_page(region, region.prot, addr) }) else { continue };
-            let page = &*page;
+            // write-protected: no program thread writes it while we copy (a
+            // device could: the pin check compares again where none can).
+            let Ok(page) = (unsafe { copy.read(region, region.prot, addr) }) else { continue };
             ok[i] = match kind {
                 RunKind::Zero => is_zero(page),
                 RunKind::Remote => {

@@ -7,7 +7,7 @@
 
 use crate::broker::proto::Candidate;
 use crate::digest::{page_hash, zero_hash};
-use crate::guest::read_page;
+use crate::guest::PageCopy;
 use crate::merge::{self, is_zero, Item, RunKind};
 use crate::primitive::Arc;
 use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState};
@@ -149,6 +149,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
     let mut last_pair: Option<(usize, u32)> = None;
     let remote = core.remote.is_some();
     let mut candidates = Vec::new();
+    let (mut copy, mut other_copy) = (PageCopy::new(), PageCopy::new());
 
     for (i, &e) in entries.iter().enumerate() {
         let idx = first + i;
@@ -209,12 +210,12 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
             core.counters.pages_skipped += 1;
             continue;
         }
-        // SAFETY: the page is in `region`, live under our lock; its bytes only
-        // feed the hash here.
-        let Ok(page) = (unsafe { read_page(region, region.prot, region.addr(idx)) }) else {
+        // SAFETY: the page is in `region`, live under our lock. The copy may
+        // be torn by a write meanwhile: it only feeds the hash and the
+        // unstable tree, and a merge compares again under write-protect.
+        let Ok(page) = (unsafe { copy.read(region, region.prot, region.addr(idx)) }) else {
             continue;
         };
-        let page = &*page;
         let h = page_hash(page);
         if h == zh && !e.exclusive() && is_zero(page) {
             // The shared zero page of a never-written page: nothing to merge.
@@ -259,14 +260,14 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
                     let tidx = t.page as usize;
                     st.records.get(tidx).is_some_and(|r| r.state() == PageState::Hashed) && {
                         // SAFETY: a page of our own region, under our lock.
-                        unsafe { read_page(region, region.prot, region.addr(tidx)) }.is_ok_and(|other| *other == *page)
+                        unsafe { other_copy.read(region, region.prot, region.addr(tidx)) }.is_ok_and(|other| other == page)
                     }
                 } else {
                     with_other_region(sh, t, |r2, st2| {
                         let tidx = t.page as usize;
                         st2.records.get(tidx).is_some_and(|r| r.state() == PageState::Hashed) && {
                             // SAFETY: a page of `r2`, live while we hold its lock.
-                            unsafe { read_page(r2, r2.prot, r2.addr(tidx)) }.is_ok_and(|other| *other == *page)
+                            unsafe { other_copy.read(r2, r2.prot, r2.addr(tidx)) }.is_ok_and(|other| other == page)
                         }
                     })
                     .unwrap_or(false)

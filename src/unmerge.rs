@@ -2,7 +2,7 @@
 //! unregistering), before the owner discards it, everything (`run=2`), and
 //! what a stricter merge mode no longer allows.
 
-use crate::guest::read_page;
+use crate::guest::PageCopy;
 use crate::merge::is_zero;
 use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState};
 use crate::state::{each_live_region, Core, Cursor, Shared};
@@ -142,7 +142,7 @@ pub fn unmerge_disallowed(sh: &Shared, mode: MergeMode) {
             st.records[i].state() == PageState::Merged && {
                 // SAFETY: a page of a live region we hold locked; a merged page
                 // is mapped (a remap keeps the region's protection).
-                unsafe { read_page(r, r.prot, r.addr(i)) }.is_ok_and(|page| !mode.allows(is_zero(&page)))
+                unsafe { PageCopy::new().read(r, r.prot, r.addr(i)) }.is_ok_and(|page| !mode.allows(is_zero(page)))
             }
         };
         let mut i = 0;

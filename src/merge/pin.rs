@@ -32,7 +32,7 @@ use crate::sys::{mman, PAGE_SIZE};
 use crate::warn_once;
 
 use super::{is_zero, Item, RunKind};
-use crate::guest::guest_page;
+use crate::guest::scratch_page;
 use crate::scratch::Scratch;
 
 /// The environment switch of the pin check: `TWINPAGE_PIN_GUARD` = a
@@ -228,7 +228,7 @@ pub(super) fn check<'a>(
         }
         // SAFETY: scratch page `i` holds the page just moved there; only this
         // merge touches the scratch mapping (under its lock).
-        let page = unsafe { guest_page(&*moved.scratch, moved.scratch.page(i)) };
+        let page = unsafe { scratch_page(&*moved.scratch, moved.scratch.page(i)) };
         let same = match kind {
             RunKind::Zero => is_zero(page),
             _ => store_bytes(sh, core, kind, it.store).is_some_and(|s| s == page),

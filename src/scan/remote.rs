@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use crate::broker::proto::{Candidate, FillPage, OrderKind, PAGE};
-use crate::guest::read_page;
+use crate::guest::copy_page;
 use crate::link::Link;
 use crate::merge::Item;
 use crate::region::{PageRecord, Region};
@@ -60,8 +60,8 @@ pub fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<C
                 // the copy may be torn by a concurrent write, which the broker's
                 // digest check and our later comparison under write-protect catch
                 // (as they catch a page that could not be read: zeros go).
-                if let Ok(bytes) = unsafe { read_page(region, region.prot, region.addr(it.page)) } {
-                    copy.copy_from_slice(&bytes);
+                if unsafe { copy_page(region, region.prot, region.addr(it.page), &mut copy) }.is_err() {
+                    copy.fill(0);
                 }
                 FillPage { store: it.store, digest: digests[it.page - first], bytes: copy }
             })
