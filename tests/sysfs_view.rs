@@ -133,3 +133,61 @@ fn the_view_answers_readers_and_writers_as_sysfs_does() {
     assert!(!mounted(&view), "the view stayed mounted after twinpaged stopped");
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+/// A read of a counter through the view shows values taken after the read
+/// began, as sysfs's do. The oracle is the program's own engine: between
+/// two reads of its own `pages_scanned` (exact, in-process), a read of the
+/// view's must fall between them. The program scans 64 pages every 5 ms
+/// while its publisher passes every 50 ms: values as of the last pass lag
+/// by hundreds of pages.
+#[test]
+fn a_read_through_the_view_shows_counters_taken_after_it_began() {
+    let Some(s) = setup("view-fresh") else { return };
+    if !fuse_available() {
+        return;
+    }
+    let Some(prog) = common::program("scanread") else { return };
+    let view: PathBuf = tempdir("view-fresh-mnt");
+    let _unmount = Unmount(view.clone());
+    let daemon = start_daemon(&s.daemon, &s.dir, &["--sysfs", view.to_str().unwrap()], "info");
+    let daemon_pid = daemon.id();
+    let mut kids = Kids(vec![daemon]);
+    let ksm = view.join("kernel/mm/ksm");
+    assert!(wait_until(Duration::from_secs(10), || ksm.join("run").is_file()), "the view never showed kernel/mm/ksm/run");
+    let mut cmd = Command::new(prog);
+    cmd.arg("256")
+        .env("LD_PRELOAD", &s.lib)
+        .env("TWINPAGE_DIR", &s.dir)
+        .env("TWINPAGE_REDIRECT_SYSFS", "1")
+        .env("TWINPAGE_PAGES_TO_SCAN", "64")
+        .env("TWINPAGE_SLEEP_MILLISECS", "5")
+        .stdin(std::process::Stdio::piped());
+    let mut agent = spawn_ready(&mut cmd);
+    let mut to = agent.stdin.take().unwrap();
+    let mut from = std::io::BufReader::new(agent.stdout.take().unwrap());
+    kids.0.push(agent);
+    let mut own = || {
+        use std::io::{BufRead, Write};
+        to.write_all(b"r\n").unwrap();
+        let mut line = String::new();
+        from.read_line(&mut line).unwrap();
+        line.trim().parse::<u64>().unwrap_or_else(|_| panic!("scanread said {line:?}"))
+    };
+    assert!(wait_until(Duration::from_secs(10), || own() > 1000), "the program's engine is not scanning");
+    // The daemon scans nothing itself: the global count is the program's.
+    assert_eq!(tree_counter(&s.dir, daemon_pid, "pages_scanned"), 0);
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let before = own();
+        let v: u64 = std::fs::read_to_string(ksm.join("pages_scanned")).unwrap().trim().parse().unwrap();
+        let after = own();
+        seen.push((before, v, after));
+        std::thread::sleep(Duration::from_millis(7));
+    }
+    eprintln!("(own before, view, own after): {seen:?}");
+    for &(before, v, after) in &seen {
+        assert!(before <= v && v <= after, "the view showed {v}, outside {before}..={after}: not taken during the read; all: {seen:?}");
+    }
+    drop(to);
+    drop(kids);
+}

@@ -22,6 +22,8 @@
 //!   twinpage/generation           passes of all publishers so far (a write is handled
 //!                                 once this has grown past its value at write time)
 //!   twinpage/lock                 flock: held by a publisher for a pass, by `twinpage set`
+//!   twinpage/request              a reader's request for counters taken after it (see `wake`)
+//!   proc/<pid>/served             the request the process's counters answer
 //!   twinpage/tunables, state      shared state of the publishers (see `shared`)
 //! ```
 //!
@@ -112,6 +114,7 @@ pub mod prom;
 mod publisher;
 mod reader;
 mod shared;
+mod wake;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -151,6 +154,10 @@ pub mod layout {
     pub const SHARED_TUNABLES: &str = "tunables";
     /// `twinpage/state`.
     pub const STATE: &str = "state";
+    /// `twinpage/request`: readers' requests for fresh counters.
+    pub const REQUEST: &str = "request";
+    /// `proc/<pid>/served`: the request the process's counters answer.
+    pub const SERVED: &str = "served";
 }
 
 /// The root of the tree: `$TWINPAGE_DIR`, or `/run/twinpage`.

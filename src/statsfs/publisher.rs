@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use kernel_compat::{procfs, AdvisorMode, Attr, KsmStat, WriteContext, WriteError
 use super::counters::{self, Combine, Counters, FIELDS};
 use super::file::{self, InPlaceFile, TreeLock};
 use super::shared::{Mark, SharedTunables, State};
+use super::wake::Wake;
 use super::{layout, FlagsFn, ProcessFlags, Source, StatsTreeOptions};
 use crate::KsmStats;
 
@@ -71,6 +72,10 @@ pub struct StatsTree {
     last_error: InPlaceFile,
     shared_file: InPlaceFile,
     state_file: InPlaceFile,
+    /// `twinpage/request`: the latest request of a reader for fresh counters.
+    request: InPlaceFile,
+    /// `proc/<pid>/served`: the request this process's counters answer.
+    served: InPlaceFile,
     /// Per writable attribute: the sequence number of the last shared change
     /// this engine has (applied or made).
     synced: HashMap<&'static str, u64>,
@@ -97,6 +102,7 @@ impl std::fmt::Debug for StatsTree {
 #[derive(Debug)]
 pub struct StatsTreeHandle {
     tx: Sender<Msg>,
+    wake: Arc<Wake>,
     thread: Option<JoinHandle<()>>,
     root: PathBuf,
     pid: u32,
@@ -116,6 +122,7 @@ impl StatsTreeHandle {
     /// Starts a pass now without waiting for it.
     pub fn kick(&self) {
         let _ = self.tx.send(Msg::Kick(None));
+        self.wake.notify();
     }
 
     /// Runs a pass now and waits (up to 5 s) until it is done; true when it
@@ -125,6 +132,7 @@ impl StatsTreeHandle {
         if self.tx.send(Msg::Kick(Some(tx))).is_err() {
             return false;
         }
+        self.wake.notify();
         rx.recv_timeout(Duration::from_secs(5)).is_ok()
     }
 }
@@ -132,6 +140,7 @@ impl StatsTreeHandle {
 impl Drop for StatsTreeHandle {
     fn drop(&mut self) {
         let _ = self.tx.send(Msg::Stop);
+        self.wake.notify();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -225,11 +234,14 @@ impl StatsTree {
     /// a publisher on `root` (`AlreadyExists`).
     pub fn spawn<S: Source>(engine: Arc<S>, root: PathBuf, opts: StatsTreeOptions) -> io::Result<StatsTreeHandle> {
         let mut tree = StatsTree::open(engine, root.clone(), opts)?;
+        // Watching before the first pass: a request made meanwhile is not missed.
+        let wake = Arc::new(Wake::new(tree.request.path())?);
         tree.pass()?;
         let (tx, rx) = mpsc::channel();
         let pid = tree.pid;
-        let thread = crate::threads::spawn("twinpage-stats", move || tree.run(rx))?;
-        Ok(StatsTreeHandle { tx, thread: Some(thread), root, pid })
+        let waker = wake.clone();
+        let thread = crate::threads::spawn("twinpage-stats", move || tree.run(rx, &waker))?;
+        Ok(StatsTreeHandle { tx, wake, thread: Some(thread), root, pid })
     }
 
     fn open(engine: Arc<dyn Source>, root: PathBuf, opts: StatsTreeOptions) -> io::Result<Self> {
@@ -266,6 +278,7 @@ impl StatsTree {
         let ksm_stat = InPlaceFile::open(&proc_dir.join(layout::KSM_STAT), 0o444)?;
         let merging_pages = InPlaceFile::open(&proc_dir.join(layout::MERGING_PAGES), 0o444)?;
         let own_tunables = InPlaceFile::open(&proc_dir.join(layout::OWN_TUNABLES), 0o444)?;
+        let served = InPlaceFile::open(&proc_dir.join(layout::SERVED), 0o444)?;
         let mut attrs = Vec::new();
         for attr in crate::tunables::all_attrs().filter(|a| engine.show_attr(a.name).is_some()) {
             let path = ksm_dir.join(attr.name);
@@ -294,6 +307,8 @@ impl StatsTree {
             last_error: InPlaceFile::open(&tw.join(layout::LAST_ERROR), 0o644)?,
             shared_file,
             state_file,
+            request: InPlaceFile::open(&tw.join(layout::REQUEST), 0o644)?,
+            served,
             synced: HashMap::new(),
             engine_view: HashMap::new(),
             pending_empty: HashMap::new(),
@@ -314,18 +329,22 @@ impl StatsTree {
         Ok(tree)
     }
 
-    fn run(mut self, rx: Receiver<Msg>) {
-        loop {
+    fn run(mut self, rx: Receiver<Msg>, wake: &Wake) {
+        'passes: loop {
             let ms = u64::from(self.engine.sleep_millisecs()).clamp(MIN_PERIOD_MS, MAX_PERIOD_MS);
-            let reply = match rx.recv_timeout(Duration::from_millis(ms)) {
-                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(Msg::Kick(reply)) => reply,
-                Err(RecvTimeoutError::Timeout) => None,
-            };
+            wake.wait(Duration::from_millis(ms));
+            let mut replies = Vec::new();
+            loop {
+                match rx.try_recv() {
+                    Ok(Msg::Stop) | Err(TryRecvError::Disconnected) => break 'passes,
+                    Ok(Msg::Kick(reply)) => replies.extend(reply),
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
             if let Err(e) = self.pass() {
                 self.warn(format!("pass:{:?}", e.kind()), format!("twinpage: cannot update {}: {e}", self.root.display()));
             }
-            if let Some(r) = reply {
+            for r in replies {
                 let _ = r.send(());
             }
         }
@@ -358,11 +377,14 @@ impl StatsTree {
         if self.passes.is_multiple_of(ENSURE_EVERY) {
             self.ensure_files()?;
         }
+        // Read before the counters are taken: they answer this request.
+        let request = String::from_utf8_lossy(&self.request.read()?).trim().parse::<u64>().unwrap_or(0);
         let stats = self.engine.stats();
         let lock = self.lock.clone();
         let _guard = lock.lock_timeout(LOCK_TIMEOUT)?;
         // Under the lock: other publishers read twinpage_counters under it.
         self.write_own(&stats)?;
+        self.served.write(format!("{request}\n").as_bytes())?;
         let mut state = State::parse(&String::from_utf8_lossy(&self.state_file.read()?));
         let mut shared = SharedTunables::parse(&String::from_utf8_lossy(&self.shared_file.read()?));
         let mut agg = self.aggregate(&mut state, Some(&stats), scanning(&shared))?;
@@ -404,6 +426,8 @@ impl StatsTree {
             &mut self.last_error,
             &mut self.shared_file,
             &mut self.state_file,
+            &mut self.request,
+            &mut self.served,
         ] {
             f.ensure()?;
         }

@@ -1,8 +1,10 @@
 //! Reading a tree and writing its attributes from outside a publisher:
 //! what `twinpage stat`, `top` and `set` (and the tests) use.
 
+use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write as _};
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -259,6 +261,63 @@ impl Tree {
         }
     }
 
+    /// Asks every publisher for counters taken from now on
+    /// (`twinpage/request`, see `statsfs::wake`) and waits, up to
+    /// `timeout`, until each running process not in `skip` has published
+    /// them. Returns the running processes that have not (stopped ones,
+    /// say): a caller that reads again may pass them as `skip` rather than
+    /// wait for them each time. Once it returns, a publisher's next pass
+    /// puts fresh global counters together from the fresh ones.
+    pub fn refresh(&self, timeout: Duration, skip: &HashSet<u32>) -> io::Result<HashSet<u32>> {
+        let path = self.tw(layout::REQUEST);
+        let request = {
+            let lock = self.lock()?;
+            let _held = lock.lock_timeout(timeout)?;
+            let r = fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u64>().ok()).unwrap_or(0) + 1;
+            // In place (publishers watch this file), not replaced.
+            let f = OpenOptions::new().write(true).create(true).truncate(false).mode(0o644).open(&path)?;
+            let text = format!("{r}\n");
+            f.write_all_at(text.as_bytes(), 0)?;
+            f.set_len(text.len() as u64)?;
+            r
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let waiting = self.not_served(request)?;
+            if waiting.iter().all(|p| skip.contains(p)) || Instant::now() >= deadline {
+                return Ok(waiting);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Running processes whose counters do not answer `request` yet.
+    fn not_served(&self, request: u64) -> io::Result<HashSet<u32>> {
+        let entries = match fs::read_dir(self.root.join(layout::PROC)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashSet::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = HashSet::new();
+        for entry in entries {
+            let entry = entry?;
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let dir = entry.path();
+            let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
+            let start =
+                read(layout::COUNTERS).lines().next().and_then(|l| l.strip_prefix("starttime ")).and_then(|v| v.trim().parse().ok());
+            if start.is_none() || file::process_starttime(pid) != start {
+                continue;
+            }
+            if read(layout::SERVED).trim().parse::<u64>().unwrap_or(0) < request {
+                out.insert(pid);
+            }
+        }
+        Ok(out)
+    }
+
     /// The tree's lock (publishers hold it during a pass).
     pub fn lock(&self) -> io::Result<TreeLock> {
         TreeLock::open(&self.tw(layout::LOCK))
@@ -350,6 +409,37 @@ impl Tree {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tree where this process looks like a publisher that answered
+    /// request `served` (and never answers again: no publisher runs).
+    fn tree_with_us(served: u64) -> (Tree, u32) {
+        let root = std::env::temp_dir().join(format!("twinpage-refresh-{}-{served}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let pid = std::process::id();
+        let dir = root.join(layout::PROC).join(pid.to_string());
+        fs::create_dir_all(&dir).unwrap();
+        fs::create_dir_all(root.join(layout::TWINPAGE)).unwrap();
+        let start = file::process_starttime(pid).unwrap();
+        fs::write(dir.join(layout::COUNTERS), format!("starttime {start}\npages_scanned 1\n")).unwrap();
+        fs::write(dir.join(layout::SERVED), format!("{served}\n")).unwrap();
+        (Tree::at(root), pid)
+    }
+
+    #[test]
+    fn a_refresh_waits_for_each_running_publisher_and_skips_one_that_did_not_answer() {
+        let (t, pid) = tree_with_us(0);
+        let skip = t.refresh(Duration::from_millis(30), &HashSet::new()).unwrap();
+        assert_eq!(skip, HashSet::from([pid]), "no publisher answered request 1");
+        assert_eq!(fs::read_to_string(t.tw(layout::REQUEST)).unwrap(), "1\n");
+        let t0 = Instant::now();
+        let again = t.refresh(Duration::from_secs(30), &skip).unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(30), "waited for a process it was told to skip");
+        assert_eq!(again, skip, "still not answering: still reported");
+        assert_eq!(fs::read_to_string(t.tw(layout::REQUEST)).unwrap(), "2\n");
+        fs::write(t.root().join(layout::PROC).join(pid.to_string()).join(layout::SERVED), "3\n").unwrap();
+        assert_eq!(t.refresh(Duration::from_secs(30), &skip).unwrap(), HashSet::new(), "answered request 3");
+        let _ = fs::remove_dir_all(t.root());
+    }
 
     #[test]
     fn refusal_line() {

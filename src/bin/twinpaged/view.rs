@@ -3,12 +3,17 @@
 //! programs that are neither preloaded nor redirected (`cat`, `echo`,
 //! `prometheus-node-exporter --path.sysfs=DIR`, libvirt's readers).
 //!
-//! - A read shows the file as it is at the read, taken under the tree's
-//!   lock, which every publisher holds while it rewrites the files: never
-//!   torn (a plain file being rewritten can be read as `678\n4` for an
-//!   instant). Counters are as of the last publisher pass (50-200 ms; the
-//!   daemon's own `pages_shared`/`pages_sharing` included), and include
-//!   the effect of every write that has returned.
+//! - A read of a counter shows values taken after the read began: the view
+//!   asks every publisher on the tree for its counters now ([`Tree::refresh`]:
+//!   each process's publisher wakes at once, through inotify), waits for
+//!   them (a process that does not answer within [`REFRESH_WAIT`], a stopped
+//!   one, is shown as of its last pass and not waited for again until it
+//!   answers), then runs a pass of the daemon's publisher, which puts the
+//!   global files together from them. A read takes the file under the
+//!   tree's lock, which every publisher holds while it rewrites the files:
+//!   never torn (a plain file being rewritten can be read as `678\n4` for
+//!   an instant). Tunables need no refresh: a write that returned is in
+//!   them.
 //! - A write is checked with the kernel's rules and refused from `write(2)`
 //!   with the kernel's errno (`EINVAL`, `EBUSY`, `ERANGE`); an accepted one
 //!   returns once every running process's engine has it ([`Tree::set`]:
@@ -20,7 +25,7 @@
 //! Requests are served one at a time (a write waits for the publishers, up
 //! to [`WRITE_WAIT`]; reads queue behind it).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -34,6 +39,8 @@ use twinpage::statsfs::{SetError, Tree};
 
 /// How long a write waits for the publishers to apply it.
 pub(crate) const WRITE_WAIT: Duration = Duration::from_secs(5);
+/// How long a read of a counter waits for the publishers' fresh counters.
+const REFRESH_WAIT: Duration = Duration::from_millis(500);
 /// Attributes change at every publisher pass: the kernel caches nothing.
 const TTL: Duration = Duration::ZERO;
 /// sysfs reports every attribute as 4096 bytes; readers read until EOF.
@@ -64,7 +71,14 @@ impl std::fmt::Debug for View {
 /// readable by every user.
 /// `republish` runs a pass of the daemon's own publisher and waits for it.
 pub(crate) fn mount(root: &Path, at: &Path, republish: Republish) -> std::io::Result<View> {
-    let fs = KsmFs { tree: Tree::at(root), opened: HashMap::new(), next_fh: 1, uid: nix::unistd::geteuid().as_raw(), republish };
+    let fs = KsmFs {
+        tree: Tree::at(root),
+        opened: HashMap::new(),
+        next_fh: 1,
+        uid: nix::unistd::geteuid().as_raw(),
+        republish,
+        unanswered: HashSet::new(),
+    };
     let options = [
         MountOption::FSName("twinpage".into()),
         MountOption::Subtype("twinpage".into()),
@@ -92,6 +106,8 @@ struct KsmFs {
     opened: HashMap<u64, Vec<u8>>,
     next_fh: u64,
     uid: u32,
+    /// Processes that did not answer the last refresh in time.
+    unanswered: HashSet<u32>,
 }
 
 fn attrs() -> impl Iterator<Item = (u64, &'static Attr)> {
@@ -135,7 +151,11 @@ impl KsmFs {
     }
 
     /// The file's content now, read under the tree's lock.
-    fn content(&self, a: &Attr) -> std::io::Result<Vec<u8>> {
+    fn content(&mut self, a: &Attr) -> std::io::Result<Vec<u8>> {
+        if !a.writable {
+            self.unanswered = self.tree.refresh(REFRESH_WAIT, &self.unanswered)?;
+            (self.republish)();
+        }
         let lock = self.tree.lock()?;
         let _held = lock.lock_timeout(Duration::from_secs(2))?;
         Ok(self.tree.ksm().read_raw(a.name)?.into_bytes())
