@@ -192,16 +192,7 @@ fn store_dir() -> Finding {
     };
     match crate::sys::memfd::is_tmpfs(&dir) {
         Ok(true) => {
-            let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-            let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap_or_default();
-            // SAFETY: statvfs fills the buffer we own from a NUL-terminated path.
-            let free = if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } == 0 {
-                // SAFETY: statvfs succeeded.
-                let st = unsafe { st.assume_init() };
-                st.f_bavail * st.f_frsize
-            } else {
-                0
-            };
+            let free = nix::sys::statvfs::statvfs(&dir).map_or(0, |st| st.blocks_available() * st.fragment_size());
             finding(Level::Ok, "store", format!("TWINPAGE_STORE_DIR={} is tmpfs with {} MiB free", dir.display(), free >> 20), "")
         }
         Ok(false) => finding(

@@ -12,6 +12,8 @@ use std::io;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
+use crate::sys::thread::current_stack;
+
 /// Memory of twinpage's live threads, `[start, end)`: each stack, and each
 /// arena heap, once per thread that allocates from it.
 static OWN: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
@@ -46,8 +48,7 @@ pub fn stat_cpu_ns(stat: &str) -> Option<u64> {
     // parentheses start at field 3 (state); utime is field 14, stime 15.
     let f: Vec<&str> = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().collect();
     let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|&h| h > 0).unwrap_or(100);
+    let hz = crate::sys::clock_ticks_per_second();
     Some(ticks * 1_000_000_000 / hz)
 }
 
@@ -108,21 +109,6 @@ fn current_arena_heap() -> Option<(usize, usize)> {
     let vmas = crate::maps::vmas_in(at, at + 1).ok()?;
     let vma = vmas.iter().find(|v| v.start <= at && at < v.end)?;
     (vma.start == base && vma.path.is_empty()).then_some((base, base + ARENA_HEAP))
-}
-
-/// This thread's stack, from glibc's record of it.
-fn current_stack() -> Option<(usize, usize)> {
-    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
-    // SAFETY: fills `attr` for the calling thread; destroyed below.
-    if unsafe { libc::pthread_getattr_np(libc::pthread_self(), attr.as_mut_ptr()) } != 0 {
-        return None;
-    }
-    let (mut addr, mut size) = (std::ptr::null_mut(), 0usize);
-    // SAFETY: `attr` was initialised by pthread_getattr_np.
-    let r = unsafe { libc::pthread_attr_getstack(attr.as_ptr(), &mut addr, &mut size) };
-    // SAFETY: as above; destroyed once.
-    unsafe { libc::pthread_attr_destroy(attr.as_mut_ptr()) };
-    (r == 0 && size > 0).then(|| (addr as usize, addr as usize + size))
 }
 
 #[cfg(test)]

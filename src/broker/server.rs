@@ -298,8 +298,7 @@ mod tests {
     #[test]
     fn the_named_holder_must_exist_here_and_belong_to_the_peer() {
         let me = std::process::id();
-        // SAFETY: getuid has no preconditions.
-        let uid = unsafe { libc::getuid() };
+        let uid = nix::unistd::getuid().as_raw();
         let child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
         assert_eq!(holder_pid(child.id(), me, uid), child.id(), "a process of the peer's uid, same namespace");
         assert_eq!(holder_pid(u32::MAX - 1, me, uid), me, "no such process: the peer");

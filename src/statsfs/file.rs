@@ -133,8 +133,7 @@ pub(crate) fn create_dir(dir: &Path) -> io::Result<()> {
 /// set our tunables through it).
 pub(crate) fn check_root(root: &Path) -> io::Result<()> {
     let m = fs::metadata(root)?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = nix::unistd::geteuid().as_raw();
     if m.uid() != me && m.uid() != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,

@@ -10,6 +10,7 @@ pub mod pagemap;
 pub mod pidfd;
 pub mod scm;
 pub mod signals;
+pub(crate) mod thread;
 pub mod uffd;
 
 /// The base page size. twinpage works on 4 KiB pages; `page_size()` is checked
@@ -21,6 +22,12 @@ pub fn page_size() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(size).unwrap_or(PAGE_SIZE)
+}
+
+/// Clock ticks per second (`/proc/<pid>/stat` counts CPU time in them).
+pub fn clock_ticks_per_second() -> u64 {
+    use nix::unistd::{sysconf, SysconfVar};
+    sysconf(SysconfVar::CLK_TCK).ok().flatten().and_then(|h| u64::try_from(h).ok()).filter(|&h| h > 0).unwrap_or(100)
 }
 
 /// Last OS error as an `io::Error`.

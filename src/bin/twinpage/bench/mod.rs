@@ -377,8 +377,7 @@ fn unmerge_and_stop(k: &KsmSysfs) {
 
 /// Runs `twinpage bench`; returns the exit status.
 pub fn main(a: &BenchArgs) -> i32 {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         eprintln!("twinpage bench: must run as root (kernel KSM settings, /dev/userfaultfd, ksmd's CPU time)");
         return 1;
     }

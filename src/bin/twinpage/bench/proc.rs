@@ -69,8 +69,7 @@ mod tests {
     fn parses_stat() {
         let s = "42 (a b) S 2 0 0 0 -1 69238880 0 0 0 0 250 150 0 0 25 5 1 0 10 0 0";
         let c = stat_cpu(s).unwrap();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let hz = twinpage::sys::clock_ticks_per_second() as f64;
         assert!((c - 400.0 / hz).abs() < 1e-9);
         assert!(own_threads_cpu(&["no-such-thread"]) == 0.0);
         assert!(map_count() > 0);

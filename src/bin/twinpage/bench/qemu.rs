@@ -101,8 +101,8 @@ struct Guests(Vec<Child>);
 impl Guests {
     fn stop(&mut self) {
         for g in &self.0 {
-            // SAFETY: kill has no memory-safety preconditions; the pid is our child's (not yet reaped).
-            unsafe { libc::kill(g.id() as i32, libc::SIGTERM) };
+            // Our child's pid, not yet reaped: it cannot name another process.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(g.id() as i32), nix::sys::signal::Signal::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         for g in &mut self.0 {
