@@ -440,11 +440,7 @@ impl Engine {
     }
     /// Sets the advisor's limits.
     pub fn set_advisor_limits(&self, max_cpu: u32, min_pages: u64, max_pages: u64, target_scan_time: u64) {
-        let t = self.tunables();
-        t.set_advisor_max_cpu(max_cpu);
-        t.set_advisor_min_pages_to_scan(min_pages);
-        t.set_advisor_max_pages_to_scan(max_pages);
-        t.set_advisor_target_scan_time(target_scan_time);
+        self.tunables().set_advisor_limits(max_cpu, min_pages, max_pages, target_scan_time);
     }
 
     /// Writes attribute `name` of `/sys/kernel/mm/ksm` with the kernel's

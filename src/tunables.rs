@@ -1,7 +1,7 @@
 //! The KSM tunables, with the kernel's defaults and write rules (except `run`,
 //! which starts at 1: preloading twinpage is the opt-in).
 
-use crate::primitive::{AtomicU64, Ordering};
+use crate::primitive::{AtomicU64, Mutex, Ordering};
 use kernel_compat::attrs::{Attr, Format, Parser};
 use kernel_compat::{parse::sysfs_streq, Value, WriteContext, WriteError};
 
@@ -141,9 +141,15 @@ pub fn model_write(name: &str, bytes: &[u8], ctx: &WriteContext) -> Result<Optio
     kernel_compat::model_write(name, bytes, ctx).map(|v| v.map(|v| v.to_write_text()))
 }
 
-/// Tunables, read lock-free by the scanner on every wake.
+/// The tunables of one engine (or of the daemon's broker). Every change goes
+/// through kernel-compat's model of the kernel's (its defaults, its write
+/// rules and their side effects: switching the advisor sets
+/// `pages_to_scan`), held behind a lock; the scanner reads a mirror of it
+/// in atomics on every wake, without the lock. `twinpage_merge_mode` is
+/// twinpage's own and lives beside the model.
 #[derive(Debug)]
 pub struct Tunables {
+    model: Mutex<kernel_compat::Tunables>,
     run: AtomicU64,
     pages_to_scan: AtomicU64,
     sleep_millisecs: AtomicU64,
@@ -161,27 +167,30 @@ pub struct Tunables {
 }
 
 impl Default for Tunables {
-    /// The kernel's defaults (kernel-compat's model holds them), except
-    /// `run`: a process that loads twinpage asked for merging, so it is 1.
+    /// The kernel's defaults, except `run`: a process that loads twinpage
+    /// asked for merging, so it is 1.
     fn default() -> Self {
-        let k = kernel_compat::Tunables::default();
-        let n = |v: u32| AtomicU64::new(u64::from(v));
-        Self {
-            run: AtomicU64::new(1),
-            pages_to_scan: n(k.pages_to_scan),
-            sleep_millisecs: n(k.sleep_millisecs),
-            use_zero_pages: AtomicU64::new(u64::from(k.use_zero_pages)),
-            max_page_sharing: n(k.max_page_sharing),
-            smart_scan: AtomicU64::new(u64::from(k.smart_scan)),
-            merge_across_nodes: n(k.merge_across_nodes),
-            stable_node_chains_prune_millisecs: n(k.stable_node_chains_prune_millisecs),
-            advisor_mode: AtomicU64::new(u64::from(k.advisor_mode == AdvisorMode::ScanTime)),
-            advisor_max_cpu: n(k.advisor_max_cpu),
-            advisor_min_pages_to_scan: AtomicU64::new(k.advisor_min_pages_to_scan),
-            advisor_max_pages_to_scan: AtomicU64::new(k.advisor_max_pages_to_scan),
-            advisor_target_scan_time: AtomicU64::new(k.advisor_target_scan_time),
+        let model = kernel_compat::Tunables { run: 1, ..kernel_compat::Tunables::default() };
+        let z = || AtomicU64::new(0);
+        let t = Self {
+            model: Mutex::new(model),
+            run: z(),
+            pages_to_scan: z(),
+            sleep_millisecs: z(),
+            use_zero_pages: z(),
+            max_page_sharing: z(),
+            smart_scan: z(),
+            merge_across_nodes: z(),
+            stable_node_chains_prune_millisecs: z(),
+            advisor_mode: z(),
+            advisor_max_cpu: z(),
+            advisor_min_pages_to_scan: z(),
+            advisor_max_pages_to_scan: z(),
+            advisor_target_scan_time: z(),
             merge_mode: AtomicU64::new(MergeMode::All.to_u64()),
-        }
+        };
+        t.mirror(&model);
+        t
     }
 }
 
@@ -231,122 +240,124 @@ impl Tunables {
         self.merge_mode.store(m.to_u64(), Ordering::Relaxed);
     }
 
-    pub(crate) fn set_run(&self, v: u32) -> Result<(), TunableError> {
-        if v > 2 {
-            return Err(TunableError::Inval);
-        }
-        self.run.store(v.into(), Ordering::Relaxed);
+    /// Copies the model into the atomics the scanner reads.
+    fn mirror(&self, m: &kernel_compat::Tunables) {
+        let set = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        set(&self.run, m.run.into());
+        set(&self.pages_to_scan, m.pages_to_scan.into());
+        set(&self.sleep_millisecs, m.sleep_millisecs.into());
+        set(&self.use_zero_pages, m.use_zero_pages.into());
+        set(&self.max_page_sharing, m.max_page_sharing.into());
+        set(&self.smart_scan, m.smart_scan.into());
+        set(&self.merge_across_nodes, m.merge_across_nodes.into());
+        set(&self.stable_node_chains_prune_millisecs, m.stable_node_chains_prune_millisecs.into());
+        set(&self.advisor_mode, u64::from(m.advisor_mode == AdvisorMode::ScanTime));
+        set(&self.advisor_max_cpu, m.advisor_max_cpu.into());
+        set(&self.advisor_min_pages_to_scan, m.advisor_min_pages_to_scan);
+        set(&self.advisor_max_pages_to_scan, m.advisor_max_pages_to_scan);
+        set(&self.advisor_target_scan_time, m.advisor_target_scan_time);
+    }
+
+    /// Changes the model with `f` and mirrors it; a refusal changes nothing.
+    fn change(&self, f: impl FnOnce(&mut kernel_compat::Tunables) -> Result<(), WriteError>) -> Result<(), WriteError> {
+        let mut m = self.model.lock();
+        let mut next = *m;
+        f(&mut next)?;
+        *m = next;
+        self.mirror(&m);
         Ok(())
     }
+
+    /// A store of `value` into `name` by the kernel's rules (`pages_shared`
+    /// as the kernel checks it), for the engine's typed setters.
+    fn store(&self, name: &str, value: impl std::fmt::Display, pages_shared: u64) -> Result<(), TunableError> {
+        self.change(|m| m.write(name, &value.to_string(), pages_shared).map(|_| ())).map_err(|e| match e {
+            WriteError::Busy => TunableError::Busy,
+            _ => TunableError::Inval,
+        })
+    }
+
+    /// A value the kernel accepts whatever it is (booleans, the advisor's
+    /// limits as the engine API gives them).
+    fn apply(&self, v: Value) {
+        let _ = self.change(|m| {
+            m.apply(v);
+            Ok(())
+        });
+    }
+
+    pub(crate) fn set_run(&self, v: u32) -> Result<(), TunableError> {
+        self.store("run", v, 0)
+    }
     pub(crate) fn set_pages_to_scan(&self, v: u32) -> Result<(), TunableError> {
-        if self.advisor_mode() != AdvisorMode::None {
-            return Err(TunableError::Inval);
-        }
-        self.pages_to_scan.store(v.into(), Ordering::Relaxed);
-        Ok(())
+        self.store("pages_to_scan", v, 0)
     }
     /// The scan-time advisor's choice (`scan::advisor`), which no user may
     /// write while it is on.
     pub(crate) fn advise_pages_to_scan(&self, v: u32) {
-        if self.advisor_mode() == AdvisorMode::ScanTime {
-            self.pages_to_scan.store(v.into(), Ordering::Relaxed);
-        }
+        let _ = self.change(|m| {
+            if m.advisor_mode == AdvisorMode::ScanTime {
+                m.pages_to_scan = v;
+            }
+            Ok(())
+        });
     }
     pub(crate) fn set_sleep_millisecs(&self, v: u32) {
-        self.sleep_millisecs.store(v.into(), Ordering::Relaxed);
+        self.apply(Value::SleepMillisecs(v));
     }
     pub(crate) fn set_use_zero_pages(&self, v: bool) {
-        self.use_zero_pages.store(v.into(), Ordering::Relaxed);
+        self.apply(Value::UseZeroPages(v));
     }
     /// `pages_shared` is what the kernel checks: no change while pages are shared.
     pub(crate) fn set_max_page_sharing(&self, v: u32, pages_shared: u64) -> Result<(), TunableError> {
-        if v < 2 {
-            return Err(TunableError::Inval);
-        }
-        if u64::from(v) != self.max_page_sharing.load(Ordering::Relaxed) && pages_shared > 0 {
-            return Err(TunableError::Busy);
-        }
-        self.max_page_sharing.store(v.into(), Ordering::Relaxed);
-        Ok(())
+        self.store("max_page_sharing", v, pages_shared)
     }
     pub(crate) fn set_smart_scan(&self, v: bool) {
-        self.smart_scan.store(v.into(), Ordering::Relaxed);
+        self.apply(Value::SmartScan(v));
     }
     pub(crate) fn set_merge_across_nodes(&self, v: u32) {
-        self.merge_across_nodes.store(v.into(), Ordering::Relaxed);
+        self.apply(Value::MergeAcrossNodes(v));
     }
     pub(crate) fn set_stable_node_chains_prune_millisecs(&self, v: u32) {
-        self.stable_node_chains_prune_millisecs.store(v.into(), Ordering::Relaxed);
+        self.apply(Value::StableNodeChainsPruneMillisecs(v));
     }
+    /// With the kernel's side effect: `pages_to_scan` becomes
+    /// `advisor_min_pages_to_scan` (scan-time) or 100 (none) on a switch.
     pub(crate) fn set_advisor_mode(&self, m: AdvisorMode) {
-        self.advisor_mode.store(u64::from(m == AdvisorMode::ScanTime), Ordering::Relaxed);
+        self.apply(Value::AdvisorMode(m));
     }
-    pub(crate) fn set_advisor_max_cpu(&self, v: u32) {
-        self.advisor_max_cpu.store(v.into(), Ordering::Relaxed);
+    pub(crate) fn set_advisor_limits(&self, max_cpu: u32, min_pages: u64, max_pages: u64, target_scan_time: u64) {
+        let _ = self.change(|m| {
+            m.apply(Value::AdvisorMaxCpu(max_cpu));
+            m.apply(Value::AdvisorMinPagesToScan(min_pages));
+            m.apply(Value::AdvisorMaxPagesToScan(max_pages));
+            m.apply(Value::AdvisorTargetScanTime(target_scan_time));
+            Ok(())
+        });
     }
-    pub(crate) fn set_advisor_min_pages_to_scan(&self, v: u64) {
-        self.advisor_min_pages_to_scan.store(v, Ordering::Relaxed);
-    }
-    pub(crate) fn set_advisor_max_pages_to_scan(&self, v: u64) {
-        self.advisor_max_pages_to_scan.store(v, Ordering::Relaxed);
-    }
-    pub(crate) fn set_advisor_target_scan_time(&self, v: u64) {
-        self.advisor_target_scan_time.store(v, Ordering::Relaxed);
-    }
-}
 
-impl Tunables {
     /// Writes attribute `name` of `/sys/kernel/mm/ksm` with the kernel's
-    /// parsing and rules (`pages_shared` as the kernel checks it for
-    /// `max_page_sharing`); a refused value changes nothing.
+    /// parsing, rules and side effects (`pages_shared` as the kernel checks
+    /// it for `max_page_sharing`); a refused value changes nothing.
     pub fn write_attr(&self, name: &str, text: &str, pages_shared: u64, numa: bool) -> Result<(), WriteError> {
-        let t = self;
         if name == MERGE_MODE {
-            t.set_merge_mode(MergeMode::parse(text.as_bytes())?);
+            self.set_merge_mode(MergeMode::parse(text.as_bytes())?);
             return Ok(());
         }
-        let ctx = WriteContext {
-            pages_shared,
-            advisor_on: t.advisor_mode() == AdvisorMode::ScanTime,
-            run: t.run(),
-            max_page_sharing: t.max_page_sharing(),
-            merge_across_nodes: t.merge_across_nodes(),
-            numa,
-        };
-        let v = kernel_compat::parse_write(name, text, &ctx)?;
-        let busy = |r: Result<(), TunableError>| {
-            r.map_err(|e| match e {
-                TunableError::Inval => WriteError::Inval,
-                TunableError::Busy => WriteError::Busy,
-            })
-        };
-        match v {
-            Value::Run(x) => busy(t.set_run(x))?,
-            Value::PagesToScan(x) => busy(t.set_pages_to_scan(x))?,
-            Value::SleepMillisecs(x) => t.set_sleep_millisecs(x),
-            Value::UseZeroPages(x) => t.set_use_zero_pages(x),
-            Value::MaxPageSharing(x) => busy(t.set_max_page_sharing(x, pages_shared))?,
-            Value::MergeAcrossNodes(x) => t.set_merge_across_nodes(x),
-            Value::SmartScan(x) => t.set_smart_scan(x),
-            Value::StableNodeChainsPruneMillisecs(x) => t.set_stable_node_chains_prune_millisecs(x),
-            Value::AdvisorMode(m) => {
-                if m != t.advisor_mode() {
-                    // The kernel resets pages_to_scan when the advisor turns on or off.
-                    t.set_advisor_mode(AdvisorMode::None);
-                    let pts = match m {
-                        AdvisorMode::None => 100,
-                        AdvisorMode::ScanTime => t.advisor_min_pages_to_scan() as u32,
-                    };
-                    busy(t.set_pages_to_scan(pts))?;
-                    t.set_advisor_mode(m);
-                }
-            }
-            Value::AdvisorMaxCpu(x) => t.set_advisor_max_cpu(x),
-            Value::AdvisorMinPagesToScan(x) => t.set_advisor_min_pages_to_scan(x),
-            Value::AdvisorMaxPagesToScan(x) => t.set_advisor_max_pages_to_scan(x),
-            Value::AdvisorTargetScanTime(x) => t.set_advisor_target_scan_time(x),
+        self.change(|m| {
+            m.numa = numa;
+            m.write(name, text, pages_shared).map(|_| ())
+        })
+    }
+
+    /// What reading tunable `name` prints (the model's), without the newline.
+    fn show(&self, name: &str, numa: bool) -> Option<String> {
+        if name == MERGE_MODE {
+            return Some(self.merge_mode().show());
         }
-        Ok(())
+        let mut m = *self.model.lock();
+        m.numa = numa;
+        m.show(name)
     }
 }
 
@@ -354,21 +365,10 @@ impl Tunables {
 /// newline) for tunables `t` and counters `s`; `None` for a name the kernel
 /// does not have (`merge_across_nodes` only exists with NUMA).
 pub fn show_attr(t: &Tunables, s: &crate::KsmStats, name: &str, numa: bool) -> Option<String> {
+    if let Some(v) = t.show(name, numa) {
+        return Some(v);
+    }
     let v = match name {
-        "run" => t.run().to_string(),
-        "pages_to_scan" => t.pages_to_scan().to_string(),
-        "sleep_millisecs" => t.sleep_millisecs().to_string(),
-        "use_zero_pages" => u8::from(t.use_zero_pages()).to_string(),
-        "max_page_sharing" => t.max_page_sharing().to_string(),
-        "merge_across_nodes" if numa => t.merge_across_nodes().to_string(),
-        "smart_scan" => u8::from(t.smart_scan()).to_string(),
-        "stable_node_chains_prune_millisecs" => t.stable_node_chains_prune_millisecs().to_string(),
-        "advisor_mode" => kernel_compat::format_advisor_mode(t.advisor_mode()),
-        "advisor_max_cpu" => t.advisor_max_cpu().to_string(),
-        "advisor_min_pages_to_scan" => t.advisor_min_pages_to_scan().to_string(),
-        "advisor_max_pages_to_scan" => t.advisor_max_pages_to_scan().to_string(),
-        "advisor_target_scan_time" => t.advisor_target_scan_time().to_string(),
-        MERGE_MODE => t.merge_mode().show(),
         "pages_shared" => s.pages_shared.to_string(),
         "pages_sharing" => s.pages_sharing.to_string(),
         "pages_unshared" => s.pages_unshared.to_string(),
