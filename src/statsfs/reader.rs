@@ -198,8 +198,8 @@ impl Tree {
         Ok(counters::parse_lines(&fs::read_to_string(self.tw(layout::STATS))?))
     }
 
-    /// The processes with a `proc/<pid>` directory, by pid.
-    pub fn processes(&self) -> io::Result<Vec<ProcessEntry>> {
+    /// The `proc/<pid>` directories there are, with their pids.
+    fn process_dirs(&self) -> io::Result<Vec<(u32, PathBuf)>> {
         let entries = match fs::read_dir(self.root.join(layout::PROC)) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -208,10 +208,17 @@ impl Tree {
         let mut out = Vec::new();
         for entry in entries {
             let entry = entry?;
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-                continue;
-            };
-            let dir = entry.path();
+            if let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) {
+                out.push((pid, entry.path()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The processes with a `proc/<pid>` directory, by pid.
+    pub fn processes(&self) -> io::Result<Vec<ProcessEntry>> {
+        let mut out = Vec::new();
+        for (pid, dir) in self.process_dirs()? {
             let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
             let counters = counters::parse_lines(&read(layout::COUNTERS));
             let start = counters.get("starttime").and_then(|&v| u64::try_from(v).ok());
@@ -293,18 +300,8 @@ impl Tree {
 
     /// Running processes whose counters do not answer `request` yet.
     fn not_served(&self, request: u64) -> io::Result<HashSet<u32>> {
-        let entries = match fs::read_dir(self.root.join(layout::PROC)) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashSet::new()),
-            Err(e) => return Err(e),
-        };
         let mut out = HashSet::new();
-        for entry in entries {
-            let entry = entry?;
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-                continue;
-            };
-            let dir = entry.path();
+        for (pid, dir) in self.process_dirs()? {
             let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
             let start =
                 read(layout::COUNTERS).lines().next().and_then(|l| l.strip_prefix("starttime ")).and_then(|v| v.trim().parse().ok());
