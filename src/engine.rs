@@ -453,6 +453,11 @@ impl Engine {
         let core = self.inner.sh.core.lock();
         self.tunables().write_attr(name, text, core.stable.pages_shared(), has_numa())?;
         drop(core);
+        // A stricter merge mode has taken back what it disallows when the
+        // write returns, as run=2 has unmerged.
+        if name == crate::tunables::MERGE_MODE && enforce_merge_mode(&self.inner.sh) {
+            let _ = self.daemon_totals();
+        }
         if name == "run" && self.tunables().run() == 2 {
             unmerge::unmerge_all(&self.inner.sh);
             state::publish(&self.inner.sh);
@@ -622,6 +627,26 @@ const MAX_REST: Duration = Duration::from_millis(100);
 /// (and scans as many times the pages each time).
 const IDLE_COALESCE: u64 = 4;
 
+/// When `twinpage_merge_mode` is stricter than the loosest mode pages were
+/// merged under, unmerges what it no longer allows; returns whether it did.
+/// A stricter mode takes back what it disallows whatever `run` says: the
+/// operator asked for those pages not to be shared.
+fn enforce_merge_mode(sh: &state::Shared) -> bool {
+    let now = sh.tunables.merge_mode();
+    {
+        let mut core = sh.core.lock();
+        if now <= core.merged_under {
+            core.merged_under = now;
+            return false;
+        }
+    }
+    unmerge::unmerge_disallowed(sh, now);
+    // Batches that ran meanwhile merged under `now` at the loosest.
+    sh.core.lock().merged_under = now;
+    state::publish(sh);
+    true
+}
+
 /// Sleeps for `ms` or until kicked.
 fn nap(inner: &Inner, ms: u64) {
     nap_for(inner, Duration::from_millis(ms));
@@ -639,18 +664,12 @@ fn scanner_main(inner: &Inner) {
     let sh = &inner.sh;
     let mut unmerged = false;
     let mut next_try = std::time::Instant::now();
-    let mut mode = crate::tunables::MergeMode::All;
     while !inner.shutdown.load(Ordering::Relaxed) {
         let agents = scan::remote::tick(sh, &mut next_try);
         let t = &sh.tunables;
         // A stricter merge mode takes back what it no longer allows, whatever
         // `run` says: the operator asked for those pages not to be shared.
-        let now = t.merge_mode();
-        if now > mode {
-            unmerge::unmerge_disallowed(sh, now);
-            state::publish(sh);
-        }
-        mode = now;
+        enforce_merge_mode(sh);
         match t.run() {
             0 => {
                 unmerged = false;

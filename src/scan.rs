@@ -145,6 +145,7 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
     let max_sharing = sh.tunables.max_page_sharing();
     let zh = zero_hash();
     let mode = sh.tunables.merge_mode();
+    core.merged_under = core.merged_under.min(mode);
     let mut d = Decisions::default();
     let mut last_pair: Option<(usize, u32)> = None;
     let remote = core.remote.is_some();

@@ -154,11 +154,17 @@ pub struct Core {
     quiet_scans: u32,
     /// The scan-time advisor (`advisor_mode=scan-time`).
     advisor: advisor::Advisor,
+    /// The loosest `twinpage_merge_mode` a scan batch merged under since
+    /// the last time a stricter mode took back what it disallows: the
+    /// scanner compares the mode with this, not with what it saw at its
+    /// last wake (a switch to `all` and back within one wake merged pages).
+    pub merged_under: crate::tunables::MergeMode,
 }
 
 impl Core {
     pub fn new(max_map_count: usize) -> Self {
         Self {
+            merged_under: crate::tunables::MergeMode::Off,
             stable: StableTree::default(),
             unstable: UnstableTree::default(),
             alloc: StoreAlloc::default(),

@@ -239,3 +239,29 @@ fn through_twinpaged_the_mode_holds_for_agents_and_daemon() {
     drop(kids);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A stricter mode has taken back what it disallows when the write
+/// returns, as `run=2` has unmerged (before, the scanner did it at its next
+/// wake, and missed it when `all` and back came within one wake).
+#[test]
+fn a_stricter_mode_has_unmerged_when_its_write_returns() {
+    let Some(e) = engine() else { return };
+    flat_out(&e);
+    e.set_attr("use_zero_pages", "1").unwrap();
+    e.set_attr(MODE, "zero-only").unwrap();
+    let m = layout(Mem::anon(ZEROS + 2 * PAIRS));
+    e.register(m.addr, m.len).unwrap();
+    let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| s.ksm_zero_pages == ZEROS as u64);
+    assert!(ok, "zero-only: {s:?}");
+    for _ in 0..5 {
+        e.set_attr(MODE, "all").unwrap();
+        let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| (s.pages_shared, s.pages_sharing) == (PAIRS as u64, PAIRS as u64));
+        assert!(ok, "all: {s:?}");
+        e.set_attr(MODE, "zero-only").unwrap();
+        let s = e.stats();
+        assert_eq!((s.pages_shared, s.pages_sharing, s.ksm_zero_pages), (0, 0, ZEROS as u64), "right after the write: {s:?}");
+        assert!((ZEROS..m.pages()).all(|i| !merged(&m, i)), "a non-zero page still maps the store after the write returned");
+        assert!(data_intact(&m));
+    }
+    m.unmap(&e);
+}
