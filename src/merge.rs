@@ -18,6 +18,7 @@
 use crate::guest::PageCopy;
 use crate::region::{PageRecord, PageState, Region, RegionState};
 use crate::state::{Core, Shared};
+use crate::sys::pagemap::PageEntry;
 use crate::sys::{mman, PAGE_SIZE};
 use crate::warn_once;
 
@@ -57,6 +58,48 @@ pub fn is_zero(page: &[u8]) -> bool {
     pre.iter().all(|&b| b == 0) && post.iter().all(|&b| b == 0) && words.chunks(8).all(|c| c.iter().fold(0u64, |a, &w| a | w) == 0)
 }
 
+/// One run under merge: its pages, where they are, and what is to become
+/// of each (`ok`: equal to its store page, or zero, and still protected:
+/// it merges). Every phase of [`merge_run`] narrows `ok`.
+pub(super) struct Run<'i> {
+    pub(super) items: &'i [Item],
+    pub(super) kind: RunKind,
+    /// Page index (in the region) of the first item.
+    first: usize,
+    /// Address and length of the span from the first item to the last.
+    start: usize,
+    len: usize,
+    pub(super) ok: Vec<bool>,
+}
+
+impl<'i> Run<'i> {
+    fn new(region: &Region, items: &'i [Item], kind: RunKind) -> Self {
+        let first = items[0].page;
+        let span = items[items.len() - 1].page + 1 - first;
+        debug_assert!(items.windows(2).all(|w| w[1].page > w[0].page));
+        debug_assert!(span == items.len() || (kind == RunKind::Zero && region.kind == crate::maps::MappingKind::Anon));
+        Run { items, kind, first, start: region.addr(first), len: span * PAGE_SIZE, ok: vec![false; items.len()] }
+    }
+
+    fn span(&self) -> usize {
+        self.len / PAGE_SIZE
+    }
+
+    /// Consecutive pages (else a sparse zero run).
+    fn contiguous(&self) -> bool {
+        self.span() == self.items.len()
+    }
+
+    fn addr_of(&self, i: usize) -> usize {
+        self.start + (self.items[i].page - self.first) * PAGE_SIZE
+    }
+
+    /// Item `i`'s entry in a pagemap read of the span.
+    fn entry(&self, entries: &[PageEntry], i: usize) -> PageEntry {
+        entries[self.items[i].page - self.first]
+    }
+}
+
 /// Merges one run of consecutive pages of `region`. Records, reservations
 /// and counters are settled before it returns.
 ///
@@ -66,55 +109,16 @@ pub fn is_zero(page: &[u8]) -> bool {
 /// one call each, so scattered zero pages cost one TLB flush per batch for
 /// the protection instead of one per page.
 pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, items: &[Item], kind: RunKind) {
-    let n = items.len();
-    if n == 0 {
+    if items.is_empty() {
         return;
     }
-    let first = items[0].page;
-    let span = items[n - 1].page + 1 - first;
-    let start = region.addr(first);
-    let len = span * PAGE_SIZE;
-    let contiguous = span == n;
-    debug_assert!(items.windows(2).all(|w| w[1].page > w[0].page));
-    debug_assert!(contiguous || (kind == RunKind::Zero && region.kind == crate::maps::MappingKind::Anon));
-    let addr_of = |i: usize| region.addr(items[i].page);
-    let mut ok = vec![false; n];
-
-    // Under the mapping budget, a merge that cannot be remapped is not worth
-    // write-protecting and comparing.
-    let anon_zero = kind == RunKind::Zero && region.kind == crate::maps::MappingKind::Anon;
-    if !anon_zero && !core.map_budget.admit(n, stretches(items, kind)) {
-        settle(sh, region, st, core, items, kind, &ok);
+    let mut run = Run::new(region, items, kind);
+    if !prepare(sh, region, st, core, &run) {
+        settle(sh, region, st, core, &run);
         return;
     }
-
-    let needs_register = st.records[first..first + span].iter().any(|r| r.flags() & PageRecord::NEEDS_REGISTER != 0);
-    if needs_register {
-        if let Err(e) = sh.uffd.register_wp(start, len) {
-            warn_once!("uffd-register", "twinpage: cannot re-register merged memory for write-protect: {e}");
-            settle(sh, region, st, core, items, kind, &ok);
-            return;
-        }
-        for r in &mut st.records[first..first + span] {
-            r.clear_flags(PageRecord::NEEDS_REGISTER);
-        }
-    }
-
-    // Store pages this run will fill get their blocks before anything is
-    // protected: a write through the mapping into a hole of a full tmpfs
-    // store would be a SIGBUS. Without space, those merges wait.
-    let mut reserved = vec![true; n];
-    if matches!(kind, RunKind::Fill | RunKind::Join) {
-        let want: Vec<Option<u32>> = items.iter().map(|it| core.stable.node(it.store).filter(|n| !n.filled()).map(|_| it.store)).collect();
-        if want.iter().any(Option::is_some) {
-            let (ok, err) = sh.store.reserve(&want);
-            if let Some(e) = err {
-                core.counters.store_full += ok.iter().filter(|o| !**o).count() as u64;
-                warn_once!("store-full", "twinpage: cannot allocate store pages ({e}); merges wait for space");
-            }
-            reserved = ok;
-        }
-    }
+    let reserved = reserve_store(sh, core, &run);
+    let (start, len) = (run.start, run.len);
 
     sh.inflight.begin(start, start + len);
     // Should anything below unwind, the run is unprotected and woken, so no
@@ -125,129 +129,14 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
         sh.inflight.end(start, start + len);
         warn_once!("uffd-protect", "twinpage: write-protect failed at {start:#x}: {e}; region stops merging");
         st.failed = true;
-        settle(sh, region, st, core, items, kind, &ok);
+        settle(sh, region, st, core, &run);
         return;
     }
 
-    let mut entries = vec![Default::default(); span];
-    let mut fresh_fills: Vec<u32> = Vec::new();
-    let mut copy = PageCopy::new();
-    if sh.pagemap.read(start, &mut entries).is_ok() {
-        for (i, it) in items.iter().enumerate() {
-            let e = entries[it.page - first];
-            if !(e.present() && e.uffd_wp() && !e.file()) {
-                continue;
-            }
-            let addr = addr_of(i);
-            // SAFETY: the page belongs to `region`, whose lock we hold, and it is
-            // write-protected: no program thread writes it while we copy (a
-            // device could: the pin check compares again where none can).
-            let Ok(page) = (unsafe { copy.read(region, region.prot, addr) }) else { continue };
-            ok[i] = match kind {
-                RunKind::Zero => is_zero(page),
-                RunKind::Remote => {
-                    let Some(link) = core.remote.as_ref() else { continue };
-                    // SAFETY: the daemon ordered this join, so its page is filled;
-                    // our reference to it keeps it in use.
-                    let Ok(store) = (unsafe { link.store.filled(it.store) }) else { continue };
-                    let eq = store == page;
-                    if !eq {
-                        core.counters.mismatches += 1;
-                    }
-                    eq
-                }
-                RunKind::Fill | RunKind::Join => {
-                    let Some(node) = core.stable.node(it.store).copied() else { continue };
-                    if node.filled() {
-                        // SAFETY: a filled store page, in use (reserved for this
-                        // merge) under the core lock we hold.
-                        let Ok(store) = (unsafe { sh.store.filled(it.store) }) else { continue };
-                        let eq = store == page;
-                        if !eq {
-                            core.counters.mismatches += 1;
-                        }
-                        eq
-                    } else if !reserved[i] {
-                        false
-                    } else {
-                        // SAFETY: an unfilled store page has no sharer and no reader
-                        // but us (we hold the engine lock); `page` is write-protected.
-                        if unsafe { sh.store.fill(it.store, page.as_ptr()) }.is_err() {
-                            continue;
-                        }
-                        if let Some(n) = core.stable.node_mut(it.store) {
-                            n.set_filled();
-                        }
-                        fresh_fills.push(it.store);
-                        true
-                    }
-                }
-            };
-        }
-        // A page discarded and faulted in again after our check has lost the
-        // protection: catch it before the remap.
-        if sh.pagemap.read(start, &mut entries).is_ok() {
-            for (i, it) in items.iter().enumerate() {
-                let e = entries[it.page - first];
-                ok[i] &= e.present() && e.uffd_wp() && !e.file();
-            }
-        } else {
-            ok.iter_mut().for_each(|o| *o = false);
-        }
-    }
-
-    // A page pinned by in-flight I/O must keep its place: the device writes
-    // into that physical page after our comparison.
-    let mut pinned = None;
-    if ok.iter().any(|&o| o) {
-        if pin::applies(sh, region) {
-            pinned = pin::check(sh, region, st, core, items, kind, &mut ok);
-            if pinned.is_none() {
-                ok.iter_mut().for_each(|o| *o = false);
-            }
-        } else {
-            // Unchecked: the check is off (a test), or the region is
-            // read-only; anything else the scan passed over (`may_merge`).
-            for (o, it) in ok.iter_mut().zip(items) {
-                *o &= pin::may_merge(sh, region, &st.records[it.page]);
-            }
-        }
-    }
-
-    // Remap each stretch of equal pages with consecutive store pages.
-    let mut guarded = Vec::new();
-    let mut i = 0;
-    while i < n {
-        if !ok[i] {
-            i += 1;
-            continue;
-        }
-        // A page written after merging sits in a private file mapping, where
-        // a discard would show the file (a store page) again: it needs a
-        // mapping of its own even when it becomes a zero page.
-        let overlay = |k: usize| st.records[items[k].page].flags() & PageRecord::OVERLAY != 0;
-        let mut j = i + 1;
-        while j < n
-            && ok[j]
-            && items[j].page == items[j - 1].page + 1
-            && overlay(j) == overlay(i)
-            && (kind == RunKind::Zero || items[j].store == items[j - 1].store + 1)
-        {
-            j += 1;
-        }
-        let addr = addr_of(i);
-        let bytes = (j - i) * PAGE_SIZE;
-        // The pin check moved every checked page out: a zero page's hole is
-        // then already its merged state, and a discard now could drop a
-        // write that landed in the hole since.
-        let zero = ZeroHow { overlay: overlay(i), moved_out: pinned.as_ref().is_some_and(|m| (i..j).all(|k| m.out[k])) };
-        match remap(sh, region, core, addr, bytes, kind, items[i].store, zero) {
-            None => ok[i..j].iter_mut().for_each(|o| *o = false),
-            Some(true) => guarded.push((i, j)),
-            Some(false) => {}
-        }
-        i = j;
-    }
+    let mut entries = vec![PageEntry::default(); run.span()];
+    let fresh_fills = compare(sh, region, core, &mut run, &reserved, &mut entries);
+    let mut pinned = check_pins(sh, region, st, core, &mut run);
+    let guarded = remap_stretches(sh, region, st, core, &mut run, pinned.as_ref());
 
     // One pagemap read of the run, into the buffer the checks above used.
     // Unreadable: nothing to go by; such a page then waits for its next
@@ -255,41 +144,16 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
     let early = if guarded.is_empty() || sh.pagemap.read(start, &mut entries).is_err() {
         Vec::new()
     } else {
-        written_before_guarded(sh, &guarded, |k| entries[items[k].page - first], &addr_of)
+        written_before_guarded(sh, &guarded, |k| run.entry(&entries, k), &|k| run.addr_of(k))
     };
 
     if !pin::pin_guard_enabled() {
-        core.counters.merges_unchecked += ok.iter().filter(|&&o| o).count() as u64;
+        core.counters.merges_unchecked += run.ok.iter().filter(|&&o| o).count() as u64;
     }
     if let Some(out) = pinned.as_mut() {
-        pin::finish(sh, region, st, items, &ok, out);
+        pin::finish(sh, region, st, &run, out);
     }
-
-    // Unprotect what stays (this wakes its waiters), then wake the remapped.
-    // A sparse zero span stays in its own mappings: all of it at once.
-    if !contiguous {
-        if let Err(e) = sh.uffd.unprotect(start, len) {
-            warn_once!("uffd-unprotect", "twinpage: unprotect failed at {start:#x}: {e}");
-        }
-    }
-    let mut i = if contiguous { 0 } else { n };
-    while i < n {
-        if ok[i] {
-            i += 1;
-            continue;
-        }
-        let mut j = i + 1;
-        while j < n && !ok[j] {
-            j += 1;
-        }
-        if let Err(e) = sh.uffd.unprotect(start + i * PAGE_SIZE, (j - i) * PAGE_SIZE) {
-            warn_once!("uffd-unprotect", "twinpage: unprotect failed at {:#x}: {e}", start + i * PAGE_SIZE);
-        }
-        i = j;
-    }
-    if let Err(e) = sh.uffd.wake(start, len) {
-        warn_once!("uffd-wake", "twinpage: wake failed at {start:#x}: {e}");
-    }
+    release(sh, &run);
     guard.armed = false;
     sh.inflight.end(start, start + len);
 
@@ -299,7 +163,7 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
             core.stable.rekey(s, crate::digest::page_hash(bytes));
         }
     }
-    settle(sh, region, st, core, items, kind, &ok);
+    settle(sh, region, st, core, &run);
     // Registered and protected for their first write already.
     for (i, j) in guarded {
         for it in &items[i..j] {
@@ -308,6 +172,223 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
     }
     for k in early {
         core.written_in_place(sh, &mut st.records[items[k].page]);
+    }
+}
+
+/// Before anything is protected: whether the run may merge at all (the
+/// mapping budget: a merge that cannot be remapped is not worth
+/// write-protecting and comparing), with its span registered for
+/// write-protect again where a remap took that away.
+fn prepare(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, run: &Run<'_>) -> bool {
+    let anon_zero = run.kind == RunKind::Zero && region.kind == crate::maps::MappingKind::Anon;
+    if !anon_zero && !core.map_budget.admit(run.items.len(), stretches(run.items, run.kind)) {
+        return false;
+    }
+    let records = &mut st.records[run.first..run.first + run.span()];
+    if records.iter().any(|r| r.flags() & PageRecord::NEEDS_REGISTER != 0) {
+        if let Err(e) = sh.uffd.register_wp(run.start, run.len) {
+            warn_once!("uffd-register", "twinpage: cannot re-register merged memory for write-protect: {e}");
+            return false;
+        }
+        for r in records {
+            r.clear_flags(PageRecord::NEEDS_REGISTER);
+        }
+    }
+    true
+}
+
+/// Store pages the run will fill get their blocks before anything is
+/// protected: a write through the mapping into a hole of a full tmpfs store
+/// would be a SIGBUS. Without space, those merges wait. Per item: whether
+/// its store page has its block.
+fn reserve_store(sh: &Shared, core: &mut Core, run: &Run<'_>) -> Vec<bool> {
+    if !matches!(run.kind, RunKind::Fill | RunKind::Join) {
+        return vec![true; run.items.len()];
+    }
+    let want: Vec<Option<u32>> = run.items.iter().map(|it| core.stable.node(it.store).filter(|n| !n.filled()).map(|_| it.store)).collect();
+    if !want.iter().any(Option::is_some) {
+        return vec![true; run.items.len()];
+    }
+    let (ok, err) = sh.store.reserve(&want);
+    if let Some(e) = err {
+        core.counters.store_full += ok.iter().filter(|o| !**o).count() as u64;
+        warn_once!("store-full", "twinpage: cannot allocate store pages ({e}); merges wait for space");
+    }
+    ok
+}
+
+/// Under write-protect: each page present, anonymous and protected is
+/// compared with its store page (or checked for zeros), and the first
+/// sharer of a store page fills it; then pagemap is read again, so a page
+/// discarded and faulted in after its check (which lost the protection) is
+/// caught before the remap. Sets `ok`; returns the store pages filled.
+fn compare(sh: &Shared, region: &Region, core: &mut Core, run: &mut Run<'_>, reserved: &[bool], entries: &mut [PageEntry]) -> Vec<u32> {
+    let mut fresh_fills = Vec::new();
+    if sh.pagemap.read(run.start, entries).is_err() {
+        return fresh_fills;
+    }
+    let protected = |e: PageEntry| e.present() && e.uffd_wp() && !e.file();
+    let mut copy = PageCopy::new();
+    let items = run.items;
+    for (i, it) in items.iter().enumerate() {
+        if !protected(run.entry(entries, i)) {
+            continue;
+        }
+        // SAFETY: the page belongs to `region`, whose lock we hold, and it is
+        // write-protected: no program thread writes it while we copy (a
+        // device could: the pin check compares again where none can).
+        let Ok(page) = (unsafe { copy.read(region, region.prot, run.addr_of(i)) }) else { continue };
+        run.ok[i] = match run.kind {
+            RunKind::Zero => is_zero(page),
+            RunKind::Remote => {
+                let Some(link) = core.remote.as_ref() else { continue };
+                // SAFETY: the daemon ordered this join, so its page is filled;
+                // our reference to it keeps it in use.
+                let Ok(store) = (unsafe { link.store.filled(it.store) }) else { continue };
+                let eq = store == page;
+                if !eq {
+                    core.counters.mismatches += 1;
+                }
+                eq
+            }
+            RunKind::Fill | RunKind::Join => {
+                let Some(node) = core.stable.node(it.store).copied() else { continue };
+                if node.filled() {
+                    // SAFETY: a filled store page, in use (reserved for this
+                    // merge) under the core lock we hold.
+                    let Ok(store) = (unsafe { sh.store.filled(it.store) }) else { continue };
+                    let eq = store == page;
+                    if !eq {
+                        core.counters.mismatches += 1;
+                    }
+                    eq
+                } else if !reserved[i] {
+                    false
+                } else {
+                    // SAFETY: an unfilled store page has no sharer and no reader
+                    // but us (we hold the engine lock); `page` is write-protected.
+                    if unsafe { sh.store.fill(it.store, page.as_ptr()) }.is_err() {
+                        continue;
+                    }
+                    if let Some(n) = core.stable.node_mut(it.store) {
+                        n.set_filled();
+                    }
+                    fresh_fills.push(it.store);
+                    true
+                }
+            }
+        };
+    }
+    if sh.pagemap.read(run.start, entries).is_ok() {
+        for i in 0..run.items.len() {
+            run.ok[i] &= protected(run.entry(entries, i));
+        }
+    } else {
+        run.ok.iter_mut().for_each(|o| *o = false);
+    }
+    fresh_fills
+}
+
+/// A page pinned by in-flight I/O must keep its place: the device writes
+/// into that physical page after our comparison. Where the pin check
+/// applies, the equal pages are moved out and compared again (`None`: it
+/// could not run, nothing merges); elsewhere only pages the scan may merge
+/// unchecked (`pin::may_merge`) stay `ok`.
+fn check_pins<'a>(sh: &'a Shared, region: &Region, st: &mut RegionState, core: &mut Core, run: &mut Run<'_>) -> Option<pin::Moved<'a>> {
+    if !run.ok.iter().any(|&o| o) {
+        return None;
+    }
+    if pin::applies(sh, region) {
+        let moved = pin::check(sh, region, st, core, run);
+        if moved.is_none() {
+            run.ok.iter_mut().for_each(|o| *o = false);
+        }
+        return moved;
+    }
+    // Unchecked: the check is off (a test), or the region is read-only;
+    // anything else the scan passed over (`may_merge`).
+    for (o, it) in run.ok.iter_mut().zip(run.items) {
+        *o &= pin::may_merge(sh, region, &st.records[it.page]);
+    }
+    None
+}
+
+/// Maps each stretch of `ok` pages with consecutive store pages over the
+/// run (one call per stretch); a stretch that could not be mapped is no
+/// longer `ok`. Returns the stretches (item ranges) mapped and guarded
+/// for their first write.
+fn remap_stretches(
+    sh: &Shared,
+    region: &Region,
+    st: &RegionState,
+    core: &mut Core,
+    run: &mut Run<'_>,
+    pinned: Option<&pin::Moved<'_>>,
+) -> Vec<(usize, usize)> {
+    let (items, kind, n) = (run.items, run.kind, run.items.len());
+    let mut guarded = Vec::new();
+    let mut i = 0;
+    while i < n {
+        if !run.ok[i] {
+            i += 1;
+            continue;
+        }
+        // A page written after merging sits in a private file mapping, where
+        // a discard would show the file (a store page) again: it needs a
+        // mapping of its own even when it becomes a zero page.
+        let overlay = |k: usize| st.records[items[k].page].flags() & PageRecord::OVERLAY != 0;
+        let mut j = i + 1;
+        while j < n
+            && run.ok[j]
+            && items[j].page == items[j - 1].page + 1
+            && overlay(j) == overlay(i)
+            && (kind == RunKind::Zero || items[j].store == items[j - 1].store + 1)
+        {
+            j += 1;
+        }
+        // The pin check moved every checked page out: a zero page's hole is
+        // then already its merged state, and a discard now could drop a
+        // write that landed in the hole since.
+        let zero = ZeroHow { overlay: overlay(i), moved_out: pinned.is_some_and(|m| (i..j).all(|k| m.out[k])) };
+        let stretch = Stretch { addr: run.addr_of(i), bytes: (j - i) * PAGE_SIZE, store: items[i].store, zero };
+        match remap(sh, region, core, kind, stretch) {
+            None => run.ok[i..j].iter_mut().for_each(|o| *o = false),
+            Some(true) => guarded.push((i, j)),
+            Some(false) => {}
+        }
+        i = j;
+    }
+    guarded
+}
+
+/// Unprotects what stays (this wakes its waiters), then wakes the whole
+/// span: a woken writer of a remapped page retries and takes copy-on-write
+/// on identical content. A sparse zero span stays in its own mappings: all
+/// of it is unprotected at once.
+fn release(sh: &Shared, run: &Run<'_>) {
+    let (start, len, n) = (run.start, run.len, run.items.len());
+    if !run.contiguous() {
+        if let Err(e) = sh.uffd.unprotect(start, len) {
+            warn_once!("uffd-unprotect", "twinpage: unprotect failed at {start:#x}: {e}");
+        }
+    }
+    let mut i = if run.contiguous() { 0 } else { n };
+    while i < n {
+        if run.ok[i] {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < n && !run.ok[j] {
+            j += 1;
+        }
+        if let Err(e) = sh.uffd.unprotect(start + i * PAGE_SIZE, (j - i) * PAGE_SIZE) {
+            warn_once!("uffd-unprotect", "twinpage: unprotect failed at {:#x}: {e}", start + i * PAGE_SIZE);
+        }
+        i = j;
+    }
+    if let Err(e) = sh.uffd.wake(start, len) {
+        warn_once!("uffd-wake", "twinpage: wake failed at {start:#x}: {e}");
     }
 }
 
@@ -393,17 +474,18 @@ fn zero_in_place(region: &Region, kind: RunKind, how: ZeroHow) -> bool {
 /// zero page. `None` when it could not (budget or error); nothing changed
 /// then. Otherwise whether the new mapping is a store stretch registered and
 /// write-protected for its first write.
-#[allow(clippy::too_many_arguments)]
-fn remap(
-    sh: &Shared,
-    region: &Region,
-    core: &mut Core,
+/// A stretch of a run to map: `bytes` at `addr`, from store page `store`
+/// on (or zero pages, as `zero` says).
+#[derive(Debug, Clone, Copy)]
+struct Stretch {
     addr: usize,
     bytes: usize,
-    kind: RunKind,
     store: u32,
     zero: ZeroHow,
-) -> Option<bool> {
+}
+
+fn remap(sh: &Shared, region: &Region, core: &mut Core, kind: RunKind, stretch: Stretch) -> Option<bool> {
+    let Stretch { addr, bytes, store, zero } = stretch;
     let pages = (bytes / PAGE_SIZE) as u64;
     let anon_zero = zero_in_place(region, kind, zero);
     if !anon_zero && !core.map_budget.allow(2, pages) {
@@ -482,7 +564,8 @@ pub(crate) fn reapply_advice(region: &Region, addr: usize, bytes: usize) {
 
 /// Brings records, stable-tree reservations and counters in line with what
 /// happened to each page of the run.
-fn settle(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, items: &[Item], kind: RunKind, ok: &[bool]) {
+fn settle(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, run: &Run<'_>) {
+    let (items, kind, ok) = (run.items, run.kind, &run.ok[..]);
     core.counters.activity += ok.iter().filter(|&&o| o).count() as u64;
     for (i, it) in items.iter().enumerate() {
         let rec = &mut st.records[it.page];

@@ -31,7 +31,7 @@ use crate::state::{Core, Shared};
 use crate::sys::{mman, PAGE_SIZE};
 use crate::warn_once;
 
-use super::{is_zero, Item, RunKind};
+use super::{is_zero, Run, RunKind};
 use crate::guest::scratch_page;
 use crate::scratch::Scratch;
 
@@ -143,16 +143,9 @@ pub(super) struct Moved<'a> {
 /// compares it again there; clears `ok` for pages that are pinned (counted
 /// in `pinned_skipped`), that changed, or that could not be moved. `None`
 /// when the check could not run at all: the caller merges nothing then.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn check<'a>(
-    sh: &'a Shared,
-    region: &Region,
-    st: &mut RegionState,
-    core: &mut Core,
-    items: &[Item],
-    kind: RunKind,
-    ok: &mut [bool],
-) -> Option<Moved<'a>> {
+pub(super) fn check<'a>(sh: &'a Shared, region: &Region, st: &mut RegionState, core: &mut Core, run: &mut Run<'_>) -> Option<Moved<'a>> {
+    let (items, kind) = (run.items, run.kind);
+    let ok = &mut run.ok[..];
     let n = items.len();
     // UFFDIO_MOVE wants both mappings to have the same protection.
     let region_prot = region.prot;
@@ -300,7 +293,8 @@ fn store_bytes<'c>(sh: &'c Shared, core: &'c Core, kind: RunKind, store: u32) ->
 /// After the remap: puts back every moved page that was not merged (`ok`
 /// clear), registers what is left of the run in write-protect mode only
 /// again, and frees the old pages of the merged ones.
-pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, items: &[Item], ok: &[bool], m: &mut Moved<'_>) {
+pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, run: &Run<'_>, m: &mut Moved<'_>) {
+    let (items, ok) = (run.items, &run.ok[..]);
     let n = items.len();
     let next_page = |j: usize| items[j].page == items[j - 1].page + 1;
     let mut i = 0;
