@@ -140,16 +140,23 @@ fn each_mode_merges_what_it_allows_and_a_stricter_one_unmerges() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn use_zero_pages_under_zero_only_drops_zero_pages_and_nothing_else() {
-    let Some(e) = engine() else { return };
+/// An engine with `use_zero_pages=1` under `zero-only` over [`layout`] in
+/// anonymous memory, its zero pages merged.
+fn zero_only_with_zero_pages_merged() -> Option<(twinpage::Engine, Mem)> {
+    let e = engine()?;
     flat_out(&e);
     e.set_attr("use_zero_pages", "1").unwrap();
     e.set_attr(MODE, "zero-only").unwrap();
     let m = layout(Mem::anon(ZEROS + 2 * PAIRS));
     e.register(m.addr, m.len).unwrap();
     let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| s.ksm_zero_pages == ZEROS as u64);
-    assert!(ok, "{s:?}");
+    assert!(ok, "zero-only: {s:?}");
+    Some((e, m))
+}
+
+#[test]
+fn use_zero_pages_under_zero_only_drops_zero_pages_and_nothing_else() {
+    let Some((e, m)) = zero_only_with_zero_pages_merged() else { return };
     assert!(e.wait_full_scans(3, Duration::from_secs(10)));
     let s = e.stats();
     assert_eq!((s.pages_shared, s.pages_sharing), (0, 0), "{s:?}");
@@ -245,14 +252,7 @@ fn through_twinpaged_the_mode_holds_for_agents_and_daemon() {
 /// wake, and missed it when `all` and back came within one wake).
 #[test]
 fn a_stricter_mode_has_unmerged_when_its_write_returns() {
-    let Some(e) = engine() else { return };
-    flat_out(&e);
-    e.set_attr("use_zero_pages", "1").unwrap();
-    e.set_attr(MODE, "zero-only").unwrap();
-    let m = layout(Mem::anon(ZEROS + 2 * PAIRS));
-    e.register(m.addr, m.len).unwrap();
-    let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| s.ksm_zero_pages == ZEROS as u64);
-    assert!(ok, "zero-only: {s:?}");
+    let Some((e, m)) = zero_only_with_zero_pages_merged() else { return };
     for _ in 0..5 {
         e.set_attr(MODE, "all").unwrap();
         let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| (s.pages_shared, s.pages_sharing) == (PAIRS as u64, PAIRS as u64));
