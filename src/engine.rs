@@ -484,15 +484,8 @@ impl Engine {
 
     /// What the kernel's store functions check a write against, now.
     fn write_context(&self) -> kernel_compat::WriteContext {
-        let t = self.tunables();
-        kernel_compat::WriteContext {
-            pages_shared: self.inner.sh.core.lock().stable.pages_shared(),
-            advisor_on: t.advisor_mode() == crate::tunables::AdvisorMode::ScanTime,
-            run: t.run(),
-            max_page_sharing: t.max_page_sharing(),
-            merge_across_nodes: t.merge_across_nodes(),
-            numa: has_numa(),
-        }
+        let pages_shared = self.inner.sh.core.lock().stable.pages_shared();
+        self.tunables().context(pages_shared, has_numa())
     }
 
     /// The counters at this instant (the published ones are as of the
@@ -667,8 +660,6 @@ fn scanner_main(inner: &Inner) {
     while !inner.shutdown.load(Ordering::Relaxed) {
         let agents = scan::remote::tick(sh, &mut next_try);
         let t = &sh.tunables;
-        // A stricter merge mode takes back what it no longer allows, whatever
-        // `run` says: the operator asked for those pages not to be shared.
         enforce_merge_mode(sh);
         match t.run() {
             0 => {

@@ -350,6 +350,14 @@ impl Tunables {
         })
     }
 
+    /// What the kernel's store functions check a write against, by the
+    /// model (`pages_shared` as the caller counts it).
+    pub(crate) fn context(&self, pages_shared: u64, numa: bool) -> WriteContext {
+        let mut m = *self.model.lock();
+        m.numa = numa;
+        m.context(pages_shared)
+    }
+
     /// What reading tunable `name` prints (the model's), without the newline.
     fn show(&self, name: &str, numa: bool) -> Option<String> {
         if name == MERGE_MODE {

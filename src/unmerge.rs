@@ -137,12 +137,13 @@ pub fn unmerge_disallowed(sh: &Shared, mode: MergeMode) {
         unmerge_all(sh);
         return;
     }
+    let mut copy = PageCopy::new();
     each_live_region(sh, |r, st, core| {
-        let disallowed = |st: &RegionState, i: usize| {
+        let mut disallowed = |st: &RegionState, i: usize| {
             st.records[i].state() == PageState::Merged && {
                 // SAFETY: a page of a live region we hold locked; a merged page
                 // is mapped (a remap keeps the region's protection).
-                unsafe { PageCopy::new().read(r, r.prot, r.addr(i)) }.is_ok_and(|page| !mode.allows(is_zero(page)))
+                unsafe { copy.read(r, r.prot, r.addr(i)) }.is_ok_and(|page| !mode.allows(is_zero(page)))
             }
         };
         let mut i = 0;

@@ -4,14 +4,13 @@
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write as _};
-use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kernel_compat::{procfs, Attr, KsmStat, KsmSysfs, WriteError};
 
 use super::counters::{self, Counters};
-use super::file::{self, TreeLock};
+use super::file::{self, InPlaceFile, TreeLock};
 use super::layout;
 
 /// A refused write, as recorded in `twinpage/last_error`
@@ -142,6 +141,13 @@ impl SetError {
     }
 }
 
+/// Whether the process whose `twinpage_counters` are `c` is still running:
+/// pid and start time both match (a recycled pid has another start time).
+fn runs(pid: u32, c: &Counters) -> bool {
+    let start = c.get("starttime").and_then(|&v| u64::try_from(v).ok());
+    start.is_some() && file::process_starttime(pid) == start
+}
+
 /// A statistics tree, seen from outside the publishers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tree {
@@ -221,8 +227,7 @@ impl Tree {
         for (pid, dir) in self.process_dirs()? {
             let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
             let counters = counters::parse_lines(&read(layout::COUNTERS));
-            let start = counters.get("starttime").and_then(|&v| u64::try_from(v).ok());
-            let live = start.is_some() && file::process_starttime(pid) == start;
+            let live = runs(pid, &counters);
             let tunables =
                 read(layout::OWN_TUNABLES).lines().filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string()))).collect();
             out.push(ProcessEntry {
@@ -276,16 +281,13 @@ impl Tree {
     /// wait for them each time. Once it returns, a publisher's next pass
     /// puts fresh global counters together from the fresh ones.
     pub fn refresh(&self, timeout: Duration, skip: &HashSet<u32>) -> io::Result<HashSet<u32>> {
-        let path = self.tw(layout::REQUEST);
         let request = {
             let lock = self.lock()?;
             let _held = lock.lock_timeout(timeout)?;
-            let r = fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u64>().ok()).unwrap_or(0) + 1;
             // In place (publishers watch this file), not replaced.
-            let f = OpenOptions::new().write(true).create(true).truncate(false).mode(0o644).open(&path)?;
-            let text = format!("{r}\n");
-            f.write_all_at(text.as_bytes(), 0)?;
-            f.set_len(text.len() as u64)?;
+            let file = InPlaceFile::open(&self.tw(layout::REQUEST), 0o644)?;
+            let r = String::from_utf8_lossy(&file.read()?).trim().parse::<u64>().unwrap_or(0) + 1;
+            file.overwrite(format!("{r}\n").as_bytes())?;
             r
         };
         let deadline = Instant::now() + timeout;
@@ -303,9 +305,7 @@ impl Tree {
         let mut out = HashSet::new();
         for (pid, dir) in self.process_dirs()? {
             let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
-            let start =
-                read(layout::COUNTERS).lines().next().and_then(|l| l.strip_prefix("starttime ")).and_then(|v| v.trim().parse().ok());
-            if start.is_none() || file::process_starttime(pid) != start {
+            if !runs(pid, &counters::parse_lines(&read(layout::COUNTERS))) {
                 continue;
             }
             if read(layout::SERVED).trim().parse::<u64>().unwrap_or(0) < request {
