@@ -62,10 +62,11 @@ struct Args {
     #[arg(long)]
     textfile_dir: Option<PathBuf>,
     /// Mount the tree's kernel/mm/ksm at DIR/kernel/mm/ksm as a filesystem
-    /// (FUSE) that answers as sysfs does: a read is never torn, a bad write
-    /// fails in write(2) with the kernel's errno, an accepted one returns
-    /// once every process has it (run=2: all unmerged). For programs that
-    /// are not preloaded: `cat`, `echo`, node_exporter --path.sysfs=DIR.
+    /// (FUSE) that answers as sysfs does: a counter is taken at the read and
+    /// never torn, a bad write fails in write(2) with the kernel's errno, an
+    /// accepted one returns once every process has it (run=2: all
+    /// unmerged). For programs that are not preloaded: `cat`, `echo`,
+    /// node_exporter --path.sysfs=DIR.
     #[arg(long)]
     sysfs: Option<PathBuf>,
 }
