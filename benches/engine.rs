@@ -20,8 +20,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use twinpage::bench_api::MergeHarness;
+use twinpage::digest::is_zero;
 use twinpage::digest::page_hash;
-use twinpage::merge::is_zero;
 use twinpage::sys::PAGE_SIZE;
 use twinpage::tree::{PageRef, StableTree, UnstableTree};
 

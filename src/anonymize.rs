@@ -30,7 +30,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 
-use crate::merge::{fill_and_move, is_zero, reapply_advice};
+use crate::digest::is_zero;
+use crate::merge::{fill_and_move, reapply_advice};
 use crate::region::Region;
 use crate::state::Shared;
 use crate::sys::pagemap::PageEntry;

@@ -561,7 +561,7 @@ impl Engine {
 
     /// The stores whose pages this process may map (its own, and every
     /// daemon's it was linked to), by file identity.
-    pub fn store_ids(&self) -> Vec<crate::sys::file::FileId> {
+    pub(crate) fn store_ids(&self) -> Vec<crate::sys::file::FileId> {
         self.inner.sh.stores.lock().clone()
     }
 

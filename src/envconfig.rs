@@ -93,7 +93,7 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
             "PASS_MERGEABLE" => c.pass_mergeable = flag(&k, &v)?,
             "MERGE_ANY" => c.merge_any = flag(&k, &v)?,
             "REDIRECT_SYSFS" => c.redirect_sysfs = flag(&k, &v)?,
-            // Read by the engine itself (twinpage::merge::pin_guard_enabled);
+            // Read by the engine itself (`merge::pin::pin_guard_enabled`);
             // checked here so a bad value is named like any other.
             "STORE_DIR" => {
                 if !v.starts_with('/') || !std::path::Path::new(&v).is_dir() {

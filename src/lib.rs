@@ -16,12 +16,13 @@ pub mod doctor;
 pub mod engine;
 pub mod envconfig;
 pub(crate) mod guest;
+pub mod host;
 pub mod inflight;
 pub mod link;
 pub(crate) mod map_budget;
 pub mod maplimit;
 pub mod maps;
-pub mod merge;
+pub(crate) mod merge;
 pub mod pacing;
 pub mod primitive;
 #[doc(hidden)]

@@ -15,6 +15,7 @@
 //!    the rest, and wake the whole run: a woken writer retries and takes
 //!    copy-on-write on identical content.
 
+use crate::digest::is_zero;
 use crate::guest::PageCopy;
 use crate::region::{PageRecord, PageState, Region, RegionState};
 use crate::state::{Core, Shared};
@@ -24,7 +25,6 @@ use crate::warn_once;
 
 pub(crate) mod cow;
 pub(crate) mod pin;
-pub use pin::pin_guard_enabled;
 
 /// What a run does with its pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,17 +45,6 @@ pub enum RunKind {
 pub struct Item {
     pub page: usize,
     pub store: u32,
-}
-
-/// True when every byte of the page is zero.
-pub fn is_zero(page: &[u8]) -> bool {
-    let (pre, words, post) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets
-        // the aligned middle of the slice.
-        unsafe { page.align_to::<u64>() }
-    };
-    // OR-reducing 64-byte chunks vectorises; an early exit per word does not.
-    pre.iter().all(|&b| b == 0) && post.iter().all(|&b| b == 0) && words.chunks(8).all(|c| c.iter().fold(0u64, |a, &w| a | w) == 0)
 }
 
 /// One run under merge: its pages, where they are, and what is to become

@@ -6,9 +6,9 @@
 //! run by run so that consecutive pages cost one remap.
 
 use crate::broker::proto::Candidate;
-use crate::digest::{page_hash, zero_hash};
+use crate::digest::{is_zero, page_hash, zero_hash};
 use crate::guest::PageCopy;
-use crate::merge::{self, is_zero, Item, RunKind};
+use crate::merge::{self, Item, RunKind};
 use crate::primitive::Arc;
 use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState};
 use crate::state::{each_live_region, Core, Cursor, Shared};

@@ -2,8 +2,8 @@
 //! unregistering), before the owner discards it, everything (`run=2`), and
 //! what a stricter merge mode no longer allows.
 
+use crate::digest::is_zero;
 use crate::guest::PageCopy;
-use crate::merge::is_zero;
 use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState};
 use crate::state::{each_live_region, Core, Cursor, Shared};
 use crate::sys::{mman, PAGE_SIZE};

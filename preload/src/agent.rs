@@ -236,7 +236,7 @@ static FORK_PIPE: Mutex<Option<(std::io::PipeReader, std::io::PipeWriter)>> = Mu
 extern "C" fn before_fork() {
     let _ = std::panic::catch_unwind(|| {
         let Some(a) = get() else { return };
-        crate::forkchild::remember_stores(&a.engine.store_ids());
+        twinpage::host::fork::remember_stores(&a.engine);
         if let (Ok(pipe), Ok(mut g)) = (std::io::pipe(), FORK_PIPE.try_lock()) {
             *g = Some(pipe);
         }
@@ -251,7 +251,7 @@ extern "C" fn after_fork_parent() {
         drop(wr);
         let Some(a) = get() else { return };
         let hold = a.engine.hold_frees();
-        let waiter = twinpage::threads::spawn("twinpage-fork", move || {
+        let waiter = twinpage::host::spawn_thread("twinpage-fork", move || {
             // Until EOF: the child closed its end (interrupted reads are retried).
             let _ = std::io::copy(&mut rd, &mut std::io::sink());
             drop(hold);
@@ -265,7 +265,7 @@ extern "C" fn after_fork_parent() {
 /// In the child of a fork: twinpage starts clean (no registrations, threads
 /// start again on the next one). Inherited store mappings get private copies
 /// first, so the parent freeing a store page can never change the child's memory.
-/// Like `forkchild`, nothing here allocates, locks (but by trying) or logs.
+/// Like `twinpage::host::fork`, nothing here allocates, locks (but by trying) or logs.
 extern "C" fn after_fork_child() {
     let _ = std::panic::catch_unwind(|| {
         let was_active = STATE.load(Ordering::SeqCst) == ACTIVE;
@@ -286,7 +286,7 @@ extern "C" fn after_fork_child() {
         twinpage::statsfs::forget_parent_publishers();
         if was_active {
             STATE.store(CONFIGURED, Ordering::SeqCst);
-            crate::forkchild::copy_inherited_store_mappings();
+            twinpage::host::fork::copy_inherited_store_mappings();
             MERGE_ANY_PENDING.store(merge_any, Ordering::SeqCst);
         }
         // Copies done: the parent may free store pages again (dropping the
@@ -362,7 +362,7 @@ impl Agent {
     pub fn madvise(&self, addr: usize, len: usize, advice: c_int, raw: fn(usize, usize, c_int) -> c_int) -> Option<io::Result<c_int>> {
         match advice {
             libc::MADV_MERGEABLE => {
-                if !addr.is_multiple_of(twinpage::sys::PAGE_SIZE) {
+                if !addr.is_multiple_of(twinpage::host::PAGE_SIZE) {
                     return Some(Err(errno(libc::EINVAL)));
                 }
                 let r = self.register(addr, len);
@@ -443,11 +443,11 @@ impl Agent {
         } else {
             raw(old, old_len, new_len, flags, new_addr)
         };
-        if r == -(libc::EFAULT as isize) && split_anon(old, old_len, &self.engine.store_ids()) {
+        if r == -(libc::EFAULT as isize) && twinpage::host::mremap::spans_split_anon(&self.engine, old, old_len) {
             // Merging (or userfaultfd registration flags) split the range into
             // several mappings, which mremap refuses; for private anonymous
             // memory, do what it would have done.
-            r = emulate_mremap(old, old_len, new_len, flags, new_addr);
+            r = twinpage::host::mremap::emulate(old, old_len, new_len, flags, new_addr);
         }
         if r >= 0 {
             let base = r as usize;
@@ -516,24 +516,21 @@ impl Agent {
     /// Registers the private anonymous memory mapped now, except the brk heap,
     /// the main stack (which twinpage's own threads write while merging) and
     /// the stacks and arena heaps of twinpage's threads (not the program's
-    /// memory; see `twinpage::threads`).
+    /// memory; see `twinpage::host::merge_any_ranges`).
     fn register_existing_anon(&self) {
         if let Err(e) = self.engine.start() {
             log::warn!("twinpage: cannot start merging: {e}; merge-any registers nothing");
             return;
         }
-        let own = twinpage::threads::own_ranges();
+        let twinpage::host::MergeAny { ranges, own } = match twinpage::host::merge_any_ranges() {
+            Ok(found) => found,
+            Err(e) => {
+                log::warn!("twinpage: cannot read /proc/self/maps ({e}); merge-any registers nothing");
+                return;
+            }
+        };
         let shown: Vec<String> = own.iter().map(|(s, e)| format!("{s:#x}-{e:#x}")).collect();
         log::info!("twinpage: merge-any leaves out twinpage's own memory: {}", shown.join(" "));
-        let Ok(vmas) = twinpage::maps::vmas_in(0, usize::MAX) else { return };
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
-        // Unnamed private anonymous read-write memory: not [heap], [stack], files.
-        let ranges: Vec<(usize, usize)> = vmas
-            .iter()
-            .filter(|v| v.kind == twinpage::maps::MappingKind::Anon && v.path.is_empty() && v.prot & rw == rw)
-            .map(|v| (v.start, v.end))
-            .filter(|&(s, e)| !own.iter().any(|&(os, oe)| os < e && s < oe))
-            .collect();
         for (s, e) in ranges {
             let _ = self.register(s, e - s);
         }
@@ -601,8 +598,8 @@ impl Agent {
             return;
         }
         let (lo, hi) = (back[0].0, back.iter().map(|p| p.1).max().unwrap_or(0));
-        let held: Vec<(usize, usize)> = match twinpage::maps::vmas_with_flags_in(lo, hi) {
-            Ok(v) => v.iter().filter(|v| v.userfaultfd).map(|v| (v.start, v.end)).collect(),
+        let held = match twinpage::host::userfaultfd_ranges_in(lo, hi) {
+            Ok(v) => v,
             Err(e) => {
                 log::warn!("twinpage: cannot read /proc/self/smaps ({e}); handed-over memory stays unmerged");
                 return;
@@ -625,103 +622,4 @@ impl Agent {
             log::info!("twinpage: the program's userfaultfd let go of {lo:#x}..{hi:#x}; merging {} KiB there again", resumed / 1024);
         }
     }
-}
-
-/// mremap of private anonymous memory that spans several mappings: shrink in
-/// place, grow in place into free space, or move each mapping with the
-/// kernel's mremap (nothing copied, so no write from another thread is lost,
-/// and each keeps its protection and advice). Returns the new address or
-/// `-errno`.
-fn emulate_mremap(old: usize, old_len: usize, new_len: usize, flags: c_int, new_addr: usize) -> isize {
-    use twinpage::sys::mman::{raw_mmap, raw_mremap, raw_munmap};
-    let page = twinpage::sys::PAGE_SIZE;
-    let (old_len, new_len) = (old_len.next_multiple_of(page), new_len.next_multiple_of(page));
-    let rw = libc::PROT_READ | libc::PROT_WRITE;
-    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
-    let err = |e: io::Error| -(e.raw_os_error().unwrap_or(libc::ENOMEM) as isize);
-    if flags & libc::MREMAP_FIXED == 0 && new_len <= old_len {
-        if new_len < old_len {
-            // SAFETY: the tail the caller gives up, unregistered already.
-            if let Err(e) = unsafe { raw_munmap(old + new_len, old_len - new_len) } {
-                return err(e);
-            }
-        }
-        return old as isize;
-    }
-    if flags & libc::MREMAP_MAYMOVE == 0 {
-        // SAFETY: MAP_FIXED_NOREPLACE only maps into free address space.
-        return match unsafe { raw_mmap(old + old_len, new_len - old_len, rw, anon | libc::MAP_FIXED_NOREPLACE, -1, 0) } {
-            Ok(_) => old as isize,
-            Err(_) => -(libc::ENOMEM as isize),
-        };
-    }
-    let Ok(vmas) = twinpage::maps::vmas_in(old, old + old_len) else { return -(libc::EFAULT as isize) };
-    let dst = if flags & libc::MREMAP_FIXED != 0 {
-        new_addr
-    } else {
-        // SAFETY: an inaccessible reservation anywhere, replaced below.
-        match unsafe { raw_mmap(0, new_len, libc::PROT_NONE, anon, -1, 0) } {
-            Ok(d) => d,
-            Err(e) => return err(e),
-        }
-    };
-    // Each mapping moves with the kernel's own mremap: its pages, protection
-    // and advice (DONTFORK, DONTDUMP) go along, nothing is copied, and a
-    // write from another thread lands in a page that moves.
-    let keep = old_len.min(new_len);
-    let mut moved: Vec<(usize, usize)> = Vec::new();
-    for v in &vmas {
-        let (s, e) = (v.start.max(old), v.end.min(old + keep));
-        if s >= e {
-            continue;
-        }
-        let to = dst + (s - old);
-        // SAFETY: [s, e) is one mapping of the caller's range, which it asked
-        // to move; `to` lies in the destination the caller named or in our
-        // reservation.
-        if let Err(e2) = unsafe { raw_mremap(s, e - s, e - s, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to) } {
-            // Put back what moved: the caller sees a failed mremap, as the
-            // kernel's fails whole.
-            for &(from, len) in moved.iter().rev() {
-                let back = old + (from - dst);
-                // SAFETY: moving our own move back to where it was.
-                let _ = unsafe { raw_mremap(from, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, back) };
-            }
-            if flags & libc::MREMAP_FIXED == 0 {
-                // SAFETY: our own reservation.
-                let _ = unsafe { raw_munmap(dst, new_len) };
-            }
-            return err(e2);
-        }
-        moved.push((to, e - s));
-    }
-    if new_len > old_len {
-        // Growth: fresh private anonymous memory, as the kernel extends the
-        // mapping (the range was checked readable and writable).
-        // SAFETY: the tail of the destination, ours or the caller's.
-        if let Err(e) = unsafe { raw_mmap(dst + old_len, new_len - old_len, rw, anon | libc::MAP_FIXED, -1, 0) } {
-            log::warn!("twinpage: growing an emulated mremap failed: {e}");
-        }
-    } else if old_len > new_len {
-        // SAFETY: the part of the old range the caller gives up.
-        let _ = unsafe { raw_munmap(old + new_len, old_len - new_len) };
-    }
-    dst as isize
-}
-
-/// `[addr, addr+len)` is covered, without holes, by several private
-/// anonymous mappings (or store mappings standing for them).
-fn split_anon(addr: usize, len: usize, stores: &[twinpage::sys::file::FileId]) -> bool {
-    let end = addr.saturating_add(len);
-    let Ok(vmas) = twinpage::maps::vmas_in(addr, end) else { return false };
-    let mut at = addr;
-    for v in &vmas {
-        let anon =
-            v.kind == twinpage::maps::MappingKind::Anon || (v.kind == twinpage::maps::MappingKind::PrivateFile && stores.contains(&v.file));
-        if v.start > at || !anon || v.prot & (libc::PROT_READ | libc::PROT_WRITE) != (libc::PROT_READ | libc::PROT_WRITE) {
-            return false;
-        }
-        at = v.end;
-    }
-    vmas.len() > 1 && at >= end
 }

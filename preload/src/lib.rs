@@ -13,7 +13,6 @@
 
 mod agent;
 mod config;
-mod forkchild;
 mod redirect;
 mod sysfs;
 
@@ -21,8 +20,8 @@ use std::ffi::{c_int, c_ulong, c_void};
 
 use agent::Agent;
 
-const UFFDIO_REGISTER: c_ulong = twinpage::sys::uffd::UFFDIO_REGISTER as c_ulong;
-const UFFDIO_UNREGISTER: c_ulong = twinpage::sys::uffd::UFFDIO_UNREGISTER as c_ulong;
+const UFFDIO_REGISTER: c_ulong = twinpage::host::UFFDIO_REGISTER as c_ulong;
+const UFFDIO_UNREGISTER: c_ulong = twinpage::host::UFFDIO_UNREGISTER as c_ulong;
 
 fn set_errno(e: c_int) {
     // SAFETY: __errno_location returns this thread's errno slot.

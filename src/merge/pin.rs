@@ -31,7 +31,8 @@ use crate::state::{Core, Shared};
 use crate::sys::{mman, PAGE_SIZE};
 use crate::warn_once;
 
-use super::{is_zero, Run, RunKind};
+use super::{Run, RunKind};
+use crate::digest::is_zero;
 use crate::guest::scratch_page;
 use crate::scratch::Scratch;
 

@@ -12,7 +12,8 @@
 
 use std::sync::Mutex;
 
-use twinpage::sys::file::{parse_radix, FileId};
+use crate::sys::file::{parse_radix, FileId};
+use crate::Engine;
 
 /// Stores one process can have mapped: its own and each daemon's it was
 /// linked to (one per daemon restart).
@@ -24,16 +25,18 @@ const MAX_RANGES: usize = 1024;
 /// the parent, where locks and allocation are fine), read by the child.
 static STORES: Mutex<([FileId; MAX_STORES], usize)> = Mutex::new(([FileId { major: 0, minor: 0, inode: 0 }; MAX_STORES], 0));
 
-/// Before the fork, in the parent.
-pub fn remember_stores(ids: &[FileId]) {
+/// Before the fork, in the parent (a `pthread_atfork` prepare handler):
+/// which files are `engine`'s stores.
+pub fn remember_stores(engine: &Engine) {
+    let ids = engine.store_ids();
     let mut s = STORES.lock().unwrap_or_else(|e| e.into_inner());
     let n = ids.len().min(MAX_STORES);
     s.0[..n].copy_from_slice(&ids[..n]);
     s.1 = n;
 }
 
-/// In the child: every readable private mapping of a store becomes private
-/// anonymous memory with the same content.
+/// In the child (a `pthread_atfork` child handler): every readable private
+/// mapping of a store becomes private anonymous memory with the same content.
 pub fn copy_inherited_store_mappings() {
     let Ok(stores) = STORES.try_lock() else {
         raw_warn(b"twinpage: a forked child cannot tell which mappings are merged memory; they stay shared with the parent\n");
@@ -55,7 +58,7 @@ pub fn copy_inherited_store_mappings() {
         for &(start, end, prot) in &ranges[..found] {
             // SAFETY: in the child right after fork only this thread runs; the
             // range is an inherited store mapping, readable, and keeps its content.
-            match unsafe { twinpage::merge::replace_with_anon_copy(start, end - start, prot) } {
+            match unsafe { crate::merge::replace_with_anon_copy(start, end - start, prot) } {
                 Ok(()) => copied += 1,
                 Err(_) => raw_warn(b"twinpage: a forked child cannot copy some merged memory; it stays shared with the parent\n"),
             }
@@ -71,25 +74,23 @@ pub fn copy_inherited_store_mappings() {
 /// Fills `out` with the readable private mappings of the stores `ids`, in
 /// address order, as many as fit; None if maps cannot be read.
 fn store_mappings(ids: &[FileId], out: &mut [(usize, usize, libc::c_int)]) -> Option<usize> {
-    // SAFETY: a NUL-terminated path; the fd is closed below.
-    let fd = unsafe { libc::open(c"/proc/self/maps".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return None;
-    }
+    use nix::errno::Errno;
+    use nix::fcntl::{open, OFlag};
+    // A `CStr` path: nix passes it on without allocating.
+    let fd = open(c"/proc/self/maps", OFlag::O_RDONLY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty()).ok()?;
     let mut buf = [0u8; 16384];
     let (mut len, mut found, mut ok) = (0usize, 0usize, true);
     loop {
-        // SAFETY: reads into the free tail of our own buffer.
-        let r = unsafe { libc::read(fd, buf[len..].as_mut_ptr().cast(), buf.len() - len) };
-        if r < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
+        let r = match nix::unistd::read(&fd, &mut buf[len..]) {
+            Ok(r) => r,
+            Err(Errno::EINTR) => continue,
+            Err(_) => {
+                ok = false;
+                break;
             }
-            ok = false;
-            break;
-        }
+        };
         let eof = r == 0;
-        len += r as usize;
+        len += r;
         let mut at = 0;
         while let Some(nl) = buf[at..len].iter().position(|&b| b == b'\n') {
             if found < out.len() {
@@ -109,8 +110,6 @@ fn store_mappings(ids: &[FileId], out: &mut [(usize, usize, libc::c_int)]) -> Op
         buf.copy_within(at..len, 0);
         len -= at;
     }
-    // SAFETY: our own fd.
-    unsafe { libc::close(fd) };
     ok.then_some(found)
 }
 
@@ -132,8 +131,7 @@ fn store_mapping(line: &[u8], ids: &[FileId]) -> Option<(usize, usize, libc::c_i
 
 /// Writes `msg` to stderr with one system call (no lock, no allocation).
 fn raw_warn(msg: &[u8]) {
-    // SAFETY: writes our own bytes to fd 2.
-    let _ = unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    let _ = nix::unistd::write(std::io::stderr(), msg);
 }
 
 #[cfg(test)]
