@@ -126,6 +126,27 @@ pub fn is_twinpage_attr(name: &str) -> bool {
     TWINPAGE_ATTRS.iter().any(|a| a.name == name)
 }
 
+/// The model as a stats tree's shared tunables show it (`shown(name)`, the
+/// text every publisher agreed on), read back with the kernel's own reader
+/// ([`kernel_compat::Tunables::from_shown`]); an attribute not published yet,
+/// or whose text does not read back, keeps the engine's default.
+pub(crate) fn model_from_shown<'a>(shown: impl Fn(&str) -> Option<&'a str>, numa: bool) -> kernel_compat::Tunables {
+    let defaults = *Tunables::default().model.lock();
+    let mut pairs: Vec<(&'static str, String)> =
+        defaults.values().iter().map(|v| (v.name(), shown(v.name()).map(str::to_string).unwrap_or_else(|| v.show()))).collect();
+    let mut model = loop {
+        match kernel_compat::Tunables::from_shown(pairs.iter().map(|(n, t)| (*n, t.as_str()))) {
+            Ok(m) => break m,
+            Err(bad) => match (pairs.iter_mut().find(|(n, _)| *n == bad), defaults.show(&bad)) {
+                (Some(pair), Some(d)) if pair.1 != d => pair.1 = d,
+                _ => break defaults,
+            },
+        }
+    };
+    model.numa = numa;
+    model
+}
+
 /// One `write(2)` of `bytes` to attribute `name`, judged as sysfs would
 /// (kernel attributes by the kernel's rules, [`kernel_compat::model_write`];
 /// twinpage's own by theirs): `Ok(None)` for a zero-length write, which
@@ -414,5 +435,19 @@ mod tests {
         t.write_attr(MERGE_MODE, "off\n", 0, false).unwrap();
         assert_eq!(show_attr(&t, &crate::KsmStats::default(), MERGE_MODE, false).unwrap(), "all zero-only [off]");
         assert_eq!(model_write(MERGE_MODE, b"", &WriteContext::default()), Ok(None));
+    }
+
+    #[test]
+    fn the_shared_tunables_read_back_into_the_model_with_the_engines_defaults_for_the_rest() {
+        let shared = [("max_page_sharing", "17"), ("advisor_mode", "none [scan-time]"), ("sleep_millisecs", "x")];
+        let get = |n: &str| shared.iter().find(|p| p.0 == n).map(|p| p.1);
+        let m = model_from_shown(get, false);
+        assert_eq!(m.max_page_sharing, 17);
+        assert_eq!(m.advisor_mode, AdvisorMode::ScanTime);
+        assert_eq!(m.run, 1, "not published yet: the engine's default, not the kernel's 0");
+        assert_eq!(m.sleep_millisecs, 20, "text that does not read back: the default");
+        assert!(!m.numa);
+        let ctx = m.context(5);
+        assert!(ctx.advisor_on && ctx.run == 1 && ctx.max_page_sharing == 17 && ctx.pages_shared == 5);
     }
 }

@@ -532,18 +532,11 @@ impl StatsTree {
         Ok(Aggregate { counters: global, publishers: live.len() })
     }
 
+    /// What a user's write is checked against: the kernel's rules on the
+    /// tunables every publisher agreed on (not this engine's, which may not
+    /// have applied another process's write yet).
     fn context(&self, shared: &SharedTunables, pages_shared: u64) -> WriteContext {
-        let num = |n: &str, d: u32| shared.value(n).and_then(|v| v.parse().ok()).unwrap_or(d);
-        // Not published yet: the engine's defaults.
-        let d = crate::tunables::Tunables::default();
-        WriteContext {
-            pages_shared,
-            advisor_on: shared.value("advisor_mode").and_then(AdvisorMode::from_show) == Some(AdvisorMode::ScanTime),
-            run: num("run", d.run()),
-            max_page_sharing: num("max_page_sharing", d.max_page_sharing()),
-            merge_across_nodes: num("merge_across_nodes", d.merge_across_nodes()),
-            numa: self.numa,
-        }
+        crate::tunables::model_from_shown(|n| shared.value(n), self.numa).context(pages_shared)
     }
 
     /// Brings the engine, the shared tunables and the writable files into
