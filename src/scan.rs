@@ -1,11 +1,11 @@
 //! The scanner: walks registered pages `pages_to_scan` per wake, in the
-//! kernel's order and with its rules (a page joins a store page found in the
-//! stable tree at once; otherwise its checksum must stay the same for one full
-//! scan before it enters the unstable tree, where a second identical page
-//! makes a new store page). Decisions are collected per batch, then merged
-//! run by run so that consecutive pages cost one remap.
+//! kernel's order, a batch at a time under the region's lock. It keeps the
+//! per-page rules every decider shares (a merged page written, a zero page
+//! gone, pages that are not anonymous, the merge mode, the pin rules, smart
+//! scan), offers the rest to the batch's decider (`decide`: in process by
+//! the kernel's trees, `local`, or by twinpaged's broker, `remote`) and
+//! merges its decisions run by run, so that consecutive pages cost one remap.
 
-use crate::broker::proto::Candidate;
 use crate::digest::{is_zero, page_hash, zero_hash};
 use crate::guest::PageCopy;
 use crate::merge::{self, Item, RunKind};
@@ -14,11 +14,13 @@ use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState};
 use crate::state::{each_live_region, Core, Cursor, Shared};
 use crate::sys::pagemap::PageEntry;
 use crate::sys::{mman, PAGE_SIZE};
-use crate::tree::PageRef;
 use crate::tunables::MergeMode;
 use crate::warn_once;
+use decide::{Batch, Decide, Decisions, Offer};
 
 pub mod advisor;
+pub(crate) mod decide;
+pub(crate) mod local;
 pub mod remote;
 
 /// Pages handled under one region lock.
@@ -43,17 +45,6 @@ fn should_skip(rec: &mut PageRecord) -> bool {
     }
     rec.set_skips(rec.skips() - 1);
     true
-}
-
-/// Merge decisions of one batch.
-#[derive(Debug, Default)]
-struct Decisions {
-    /// Tree pages to copy into new store pages: (region id, page, store page).
-    fills: Vec<(u32, usize, u32)>,
-    joins: Vec<Item>,
-    zeros: Vec<Item>,
-    /// Joins of the daemon's store pages, by page.
-    remote: Vec<Item>,
 }
 
 /// Scans up to `budget` pages; returns how many it visited.
@@ -129,28 +120,39 @@ pub fn scan_pages(sh: &Shared, budget: usize) -> usize {
 }
 
 fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut Core, first: usize, n: usize) {
-    let mut entries = vec![PageEntry::default(); n];
-    if let Err(e) = sh.pagemap.read(region.addr(first), &mut entries) {
-        warn_once!("pagemap", "twinpage: cannot read pagemap: {e}");
-        return;
-    }
-    let mergeable = region.mergeability == Mergeability::Mergeable && !st.failed;
     // Zero pages of anonymous memory always drop to the kernel's zero page,
     // whatever `use_zero_pages`: it costs no mapping, where merging them into
     // one store page (the kernel's use_zero_pages=0 behaviour) costs a mapping
     // per scattered zero page against vm.max_map_count. Counted in
     // `ksm_zero_pages`, as the kernel counts its use_zero_pages=1 merges.
     let use_zero = sh.tunables.use_zero_pages() || region.kind == crate::maps::MappingKind::Anon;
+    let b = Batch { sh, region, first, n, use_zero };
+    let d = if core.remote.is_some() {
+        walk(&b, st, core, remote::Remote::default())
+    } else {
+        let local = local::Local::new(sh.tunables.max_page_sharing());
+        walk(&b, st, core, local)
+    };
+    if let Some(d) = d {
+        execute(sh, region, st, core, d);
+    }
+}
+
+/// Walks the batch `b`, offering `decider` every page that passed the
+/// scanner's checks; its decisions, or None if pagemap could not be read.
+fn walk(b: &Batch<'_>, st: &mut RegionState, core: &mut Core, mut decider: impl Decide) -> Option<Decisions> {
+    let (sh, region, first) = (b.sh, b.region, b.first);
+    let mut entries = vec![PageEntry::default(); b.n];
+    if let Err(e) = sh.pagemap.read(region.addr(first), &mut entries) {
+        warn_once!("pagemap", "twinpage: cannot read pagemap: {e}");
+        return None;
+    }
+    let mergeable = region.mergeability == Mergeability::Mergeable && !st.failed;
     let smart = sh.tunables.smart_scan();
-    let max_sharing = sh.tunables.max_page_sharing();
     let zh = zero_hash();
     let mode = sh.tunables.merge_mode();
     core.merged_under = core.merged_under.min(mode);
-    let mut d = Decisions::default();
-    let mut last_pair: Option<(usize, u32)> = None;
-    let remote = core.remote.is_some();
-    let mut candidates = Vec::new();
-    let (mut copy, mut other_copy) = (PageCopy::new(), PageCopy::new());
+    let mut copy = PageCopy::new();
 
     for (i, &e) in entries.iter().enumerate() {
         let idx = first + i;
@@ -218,92 +220,24 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
             continue;
         };
         let h = page_hash(page);
-        if h == zh && !e.exclusive() && is_zero(page) {
+        let zero = h == zh && is_zero(page);
+        if zero && !e.exclusive() {
             // The shared zero page of a never-written page: nothing to merge.
             core.forget_hashed(rec);
             rec.set_state(PageState::None);
             continue;
         }
-        // The merge mode decides here, before any tree or the daemon hears of
-        // the page: a page the mode excludes is never proposed, so it can
+        // The merge mode decides here, before any decider hears of the
+        // page: a page the mode excludes is never proposed, so it can
         // neither join a store page nor become one.
-        if !mode.allows(h == zh && is_zero(page)) {
+        if !mode.allows(zero) {
             core.forget_hashed(rec);
             rec.set_state(PageState::None);
             continue;
         }
-        let cks = h as u32;
-        if remote {
-            // Connected: the daemon's broker decides (cross-process sharing).
-            let steady = core.note_checksum(rec, cks);
-            if steady && use_zero && h == zh && is_zero(page) {
-                d.zeros.push(Item { page: idx, store: 0 });
-                continue;
-            }
-            candidates.push(Candidate { token: remote::token(region.id, idx), digest: h, stable: steady });
-            continue;
-        }
-        if let Some(s) = core.stable.reserve(h, max_sharing) {
-            d.joins.push(Item { page: idx, store: s });
-            continue;
-        }
-        if !core.note_checksum(rec, cks) {
-            continue;
-        }
-        if use_zero && h == zh && is_zero(page) {
-            d.zeros.push(Item { page: idx, store: 0 });
-            continue;
-        }
-        let me = PageRef { region: region.id, page: idx as u32 };
-        match core.unstable.get(h) {
-            Some(t) if t != me => {
-                let equal = if t.region == region.id {
-                    let tidx = t.page as usize;
-                    st.records.get(tidx).is_some_and(|r| r.state() == PageState::Hashed) && {
-                        // SAFETY: a page of our own region, under our lock.
-                        unsafe { other_copy.read(region, region.prot, region.addr(tidx)) }.is_ok_and(|other| other == page)
-                    }
-                } else {
-                    with_other_region(sh, t, |r2, st2| {
-                        let tidx = t.page as usize;
-                        st2.records.get(tidx).is_some_and(|r| r.state() == PageState::Hashed) && {
-                            // SAFETY: a page of `r2`, live while we hold its lock.
-                            unsafe { other_copy.read(r2, r2.prot, r2.addr(tidx)) }.is_ok_and(|other| other == page)
-                        }
-                    })
-                    .unwrap_or(false)
-                };
-                if equal {
-                    core.unstable.remove(h);
-                    let after = last_pair.filter(|&(p, _)| p + 1 == idx).map(|(_, s)| s);
-                    let s = core.alloc.alloc(after);
-                    core.stable.insert(h, s, 2);
-                    d.fills.push((t.region, t.page as usize, s));
-                    d.joins.push(Item { page: idx, store: s });
-                    last_pair = Some((idx, s));
-                } else {
-                    core.unstable.insert(h, me);
-                }
-            }
-            Some(_) => {}
-            None => core.unstable.insert(h, me),
-        }
+        decider.offer(b, st, core, Offer { page: idx, bytes: page, hash: h, zero });
     }
-
-    if !candidates.is_empty() {
-        d.remote = remote::exchange(sh, region, core, candidates, first, n);
-    }
-    execute(sh, region, st, core, d);
-}
-
-/// Runs `f` on another region under its lock, if it is free and alive.
-fn with_other_region<R>(sh: &Shared, t: PageRef, f: impl FnOnce(&Region, &mut RegionState) -> R) -> Option<R> {
-    let r2 = sh.registry.read().get(t.region).cloned()?;
-    let mut st2 = r2.state.try_write()?;
-    if st2.dead {
-        return None;
-    }
-    Some(f(&r2, &mut st2))
+    Some(decider.decide(b, core))
 }
 
 /// Splits items (sorted by page) into runs of consecutive pages.
@@ -367,7 +301,7 @@ fn execute(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut C
         if rid == region.id {
             fill_all(region, st, core);
         } else {
-            let done = with_other_region(sh, PageRef { region: rid, page: 0 }, |r2, st2| fill_all(r2, st2, core));
+            let done = sh.with_region_if_free(rid, |r2, st2| fill_all(r2, st2, core));
             if done.is_none() {
                 for it in &items {
                     if core.stable.cancel(it.store) {

@@ -41,6 +41,18 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Runs `f` on region `id` under its lock, if the lock is free (a batch
+    /// never waits for another region: that order could deadlock) and the
+    /// region alive.
+    pub(crate) fn with_region_if_free<R>(&self, id: u32, f: impl FnOnce(&Region, &mut RegionState) -> R) -> Option<R> {
+        let r = self.registry.read().get(id).cloned()?;
+        let mut st = r.state.try_write()?;
+        if st.dead {
+            return None;
+        }
+        Some(f(&r, &mut st))
+    }
+
     /// A fresh engine's state around its kernel handles and store.
     pub fn new(uffd: Userfaultfd, pagemap: Pagemap, store: Store) -> Self {
         let stores = store.file_id().into_iter().collect();

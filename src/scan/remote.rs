@@ -4,11 +4,12 @@
 
 use std::time::Instant;
 
+use super::decide::{Batch, Decide, Decisions, Offer};
 use crate::broker::proto::{Candidate, FillPage, OrderKind, PAGE};
 use crate::guest::copy_page;
 use crate::link::Link;
 use crate::merge::Item;
-use crate::region::{PageRecord, Region};
+use crate::region::{PageRecord, Region, RegionState};
 use crate::state::{Core, Shared};
 
 /// A page's name in messages: region id and page index.
@@ -16,11 +17,37 @@ pub fn token(region: u32, page: usize) -> u64 {
     (u64::from(region) << 32) | page as u64
 }
 
+/// The decider through twinpaged: every steady zero page drops to the zero
+/// page here, every other page goes to the daemon's broker as a candidate
+/// (its digest, and whether its checksum held for a scan), and the broker's
+/// orders are the batch's decisions.
+#[derive(Default)]
+pub(crate) struct Remote {
+    zeros: Vec<Item>,
+    candidates: Vec<Candidate>,
+}
+
+impl Decide for Remote {
+    fn offer(&mut self, b: &Batch<'_>, st: &mut RegionState, core: &mut Core, o: Offer<'_>) {
+        let steady = core.note_checksum(&mut st.records[o.page], o.hash as u32);
+        if steady && b.use_zero && o.zero {
+            self.zeros.push(Item { page: o.page, store: 0 });
+            return;
+        }
+        self.candidates.push(Candidate { token: token(b.region.id, o.page), digest: o.hash, stable: steady });
+    }
+
+    fn decide(self, b: &Batch<'_>, core: &mut Core) -> Decisions {
+        let remote = if self.candidates.is_empty() { Vec::new() } else { exchange(b.sh, b.region, core, self.candidates, b.first, b.n) };
+        Decisions { zeros: self.zeros, remote, ..Decisions::default() }
+    }
+}
+
 /// Sends the candidates of pages `[first, first+n)` of `region` and returns
 /// the joins to do, by page. Pages the broker wants as the content of a new
 /// store page are uploaded first (the broker checks them against their
 /// digest); the join then compares under write-protect as any other.
-pub fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<Candidate>, first: usize, n: usize) -> Vec<Item> {
+fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<Candidate>, first: usize, n: usize) -> Vec<Item> {
     let mut digests = vec![0u64; n];
     for c in &candidates {
         digests[(c.token & 0xffff_ffff) as usize - first] = c.digest;
