@@ -1,6 +1,6 @@
 //! Bench-only harness: not part of twinpage's API, no stability promise.
 //!
-//! It drives the real merge primitive ([`merge::merge_run`]: write-protect,
+//! It drives the real merge primitive (`merge::merge_run`: write-protect,
 //! pagemap check, byte compare, remap, wake) on memory of this process,
 //! without the engine's threads, so `benches/engine.rs` can time exactly one
 //! merge call. It builds a `Shared` and `Core` the way
@@ -210,7 +210,7 @@ impl MergeHarness {
     }
 
     /// The engine's counters now (merge runs, mismatches, held-back pages).
-    pub fn stats(&self) -> crate::KsmStats {
+    pub fn stats(&self) -> crate::stats::KsmStats {
         let regions = self.sh.registry.read().len() as u64;
         self.sh.core.lock().snapshot(regions, self.sh.store.allocated_bytes().unwrap_or(0), u64::from(self.sh.tunables.max_page_sharing()))
     }

@@ -16,7 +16,7 @@ use crate::store::{Store, StoreError};
 use crate::sys::pagemap::Pagemap;
 use crate::sys::uffd::{self, UffdError, UffdMsg, Userfaultfd};
 use crate::sys::PAGE_SIZE;
-use crate::tunables::{AdvisorMode, TunableError, Tunables};
+use crate::tunables::{has_numa, AdvisorMode, TunableError, Tunables};
 use crate::unmerge;
 use crate::warn_once;
 use kernel_compat::WriteError;
@@ -815,9 +815,23 @@ pub struct Advice {
     pub dontdump: bool,
 }
 
-/// Whether this kernel has NUMA (and so a `merge_across_nodes` attribute).
-pub fn has_numa() -> bool {
-    std::path::Path::new("/sys/devices/system/node/node0").exists()
+/// An engine publishes itself into a stats tree.
+impl crate::statsfs::Source for Engine {
+    fn stats(&self) -> KsmStats {
+        Engine::stats(self)
+    }
+    fn show_attr(&self, name: &str) -> Option<String> {
+        Engine::show_attr(self, name)
+    }
+    fn set_attr(&self, name: &str, text: &str) -> Result<(), kernel_compat::WriteError> {
+        Engine::set_attr(self, name, text)
+    }
+    fn sleep_millisecs(&self) -> u32 {
+        self.tunables().sleep_millisecs()
+    }
+    fn follow_advisor(&self, pages_to_scan: u32) {
+        self.tunables().advise_pages_to_scan(pages_to_scan);
+    }
 }
 
 /// Reopens the file behind a private file mapping: by path, or through

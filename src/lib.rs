@@ -7,6 +7,7 @@
 //! with userfaultfd, compares it byte for byte with the store page, remaps it
 //! and wakes any writer, so that no write is ever lost (see `merge`).
 
+pub(crate) mod advisor;
 pub(crate) mod anonymize;
 #[doc(hidden)]
 pub mod bench_api;

@@ -8,12 +8,12 @@
 //! decision (an agent that joins counts from its next). The CPU the kernel
 //! measures on ksmd is here the sum of the agents' scanning threads
 //! (`twinpage-scan`, from `/proc/<pid>/task/*/stat`). The decision itself is
-//! the kernel's arithmetic (`scan::advisor`); the daemon's publisher carries
+//! the kernel's arithmetic (`advisor`); the daemon's publisher carries
 //! the choice to the tree, and each agent takes it from there.
 
 use std::collections::BTreeMap;
 
-use crate::scan::advisor::Advisor;
+use crate::advisor::Advisor;
 use crate::statsfs::ProcessEntry;
 use crate::tunables::{AdvisorMode, Tunables};
 

@@ -18,7 +18,6 @@ use crate::tunables::MergeMode;
 use crate::warn_once;
 use decide::{Batch, Decide, Decisions, Offer};
 
-pub mod advisor;
 pub(crate) mod decide;
 pub(crate) mod local;
 pub mod remote;

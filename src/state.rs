@@ -3,11 +3,11 @@
 //! behind one lock). The scanner, the merge protocol, the fault thread and
 //! unmerging all work on it; it knows none of them.
 
+use crate::advisor;
 use crate::inflight::InFlight;
 use crate::map_budget::MapBudget;
 use crate::primitive::{Arc, RwLock};
 use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState, Registry};
-use crate::scan::advisor;
 use crate::stats::{KsmStats, Stats};
 use crate::store::{Store, StoreAlloc};
 use crate::sys::pagemap::Pagemap;

@@ -126,6 +126,11 @@ pub fn is_twinpage_attr(name: &str) -> bool {
     TWINPAGE_ATTRS.iter().any(|a| a.name == name)
 }
 
+/// Whether this kernel has NUMA (and so a `merge_across_nodes` attribute).
+pub(crate) fn has_numa() -> bool {
+    std::path::Path::new("/sys/devices/system/node/node0").exists()
+}
+
 /// The model as a stats tree's shared tunables show it (`shown(name)`, the
 /// text every publisher agreed on), read back with the kernel's own reader
 /// ([`kernel_compat::Tunables::from_shown`]); an attribute not published yet,
@@ -313,7 +318,7 @@ impl Tunables {
     pub(crate) fn set_pages_to_scan(&self, v: u32) -> Result<(), TunableError> {
         self.store("pages_to_scan", v, 0)
     }
-    /// The scan-time advisor's choice (`scan::advisor`), which no user may
+    /// The scan-time advisor's choice (`advisor`), which no user may
     /// write while it is on.
     pub(crate) fn advise_pages_to_scan(&self, v: u32) {
         let _ = self.change(|m| {
@@ -393,7 +398,7 @@ impl Tunables {
 /// What reading attribute `name` of `/sys/kernel/mm/ksm` prints (without the
 /// newline) for tunables `t` and counters `s`; `None` for a name the kernel
 /// does not have (`merge_across_nodes` only exists with NUMA).
-pub fn show_attr(t: &Tunables, s: &crate::KsmStats, name: &str, numa: bool) -> Option<String> {
+pub fn show_attr(t: &Tunables, s: &crate::stats::KsmStats, name: &str, numa: bool) -> Option<String> {
     if let Some(v) = t.show(name, numa) {
         return Some(v);
     }
@@ -433,7 +438,7 @@ mod tests {
         assert_eq!(t.write_attr(MERGE_MODE, "sometimes", 0, false), Err(WriteError::Inval));
         assert_eq!(t.merge_mode(), MergeMode::All);
         t.write_attr(MERGE_MODE, "off\n", 0, false).unwrap();
-        assert_eq!(show_attr(&t, &crate::KsmStats::default(), MERGE_MODE, false).unwrap(), "all zero-only [off]");
+        assert_eq!(show_attr(&t, &crate::stats::KsmStats::default(), MERGE_MODE, false).unwrap(), "all zero-only [off]");
         assert_eq!(model_write(MERGE_MODE, b"", &WriteContext::default()), Ok(None));
     }
 

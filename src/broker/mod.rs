@@ -3,7 +3,7 @@
 //! batches and get merge orders back; only the broker writes a store, agents
 //! get a read-only fd and compare bytes under write-protect before they remap.
 //!
-//! In-process (no daemon), an [`Engine`](crate::Engine) keeps the same trees
+//! In-process (no daemon), an `Engine` keeps the same trees
 //! and store itself and merges only its own pages; connected to the daemon,
 //! its new merges go through the broker (see `scan::remote`).
 //!
@@ -103,18 +103,7 @@ pub struct Broker {
     store_full_gone: u64,
 }
 
-/// What one sharing domain holds now (for twinpaged's per-domain metrics).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DomainFigures {
-    pub name: String,
-    /// Agents connected in it.
-    pub agents: u64,
-    /// Its store pages in use, and the pages beyond the first mapping each
-    /// (the kernel's `pages_shared`/`pages_sharing`, for this domain).
-    pub pages_shared: u64,
-    pub pages_sharing: u64,
-    pub store_bytes: u64,
-}
+pub use crate::statsfs::prom::DomainFigures;
 
 /// The domain an agent of `uid` joins when it names none.
 pub fn default_domain(uid: u32) -> String {

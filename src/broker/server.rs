@@ -107,12 +107,12 @@ impl Source for Daemon {
     }
     fn show_attr(&self, name: &str) -> Option<String> {
         let b = self.broker.lock();
-        crate::tunables::show_attr(&b.tunables, &b.stats(), name, crate::engine::has_numa())
+        crate::tunables::show_attr(&b.tunables, &b.stats(), name, crate::tunables::has_numa())
     }
     fn set_attr(&self, name: &str, text: &str) -> Result<(), kernel_compat::WriteError> {
         let b = self.broker.lock();
         let shared = b.stats().pages_shared;
-        b.tunables.write_attr(name, text, shared, crate::engine::has_numa())
+        b.tunables.write_attr(name, text, shared, crate::tunables::has_numa())
     }
     fn sleep_millisecs(&self) -> u32 {
         self.broker.lock().tunables.sleep_millisecs()

@@ -24,7 +24,7 @@
 //! merged page lands in an anonymous page of its own (`cow`). What is left
 //! (a private file mapping's data, a copy made inside a store mapping when
 //! the fault thread could not step in, every writable page on a kernel
-//! without `UFFDIO_MOVE`) is never merged (see docs/architecture.md, "Pinned pages").
+//! without `UFFDIO_MOVE`) is never merged (see docs/pinned-pages.md).
 
 use crate::region::{PageRecord, Region, RegionState};
 use crate::state::{Core, Shared};

@@ -43,7 +43,7 @@
 //!
 //! # The publisher
 //!
-//! [`StatsTree::spawn`] starts a thread for one [`Engine`](crate::Engine)
+//! [`StatsTree::spawn`] starts a thread for one `Engine`
 //! that passes over the tree at least once per `sleep_millisecs` (and at
 //! least every 200 ms, at most every 50 ms; [`StatsTreeHandle::kick`]
 //! forces a pass). A pass takes the lock (waiting at most 2 s, else the
@@ -56,7 +56,7 @@
 //! with the kernel's rules ([`kernel_compat::model_write`], against the
 //! tree's state: the summed `pages_shared`, the shared `advisor_mode`, ...;
 //! in chunks of 4096 bytes as sysfs hands them to the store function) and,
-//! if accepted, applied with [`Engine::set_attr`](crate::Engine::set_attr),
+//! if accepted, applied with `Engine::set_attr`,
 //! so it takes effect within one period; the file then shows the value as
 //! the kernel prints it (`+5` reads back as `5`). A refused write (EINVAL,
 //! EBUSY, ERANGE as the kernel would answer) is never applied: the file
@@ -124,7 +124,7 @@ pub use file::{TreeLock, TreeLockGuard};
 pub use publisher::{forget_parent_publishers, process_stat, StatsTree, StatsTreeHandle};
 pub use reader::{ProcessEntry, Refusal, SetError, SetOutcome, Ticket, Tree, WaitOutcome};
 
-use crate::KsmStats;
+use crate::stats::KsmStats;
 
 /// Names of the tree's directories and files.
 pub mod layout {
@@ -165,7 +165,8 @@ pub fn default_root() -> PathBuf {
     std::env::var_os("TWINPAGE_DIR").filter(|v| !v.is_empty()).map_or_else(|| PathBuf::from("/run/twinpage"), PathBuf::from)
 }
 
-/// What a publisher publishes: an [`Engine`](crate::Engine), or the
+/// What a publisher publishes: an engine (the implementation is in
+/// `engine.rs`, which sits above this module), or the
 /// daemon's broker (whose counters are the cross-process merges and whose
 /// tunables every agent follows).
 pub trait Source: Send + Sync + 'static {
@@ -181,24 +182,6 @@ pub trait Source: Send + Sync + 'static {
     /// chose `pages_to_scan`: take it, as a user's write may not be taken
     /// while the advisor is on. Sources that do not scan ignore it.
     fn follow_advisor(&self, _pages_to_scan: u32) {}
-}
-
-impl Source for crate::Engine {
-    fn stats(&self) -> KsmStats {
-        crate::Engine::stats(self)
-    }
-    fn show_attr(&self, name: &str) -> Option<String> {
-        crate::Engine::show_attr(self, name)
-    }
-    fn set_attr(&self, name: &str, text: &str) -> Result<(), kernel_compat::WriteError> {
-        crate::Engine::set_attr(self, name, text)
-    }
-    fn sleep_millisecs(&self) -> u32 {
-        self.tunables().sleep_millisecs()
-    }
-    fn follow_advisor(&self, pages_to_scan: u32) {
-        self.tunables().advise_pages_to_scan(pages_to_scan);
-    }
 }
 
 /// The two yes/no lines of `ksm_stat`.

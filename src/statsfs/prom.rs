@@ -10,7 +10,6 @@ use std::io;
 use std::path::Path;
 
 use super::ProcessEntry;
-use crate::broker::DomainFigures;
 
 /// `(metric, help, type, value of a process)`.
 type Metric = (&'static str, &'static str, &'static str, fn(&ProcessEntry) -> i128);
@@ -55,6 +54,19 @@ fn escape(v: &str) -> String {
 }
 
 /// `(metric, help, type, value of a domain)`.
+/// What one sharing domain holds now (for twinpaged's per-domain metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainFigures {
+    pub name: String,
+    /// Agents connected in it.
+    pub agents: u64,
+    /// Its store pages in use, and the pages beyond the first mapping each
+    /// (the kernel's `pages_shared`/`pages_sharing`, for this domain).
+    pub pages_shared: u64,
+    pub pages_sharing: u64,
+    pub store_bytes: u64,
+}
+
 type DomainMetric = (&'static str, &'static str, &'static str, fn(&DomainFigures) -> u64);
 
 const DOMAIN_METRICS: &[DomainMetric] = &[

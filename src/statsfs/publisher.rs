@@ -18,7 +18,7 @@ use super::file::{self, InPlaceFile, TreeLock};
 use super::shared::{Mark, SharedTunables, State};
 use super::wake::Wake;
 use super::{layout, FlagsFn, ProcessFlags, Source, StatsTreeOptions};
-use crate::KsmStats;
+use crate::stats::KsmStats;
 
 /// Shortest and longest time between two passes; in between, the engine's
 /// `sleep_millisecs`. Every process running an engine publishes into one
@@ -49,7 +49,7 @@ enum Msg {
     Stop,
 }
 
-/// The publisher of one process (one [`Engine`](crate::Engine)) into one tree; see the
+/// The publisher of one process (one `Engine`) into one tree; see the
 /// [module documentation](super) for the layout and the rules.
 pub struct StatsTree {
     engine: Arc<dyn Source>,
