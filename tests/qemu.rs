@@ -582,7 +582,7 @@ fn background_snapshot_of_a_merged_guest_completes() {
     // A unix socket, not `exec:cat > file`: exec forks QEMU, and a fork
     // leaves every anonymous page not written since "maybe shared", which
     // UFFDIO_MOVE refuses (EBUSY) like a pinned page, so the pin check
-    // keeps those pages from merging again (see docs/architecture.md, "Pinned pages").
+    // keeps those pages from merging again (see docs/pinned-pages.md).
     let sock = g.dir.join("snapshot.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let sink = {
