@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use kernel_compat::{parse, WriteContext};
+use kernel_compat::parse;
 
 /// What the environment asked for.
 #[derive(Debug, Clone)]
@@ -66,7 +66,10 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
         store_dir: None,
         tunables: Vec::new(),
     };
-    let ctx = WriteContext::default();
+    // The values are applied, in order, to the model the engine starts from:
+    // each is judged as the kernel would judge that write after the ones
+    // before it (pages_to_scan is refused once advisor_mode is scan-time).
+    let mut model = crate::tunables::default_model();
     let mut vars: Vec<(String, String)> = vars.into_iter().filter(|(k, _)| k.starts_with("TWINPAGE_")).collect();
     vars.sort();
     for (k, v) in vars {
@@ -119,8 +122,10 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
                         if v.is_empty() {
                             return Err(format!("{k} is empty (unset it for the default {:?})", a.default));
                         }
-                        crate::tunables::model_write(&attr, v.as_bytes(), &ctx)
+                        crate::tunables::model_write(&attr, v.as_bytes(), &model.context(0))
                             .map_err(|e| format!("{k}={v:?} is refused as sysfs refuses it ({})", e.name()))?;
+                        // twinpage's own attributes are not the kernel model's.
+                        let _ = model.write(&attr, &v, 0);
                         c.tunables.push((attr, v));
                     }
                     Some(_) => return Err(format!("{k}: {attr} is read-only")),
@@ -163,5 +168,11 @@ mod tests {
         assert_eq!(c.tunables, vec![("twinpage_merge_mode".to_string(), "zero-only".to_string())]);
         assert!(vars(&[("TWINPAGE_TWINPAGE_MERGE_MODE", "zero")]).unwrap_err().contains("TWINPAGE_TWINPAGE_MERGE_MODE"));
         assert!(vars(&[("TWINPAGE_RUN", "")]).unwrap_err().contains("TWINPAGE_RUN is empty"));
+        // Judged in order, as the kernel judges writes: with the advisor on,
+        // pages_to_scan is the advisor's.
+        let advised = vars(&[("TWINPAGE_ADVISOR_MODE", "scan-time"), ("TWINPAGE_PAGES_TO_SCAN", "1000")]);
+        assert!(advised.unwrap_err().contains("TWINPAGE_PAGES_TO_SCAN=\"1000\" is refused as sysfs refuses it (EINVAL)"));
+        let c = vars(&[("TWINPAGE_ADVISOR_MIN_PAGES_TO_SCAN", "20000"), ("TWINPAGE_ADVISOR_MODE", "scan-time")]).unwrap();
+        assert_eq!(c.tunables.len(), 2);
     }
 }

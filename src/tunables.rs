@@ -131,12 +131,18 @@ pub(crate) fn has_numa() -> bool {
     std::path::Path::new("/sys/devices/system/node/node0").exists()
 }
 
+/// The model an engine starts from: the kernel's defaults, except `run`
+/// (1: a process that loads twinpage asked for merging).
+pub(crate) fn default_model() -> kernel_compat::Tunables {
+    kernel_compat::Tunables { run: 1, numa: has_numa(), ..kernel_compat::Tunables::default() }
+}
+
 /// The model as a stats tree's shared tunables show it (`shown(name)`, the
 /// text every publisher agreed on), read back with the kernel's own reader
 /// ([`kernel_compat::Tunables::from_shown`]); an attribute not published yet,
 /// or whose text does not read back, keeps the engine's default.
 pub(crate) fn model_from_shown<'a>(shown: impl Fn(&str) -> Option<&'a str>, numa: bool) -> kernel_compat::Tunables {
-    let defaults = *Tunables::default().model.lock();
+    let defaults = default_model();
     let mut pairs: Vec<(&'static str, String)> =
         defaults.values().iter().map(|v| (v.name(), shown(v.name()).map(str::to_string).unwrap_or_else(|| v.show()))).collect();
     let mut model = loop {
@@ -196,7 +202,7 @@ impl Default for Tunables {
     /// The kernel's defaults, except `run`: a process that loads twinpage
     /// asked for merging, so it is 1.
     fn default() -> Self {
-        let model = kernel_compat::Tunables { run: 1, ..kernel_compat::Tunables::default() };
+        let model = default_model();
         let z = || AtomicU64::new(0);
         let t = Self {
             model: Mutex::new(model),
