@@ -225,6 +225,21 @@ impl Region {
     }
 }
 
+/// Runs `f` on region `id` under its write lock, if that lock is free and
+/// the region alive: the scanner's way to a second region while it holds a
+/// batch's. Never waiting is what keeps two batches that reach for each
+/// other's region from deadlocking; the `dead` check is what keeps a region
+/// that [`take_range`] took out (its memory about to be unmapped) from being
+/// read. `tests/loom.rs` runs this very function.
+pub fn with_region_if_free<R>(registry: &RwLock<Registry>, id: u32, f: impl FnOnce(&Region, &mut RegionState) -> R) -> Option<R> {
+    let r = registry.read().get(id).cloned()?;
+    let mut st = r.state.try_write()?;
+    if st.dead {
+        return None;
+    }
+    Some(f(&r, &mut st))
+}
+
 /// Takes `[addr, end)` out of `registry` before the memory goes away (or
 /// stops being merged): each overlapping region, in address order and one
 /// at a time, under its own lock and then `core` (the engine's lock order),

@@ -41,16 +41,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Runs `f` on region `id` under its lock, if the lock is free (a batch
-    /// never waits for another region: that order could deadlock) and the
-    /// region alive.
+    /// Runs `f` on region `id` under its lock, if the lock is free and the
+    /// region alive (`region::with_region_if_free`).
     pub(crate) fn with_region_if_free<R>(&self, id: u32, f: impl FnOnce(&Region, &mut RegionState) -> R) -> Option<R> {
-        let r = self.registry.read().get(id).cloned()?;
-        let mut st = r.state.try_write()?;
-        if st.dead {
-            return None;
-        }
-        Some(f(&r, &mut st))
+        crate::region::with_region_if_free(&self.registry, id, f)
     }
 
     /// A fresh engine's state around its kernel handles and store.

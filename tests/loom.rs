@@ -129,12 +129,16 @@ impl Sh {
         true
     }
 
-    /// `scan::with_other_region`, with the second lock taken by `try_write`
-    /// (or, for the broken variant, by a blocking `write`).
+    /// The scanner's way to a second region: `region::with_region_if_free`
+    /// itself, or, for the broken variant, the same steps with a blocking
+    /// `write` for the second lock.
     fn with_other_region(&self, id: u32, blocking: bool, f: impl FnOnce(&Region, &mut RegionState)) {
+        if !blocking {
+            twinpage::region::with_region_if_free(&self.registry, id, f);
+            return;
+        }
         let Some(r2) = self.registry.read().get(id).cloned() else { return };
-        let st2 = if blocking { Some(r2.state.write()) } else { r2.state.try_write() };
-        let Some(mut st2) = st2 else { return };
+        let mut st2 = r2.state.write();
         if st2.dead {
             return;
         }
