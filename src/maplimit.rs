@@ -9,6 +9,7 @@
 //! its agents' registered memory can need (never lowers it), and says so
 //! once; otherwise it says once, when merges are held back, what fixes it.
 
+use std::collections::HashMap;
 use std::io;
 
 use crate::map_budget::MapBudget;
@@ -29,14 +30,22 @@ pub struct Need {
     pub registered: u64,
 }
 
-/// The largest need among `processes`, if any registered memory.
+/// The largest need among `processes`, if any registered memory, counting
+/// each process's mappings as they are now.
 pub fn need(processes: &[ProcessEntry]) -> Option<Need> {
+    need_from(processes, |p| p.counter("twinpage_map_count"))
+}
+
+/// [`need`], with a process's mappings before merging given by `maps`: the
+/// mappings its merges added are already among the "one for every page it
+/// registered".
+fn need_from(processes: &[ProcessEntry], maps: impl Fn(&ProcessEntry) -> u64) -> Option<Need> {
     processes
         .iter()
         .filter(|p| p.live)
         .map(|p| {
             let registered = p.counter("twinpage_pages_registered");
-            let maps = p.counter("twinpage_map_count");
+            let maps = maps(p);
             let want = usize::try_from(maps + registered).unwrap_or(usize::MAX / 2);
             Need {
                 mappings: want as u64,
@@ -74,11 +83,28 @@ pub struct Keeper {
     /// A raise failed (not root): only advise from then on.
     cannot: bool,
     advised: bool,
+    /// The fewest mappings each running process (pid, start time) was seen
+    /// with: its count before (most of) its merges. Counting its mappings
+    /// now would count every merge twice, and raise the limit again and
+    /// again while it merges.
+    base: HashMap<(u32, u64), u64>,
 }
 
 impl Keeper {
     pub fn new(keep: bool) -> Keeper {
-        Keeper { keep, cannot: false, advised: false }
+        Keeper { keep, cannot: false, advised: false, base: HashMap::new() }
+    }
+
+    /// The largest need among `processes`, each counted from the fewest
+    /// mappings it was seen with.
+    fn need(&mut self, processes: &[ProcessEntry]) -> Option<Need> {
+        let key = |p: &ProcessEntry| (p.pid, p.counter("starttime"));
+        self.base.retain(|k, _| processes.iter().any(|p| p.live && key(p) == *k));
+        for p in processes.iter().filter(|p| p.live) {
+            let maps = p.counter("twinpage_map_count");
+            self.base.entry(key(p)).and_modify(|b| *b = (*b).min(maps)).or_insert(maps);
+        }
+        need_from(processes, |p| self.base.get(&key(p)).copied().unwrap_or(0))
     }
 
     /// Raises the limit to what the agents under `tree` can need, or advises
@@ -86,8 +112,9 @@ impl Keeper {
     pub fn tick(&mut self, tree: &Tree) {
         let Ok(processes) = tree.processes() else { return };
         let Ok(now) = read() else { return };
-        log::debug!("twinpaged: vm.max_map_count {now}, need {:?}, held back {}", need(&processes), held_back(&processes));
-        let Some(need) = need(&processes).filter(|n| n.exceeds(now)) else { return };
+        let need = self.need(&processes);
+        log::debug!("twinpaged: vm.max_map_count {now}, need {need:?}, held back {}", held_back(&processes));
+        let Some(need) = need.filter(|n| n.exceeds(now)) else { return };
         if !self.keep && !self.cannot {
             match std::fs::write(SYSCTL, need.max_map_count.to_string()) {
                 Ok(()) => {
@@ -137,5 +164,34 @@ mod tests {
         assert!(!need(612).exceeds(65530), "a few hundred pages must not raise Debian's default");
         assert!(need(60_000).exceeds(65530));
         assert!(!need(60_000).exceeds(MapBudget::max_map_count_for(60_000) as u64));
+    }
+
+    fn process(pid: u32, maps: i128, registered: i128) -> ProcessEntry {
+        let counters = [("starttime", 7), ("twinpage_map_count", maps), ("twinpage_pages_registered", registered)];
+        ProcessEntry {
+            pid,
+            comm: "qemu".into(),
+            name: "guest".into(),
+            stat: None,
+            live: true,
+            counters: counters.iter().map(|&(n, v)| (n.to_string(), v)).collect(),
+            tunables: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn merging_does_not_move_the_need_of_a_process() {
+        let mut k = Keeper::new(true);
+        let before = k.need(&[process(10, 1000, 262_144)]).unwrap();
+        assert_eq!(before.mappings, 263_144);
+        // Its merges added 50000 mappings, already among the registered pages.
+        let merging = k.need(&[process(10, 51_000, 262_144)]).unwrap();
+        assert_eq!(merging, before);
+        // Counted from now, the need would have grown with every merge.
+        assert_eq!(need(&[process(10, 51_000, 262_144)]).unwrap().mappings, 313_144);
+        // A new process with the same pid (another start time) starts again.
+        let mut again = process(10, 51_000, 262_144);
+        again.counters.insert("starttime".into(), 8);
+        assert_eq!(k.need(&[again]).unwrap().mappings, 313_144);
     }
 }
