@@ -216,9 +216,11 @@ impl Engine {
                 continue;
             }
             // A store mapping left by an earlier merge holds the owner's private
-            // copies: it stands for anonymous memory.
+            // copies: it stands for anonymous memory. Known by device and inode:
+            // with TWINPAGE_STORE_DIR (or a daemon's store) its name is a
+            // deleted file's, not the memfd's.
             let mut vma = vma.clone();
-            if vma.path.starts_with("/memfd:twinpage-store") {
+            if vma.kind == MappingKind::PrivateFile && sh.stores.lock().contains(&vma.file) {
                 vma.kind = MappingKind::Anon;
             }
             // PROT_NONE anonymous memory merges, as with the kernel (read
