@@ -20,10 +20,9 @@ use std::time::{Duration, Instant};
 use memmap2::{Advice, MmapMut};
 
 use crate::digest;
-use crate::maps::MappingKind;
 use crate::merge::{self, Item, RunKind};
 use crate::primitive::Arc;
-use crate::region::{Mergeability, PageRecord, PageState, Region};
+use crate::region::{Mergeability, PageState, Region};
 use crate::state::Shared;
 use crate::store::Store;
 use crate::sys::pagemap::Pagemap;
@@ -225,13 +224,21 @@ fn map_anon(pages: usize) -> std::io::Result<MmapMut> {
     Ok(map)
 }
 
-/// Registers `map` as `Engine::register` does for anonymous memory.
+/// Registers `map` through the engine's own registration
+/// (`engine::register_vmas`, what `Engine::register` runs), without the
+/// engine's threads: the harness is the only one merging.
 fn register(sh: &Shared, map: &MmapMut) -> Result<Arc<Region>, HarnessError> {
     let addr = map.as_ptr() as usize;
-    let pages = map.len() / PAGE_SIZE;
-    sh.uffd.register_wp(addr, pages * PAGE_SIZE)?;
-    let rw = libc::PROT_READ | libc::PROT_WRITE;
-    Ok(sh.add_region(|id| Region::new(id, addr, pages, MappingKind::Anon, Mergeability::Mergeable, rw, vec![PageRecord::default(); pages])))
+    let end = addr + map.len();
+    let (result, _) = crate::engine::register_vmas(sh, addr, end, &crate::maps::vmas_in(addr, end)?);
+    result?;
+    let region = sh.registry.read().containing(addr).cloned().ok_or("the mapping was not registered")?;
+    if region.pages * PAGE_SIZE != map.len() || region.mergeability != Mergeability::Mergeable {
+        return Err(
+            format!("registered {} pages, {:?}; want {} mergeable", region.pages, region.mergeability, map.len() / PAGE_SIZE).into()
+        );
+    }
+    Ok(region)
 }
 
 #[cfg(test)]
