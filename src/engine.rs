@@ -63,13 +63,7 @@ pub struct FreeHold {
 impl Drop for FreeHold {
     fn drop(&mut self) {
         let sh = &self.inner.sh;
-        let mut core = sh.core.lock();
-        core.free_holds -= 1;
-        if core.free_holds == 0 {
-            for idx in std::mem::take(&mut core.deferred_frees) {
-                core.free_store_page(sh, idx);
-            }
-        }
+        sh.core.lock().release_free_hold(sh);
     }
 }
 
@@ -268,7 +262,7 @@ impl Engine {
     /// are neither freed nor reused. A process that forks holds frees until
     /// its child has replaced the store mappings it inherited.
     pub fn hold_frees(&self) -> FreeHold {
-        self.inner.sh.core.lock().free_holds += 1;
+        self.inner.sh.core.lock().hold_frees();
         FreeHold { inner: self.inner.clone() }
     }
 
@@ -399,11 +393,10 @@ impl Engine {
         let sh = &self.inner.sh;
         let mut core = sh.core.lock();
         let core = &mut *core;
-        let holds = core.free_holds;
-        let link = core.remote.as_mut()?;
         // Releases held for a forked child stay queued (see `link`).
-        let asked = if holds == 0 { link.flush() } else { Ok(()) }.and_then(|()| link.totals());
-        match asked {
+        core.flush_link(sh);
+        let link = core.remote.as_mut()?;
+        match link.totals() {
             Ok(t) => Some(t),
             Err(e) => {
                 core.lose_remote(sh, &e);
@@ -509,14 +502,13 @@ fn enforce_merge_mode(sh: &state::Shared) -> bool {
     let now = sh.tunables.merge_mode();
     {
         let mut core = sh.core.lock();
-        if now <= core.merged_under {
-            core.merged_under = now;
+        if !core.merged_looser_than(now) {
             return false;
         }
     }
     unmerge::unmerge_disallowed(sh, now);
     // Batches that ran meanwhile merged under `now` at the loosest.
-    sh.core.lock().merged_under = now;
+    sh.core.lock().merge_mode_enforced(now);
     state::publish(sh);
     true
 }

@@ -582,13 +582,14 @@ fn settle(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, r
                     continue;
                 }
                 core.counters.daemon_merged += 1;
+                let last_link = core.last_link().is_some();
                 match core.remote.as_mut() {
                     Some(link) => {
                         rec.add_flags(PageRecord::REMOTE);
                         link.committed.push(it.store);
                     }
                     // The link broke during the batch: an orphan of it.
-                    None if core.last_link.is_some() => rec.add_flags(PageRecord::ORPHAN | PageRecord::LAST_LINK),
+                    None if last_link => rec.add_flags(PageRecord::ORPHAN | PageRecord::LAST_LINK),
                     None => rec.add_flags(PageRecord::ORPHAN),
                 }
             }

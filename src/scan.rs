@@ -150,7 +150,7 @@ fn walk(b: &Batch<'_>, st: &mut RegionState, core: &mut Core, mut decider: impl 
     let smart = sh.tunables.smart_scan();
     let zh = zero_hash();
     let mode = sh.tunables.merge_mode();
-    core.merged_under = core.merged_under.min(mode);
+    core.merging_under(mode);
     let mut copy = PageCopy::new();
 
     for (i, &e) in entries.iter().enumerate() {
@@ -319,13 +319,7 @@ fn execute(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut C
     for run in runs(&d.remote) {
         merge::merge_run(sh, region, st, core, run, RunKind::Remote);
     }
-    if let Some(link) = core.remote.as_mut() {
-        if core.free_holds == 0 {
-            if let Err(e) = link.flush() {
-                core.lose_remote(sh, &e);
-            }
-        }
-    }
+    core.flush_link(sh);
 }
 
 /// Zero pages written since the scanner last looked stop counting now, as

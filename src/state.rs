@@ -144,16 +144,16 @@ pub struct Core {
     pub cursor: Cursor,
     /// While non-zero, freed store pages are neither punched nor reused (a
     /// forked child may still map them until it has made its own copies).
-    pub free_holds: u32,
-    pub deferred_frees: Vec<u32>,
+    free_holds: u32,
+    deferred_frees: Vec<u32>,
     /// The link to twinpaged, while connected.
     pub remote: Option<crate::link::Link>,
     /// The link broke and REMOTE records have not all been made orphans yet:
     /// no new link until they have (their keys name the old daemon's pages).
-    pub remote_lost: bool,
+    remote_lost: bool,
     /// The agent id of the link that broke last, while its orphans
     /// (LAST_LINK) may still be taken back by the same daemon.
-    pub last_link: Option<u32>,
+    last_link: Option<u32>,
     /// `counters.activity` when the last full scan ended.
     activity_mark: u64,
     /// Full scans in a row that saw no activity.
@@ -164,7 +164,7 @@ pub struct Core {
     /// the last time a stricter mode took back what it disallows: the
     /// scanner compares the mode with this, not with what it saw at its
     /// last wake (a switch to `all` and back within one wake merged pages).
-    pub merged_under: crate::tunables::MergeMode,
+    merged_under: crate::tunables::MergeMode,
 }
 
 impl Core {
@@ -186,6 +186,76 @@ impl Core {
             quiet_scans: 0,
             advisor: advisor::Advisor::default(),
         }
+    }
+
+    /// A forked child may map store pages freed from now on: keep them
+    /// (neither punched nor reused) until [`Core::release_free_hold`].
+    pub(crate) fn hold_frees(&mut self) {
+        self.free_holds += 1;
+    }
+
+    /// One hold ends; with the last, the store pages freed meanwhile go.
+    pub(crate) fn release_free_hold(&mut self, sh: &Shared) {
+        self.free_holds -= 1;
+        if self.free_holds == 0 {
+            for idx in std::mem::take(&mut self.deferred_frees) {
+                self.free_store_page(sh, idx);
+            }
+        }
+    }
+
+    /// Sends what is queued for the daemon; while frees are held, releases
+    /// stay queued (a forked child may still map those store pages). A
+    /// broken link is let go: the engine goes on alone.
+    pub(crate) fn flush_link(&mut self, sh: &Shared) {
+        if let (Some(link), 0) = (self.remote.as_mut(), self.free_holds) {
+            if let Err(e) = link.flush() {
+                self.lose_remote(sh, &e);
+            }
+        }
+    }
+
+    /// The link broke and its merges are not all orphans yet.
+    pub(crate) fn link_lost(&self) -> bool {
+        self.remote_lost
+    }
+
+    /// Every merge of the lost link is an orphan now: a new link may come.
+    pub(crate) fn orphans_made(&mut self) {
+        self.remote_lost = false;
+    }
+
+    /// The agent id of the link that broke last, while the same daemon may
+    /// still take its orphans back.
+    pub(crate) fn last_link(&self) -> Option<u32> {
+        self.last_link
+    }
+
+    /// The lost link's orphans were taken back, or will never be.
+    pub(crate) fn forget_last_link(&mut self) {
+        self.last_link = None;
+    }
+
+    /// A batch merges under `mode`: the loosest since a stricter mode last
+    /// took back what it disallows is what the next stricter mode compares with.
+    pub(crate) fn merging_under(&mut self, mode: crate::tunables::MergeMode) {
+        self.merged_under = self.merged_under.min(mode);
+    }
+
+    /// Whether pages may have merged under a looser mode than `now` (and so
+    /// `now` must take some back); if not, `now` is the mode from here on.
+    pub(crate) fn merged_looser_than(&mut self, now: crate::tunables::MergeMode) -> bool {
+        if now <= self.merged_under {
+            self.merged_under = now;
+            return false;
+        }
+        true
+    }
+
+    /// A stricter mode took back what it disallows: batches merge under
+    /// `now` at the loosest from here on.
+    pub(crate) fn merge_mode_enforced(&mut self, now: crate::tunables::MergeMode) {
+        self.merged_under = now;
     }
 
     /// Whether nothing changed during the last full scan nor since.

@@ -133,15 +133,11 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
         // Releases from unmaps and unmerges (run=2 scans no batch) go out here too.
         let mut core = sh.core.lock();
         let core = &mut *core;
-        if let (Some(link), 0) = (core.remote.as_mut(), core.free_holds) {
-            if let Err(e) = link.flush() {
-                core.lose_remote(sh, &e);
-            }
-        }
+        core.flush_link(sh);
         if let Some(link) = core.remote.as_ref() {
             return link.agents.max(1) as usize;
         }
-        core.remote_lost
+        core.link_lost()
     };
     if lost {
         orphan_all(sh);
@@ -156,7 +152,7 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
             // Pages merged over a link that broke while the daemon lived on are
             // still counted there, parked: take them back, so their releases
             // free store pages again.
-            let last = sh.core.lock().last_link;
+            let last = sh.core.lock().last_link();
             let adopted = match last.map(|old| link.resume(old)) {
                 None => false,
                 Some(Ok(ok)) => ok,
@@ -178,7 +174,7 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
                 }
             }
             let mut core = sh.core.lock();
-            if core.remote.is_none() && !core.remote_lost {
+            if core.remote.is_none() && !core.link_lost() {
                 use std::sync::atomic::Ordering;
                 sh.daemon_fd.store(link.raw_fd(), Ordering::SeqCst);
                 log::info!(
@@ -220,11 +216,11 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
 /// on, it keeps counting them (parked) until this process reconnects and
 /// takes them back, or exits.
 fn orphan_all(sh: &Shared) {
-    let last = if sh.core.lock().last_link.is_some() { PageRecord::LAST_LINK } else { 0 };
+    let last = if sh.core.lock().last_link().is_some() { PageRecord::LAST_LINK } else { 0 };
     for_each_flagged(sh, PageRecord::REMOTE, |rec| {
         rec.set_flags((rec.flags() & !PageRecord::REMOTE) | PageRecord::ORPHAN | last);
     });
-    sh.core.lock().remote_lost = false;
+    sh.core.lock().orphans_made();
 }
 
 /// Runs `f` on every record with `flag`, region by region under each one's
@@ -243,7 +239,7 @@ fn for_each_flagged(sh: &Shared, flag: u8, mut f: impl FnMut(&mut PageRecord)) {
 /// it gave up waiting): its orphans stay plain orphans.
 fn forget_last_link(sh: &Shared) {
     for_each_flagged(sh, PageRecord::LAST_LINK, |rec| rec.clear_flags(PageRecord::LAST_LINK));
-    sh.core.lock().last_link = None;
+    sh.core.lock().forget_last_link();
 }
 
 /// The daemon took the lost link's references over (`Resumed`), and the new
@@ -261,7 +257,7 @@ fn claim_last_link(sh: &Shared) {
     });
     let mut core = sh.core.lock();
     let core = &mut *core;
-    core.last_link = None;
+    core.forget_last_link();
     let Some(link) = core.remote.as_mut() else { return };
     if let Err(e) = link.hold(&claims) {
         core.lose_remote(sh, &e);
