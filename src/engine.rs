@@ -514,16 +514,24 @@ fn enforce_merge_mode(sh: &state::Shared) -> bool {
 }
 
 /// Sleeps for `ms` or until kicked.
-fn nap(inner: &Inner, ms: u64) {
-    nap_for(inner, Duration::from_millis(ms));
+fn nap(inner: &Inner, since: u64, ms: u64) {
+    nap_for(inner, since, Duration::from_millis(ms));
 }
 
-/// Sleeps for `d` or until kicked.
-fn nap_for(inner: &Inner, d: Duration) {
+/// The kicks so far: taken before the scanner reads the tunables, so that a
+/// kick after that read ends the nap that follows it.
+fn kicks(inner: &Inner) -> u64 {
+    *inner.wakeup.generation.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sleeps for `d`, or until kicked after [`kicks`] returned `since`. A kick
+/// between the scanner's look at the tunables and its nap is not lost: a
+/// program that writes `run=1` right after the engine started (ksm_tests
+/// does) waited a whole second for the scan to begin, one run in three.
+fn nap_for(inner: &Inner, since: u64, d: Duration) {
     let w = &inner.wakeup;
     let g = w.generation.lock().unwrap_or_else(|e| e.into_inner());
-    let start = *g;
-    let _ = w.cond.wait_timeout_while(g, d, |g| *g == start && !inner.shutdown.load(Ordering::Relaxed));
+    let _ = w.cond.wait_timeout_while(g, d, |g| *g == since && !inner.shutdown.load(Ordering::Relaxed));
 }
 
 fn scanner_main(inner: &Inner) {
@@ -531,13 +539,15 @@ fn scanner_main(inner: &Inner) {
     let mut unmerged = false;
     let mut next_try = std::time::Instant::now();
     while !inner.shutdown.load(Ordering::Relaxed) {
+        let since = kicks(inner);
         let agents = scan::remote::tick(sh, &mut next_try);
         let t = &sh.tunables;
         enforce_merge_mode(sh);
         match t.run() {
             0 => {
                 unmerged = false;
-                nap(inner, 1000);
+                crate::testhook::scanner_naps();
+                nap(inner, since, 1000);
                 continue;
             }
             2 => {
@@ -546,7 +556,8 @@ fn scanner_main(inner: &Inner) {
                     state::publish(sh);
                     unmerged = true;
                 }
-                nap(inner, 1000);
+                crate::testhook::scanner_naps();
+                nap(inner, since, 1000);
                 continue;
             }
             _ => unmerged = false,
@@ -581,9 +592,9 @@ fn scanner_main(inner: &Inner) {
         // soon as ksmd would, and burns no core doing nothing.
         let share = agents as u32 * if idle { IDLE_SHARE } else { 1 };
         if sleep > 0 || budget == 0 {
-            nap(inner, sleep.max(1) * coalesce);
+            nap(inner, since, sleep.max(1) * coalesce);
         } else if share > 1 {
-            nap_for(inner, (began.elapsed() * (share - 1).min(8191)).min(MAX_REST));
+            nap_for(inner, since, (began.elapsed() * (share - 1).min(8191)).min(MAX_REST));
         } else {
             std::thread::yield_now();
         }
