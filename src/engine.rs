@@ -748,7 +748,7 @@ pub(crate) fn register_vmas(sh: &Shared, addr: usize, end: usize, vmas: &[maps::
         // with TWINPAGE_STORE_DIR (or a daemon's store) its name is a
         // deleted file's, not the memfd's.
         let mut vma = vma.clone();
-        if vma.kind == MappingKind::PrivateFile && sh.stores.lock().contains(&vma.file) {
+        if vma.is_store_mapping(&sh.stores.lock()) {
             vma.kind = MappingKind::Anon;
         }
         // PROT_NONE anonymous memory merges, as with the kernel (read

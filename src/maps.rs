@@ -33,6 +33,15 @@ pub struct Vma {
     pub file: crate::sys::file::FileId,
 }
 
+impl Vma {
+    /// A private mapping of one of the files `stores` (a store of merged
+    /// pages, known by device and inode: its name may be a deleted file's).
+    /// Such a mapping stands for the private anonymous memory it replaced.
+    pub fn is_store_mapping(&self, stores: &[crate::sys::file::FileId]) -> bool {
+        self.kind == MappingKind::PrivateFile && stores.contains(&self.file)
+    }
+}
+
 fn parse_line(line: &str) -> Option<Vma> {
     let mut it = line.split_ascii_whitespace();
     let range = it.next()?;

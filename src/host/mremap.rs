@@ -103,8 +103,7 @@ pub fn spans_split_anon(engine: &Engine, addr: usize, len: usize) -> bool {
     let Ok(vmas) = crate::maps::vmas_in(addr, end) else { return false };
     let mut at = addr;
     for v in &vmas {
-        let anon =
-            v.kind == crate::maps::MappingKind::Anon || (v.kind == crate::maps::MappingKind::PrivateFile && stores.contains(&v.file));
+        let anon = v.kind == crate::maps::MappingKind::Anon || v.is_store_mapping(&stores);
         if v.start > at || !anon || v.prot & (libc::PROT_READ | libc::PROT_WRITE) != (libc::PROT_READ | libc::PROT_WRITE) {
             return false;
         }
