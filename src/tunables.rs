@@ -143,17 +143,17 @@ pub(crate) fn default_model() -> kernel_compat::Tunables {
 /// or whose text does not read back, keeps the engine's default.
 pub(crate) fn model_from_shown<'a>(shown: impl Fn(&str) -> Option<&'a str>, numa: bool) -> kernel_compat::Tunables {
     let defaults = default_model();
-    let mut pairs: Vec<(&'static str, String)> =
-        defaults.values().iter().map(|v| (v.name(), shown(v.name()).map(str::to_string).unwrap_or_else(|| v.show()))).collect();
-    let mut model = loop {
-        match kernel_compat::Tunables::from_shown(pairs.iter().map(|(n, t)| (*n, t.as_str()))) {
-            Ok(m) => break m,
-            Err(bad) => match (pairs.iter_mut().find(|(n, _)| *n == bad), defaults.show(&bad)) {
-                (Some(pair), Some(d)) if pair.1 != d => pair.1 = d,
-                _ => break defaults,
-            },
-        }
-    };
+    let reads_back = |name: &str, text: &str| kernel_compat::Tunables::from_shown([(name, text)]).is_ok();
+    let pairs: Vec<(&'static str, String)> = defaults
+        .values()
+        .iter()
+        .map(|v| match shown(v.name()) {
+            Some(text) if reads_back(v.name(), text) => (v.name(), text.to_string()),
+            _ => (v.name(), v.show()),
+        })
+        .collect();
+    // Every pair reads back on its own, so together they do.
+    let mut model = kernel_compat::Tunables::from_shown(pairs.iter().map(|(n, t)| (*n, t.as_str()))).unwrap_or(defaults);
     model.numa = numa;
     model
 }
