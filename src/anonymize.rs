@@ -72,20 +72,20 @@ pub(crate) fn convert(sh: &Shared, region: &Region, file: &File) -> Vec<Part> {
         return whole;
     }
     let len = end - start;
-    sh.inflight.begin(start, end);
+    sh.inflight().begin(start, end);
     let mut parts: Vec<Part> = Vec::new();
     // Read before the protection too: write-protecting a file mapping puts
     // a uffd-wp marker in every empty pte, which pagemap then shows as
     // swapped, like a written page in swap.
     let mut before = vec![PageEntry::default(); region.pages];
-    let read_before = sh.pagemap.read(start, &mut before);
-    if let Err(e) = sh.uffd.protect(start, len) {
+    let read_before = sh.pagemap().read(start, &mut before);
+    if let Err(e) = sh.uffd().protect(start, len) {
         crate::warn_once!("anonymize-protect", "twinpage: cannot write-protect {start:#x} to make it anonymous: {e}");
-        sh.inflight.end(start, end);
+        sh.inflight().end(start, end);
         return whole;
     }
     let mut entries = vec![PageEntry::default(); region.pages];
-    let read = sh.pagemap.read(start, &mut entries);
+    let read = sh.pagemap().read(start, &mut entries);
     let mut failed = read.is_err() || read_before.is_err();
     for (e, b) in entries.iter_mut().zip(&before) {
         *e = written_page(*b, *e);
@@ -114,7 +114,7 @@ pub(crate) fn convert(sh: &Shared, region: &Region, file: &File) -> Vec<Part> {
             }
         };
         if !anon {
-            let _ = sh.uffd.unprotect(s, e - s);
+            let _ = sh.uffd().unprotect(s, e - s);
         }
         match parts.last_mut() {
             Some(p) if p.anon == anon && p.registered == registered && p.end == s => p.end = e,
@@ -122,8 +122,8 @@ pub(crate) fn convert(sh: &Shared, region: &Region, file: &File) -> Vec<Part> {
         }
         i = j;
     }
-    let _ = sh.uffd.wake(start, len);
-    sh.inflight.end(start, end);
+    let _ = sh.uffd().wake(start, len);
+    sh.inflight().end(start, end);
     let moved: usize = parts.iter().filter(|p| p.anon).map(|p| p.end - p.start).sum();
     if moved > 0 {
         log::info!(
@@ -206,7 +206,7 @@ unsafe fn move_to_anon(sh: &Shared, region: &Region, addr: usize, len: usize, en
     reapply_advice(region, addr, len);
     // Unregistered, it is registered again before its first merge: a write
     // lands in anonymous memory either way.
-    match sh.uffd.register_wp(addr, len) {
+    match sh.uffd().register_wp(addr, len) {
         Ok(()) => Ok(true),
         Err(e) => {
             crate::warn_once!("anonymize-register", "twinpage: cannot register anonymous memory at {addr:#x}: {e}");

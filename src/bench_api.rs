@@ -95,13 +95,12 @@ impl MergeHarness {
         let mut items = Vec::with_capacity(SOURCE_PAGES);
         {
             let mut st = source.state.write();
-            let mut core = sh.core.lock();
+            let mut core = sh.core().lock();
             let mut prev = None;
             for (pos, &key) in keys.iter().enumerate() {
                 // As the scanner does for a new pair: consecutive store pages, one
                 // pending merge for the page that fills it.
-                let s = core.alloc.alloc(prev);
-                core.stable.insert(key, s, 1);
+                let s = core.new_store_page(key, prev, 1);
                 stores.push(s);
                 items.push(Item { page: pos, store: s });
                 prev = Some(s);
@@ -114,7 +113,8 @@ impl MergeHarness {
             if merged != SOURCE_PAGES {
                 return Err(format!(
                     "filling the store merged {merged} of {SOURCE_PAGES} source pages (mismatches {}, held back {})",
-                    core.counters.mismatches, core.map_budget.held_back
+                    core.counters().mismatches,
+                    core.map_budget().held_back
                 )
                 .into());
             }
@@ -167,7 +167,7 @@ impl MergeHarness {
         let region = register(&self.sh, &map).expect("bench_api: cannot register guest memory");
         let sh = &self.sh;
         let mut st = region.state.write();
-        let mut core = sh.core.lock();
+        let mut core = sh.core().lock();
 
         // The scanner's decision, made before the merges: one reservation per page.
         let mut runs: Vec<Vec<Item>> = Vec::with_capacity(units);
@@ -175,7 +175,7 @@ impl MergeHarness {
             let run = (0..run_len)
                 .map(|j| {
                     let pos = base(u) + j;
-                    let s = core.stable.reserve(self.keys[pos], u32::MAX);
+                    let s = core.reserve(self.keys[pos], u32::MAX);
                     assert_eq!(s, Some(self.stores[pos]), "bench_api: reservation found another store page");
                     Item { page: u * stride + j, store: self.stores[pos] }
                 })
@@ -194,8 +194,8 @@ impl MergeHarness {
             merged,
             units * run_len,
             "bench_api: not every page merged (mismatches {}, held back {})",
-            core.counters.mismatches,
-            core.map_budget.held_back
+            core.counters().mismatches,
+            core.map_budget().held_back
         );
 
         // Undo, as the owner's munmap does: the records go (releasing the
@@ -204,14 +204,18 @@ impl MergeHarness {
         drop(core);
         drop(st);
         crate::unmerge::remove_range(sh, region.start, region.end(), false, || drop(map));
-        sh.core.lock().map_budget.recount();
+        sh.core().lock().recount_mappings();
         elapsed
     }
 
     /// The engine's counters now (merge runs, mismatches, held-back pages).
     pub fn stats(&self) -> crate::stats::KsmStats {
-        let regions = self.sh.registry.read().len() as u64;
-        self.sh.core.lock().snapshot(regions, self.sh.store.allocated_bytes().unwrap_or(0), u64::from(self.sh.tunables.max_page_sharing()))
+        let regions = self.sh.registry().read().len() as u64;
+        self.sh.core().lock().snapshot(
+            regions,
+            self.sh.store().allocated_bytes().unwrap_or(0),
+            u64::from(self.sh.tunables().max_page_sharing()),
+        )
     }
 }
 
@@ -232,7 +236,7 @@ fn register(sh: &Shared, map: &MmapMut) -> Result<Arc<Region>, HarnessError> {
     let end = addr + map.len();
     let (result, _) = crate::engine::register_vmas(sh, addr, end, &crate::maps::vmas_in(addr, end)?);
     result?;
-    let region = sh.registry.read().containing(addr).cloned().ok_or("the mapping was not registered")?;
+    let region = sh.registry().read().containing(addr).cloned().ok_or("the mapping was not registered")?;
     if region.pages * PAGE_SIZE != map.len() || region.mergeability != Mergeability::Mergeable {
         return Err(
             format!("registered {} pages, {:?}; want {} mergeable", region.pages, region.mergeability, map.len() / PAGE_SIZE).into()

@@ -63,7 +63,7 @@ pub struct FreeHold {
 impl Drop for FreeHold {
     fn drop(&mut self) {
         let sh = &self.inner.sh;
-        sh.core.lock().release_free_hold(sh);
+        sh.core().lock().release_free_hold(sh);
     }
 }
 
@@ -108,31 +108,31 @@ impl Engine {
 
     /// The tunables (read side).
     pub fn tunables(&self) -> &Tunables {
-        &self.inner.sh.tunables
+        self.inner.sh.tunables()
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> KsmStats {
-        self.inner.sh.stats.snapshot()
+        self.inner.sh.stats().snapshot()
     }
 
     /// Bytes the store memfd holds now.
     pub fn store_allocated_bytes(&self) -> u64 {
-        self.inner.sh.store.allocated_bytes().unwrap_or(0)
+        self.inner.sh.store().allocated_bytes().unwrap_or(0)
     }
 
     /// The engine's own userfaultfd (the preload tells it apart from the host
     /// program's).
     pub fn uffd_raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::{AsFd, AsRawFd};
-        self.inner.sh.uffd.as_fd().as_raw_fd()
+        self.inner.sh.uffd().as_fd().as_raw_fd()
     }
 
     /// Whether any registered region overlaps `[addr, addr+len)`. Cheap: the
     /// interposers ask it on every munmap and mmap.
     pub fn overlaps(&self, addr: usize, len: usize) -> bool {
         let end = addr.saturating_add(len.max(1));
-        self.inner.sh.registry.read().overlaps(addr, end)
+        self.inner.sh.registry().read().overlaps(addr, end)
     }
 
     /// The registered ranges overlapping `[addr, addr+len)`, clipped to it.
@@ -143,7 +143,7 @@ impl Engine {
     /// The advice registered memory in `[addr, addr+len)` had when it was
     /// registered (any region's).
     pub fn advice_in(&self, addr: usize, len: usize) -> Advice {
-        let regions = self.inner.sh.registry.read().overlapping(addr, addr.saturating_add(len));
+        let regions = self.inner.sh.registry().read().overlapping(addr, addr.saturating_add(len));
         Advice { dontfork: regions.iter().any(|r| r.dontfork), dontdump: regions.iter().any(|r| r.dontdump) }
     }
 
@@ -153,7 +153,7 @@ impl Engine {
         let end = addr.saturating_add(len);
         self.inner
             .sh
-            .registry
+            .registry()
             .read()
             .overlapping(addr, end)
             .iter()
@@ -239,7 +239,7 @@ impl Engine {
         let Some(len) = len.checked_next_multiple_of(PAGE_SIZE) else { return discard() };
         let end = addr.saturating_add(len);
         let sh = &self.inner.sh;
-        let regions = sh.registry.read().overlapping(addr, end);
+        let regions = sh.registry().read().overlapping(addr, end);
         // Address order, as every holder of several region locks takes them.
         let mut guards = Vec::with_capacity(regions.len());
         for r in &regions {
@@ -247,7 +247,7 @@ impl Engine {
             if !st.dead {
                 let from = (addr.max(r.start) - r.start) / PAGE_SIZE;
                 let to = (end.min(r.end()) - r.start) / PAGE_SIZE;
-                let mut core = sh.core.lock();
+                let mut core = sh.core().lock();
                 unmerge::restore_range(sh, r, &mut st, &mut core, from, to);
             }
             guards.push(st);
@@ -262,7 +262,7 @@ impl Engine {
     /// are neither freed nor reused. A process that forks holds frees until
     /// its child has replaced the store mappings it inherited.
     pub fn hold_frees(&self) -> FreeHold {
-        self.inner.sh.core.lock().hold_frees();
+        self.inner.sh.core().lock().hold_frees();
         FreeHold { inner: self.inner.clone() }
     }
 
@@ -289,8 +289,8 @@ impl Engine {
     }
     /// Sets `max_page_sharing` (>= 2; EBUSY while pages are shared).
     pub fn set_max_page_sharing(&self, v: u32) -> Result<(), TunableError> {
-        let core = self.inner.sh.core.lock();
-        let shared = core.stable.pages_shared();
+        let core = self.inner.sh.core().lock();
+        let shared = core.stable().pages_shared();
         self.tunables().set_max_page_sharing(v, shared)
     }
     /// Sets `smart_scan`.
@@ -325,8 +325,8 @@ impl Engine {
     /// publisher taking another process's write) returns only then.
     pub fn set_attr(&self, name: &str, text: &str) -> Result<(), WriteError> {
         // The core lock keeps pages_shared from changing between check and store.
-        let core = self.inner.sh.core.lock();
-        self.tunables().write_attr(name, text, core.stable.pages_shared(), has_numa())?;
+        let core = self.inner.sh.core().lock();
+        self.tunables().write_attr(name, text, core.stable().pages_shared(), has_numa())?;
         drop(core);
         // A stricter merge mode has taken back what it disallows when the
         // write returns, as run=2 has unmerged.
@@ -359,7 +359,7 @@ impl Engine {
 
     /// What the kernel's store functions check a write against, now.
     fn write_context(&self) -> kernel_compat::WriteContext {
-        let pages_shared = self.inner.sh.core.lock().stable.pages_shared();
+        let pages_shared = self.inner.sh.core().lock().stable().pages_shared();
         self.tunables().context(pages_shared, has_numa())
     }
 
@@ -391,11 +391,11 @@ impl Engine {
     /// last report); `None` when not connected.
     fn daemon_totals(&self) -> Option<(u64, u64)> {
         let sh = &self.inner.sh;
-        let mut core = sh.core.lock();
+        let mut core = sh.core().lock();
         let core = &mut *core;
         // Releases held for a forked child stay queued (see `link`).
         core.flush_link(sh);
-        let link = core.remote.as_mut()?;
+        let link = core.link_mut()?;
         match link.totals() {
             Ok(t) => Some(t),
             Err(e) => {
@@ -424,26 +424,26 @@ impl Engine {
     /// no daemon, the engine merges its own pages. `None` stops trying (a
     /// live connection stays until it breaks).
     pub fn set_daemon(&self, cfg: Option<crate::link::DaemonConfig>) {
-        *self.inner.sh.daemon.lock() = cfg;
+        *self.inner.sh.daemon().lock() = cfg;
         self.kick();
     }
 
     /// Whether the engine is connected to `twinpaged` now.
     pub fn daemon_connected(&self) -> bool {
-        self.inner.sh.daemon_fd.load(std::sync::atomic::Ordering::SeqCst) >= 0
+        self.inner.sh.daemon_fd().load(std::sync::atomic::Ordering::SeqCst) >= 0
     }
 
     /// The stores whose pages this process may map (its own, and every
     /// daemon's it was linked to), by file identity.
     pub(crate) fn store_ids(&self) -> Vec<crate::sys::file::FileId> {
-        self.inner.sh.stores.lock().clone()
+        self.inner.sh.stores().lock().clone()
     }
 
     /// The daemon socket's fd while connected: a forked child (which never
     /// uses its parent's engine) closes it, so that the daemon sees the parent
     /// leave when it exits.
     pub fn daemon_raw_fd(&self) -> Option<std::os::fd::RawFd> {
-        Some(self.inner.sh.daemon_fd.load(std::sync::atomic::Ordering::SeqCst)).filter(|&fd| fd >= 0)
+        Some(self.inner.sh.daemon_fd().load(std::sync::atomic::Ordering::SeqCst)).filter(|&fd| fd >= 0)
     }
 
     /// Wakes the scanner now (a tunable changed or memory was registered).
@@ -499,16 +499,16 @@ const IDLE_COALESCE: u64 = 4;
 /// A stricter mode takes back what it disallows whatever `run` says: the
 /// operator asked for those pages not to be shared.
 fn enforce_merge_mode(sh: &state::Shared) -> bool {
-    let now = sh.tunables.merge_mode();
+    let now = sh.tunables().merge_mode();
     {
-        let mut core = sh.core.lock();
+        let mut core = sh.core().lock();
         if !core.merged_looser_than(now) {
             return false;
         }
     }
     unmerge::unmerge_disallowed(sh, now);
     // Batches that ran meanwhile merged under `now` at the loosest.
-    sh.core.lock().merge_mode_enforced(now);
+    sh.core().lock().merge_mode_enforced(now);
     state::publish(sh);
     true
 }
@@ -541,7 +541,7 @@ fn scanner_main(inner: &Inner) {
     while !inner.shutdown.load(Ordering::Relaxed) {
         let since = kicks(inner);
         let agents = scan::remote::tick(sh, &mut next_try);
-        let t = &sh.tunables;
+        let t = &sh.tunables();
         enforce_merge_mode(sh);
         match t.run() {
             0 => {
@@ -569,7 +569,7 @@ fn scanner_main(inner: &Inner) {
             p => (p / agents).max(1),
         };
         let sleep = u64::from(t.sleep_millisecs());
-        let idle = sh.core.lock().idle();
+        let idle = sh.core().lock().idle();
         // While whole scans change nothing, a sleeping scanner wakes a quarter
         // as often and scans four times the pages: the same pages per second,
         // a quarter of the fixed cost of each wake (the switch, the pagemap
@@ -618,14 +618,14 @@ fn fault_main(inner: &Inner) {
     while !inner.shutdown.load(Ordering::Relaxed) {
         use std::os::fd::AsFd;
         held.retain(|&page| {
-            sh.inflight.holds(page) || {
-                let _ = sh.uffd.wake(page, PAGE_SIZE);
+            sh.inflight().holds(page) || {
+                let _ = sh.uffd().wake(page, PAGE_SIZE);
                 false
             }
         });
         waiting.retain(|&(page, since)| !serve_write(sh, page, since));
         let idle = held.is_empty() && waiting.is_empty();
-        match uffd::poll_readable(sh.uffd.as_fd(), if idle { 100 } else { 1 }) {
+        match uffd::poll_readable(sh.uffd().as_fd(), if idle { 100 } else { 1 }) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
@@ -634,7 +634,7 @@ fn fault_main(inner: &Inner) {
                 continue;
             }
         }
-        let n = match sh.uffd.read_events(&mut buf) {
+        let n = match sh.uffd().read_events(&mut buf) {
             Ok(n) => n,
             Err(e) => {
                 warn_once!("uffd-read", "twinpage: reading userfaultfd failed: {e}");
@@ -651,12 +651,12 @@ fn fault_main(inner: &Inner) {
                 // for the length of a merge. One outside a merge is a hole of
                 // anonymous memory left in that mode: the zero page is what it
                 // would have read.
-                sh.inflight.release_stray(page, || {
-                    if sh.uffd.zeropage(page, PAGE_SIZE).is_err() {
-                        let _ = sh.uffd.wake(page, PAGE_SIZE);
+                sh.inflight().release_stray(page, || {
+                    if sh.uffd().zeropage(page, PAGE_SIZE).is_err() {
+                        let _ = sh.uffd().wake(page, PAGE_SIZE);
                     }
                 })
-            } else if sh.inflight.holds(page) {
+            } else if sh.inflight().holds(page) {
                 false
             } else {
                 let now = std::time::Instant::now();
@@ -685,8 +685,8 @@ fn serve_write(sh: &Shared, page: usize, since: std::time::Instant) -> bool {
         FirstWrite::Busy | FirstWrite::NotMine => {}
     }
     // A merge that began meanwhile wakes its own waiters (this one included).
-    sh.inflight.release_stray(page, || {
-        let _ = sh.uffd.unprotect(page, PAGE_SIZE);
+    sh.inflight().release_stray(page, || {
+        let _ = sh.uffd().unprotect(page, PAGE_SIZE);
     });
     true
 }
@@ -748,7 +748,7 @@ pub(crate) fn register_vmas(sh: &Shared, addr: usize, end: usize, vmas: &[maps::
         // with TWINPAGE_STORE_DIR (or a daemon's store) its name is a
         // deleted file's, not the memfd's.
         let mut vma = vma.clone();
-        if vma.is_store_mapping(&sh.stores.lock()) {
+        if vma.is_store_mapping(&sh.stores().lock()) {
             vma.kind = MappingKind::Anon;
         }
         // PROT_NONE anonymous memory merges, as with the kernel (read
@@ -774,7 +774,7 @@ pub(crate) fn register_vmas(sh: &Shared, addr: usize, end: usize, vmas: &[maps::
                 warn_once!("no-backing", "twinpage: cannot reopen the file behind {} at {ps:#x}; it is scanned but never merged", vma.path);
             }
             let mergeability =
-                match if no_backing { Err(io::Error::from_raw_os_error(libc::ENOENT)) } else { sh.uffd.register_wp(ps, pe - ps) } {
+                match if no_backing { Err(io::Error::from_raw_os_error(libc::ENOENT)) } else { sh.uffd().register_wp(ps, pe - ps) } {
                     Ok(()) => Mergeability::Mergeable,
                     Err(err) => {
                         warn_once!(
@@ -830,7 +830,7 @@ pub(crate) fn register_vmas(sh: &Shared, addr: usize, end: usize, vmas: &[maps::
 
 /// The parts of `[start, end)` no region covers.
 fn unregistered_parts(sh: &Shared, start: usize, end: usize) -> Vec<(usize, usize)> {
-    let reg = sh.registry.read();
+    let reg = sh.registry().read();
     let mut parts = Vec::new();
     let mut at = start;
     for r in reg.overlapping(start, end) {

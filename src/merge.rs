@@ -18,7 +18,7 @@
 use crate::digest::is_zero;
 use crate::guest::PageCopy;
 use crate::region::{PageRecord, PageState, Region, RegionState};
-use crate::state::{Core, Shared};
+use crate::state::{Core, Shared, Tally};
 use crate::sys::pagemap::PageEntry;
 use crate::sys::{mman, PAGE_SIZE};
 use crate::warn_once;
@@ -109,13 +109,13 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
     let reserved = reserve_store(sh, core, &run);
     let (start, len) = (run.start, run.len);
 
-    sh.inflight.begin(start, start + len);
+    sh.inflight().begin(start, start + len);
     // Should anything below unwind, the run is unprotected and woken, so no
     // writer of the host program stays blocked.
     let mut guard = UnwindGuard { sh, start, len, armed: true };
-    if let Err(e) = sh.uffd.protect(start, len) {
+    if let Err(e) = sh.uffd().protect(start, len) {
         guard.armed = false;
-        sh.inflight.end(start, start + len);
+        sh.inflight().end(start, start + len);
         warn_once!("uffd-protect", "twinpage: write-protect failed at {start:#x}: {e}; region stops merging");
         st.failed = true;
         settle(sh, region, st, core, &run);
@@ -130,26 +130,26 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
     // One pagemap read of the run, into the buffer the checks above used.
     // Unreadable: nothing to go by; such a page then waits for its next
     // write, which `cow` serves from its current content.
-    let early = if guarded.is_empty() || sh.pagemap.read(start, &mut entries).is_err() {
+    let early = if guarded.is_empty() || sh.pagemap().read(start, &mut entries).is_err() {
         Vec::new()
     } else {
         written_before_guarded(sh, &guarded, |k| run.entry(&entries, k), &|k| run.addr_of(k))
     };
 
     if !pin::pin_guard_enabled() {
-        core.counters.merges_unchecked += run.ok.iter().filter(|&&o| o).count() as u64;
+        core.tally(Tally::Unchecked, run.ok.iter().filter(|&&o| o).count() as u64);
     }
     if let Some(out) = pinned.as_mut() {
         pin::finish(sh, region, st, &run, out);
     }
     release(sh, &run);
     guard.armed = false;
-    sh.inflight.end(start, start + len);
+    sh.inflight().end(start, start + len);
 
     for s in fresh_fills {
         // SAFETY: a store page just filled, in use, under the core lock we hold.
-        if let Ok(bytes) = unsafe { sh.store.filled(s) } {
-            core.stable.rekey(s, crate::digest::page_hash(bytes));
+        if let Ok(bytes) = unsafe { sh.store().filled(s) } {
+            core.rekey(s, crate::digest::page_hash(bytes));
         }
     }
     settle(sh, region, st, core, &run);
@@ -170,12 +170,12 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
 /// write-protect again where a remap took that away.
 fn prepare(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, run: &Run<'_>) -> bool {
     let anon_zero = run.kind == RunKind::Zero && region.kind == crate::maps::MappingKind::Anon;
-    if !anon_zero && !core.map_budget.admit(run.items.len(), stretches(run.items, run.kind)) {
+    if !anon_zero && !core.admit(run.items.len(), stretches(run.items, run.kind)) {
         return false;
     }
     let records = &mut st.records[run.first..run.first + run.span()];
     if records.iter().any(|r| r.flags() & PageRecord::NEEDS_REGISTER != 0) {
-        if let Err(e) = sh.uffd.register_wp(run.start, run.len) {
+        if let Err(e) = sh.uffd().register_wp(run.start, run.len) {
             warn_once!("uffd-register", "twinpage: cannot re-register merged memory for write-protect: {e}");
             return false;
         }
@@ -194,13 +194,14 @@ fn reserve_store(sh: &Shared, core: &mut Core, run: &Run<'_>) -> Vec<bool> {
     if !matches!(run.kind, RunKind::Fill | RunKind::Join) {
         return vec![true; run.items.len()];
     }
-    let want: Vec<Option<u32>> = run.items.iter().map(|it| core.stable.node(it.store).filter(|n| !n.filled()).map(|_| it.store)).collect();
+    let want: Vec<Option<u32>> =
+        run.items.iter().map(|it| core.stable().node(it.store).filter(|n| !n.filled()).map(|_| it.store)).collect();
     if !want.iter().any(Option::is_some) {
         return vec![true; run.items.len()];
     }
-    let (ok, err) = sh.store.reserve(&want);
+    let (ok, err) = sh.store().reserve(&want);
     if let Some(e) = err {
-        core.counters.store_full += ok.iter().filter(|o| !**o).count() as u64;
+        core.tally(Tally::StoreFull, ok.iter().filter(|o| !**o).count() as u64);
         warn_once!("store-full", "twinpage: cannot allocate store pages ({e}); merges wait for space");
     }
     ok
@@ -213,7 +214,7 @@ fn reserve_store(sh: &Shared, core: &mut Core, run: &Run<'_>) -> Vec<bool> {
 /// caught before the remap. Sets `ok`; returns the store pages filled.
 fn compare(sh: &Shared, region: &Region, core: &mut Core, run: &mut Run<'_>, reserved: &[bool], entries: &mut [PageEntry]) -> Vec<u32> {
     let mut fresh_fills = Vec::new();
-    if sh.pagemap.read(run.start, entries).is_err() {
+    if sh.pagemap().read(run.start, entries).is_err() {
         return fresh_fills;
     }
     let protected = |e: PageEntry| e.present() && e.uffd_wp() && !e.file();
@@ -230,25 +231,25 @@ fn compare(sh: &Shared, region: &Region, core: &mut Core, run: &mut Run<'_>, res
         run.ok[i] = match run.kind {
             RunKind::Zero => is_zero(page),
             RunKind::Remote => {
-                let Some(link) = core.remote.as_ref() else { continue };
+                let Some(link) = core.link() else { continue };
                 // SAFETY: the daemon ordered this join, so its page is filled;
                 // our reference to it keeps it in use.
                 let Ok(store) = (unsafe { link.store.filled(it.store) }) else { continue };
                 let eq = store == page;
                 if !eq {
-                    core.counters.mismatches += 1;
+                    core.tally(Tally::Mismatch, 1);
                 }
                 eq
             }
             RunKind::Fill | RunKind::Join => {
-                let Some(node) = core.stable.node(it.store).copied() else { continue };
+                let Some(node) = core.stable().node(it.store).copied() else { continue };
                 if node.filled() {
                     // SAFETY: a filled store page, in use (reserved for this
                     // merge) under the core lock we hold.
-                    let Ok(store) = (unsafe { sh.store.filled(it.store) }) else { continue };
+                    let Ok(store) = (unsafe { sh.store().filled(it.store) }) else { continue };
                     let eq = store == page;
                     if !eq {
-                        core.counters.mismatches += 1;
+                        core.tally(Tally::Mismatch, 1);
                     }
                     eq
                 } else if !reserved[i] {
@@ -256,19 +257,17 @@ fn compare(sh: &Shared, region: &Region, core: &mut Core, run: &mut Run<'_>, res
                 } else {
                     // SAFETY: an unfilled store page has no sharer and no reader
                     // but us (we hold the engine lock); `page` is write-protected.
-                    if unsafe { sh.store.fill(it.store, page.as_ptr()) }.is_err() {
+                    if unsafe { sh.store().fill(it.store, page.as_ptr()) }.is_err() {
                         continue;
                     }
-                    if let Some(n) = core.stable.node_mut(it.store) {
-                        n.set_filled();
-                    }
+                    core.store_page_filled(it.store);
                     fresh_fills.push(it.store);
                     true
                 }
             }
         };
     }
-    if sh.pagemap.read(run.start, entries).is_ok() {
+    if sh.pagemap().read(run.start, entries).is_ok() {
         for i in 0..run.items.len() {
             run.ok[i] &= protected(run.entry(entries, i));
         }
@@ -357,7 +356,7 @@ fn remap_stretches(
 fn release(sh: &Shared, run: &Run<'_>) {
     let (start, len, n) = (run.start, run.len, run.items.len());
     if !run.contiguous() {
-        if let Err(e) = sh.uffd.unprotect(start, len) {
+        if let Err(e) = sh.uffd().unprotect(start, len) {
             warn_once!("uffd-unprotect", "twinpage: unprotect failed at {start:#x}: {e}");
         }
     }
@@ -371,12 +370,12 @@ fn release(sh: &Shared, run: &Run<'_>) {
         while j < n && !run.ok[j] {
             j += 1;
         }
-        if let Err(e) = sh.uffd.unprotect(start + i * PAGE_SIZE, (j - i) * PAGE_SIZE) {
+        if let Err(e) = sh.uffd().unprotect(start + i * PAGE_SIZE, (j - i) * PAGE_SIZE) {
             warn_once!("uffd-unprotect", "twinpage: unprotect failed at {:#x}: {e}", start + i * PAGE_SIZE);
         }
         i = j;
     }
-    if let Err(e) = sh.uffd.wake(start, len) {
+    if let Err(e) = sh.uffd().wake(start, len) {
         warn_once!("uffd-wake", "twinpage: wake failed at {start:#x}: {e}");
     }
 }
@@ -411,7 +410,7 @@ fn written_before_guarded(
         })
         .collect();
     for &k in &early {
-        if let Err(err) = sh.uffd.unprotect(addr_of(k), PAGE_SIZE) {
+        if let Err(err) = sh.uffd().unprotect(addr_of(k), PAGE_SIZE) {
             warn_once!("uffd-unprotect", "twinpage: unprotect failed at {:#x}: {err}", addr_of(k));
         }
     }
@@ -428,9 +427,9 @@ struct UnwindGuard<'a> {
 impl Drop for UnwindGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = self.sh.uffd.unprotect(self.start, self.len);
-            let _ = self.sh.uffd.wake(self.start, self.len);
-            self.sh.inflight.end(self.start, self.start + self.len);
+            let _ = self.sh.uffd().unprotect(self.start, self.len);
+            let _ = self.sh.uffd().wake(self.start, self.len);
+            self.sh.inflight().end(self.start, self.start + self.len);
         }
     }
 }
@@ -477,7 +476,7 @@ fn remap(sh: &Shared, region: &Region, core: &mut Core, kind: RunKind, stretch: 
     let Stretch { addr, bytes, store, zero } = stretch;
     let pages = (bytes / PAGE_SIZE) as u64;
     let anon_zero = zero_in_place(region, kind, zero);
-    if !anon_zero && !core.map_budget.allow(2, pages) {
+    if !anon_zero && !core.allow_mappings(2, pages) {
         return None;
     }
     let res = if anon_zero && zero.moved_out {
@@ -491,10 +490,10 @@ fn remap(sh: &Shared, region: &Region, core: &mut Core, kind: RunKind, stretch: 
         unsafe { mman::map_anon_fixed(addr, bytes, region.prot) }.map(|()| false)
     } else {
         let off = crate::store::Store::offset(store);
-        let fd = match (kind, core.remote.as_ref()) {
+        let fd = match (kind, core.link()) {
             (RunKind::Remote, Some(link)) => link.store.fd(),
             (RunKind::Remote, None) => return None,
-            _ => sh.store.fd(),
+            _ => sh.store().fd(),
         };
         // SAFETY: the range is a write-protected run of a region we hold, each
         // page byte-equal to its store page: the mapping changes, the content not.
@@ -516,7 +515,7 @@ fn remap(sh: &Shared, region: &Region, core: &mut Core, kind: RunKind, stretch: 
         }
     };
     if !anon_zero {
-        core.counters.merge_runs += 1;
+        core.tally(Tally::MergeRun, 1);
         reapply_advice(region, addr, bytes);
     }
     Some(guarded)
@@ -529,7 +528,7 @@ fn remap(sh: &Shared, region: &Region, core: &mut Core, kind: RunKind, stretch: 
 /// are registered again before their next merge, and a page written
 /// meanwhile is copied in place and never merges again.
 fn guard_store_stretch(sh: &Shared, addr: usize, bytes: usize) -> bool {
-    match sh.uffd.register_wp(addr, bytes).and_then(|()| sh.uffd.protect(addr, bytes)) {
+    match sh.uffd().register_wp(addr, bytes).and_then(|()| sh.uffd().protect(addr, bytes)) {
         Ok(()) => true,
         Err(e) => {
             warn_once!("store-wp", "twinpage: cannot write-protect a merged stretch at {addr:#x}: {e}");
@@ -555,13 +554,13 @@ pub(crate) fn reapply_advice(region: &Region, addr: usize, bytes: usize) {
 /// happened to each page of the run.
 fn settle(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, run: &Run<'_>) {
     let (items, kind, ok) = (run.items, run.kind, &run.ok[..]);
-    core.counters.activity += ok.iter().filter(|&&o| o).count() as u64;
+    core.tally(Tally::Activity, ok.iter().filter(|&&o| o).count() as u64);
     for (i, it) in items.iter().enumerate() {
         let rec = &mut st.records[it.page];
         match (kind, ok[i]) {
             (RunKind::Zero, true) => {
                 core.forget_hashed(rec);
-                core.zero_added(rec, !sh.tunables.use_zero_pages());
+                core.zero_added(rec, !sh.tunables().use_zero_pages());
                 rec.set_age(0);
                 if region.kind != crate::maps::MappingKind::Anon {
                     rec.add_flags(PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY);
@@ -578,12 +577,12 @@ fn settle(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, r
                 rec.set_age(0);
                 rec.add_flags(PageRecord::NEEDS_REGISTER | PageRecord::OVERLAY);
                 if kind != RunKind::Remote {
-                    core.stable.commit(it.store);
+                    core.commit(it.store);
                     continue;
                 }
-                core.counters.daemon_merged += 1;
+                core.tally(Tally::DaemonMerged, 1);
                 let last_link = core.last_link().is_some();
-                match core.remote.as_mut() {
+                match core.link_mut() {
                     Some(link) => {
                         rec.add_flags(PageRecord::REMOTE);
                         link.committed.push(it.store);
@@ -594,15 +593,11 @@ fn settle(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, r
                 }
             }
             (RunKind::Remote, false) => {
-                if let Some(link) = core.remote.as_mut() {
+                if let Some(link) = core.link_mut() {
                     link.cancelled.push(it.store);
                 }
             }
-            (_, false) => {
-                if core.stable.cancel(it.store) {
-                    core.free_store_page(sh, it.store);
-                }
-            }
+            (_, false) => core.cancel(sh, it.store),
         }
     }
 }
@@ -618,7 +613,7 @@ pub fn restore_with_content(sh: &Shared, region: &Region, st: &mut RegionState, 
     let n = to - from;
     let len = n * PAGE_SIZE;
     if st.records[from..to].iter().any(|r| r.flags() & PageRecord::NEEDS_REGISTER != 0) {
-        if let Err(e) = sh.uffd.register_wp(start, len) {
+        if let Err(e) = sh.uffd().register_wp(start, len) {
             log::debug!("twinpage: restore at {start:#x}+{len:#x}: register: {e}");
             return false;
         }
@@ -626,29 +621,29 @@ pub fn restore_with_content(sh: &Shared, region: &Region, st: &mut RegionState, 
             r.clear_flags(PageRecord::NEEDS_REGISTER);
         }
     }
-    sh.inflight.begin(start, start + len);
+    sh.inflight().begin(start, start + len);
     let mut guard = UnwindGuard { sh, start, len, armed: true };
     let mut entries = vec![Default::default(); n];
     // Merged pages are write-protected for their first write, which the
     // fault thread leaves alone under a range in flight: the populate below
     // would wait for ever. Writers racing it are caught by the protection
     // that follows.
-    let _ = sh.uffd.unprotect(start, len);
+    let _ = sh.uffd().unprotect(start, len);
     let mut protected = false;
     for _ in 0..4 {
         if populate(region, start, len).is_err() {
             break;
         }
-        if sh.uffd.protect(start, len).is_err() {
+        if sh.uffd().protect(start, len).is_err() {
             break;
         }
-        if sh.pagemap.read(start, &mut entries).is_ok()
+        if sh.pagemap().read(start, &mut entries).is_ok()
             && entries.iter().all(|e: &crate::sys::pagemap::PageEntry| e.present() && e.uffd_wp())
         {
             protected = true;
             break;
         }
-        let _ = sh.uffd.unprotect(start, len);
+        let _ = sh.uffd().unprotect(start, len);
     }
     let mut done = false;
     if !protected {
@@ -657,12 +652,12 @@ pub fn restore_with_content(sh: &Shared, region: &Region, st: &mut RegionState, 
     if protected {
         done = copy_and_move(region, start, len).map_err(|e| log::debug!("twinpage: restore: move: {e}")).is_ok();
         if !done {
-            let _ = sh.uffd.unprotect(start, len);
+            let _ = sh.uffd().unprotect(start, len);
         }
     }
-    let _ = sh.uffd.wake(start, len);
+    let _ = sh.uffd().wake(start, len);
     guard.armed = false;
-    sh.inflight.end(start, start + len);
+    sh.inflight().end(start, start + len);
     if done {
         reapply_advice(region, start, len);
         for r in &mut st.records[from..to] {

@@ -11,7 +11,7 @@ use crate::guest::PageCopy;
 use crate::merge::{self, Item, RunKind};
 use crate::primitive::Arc;
 use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState};
-use crate::state::{each_live_region, Core, Cursor, Shared};
+use crate::state::{each_live_region, Core, Cursor, Shared, Tally};
 use crate::sys::pagemap::PageEntry;
 use crate::sys::{mman, PAGE_SIZE};
 use crate::tunables::MergeMode;
@@ -56,30 +56,30 @@ pub fn scan_pages(sh: &Shared, budget: usize) -> usize {
         // the write returns) ends the scan at the next batch; otherwise a
         // call that wraps a small region many times would merge again and
         // count full scans after the unmerge.
-        if sh.tunables.run() != 1 {
+        if sh.tunables().run() != 1 {
             break;
         }
         // The registry is a leaf lock: nobody holding it waits for another lock.
-        let cur = sh.core.lock().cursor;
+        let cur = sh.core().lock().cursor();
         let (found, empty) = {
-            let reg = sh.registry.read();
+            let reg = sh.registry().read();
             let f = if cur.fresh { reg.first() } else { reg.at_or_after(cur.region_start) };
             (f.cloned(), reg.is_empty())
         };
         let (region, cursor) = {
-            let mut core = sh.core.lock();
+            let mut core = sh.core().lock();
             match found {
                 Some(r) => {
                     if cur.fresh || r.start != cur.region_start {
-                        core.cursor = Cursor { region_start: r.start, page: 0, fresh: false };
+                        core.set_cursor(Cursor { region_start: r.start, page: 0, fresh: false });
                     }
-                    (r, core.cursor)
+                    (r, core.cursor())
                 }
                 None => {
                     if !cur.fresh {
                         core.end_full_scan(sh);
                     }
-                    core.cursor = Cursor { fresh: true, ..Default::default() };
+                    core.set_cursor(Cursor { fresh: true, ..Default::default() });
                     empty_wraps += 1;
                     if empty || empty_wraps > 2 {
                         return visited;
@@ -89,25 +89,25 @@ pub fn scan_pages(sh: &Shared, budget: usize) -> usize {
             }
         };
         if cursor.page >= region.pages {
-            sh.core.lock().cursor = Cursor { region_start: region.start + 1, page: 0, fresh: false };
+            sh.core().lock().set_cursor(Cursor { region_start: region.start + 1, page: 0, fresh: false });
             continue;
         }
         empty_wraps = 0;
         let n = left.min(BATCH_PAGES).min(region.pages - cursor.page);
         {
             let mut st = region.state.write();
-            let mut core = sh.core.lock();
+            let mut core = sh.core().lock();
             // Again under the region's lock: a `run=2` written after the check
             // above has unmerged this region while we waited for the lock,
             // and under twinpaged the daemon would order its pages joined
             // again at once (its store pages stay until the releases reach it).
-            if sh.tunables.run() != 1 {
+            if sh.tunables().run() != 1 {
                 break;
             }
             if !st.dead {
                 scan_batch(sh, &region, &mut st, &mut core, cursor.page, n);
             }
-            core.cursor.page = cursor.page + n;
+            core.set_cursor(Cursor { page: cursor.page + n, ..cursor });
             drop(core);
             // A first write may be waiting for this region (`merge::cow`).
             crate::primitive::unlock_fair(st);
@@ -124,12 +124,12 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
     // one store page (the kernel's use_zero_pages=0 behaviour) costs a mapping
     // per scattered zero page against vm.max_map_count. Counted in
     // `ksm_zero_pages`, as the kernel counts its use_zero_pages=1 merges.
-    let use_zero = sh.tunables.use_zero_pages() || region.kind == crate::maps::MappingKind::Anon;
+    let use_zero = sh.tunables().use_zero_pages() || region.kind == crate::maps::MappingKind::Anon;
     let b = Batch { sh, region, first, n, use_zero };
-    let d = if core.remote.is_some() {
+    let d = if core.link().is_some() {
         walk(&b, st, core, remote::Remote::default())
     } else {
-        let local = local::Local::new(sh.tunables.max_page_sharing());
+        let local = local::Local::new(sh.tunables().max_page_sharing());
         walk(&b, st, core, local)
     };
     if let Some(d) = d {
@@ -142,20 +142,20 @@ fn scan_batch(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mu
 fn walk(b: &Batch<'_>, st: &mut RegionState, core: &mut Core, mut decider: impl Decide) -> Option<Decisions> {
     let (sh, region, first) = (b.sh, b.region, b.first);
     let mut entries = vec![PageEntry::default(); b.n];
-    if let Err(e) = sh.pagemap.read(region.addr(first), &mut entries) {
+    if let Err(e) = sh.pagemap().read(region.addr(first), &mut entries) {
         warn_once!("pagemap", "twinpage: cannot read pagemap: {e}");
         return None;
     }
     let mergeable = region.mergeability == Mergeability::Mergeable && !st.failed;
-    let smart = sh.tunables.smart_scan();
+    let smart = sh.tunables().smart_scan();
     let zh = zero_hash();
-    let mode = sh.tunables.merge_mode();
+    let mode = sh.tunables().merge_mode();
     core.merging_under(mode);
     let mut copy = PageCopy::new();
 
     for (i, &e) in entries.iter().enumerate() {
         let idx = first + i;
-        core.counters.pages_scanned += 1;
+        core.tally(Tally::Scanned, 1);
         let rec = &mut st.records[idx];
         match rec.state() {
             PageState::Merged => {
@@ -171,7 +171,7 @@ fn walk(b: &Batch<'_>, st: &mut RegionState, core: &mut Core, mut decider: impl 
                 if e.present() && (e.exclusive() || e.file()) {
                     core.zero_gone(rec);
                     rec.set_state(PageState::None);
-                    core.counters.activity += 1;
+                    core.tally(Tally::Activity, 1);
                 } else {
                     continue;
                 }
@@ -192,7 +192,7 @@ fn walk(b: &Batch<'_>, st: &mut RegionState, core: &mut Core, mut decider: impl 
         if !crate::merge::pin::may_merge(sh, region, rec) {
             core.forget_hashed(rec);
             rec.set_state(PageState::None);
-            core.counters.uncheckable_skipped += 1;
+            core.tally(Tally::Uncheckable, 1);
             crate::merge::pin::note_uncheckable(sh, region);
             continue;
         }
@@ -209,7 +209,7 @@ fn walk(b: &Batch<'_>, st: &mut RegionState, core: &mut Core, mut decider: impl 
             }
         }
         if smart && should_skip(rec) {
-            core.counters.pages_skipped += 1;
+            core.tally(Tally::Skipped, 1);
             continue;
         }
         // SAFETY: the page is in `region`, live under our lock. The copy may
@@ -288,9 +288,7 @@ fn execute(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut C
             for run in runs(&items) {
                 let live: Vec<Item> = run.iter().copied().filter(|it| st2.records[it.page].state() == PageState::Hashed).collect();
                 for it in run.iter().filter(|it| st2.records[it.page].state() != PageState::Hashed) {
-                    if core.stable.cancel(it.store) {
-                        core.free_store_page(sh, it.store);
-                    }
+                    core.cancel(sh, it.store);
                 }
                 for sub in runs(&live) {
                     merge::merge_run(sh, r, st2, core, sub, RunKind::Fill);
@@ -303,9 +301,7 @@ fn execute(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut C
             let done = sh.with_region_if_free(rid, |r2, st2| fill_all(r2, st2, core));
             if done.is_none() {
                 for it in &items {
-                    if core.stable.cancel(it.store) {
-                        core.free_store_page(sh, it.store);
-                    }
+                    core.cancel(sh, it.store);
                 }
             }
         }
@@ -329,7 +325,7 @@ fn execute(sh: &Shared, region: &Arc<Region>, st: &mut RegionState, core: &mut C
 pub fn recheck_zero_pages(sh: &Shared) {
     const CHUNK: usize = 4096;
     each_live_region(sh, |r, st, core| {
-        if core.counters.zero_pages == 0 {
+        if core.counters().zero_pages == 0 {
             return;
         }
         let mut entries = vec![PageEntry::default(); CHUNK.min(r.pages)];
@@ -338,7 +334,7 @@ pub fn recheck_zero_pages(sh: &Shared) {
             if !st.records[first..first + n].iter().any(|rec| rec.state() == PageState::Zero) {
                 continue;
             }
-            if sh.pagemap.read(r.addr(first), &mut entries[..n]).is_err() {
+            if sh.pagemap().read(r.addr(first), &mut entries[..n]).is_err() {
                 return;
             }
             for (i, e) in entries[..n].iter().enumerate() {
@@ -346,7 +342,7 @@ pub fn recheck_zero_pages(sh: &Shared) {
                 if rec.state() == PageState::Zero && e.present() && (e.exclusive() || e.file()) {
                     core.zero_gone(rec);
                     rec.set_state(PageState::None);
-                    core.counters.activity += 1;
+                    core.tally(Tally::Activity, 1);
                 }
             }
         }

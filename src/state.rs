@@ -13,31 +13,93 @@ use crate::store::{Store, StoreAlloc};
 use crate::sys::pagemap::Pagemap;
 use crate::sys::uffd::Userfaultfd;
 use crate::sys::PAGE_SIZE;
-use crate::tree::{StableTree, UnstableTree};
+use crate::tree::{PageRef, StableTree, UnstableTree};
 use crate::tunables::Tunables;
 use crate::warn_once;
 
 /// What the engine's threads share.
 #[derive(Debug)]
-pub struct Shared {
-    pub uffd: Userfaultfd,
-    pub pagemap: Pagemap,
-    pub store: Store,
-    pub inflight: InFlight,
-    pub tunables: Tunables,
-    pub stats: Stats,
-    pub registry: RwLock<Registry>,
-    pub core: crate::primitive::Mutex<Core>,
+pub(crate) struct Shared {
+    uffd: Userfaultfd,
+    pagemap: Pagemap,
+    store: Store,
+    inflight: InFlight,
+    tunables: Tunables,
+    stats: Stats,
+    registry: RwLock<Registry>,
+    core: crate::primitive::Mutex<Core>,
     /// Where twinpaged is, if this engine should use it.
-    pub daemon: parking_lot::Mutex<Option<crate::link::DaemonConfig>>,
+    daemon: parking_lot::Mutex<Option<crate::link::DaemonConfig>>,
     /// The daemon socket's fd while connected (-1 otherwise), for a forked
     /// child to close without touching the core lock.
-    pub daemon_fd: std::sync::atomic::AtomicI32,
+    daemon_fd: std::sync::atomic::AtomicI32,
     /// Where the pin check moves pages while it looks at them (`merge::pin`).
-    pub scratch: parking_lot::Mutex<Option<crate::scratch::Scratch>>,
+    scratch: parking_lot::Mutex<Option<crate::scratch::Scratch>>,
     /// Every store this process may map: its own and each daemon's it was
     /// linked to (mappings of a store outlive the link that brought it).
-    pub stores: parking_lot::Mutex<Vec<crate::sys::file::FileId>>,
+    stores: parking_lot::Mutex<Vec<crate::sys::file::FileId>>,
+}
+
+impl Shared {
+    /// The userfaultfd every registered range is on.
+    pub(crate) fn uffd(&self) -> &Userfaultfd {
+        &self.uffd
+    }
+
+    /// This process's `/proc/self/pagemap`.
+    pub(crate) fn pagemap(&self) -> &Pagemap {
+        &self.pagemap
+    }
+
+    /// The engine's own store.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Ranges a merge has write-protected, for the fault thread.
+    pub(crate) fn inflight(&self) -> &InFlight {
+        &self.inflight
+    }
+
+    /// The tunables, as the user wrote them.
+    pub(crate) fn tunables(&self) -> &Tunables {
+        &self.tunables
+    }
+
+    /// The published counts.
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The registered regions.
+    pub(crate) fn registry(&self) -> &RwLock<Registry> {
+        &self.registry
+    }
+
+    /// Trees, store allocation and counts (the engine's lock order: a region's lock, then this).
+    pub(crate) fn core(&self) -> &crate::primitive::Mutex<Core> {
+        &self.core
+    }
+
+    /// Where twinpaged is, if this engine should use it.
+    pub(crate) fn daemon(&self) -> &parking_lot::Mutex<Option<crate::link::DaemonConfig>> {
+        &self.daemon
+    }
+
+    /// The daemon socket's fd while connected (-1 otherwise).
+    pub(crate) fn daemon_fd(&self) -> &std::sync::atomic::AtomicI32 {
+        &self.daemon_fd
+    }
+
+    /// Where the pin check moves pages while it looks at them.
+    pub(crate) fn scratch(&self) -> &parking_lot::Mutex<Option<crate::scratch::Scratch>> {
+        &self.scratch
+    }
+
+    /// Every store this process may map.
+    pub(crate) fn stores(&self) -> &parking_lot::Mutex<Vec<crate::sys::file::FileId>> {
+        &self.stores
+    }
 }
 
 impl Shared {
@@ -48,7 +110,7 @@ impl Shared {
     }
 
     /// A fresh engine's state around its kernel handles and store.
-    pub fn new(uffd: Userfaultfd, pagemap: Pagemap, store: Store) -> Self {
+    pub(crate) fn new(uffd: Userfaultfd, pagemap: Pagemap, store: Store) -> Self {
         let stores = store.file_id().into_iter().collect();
         Self {
             stores: parking_lot::Mutex::new(stores),
@@ -87,67 +149,67 @@ impl Shared {
 
 /// Exact counts, kept under the core lock.
 #[derive(Debug, Default, Clone)]
-pub struct Counters {
-    pub pages_scanned: u64,
-    pub pages_skipped: u64,
-    pub full_scans: u64,
+pub(crate) struct Counters {
+    pub(crate) pages_scanned: u64,
+    pub(crate) pages_skipped: u64,
+    pub(crate) full_scans: u64,
     /// Pages dropped to the kernel's zero page (records in `Zero` state).
-    pub zero_pages: u64,
+    pub(crate) zero_pages: u64,
     /// Of `zero_pages`, those dropped while `use_zero_pages` was 0: the
     /// kernel would have merged them into a KSM page of zeros, and the
     /// published counts show them that way (`Core::snapshot`).
-    pub zero_as_ksm: u64,
+    pub(crate) zero_as_ksm: u64,
     /// Records in `Hashed` state.
-    pub hashed: u64,
-    pub merge_runs: u64,
-    pub cow_breaks: u64,
+    pub(crate) hashed: u64,
+    pub(crate) merge_runs: u64,
+    pub(crate) cow_breaks: u64,
     /// Copy-on-write breaks the kernel made inside a store mapping.
-    pub cow_in_place: u64,
-    pub mismatches: u64,
+    pub(crate) cow_in_place: u64,
+    pub(crate) mismatches: u64,
     /// Merges refused because the page was pinned (in-flight I/O) or not
     /// exclusive to this process (`UFFDIO_MOVE` said `EBUSY`).
-    pub pinned_skipped: u64,
+    pub(crate) pinned_skipped: u64,
     /// Pages merged without the pin check (TWINPAGE_PIN_GUARD=0).
-    pub merges_unchecked: u64,
+    pub(crate) merges_unchecked: u64,
     /// Scans of pages no pin check can cover, passed over.
-    pub uncheckable_skipped: u64,
-    pub records_bytes: u64,
-    pub registered_pages: u64,
-    pub unmergeable_pages: u64,
+    pub(crate) uncheckable_skipped: u64,
+    pub(crate) records_bytes: u64,
+    pub(crate) registered_pages: u64,
+    pub(crate) unmergeable_pages: u64,
     /// Records merged into a daemon's store (REMOTE or ORPHAN).
-    pub daemon_merged: u64,
+    pub(crate) daemon_merged: u64,
     /// Merges held back because the store's filesystem was full.
-    pub store_full: u64,
+    pub(crate) store_full: u64,
     /// Changes the scanner saw: a page's checksum changed, a page merged or
     /// was written after merging, memory was registered. A full scan that
     /// saw none was idle.
-    pub activity: u64,
+    pub(crate) activity: u64,
 }
 
 /// Where the scanner is.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Cursor {
-    pub region_start: usize,
-    pub page: usize,
+pub(crate) struct Cursor {
+    pub(crate) region_start: usize,
+    pub(crate) page: usize,
     /// The cursor has passed no region yet in this full scan.
-    pub fresh: bool,
+    pub(crate) fresh: bool,
 }
 
 /// Trees, store allocation and counts: everything one batch decides on.
 #[derive(Debug)]
-pub struct Core {
-    pub stable: StableTree,
-    pub unstable: UnstableTree,
-    pub alloc: StoreAlloc,
-    pub counters: Counters,
-    pub map_budget: MapBudget,
-    pub cursor: Cursor,
+pub(crate) struct Core {
+    stable: StableTree,
+    unstable: UnstableTree,
+    alloc: StoreAlloc,
+    counters: Counters,
+    map_budget: MapBudget,
+    cursor: Cursor,
     /// While non-zero, freed store pages are neither punched nor reused (a
     /// forked child may still map them until it has made its own copies).
     free_holds: u32,
     deferred_frees: Vec<u32>,
     /// The link to twinpaged, while connected.
-    pub remote: Option<crate::link::Link>,
+    remote: Option<crate::link::Link>,
     /// The link broke and REMOTE records have not all been made orphans yet:
     /// no new link until they have (their keys name the old daemon's pages).
     remote_lost: bool,
@@ -167,8 +229,36 @@ pub struct Core {
     merged_under: crate::tunables::MergeMode,
 }
 
+/// Events the pipeline reports to the counts (the counts themselves are
+/// kept here, so that no stage can set one to a value of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tally {
+    /// A page the scanner visited.
+    Scanned,
+    /// A page smart scan passed over.
+    Skipped,
+    /// A page no pin check can cover, passed over.
+    Uncheckable,
+    /// A change the scanner saw (see [`Counters::activity`]).
+    Activity,
+    /// Pages merged without the pin check.
+    Unchecked,
+    /// Merges held back for want of store space.
+    StoreFull,
+    /// A page that differed from its store page under write-protect.
+    Mismatch,
+    /// A stretch remapped onto the store.
+    MergeRun,
+    /// A page merged into a daemon's store.
+    DaemonMerged,
+    /// A merge refused because the page was pinned or not exclusive.
+    Pinned,
+    /// A merged page's first write, served by copy (`merge::cow`).
+    CowBreak,
+}
+
 impl Core {
-    pub fn new(max_map_count: usize) -> Self {
+    pub(crate) fn new(max_map_count: usize) -> Self {
         Self {
             merged_under: crate::tunables::MergeMode::Off,
             stable: StableTree::default(),
@@ -186,6 +276,148 @@ impl Core {
             quiet_scans: 0,
             advisor: advisor::Advisor::default(),
         }
+    }
+
+    /// The counts, to read.
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Counts `n` events of kind `t`.
+    pub(crate) fn tally(&mut self, t: Tally, n: u64) {
+        let c = &mut self.counters;
+        let field = match t {
+            Tally::Scanned => &mut c.pages_scanned,
+            Tally::Skipped => &mut c.pages_skipped,
+            Tally::Uncheckable => &mut c.uncheckable_skipped,
+            Tally::Activity => &mut c.activity,
+            Tally::Unchecked => &mut c.merges_unchecked,
+            Tally::StoreFull => &mut c.store_full,
+            Tally::Mismatch => &mut c.mismatches,
+            Tally::MergeRun => &mut c.merge_runs,
+            Tally::DaemonMerged => &mut c.daemon_merged,
+            Tally::Pinned => &mut c.pinned_skipped,
+            Tally::CowBreak => &mut c.cow_breaks,
+        };
+        *field += n;
+    }
+
+    /// The stable tree, to read (its changes go through the methods below,
+    /// which keep the store allocation in step).
+    pub(crate) fn stable(&self) -> &StableTree {
+        &self.stable
+    }
+
+    /// A page with digest `hash` joins a stable page with room for one more
+    /// sharer, if there is one: that page, reserved for it.
+    pub(crate) fn reserve(&mut self, hash: u64, max_sharing: u32) -> Option<u32> {
+        self.stable.reserve(hash, max_sharing)
+    }
+
+    /// A new store page for content with digest `hash`, right after store
+    /// page `after` where that one is free, with `pending` merges reserved.
+    pub(crate) fn new_store_page(&mut self, hash: u64, after: Option<u32>, pending: u32) -> u32 {
+        let s = self.alloc.alloc(after);
+        self.stable.insert(hash, s, pending);
+        s
+    }
+
+    /// A store page whose content was written: merges after it compare
+    /// against it.
+    pub(crate) fn store_page_filled(&mut self, store: u32) {
+        if let Some(n) = self.stable.node_mut(store) {
+            n.set_filled();
+        }
+    }
+
+    /// The digest of a store page's content, taken again once it was written.
+    pub(crate) fn rekey(&mut self, store: u32, hash: u64) {
+        self.stable.rekey(store, hash);
+    }
+
+    /// A reserved merge into `store` was done.
+    pub(crate) fn commit(&mut self, store: u32) {
+        self.stable.commit(store);
+    }
+
+    /// A reserved merge into `store` was not done; a store page nobody
+    /// holds then goes.
+    pub(crate) fn cancel(&mut self, sh: &Shared, store: u32) {
+        if self.stable.cancel(store) {
+            self.free_store_page(sh, store);
+        }
+    }
+
+    /// The unstable tree's page for digest `hash`.
+    pub(crate) fn unstable_get(&self, hash: u64) -> Option<PageRef> {
+        self.unstable.get(hash)
+    }
+
+    /// `page` is the unstable tree's page for `hash` from now on.
+    pub(crate) fn unstable_insert(&mut self, hash: u64, page: PageRef) {
+        self.unstable.insert(hash, page);
+    }
+
+    /// The unstable tree's page for `hash` was matched.
+    pub(crate) fn unstable_remove(&mut self, hash: u64) {
+        self.unstable.remove(hash);
+    }
+
+    /// The mapping budget, to read.
+    pub(crate) fn map_budget(&self) -> &MapBudget {
+        &self.map_budget
+    }
+
+    /// Whether a run of `pages` in `stretches` stretches may merge now
+    /// (`MapBudget::admit`).
+    pub(crate) fn admit(&mut self, pages: usize, stretches: usize) -> bool {
+        self.map_budget.admit(pages, stretches)
+    }
+
+    /// Whether `maps` more mappings fit, for a remap of `pages` pages
+    /// (`MapBudget::allow`).
+    pub(crate) fn allow_mappings(&mut self, maps: usize, pages: u64) -> bool {
+        self.map_budget.allow(maps, pages)
+    }
+
+    /// Counts this process's mappings again (`/proc/self/maps`).
+    pub(crate) fn recount_mappings(&mut self) {
+        self.map_budget.recount();
+    }
+
+    /// Where the scanner is.
+    pub(crate) fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    /// The scanner moved.
+    pub(crate) fn set_cursor(&mut self, c: Cursor) {
+        self.cursor = c;
+    }
+
+    /// `run=2` took every merge back: the next scan starts from nothing, as
+    /// ksmd's does after unmerging (`full_scans` from 0, an empty unstable
+    /// tree, the cursor at the first region).
+    pub(crate) fn restart_scanning(&mut self) {
+        self.unstable.clear();
+        self.cursor = Cursor { fresh: true, ..Default::default() };
+        self.counters.full_scans = 0;
+    }
+
+    /// The link to twinpaged, while connected.
+    pub(crate) fn link(&self) -> Option<&crate::link::Link> {
+        self.remote.as_ref()
+    }
+
+    /// The link to twinpaged, to queue reports on or ask.
+    pub(crate) fn link_mut(&mut self) -> Option<&mut crate::link::Link> {
+        self.remote.as_mut()
+    }
+
+    /// A new link to twinpaged: the scanner is not idle (it has news).
+    pub(crate) fn linked(&mut self, link: crate::link::Link) {
+        self.remote = Some(link);
+        self.counters.activity += 1;
     }
 
     /// A forked child may map store pages freed from now on: keep them
@@ -258,14 +490,21 @@ impl Core {
         self.merged_under = now;
     }
 
+    /// `pages` records of a region left (`unmergeable` of them scan-only).
+    pub(crate) fn records_gone(&mut self, pages: u64, unmergeable: u64) {
+        self.counters.records_bytes -= pages * std::mem::size_of::<PageRecord>() as u64;
+        self.counters.registered_pages -= pages;
+        self.counters.unmergeable_pages -= unmergeable;
+    }
+
     /// Whether nothing changed during the last full scan nor since.
-    pub fn idle(&self) -> bool {
+    pub(crate) fn idle(&self) -> bool {
         self.quiet_scans > 0 && self.counters.activity == self.activity_mark
     }
 
     /// A merged record stops mapping its store page: the reference goes back
     /// to whoever counts it (our stable tree, or the daemon's broker).
-    pub fn release_record(&mut self, sh: &Shared, rec: &mut PageRecord) {
+    pub(crate) fn release_record(&mut self, sh: &Shared, rec: &mut PageRecord) {
         if rec.flags() & (PageRecord::REMOTE | PageRecord::ORPHAN) != 0 {
             self.counters.daemon_merged -= 1;
             // A page of a link that broke is simply not claimed when the
@@ -282,7 +521,7 @@ impl Core {
     /// A merged page was written where it is mapped, inside its store
     /// mapping (the kernel's copy-on-write, not `merge::cow`'s): it is the
     /// program's own page again, and no pin check can reach it there.
-    pub fn written_in_place(&mut self, sh: &Shared, rec: &mut PageRecord) {
+    pub(crate) fn written_in_place(&mut self, sh: &Shared, rec: &mut PageRecord) {
         rec.set_state(PageState::None);
         self.counters.cow_breaks += 1;
         self.counters.cow_in_place += 1;
@@ -291,7 +530,7 @@ impl Core {
     }
 
     /// The link to the daemon broke: go on alone.
-    pub fn lose_remote(&mut self, sh: &Shared, why: &crate::link::LinkError) {
+    pub(crate) fn lose_remote(&mut self, sh: &Shared, why: &crate::link::LinkError) {
         if let Some(link) = self.remote.take() {
             self.last_link = Some(link.agent_id);
             sh.daemon_fd.store(-1, std::sync::atomic::Ordering::SeqCst);
@@ -305,7 +544,7 @@ impl Core {
     /// Whether the page's checksum is the one recorded at its last visit
     /// (unchanged for a scan: it may enter the unstable tree); if not, records
     /// `cks` for the next visit.
-    pub fn note_checksum(&mut self, rec: &mut PageRecord, cks: u32) -> bool {
+    pub(crate) fn note_checksum(&mut self, rec: &mut PageRecord, cks: u32) -> bool {
         if rec.state() == PageState::Hashed && rec.key() == cks {
             return true;
         }
@@ -319,14 +558,14 @@ impl Core {
     }
 
     /// Clears a `Hashed` record's place in the counts.
-    pub fn forget_hashed(&mut self, rec: &PageRecord) {
+    pub(crate) fn forget_hashed(&mut self, rec: &PageRecord) {
         if rec.state() == PageState::Hashed {
             self.counters.hashed -= 1;
         }
     }
 
     /// Returns a store page nobody maps any more.
-    pub fn free_store_page(&mut self, sh: &Shared, idx: u32) {
+    pub(crate) fn free_store_page(&mut self, sh: &Shared, idx: u32) {
         if self.free_holds > 0 {
             self.deferred_frees.push(idx);
             return;
@@ -338,7 +577,7 @@ impl Core {
     }
 
     /// A merged page stopped sharing its store page.
-    pub fn release(&mut self, sh: &Shared, idx: u32) {
+    pub(crate) fn release(&mut self, sh: &Shared, idx: u32) {
         if self.stable.release(idx) {
             self.free_store_page(sh, idx);
         }
@@ -346,7 +585,7 @@ impl Core {
 
     /// Drops every record of `records` from the trees and counts. For merged
     /// pages the caller guarantees their mappings are gone or unmerged.
-    pub fn drop_records(&mut self, sh: &Shared, records: &mut [PageRecord]) {
+    pub(crate) fn drop_records(&mut self, sh: &Shared, records: &mut [PageRecord]) {
         for rec in records.iter_mut() {
             match rec.state() {
                 PageState::Hashed => self.counters.hashed -= 1,
@@ -360,7 +599,7 @@ impl Core {
 
     /// A page now maps the zero page; `as_ksm`: `use_zero_pages` is 0, so
     /// it counts as the kernel's merge into a KSM page of zeros.
-    pub fn zero_added(&mut self, rec: &mut PageRecord, as_ksm: bool) {
+    pub(crate) fn zero_added(&mut self, rec: &mut PageRecord, as_ksm: bool) {
         rec.set_state(PageState::Zero);
         rec.set_key(u32::from(as_ksm));
         self.counters.zero_pages += 1;
@@ -368,7 +607,7 @@ impl Core {
     }
 
     /// A `Zero` record stops mapping the zero page (its state is the caller's).
-    pub fn zero_gone(&mut self, rec: &PageRecord) {
+    pub(crate) fn zero_gone(&mut self, rec: &PageRecord) {
         self.counters.zero_pages -= 1;
         self.counters.zero_as_ksm -= u64::from(rec.key() == 1);
     }
@@ -378,7 +617,7 @@ impl Core {
     /// pages of zeros, each shared by at most `max_sharing` mappings
     /// (`pages_shared` the pages, `pages_sharing` the rest), not in
     /// `ksm_zero_pages`; what is saved is the same either way.
-    pub fn snapshot(&self, regions: u64, store_bytes: u64, max_sharing: u64) -> KsmStats {
+    pub(crate) fn snapshot(&self, regions: u64, store_bytes: u64, max_sharing: u64) -> KsmStats {
         let c = &self.counters;
         let zero_shared = c.zero_as_ksm.div_ceil(max_sharing.max(2));
         let shared = self.stable.pages_shared() + zero_shared;

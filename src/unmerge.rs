@@ -5,7 +5,7 @@
 use crate::digest::is_zero;
 use crate::guest::PageCopy;
 use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState};
-use crate::state::{each_live_region, Core, Cursor, Shared};
+use crate::state::{each_live_region, Core, Shared};
 use crate::sys::{mman, PAGE_SIZE};
 use crate::tunables::MergeMode;
 use crate::warn_once;
@@ -39,7 +39,7 @@ pub fn unmerge_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &
             all_ok = false;
             // Merged pages are write-protected for their first write: the
             // fault thread would wait for our lock.
-            let _ = sh.uffd.unprotect(region.addr(i), (j - i) * PAGE_SIZE);
+            let _ = sh.uffd().unprotect(region.addr(i), (j - i) * PAGE_SIZE);
             // SAFETY: the run is in a live region we hold; populate-write gives
             // each page a private copy of the content it already shows.
             let res = unsafe { mman::madvise(region.addr(i), (j - i) * PAGE_SIZE, mman::MADV_POPULATE_WRITE) };
@@ -61,22 +61,18 @@ pub fn unmerge_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &
 /// leaves the userfaultfd, and their records' references are dropped
 /// after `between` has run (the owner's unmap, for one).
 pub(crate) fn remove_range(sh: &Shared, addr: usize, end: usize, unmerge: bool, between: impl FnOnce()) {
-    let dropped = crate::region::take_range(&sh.registry, &sh.core, addr, end, |r, st, core, from, to| {
+    let dropped = crate::region::take_range(sh.registry(), sh.core(), addr, end, |r, st, core, from, to| {
         if unmerge && !st.failed {
             unmerge_range(sh, r, st, core, from, to);
         }
         let removed = (to - from) as u64;
-        core.counters.records_bytes -= removed * std::mem::size_of::<PageRecord>() as u64;
-        core.counters.registered_pages -= removed;
-        if r.mergeability == Mergeability::ScanOnly {
-            core.counters.unmergeable_pages -= removed;
-        }
+        core.records_gone(removed, if r.mergeability == Mergeability::ScanOnly { removed } else { 0 });
         if unmerge {
-            let _ = sh.uffd.unregister(r.addr(from), (to - from) * PAGE_SIZE);
+            let _ = sh.uffd().unregister(r.addr(from), (to - from) * PAGE_SIZE);
         }
     });
     between();
-    let mut core = sh.core.lock();
+    let mut core = sh.core().lock();
     for mut recs in dropped {
         core.drop_records(sh, &mut recs);
     }
@@ -179,8 +175,5 @@ pub fn unmerge_all(sh: &Shared) {
             rec.set_skips(0);
         }
     });
-    let mut core = sh.core.lock();
-    core.unstable.clear();
-    core.cursor = Cursor { fresh: true, ..Default::default() };
-    core.counters.full_scans = 0;
+    sh.core().lock().restart_scanning();
 }

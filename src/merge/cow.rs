@@ -21,7 +21,7 @@
 use std::time::Duration;
 
 use crate::region::{PageRecord, PageState};
-use crate::state::Shared;
+use crate::state::{Shared, Tally};
 use crate::sys::PAGE_SIZE;
 use crate::warn_once;
 
@@ -50,7 +50,7 @@ pub(crate) enum FirstWrite {
 /// by moving an anonymous copy of it into place, and wakes the writer.
 pub(crate) fn first_write(sh: &Shared, page: usize) -> FirstWrite {
     use FirstWrite::{Busy, Done, NotMine};
-    let Some(region) = sh.registry.read().containing(page).cloned() else { return NotMine };
+    let Some(region) = sh.registry().read().containing(page).cloned() else { return NotMine };
     if region.kind != crate::maps::MappingKind::Anon {
         return NotMine;
     }
@@ -70,12 +70,12 @@ pub(crate) fn first_write(sh: &Shared, page: usize) -> FirstWrite {
     // any of these. A copy without the protection was written already and
     // may be pinned: not ours to copy.
     let mut e = [crate::sys::pagemap::PageEntry::default()];
-    if sh.pagemap.read(page, &mut e).is_err() || !still_store_content(e[0]) {
+    if sh.pagemap().read(page, &mut e).is_err() || !still_store_content(e[0]) {
         return NotMine;
     }
-    let mut core = sh.core.lock();
+    let mut core = sh.core().lock();
     // The copy splits the store stretch: up to two more mappings.
-    if !core.map_budget.allow(2, 0) {
+    if !core.allow_mappings(2, 0) {
         return NotMine;
     }
     let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
@@ -92,11 +92,11 @@ pub(crate) fn first_write(sh: &Shared, page: usize) -> FirstWrite {
     rec.set_state(PageState::None);
     rec.set_age(0);
     rec.set_own_mapping();
-    core.counters.cow_breaks += 1;
-    core.counters.activity += 1;
+    core.tally(Tally::CowBreak, 1);
+    core.tally(Tally::Activity, 1);
     drop(core);
     drop(st);
-    if let Err(e) = sh.uffd.wake(page, PAGE_SIZE) {
+    if let Err(e) = sh.uffd().wake(page, PAGE_SIZE) {
         warn_once!("cow-wake", "twinpage: wake after a first write failed at {page:#x}: {e}");
     }
     Done

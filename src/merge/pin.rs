@@ -27,7 +27,7 @@
 //! without `UFFDIO_MOVE`) is never merged (see docs/pinned-pages.md).
 
 use crate::region::{PageRecord, Region, RegionState};
-use crate::state::{Core, Shared};
+use crate::state::{Core, Shared, Tally};
 use crate::sys::{mman, PAGE_SIZE};
 use crate::warn_once;
 
@@ -81,7 +81,7 @@ pub fn pin_guard_enabled() -> bool {
 
 /// Whether merges in `region` get the pin check.
 pub(super) fn applies(sh: &Shared, region: &Region) -> bool {
-    pin_guard_enabled() && sh.uffd.can_move() && region.kind == crate::maps::MappingKind::Anon && writable(region)
+    pin_guard_enabled() && sh.uffd().can_move() && region.kind == crate::maps::MappingKind::Anon && writable(region)
 }
 
 fn writable(region: &Region) -> bool {
@@ -99,13 +99,13 @@ pub(crate) fn may_merge(sh: &Shared, region: &Region, rec: &PageRecord) -> bool 
     }
     // In an anonymous region, an overlay page that is neither merged nor a
     // zero page is a copy made inside a store mapping: a file mapping.
-    sh.uffd.can_move() && region.kind == crate::maps::MappingKind::Anon && rec.flags() & PageRecord::OVERLAY == 0
+    sh.uffd().can_move() && region.kind == crate::maps::MappingKind::Anon && rec.flags() & PageRecord::OVERLAY == 0
 }
 
 /// Says once per kind of memory that it is not merged because no pin check
 /// can cover it there.
 pub(crate) fn note_uncheckable(sh: &Shared, region: &Region) {
-    if !sh.uffd.can_move() {
+    if !sh.uffd().can_move() {
         warn_once!(
             "pin-nomove",
             "twinpage: this kernel lacks UFFDIO_MOVE (Linux 6.8+), the only pin check userspace has: writable memory is not \
@@ -150,10 +150,10 @@ pub(super) fn check<'a>(sh: &'a Shared, region: &Region, st: &mut RegionState, c
     let n = items.len();
     // UFFDIO_MOVE wants both mappings to have the same protection.
     let region_prot = region.prot;
-    let mut slot = sh.scratch.lock();
+    let mut slot = sh.scratch().lock();
     if slot.as_ref().is_none_or(|s| !s.fits(n, region_prot)) {
         *slot = None;
-        match Scratch::new(&sh.uffd, n.max(64), region_prot) {
+        match Scratch::new(sh.uffd(), n.max(64), region_prot) {
             Ok(s) => *slot = Some(s),
             Err(e) => {
                 warn_once!("pin-scratch", "twinpage: cannot set up the pin check's scratch mapping: {e}; not merging");
@@ -190,7 +190,7 @@ pub(super) fn check<'a>(sh: &'a Shared, region: &Region, st: &mut RegionState, c
         // is mapped or the page comes back.
         let needs_missing = kind != RunKind::Zero;
         moved.missing[i..j].iter_mut().for_each(|m| *m = needs_missing);
-        if let Err(e) = if needs_missing { sh.uffd.register_wp_missing(s, len) } else { Ok(()) } {
+        if let Err(e) = if needs_missing { sh.uffd().register_wp_missing(s, len) } else { Ok(()) } {
             warn_once!("pin-missing", "twinpage: cannot register missing mode for the pin check: {e}; not merging");
             ok[i..j].iter_mut().for_each(|o| *o = false);
             i = j;
@@ -205,7 +205,7 @@ pub(super) fn check<'a>(sh: &'a Shared, region: &Region, st: &mut RegionState, c
         for (k, e) in failed {
             ok[k] = false;
             if e.raw_os_error() == Some(libc::EBUSY) {
-                core.counters.pinned_skipped += 1;
+                core.tally(Tally::Pinned, 1);
                 st.records[items[k].page].add_flags(PageRecord::UNSHARE);
             } else {
                 warn_once!("pin-move", "twinpage: UFFDIO_MOVE at {:#x} failed: {e}; page not merged", moved.addrs[k]);
@@ -230,7 +230,7 @@ pub(super) fn check<'a>(sh: &'a Shared, region: &Region, st: &mut RegionState, c
         if !same {
             ok[i] = false;
             if kind != RunKind::Zero {
-                core.counters.mismatches += 1;
+                core.tally(Tally::Mismatch, 1);
             }
         }
     }
@@ -253,7 +253,7 @@ unsafe fn move_stretch(sh: &Shared, to: usize, from: usize, mut i: usize, j: usi
         let end = if single { i + 1 } else { j };
         let off = (i - first) * PAGE_SIZE;
         // SAFETY: the caller's guarantee covers [i, j).
-        match unsafe { sh.uffd.move_pages(to + off, from + off, (end - i) * PAGE_SIZE) } {
+        match unsafe { sh.uffd().move_pages(to + off, from + off, (end - i) * PAGE_SIZE) } {
             Ok(_) => {
                 done[i..end].iter_mut().for_each(|d| *d = true);
                 i = end;
@@ -281,12 +281,12 @@ fn store_bytes<'c>(sh: &'c Shared, core: &'c Core, kind: RunKind, store: u32) ->
     match kind {
         // SAFETY: a join the daemon ordered: a filled page, kept in use by
         // our reference.
-        RunKind::Remote => unsafe { core.remote.as_ref()?.store.filled(store) }.ok(),
+        RunKind::Remote => unsafe { core.link()?.store.filled(store) }.ok(),
         _ => {
-            core.stable.node(store).filter(|n| n.filled())?;
+            core.stable().node(store).filter(|n| n.filled())?;
             // SAFETY: filled (checked above) and in use under the core lock,
             // which `core` is borrowed from.
-            unsafe { sh.store.filled(store) }.ok()
+            unsafe { sh.store().filled(store) }.ok()
         }
     }
 }
@@ -356,7 +356,7 @@ pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, run: &R
         // unregister wakes whoever waited on them. It also lets the split
         // mappings merge again.
         let (s, len) = (m.addrs[i], (j - i) * PAGE_SIZE);
-        if let Err(e) = sh.uffd.unregister(s, len).and_then(|()| sh.uffd.register_wp(s, len)) {
+        if let Err(e) = sh.uffd().unregister(s, len).and_then(|()| sh.uffd().register_wp(s, len)) {
             // The stray-fault thread resolves missing faults there (zero page
             // into a hole), so this costs speed, not data; pages left without
             // registration are registered again before their next merge.

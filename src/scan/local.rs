@@ -53,7 +53,7 @@ impl Local {
 impl Decide for Local {
     fn offer(&mut self, b: &Batch<'_>, st: &mut RegionState, core: &mut Core, o: Offer<'_>) {
         let (idx, h) = (o.page, o.hash);
-        if let Some(s) = core.stable.reserve(h, self.max_sharing) {
+        if let Some(s) = core.reserve(h, self.max_sharing) {
             self.d.joins.push(Item { page: idx, store: s });
             return;
         }
@@ -65,22 +65,21 @@ impl Decide for Local {
             return;
         }
         let me = PageRef { region: b.region.id, page: idx as u32 };
-        match core.unstable.get(h) {
+        match core.unstable_get(h) {
             Some(t) if t != me => {
                 if self.equal_to_tree_page(b, st, t, o.bytes) {
-                    core.unstable.remove(h);
+                    core.unstable_remove(h);
                     let after = self.last_pair.filter(|&(p, _)| p + 1 == idx).map(|(_, s)| s);
-                    let s = core.alloc.alloc(after);
-                    core.stable.insert(h, s, 2);
+                    let s = core.new_store_page(h, after, 2);
                     self.d.fills.push((t.region, t.page as usize, s));
                     self.d.joins.push(Item { page: idx, store: s });
                     self.last_pair = Some((idx, s));
                 } else {
-                    core.unstable.insert(h, me);
+                    core.unstable_insert(h, me);
                 }
             }
             Some(_) => {}
-            None => core.unstable.insert(h, me),
+            None => core.unstable_insert(h, me),
         }
     }
 

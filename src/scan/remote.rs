@@ -52,7 +52,7 @@ fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<Candi
     for c in &candidates {
         digests[(c.token & 0xffff_ffff) as usize - first] = c.digest;
     }
-    let Some(link) = core.remote.as_mut() else { return Vec::new() };
+    let Some(link) = core.link_mut() else { return Vec::new() };
     let orders = match link.scan(candidates) {
         Ok(o) => o,
         Err(e) => {
@@ -131,10 +131,10 @@ fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<Candi
 pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
     let lost = {
         // Releases from unmaps and unmerges (run=2 scans no batch) go out here too.
-        let mut core = sh.core.lock();
+        let mut core = sh.core().lock();
         let core = &mut *core;
         core.flush_link(sh);
-        if let Some(link) = core.remote.as_ref() {
+        if let Some(link) = core.link() {
             return link.agents.max(1) as usize;
         }
         core.link_lost()
@@ -146,13 +146,13 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
         return 1;
     }
     *next_try = Instant::now() + crate::link::RETRY;
-    let Some(cfg) = sh.daemon.lock().clone() else { return 1 };
+    let Some(cfg) = sh.daemon().lock().clone() else { return 1 };
     match Link::connect(&cfg) {
         Ok(mut link) => {
             // Pages merged over a link that broke while the daemon lived on are
             // still counted there, parked: take them back, so their releases
             // free store pages again.
-            let last = sh.core.lock().last_link();
+            let last = sh.core().lock().last_link();
             let adopted = match last.map(|old| link.resume(old)) {
                 None => false,
                 Some(Ok(ok)) => ok,
@@ -168,15 +168,15 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
                 forget_last_link(sh);
             }
             if let Ok(id) = link.store.file_id() {
-                let mut stores = sh.stores.lock();
+                let mut stores = sh.stores().lock();
                 if !stores.contains(&id) {
                     stores.push(id);
                 }
             }
-            let mut core = sh.core.lock();
-            if core.remote.is_none() && !core.link_lost() {
+            let mut core = sh.core().lock();
+            if core.link().is_none() && !core.link_lost() {
                 use std::sync::atomic::Ordering;
-                sh.daemon_fd.store(link.raw_fd(), Ordering::SeqCst);
+                sh.daemon_fd().store(link.raw_fd(), Ordering::SeqCst);
                 log::info!(
                     "twinpage: connected to twinpaged at {} as agent {} (domain {})",
                     cfg.socket.display(),
@@ -184,9 +184,7 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
                     cfg.domain.as_deref().unwrap_or("of this uid")
                 );
                 let agents = link.agents.max(1) as usize;
-                core.remote = Some(link);
-                // A new link is news for the scanner: it is not idle.
-                core.counters.activity += 1;
+                core.linked(link);
                 drop(core);
                 if adopted {
                     claim_last_link(sh);
@@ -216,11 +214,11 @@ pub fn tick(sh: &Shared, next_try: &mut Instant) -> usize {
 /// on, it keeps counting them (parked) until this process reconnects and
 /// takes them back, or exits.
 fn orphan_all(sh: &Shared) {
-    let last = if sh.core.lock().last_link().is_some() { PageRecord::LAST_LINK } else { 0 };
+    let last = if sh.core().lock().last_link().is_some() { PageRecord::LAST_LINK } else { 0 };
     for_each_flagged(sh, PageRecord::REMOTE, |rec| {
         rec.set_flags((rec.flags() & !PageRecord::REMOTE) | PageRecord::ORPHAN | last);
     });
-    sh.core.lock().orphans_made();
+    sh.core().lock().orphans_made();
 }
 
 /// Runs `f` on every record with `flag`, region by region under each one's
@@ -228,7 +226,7 @@ fn orphan_all(sh: &Shared) {
 /// it, to unregister): the regions are listed first, and it is let go
 /// before any region lock is taken.
 fn for_each_flagged(sh: &Shared, flag: u8, mut f: impl FnMut(&mut PageRecord)) {
-    let regions: Vec<_> = sh.registry.read().iter().cloned().collect();
+    let regions: Vec<_> = sh.registry().read().iter().cloned().collect();
     for r in regions {
         let mut st = r.state.write();
         st.records.iter_mut().filter(|rec| rec.flags() & flag != 0).for_each(&mut f);
@@ -239,7 +237,7 @@ fn for_each_flagged(sh: &Shared, flag: u8, mut f: impl FnMut(&mut PageRecord)) {
 /// it gave up waiting): its orphans stay plain orphans.
 fn forget_last_link(sh: &Shared) {
     for_each_flagged(sh, PageRecord::LAST_LINK, |rec| rec.clear_flags(PageRecord::LAST_LINK));
-    sh.core.lock().forget_last_link();
+    sh.core().lock().forget_last_link();
 }
 
 /// The daemon took the lost link's references over (`Resumed`), and the new
@@ -255,10 +253,10 @@ fn claim_last_link(sh: &Shared) {
         rec.set_flags((rec.flags() & !(PageRecord::ORPHAN | PageRecord::LAST_LINK)) | PageRecord::REMOTE);
         claims.push(rec.key());
     });
-    let mut core = sh.core.lock();
+    let mut core = sh.core().lock();
     let core = &mut *core;
     core.forget_last_link();
-    let Some(link) = core.remote.as_mut() else { return };
+    let Some(link) = core.link_mut() else { return };
     if let Err(e) = link.hold(&claims) {
         core.lose_remote(sh, &e);
     }
