@@ -12,36 +12,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::procs::{finish_twin, setup, spawn_ready, start_daemon, tree_counter, Kids};
-use common::{require, tempdir, wait_until};
-
-fn fuse_available() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    require(root && Path::new("/dev/fuse").exists(), "root and /dev/fuse (the view is a FUSE mount)")
-}
-
-fn mounted(at: &Path) -> bool {
-    std::fs::read_to_string("/proc/mounts").unwrap().lines().any(|l| l.split(' ').nth(1) == Some(at.to_str().unwrap()))
-}
+use common::view::{fuse_available, mounted, Unmount};
+use common::{tempdir, wait_until};
 
 /// Merged stretches of `pid`: private mappings of the daemon's store memfd
 /// (the agent also maps the whole store shared and read-only, to compare).
 fn store_mappings(pid: u32) -> usize {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     maps.lines().filter(|l| l.contains("twinpage-store") && l.split(' ').nth(1).is_some_and(|p| p.ends_with('p'))).count()
-}
-
-/// Unmounts the view when the test ends, failed or not: a daemon killed by
-/// `Kids` on a failed assertion leaves its mount behind.
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        if mounted(&self.0) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-        let _ = std::fs::remove_dir(&self.0);
-    }
 }
 
 fn write(path: &Path, value: &str) -> Result<(), i32> {

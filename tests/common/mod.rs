@@ -11,6 +11,7 @@ pub mod guest;
 pub mod kernel_ksm;
 pub mod procs;
 pub mod sysctl;
+pub mod view;
 
 pub const PAGE: usize = 4096;
 
