@@ -41,7 +41,7 @@ fn finding(level: Level, topic: &'static str, fact: String, fix: impl Into<Strin
 /// Every check, against the tree at `tree`.
 pub fn check(tree: &Tree) -> Vec<Finding> {
     let processes: Vec<ProcessEntry> = tree.processes().unwrap_or_default().into_iter().filter(|p| p.live).collect();
-    vec![kernel(), userfaultfd(), max_map_count(&processes), thp(), kernel_ksm(&processes), daemon(tree), store_dir()]
+    vec![kernel(), userfaultfd(), max_map_count(&processes), thp(), kernel_ksm(&processes), daemon(tree), sysfs_view(tree), store_dir()]
 }
 
 /// `(major, minor)` of a kernel release such as `6.8.0-45-generic`.
@@ -181,9 +181,54 @@ fn daemon(tree: &Tree) -> Finding {
             Level::Warning,
             "twinpaged",
             format!("no twinpaged on {}: each process merges only its own pages, nothing is shared between guests", sock.display()),
-            format!("`twinpaged --dir {}` (or `systemctl enable --now twinpaged`)", tree.root().display()),
+            format!("`twinpaged --dir {0} --sysfs {0}/sysfs` (or `systemctl enable --now twinpaged`)", tree.root().display()),
         )
     }
+}
+
+/// Mount points of twinpaged's sysfs views (FUSE, source `twinpage`), as this
+/// process's mount namespace shows them: a view mounted in a namespace of its
+/// own (a unit with `ProtectSystem=`) is not there for the programs on the host.
+fn views(mountinfo: &str) -> Vec<std::path::PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (fields, fs) = l.split_once(" - ")?;
+            let mut fs = fs.split(' ');
+            // fuser's own mount (no libfuse) sets no subtype: `fuse twinpage`.
+            let ours = matches!((fs.next()?, fs.next()?), ("fuse.twinpage", _) | ("fuse", "twinpage"));
+            ours.then(|| fields.split(' ').nth(4).map(|p| p.replace("\\040", " ").into()))?
+        })
+        .collect()
+}
+
+fn sysfs_view(tree: &Tree) -> Finding {
+    let found = views(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+    let (live, stale): (Vec<_>, Vec<_>) = found
+        .iter()
+        .partition(|v| std::fs::metadata(v.join("kernel/mm/ksm/run")).map_or_else(|e| e.raw_os_error() != Some(libc::ENOTCONN), |_| true));
+    let start = format!("`twinpaged --dir {0} --sysfs {0}/sysfs` (the installed unit does)", tree.root().display());
+    if let Some(v) = stale.first() {
+        return finding(
+            Level::Warning,
+            "sysfs",
+            format!("the sysfs view at {} is stale (its twinpaged was killed): reads fail with ENOTCONN", v.display()),
+            format!("start twinpaged again with the same --sysfs (it takes the stale mount away), or `umount -l {}`", v.display()),
+        );
+    }
+    if live.is_empty() {
+        return finding(
+            Level::Warning,
+            "sysfs",
+            format!(
+                "no twinpaged sysfs view is mounted: a write to {}/kernel/mm/ksm returns at once even with a bad value (refused later, in twinpage/last_error), and a counter can be read torn",
+                tree.root().display()
+            ),
+            format!("{start}; point programs and node_exporter (--path.sysfs) at that directory"),
+        );
+    }
+    let list: Vec<String> = live.iter().map(|v| format!("{}/kernel/mm/ksm", v.display())).collect();
+    finding(Level::Ok, "sysfs", format!("{} answers as sysfs does: a bad write fails with the kernel's errno", list.join(", ")), "")
 }
 
 fn store_dir() -> Finding {
@@ -216,5 +261,16 @@ mod tests {
         assert_eq!(parse_release("5.15.0"), Some((5, 15)));
         assert!(parse_release("6.7.12").unwrap() < (6, 8));
         assert_eq!(parse_release("x"), None);
+    }
+
+    #[test]
+    fn views_are_the_twinpage_fuse_mounts_of_mountinfo() {
+        let info = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
+                    90 25 0:52 / /run/twinpage/sysfs rw,nosuid,nodev - fuse twinpage rw,user_id=0\n\
+                    91 25 0:53 / /srv/a\\040b rw - fuse.twinpage twinpage rw\n\
+                    92 25 0:54 / /mnt/x rw - fuse.sshfs host: rw\n\
+                    93 25 0:55 / /mnt/y rw - fuse other rw\n";
+        let v = views(info);
+        assert_eq!(v, [std::path::PathBuf::from("/run/twinpage/sysfs"), std::path::PathBuf::from("/srv/a b")]);
     }
 }

@@ -32,7 +32,7 @@ fn topic<'a>(text: &'a str, topic: &str) -> (&'a str, &'a str) {
 fn every_fact_is_reported_and_a_store_dir_off_tmpfs_is_an_error() {
     let dir = tempdir("doctor-plain");
     let (out, text) = doctor(&dir, &[]);
-    for t in ["kernel", "userfaultfd", "max_map_count", "thp", "kernel_ksm", "twinpaged", "store"] {
+    for t in ["kernel", "userfaultfd", "max_map_count", "thp", "kernel_ksm", "twinpaged", "sysfs", "store"] {
         let (line, _) = topic(&text, t);
         assert!(["ok", "warning", "error"].contains(&line.split_whitespace().next().unwrap()), "{line}");
     }
@@ -96,5 +96,41 @@ fn kernel_ksm_merging_other_processes_is_a_warning() {
     let (_, text) = doctor(&dir, &[]);
     let (line, fix) = topic(&text, "kernel_ksm");
     assert!(line.starts_with("warning") && line.contains(&format!("{pid} (")) && !fix.is_empty(), "{line} / {fix}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The sysfs view: a warning with the command that mounts one while none is
+/// mounted, ok naming it once twinpaged serves one, and a warning again
+/// once the daemon was killed and left its mount stale.
+#[test]
+fn the_sysfs_view_is_reported_mounted_or_missing_or_stale() {
+    let Some(daemon) = common::procs::daemon_bin() else { return };
+    if !common::view::fuse_available() {
+        return;
+    }
+    let dir = tempdir("doctor-view");
+    let view = dir.join("sysfs");
+    let unmount = common::view::Unmount(view.clone());
+    let others = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(" - fuse twinpage ") || l.contains(" - fuse.twinpage "));
+    if !others {
+        let (_, text) = doctor(&dir, &[]);
+        let (line, fix) = topic(&text, "sysfs");
+        assert!(line.starts_with("warning") && line.contains("no twinpaged sysfs view"), "{line}");
+        assert!(fix.contains(&format!("--sysfs {}", view.display())), "{fix}");
+    }
+    let mut kids = Kids(vec![common::procs::start_daemon(&daemon, &dir, &["--sysfs", view.to_str().unwrap()], "warn")]);
+    assert!(wait_until(Duration::from_secs(10), || view.join("kernel/mm/ksm/run").exists()), "no view mounted");
+    let (_, text) = doctor(&dir, &[]);
+    let (line, _) = topic(&text, "sysfs");
+    assert!(line.starts_with("ok") && line.contains(&format!("{}/kernel/mm/ksm", view.display())), "{line}");
+    kids.0[0].kill().unwrap();
+    kids.0[0].wait().unwrap();
+    let (_, text) = doctor(&dir, &[]);
+    let (line, fix) = topic(&text, "sysfs");
+    assert!(line.starts_with("warning") && line.contains("stale") && fix.contains("umount"), "{line} / {fix}");
+    drop(unmount);
     let _ = std::fs::remove_dir_all(&dir);
 }
