@@ -120,7 +120,6 @@ if [ -n "$store_dir" ]; then
 [Service]
 Environment=TWINPAGE_STORE_DIR=$store_dir
 ExecStartPre=+/bin/sh -c 'mkdir -p $store_dir && (mountpoint -q $store_dir || mount -t tmpfs -o size=$store_size,mode=0755 tmpfs $store_dir)'
-ReadWritePaths=$store_dir
 EOF
     put 0644 "$tmp/store.conf" /etc/systemd/system/twinpaged.service.d/store.conf
 fi
@@ -145,7 +144,7 @@ printf '  %s\n' "${installed[@]}"
 if [ -z "$destdir" ] && [ "$sysctl" = 1 ] && [ "$(id -u)" -eq 0 ]; then
     sysctl -q -p /etc/sysctl.d/60-twinpage.conf || echo "install.sh: could not apply vm.max_map_count now; it applies at boot" >&2
 fi
-start="TWINPAGE_LOG=info $prefix/bin/twinpaged --dir /run/twinpage"
+start="TWINPAGE_LOG=info $prefix/bin/twinpaged --dir /run/twinpage --sysfs /run/twinpage/sysfs"
 [ -z "$store_dir" ] || start="TWINPAGE_STORE_DIR=$store_dir $start"
 if [ "$enable" = 1 ] && [ -z "$destdir" ]; then
     if systemd_running; then
@@ -158,3 +157,4 @@ if [ "$enable" = 1 ] && [ -z "$destdir" ]; then
     fi
 fi
 echo "start guests with: LD_PRELOAD=$prefix/lib/twinpage/libtwinpage.so TWINPAGE_DIR=/run/twinpage qemu-system-x86_64 ..."
+echo "read and write the tunables and counters as on sysfs under /run/twinpage/sysfs/kernel/mm/ksm (node_exporter: --path.sysfs=/run/twinpage/sysfs)"

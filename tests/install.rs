@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::guest;
 use common::procs::{finish_twin, spawn_ready, tree_counter, Kids};
+use common::view::{fuse_available, Unmount};
 use common::*;
 
 fn script() -> PathBuf {
@@ -54,9 +55,29 @@ fn installs_into_a_staging_dir_and_uninstalls_exactly_that() {
     assert_eq!(mode("opt/tp/bin/twinpage"), 0o755);
     assert_eq!(mode("opt/tp/lib/twinpage/libtwinpage.so"), 0o644);
     let unit = std::fs::read_to_string(stage.join("etc/systemd/system/twinpaged.service")).unwrap();
-    assert!(unit.lines().any(|l| l == "ExecStart=/opt/tp/bin/twinpaged --dir /run/twinpage"), "{unit}");
+    assert!(unit.lines().any(|l| l == "ExecStart=/opt/tp/bin/twinpaged --dir /run/twinpage --sysfs /run/twinpage/sysfs"), "{unit}");
     let store = std::fs::read_to_string(stage.join("etc/systemd/system/twinpaged.service.d/store.conf")).unwrap();
     assert!(store.contains("Environment=TWINPAGE_STORE_DIR=/run/tp-store") && store.contains("size=2G"), "{store}");
+    // The view is a mount the host's programs must see: no setting may give
+    // the service a mount namespace of its own, where it would stay.
+    for setting in [
+        "ProtectSystem=",
+        "ProtectHome=",
+        "PrivateTmp=",
+        "PrivateDevices=",
+        "PrivateNetwork=",
+        "PrivateMounts=",
+        "ReadWritePaths=",
+        "ReadOnlyPaths=",
+        "MountFlags=",
+    ] {
+        for (name, text) in [("unit", &unit), ("store.conf", &store)] {
+            assert!(
+                !text.lines().any(|l| l.starts_with(setting)),
+                "{name} has {setting}: the sysfs view would be mounted where the host cannot see it"
+            );
+        }
+    }
     let sysctl = std::fs::read_to_string(stage.join("etc/sysctl.d/60-twinpage.conf")).unwrap();
     assert!(sysctl.lines().any(|l| l == "vm.max_map_count = 1048576"), "{sysctl}");
     // Bad input changes nothing.
@@ -71,12 +92,13 @@ fn installs_into_a_staging_dir_and_uninstalls_exactly_that() {
 }
 
 /// The staged install, run: twinpaged started with its unit's ExecStart and
-/// Environment (systemd does not run here), two twin.c programs with the
-/// installed preload share their common pages through it.
+/// Environment (systemd does not run here), its sysfs view refusing a bad
+/// write as sysfs does, two twin.c programs with the installed preload
+/// sharing their common pages through it, and the view counting them.
 #[test]
 fn the_installed_daemon_and_preload_merge_across_processes() {
     let Some(prog) = program("twin") else { return };
-    if !have_uffd() {
+    if !have_uffd() || !fuse_available() {
         return;
     }
     let stage = tempdir("install-run");
@@ -88,7 +110,10 @@ fn the_installed_daemon_and_preload_merge_across_processes() {
     let bin = stage.join(words.next().unwrap().trim_start_matches('/'));
     let tree = stage.join("tree");
     // The unit's own arguments, with the tree moved off /run.
-    let args: Vec<String> = words.map(|w| if w == "/run/twinpage" { tree.display().to_string() } else { w.to_string() }).collect();
+    let args: Vec<String> =
+        words.map(|w| w.strip_prefix("/run/twinpage").map_or_else(|| w.to_string(), |rest| format!("{}{rest}", tree.display()))).collect();
+    let ksm = tree.join("sysfs/kernel/mm/ksm");
+    let unmount = Unmount(tree.join("sysfs"));
     let mut daemon = Command::new(&bin);
     daemon.args(&args).stderr(Stdio::null());
     for env in unit.lines().filter_map(|l| l.strip_prefix("Environment=")) {
@@ -97,6 +122,9 @@ fn the_installed_daemon_and_preload_merge_across_processes() {
     }
     let mut kids = Kids(vec![daemon.spawn().unwrap()]);
     assert!(wait_until(Duration::from_secs(10), || tree.join("twinpaged.sock").exists()), "the installed daemon did not start");
+    assert!(wait_until(Duration::from_secs(10), || ksm.join("pages_to_scan").exists()), "the installed daemon mounted no sysfs view");
+    let bad = std::fs::write(ksm.join("pages_to_scan"), "abc").map_err(|e| e.raw_os_error());
+    assert_eq!(bad, Err(Some(libc::EINVAL)), "a bad write through the installed view");
     let lib = stage.join("opt/tp/lib/twinpage/libtwinpage.so");
     for _ in 0..2 {
         kids.0.push(spawn_ready(
@@ -117,6 +145,8 @@ fn the_installed_daemon_and_preload_merge_across_processes() {
         tree_counter(&tree, a, "twinpage_daemon_merged"),
         tree_counter(&tree, b, "twinpage_daemon_merged")
     );
+    let sharing: u64 = std::fs::read_to_string(ksm.join("pages_sharing")).unwrap().trim().parse().unwrap();
+    assert!(sharing >= 512, "pages_sharing through the installed view: {sharing}");
     for _ in 0..2 {
         finish_twin(kids.0.remove(1));
     }
@@ -136,6 +166,7 @@ fn the_installed_daemon_and_preload_merge_across_processes() {
         assert!(verdict.contains("TP-VERDICT OK"), "{verdict}");
     }
     drop(kids);
+    drop(unmount);
     let (ok, text) = run(&["--uninstall", "--destdir", stage.to_str().unwrap(), "--prefix", "/opt/tp"]);
     assert!(ok, "{text}");
     let _ = std::fs::remove_dir_all(&stage);
