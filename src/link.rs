@@ -64,16 +64,24 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 #[derive(Debug)]
 pub struct Link {
     conn: Conn,
-    pub store: Store,
-    pub agent_id: u32,
+    /// The daemon's store of this domain, mapped read-only.
+    pub(crate) store: Store,
+    pub(crate) agent_id: u32,
     /// Agents connected to the daemon (pages_to_scan is shared among them).
-    pub agents: u32,
-    pub committed: Vec<u32>,
-    pub cancelled: Vec<u32>,
-    pub released: Vec<u32>,
+    pub(crate) agents: u32,
+    /// Reports queued for the next flush: merges done, orders not carried
+    /// out, sharing that ended (store page indices).
+    pub(crate) committed: Vec<u32>,
+    pub(crate) cancelled: Vec<u32>,
+    pub(crate) released: Vec<u32>,
 }
 
 impl Link {
+    /// The id the daemon gave this agent.
+    pub fn agent_id(&self) -> u32 {
+        self.agent_id
+    }
+
     /// Connects and joins the domain.
     pub fn connect(cfg: &DaemonConfig) -> Result<Self, LinkError> {
         let mut conn = Conn::connect(&cfg.socket, TIMEOUT)?;

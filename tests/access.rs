@@ -158,7 +158,7 @@ fn helper_connect_as_another_uid() {
     let domain = std::env::var("TWINPAGE_ACCESS_DOMAIN").ok().filter(|d| !d.is_empty());
     let cfg = twinpage::link::DaemonConfig { socket: socket.into(), domain };
     match twinpage::link::Link::connect(&cfg) {
-        Ok(link) => println!("ACCESS: JOINED agent {}", link.agent_id),
+        Ok(link) => println!("ACCESS: JOINED agent {}", link.agent_id()),
         Err(twinpage::link::LinkError::Refused(why)) => println!("ACCESS: REFUSED {why}"),
         Err(e) => println!("ACCESS: FAILED {}", twinpage::link::chain(&e)),
     }
