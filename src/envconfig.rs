@@ -122,10 +122,8 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
                         if v.is_empty() {
                             return Err(format!("{k} is empty (unset it for the default {:?})", a.default));
                         }
-                        crate::tunables::model_write(&attr, v.as_bytes(), &model.context(0))
+                        crate::tunables::write_into_model(&mut model, &attr, v.as_bytes())
                             .map_err(|e| format!("{k}={v:?} is refused as sysfs refuses it ({})", e.name()))?;
-                        // twinpage's own attributes are not the kernel model's.
-                        let _ = model.write(&attr, &v, 0);
                         c.tunables.push((attr, v));
                     }
                     Some(_) => return Err(format!("{k}: {attr} is read-only")),

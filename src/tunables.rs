@@ -158,6 +158,20 @@ pub(crate) fn model_from_shown<'a>(shown: impl Fn(&str) -> Option<&'a str>, numa
     model
 }
 
+/// One write of `bytes` to attribute `name` judged against `model` and, if
+/// accepted, applied to it with its side effects, parsing the value once.
+/// twinpage's own attributes are judged by their rules and leave the model
+/// as it is (it does not hold them).
+pub(crate) fn write_into_model(model: &mut kernel_compat::Tunables, name: &str, bytes: &[u8]) -> Result<(), WriteError> {
+    if name == MERGE_MODE {
+        return model_write(name, bytes, &model.context(0)).map(drop);
+    }
+    if let Some(v) = kernel_compat::model_write(name, bytes, &model.context(0))? {
+        model.apply(v);
+    }
+    Ok(())
+}
+
 /// One `write(2)` of `bytes` to attribute `name`, judged as sysfs would
 /// (kernel attributes by the kernel's rules, [`kernel_compat::model_write`];
 /// twinpage's own by theirs): `Ok(None)` for a zero-length write, which
