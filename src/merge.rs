@@ -147,9 +147,8 @@ pub fn merge_run(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut 
     sh.inflight().end(start, start + len);
 
     for s in fresh_fills {
-        // SAFETY: a store page just filled, in use, under the core lock we hold.
-        if let Ok(bytes) = unsafe { sh.store().filled(s) } {
-            core.rekey(s, crate::digest::page_hash(bytes));
+        if let Some(hash) = core.own_page(sh, s).map(crate::digest::page_hash) {
+            core.rekey(s, hash);
         }
     }
     settle(sh, region, st, core, &run);
@@ -231,10 +230,8 @@ fn compare(sh: &Shared, region: &Region, core: &mut Core, run: &mut Run<'_>, res
         run.ok[i] = match run.kind {
             RunKind::Zero => is_zero(page),
             RunKind::Remote => {
-                let Some(link) = core.link() else { continue };
-                // SAFETY: the daemon ordered this join, so its page is filled;
-                // our reference to it keeps it in use.
-                let Ok(store) = (unsafe { link.store.filled(it.store) }) else { continue };
+                // SAFETY: the daemon ordered this join.
+                let Some(store) = (unsafe { core.daemon_page(it.store) }) else { continue };
                 let eq = store == page;
                 if !eq {
                     core.tally(Tally::Mismatch, 1);
@@ -244,9 +241,7 @@ fn compare(sh: &Shared, region: &Region, core: &mut Core, run: &mut Run<'_>, res
             RunKind::Fill | RunKind::Join => {
                 let Some(node) = core.stable().node(it.store).copied() else { continue };
                 if node.filled() {
-                    // SAFETY: a filled store page, in use (reserved for this
-                    // merge) under the core lock we hold.
-                    let Ok(store) = (unsafe { sh.store().filled(it.store) }) else { continue };
+                    let Some(store) = core.own_page(sh, it.store) else { continue };
                     let eq = store == page;
                     if !eq {
                         core.tally(Tally::Mismatch, 1);

@@ -38,7 +38,12 @@ pub(crate) struct Shared {
     /// Every store this process may map: its own and each daemon's it was
     /// linked to (mappings of a store outlive the link that brought it).
     stores: parking_lot::Mutex<Vec<crate::sys::file::FileId>>,
+    /// Tells this engine's core from another's ([`Core::own_page`]).
+    id: u64,
 }
+
+/// Engines made in this process so far: each `Shared` and its `Core` share a number.
+static ENGINES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Shared {
     /// The userfaultfd every registered range is on.
@@ -112,7 +117,9 @@ impl Shared {
     /// A fresh engine's state around its kernel handles and store.
     pub(crate) fn new(uffd: Userfaultfd, pagemap: Pagemap, store: Store) -> Self {
         let stores = store.file_id().into_iter().collect();
+        let id = ENGINES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self {
+            id,
             stores: parking_lot::Mutex::new(stores),
             uffd,
             pagemap,
@@ -121,7 +128,7 @@ impl Shared {
             tunables: Tunables::default(),
             stats: Stats::default(),
             registry: RwLock::new(Registry::default()),
-            core: crate::primitive::Mutex::new(Core::new(crate::maps::max_map_count())),
+            core: crate::primitive::Mutex::new(Core::new(crate::maps::max_map_count(), id)),
             daemon: parking_lot::Mutex::new(None),
             daemon_fd: std::sync::atomic::AtomicI32::new(-1),
             scratch: parking_lot::Mutex::new(None),
@@ -227,6 +234,8 @@ pub(crate) struct Core {
     /// scanner compares the mode with this, not with what it saw at its
     /// last wake (a switch to `all` and back within one wake merged pages).
     merged_under: crate::tunables::MergeMode,
+    /// The engine (`Shared::id`) this core belongs to.
+    engine: u64,
 }
 
 /// Events the pipeline reports to the counts (the counts themselves are
@@ -258,8 +267,9 @@ pub(crate) enum Tally {
 }
 
 impl Core {
-    pub(crate) fn new(max_map_count: usize) -> Self {
+    pub(crate) fn new(max_map_count: usize, engine: u64) -> Self {
         Self {
+            engine,
             merged_under: crate::tunables::MergeMode::Off,
             stable: StableTree::default(),
             unstable: UnstableTree::default(),
@@ -346,6 +356,32 @@ impl Core {
         if self.stable.cancel(store) {
             self.free_store_page(sh, store);
         }
+    }
+
+    /// The bytes of this engine's filled store page `store`, for as long as
+    /// the core is borrowed: a store page is freed only through `&mut Core`
+    /// ([`Core::free_store_page`]), and a filled one is never written again.
+    /// None if it is not filled, or `sh` is another engine's.
+    pub(crate) fn own_page<'c>(&'c self, sh: &'c Shared, store: u32) -> Option<&'c [u8]> {
+        if sh.id != self.engine {
+            return None;
+        }
+        self.stable.node(store).filter(|n| n.filled())?;
+        // SAFETY: filled (checked above), and in use until freed, which needs
+        // `&mut self` while the bytes borrow `self`; `sh` is this core's engine.
+        unsafe { sh.store.filled(store) }.ok()
+    }
+
+    /// The bytes of the daemon's store page `store`, for as long as the core
+    /// (which holds the link) is borrowed.
+    ///
+    /// # Safety
+    /// The daemon ordered this engine to join `store`, or it holds a
+    /// reference to it: the daemon has filled the page and frees it only
+    /// once no agent holds or was ordered it.
+    pub(crate) unsafe fn daemon_page(&self, store: u32) -> Option<&[u8]> {
+        // SAFETY: the caller's guarantee above.
+        unsafe { self.remote.as_ref()?.store.filled(store) }.ok()
     }
 
     /// The unstable tree's page for digest `hash`.

@@ -198,14 +198,15 @@ impl Store {
     /// again while they are in use (the engine and the broker each write a
     /// page once, before anybody maps it or is ordered to join it), and the
     /// view stays mapped while the store lives: the one place store pages
-    /// are read as bytes.
+    /// are read as bytes. The engine reads them through `Core::own_page`
+    /// and `Core::daemon_page`, whose bytes cannot outlive the core lock.
     ///
     /// # Safety
     /// Page `idx` must be filled and stay in use while the bytes are
     /// borrowed: the caller holds the lock under which pages are freed (the
     /// engine's core lock; the daemon's pages are freed only once no agent's
     /// reference is left).
-    pub unsafe fn filled(&self, idx: u32) -> Result<&[u8], StoreError> {
+    pub(crate) unsafe fn filled(&self, idx: u32) -> Result<&[u8], StoreError> {
         let ptr = self.page_ptr(idx)?;
         // SAFETY: `ptr` is PAGE_SIZE mapped bytes of this store's view; the
         // caller guarantees nothing writes them while borrowed.

@@ -279,15 +279,9 @@ unsafe fn move_stretch(sh: &Shared, to: usize, from: usize, mut i: usize, j: usi
 /// The bytes of store page `store` for a run of `kind`.
 fn store_bytes<'c>(sh: &'c Shared, core: &'c Core, kind: RunKind, store: u32) -> Option<&'c [u8]> {
     match kind {
-        // SAFETY: a join the daemon ordered: a filled page, kept in use by
-        // our reference.
-        RunKind::Remote => unsafe { core.link()?.store.filled(store) }.ok(),
-        _ => {
-            core.stable().node(store).filter(|n| n.filled())?;
-            // SAFETY: filled (checked above) and in use under the core lock,
-            // which `core` is borrowed from.
-            unsafe { sh.store().filled(store) }.ok()
-        }
+        // SAFETY: a join the daemon ordered.
+        RunKind::Remote => unsafe { core.daemon_page(store) },
+        _ => core.own_page(sh, store),
     }
 }
 
