@@ -1,6 +1,7 @@
 //! The engine: registration, tunables, stats, and the scanner and fault
 //! threads (started on the first registration, so a process that never
-//! registers memory pays nothing).
+//! registers memory pays nothing). How a range becomes regions is in
+//! `register`, the two threads' loops in `workers`.
 
 use std::io;
 use std::thread::JoinHandle;
@@ -8,18 +9,21 @@ use std::time::Duration;
 
 use crate::maps::{self, MappingKind};
 use crate::primitive::{Arc, AtomicBool, Mutex, Ordering};
-use crate::region::{Mergeability, PageRecord, Region};
 use crate::scan;
 use crate::state::{self, Shared};
 use crate::stats::KsmStats;
 use crate::store::{Store, StoreError};
 use crate::sys::pagemap::Pagemap;
-use crate::sys::uffd::{self, UffdError, UffdMsg, Userfaultfd};
+use crate::sys::uffd::{UffdError, Userfaultfd};
 use crate::sys::PAGE_SIZE;
 use crate::tunables::{has_numa, AdvisorMode, TunableError, Tunables};
 use crate::unmerge;
-use crate::warn_once;
 use kernel_compat::WriteError;
+
+mod register;
+mod workers;
+
+pub(crate) use register::register_vmas;
 
 /// Errors of the engine API.
 #[derive(Debug, thiserror::Error)]
@@ -330,7 +334,7 @@ impl Engine {
         drop(core);
         // A stricter merge mode has taken back what it disallows when the
         // write returns, as run=2 has unmerged.
-        if name == crate::tunables::MERGE_MODE && enforce_merge_mode(&self.inner.sh) {
+        if name == crate::tunables::MERGE_MODE && workers::enforce_merge_mode(&self.inner.sh) {
             let _ = self.daemon_totals();
         }
         if name == "run" && self.tunables().run() == 2 {
@@ -463,11 +467,12 @@ impl Engine {
             return Ok(());
         }
         let inner = self.inner.clone();
-        let scanner = crate::threads::spawn(crate::threads::SCAN_THREAD, move || scanner_main(&inner))
+        let scanner = crate::threads::spawn(crate::threads::SCAN_THREAD, move || workers::scanner_main(&inner))
             .map_err(|e| EngineError::Thread("scanner", e))?;
         threads.push(scanner);
         let inner = self.inner.clone();
-        let fault = crate::threads::spawn("twinpage-fault", move || fault_main(&inner)).map_err(|e| EngineError::Thread("fault", e))?;
+        let fault =
+            crate::threads::spawn("twinpage-fault", move || workers::fault_main(&inner)).map_err(|e| EngineError::Thread("fault", e))?;
         threads.push(fault);
         Ok(())
     }
@@ -481,214 +486,6 @@ impl Drop for Engine {
             let _ = t.join();
         }
     }
-}
-
-/// At sleep_millisecs=0, an idle scanner (no change in a whole scan) uses
-/// one part in this many of the time.
-const IDLE_SHARE: u32 = 5;
-
-/// The longest a scanner rests at sleep_millisecs=0.
-const MAX_REST: Duration = Duration::from_millis(100);
-
-/// At sleep_millisecs>0, an idle scanner wakes this many times less often
-/// (and scans as many times the pages each time).
-const IDLE_COALESCE: u64 = 4;
-
-/// When `twinpage_merge_mode` is stricter than the loosest mode pages were
-/// merged under, unmerges what it no longer allows; returns whether it did.
-/// A stricter mode takes back what it disallows whatever `run` says: the
-/// operator asked for those pages not to be shared.
-fn enforce_merge_mode(sh: &state::Shared) -> bool {
-    let now = sh.tunables().merge_mode();
-    {
-        let mut core = sh.core().lock();
-        if !core.merged_looser_than(now) {
-            return false;
-        }
-    }
-    unmerge::unmerge_disallowed(sh, now);
-    // Batches that ran meanwhile merged under `now` at the loosest.
-    sh.core().lock().merge_mode_enforced(now);
-    state::publish(sh);
-    true
-}
-
-/// Sleeps for `ms` or until kicked.
-fn nap(inner: &Inner, since: u64, ms: u64) {
-    nap_for(inner, since, Duration::from_millis(ms));
-}
-
-/// The kicks so far: taken before the scanner reads the tunables, so that a
-/// kick after that read ends the nap that follows it.
-fn kicks(inner: &Inner) -> u64 {
-    *inner.wakeup.generation.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Sleeps for `d`, or until kicked after [`kicks`] returned `since`. A kick
-/// between the scanner's look at the tunables and its nap is not lost: a
-/// program that writes `run=1` right after the engine started (ksm_tests
-/// does) waited a whole second for the scan to begin, one run in three.
-fn nap_for(inner: &Inner, since: u64, d: Duration) {
-    let w = &inner.wakeup;
-    let g = w.generation.lock().unwrap_or_else(|e| e.into_inner());
-    let _ = w.cond.wait_timeout_while(g, d, |g| *g == since && !inner.shutdown.load(Ordering::Relaxed));
-}
-
-fn scanner_main(inner: &Inner) {
-    let sh = &inner.sh;
-    let mut unmerged = false;
-    let mut next_try = std::time::Instant::now();
-    while !inner.shutdown.load(Ordering::Relaxed) {
-        let since = kicks(inner);
-        let agents = scan::remote::tick(sh, &mut next_try);
-        let t = &sh.tunables();
-        enforce_merge_mode(sh);
-        match t.run() {
-            0 => {
-                unmerged = false;
-                crate::testhook::scanner_naps();
-                nap(inner, since, 1000);
-                continue;
-            }
-            2 => {
-                if !unmerged {
-                    unmerge::unmerge_all(sh);
-                    state::publish(sh);
-                    unmerged = true;
-                }
-                crate::testhook::scanner_naps();
-                nap(inner, since, 1000);
-                continue;
-            }
-            _ => unmerged = false,
-        }
-        // Connected to the daemon, pages_to_scan is one budget for all its
-        // agents, as ksmd's is for all processes.
-        let budget = match t.pages_to_scan() as usize {
-            0 => 0,
-            p => (p / agents).max(1),
-        };
-        let sleep = u64::from(t.sleep_millisecs());
-        let idle = sh.core().lock().idle();
-        // While whole scans change nothing, a sleeping scanner wakes a quarter
-        // as often and scans four times the pages: the same pages per second,
-        // a quarter of the fixed cost of each wake (the switch, the pagemap
-        // read, publishing the counters).
-        let coalesce = if idle && sleep > 0 { IDLE_COALESCE } else { 1 };
-        let budget = budget.saturating_mul(coalesce as usize);
-        let began = std::time::Instant::now();
-        if budget > 0 {
-            scan::scan_pages(sh, budget);
-            state::publish(sh);
-        }
-        // sleep_millisecs=0 makes ksmd one thread flat out, one core for
-        // every process. Agents of one daemon each scan their own process,
-        // so each takes its share of that core: it rests (agents - 1) times
-        // as long as its round took (wall time, which counts the daemon's
-        // work for it too), at most MAX_REST so that a lost daemon or new
-        // work is noticed soon. While whole scans change nothing, a
-        // scanner runs at a fifth of that: a full scan here is an order of
-        // magnitude cheaper than ksmd's, so it still notices a change as
-        // soon as ksmd would, and burns no core doing nothing.
-        let share = agents as u32 * if idle { IDLE_SHARE } else { 1 };
-        if sleep > 0 || budget == 0 {
-            nap(inner, since, sleep.max(1) * coalesce);
-        } else if share > 1 {
-            nap_for(inner, since, (began.elapsed() * (share - 1).min(8191)).min(MAX_REST));
-        } else {
-            std::thread::yield_now();
-        }
-    }
-}
-
-/// The safety net: a write fault on a page no merge holds is released at
-/// once (a merged page's first write gets an anonymous page of its own).
-///
-/// A fault on a page a merge holds is the merge's to wake, but it may come
-/// after the merge's wake: a writer the wake let go can fault again on the
-/// protected store page before the merge has left its range. Such faults
-/// are kept and woken once no merge holds their page any more; a writer
-/// still blocked then faults again and is served as any other.
-fn fault_main(inner: &Inner) {
-    let sh = &inner.sh;
-    let mut buf = [UffdMsg::default(); 64];
-    let mut held: Vec<usize> = Vec::new();
-    // First writes whose region a batch holds: (page, since).
-    let mut waiting: Vec<(usize, std::time::Instant)> = Vec::new();
-    while !inner.shutdown.load(Ordering::Relaxed) {
-        use std::os::fd::AsFd;
-        held.retain(|&page| {
-            sh.inflight().holds(page) || {
-                let _ = sh.uffd().wake(page, PAGE_SIZE);
-                false
-            }
-        });
-        waiting.retain(|&(page, since)| !serve_write(sh, page, since));
-        let idle = held.is_empty() && waiting.is_empty();
-        match uffd::poll_readable(sh.uffd().as_fd(), if idle { 100 } else { 1 }) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                warn_once!("uffd-poll", "twinpage: polling userfaultfd failed: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        }
-        let n = match sh.uffd().read_events(&mut buf) {
-            Ok(n) => n,
-            Err(e) => {
-                warn_once!("uffd-read", "twinpage: reading userfaultfd failed: {e}");
-                continue;
-            }
-        };
-        for msg in &buf[..n] {
-            if msg.event != uffd::UFFD_EVENT_PAGEFAULT {
-                continue;
-            }
-            let page = (msg.pf_address as usize) & !(PAGE_SIZE - 1);
-            let released = if msg.pf_flags & uffd::UFFD_PAGEFAULT_FLAG_WP == 0 {
-                // A missing fault: only the pin check registers missing mode,
-                // for the length of a merge. One outside a merge is a hole of
-                // anonymous memory left in that mode: the zero page is what it
-                // would have read.
-                sh.inflight().release_stray(page, || {
-                    if sh.uffd().zeropage(page, PAGE_SIZE).is_err() {
-                        let _ = sh.uffd().wake(page, PAGE_SIZE);
-                    }
-                })
-            } else if sh.inflight().holds(page) {
-                false
-            } else {
-                let now = std::time::Instant::now();
-                if !serve_write(sh, page, now) {
-                    waiting.push((page, now));
-                }
-                true
-            };
-            if !released {
-                held.push(page);
-            }
-        }
-    }
-}
-
-/// Serves a write fault on a protected page that no merge held when it came:
-/// a merged page's first write gets an anonymous page (`merge::cow`), any
-/// other page is released where it is, and so is a merged page whose region
-/// stayed locked for [`cow::MAX_WAIT`](crate::merge::cow::MAX_WAIT) since
-/// `since`. False while it should wait for the region's lock.
-fn serve_write(sh: &Shared, page: usize, since: std::time::Instant) -> bool {
-    use crate::merge::cow::{first_write, FirstWrite, MAX_WAIT};
-    match first_write(sh, page) {
-        FirstWrite::Done => return true,
-        FirstWrite::Busy if since.elapsed() < MAX_WAIT => return false,
-        FirstWrite::Busy | FirstWrite::NotMine => {}
-    }
-    // A merge that began meanwhile wakes its own waiters (this one included).
-    sh.inflight().release_stray(page, || {
-        let _ = sh.uffd().unprotect(page, PAGE_SIZE);
-    });
-    true
 }
 
 /// madvise flags of guest RAM that twinpage carries over to the mappings
@@ -716,138 +513,4 @@ impl crate::statsfs::Source for Engine {
     fn follow_advisor(&self, pages_to_scan: u32) {
         self.tunables().advise_pages_to_scan(pages_to_scan);
     }
-}
-
-/// Registers the parts of `[addr, end)` not registered yet, mapping by
-/// mapping (`vmas`, in address order): the one way memory becomes a region,
-/// for [`Engine::register_with`] and the bench harness. Returns the result
-/// for the caller (`Unmapped` for a hole, `Shared` for a shared mapping)
-/// and whether any region was added.
-pub(crate) fn register_vmas(sh: &Shared, addr: usize, end: usize, vmas: &[maps::Vma]) -> (Result<(), EngineError>, bool) {
-    let mut result = Ok(());
-    let mut covered = addr;
-    let mut added = false;
-    for vma in vmas {
-        if vma.start > covered {
-            result = Err(EngineError::Unmapped);
-        }
-        let s = vma.start.max(addr);
-        let e = vma.end.min(end);
-        covered = vma.end;
-        if vma.kind == MappingKind::Shared {
-            warn_once!(
-                "shared",
-                "twinpage: refusing to merge a shared mapping at {s:#x} ({}): shared memory is never merged, as with kernel KSM",
-                vma.path
-            );
-            result = Err(EngineError::Shared);
-            continue;
-        }
-        // A store mapping left by an earlier merge holds the owner's private
-        // copies: it stands for anonymous memory. Known by device and inode:
-        // with TWINPAGE_STORE_DIR (or a daemon's store) its name is a
-        // deleted file's, not the memfd's.
-        let mut vma = vma.clone();
-        if vma.is_store_mapping(&sh.stores().lock()) {
-            vma.kind = MappingKind::Anon;
-        }
-        // PROT_NONE anonymous memory merges, as with the kernel (read
-        // through /proc/self/mem: `guest`); a file mapping's content is
-        // read in place when it is registered (`anonymize`), so it waits
-        // until it is readable again.
-        if vma.prot & libc::PROT_READ == 0 && vma.kind != MappingKind::Anon {
-            continue;
-        }
-        let vma = &vma;
-        for (ps, pe) in unregistered_parts(sh, s, e) {
-            let backing = match vma.kind {
-                MappingKind::PrivateFile => open_backing(vma),
-                _ => None,
-            };
-            // Hugetlbfs memory is left alone, as the kernel's KSM leaves it.
-            if backing.as_ref().is_some_and(|f| crate::sys::file::is_hugetlbfs(std::os::fd::AsFd::as_fd(&**f)).unwrap_or(false)) {
-                warn_once!("hugetlb", "twinpage: {} at {ps:#x} is hugetlbfs memory, which is never merged (as with kernel KSM)", vma.path);
-                continue;
-            }
-            let no_backing = vma.kind == MappingKind::PrivateFile && backing.is_none();
-            if no_backing {
-                warn_once!("no-backing", "twinpage: cannot reopen the file behind {} at {ps:#x}; it is scanned but never merged", vma.path);
-            }
-            let mergeability =
-                match if no_backing { Err(io::Error::from_raw_os_error(libc::ENOENT)) } else { sh.uffd().register_wp(ps, pe - ps) } {
-                    Ok(()) => Mergeability::Mergeable,
-                    Err(err) => {
-                        warn_once!(
-                            "scan-only",
-                            "twinpage: {} at {ps:#x} cannot be write-protected ({err}); it is scanned and reported but never merged",
-                            if vma.path.is_empty() { "memory" } else { vma.path.as_str() }
-                        );
-                        Mergeability::ScanOnly
-                    }
-                };
-            let pages = (pe - ps) / PAGE_SIZE;
-            let mut region = Region::new(0, ps, pages, vma.kind, mergeability, vma.prot, vec![PageRecord::default(); pages]);
-            region.dontfork = vma.dontfork;
-            region.dontdump = vma.dontdump;
-            region.file_offset = vma.offset + (ps - vma.start) as u64;
-            region.backing = backing;
-            // A private file mapping's pages can be checked for pins only
-            // in anonymous memory: where the file holds zeros, they move
-            // there now (`anonymize`).
-            let parts = match (&region.backing, mergeability) {
-                (Some(file), Mergeability::Mergeable) => crate::anonymize::convert(sh, &region, file),
-                _ => vec![crate::anonymize::Part { start: ps, end: pe, anon: false, registered: true }],
-            };
-            for part in parts {
-                let n = (part.end - part.start) / PAGE_SIZE;
-                let mut records = vec![PageRecord::default(); n];
-                if !part.registered {
-                    records.iter_mut().for_each(|r| r.add_flags(PageRecord::NEEDS_REGISTER));
-                }
-                let kind = if part.anon { MappingKind::Anon } else { region.kind };
-                sh.add_region(|id| {
-                    let mut r = Region::new(id, part.start, n, kind, mergeability, region.prot, records);
-                    r.dontfork = region.dontfork;
-                    r.dontdump = region.dontdump;
-                    if !part.anon {
-                        r.file_offset = region.file_offset + (part.start - ps) as u64;
-                        r.backing = region.backing.clone();
-                    }
-                    r
-                });
-            }
-            added = true;
-        }
-    }
-    if covered < end {
-        result = Err(EngineError::Unmapped);
-    }
-    if covered < end {
-        result = Err(EngineError::Unmapped);
-    }
-    (result, added)
-}
-
-/// The parts of `[start, end)` no region covers.
-fn unregistered_parts(sh: &Shared, start: usize, end: usize) -> Vec<(usize, usize)> {
-    let reg = sh.registry().read();
-    let mut parts = Vec::new();
-    let mut at = start;
-    for r in reg.overlapping(start, end) {
-        if r.start > at {
-            parts.push((at, r.start.min(end)));
-        }
-        at = at.max(r.end());
-    }
-    if at < end {
-        parts.push((at, end));
-    }
-    parts
-}
-
-/// Reopens the file behind a private file mapping: by path, or through
-/// /proc/self/map_files when the path is gone (memfd, deleted file).
-fn open_backing(vma: &maps::Vma) -> Option<Arc<std::fs::File>> {
-    let by_path = (!vma.path.ends_with("(deleted)") && vma.path.starts_with('/')).then(|| std::fs::File::open(&vma.path).ok()).flatten();
-    by_path.or_else(|| std::fs::File::open(format!("/proc/self/map_files/{:x}-{:x}", vma.start, vma.end)).ok()).map(Arc::new)
 }
