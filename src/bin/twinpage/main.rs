@@ -38,38 +38,42 @@ enum Layout {
     Scatter,
 }
 
+/// `twinpage demo`: what to allocate and how to merge it.
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Memory to allocate, in MiB.
+    #[arg(long, default_value_t = 256)]
+    mib: usize,
+    /// Percentage of pages that duplicate another page (0-90).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=90))]
+    dup: u8,
+    /// Where duplicates are.
+    #[arg(long, value_enum, default_value_t = Layout::Runs)]
+    layout: Layout,
+    /// Distinct pattern pages for the scatter layout.
+    #[arg(long, default_value_t = 64)]
+    patterns: usize,
+    /// pages_to_scan for the demo.
+    #[arg(long, default_value_t = 100_000)]
+    pages_to_scan: u32,
+    /// sleep_millisecs for the demo.
+    #[arg(long, default_value_t = 0)]
+    sleep_millisecs: u32,
+    /// Publish the statistics tree (under --dir) while running.
+    #[arg(long)]
+    publish: bool,
+    /// The tree's root [default: $TWINPAGE_DIR or /run/twinpage].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keep running (and publishing) this many seconds after merging settled.
+    #[arg(long, default_value_t = 0)]
+    hold: u64,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Allocate duplicate memory in this process, merge it, show the savings.
-    Demo {
-        /// Memory to allocate, in MiB.
-        #[arg(long, default_value_t = 256)]
-        mib: usize,
-        /// Percentage of pages that duplicate another page (0-90).
-        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=90))]
-        dup: u8,
-        /// Where duplicates are.
-        #[arg(long, value_enum, default_value_t = Layout::Runs)]
-        layout: Layout,
-        /// Distinct pattern pages for the scatter layout.
-        #[arg(long, default_value_t = 64)]
-        patterns: usize,
-        /// pages_to_scan for the demo.
-        #[arg(long, default_value_t = 100_000)]
-        pages_to_scan: u32,
-        /// sleep_millisecs for the demo.
-        #[arg(long, default_value_t = 0)]
-        sleep_millisecs: u32,
-        /// Publish the statistics tree (under --dir) while running.
-        #[arg(long)]
-        publish: bool,
-        /// The tree's root [default: $TWINPAGE_DIR or /run/twinpage].
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Keep running (and publishing) this many seconds after merging settled.
-        #[arg(long, default_value_t = 0)]
-        hold: u64,
-    },
+    Demo(DemoArgs),
     /// Show every KSM attribute, the memory saved and the processes.
     Stat {
         /// The tree's root [default: $TWINPAGE_DIR or /run/twinpage].
@@ -121,10 +125,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("TWINPAGE_LOG", "warn")).init();
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Demo { mib, dup, layout, patterns, pages_to_scan, sleep_millisecs, publish, dir, hold } => {
-            let publish = publish.then(|| dir.unwrap_or_else(statsfs::default_root));
-            demo(mib, dup, layout, patterns.max(1), pages_to_scan, sleep_millisecs, publish, hold)
-        }
+        Cmd::Demo(a) => demo(&a),
         Cmd::Stat { dir, json } => stat(&tree(dir), json),
         Cmd::Doctor { dir } => doctor(&tree(dir)),
         Cmd::Set { attr, value, dir } => set(&tree(dir), &attr, &value),
@@ -152,8 +153,10 @@ fn fill(page: &mut [u8], seed: u64) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn demo(mib: usize, dup: u8, layout: Layout, patterns: usize, pages_to_scan: u32, sleep: u32, publish: Option<PathBuf>, hold: u64) -> i32 {
+fn demo(a: &DemoArgs) -> i32 {
+    let (mib, dup, layout, patterns, pages_to_scan, sleep, hold) =
+        (a.mib, a.dup, a.layout, a.patterns.max(1), a.pages_to_scan, a.sleep_millisecs, a.hold);
+    let publish = a.publish.then(|| a.dir.clone().unwrap_or_else(statsfs::default_root));
     let engine = match Engine::new() {
         Ok(e) => Arc::new(e),
         Err(e) => {
