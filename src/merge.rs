@@ -695,11 +695,26 @@ pub(crate) unsafe fn copy_over(
     dst: usize,
     len: usize,
     prot: libc::c_int,
-    mapping: (libc::c_int, libc::c_int, libc::off_t),
+    (flags, fd, off): (libc::c_int, libc::c_int, libc::off_t),
 ) -> std::io::Result<()> {
+    // SAFETY: a fresh mapping at an address the kernel picks.
+    let tmp = unsafe { mman::raw_mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, off)? };
+    // SAFETY: `tmp` is ours and given up; the rest is the caller's guarantee.
+    unsafe { copy_into_and_move(src, tmp, dst, len, prot) }
+}
+
+/// Copies `[src, src+len)` into `tmp` (as [`copy_over`]), gives it `prot`,
+/// and moves it over `[dst, dst+len)`; on an error `tmp` is unmapped and
+/// `dst` is as it was.
+///
+/// # Safety
+/// As [`copy_over`]; and `tmp` is a writable private mapping of `len` bytes
+/// the caller owns, apart from both ranges, which it gives up: moved over
+/// `dst` or unmapped.
+pub(crate) unsafe fn copy_into_and_move(src: usize, tmp: usize, dst: usize, len: usize, prot: libc::c_int) -> std::io::Result<()> {
     // SAFETY: the caller guarantees the source is readable and not written
-    // meanwhile; `tmp` is the fresh writable mapping of `len` bytes, apart
-    // from it.
+    // meanwhile; `tmp` is the caller's writable mapping of `len` bytes,
+    // apart from it.
     let copy = |tmp: usize| {
         if prot & libc::PROT_READ == 0 {
             // SAFETY: `tmp` is the fresh writable mapping of `len` bytes.
@@ -711,8 +726,8 @@ pub(crate) unsafe fn copy_over(
             Ok(())
         }
     };
-    // SAFETY: the caller's guarantees are fill_and_move's.
-    unsafe { fill_and_move(dst, len, prot, mapping, copy) }
+    // SAFETY: the caller's guarantees are fill_and_move_from's.
+    unsafe { fill_and_move_from(tmp, dst, len, prot, copy) }
 }
 
 /// Makes a fresh writable mapping of `len` bytes with `(flags, fd, offset)`,
@@ -731,9 +746,26 @@ pub(crate) unsafe fn fill_and_move(
     (flags, fd, off): (libc::c_int, libc::c_int, libc::off_t),
     fill: impl FnOnce(usize) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let rw = libc::PROT_READ | libc::PROT_WRITE;
     // SAFETY: a fresh mapping at an address the kernel picks.
-    let tmp = unsafe { mman::raw_mmap(0, len, rw, flags, fd, off)? };
+    let tmp = unsafe { mman::raw_mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, off)? };
+    // SAFETY: `tmp` is ours and given up; the rest is the caller's guarantee.
+    unsafe { fill_and_move_from(tmp, dst, len, prot, fill) }
+}
+
+/// [`fill_and_move`] in a writable mapping the caller gives up (`tmp`, `len`
+/// bytes): filled, given `prot` and moved over `dst`, or unmapped on an error.
+///
+/// # Safety
+/// As [`fill_and_move`]; and `tmp` is a writable private mapping of `len`
+/// bytes the caller owns, apart from `dst`, with no Rust reference into it.
+unsafe fn fill_and_move_from(
+    tmp: usize,
+    dst: usize,
+    len: usize,
+    prot: libc::c_int,
+    fill: impl FnOnce(usize) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
     if let Err(e) = fill(tmp) {
         // SAFETY: our own fresh mapping.
         let _ = unsafe { mman::raw_munmap(tmp, len) };
