@@ -107,7 +107,7 @@ pub fn scan_pages(sh: &Shared, budget: usize) -> usize {
             if !st.dead {
                 scan_batch(sh, &region, &mut st, &mut core, cursor.page, n);
             }
-            core.set_cursor(Cursor { page: cursor.page + n, ..cursor });
+            core.set_cursor_page(cursor.page + n);
             drop(core);
             // A first write may be waiting for this region (`merge::cow`).
             crate::primitive::unlock_fair(st);

@@ -431,6 +431,13 @@ impl Core {
         self.cursor = c;
     }
 
+    /// The scanner finished a batch ending before `page` of its region. Only
+    /// the page: a `run=2` meanwhile may have restarted the cursor
+    /// ([`Core::restart_scanning`]), and that restart stands.
+    pub(crate) fn set_cursor_page(&mut self, page: usize) {
+        self.cursor.page = page;
+    }
+
     /// `run=2` took every merge back: the next scan starts from nothing, as
     /// ksmd's does after unmerging (`full_scans` from 0, an empty unstable
     /// tree, the cursor at the first region).
