@@ -172,6 +172,11 @@ fn kernel_ksm(processes: &[ProcessEntry]) -> Finding {
     )
 }
 
+/// The command that starts twinpaged on `tree` with its sysfs view.
+fn start_command(tree: &Tree) -> String {
+    format!("`twinpaged --dir {0} --sysfs {0}/sysfs`", tree.root().display())
+}
+
 fn daemon(tree: &Tree) -> Finding {
     let sock = std::env::var_os("TWINPAGE_SOCKET").map_or_else(|| tree.root().join("twinpaged.sock"), Into::into);
     if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
@@ -181,7 +186,7 @@ fn daemon(tree: &Tree) -> Finding {
             Level::Warning,
             "twinpaged",
             format!("no twinpaged on {}: each process merges only its own pages, nothing is shared between guests", sock.display()),
-            format!("`twinpaged --dir {0} --sysfs {0}/sysfs` (or `systemctl enable --now twinpaged`)", tree.root().display()),
+            format!("{} (or `systemctl enable --now twinpaged`)", start_command(tree)),
         )
     }
 }
@@ -207,7 +212,6 @@ fn sysfs_view(tree: &Tree) -> Finding {
     let (live, stale): (Vec<_>, Vec<_>) = found
         .iter()
         .partition(|v| std::fs::metadata(v.join("kernel/mm/ksm/run")).map_or_else(|e| e.raw_os_error() != Some(libc::ENOTCONN), |_| true));
-    let start = format!("`twinpaged --dir {0} --sysfs {0}/sysfs` (the installed unit does)", tree.root().display());
     if let Some(v) = stale.first() {
         return finding(
             Level::Warning,
@@ -224,7 +228,7 @@ fn sysfs_view(tree: &Tree) -> Finding {
                 "no twinpaged sysfs view is mounted: a write to {}/kernel/mm/ksm returns at once even with a bad value (refused later, in twinpage/last_error), and a counter can be read torn",
                 tree.root().display()
             ),
-            format!("{start}; point programs and node_exporter (--path.sysfs) at that directory"),
+            format!("{} (the installed unit does); point programs and node_exporter (--path.sysfs) at that directory", start_command(tree)),
         );
     }
     let list: Vec<String> = live.iter().map(|v| format!("{}/kernel/mm/ksm", v.display())).collect();
