@@ -105,9 +105,7 @@ impl Shared {
     pub(crate) fn stores(&self) -> &parking_lot::Mutex<Vec<crate::sys::file::FileId>> {
         &self.stores
     }
-}
 
-impl Shared {
     /// Runs `f` on region `id` under its lock, if the lock is free and the
     /// region alive (`region::with_region_if_free`).
     pub(crate) fn with_region_if_free<R>(&self, id: u32, f: impl FnOnce(&Region, &mut RegionState) -> R) -> Option<R> {
@@ -144,11 +142,7 @@ impl Shared {
         reg.insert(region.clone());
         drop(reg);
         let mut core = self.core.lock();
-        core.counters.records_bytes += (region.pages * std::mem::size_of::<PageRecord>()) as u64;
-        core.counters.registered_pages += region.pages as u64;
-        if region.mergeability == Mergeability::ScanOnly {
-            core.counters.unmergeable_pages += region.pages as u64;
-        }
+        core.records_added(region.mergeability, region.pages as u64);
         core.counters.activity += 1;
         region
     }
@@ -262,8 +256,6 @@ pub(crate) enum Tally {
     DaemonMerged,
     /// A merge refused because the page was pinned or not exclusive.
     Pinned,
-    /// A merged page's first write, served by copy (`merge::cow`).
-    CowBreak,
 }
 
 impl Core {
@@ -307,7 +299,6 @@ impl Core {
             Tally::MergeRun => &mut c.merge_runs,
             Tally::DaemonMerged => &mut c.daemon_merged,
             Tally::Pinned => &mut c.pinned_skipped,
-            Tally::CowBreak => &mut c.cow_breaks,
         };
         *field += n;
     }
@@ -533,11 +524,22 @@ impl Core {
         self.merged_under = now;
     }
 
-    /// `pages` records of a region left (`unmergeable` of them scan-only).
-    pub(crate) fn records_gone(&mut self, pages: u64, unmergeable: u64) {
+    /// `pages` records of a region of `m` came (`Shared::add_region`).
+    fn records_added(&mut self, m: Mergeability, pages: u64) {
+        self.counters.records_bytes += pages * std::mem::size_of::<PageRecord>() as u64;
+        self.counters.registered_pages += pages;
+        if m == Mergeability::ScanOnly {
+            self.counters.unmergeable_pages += pages;
+        }
+    }
+
+    /// `pages` records of a region of `m` went (`unmerge::remove_range`).
+    pub(crate) fn records_gone(&mut self, m: Mergeability, pages: u64) {
         self.counters.records_bytes -= pages * std::mem::size_of::<PageRecord>() as u64;
         self.counters.registered_pages -= pages;
-        self.counters.unmergeable_pages -= unmergeable;
+        if m == Mergeability::ScanOnly {
+            self.counters.unmergeable_pages -= pages;
+        }
     }
 
     /// Whether nothing changed during the last full scan nor since.
@@ -570,6 +572,18 @@ impl Core {
         self.counters.cow_in_place += 1;
         self.counters.activity += 1;
         self.release_record(sh, rec);
+    }
+
+    /// A merged page's first write was served by an anonymous copy moved
+    /// over it (`merge::cow`): it is the program's own page again, in a
+    /// mapping of its own, where the next merge checks it as any other.
+    pub(crate) fn written_by_copy(&mut self, sh: &Shared, rec: &mut PageRecord) {
+        self.release_record(sh, rec);
+        rec.set_state(PageState::None);
+        rec.set_age(0);
+        rec.set_own_mapping();
+        self.counters.cow_breaks += 1;
+        self.counters.activity += 1;
     }
 
     /// The link to the daemon broke: go on alone.

@@ -4,7 +4,7 @@
 
 use crate::digest::is_zero;
 use crate::guest::PageCopy;
-use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState};
+use crate::region::{PageRecord, PageState, Region, RegionState};
 use crate::state::{each_live_region, Core, Shared};
 use crate::sys::{mman, PAGE_SIZE};
 use crate::tunables::MergeMode;
@@ -66,7 +66,7 @@ pub(crate) fn remove_range(sh: &Shared, addr: usize, end: usize, unmerge: bool, 
             unmerge_range(sh, r, st, core, from, to);
         }
         let removed = (to - from) as u64;
-        core.records_gone(removed, if r.mergeability == Mergeability::ScanOnly { removed } else { 0 });
+        core.records_gone(r.mergeability, removed);
         if unmerge {
             let _ = sh.uffd().unregister(r.addr(from), (to - from) * PAGE_SIZE);
         }

@@ -22,7 +22,7 @@
 use std::time::Duration;
 
 use crate::region::{PageRecord, PageState};
-use crate::state::{Shared, Tally};
+use crate::state::Shared;
 use crate::sys::PAGE_SIZE;
 use crate::warn_once;
 
@@ -143,13 +143,7 @@ pub(crate) fn first_write(sh: &Shared, page: usize, pool: &mut CowPool) -> First
         return NotMine;
     }
     super::reapply_advice(&region, page, PAGE_SIZE);
-    let rec = &mut st.records[idx];
-    core.release_record(sh, rec);
-    rec.set_state(PageState::None);
-    rec.set_age(0);
-    rec.set_own_mapping();
-    core.tally(Tally::CowBreak, 1);
-    core.tally(Tally::Activity, 1);
+    core.written_by_copy(sh, &mut st.records[idx]);
     drop(core);
     drop(st);
     if let Err(e) = sh.uffd().wake(page, PAGE_SIZE) {
