@@ -162,6 +162,9 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener, stop: Arc<AtomicBool>)
             }
             let _done = Done(&d);
             serve_agent(&d, stream);
+            // This thread's arena holds what the agent's batches allocated,
+            // its connection's buffers included.
+            crate::sys::heap::release_free();
         });
         if let Err(e) = spawned {
             daemon.connections.fetch_sub(1, Ordering::SeqCst);

@@ -1,9 +1,11 @@
 //! Every unsafe kernel call twinpage makes lives below this module: userfaultfd
 //! (hand-written, no bindgen), pagemap, mmap/madvise, memfd and Unix-socket
-//! descriptor passing (`scm`). The rest of the crate calls safe wrappers whose
+//! descriptor passing (`scm`), and the C allocator's policy in twinpaged
+//! (`heap`). The rest of the crate calls safe wrappers whose
 //! preconditions are stated here.
 
 pub mod file;
+pub mod heap;
 pub mod memfd;
 pub mod mman;
 pub mod pagemap;

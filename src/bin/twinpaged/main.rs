@@ -90,6 +90,7 @@ fn main() {
     };
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("TWINPAGE_LOG", "info")).init();
     let args = Args::parse();
+    twinpage::sys::heap::keep_heap_small();
     if let Err(e) = run(&args, &env.tunables) {
         eprintln!("twinpaged: {e}");
         std::process::exit(1);
