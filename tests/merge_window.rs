@@ -58,5 +58,25 @@ fn a_write_before_the_stretch_is_protected_is_the_pages_own() {
     assert_eq!((m.read_u64(4, 0), m.read_u64(4, 1)), (WRITTEN, 5));
     let s = e.stats();
     assert_eq!((s.pages_shared, s.pages_sharing), (1, 8), "{s:?}");
+
+    // run=2 leaves page 4 where it is: the same physical page, which a
+    // device may be writing into, keeps its bytes; a copy elsewhere would
+    // drop such a write (and no pin check reaches a page of a file
+    // mapping). The merged pages get pages of their own.
+    let frame = pagemap_pfn(m.addr + 4 * 4096);
+    if require(frame != 0, "pagemap frames (root)") {
+        e.set_run(2).unwrap();
+        assert!(wait_until(Duration::from_secs(10), || {
+            let s = e.stats();
+            (s.pages_shared, s.pages_sharing) == (0, 0)
+        }));
+        assert_eq!(pagemap_pfn(m.addr + 4 * 4096), frame, "page 4 was copied by the unmerge");
+        assert_eq!((m.read_u64(4, 0), m.read_u64(4, 1)), (WRITTEN, 5));
+        for i in (0..10).filter(|&i| i != 4) {
+            assert!(m.page_matches(i, 42));
+            assert_eq!(pagemap_flags(m.addr + i * 4096), (true, false), "page {i} after run=2");
+        }
+        assert_eq!(e.store_allocated_bytes(), 0);
+    }
     m.unmap(&e);
 }
