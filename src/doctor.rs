@@ -41,7 +41,17 @@ fn finding(level: Level, topic: &'static str, fact: String, fix: impl Into<Strin
 /// Every check, against the tree at `tree`.
 pub fn check(tree: &Tree) -> Vec<Finding> {
     let processes: Vec<ProcessEntry> = tree.processes().unwrap_or_default().into_iter().filter(|p| p.live).collect();
-    vec![kernel(), userfaultfd(), max_map_count(&processes), thp(), kernel_ksm(&processes), daemon(tree), sysfs_view(tree), store_dir()]
+    vec![
+        kernel(),
+        userfaultfd(),
+        max_map_count(&processes),
+        thp(),
+        kernel_ksm(&processes),
+        daemon(tree),
+        sysfs_view(tree),
+        store_dir(),
+        first_writes(tree),
+    ]
 }
 
 /// `(major, minor)` of a kernel release such as `6.8.0-45-generic`.
@@ -252,6 +262,35 @@ fn store_dir() -> Finding {
         ),
         Err(e) => finding(Level::Error, "store", format!("TWINPAGE_STORE_DIR={}: {e}", dir.display()), "create it on a tmpfs"),
     }
+}
+
+/// First writes to merged pages so far (every process of the tree, exited
+/// ones too): a page the kernel copied in place, because the fault thread
+/// waited 200 ms for a region a scan batch held, never merges again.
+fn first_writes(tree: &Tree) -> Finding {
+    let Ok(stats) = tree.twinpage_stats() else {
+        return finding(Level::Ok, "first_writes", format!("no counters in {} yet", tree.root().display()), "");
+    };
+    let get = |name: &str| stats.get(name).copied().unwrap_or(0);
+    let (all, in_place) = (get("twinpage_cow_breaks"), get("twinpage_cow_in_place"));
+    if in_place == 0 {
+        return finding(
+            Level::Ok,
+            "first_writes",
+            format!("{all} first writes to merged pages, each given an anonymous page of its own by the fault thread"),
+            "",
+        );
+    }
+    finding(
+        Level::Warning,
+        "first_writes",
+        format!(
+            "{in_place} of {all} first writes to merged pages were copied in place by the kernel: the fault thread waited 200 ms \
+             for a region a scan batch held (a busy host, or a slow twinpaged); those pages never merge again, and \
+             MADV_UNMERGEABLE copies them back without a pin check"
+        ),
+        "scan less per wake (a lower pages_to_scan or a longer sleep_millisecs), or give the guests' hosts and twinpaged more CPU",
+    )
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::kernel_ksm::{kernel_ksm_writable, KernelKsm};
-use common::procs::{spawn_ready, Kids};
+use common::procs::{setup, spawn_ready, Kids};
 use common::*;
 
 fn doctor(dir: &Path, env: &[(&str, &str)]) -> (Output, String) {
@@ -32,7 +32,7 @@ fn topic<'a>(text: &'a str, topic: &str) -> (&'a str, &'a str) {
 fn every_fact_is_reported_and_a_store_dir_off_tmpfs_is_an_error() {
     let dir = tempdir("doctor-plain");
     let (out, text) = doctor(&dir, &[]);
-    for t in ["kernel", "userfaultfd", "max_map_count", "thp", "kernel_ksm", "twinpaged", "sysfs", "store"] {
+    for t in ["kernel", "userfaultfd", "max_map_count", "thp", "kernel_ksm", "twinpaged", "sysfs", "store", "first_writes"] {
         let (line, _) = topic(&text, t);
         assert!(["ok", "warning", "error"].contains(&line.split_whitespace().next().unwrap()), "{line}");
     }
@@ -133,4 +133,43 @@ fn the_sysfs_view_is_reported_mounted_or_missing_or_stale() {
     assert!(line.starts_with("warning") && line.contains("stale") && fix.contains("umount"), "{line} / {fix}");
     drop(unmount);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The number in `twinpage/stats` of the tree at `dir` (0 if none yet).
+fn global_counter(dir: &Path, name: &str) -> i128 {
+    let text = std::fs::read_to_string(dir.join("twinpage/stats")).unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// First writes to merged pages of a real process are counted; a tree whose
+/// counters show pages copied in place is a warning with what to change.
+#[test]
+fn first_writes_copied_in_place_are_a_warning() {
+    let Some(s) = setup("doctor-writes") else { return };
+    // 256 pairs, one page rewritten every 20 ms: merged pages get written.
+    let kids = Kids(vec![spawn_ready(&mut s.twin([3, 0, 256, 1], 0))]);
+    assert!(
+        wait_until(Duration::from_secs(20), || global_counter(&s.dir, "twinpage_cow_breaks") >= 5),
+        "no first write to a merged page was counted"
+    );
+    let (_, text) = doctor(&s.dir, &[]);
+    let (line, _) = topic(&text, "first_writes");
+    let (all, in_place) = (global_counter(&s.dir, "twinpage_cow_breaks"), global_counter(&s.dir, "twinpage_cow_in_place"));
+    if in_place == 0 {
+        assert!(line.starts_with("ok") && line.contains("first writes to merged pages"), "{line}");
+    } else {
+        assert!(line.starts_with("warning") && line.contains(&format!("{in_place} of ")), "{line} ({in_place} of {all})");
+    }
+    drop(kids);
+
+    // A host where writes had to wait (the counters a busy one publishes).
+    let busy = tempdir("doctor-busy");
+    std::fs::create_dir_all(busy.join("twinpage")).unwrap();
+    std::fs::write(busy.join("twinpage/stats"), "twinpage_cow_breaks 1000\ntwinpage_cow_in_place 3\n").unwrap();
+    let (_, text) = doctor(&busy, &[]);
+    let (line, fix) = topic(&text, "first_writes");
+    assert!(line.starts_with("warning") && line.contains("3 of 1000") && line.contains("never merge again"), "{line}");
+    assert!(fix.contains("pages_to_scan") && fix.contains("sleep_millisecs"), "{fix}");
+    let _ = std::fs::remove_dir_all(&busy);
+    let _ = std::fs::remove_dir_all(&s.dir);
 }
