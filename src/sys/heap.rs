@@ -5,7 +5,7 @@
 
 /// One arena for the whole daemon: its threads serialise on the broker's
 /// lock anyway, and the main arena's free top is what `malloc_trim` gives
-/// back ([`release_free`]).
+/// back (`release_free`, when an agent leaves).
 pub fn keep_heap_small() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt changes the allocator's parameters under its own lock;
