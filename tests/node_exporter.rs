@@ -197,6 +197,10 @@ fn node_exporter_reports_twinpaged_per_process_series() {
     assert_eq!(m.get("node_textfile_scrape_error"), Some(&0.0), "the exporter could not parse the file");
     for p in pids {
         assert_eq!(m.get(&series(p).replace("merging_pages", "registered_pages")), Some(&512.0));
+        // No writes: no first write, none copied in place.
+        for n in ["cow_breaks_total", "cow_in_place_total"] {
+            assert_eq!(m.get(&series(p).replace("merging_pages", n)), Some(&0.0), "{n}");
+        }
     }
     // Per sharing domain: the two processes' 512 common pages are 512 store
     // pages of their uid's domain, each mapped twice.

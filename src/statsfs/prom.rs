@@ -46,6 +46,12 @@ const METRICS: &[Metric] = &[
     ("twinpage_process_cow_breaks_total", "Merged pages of the process whose sharing a write broke.", "counter", |p| {
         counter(p, "twinpage_cow_breaks")
     }),
+    (
+        "twinpage_process_cow_in_place_total",
+        "Of those, pages the kernel copied in place because a scan batch held their region for 200 ms: they never merge again.",
+        "counter",
+        |p| counter(p, "twinpage_cow_in_place"),
+    ),
 ];
 
 /// A label value in the exposition format's escaping.
