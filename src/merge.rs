@@ -695,12 +695,11 @@ pub(crate) unsafe fn copy_over(
     dst: usize,
     len: usize,
     prot: libc::c_int,
-    (flags, fd, off): (libc::c_int, libc::c_int, libc::off_t),
+    mapping: (libc::c_int, libc::c_int, libc::off_t),
 ) -> std::io::Result<()> {
-    // SAFETY: a fresh mapping at an address the kernel picks.
-    let tmp = unsafe { mman::raw_mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, off)? };
-    // SAFETY: `tmp` is ours and given up; the rest is the caller's guarantee.
-    unsafe { copy_into_and_move(src, tmp, dst, len, prot) }
+    // SAFETY: the caller's guarantees are fill_and_move's; `tmp` is the
+    // fresh writable mapping it hands over, apart from the source.
+    unsafe { fill_and_move(dst, len, prot, mapping, |tmp| copy_into(src, tmp, len, prot)) }
 }
 
 /// Copies `[src, src+len)` into `tmp` (as [`copy_over`]), gives it `prot`,
@@ -712,22 +711,29 @@ pub(crate) unsafe fn copy_over(
 /// the caller owns, apart from both ranges, which it gives up: moved over
 /// `dst` or unmapped.
 pub(crate) unsafe fn copy_into_and_move(src: usize, tmp: usize, dst: usize, len: usize, prot: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: the caller guarantees the source is readable and not written
-    // meanwhile; `tmp` is the caller's writable mapping of `len` bytes,
-    // apart from it.
-    let copy = |tmp: usize| {
-        if prot & libc::PROT_READ == 0 {
-            // SAFETY: `tmp` is the fresh writable mapping of `len` bytes.
-            let buf = unsafe { std::slice::from_raw_parts_mut(tmp as *mut u8, len) };
-            crate::guest::read_unreadable(src, buf)
-        } else {
-            // SAFETY: as above, and the source is readable.
-            unsafe { std::ptr::copy_nonoverlapping(src as *const u8, tmp as *mut u8, len) };
-            Ok(())
-        }
-    };
-    // SAFETY: the caller's guarantees are fill_and_move_from's.
-    unsafe { fill_and_move_from(tmp, dst, len, prot, copy) }
+    // SAFETY: the caller's guarantees are fill_and_move_from's, and
+    // copy_into's for the source and `tmp`.
+    unsafe { fill_and_move_from(tmp, dst, len, prot, |tmp| copy_into(src, tmp, len, prot)) }
+}
+
+/// Copies `[src, src+len)` into the writable mapping at `tmp`, through
+/// `/proc/self/mem` where `prot` does not let us read the source.
+///
+/// # Safety
+/// The source is mapped and not written meanwhile; `tmp` is a writable
+/// mapping of `len` bytes apart from it; no Rust reference points into
+/// either.
+unsafe fn copy_into(src: usize, tmp: usize, len: usize, prot: libc::c_int) -> std::io::Result<()> {
+    if prot & libc::PROT_READ == 0 {
+        // SAFETY: `tmp` is a writable mapping of `len` bytes, apart from the
+        // source, with no other reference into it (the caller's guarantee).
+        let buf = unsafe { std::slice::from_raw_parts_mut(tmp as *mut u8, len) };
+        crate::guest::read_unreadable(src, buf)
+    } else {
+        // SAFETY: as above, and the source is readable.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, tmp as *mut u8, len) };
+        Ok(())
+    }
 }
 
 /// Makes a fresh writable mapping of `len` bytes with `(flags, fd, offset)`,
