@@ -158,15 +158,10 @@ fn walk(b: &Batch<'_>, st: &mut RegionState, core: &mut Core, mut decider: impl 
         core.tally(Tally::Scanned, 1);
         let rec = &mut st.records[idx];
         match rec.state() {
-            PageState::Merged => {
-                if !crate::merge::cow::still_store_content(e) {
-                    // A write broke the sharing, and the kernel made the
-                    // copy inside the store mapping (`merge::cow` could not).
-                    core.written_in_place(sh, rec);
-                } else {
-                    continue;
-                }
-            }
+            // Skipped unless a write broke the sharing and the kernel made
+            // the copy inside the store mapping (`merge::cow` could not).
+            PageState::Merged if !crate::merge::cow::note_written_in_place(sh, core, rec, e) => continue,
+            PageState::Merged => {}
             PageState::Zero => {
                 if e.present() && (e.exclusive() || e.file()) {
                     core.zero_gone(rec);

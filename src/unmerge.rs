@@ -103,9 +103,7 @@ fn note_written_in_place(sh: &Shared, region: &Region, st: &mut RegionState, cor
         return;
     }
     for (rec, e) in st.records[first..to].iter_mut().zip(entries) {
-        if rec.state() == PageState::Merged && !crate::merge::cow::still_store_content(e) {
-            core.written_in_place(sh, rec);
-        }
+        crate::merge::cow::note_written_in_place(sh, core, rec, e);
     }
 }
 

@@ -22,7 +22,7 @@
 use std::time::Duration;
 
 use crate::region::{PageRecord, PageState};
-use crate::state::Shared;
+use crate::state::{Core, Shared};
 use crate::sys::PAGE_SIZE;
 use crate::warn_once;
 
@@ -153,12 +153,23 @@ pub(crate) fn first_write(sh: &Shared, page: usize, pool: &mut CowPool) -> First
     Done
 }
 
+/// A merged page whose entry `e` shows a write the kernel copied inside the
+/// store mapping (this module could not step in) is the program's page from
+/// now on: counted and released ([`Core::written_in_place`]). Whether it was.
+pub(crate) fn note_written_in_place(sh: &Shared, core: &mut Core, rec: &mut PageRecord, e: crate::sys::pagemap::PageEntry) -> bool {
+    let written = rec.state() == PageState::Merged && !still_store_content(e);
+    if written {
+        core.written_in_place(sh, rec);
+    }
+    written
+}
+
 /// Whether a merged page's page table entry still shows the store page's
 /// content, unwritten: the store page itself, nothing yet (it reads the store
 /// page), or the kernel's copy under the write-protection. The kernel makes
 /// that copy when a page untouched since the remap is first written: its
 /// entry is a write-protect marker, and a write there copies the file page
 /// and keeps the protection before the write itself faults to us.
-pub(crate) fn still_store_content(e: crate::sys::pagemap::PageEntry) -> bool {
+fn still_store_content(e: crate::sys::pagemap::PageEntry) -> bool {
     !e.present() || e.file() || e.uffd_wp()
 }
