@@ -137,8 +137,7 @@ fn the_sysfs_view_is_reported_mounted_or_missing_or_stale() {
 
 /// The number in `twinpage/stats` of the tree at `dir` (0 if none yet).
 fn global_counter(dir: &Path, name: &str) -> i128 {
-    let text = std::fs::read_to_string(dir.join("twinpage/stats")).unwrap_or_default();
-    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0)
+    twinpage::statsfs::Tree::at(dir).twinpage_stats().ok().and_then(|c| c.get(name).copied()).unwrap_or(0)
 }
 
 /// First writes to merged pages of a real process are counted; a tree whose

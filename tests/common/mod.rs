@@ -153,24 +153,25 @@ pub fn wait_for(e: &Engine, timeout: Duration, pred: impl Fn(&KsmStats) -> bool)
     }
 }
 
-/// pagemap flags of this process's page at `addr`: (present, file).
-pub fn pagemap_flags(addr: usize) -> (bool, bool) {
+/// The pagemap entry of this process's page at `addr`.
+fn pagemap_entry(addr: usize) -> u64 {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open("/proc/self/pagemap").unwrap();
     let mut b = [0u8; 8];
     f.read_exact_at(&mut b, (addr / PAGE * 8) as u64).unwrap();
-    let v = u64::from_le_bytes(b);
+    u64::from_le_bytes(b)
+}
+
+/// pagemap flags of this process's page at `addr`: (present, file).
+pub fn pagemap_flags(addr: usize) -> (bool, bool) {
+    let v = pagemap_entry(addr);
     (v >> 63 & 1 == 1, v >> 61 & 1 == 1)
 }
 
 /// The physical frame of this process's page at `addr` (0 when absent, or
 /// without CAP_SYS_ADMIN, which pagemap needs to show frames).
 pub fn pagemap_pfn(addr: usize) -> u64 {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open("/proc/self/pagemap").unwrap();
-    let mut b = [0u8; 8];
-    f.read_exact_at(&mut b, (addr / PAGE * 8) as u64).unwrap();
-    u64::from_le_bytes(b) & ((1 << 55) - 1)
+    pagemap_entry(addr) & ((1 << 55) - 1)
 }
 
 /// A field of /proc/self/smaps_rollup in kB.
