@@ -30,6 +30,11 @@ pub struct Config {
     pub store_dir: Option<PathBuf>,
     /// `TWINPAGE_<ATTR>`: initial tunables, in the order given.
     pub tunables: Vec<(String, String)>,
+    /// The tunables those variables settle for this process: the ones
+    /// given and the ones their writes changed as a side effect
+    /// (`advisor_mode` sets `pages_to_scan`). A process joining a stats
+    /// tree publishes these instead of adopting the tree's.
+    pub explicit: Vec<String>,
 }
 
 fn flag(name: &str, v: &str) -> Result<bool, String> {
@@ -65,6 +70,7 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
         domain: None,
         store_dir: None,
         tunables: Vec::new(),
+        explicit: Vec::new(),
     };
     // The values are applied, in order, to the model the engine starts from:
     // each is judged as the kernel would judge that write after the ones
@@ -132,6 +138,13 @@ pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Con
             }
         }
     }
+    let untouched = crate::tunables::default_model();
+    c.explicit = crate::tunables::all_attrs()
+        .filter(|a| a.writable)
+        .map(|a| a.name)
+        .filter(|n| c.tunables.iter().any(|(t, _)| t == n) || model.show(n) != untouched.show(n))
+        .map(String::from)
+        .collect();
     c.socket = (!socket_off).then(|| socket.unwrap_or_else(|| dir.join("twinpaged.sock")));
     c.dir = dir;
     Ok(c)
@@ -172,5 +185,8 @@ mod tests {
         assert!(advised.unwrap_err().contains("TWINPAGE_PAGES_TO_SCAN=\"1000\" is refused as sysfs refuses it (EINVAL)"));
         let c = vars(&[("TWINPAGE_ADVISOR_MIN_PAGES_TO_SCAN", "20000"), ("TWINPAGE_ADVISOR_MODE", "scan-time")]).unwrap();
         assert_eq!(c.tunables.len(), 2);
+        // The advisor's switch set pages_to_scan: this process's too.
+        assert_eq!(c.explicit, ["advisor_min_pages_to_scan", "advisor_mode", "pages_to_scan"]);
+        assert_eq!(vars(&[("TWINPAGE_SLEEP_MILLISECS", "20")]).unwrap().explicit, ["sleep_millisecs"]);
     }
 }

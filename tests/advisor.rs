@@ -119,3 +119,52 @@ fn twinpaged_steers_its_agents_with_the_advisor() {
     assert_eq!(trace.last(), Some(&3000), "did not settle at the cap: {trace:?}");
     assert_eq!(own, (Some(3000), Some(3000)), "the agents do not scan at the daemon's choice");
 }
+
+/// The advisor's settings given to a twinpaged that starts after its agents
+/// are its agents' too: switching `advisor_mode` to scan-time sets
+/// `pages_to_scan` to `advisor_min_pages_to_scan` (the kernel's side
+/// effect), and that value, not the one the agents published before the
+/// daemon came, is the tree's and theirs. Before, the daemon adopted the
+/// tree's 100 (only the variables it was given counted as its own), so
+/// its advisor started from 100 pages a wake and took a full scan of
+/// 12 s or more to decide anything.
+#[test]
+fn twinpaged_started_after_its_agents_brings_its_advisor_settings() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let (Some(lib), Some(prog), Some(bin)) = (preload_lib(), program("prctl"), daemon_bin()) else { return };
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempdir("advisor-late-daemon");
+    let mut kids = Kids(Vec::new());
+    for _ in 0..2 {
+        kids.0.push(spawn_ready(Command::new(&prog).args(["count", "6000", "40", "-1"]).env("LD_PRELOAD", &lib).env("TWINPAGE_DIR", &dir)));
+    }
+    let (a, b) = (kids.0[0].id(), kids.0[1].id());
+    assert!(
+        wait_until(Duration::from_secs(10), || own_pages_to_scan(&dir, a) == Some(100) && own_pages_to_scan(&dir, b) == Some(100)),
+        "the agents did not publish their defaults"
+    );
+    let mut d = Command::new(&bin);
+    d.arg("--dir")
+        .arg(&dir)
+        .env("TWINPAGE_LOG", "warn")
+        .env("TWINPAGE_ADVISOR_MODE", "scan-time")
+        .env("TWINPAGE_ADVISOR_MIN_PAGES_TO_SCAN", "700")
+        .env("TWINPAGE_SLEEP_MILLISECS", "1000");
+    kids.0.push(d.spawn().unwrap());
+    assert!(
+        wait_until(Duration::from_secs(10), || tree_counter(&dir, a, "twinpage_daemon_agents") == 1
+            && tree_counter(&dir, b, "twinpage_daemon_agents") == 1),
+        "the agents did not connect"
+    );
+    // Within a few publishing periods (the advisor decides only after a
+    // full scan, 6000 pages at 700 a wake of 1 s: not within these 3 s).
+    std::thread::sleep(Duration::from_secs(3));
+    let seen = (tree_attr(&dir, "pages_to_scan"), own_pages_to_scan(&dir, a), own_pages_to_scan(&dir, b));
+    let mode = std::fs::read_to_string(dir.join("kernel/mm/ksm/advisor_mode")).unwrap_or_default();
+    drop(kids);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(mode.trim(), "none [scan-time]", "the daemon's advisor_mode is not the tree's");
+    assert_eq!(seen, (700, Some(700), Some(700)), "pages_to_scan (tree, agents) is not advisor_min_pages_to_scan");
+}

@@ -202,7 +202,7 @@ fn start_stats(engine: &Arc<Engine>, cfg: &Config) {
             merge_any: MERGE_ANY.load(Ordering::Relaxed),
             mergeable: s.twinpage_pages_registered > 0,
         })),
-        explicit: cfg.tunables.iter().map(|(a, _)| a.clone()).collect(),
+        explicit: cfg.explicit.clone(),
     };
     match StatsTree::spawn(engine.clone(), cfg.dir.clone(), opts) {
         Ok(h) => {

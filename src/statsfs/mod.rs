@@ -101,7 +101,8 @@
 //!   root exists, as the kernel's do until reboot: values written before any
 //!   process runs are checked and applied by the first publisher), except
 //!   those listed in [`StatsTreeOptions::explicit`] (set for this process,
-//!   e.g. from `TWINPAGE_<ATTR>`), which it publishes instead;
+//!   e.g. from `TWINPAGE_<ATTR>` with their side effects,
+//!   `envconfig::Config::explicit`), which it publishes instead;
 //! - `max_page_sharing` and `merge_across_nodes` are refused with EBUSY
 //!   while any process has shared pages (the summed `pages_shared`).
 //!

@@ -91,15 +91,15 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("TWINPAGE_LOG", "info")).init();
     let args = Args::parse();
     twinpage::sys::heap::keep_heap_small();
-    if let Err(e) = run(&args, &env.tunables) {
+    if let Err(e) = run(&args, &env) {
         eprintln!("twinpaged: {e}");
         std::process::exit(1);
     }
 }
 
-/// Binds the socket; a stale socket file (nobody listening) is replaced, a
-/// live one means another daemon runs there.
-fn bind(path: &Path, mode: u32) -> Result<UnixListener, String> {
+/// Makes sure the socket is this daemon's to take: a live one means another
+/// daemon runs there, a stale one (nobody listening) is removed.
+fn claim_socket(path: &Path) -> Result<(), String> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(format!("another twinpaged is listening on {}", path.display()));
@@ -109,13 +109,18 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, String> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     }
+    Ok(())
+}
+
+/// Binds the socket (claimed before): agents connect from now on.
+fn listen(path: &Path, mode: u32) -> Result<UnixListener, String> {
     let l = UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
     Ok(l)
 }
 
-fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
+fn run(args: &Args, env: &twinpage::envconfig::Config) -> Result<(), String> {
     if !args.dir.is_absolute() {
         return Err(format!("--dir (TWINPAGE_DIR) must be an absolute path, not {:?}", args.dir));
     }
@@ -136,15 +141,13 @@ fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
     daemon.broker.lock().store_dir = args.store_dir.clone();
     // TWINPAGE_<ATTR> (checked with the kernel's rules already): this
     // daemon's settings, published to the tree as an agent's would be.
-    for (attr, value) in tunables {
+    for (attr, value) in &env.tunables {
         twinpage::statsfs::Source::set_attr(&*daemon, attr, value)
             .map_err(|e| format!("TWINPAGE_{}={value:?} refused ({})", attr.to_ascii_uppercase(), e.name()))?;
     }
-    let listener = bind(&socket, args.socket_mode)?;
-    let opts = StatsTreeOptions {
-        flags: Some(Arc::new(|_| ProcessFlags { merge_any: false, mergeable: false })),
-        explicit: tunables.iter().map(|(a, _)| a.clone()).collect(),
-    };
+    claim_socket(&socket)?;
+    let opts =
+        StatsTreeOptions { flags: Some(Arc::new(|_| ProcessFlags { merge_any: false, mergeable: false })), explicit: env.explicit.clone() };
     let tree = Arc::new(
         StatsTree::spawn(daemon.clone(), args.dir.clone(), opts)
             .map_err(|e| format!("cannot publish the stats tree under {}: {e}", args.dir.display()))?,
@@ -167,6 +170,9 @@ fn run(args: &Args, tunables: &[(String, String)]) -> Result<(), String> {
         }
         None => None,
     };
+    // The socket last: an agent that finds it finds the daemon's tunables
+    // in the tree already (and a test waiting for it, a ready daemon).
+    let listener = listen(&socket, args.socket_mode)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (d, s) = (daemon.clone(), stop.clone());
     let acceptor = std::thread::Builder::new()
