@@ -286,8 +286,8 @@ fn first_writes(tree: &Tree) -> Finding {
         "first_writes",
         format!(
             "{in_place} of {all} first writes to merged pages were copied in place by the kernel: the fault thread waited 200 ms \
-             for a region a scan batch held (a busy host, or a slow twinpaged); those pages never merge again, and \
-             MADV_UNMERGEABLE copies them back without a pin check"
+             for a region a scan batch held (a busy host, or a slow twinpaged); those pages never merge again, and each \
+             keeps a store page index out of use for the life of the store"
         ),
         "scan less per wake (a lower pages_to_scan or a longer sleep_millisecs), or give the guests' hosts and twinpaged more CPU",
     )

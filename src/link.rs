@@ -70,10 +70,12 @@ pub struct Link {
     /// Agents connected to the daemon (pages_to_scan is shared among them).
     pub(crate) agents: u32,
     /// Reports queued for the next flush: merges done, orders not carried
-    /// out, sharing that ended (store page indices).
+    /// out, sharing that ended, sharing that ended by a write in place
+    /// (store page indices).
     pub(crate) committed: Vec<u32>,
     pub(crate) cancelled: Vec<u32>,
     pub(crate) released: Vec<u32>,
+    pub(crate) retired: Vec<u32>,
 }
 
 impl Link {
@@ -95,6 +97,7 @@ impl Link {
                 committed: Vec::new(),
                 cancelled: Vec::new(),
                 released: Vec::new(),
+                retired: Vec::new(),
             }),
             (Msg::Welcome { .. }, None) => Err(LinkError::NoStore),
             (Msg::Refused { reason }, _) => Err(LinkError::Refused(reason)),
@@ -133,12 +136,13 @@ impl Link {
     /// Sends what happened since the last report.
     pub fn flush(&mut self) -> Result<(), LinkError> {
         let max = crate::broker::proto::MAX_ITEMS;
-        while !(self.committed.is_empty() && self.cancelled.is_empty() && self.released.is_empty()) {
+        while !(self.committed.is_empty() && self.cancelled.is_empty() && self.released.is_empty() && self.retired.is_empty()) {
             let take = |v: &mut Vec<u32>| v.drain(..v.len().min(max)).collect::<Vec<u32>>();
             let msg = Msg::Report {
                 committed: take(&mut self.committed),
                 cancelled: take(&mut self.cancelled),
                 released: take(&mut self.released),
+                retired: take(&mut self.retired),
             };
             self.conn.send(&msg)?;
         }

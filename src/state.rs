@@ -217,6 +217,11 @@ pub(crate) struct Core {
     /// The agent id of the link that broke last, while its orphans
     /// (LAST_LINK) may still be taken back by the same daemon.
     last_link: Option<u32>,
+    /// That link's store pages retired and not told (queued when it broke,
+    /// or written in place over an orphan since): claimed and retired over
+    /// the next link when the daemon hands the old one's references over,
+    /// so it never hands them out again (`scan::remote::claim_last_link`).
+    retired_orphans: Vec<u32>,
     /// `counters.activity` when the last full scan ended.
     activity_mark: u64,
     /// Full scans in a row that saw no activity.
@@ -274,6 +279,7 @@ impl Core {
             remote: None,
             remote_lost: false,
             last_link: None,
+            retired_orphans: Vec::new(),
             activity_mark: 0,
             quiet_scans: 0,
             advisor: advisor::Advisor::default(),
@@ -500,6 +506,13 @@ impl Core {
     /// The lost link's orphans were taken back, or will never be.
     pub(crate) fn forget_last_link(&mut self) {
         self.last_link = None;
+        self.retired_orphans.clear();
+    }
+
+    /// The last link's store pages retired since it broke, to claim and
+    /// retire over the new one.
+    pub(crate) fn take_retired_orphans(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.retired_orphans)
     }
 
     /// A batch merges under `mode`: the loosest since a stricter mode last
@@ -550,28 +563,47 @@ impl Core {
     /// A merged record stops mapping its store page: the reference goes back
     /// to whoever counts it (our stable tree, or the daemon's broker).
     pub(crate) fn release_record(&mut self, sh: &Shared, rec: &mut PageRecord) {
+        self.release_record_as(sh, rec, false);
+    }
+
+    /// [`Core::release_record`]; `retire`: the store page is never handed
+    /// out again once freed ([`crate::store::StoreAlloc::retire`]).
+    fn release_record_as(&mut self, sh: &Shared, rec: &mut PageRecord, retire: bool) {
         if rec.flags() & (PageRecord::REMOTE | PageRecord::ORPHAN) != 0 {
             self.counters.daemon_merged -= 1;
             // A page of a link that broke is simply not claimed when the
             // daemon hands that link's references over (`Holding`).
             if let (Some(link), true) = (self.remote.as_mut(), rec.flags() & PageRecord::REMOTE != 0) {
-                link.released.push(rec.key());
+                if retire {
+                    link.retired.push(rec.key());
+                } else {
+                    link.released.push(rec.key());
+                }
+            } else if retire && (rec.flags() & PageRecord::LAST_LINK != 0 || self.remote.is_none() && rec.flags() & PageRecord::REMOTE != 0)
+            {
+                // Of the link that broke last (REMOTE: not made an orphan yet).
+                self.retired_orphans.push(rec.key());
             }
             rec.clear_flags(PageRecord::REMOTE | PageRecord::ORPHAN | PageRecord::LAST_LINK);
         } else {
+            if retire {
+                self.alloc.retire(rec.key());
+            }
             self.release(sh, rec.key());
         }
     }
 
     /// A merged page was written where it is mapped, inside its store
     /// mapping (the kernel's copy-on-write, not `merge::cow`'s): it is the
-    /// program's own page again, and no pin check can reach it there.
+    /// program's own page again, and no pin check can reach it there. It
+    /// stays where it is for as long as the mapping lives, so the store
+    /// page under it is retired: never handed out again once freed.
     pub(crate) fn written_in_place(&mut self, sh: &Shared, rec: &mut PageRecord) {
         rec.set_state(PageState::None);
         self.counters.cow_breaks += 1;
         self.counters.cow_in_place += 1;
         self.counters.activity += 1;
-        self.release_record(sh, rec);
+        self.release_record_as(sh, rec, true);
     }
 
     /// A merged page's first write was served by an anonymous copy moved
@@ -588,8 +620,9 @@ impl Core {
 
     /// The link to the daemon broke: go on alone.
     pub(crate) fn lose_remote(&mut self, sh: &Shared, why: &crate::link::LinkError) {
-        if let Some(link) = self.remote.take() {
+        if let Some(mut link) = self.remote.take() {
             self.last_link = Some(link.agent_id);
+            self.retired_orphans = std::mem::take(&mut link.retired);
             sh.daemon_fd.store(-1, std::sync::atomic::Ordering::SeqCst);
             let why = crate::link::chain(why);
             log::warn!("twinpage: lost twinpaged ({why}); this process merges its own pages until it is back");

@@ -257,6 +257,11 @@ impl Store {
 pub struct StoreAlloc {
     next: u32,
     free: BTreeSet<u32>,
+    /// Retired indices still in use: once freed they are never handed out
+    /// again ([`StoreAlloc::retire`]).
+    retired: BTreeSet<u32>,
+    /// Retired indices freed since: gone for good.
+    gone: u64,
 }
 
 impl StoreAlloc {
@@ -280,8 +285,22 @@ impl StoreAlloc {
         idx
     }
 
+    /// Marks index `idx`, in use, never to be handed out again once it is
+    /// freed: a page the program wrote in place sits over it in a mapping of
+    /// the store (`twinpage_cow_in_place`), and a discard twinpage does not
+    /// see (the range no longer registered) reads the store page under it.
+    /// Never reused, that shows this program's own content from before the
+    /// write, or zeros once punched, never another page's.
+    pub fn retire(&mut self, idx: u32) {
+        self.retired.insert(idx);
+    }
+
     /// Returns an index.
     pub fn free(&mut self, idx: u32) {
+        if self.retired.remove(&idx) {
+            self.gone += 1;
+            return;
+        }
         if idx + 1 == self.next {
             self.next -= 1;
             while let Some(&last) = self.free.last() {
@@ -298,12 +317,12 @@ impl StoreAlloc {
 
     /// Indices in use.
     pub fn in_use(&self) -> u64 {
-        self.next as u64 - self.free.len() as u64
+        self.next as u64 - self.free.len() as u64 - self.gone
     }
 
-    /// Approximate heap bytes of the free set.
+    /// Approximate heap bytes of the free and retired sets.
     pub fn metadata_bytes(&self) -> u64 {
-        self.free.len() as u64 * 16
+        (self.free.len() + self.retired.len()) as u64 * 16
     }
 }
 
@@ -324,5 +343,20 @@ mod tests {
         a.free(1);
         assert_eq!(a.in_use(), 1);
         assert_eq!(a.alloc(None), 1);
+    }
+
+    #[test]
+    fn a_retired_index_is_never_handed_out_again() {
+        let mut a = StoreAlloc::default();
+        let (x, y, z) = (a.alloc(None), a.alloc(Some(0)), a.alloc(Some(1)));
+        a.retire(y);
+        a.free(y);
+        assert_eq!(a.in_use(), 2);
+        assert_eq!(a.alloc(Some(x)), 3, "the index after the previous is gone: a fresh one");
+        a.free(3);
+        a.free(z);
+        a.free(x);
+        assert_eq!(a.in_use(), 0);
+        assert!((0..4).map(|_| a.alloc(None)).all(|i| i != y), "a retired index came back");
     }
 }

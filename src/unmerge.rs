@@ -10,53 +10,32 @@ use crate::sys::{mman, PAGE_SIZE};
 use crate::tunables::MergeMode;
 use crate::warn_once;
 
-/// What unmerging does with a page the program wrote inside a mapping
-/// twinpage put there: a merged page the kernel copied in place
-/// (`twinpage_cow_in_place`: the fault thread could not step in), or a
-/// zero overlay written since. It is the program's own page already, and a
-/// device may be writing into it (`O_DIRECT`): copying it elsewhere would
-/// lose that write, and no pin check reaches a page of a file mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Written {
-    /// The range stays registered (`run=2`, a merge mode): the page stays
-    /// where it is, as the kernel's unmerge leaves a page that is no longer
-    /// a KSM page. Nothing reads the mapping under it again: a discard
-    /// restores the region's own mapping first ([`restore_range`]).
-    Leave,
-    /// The range leaves the registry: the page is copied back into the
-    /// region's own kind of mapping, without a pin check, since a discard
-    /// twinpage no longer sees would otherwise read the store page under it.
-    Copy,
-}
-
 /// The program's own page inside a mapping twinpage put there.
 fn written_overlay(rec: &PageRecord) -> bool {
     rec.flags() & PageRecord::OVERLAY != 0 && !matches!(rec.state(), PageState::Merged | PageState::Zero)
 }
 
 /// Unmerges pages `[from, to)` of a region: every page twinpage remapped
-/// (merged, zero overlay, and with [`Written::Copy`] a page written inside
-/// such a mapping) gets its content back in a mapping of the region's own
-/// kind — anonymous memory, or the backing file mapped privately — as if
-/// twinpage had never been there; merged pages leave the trees. Returns
-/// whether all succeeded (a failed run falls back to private copies inside
-/// the store mapping).
-pub fn unmerge_range(
-    sh: &Shared,
-    region: &Region,
-    st: &mut RegionState,
-    core: &mut Core,
-    from: usize,
-    to: usize,
-    written: Written,
-) -> bool {
-    if written == Written::Leave {
-        note_written_in_place(sh, region, st, core, from, to);
-    }
+/// (merged, zero overlay) gets its content back in a mapping of the
+/// region's own kind — anonymous memory, or the backing file mapped
+/// privately — as if twinpage had never been there; merged pages leave the
+/// trees. Returns whether all succeeded (a failed run falls back to private
+/// copies inside the store mapping).
+///
+/// A page the program wrote inside such a mapping (a merged page the
+/// kernel copied in place, `twinpage_cow_in_place`, or a zero overlay
+/// written since) stays where it is, as the kernel's unmerge leaves a page
+/// that is no longer a KSM page: it is the program's own page already, a
+/// device may be writing into it (`O_DIRECT`), and no pin check reaches a
+/// page of a file mapping, so a copy could lose that write. Nothing hands
+/// out the store page under it again (`Core::written_in_place` retired
+/// it): while the range is registered a discard restores the region's own
+/// mapping first ([`restore_range`]), and once it is not, a discard reads
+/// the page's own content from before the write, or zeros.
+pub fn unmerge_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, from: usize, to: usize) -> bool {
+    note_written_in_place(sh, region, st, core, from, to);
     let mut all_ok = true;
-    let touched = |r: &PageRecord| {
-        (r.flags() & PageRecord::OVERLAY != 0 || r.state() == PageState::Merged) && !(written == Written::Leave && written_overlay(r))
-    };
+    let touched = |r: &PageRecord| (r.flags() & PageRecord::OVERLAY != 0 || r.state() == PageState::Merged) && !written_overlay(r);
     let mut i = from;
     while i < to {
         if !touched(&st.records[i]) {
@@ -95,7 +74,7 @@ pub fn unmerge_range(
 
 /// Merged pages of `[from, to)` that a write the scanner has not seen yet
 /// copied in place are the program's pages from now on, as the scanner
-/// would find them (`scan::walk`): [`Written::Leave`] then leaves them too.
+/// would find them (`scan::walk`): the unmerge then leaves them too.
 fn note_written_in_place(sh: &Shared, region: &Region, st: &mut RegionState, core: &mut Core, from: usize, to: usize) {
     let Some(first) = (from..to).find(|&i| st.records[i].state() == PageState::Merged) else { return };
     let mut entries = vec![crate::sys::pagemap::PageEntry::default(); to - first];
@@ -115,7 +94,7 @@ fn note_written_in_place(sh: &Shared, region: &Region, st: &mut RegionState, cor
 pub(crate) fn remove_range(sh: &Shared, addr: usize, end: usize, unmerge: bool, between: impl FnOnce()) {
     let dropped = crate::region::take_range(sh.registry(), sh.core(), addr, end, |r, st, core, from, to| {
         if unmerge && !st.failed {
-            unmerge_range(sh, r, st, core, from, to, Written::Copy);
+            unmerge_range(sh, r, st, core, from, to);
         }
         let removed = (to - from) as u64;
         core.records_gone(r.mergeability, removed);
@@ -166,7 +145,7 @@ pub fn restore_range(sh: &Shared, region: &Region, st: &mut RegionState, core: &
                 // Without the remap the discard would expose store pages; break
                 // sharing instead so they hold private copies.
                 warn_once!("restore", "twinpage: cannot restore the mapping of discarded pages at {addr:#x}: {e}");
-                unmerge_range(sh, region, st, core, i, j, Written::Copy);
+                unmerge_range(sh, region, st, core, i, j);
             }
         }
         i = j;
@@ -204,7 +183,7 @@ pub fn unmerge_disallowed(sh: &Shared, mode: MergeMode) {
             while j < r.pages && disallowed(st, j) {
                 j += 1;
             }
-            unmerge_range(sh, r, st, core, i, j, Written::Leave);
+            unmerge_range(sh, r, st, core, i, j);
             i = j;
         }
     });
@@ -219,7 +198,7 @@ pub fn unmerge_disallowed(sh: &Shared, mode: MergeMode) {
 /// to merge it).
 pub fn unmerge_all(sh: &Shared) {
     each_live_region(sh, |r, st, core| {
-        unmerge_range(sh, r, st, core, 0, r.pages, Written::Leave);
+        unmerge_range(sh, r, st, core, 0, r.pages);
         for rec in st.records.iter_mut().filter(|rec| matches!(rec.state(), PageState::Hashed | PageState::None)) {
             core.forget_hashed(rec);
             rec.set_state(PageState::None);

@@ -27,10 +27,14 @@ fn write_in_window(addr: usize, bytes: usize) {
     }
 }
 
-#[test]
-fn a_write_before_the_stretch_is_protected_is_the_pages_own() {
-    let Some(e) = engine() else { return };
-    flat_out(&e);
+/// The hook is process-wide: one test at a time.
+static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Ten pages of seed 42 merged, page 4 written (`WRITTEN` at word 0) by the
+/// hook between its stretch being mapped and protected: the kernel copied
+/// it inside the store mapping.
+fn merged_with_page_4_written_in_place(e: &twinpage::Engine) -> Mem {
+    flat_out(e);
     let m = Mem::anon(10);
     for i in 0..10 {
         m.fill(i, 42);
@@ -38,9 +42,18 @@ fn a_write_before_the_stretch_is_protected_is_the_pages_own() {
     TARGET.store(m.addr + 4 * 4096, Ordering::SeqCst);
     twinpage::testhook::on_stretch_mapped(Some(write_in_window));
     e.register(m.addr, m.len).unwrap();
-    assert!(e.wait_full_scans(3, Duration::from_secs(10)));
+    let merged = wait_until(Duration::from_secs(20), || TARGET.load(Ordering::SeqCst) == 0);
     twinpage::testhook::on_stretch_mapped(None);
-    assert_eq!(TARGET.load(Ordering::SeqCst), 0, "page 4 was never merged");
+    assert!(merged, "page 4 was never merged");
+    assert!(e.wait_full_scans(2, Duration::from_secs(10)));
+    m
+}
+
+#[test]
+fn a_write_before_the_stretch_is_protected_is_the_pages_own() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(e) = engine() else { return };
+    let m = merged_with_page_4_written_in_place(&e);
 
     // The write is there, and page 4 is not counted as merged: it holds
     // other bytes than the store page, and it never merges again (a page
@@ -78,5 +91,114 @@ fn a_write_before_the_stretch_is_protected_is_the_pages_own() {
         }
         assert_eq!(e.store_allocated_bytes(), 0);
     }
+    m.unmap(&e);
+}
+
+/// `MADV_UNMERGEABLE` leaves page 4 where it is too (a device may be writing
+/// into it), and the range leaves twinpage: a discard of page 4 is then the
+/// kernel's alone, and it reads the store page under it. That store page
+/// was retired when page 4 was written: freed with its last sharer and
+/// never handed out again, the discard reads zeros, never the content of
+/// pages merged since (with the store page reused, it read the next
+/// merge's bytes).
+#[test]
+fn madv_unmergeable_leaves_a_page_written_in_place_over_a_store_page_nobody_gets_again() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(e) = engine() else { return };
+    unmergeable_then_discard(&e);
+}
+
+/// The same through twinpaged: the agent tells the daemon which store page
+/// it retired (`Report`'s `retired`), and the daemon's store never hands it
+/// out again.
+#[test]
+fn through_twinpaged_the_retired_store_page_is_the_daemons_to_keep() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let (Some(e), Some(bin)) = (engine(), common::procs::daemon_bin()) else { return };
+    let dir = tempdir("merge-window-daemon");
+    let _daemon = common::procs::Kids(vec![common::procs::start_daemon(&bin, &dir, &[], "warn")]);
+    e.set_daemon(Some(twinpage::link::DaemonConfig { socket: dir.join("twinpaged.sock"), domain: None }));
+    e.start().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || e.daemon_connected()), "no link to twinpaged");
+    unmergeable_then_discard(&e);
+    assert!(e.daemon_connected(), "the link broke during the test");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn unmergeable_then_discard(e: &twinpage::Engine) {
+    let m = merged_with_page_4_written_in_place(e);
+    let frame = pagemap_pfn(m.addr + 4 * 4096);
+    e.unregister(m.addr, m.len).unwrap();
+    let s = e.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.twinpage_pages_registered), (0, 0, 0), "{s:?}");
+    if require(frame != 0, "pagemap frames (root)") {
+        assert_eq!(pagemap_pfn(m.addr + 4 * 4096), frame, "page 4 was copied by the unmerge");
+    }
+    assert_eq!(m.read_u64(4, 0), WRITTEN);
+    for i in (0..10).filter(|&i| i != 4) {
+        assert!(m.page_matches(i, 42), "page {i} after MADV_UNMERGEABLE");
+    }
+
+    // Other pages merge: they take store pages, never page 4's.
+    let other = Mem::anon(10);
+    for i in 0..10 {
+        other.fill(i, 43);
+    }
+    e.register(other.addr, other.len).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || e.stats().twinpage_merging_pages == 10), "{:?}", e.stats());
+    // SAFETY: page 4 of the test's own mapping, no longer registered: the
+    // program's discard, as QEMU's balloon makes it.
+    assert_eq!(unsafe { libc::madvise((m.addr + 4 * 4096) as *mut libc::c_void, 4096, libc::MADV_DONTNEED) }, 0);
+    assert!(!m.page_matches(4, 43), "the discard of page 4 reads a page merged since");
+    assert!((0..512).all(|w| m.read_u64(4, w) == 0), "page 4 does not read zeros after its discard");
+    other.unmap(e);
+    m.unmap(e);
+}
+
+/// The path of the mapping at `addr` in this process's maps.
+fn mapping_path(addr: usize) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .find_map(|l| {
+            let (range, rest) = l.split_once(' ')?;
+            let (s, e) = range.split_once('-')?;
+            let (s, e) = (usize::from_str_radix(s, 16).ok()?, usize::from_str_radix(e, 16).ok()?);
+            (s <= addr && addr < e).then(|| rest.split_whitespace().nth(4).unwrap_or("").to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// `mprotect` (unregister, the call, register again, as the preload does)
+/// keeps page 4 where it is, in its store mapping; registered again, it
+/// is known for a copy inside a store mapping: never merged, and given an
+/// anonymous mapping of its own before a discard. Before, it was taken
+/// for the region's own anonymous page, so the discard left the store
+/// mapping in place and the page read the store page under it.
+#[test]
+fn mprotect_keeps_a_page_written_in_place_and_registers_it_as_a_copy_in_the_store() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(e) = engine() else { return };
+    let m = merged_with_page_4_written_in_place(&e);
+    let frame = pagemap_pfn(m.addr + 4 * 4096);
+    e.unregister(m.addr, m.len).unwrap();
+    // SAFETY: the test's own mapping, its protection unchanged.
+    assert_eq!(unsafe { libc::mprotect(m.addr as *mut libc::c_void, m.len, libc::PROT_READ | libc::PROT_WRITE) }, 0);
+    e.register(m.addr, m.len).unwrap();
+    if require(frame != 0, "pagemap frames (root)") {
+        assert_eq!(pagemap_pfn(m.addr + 4 * 4096), frame, "page 4 was copied by the unmerge");
+    }
+    assert!(mapping_path(m.addr + 4 * 4096).contains("twinpage-store"), "page 4 left its store mapping");
+    assert!(wait_until(Duration::from_secs(10), || e.stats().twinpage_merging_pages == 9), "{:?}", e.stats());
+    assert!(e.wait_full_scans(2, Duration::from_secs(10)));
+    assert_eq!(e.stats().twinpage_merging_pages, 9, "page 4 merged from a store mapping");
+    assert_eq!(m.read_u64(4, 0), WRITTEN);
+    // SAFETY: page 4 of the test's own mapping, discarded through the engine
+    // as the preload discards registered memory.
+    let r = e.discard_with(m.addr + 4 * 4096, 4096, || unsafe {
+        libc::madvise((m.addr + 4 * 4096) as *mut libc::c_void, 4096, libc::MADV_DONTNEED)
+    });
+    assert_eq!(r, 0);
+    assert!(!mapping_path(m.addr + 4 * 4096).contains("twinpage-store"), "the discard left page 4 in the store mapping");
+    assert!((0..512).all(|w| m.read_u64(4, w) == 0), "page 4 does not read zeros after its discard");
     m.unmap(&e);
 }

@@ -84,10 +84,11 @@ fn message(rng: &mut StdRng) -> (Msg, Vec<(usize, usize)>) {
         }
         3 => {
             let list = |rng: &mut StdRng| (0..len(rng, MAX_ITEMS)).map(|_| rng.gen()).collect::<Vec<u32>>();
-            let (committed, cancelled, released) = (list(rng), list(rng), list(rng));
+            let (committed, cancelled, released, retired) = (list(rng), list(rng), list(rng), list(rng));
             let o2 = p + 4 + 4 * committed.len();
             let o3 = o2 + 4 + 4 * cancelled.len();
-            (Msg::Report { committed, cancelled, released }, vec![(p, 4), (o2, 4), (o3, 4)])
+            let o4 = o3 + 4 + 4 * released.len();
+            (Msg::Report { committed, cancelled, released, retired }, vec![(p, 4), (o2, 4), (o3, 4), (o4, 4)])
         }
         4 => (Msg::FullScan, vec![]),
         5 => (Msg::Welcome { agent_id: rng.gen(), agents: rng.gen() }, vec![]),
@@ -518,6 +519,6 @@ fn fuzz_decoder_and_conn() {
 #[test]
 fn limits() {
     assert_eq!(MAX_PAYLOAD, 8 << 20);
-    assert_eq!((VERSION, PAGE, MAX_ITEMS, MAX_FILL, MAX_DOMAIN, MAX_REASON), (2, 4096, 65536, 1024, 255, 1024));
+    assert_eq!((VERSION, PAGE, MAX_ITEMS, MAX_FILL, MAX_DOMAIN, MAX_REASON), (3, 4096, 65536, 1024, 255, 1024));
     assert_eq!(frame_len(&header(u32::MAX, VERSION, 3)), Err(ProtoError::TooLarge(u32::MAX as usize)));
 }

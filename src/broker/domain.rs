@@ -325,9 +325,11 @@ impl Domain {
     }
 
     /// Merges the agent did (`committed`), did not do (`cancelled`), and
-    /// sharing that ended (`released`). Entries the agent does not hold are
+    /// sharing that ended (`released`; `retired` when the program wrote its
+    /// page in place over the store page, which then is never handed out
+    /// again: `StoreAlloc::retire`). Entries the agent does not hold are
     /// ignored.
-    pub fn report(&mut self, h: &mut Holdings, committed: &[u32], cancelled: &[u32], released: &[u32]) {
+    pub fn report(&mut self, h: &mut Holdings, committed: &[u32], cancelled: &[u32], released: &[u32], retired: &[u32]) {
         for &idx in committed {
             if take_one(&mut h.pending, idx) {
                 h.uploads.remove(&idx);
@@ -346,6 +348,14 @@ impl Domain {
         for &idx in released {
             if take_one(&mut h.held, idx) && self.stable.release(idx) {
                 self.free(idx);
+            }
+        }
+        for &idx in retired {
+            if take_one(&mut h.held, idx) {
+                self.alloc.retire(idx);
+                if self.stable.release(idx) {
+                    self.free(idx);
+                }
             }
         }
     }

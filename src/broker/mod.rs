@@ -184,10 +184,11 @@ impl Broker {
         res
     }
 
-    /// What the agent did with its orders, and sharing that ended.
-    pub fn report(&mut self, agent: u32, committed: &[u32], cancelled: &[u32], released: &[u32]) {
+    /// What the agent did with its orders, and sharing that ended (`retired`:
+    /// by a write in place over the store page, never to be reused).
+    pub fn report(&mut self, agent: u32, committed: &[u32], cancelled: &[u32], released: &[u32], retired: &[u32]) {
         if let Some((d, h)) = self.parts(agent) {
-            d.report(h, committed, cancelled, released);
+            d.report(h, committed, cancelled, released, retired);
         }
     }
 
@@ -343,21 +344,56 @@ mod tests {
         let o3 = b.scan(a3, &[cand(9, &wrong, true)]);
         assert!(o3.is_empty());
         assert_eq!(b.fill(a2, &[FillPage { store: s, digest: cand(0, &p, true).digest, bytes: p.clone() }]), vec![(s, true)]);
-        b.report(a2, &[s], &[], &[]);
+        b.report(a2, &[s], &[], &[], &[]);
         let o = b.scan(a1, &[cand(1, &p, true)]);
         assert_eq!((o.len(), o[0].kind, o[0].store), (1, OrderKind::Join, s));
-        b.report(a1, &[s], &[], &[]);
+        b.report(a1, &[s], &[], &[], &[]);
         let st = b.stats();
         assert_eq!((st.pages_shared, st.pages_sharing), (1, 1));
         assert_eq!(st.twinpage_store_bytes, PAGE as u64);
         // An agent cannot release what it does not hold.
-        b.report(a3, &[], &[], &[s, s]);
+        b.report(a3, &[], &[], &[s, s], &[]);
         assert_eq!(b.stats().pages_sharing, 1);
         b.leave(a1);
         assert_eq!((b.stats().pages_shared, b.stats().pages_sharing), (1, 0));
-        b.report(a2, &[], &[], &[s]);
+        b.report(a2, &[], &[], &[s], &[]);
         let st = b.stats();
         assert_eq!((st.pages_shared, st.twinpage_store_bytes), (0, 0));
+    }
+
+    /// A store page an agent's program wrote in place over (`retired`) is
+    /// freed with its last sharer as any other, and never handed out again:
+    /// the written page sits over it in that program's store mapping, where
+    /// a discard the agent does not see would read it.
+    #[test]
+    fn a_retired_store_page_is_never_handed_out_again() {
+        let mut b = Broker::new();
+        let (a1, _fd1) = b.join(10, 1000, None).unwrap();
+        let (a2, _fd2) = b.join(11, 1000, None).unwrap();
+        let merge = |b: &mut Broker, token: u64, p: &[u8; PAGE]| -> u32 {
+            assert!(b.scan(a1, &[cand(token, p, true)]).is_empty());
+            let o = b.scan(a2, &[cand(token, p, true)]);
+            assert_eq!((o.len(), o[0].kind), (1, OrderKind::Upload));
+            let s = o[0].store;
+            let fill = FillPage { store: s, digest: cand(0, p, true).digest, bytes: Box::new(*p) };
+            assert_eq!(b.fill(a2, &[fill]), vec![(s, true)]);
+            b.report(a2, &[s], &[], &[], &[]);
+            let o = b.scan(a1, &[cand(token, p, true)]);
+            assert_eq!((o.len(), o[0].kind, o[0].store), (1, OrderKind::Join, s));
+            b.report(a1, &[s], &[], &[], &[]);
+            s
+        };
+        let s = merge(&mut b, 1, &page(7));
+        b.report(a1, &[], &[], &[], &[s]);
+        b.report(a2, &[], &[], &[s], &[]);
+        let st = b.stats();
+        assert_eq!((st.pages_shared, st.pages_sharing, st.twinpage_store_bytes), (0, 0, 0), "freed with its last sharer");
+        let t = merge(&mut b, 2, &page(8));
+        assert_ne!(t, s, "the retired store page was handed out again");
+        // Released the usual way, a store page is reused.
+        b.report(a1, &[], &[], &[t], &[]);
+        b.report(a2, &[], &[], &[t], &[]);
+        assert_eq!(merge(&mut b, 3, &page(9)), t);
     }
 
     /// As ksmd merges the duplicates it meets in one pass, one batch of 300
@@ -384,7 +420,7 @@ mod tests {
         assert_eq!(b.fill(a, &[FillPage { store: uploads[0].store, digest, bytes: p.clone() }]), vec![(uploads[0].store, true)]);
         assert_eq!(b.fill(a, &[FillPage { store: uploads[1].store, digest, bytes: page(8) }]), vec![(uploads[1].store, false)]);
         let on = |s: u32| o.iter().filter(|x| x.store == s).map(|x| x.store).collect::<Vec<u32>>();
-        b.report(a, &on(uploads[0].store), &on(uploads[1].store)[1..], &[]);
+        b.report(a, &on(uploads[0].store), &on(uploads[1].store)[1..], &[], &[]);
         let st = b.stats();
         assert_eq!((st.pages_shared, st.pages_sharing, st.twinpage_store_bytes), (1, 255, PAGE as u64));
     }
@@ -435,7 +471,7 @@ mod tests {
         assert!(b.scan(a1, &[cand(1, &p, true)]).is_empty());
         let s = b.scan(a2, &[cand(2, &p, true)])[0].store;
         assert_eq!(b.fill(a2, &[FillPage { store: s, digest: cand(0, &p, true).digest, bytes: p.clone() }]), vec![(s, true)]);
-        b.report(a2, &[s], &[], &[]);
+        b.report(a2, &[s], &[], &[], &[]);
         let o = b.scan(a1, &[cand(1, &p, true)]);
         assert_eq!(o[0].kind, OrderKind::Join);
         // a1's link breaks before it reports the join it did: parked.
@@ -452,7 +488,7 @@ mod tests {
         // It did the join before the link broke: it maps the page.
         assert_eq!(b.claim(a1b, &[s, s, 12345], true), 0, "one claim per reference held; unknown pages claim nothing");
         assert_eq!(b.stats().twinpage_store_bytes, PAGE as u64);
-        b.report(a1b, &[], &[], &[s]);
+        b.report(a1b, &[], &[], &[s], &[]);
         let st = b.stats();
         assert_eq!((st.pages_shared, st.twinpage_store_bytes), (0, 0));
     }
@@ -476,7 +512,7 @@ mod tests {
         assert!(b.fill(a1, &filled).iter().all(|r| r.1));
         // a1 merged all three and reported them; a2 was ordered to join all
         // three, did two, and its link broke before it reported.
-        b.report(a1, &stores, &[], &[]);
+        b.report(a1, &stores, &[], &[], &[]);
         let joins = b.scan(a2, &cands(0));
         assert_eq!(joins.len(), 3);
         b.park(a2);
@@ -488,7 +524,7 @@ mod tests {
         let st = b.stats();
         assert_eq!((st.pages_shared, st.pages_sharing), (3, 2));
         // a1 lets go of everything: only the two a2 maps stay.
-        b.report(a1, &[], &[], &stores);
+        b.report(a1, &[], &[], &stores, &[]);
         assert_eq!(b.stats().twinpage_store_bytes, 2 * PAGE as u64);
         // Held references a claim leaves out are dropped too; a claim cut
         // short by a break keeps what was not claimed yet.

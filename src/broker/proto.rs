@@ -21,9 +21,10 @@
 //! waiting for its bytes.
 
 /// Protocol version; a frame of any other version is refused. 2 added
-/// `AskTotals`/`Totals`: an agent and a daemon of different versions do not
-/// connect at all, rather than part at the first question.
-pub const VERSION: u16 = 2;
+/// `AskTotals`/`Totals`, 3 `Report`'s `retired`: an agent and a daemon of
+/// different versions do not connect at all, rather than part at the first
+/// question.
+pub const VERSION: u16 = 3;
 /// Bytes of a frame header.
 pub const HEADER: usize = 8;
 /// Largest payload of any frame.
@@ -70,7 +71,7 @@ const fn max_payload(kind: u16) -> Option<usize> {
         K_HELLO => 4 + 1 + MAX_DOMAIN,
         K_SCAN => 4 + MAX_ITEMS * CANDIDATE_BYTES,
         K_FILL => 4 + MAX_FILL * FILL_PAGE_BYTES,
-        K_REPORT => 3 * (4 + MAX_ITEMS * 4),
+        K_REPORT => 4 * (4 + MAX_ITEMS * 4),
         K_FULL_SCAN => 0,
         K_WELCOME => 8,
         K_ORDERS => 8 + MAX_ITEMS * ORDER_BYTES,
@@ -161,9 +162,11 @@ pub enum Msg {
     /// Kind 3: uploads answering `Upload` orders. Wire: `u32` count, pages
     /// (`u32` store, `u64` digest, 4096 bytes).
     Fill { pages: Vec<FillPage> },
-    /// Kind 4: store pages whose orders the agent carried out, cancelled, and
-    /// store pages it stopped using. Wire: three times `u32` count, `u32`s.
-    Report { committed: Vec<u32>, cancelled: Vec<u32>, released: Vec<u32> },
+    /// Kind 4: store pages whose orders the agent carried out, cancelled,
+    /// store pages it stopped using, and store pages it stopped using
+    /// because the program wrote its page in place over them (the broker
+    /// never hands those out again). Wire: four times `u32` count, `u32`s.
+    Report { committed: Vec<u32>, cancelled: Vec<u32>, released: Vec<u32>, retired: Vec<u32> },
     /// Kind 5: the agent finished a full pass over its memory. Empty payload.
     FullScan,
     /// Kind 6: right after `Welcome`: this process was agent `agent_id`
@@ -278,10 +281,11 @@ pub fn validate(msg: &Msg) -> Result<(), ProtoError> {
         Msg::Hello { domain: Some(d), .. } if !valid_domain(d) => Err(ProtoError::Malformed("bad domain name")),
         Msg::Scan { items } => count(items.len(), MAX_ITEMS, "too many candidates"),
         Msg::Fill { pages } => count(pages.len(), MAX_FILL, "too many pages"),
-        Msg::Report { committed, cancelled, released } => {
+        Msg::Report { committed, cancelled, released, retired } => {
             count(committed.len(), MAX_ITEMS, "too many report entries")?;
             count(cancelled.len(), MAX_ITEMS, "too many report entries")?;
-            count(released.len(), MAX_ITEMS, "too many report entries")
+            count(released.len(), MAX_ITEMS, "too many report entries")?;
+            count(retired.len(), MAX_ITEMS, "too many report entries")
         }
         Msg::Orders { orders, .. } => count(orders.len(), MAX_ITEMS, "too many orders"),
         Msg::Filled { results } => count(results.len(), MAX_ITEMS, "too many results"),
@@ -320,7 +324,9 @@ fn payload_len(msg: &Msg) -> usize {
         Msg::Hello { domain, .. } => 5 + domain.as_ref().map_or(0, |d| d.len()),
         Msg::Scan { items } => 4 + items.len() * CANDIDATE_BYTES,
         Msg::Fill { pages } => 4 + pages.len() * FILL_PAGE_BYTES,
-        Msg::Report { committed, cancelled, released } => 12 + 4 * (committed.len() + cancelled.len() + released.len()),
+        Msg::Report { committed, cancelled, released, retired } => {
+            16 + 4 * (committed.len() + cancelled.len() + released.len() + retired.len())
+        }
         Msg::FullScan | Msg::AskTotals => 0,
         Msg::Totals { .. } => 16,
         Msg::Resume { .. } => 4,
@@ -377,8 +383,8 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
                 out.extend_from_slice(&p.bytes[..]);
             }
         }
-        Msg::Report { committed, cancelled, released } => {
-            for list in [committed, cancelled, released] {
+        Msg::Report { committed, cancelled, released, retired } => {
+            for list in [committed, cancelled, released, retired] {
                 put_u32s(out, list);
             }
         }
@@ -567,8 +573,9 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), ProtoError> {
         K_REPORT => {
             let committed = r.u32s(MAX_ITEMS, false)?;
             let cancelled = r.u32s(MAX_ITEMS, false)?;
-            let released = r.u32s(MAX_ITEMS, true)?;
-            Msg::Report { committed, cancelled, released }
+            let released = r.u32s(MAX_ITEMS, false)?;
+            let retired = r.u32s(MAX_ITEMS, true)?;
+            Msg::Report { committed, cancelled, released, retired }
         }
         K_FULL_SCAN => Msg::FullScan,
         K_ASK_TOTALS => Msg::AskTotals,
@@ -692,9 +699,9 @@ mod tests {
         });
         roundtrip(Msg::Fill { pages: vec![] });
         roundtrip(Msg::Fill { pages: vec![FillPage { store: 7, digest: 99, bytes: page(3) }] });
-        roundtrip(Msg::Report { committed: vec![], cancelled: vec![], released: vec![] });
-        roundtrip(Msg::Report { committed: vec![1, 2], cancelled: vec![], released: vec![u32::MAX] });
-        roundtrip(Msg::Report { committed: vec![], cancelled: vec![5], released: vec![] });
+        roundtrip(Msg::Report { committed: vec![], cancelled: vec![], released: vec![], retired: vec![] });
+        roundtrip(Msg::Report { committed: vec![1, 2], cancelled: vec![], released: vec![u32::MAX], retired: vec![7] });
+        roundtrip(Msg::Report { committed: vec![], cancelled: vec![5], released: vec![], retired: vec![] });
         roundtrip(Msg::FullScan);
         roundtrip(Msg::AskTotals);
         roundtrip(Msg::Totals { pages_shared: 3, pages_sharing: u64::MAX });
@@ -722,7 +729,7 @@ mod tests {
             .collect();
         roundtrip(Msg::Orders { agents: 9, orders });
         let full: Vec<u32> = (0..MAX_ITEMS as u32).collect();
-        roundtrip(Msg::Report { committed: full.clone(), cancelled: full.clone(), released: full.clone() });
+        roundtrip(Msg::Report { committed: full.clone(), cancelled: full.clone(), released: full.clone(), retired: full.clone() });
         roundtrip(Msg::Filled { results: full.iter().map(|&i| (i, i % 2 == 1)).collect() });
     }
 
@@ -731,7 +738,7 @@ mod tests {
         assert_eq!(frame_len(&[]), Err(ProtoError::Incomplete(HEADER)));
         assert_eq!(frame_len(&[0; 5]), Err(ProtoError::Incomplete(3)));
         assert_eq!(decode(&[1, 0, 0]), Err(ProtoError::Incomplete(5)));
-        assert_eq!(frame_len(&header(0, 3, K_FULL_SCAN)), Err(ProtoError::Version(3)));
+        assert_eq!(frame_len(&header(0, 2, K_FULL_SCAN)), Err(ProtoError::Version(2)));
         assert_eq!(frame_len(&header(0, 0, K_FULL_SCAN)), Err(ProtoError::Version(0)));
         assert_eq!(decode(&header(0, 7, 999)), Err(ProtoError::Version(7)));
         for kind in [0, 9, 15, 22, u16::MAX] {
@@ -829,7 +836,7 @@ mod tests {
         assert!(validate(&Msg::Fill { pages: vec![FillPage { store: 0, digest: 0, bytes: page(0) }; MAX_FILL + 1] }).is_err());
         assert!(validate(&Msg::Scan { items: vec![Candidate { token: 0, digest: 0, stable: false }; MAX_ITEMS + 1] }).is_err());
         assert!(validate(&Msg::Refused { reason: "x".repeat(MAX_REASON + 1) }).is_err());
-        assert!(validate(&Msg::Report { committed: vec![], cancelled: vec![0; MAX_ITEMS + 1], released: vec![] }).is_err());
+        assert!(validate(&Msg::Report { committed: vec![], cancelled: vec![0; MAX_ITEMS + 1], released: vec![], retired: vec![] }).is_err());
     }
 
     #[test]
@@ -905,7 +912,7 @@ mod tests {
         for msg in [
             Msg::Hello { pid: 1, domain: Some("d".into()) },
             Msg::Scan { items: vec![Candidate { token: 1, digest: 2, stable: true }] },
-            Msg::Report { committed: vec![1], cancelled: vec![], released: vec![2] },
+            Msg::Report { committed: vec![1], cancelled: vec![], released: vec![2], retired: vec![] },
             Msg::Welcome { agent_id: 1, agents: 1 },
             Msg::Orders { agents: 1, orders: vec![] },
             Msg::Filled { results: vec![(1, true)] },

@@ -252,8 +252,8 @@ fn agent_loop(daemon: &Daemon, conn: &mut Conn, id: u32) -> Result<(), ConnError
                 let results = daemon.broker.lock().fill(id, &pages);
                 conn.send(&Msg::Filled { results })?;
             }
-            Msg::Report { committed, cancelled, released } => {
-                daemon.broker.lock().report(id, &committed, &cancelled, &released);
+            Msg::Report { committed, cancelled, released, retired } => {
+                daemon.broker.lock().report(id, &committed, &cancelled, &released, &retired);
             }
             Msg::FullScan => daemon.broker.lock().full_scan(id),
             Msg::AskTotals => {

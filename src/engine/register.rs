@@ -39,11 +39,15 @@ pub(crate) fn register_vmas(sh: &Shared, addr: usize, end: usize, vmas: &[maps::
             continue;
         }
         // A store mapping left by an earlier merge holds the owner's private
-        // copies: it stands for anonymous memory. Known by device and inode:
-        // with TWINPAGE_STORE_DIR (or a daemon's store) its name is a
-        // deleted file's, not the memfd's.
+        // copies (pages written in place, left there by an unmerge): it
+        // stands for anonymous memory, its pages overlays — never merged
+        // again (no pin check reaches them), given an anonymous mapping of
+        // their own before a discard. Known by device and inode: with
+        // TWINPAGE_STORE_DIR (or a daemon's store) its name is a deleted
+        // file's, not the memfd's.
         let mut vma = vma.clone();
-        if vma.is_store_mapping(&sh.stores().lock()) {
+        let in_store = vma.is_store_mapping(&sh.stores().lock());
+        if in_store {
             vma.kind = MappingKind::Anon;
         }
         // PROT_NONE anonymous memory merges, as with the kernel (read
@@ -98,6 +102,9 @@ pub(crate) fn register_vmas(sh: &Shared, addr: usize, end: usize, vmas: &[maps::
                 let mut records = vec![PageRecord::default(); n];
                 if !part.registered {
                     records.iter_mut().for_each(|r| r.add_flags(PageRecord::NEEDS_REGISTER));
+                }
+                if in_store {
+                    records.iter_mut().for_each(|r| r.add_flags(PageRecord::OVERLAY));
                 }
                 let kind = if part.anon { MappingKind::Anon } else { region.kind };
                 sh.add_region(|id| {

@@ -255,9 +255,14 @@ fn claim_last_link(sh: &Shared) {
     });
     let mut core = sh.core().lock();
     let core = &mut *core;
+    // Store pages retired while the link was down (or queued when it broke)
+    // are held by the old link's references too: claimed, then retired.
+    let retired = core.take_retired_orphans();
+    claims.extend_from_slice(&retired);
     core.forget_last_link();
     let Some(link) = core.link_mut() else { return };
-    if let Err(e) = link.hold(&claims) {
-        core.lose_remote(sh, &e);
+    match link.hold(&claims) {
+        Ok(()) => link.retired.extend(retired),
+        Err(e) => core.lose_remote(sh, &e),
     }
 }
