@@ -78,6 +78,10 @@ impl Daemon {
             log::info!("twinpaged: parked agent {id} (pid {}) exited; its references are dropped", b.pid_of(id).unwrap_or(0));
             b.leave(id);
         }
+        drop(b);
+        // What the parked agents' holdings took goes back, as when an
+        // agent's own thread ends.
+        crate::sys::heap::release_free();
     }
 }
 
