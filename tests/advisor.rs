@@ -74,6 +74,13 @@ fn own_pages_to_scan(dir: &Path, pid: u32) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix("pages_to_scan ")?.trim().parse().ok())
 }
 
+/// What the twinpaged tests here run: the preload, the `prctl` program and
+/// the daemon (`None`, with the reason printed, when one is missing).
+fn daemon_setup() -> Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
+    let (Some(lib), Some(prog), Some(bin)) = (preload_lib(), program("prctl"), daemon_bin()) else { return None };
+    have_uffd().then_some((lib, prog, bin))
+}
+
 /// Under twinpaged the advisor steers the one `pages_to_scan` of all its
 /// agents: two agents of 60000 unique pages each, a 1 s target and a cap of
 /// 3000 pages (the kernel_oracle advisor test's workload, twice): the rate
@@ -83,10 +90,7 @@ fn own_pages_to_scan(dir: &Path, pid: u32) -> Option<u64> {
 #[test]
 fn twinpaged_steers_its_agents_with_the_advisor() {
     let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
-    let (Some(lib), Some(prog), Some(bin)) = (preload_lib(), program("prctl"), daemon_bin()) else { return };
-    if !have_uffd() {
-        return;
-    }
+    let Some((lib, prog, bin)) = daemon_setup() else { return };
     let dir = tempdir("advisor-daemon");
     let advisor = [
         ("TWINPAGE_SLEEP_MILLISECS", "20"),
@@ -131,10 +135,7 @@ fn twinpaged_steers_its_agents_with_the_advisor() {
 #[test]
 fn twinpaged_started_after_its_agents_brings_its_advisor_settings() {
     let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
-    let (Some(lib), Some(prog), Some(bin)) = (preload_lib(), program("prctl"), daemon_bin()) else { return };
-    if !have_uffd() {
-        return;
-    }
+    let Some((lib, prog, bin)) = daemon_setup() else { return };
     let dir = tempdir("advisor-late-daemon");
     let mut kids = Kids(Vec::new());
     for _ in 0..2 {
