@@ -259,3 +259,39 @@ fn a_forked_child_keeps_its_memory_with_the_store_in_a_store_dir() {
 fn mremap_of_split_merged_memory_keeps_bytes_and_advice() {
     program_succeeds_with("mremap_split", &["advice"], "MREMAP OK");
 }
+
+/// Writes to served sysfs files (`TWINPAGE_REDIRECT_SYSFS=1`) made by two
+/// processes one after the other take effect in that order, as writes to
+/// the kernel's one file do. tests/programs/runorder.c makes them as
+/// ksm_functional_tests' test_prctl and test_prctl_fork do: the parent's
+/// `run=2`, a fork, the child's `run=1` and its wait for two full scans.
+/// With `sleep_millisecs=200` the publisher's period is 200 ms: before, the
+/// parent's `run=2` reached the tree only after the child's `run=1` and
+/// undid it, so the child waited for scans that never came (3 of 3 runs
+/// alone and through twinpaged; ksm_functional_tests hung there under
+/// twinpaged at the default period).
+#[test]
+fn served_writes_of_two_processes_take_effect_in_the_order_made() {
+    let (Some(lib), Some(prog), Some(bin)) = (preload_lib(), program("runorder"), common::procs::daemon_bin()) else { return };
+    if !have_uffd() {
+        return;
+    }
+    for through_daemon in [false, true] {
+        let dir = tempdir(if through_daemon { "runorder-daemon" } else { "runorder" });
+        let _daemon = through_daemon.then(|| common::procs::Kids(vec![common::procs::start_daemon(&bin, &dir, &[], "warn")]));
+        let out = Command::new(&prog)
+            .env("LD_PRELOAD", &lib)
+            .env("TWINPAGE_DIR", &dir)
+            .env("TWINPAGE_REDIRECT_SYSFS", "1")
+            .env("TWINPAGE_SLEEP_MILLISECS", "200")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            out.status.success() && stdout.contains("RUNORDER OK"),
+            "through twinpaged: {through_daemon}\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

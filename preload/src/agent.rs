@@ -214,6 +214,16 @@ fn start_stats(engine: &Arc<Engine>, cfg: &Config) {
     }
 }
 
+/// Publishes this process's tunables to the tree now and waits for it: a
+/// write to a served sysfs file is then the tree's (every other process
+/// takes it) when `write(2)` returns, ordered before any write another
+/// process makes later, as writes to the kernel's one file are.
+pub fn publish_now() {
+    if let Some(h) = STATS.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        h.publish_now();
+    }
+}
+
 /// At exit: the publisher records that this process is gone.
 extern "C" fn stop_stats() {
     let _ = std::panic::catch_unwind(|| {

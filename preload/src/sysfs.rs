@@ -5,7 +5,8 @@
 //! read), and whose writes the engine applies before `write(2)` returns,
 //! failing with the kernel's errno (`EINVAL`, `EBUSY`) and ignoring the
 //! file offset, as sysfs does. `run=2` has unmerged everything when the
-//! write returns.
+//! write returns, and an accepted write is in the stats tree by then, so a
+//! write another process makes later is ordered after it.
 //!
 //! Reads through stdio (`fopen`/`fscanf`) see the content as of the open,
 //! which is how such programs read sysfs (one open per value); writes
@@ -183,7 +184,10 @@ pub fn write(fd: c_int, bytes: &[u8]) -> Option<io::Result<usize>> {
     }
     let a = crate::agent::get()?;
     Some(match a.engine().write_attr(name, bytes) {
-        Ok(()) => Ok(bytes.len()),
+        Ok(()) => {
+            crate::agent::publish_now();
+            Ok(bytes.len())
+        }
         Err(e) => Err(io::Error::from_raw_os_error(e.errno())),
     })
 }
@@ -208,7 +212,9 @@ pub fn close_stream(fd: c_int) -> io::Result<()> {
         return Ok(());
     }
     let Some(a) = crate::agent::get() else { return Ok(()) };
-    a.engine().write_attr(name, &buf).map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    a.engine().write_attr(name, &buf).map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    crate::agent::publish_now();
+    Ok(())
 }
 
 /// The fd is closed (or about to be): no longer served.

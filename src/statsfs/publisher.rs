@@ -594,7 +594,11 @@ impl StatsTree {
             })
             .collect();
         remote.sort_unstable();
+        // What this pass itself changed in the engine (with side effects):
+        // only those take their new values into `engine_view` at the end.
+        let mut applied: HashSet<&'static str> = HashSet::new();
         for &(seq, n) in &remote {
+            let before = self.engine_values();
             let v = shared.value(n).unwrap_or_default().to_string();
             let advised =
                 n == "pages_to_scan" && shared.value("advisor_mode").and_then(AdvisorMode::from_show) == Some(AdvisorMode::ScanTime);
@@ -613,6 +617,8 @@ impl StatsTree {
                 }
             }
             self.synced.insert(n, seq);
+            let after = self.engine_values();
+            applied.extend(after.iter().filter(|(k, v)| before.get(*k) != Some(*v)).map(|(k, _)| *k));
         }
         // Changes made through this engine's API.
         for n in local {
@@ -629,7 +635,7 @@ impl StatsTree {
         writes.sort_unstable();
         for (_, _, n) in writes {
             let content = seen[n].0.clone();
-            self.apply_user_write(n, &content, shared, state, pages_shared);
+            self.apply_user_write(n, &content, shared, state, pages_shared, &mut applied);
         }
         // Every writable file shows the shared value, canonically printed.
         for a in &mut self.attrs {
@@ -653,14 +659,29 @@ impl StatsTree {
             }
             a.fresh = false;
         }
-        self.engine_view = self.engine_values();
+        // A change made through the API while this pass ran (a served
+        // write on the program's thread) is not in `now`: it stays a change
+        // against the view, for the next pass to publish, instead of being
+        // taken as seen.
+        for (n, v) in self.engine_values() {
+            let seen = if applied.contains(n) { v } else { now.get(n).cloned().unwrap_or(v) };
+            self.engine_view.insert(n, seen);
+        }
         Ok(())
     }
 
     /// A user wrote `content` into attribute `name`: applied like `write(2)`
     /// to sysfs (in chunks of at most 4096 bytes, each checked with the
     /// kernel's rules against the tree's state), or refused.
-    fn apply_user_write(&mut self, name: &'static str, content: &[u8], shared: &mut SharedTunables, state: &mut State, pages_shared: u64) {
+    fn apply_user_write(
+        &mut self,
+        name: &'static str,
+        content: &[u8],
+        shared: &mut SharedTunables,
+        state: &mut State,
+        pages_shared: u64,
+        applied: &mut HashSet<&'static str>,
+    ) {
         let chunks: Vec<&[u8]> = if content.is_empty() { vec![content] } else { content.chunks(SYSFS_WRITE_MAX).collect() };
         for chunk in chunks {
             let ctx = self.context(shared, pages_shared);
@@ -672,6 +693,9 @@ impl StatsTree {
                     if r.is_ok() {
                         let after = self.engine_values();
                         for (&n, val) in &after {
+                            if n == name || before.get(n) != Some(val) {
+                                applied.insert(n);
+                            }
                             if (n == name || before.get(n) != Some(val)) && shared.value(n) != Some(val.as_str()) {
                                 let seq = shared.change(n, val.clone());
                                 self.synced.insert(n, seq);
