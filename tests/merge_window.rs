@@ -157,15 +157,7 @@ fn unmergeable_then_discard(e: &twinpage::Engine) {
 
 /// The path of the mapping at `addr` in this process's maps.
 fn mapping_path(addr: usize) -> String {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    maps.lines()
-        .find_map(|l| {
-            let (range, rest) = l.split_once(' ')?;
-            let (s, e) = range.split_once('-')?;
-            let (s, e) = (usize::from_str_radix(s, 16).ok()?, usize::from_str_radix(e, 16).ok()?);
-            (s <= addr && addr < e).then(|| rest.split_whitespace().nth(4).unwrap_or("").to_string())
-        })
-        .unwrap_or_default()
+    twinpage::maps::vmas_in(addr, addr + 1).unwrap().into_iter().next().map(|v| v.path).unwrap_or_default()
 }
 
 /// `mprotect` (unregister, the call, register again, as the preload does)

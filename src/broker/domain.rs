@@ -345,17 +345,16 @@ impl Domain {
                 }
             }
         }
-        for &idx in released {
-            if take_one(&mut h.held, idx) && self.stable.release(idx) {
-                self.free(idx);
+        let ended = released.iter().map(|&idx| (idx, false)).chain(retired.iter().map(|&idx| (idx, true)));
+        for (idx, retire) in ended {
+            if !take_one(&mut h.held, idx) {
+                continue;
             }
-        }
-        for &idx in retired {
-            if take_one(&mut h.held, idx) {
+            if retire {
                 self.alloc.retire(idx);
-                if self.stable.release(idx) {
-                    self.free(idx);
-                }
+            }
+            if self.stable.release(idx) {
+                self.free(idx);
             }
         }
     }

@@ -692,11 +692,9 @@ impl StatsTree {
                     let r = self.engine.set_attr(name, &v);
                     if r.is_ok() {
                         let after = self.engine_values();
-                        for (&n, val) in &after {
-                            if n == name || before.get(n) != Some(val) {
-                                applied.insert(n);
-                            }
-                            if (n == name || before.get(n) != Some(val)) && shared.value(n) != Some(val.as_str()) {
+                        for (&n, val) in after.iter().filter(|&(&n, val)| n == name || before.get(n) != Some(val)) {
+                            applied.insert(n);
+                            if shared.value(n) != Some(val.as_str()) {
                                 let seq = shared.change(n, val.clone());
                                 self.synced.insert(n, seq);
                             }
