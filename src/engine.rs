@@ -460,7 +460,7 @@ impl Engine {
     /// Starts the engine's threads now, if they are not running yet; the
     /// first registration starts them otherwise. Merge-any calls it before
     /// it registers the process's memory, so that their stacks and arena
-    /// heaps are known to `threads::own_ranges` and left out.
+    /// heaps are known to `own::ranges` and left out.
     pub fn start(&self) -> Result<(), EngineError> {
         let mut threads = self.threads.lock();
         if !threads.is_empty() {

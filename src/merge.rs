@@ -754,6 +754,7 @@ pub(crate) unsafe fn fill_and_move(
 ) -> std::io::Result<()> {
     // SAFETY: a fresh mapping at an address the kernel picks.
     let tmp = unsafe { mman::raw_mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, off)? };
+    let _own = crate::own::OwnMemory::add(tmp, tmp + len);
     // SAFETY: `tmp` is ours and given up; the rest is the caller's guarantee.
     unsafe { fill_and_move_from(tmp, dst, len, prot, fill) }
 }

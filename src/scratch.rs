@@ -11,6 +11,9 @@ pub struct Scratch {
     addr: usize,
     pages: usize,
     prot: libc::c_int,
+    /// Left out of merge-any, whose unregistering would take the mapping's
+    /// userfaultfd registration with it.
+    _own: crate::own::OwnMemory,
 }
 
 impl Scratch {
@@ -18,7 +21,7 @@ impl Scratch {
         let len = pages * PAGE_SIZE;
         // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
         let addr = unsafe { mman::raw_mmap(0, len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)? };
-        let s = Self { addr, pages, prot };
+        let s = Self { addr, pages, prot, _own: crate::own::OwnMemory::add(addr, addr + len) };
         // UFFDIO_MOVE wants its destination registered with the same
         // userfaultfd; write-protect mode is the one twinpage has anyway.
         uffd.register_wp(addr, len)?;

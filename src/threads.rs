@@ -1,22 +1,16 @@
 //! Threads twinpage starts inside a host process, and the memory they run
-//! on. Merge-any (`PR_SET_MEMORY_MERGE`) registers the private anonymous
-//! memory of the whole process, as the kernel does; twinpage's own memory
-//! is not the program's, changes with every call twinpage makes, and would
-//! show in the program's counters, so it is left out: the stacks of its
-//! threads, and the glibc arena heap each of them allocates from. The
-//! heap matters most: the fault thread serves the write faults of merged
-//! pages, so a merged page in its own heap would be a write it waits on
-//! itself for ever (every later first write in the process with it).
+//! on: the stack of each and the glibc arena heap it allocates from are
+//! listed as twinpage's own ([`crate::own`]) while it runs, so merge-any
+//! leaves them out. Such memory changes with every call twinpage makes and
+//! would show in the program's counters; the heap matters most, the fault
+//! thread serves the write faults of merged pages, so a merged page in its
+//! own heap would be a write it waits on itself for ever.
 
 use std::io;
-use std::sync::Mutex;
 use std::thread::JoinHandle;
 
+use crate::own::OwnMemory;
 use crate::sys::thread::current_stack;
-
-/// Memory of twinpage's live threads, `[start, end)`: each stack, and each
-/// arena heap, once per thread that allocates from it.
-static OWN: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
 /// The name of an engine's scanning thread (twinpaged's advisor measures it).
 pub const SCAN_THREAD: &str = "twinpage-scan";
@@ -27,12 +21,12 @@ pub const SCAN_THREAD: &str = "twinpage-scan";
 const ARENA_HEAP: usize = 64 << 20;
 
 /// Starts a named thread whose stack and arena heap are known to
-/// [`own_ranges`] from before this returns until the thread ends.
+/// [`crate::own::ranges`] from before this returns until the thread ends.
 pub fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> io::Result<JoinHandle<T>> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let handle = std::thread::Builder::new().name(name.into()).spawn(move || {
-        let _stack = current_stack().map(OwnEntry::add);
-        let _heap = current_arena_heap().map(OwnEntry::add);
+        let _stack = current_stack().map(|(s, e)| OwnMemory::add(s, e));
+        let _heap = current_arena_heap().map(|(s, e)| OwnMemory::add(s, e));
         let _ = tx.send(());
         f()
     })?;
@@ -68,31 +62,6 @@ pub fn cpu_ns(pid: &str, names: &[&str]) -> Option<u64> {
     found
 }
 
-/// The memory of twinpage's threads running now: their stacks and arena
-/// heaps (a heap may be listed once per thread that uses it).
-pub fn own_ranges() -> Vec<(usize, usize)> {
-    OWN.lock().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-/// One range in [`OWN`] for as long as it lives.
-struct OwnEntry((usize, usize));
-
-impl OwnEntry {
-    fn add(range: (usize, usize)) -> OwnEntry {
-        OWN.lock().unwrap_or_else(|e| e.into_inner()).push(range);
-        OwnEntry(range)
-    }
-}
-
-impl Drop for OwnEntry {
-    fn drop(&mut self) {
-        let mut own = OWN.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = own.iter().position(|r| *r == self.0) {
-            own.swap_remove(i);
-        }
-    }
-}
-
 /// The glibc arena heap this thread allocates from, found from a probe
 /// allocation: a thread keeps its arena for life. `None` for the main
 /// arena (the brk `[heap]`, which merge-any leaves out anyway), or when the
@@ -119,7 +88,7 @@ mod tests {
     fn a_spawned_threads_stack_and_heap_are_known_while_it_runs() {
         let local = 0u8;
         let here = &local as *const u8 as usize;
-        let known = |a: usize| own_ranges().iter().any(|&(s, e)| (s..e).contains(&a));
+        let known = |a: usize| crate::own::ranges().iter().any(|&(s, e)| (s..e).contains(&a));
         assert!(!known(here), "the test's own thread is not twinpage's");
         let (tx, rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -133,7 +102,7 @@ mod tests {
         .unwrap();
         let (stack, heap) = rx.recv().unwrap();
         assert!(known(stack), "its stack");
-        assert!(known(heap), "its arena heap: {heap:#x} not in {:x?}", own_ranges());
+        assert!(known(heap), "its arena heap: {heap:#x} not in {:x?}", crate::own::ranges());
         done_tx.send(()).unwrap();
         t.join().unwrap();
         assert!(!known(stack));

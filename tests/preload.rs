@@ -135,6 +135,18 @@ fn merge_any_leaves_twinpages_own_memory_alone() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// ksm_functional_tests from test_prctl to its last test: memory merged
+/// with MADV_MERGEABLE, merge-any on and off, then fresh memory merged with
+/// MADV_MERGEABLE again. Before: merge-any registered the pin check's scratch
+/// mapping as the program's memory, turning it off unregistered the scratch
+/// mapping from the engine's userfaultfd, and every later merge of writable
+/// memory failed (`UFFDIO_MOVE ... Invalid argument`, "AGAIN FAIL second range
+/// never merged").
+#[test]
+fn memory_merges_after_merge_any_was_turned_on_and_off() {
+    program_succeeds_with("prctl", &["again", "256", "10"], "AGAIN OK");
+}
+
 /// ksm_functional_tests' test_prctl_fork_exec: merge-any survives fork and
 /// exec, and the exec'd program's memory merges and is counted in its own
 /// `proc/<pid>` (the child mapped memory before the exec, so the image before

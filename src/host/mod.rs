@@ -23,20 +23,38 @@ pub const UFFDIO_UNREGISTER: u64 = crate::sys::uffd::UFFDIO_UNREGISTER;
 
 /// What `PR_SET_MEMORY_MERGE` registers when it is turned on, as the
 /// kernel's `ksm_enable_merge_any` marks every VMA: unnamed private
-/// anonymous read-write memory (not `[heap]`, `[stack]` or files), less the
-/// stacks and arena heaps of twinpage's own threads, which are not the
-/// program's memory and which those threads write while merging. Returns
-/// the ranges and, for the log, the memory left out as twinpage's own.
+/// anonymous read-write memory (not `[heap]`, `[stack]` or files), less
+/// twinpage's own memory ([`crate::own`]: its threads' stacks and heaps, the
+/// pin check's scratch mapping, the first-write copy pool), which is not the
+/// program's and which twinpage writes while merging. The kernel may have
+/// joined a mapping of twinpage's to one of the program's, so its own ranges
+/// are cut out of a mapping rather than leaving the whole mapping out.
+/// Returns the ranges and, for the log, the memory left out as twinpage's own.
 pub fn merge_any_ranges() -> io::Result<MergeAny> {
-    let own = crate::threads::own_ranges();
+    let own = crate::own::ranges();
     let rw = libc::PROT_READ | libc::PROT_WRITE;
-    let ranges = maps::vmas_in(0, usize::MAX)?
-        .iter()
-        .filter(|v| v.kind == MappingKind::Anon && v.path.is_empty() && v.prot & rw == rw)
-        .map(|v| (v.start, v.end))
-        .filter(|&(s, e)| !own.iter().any(|&(os, oe)| os < e && s < oe))
-        .collect();
+    let vmas = maps::vmas_in(0, usize::MAX)?;
+    let program = vmas.iter().filter(|v| v.kind == MappingKind::Anon && v.path.is_empty() && v.prot & rw == rw);
+    let ranges = program.flat_map(|v| without(v.start, v.end, &own)).collect();
     Ok(MergeAny { ranges, own })
+}
+
+/// `[start, end)` less every range of `cut`, as the pieces left in order.
+fn without(start: usize, end: usize, cut: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut cut: Vec<(usize, usize)> = cut.iter().copied().filter(|&(s, e)| s < end && start < e).collect();
+    cut.sort_unstable();
+    let mut left = Vec::new();
+    let mut at = start;
+    for (s, e) in cut {
+        if s > at {
+            left.push((at, s));
+        }
+        at = at.max(e);
+    }
+    if at < end {
+        left.push((at, end));
+    }
+    left
 }
 
 /// What [`merge_any_ranges`] found: `[start, end)` pairs.
@@ -52,4 +70,21 @@ pub struct MergeAny {
 /// (`smaps`' `uf` flag), whoever's it is.
 pub fn userfaultfd_ranges_in(lo: usize, hi: usize) -> io::Result<Vec<(usize, usize)>> {
     Ok(maps::vmas_with_flags_in(lo, hi)?.iter().filter(|v| v.userfaultfd).map(|v| (v.start, v.end)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without;
+
+    #[test]
+    fn own_ranges_are_cut_out_of_a_mapping() {
+        assert_eq!(without(0x1000, 0x9000, &[]), vec![(0x1000, 0x9000)]);
+        assert_eq!(without(0x1000, 0x9000, &[(0x3000, 0x4000), (0x0, 0x2000)]), vec![(0x2000, 0x3000), (0x4000, 0x9000)]);
+        assert_eq!(
+            without(0x1000, 0x9000, &[(0x3000, 0x5000), (0x4000, 0x6000), (0x8000, 0xa000)]),
+            vec![(0x1000, 0x3000), (0x6000, 0x8000)]
+        );
+        assert_eq!(without(0x1000, 0x9000, &[(0x0, 0xa000)]), vec![]);
+        assert_eq!(without(0x1000, 0x9000, &[(0x9000, 0xa000)]), vec![(0x1000, 0x9000)]);
+    }
 }

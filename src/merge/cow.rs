@@ -47,6 +47,9 @@ pub(crate) const MAX_WAIT: Duration = Duration::from_millis(200);
 pub(crate) struct CowPool {
     base: usize,
     left: usize,
+    /// The pool's whole range, listed as twinpage's own until the next
+    /// refill: a page taken is in it until it has moved into place.
+    own: Option<crate::own::OwnMemory>,
 }
 
 impl CowPool {
@@ -60,7 +63,10 @@ impl CowPool {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE;
         // SAFETY: a fresh mapping at an address the kernel picks.
         match unsafe { crate::sys::mman::raw_mmap(0, Self::PAGES * PAGE_SIZE, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) } {
-            Ok(base) => (self.base, self.left) = (base, Self::PAGES),
+            Ok(base) => {
+                self.own = Some(crate::own::OwnMemory::add(base, base + Self::PAGES * PAGE_SIZE));
+                (self.base, self.left) = (base, Self::PAGES);
+            }
             Err(e) => warn_once!("cow-pool", "twinpage: cannot map pages for first writes ({e}); each gets a fresh mapping"),
         }
     }

@@ -10,7 +10,13 @@
  * prctl count PAGES SECS [BYTE]: sets merge-any, maps PAGES pages of 0xcf
  * (or BYTE; -1: every page different), prints
  * "READY", sleeps SECS and exits: what ksm_functional_tests' test_prctl
- * counts (pages_shared 1, pages_sharing PAGES-1 on the kernel). */
+ * counts (pages_shared 1, pages_sharing PAGES-1 on the kernel).
+ *
+ * prctl again PAGES SECS: madvises PAGES pages of 0xcf mergeable and waits
+ * (at most SECS) until some merge, turns merge-any on and off again (which
+ * unmerges everything), then does the same with fresh memory: what
+ * ksm_functional_tests does from test_prctl to its last test. Prints
+ * "AGAIN OK" when the second range merged, "AGAIN FAIL ..." otherwise. */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdio.h>
@@ -72,7 +78,58 @@ static int count(size_t pages, int secs, int byte) {
     return 0;
 }
 
+/* This process's ksm_merging_pages in twinpage's tree (-1: unreadable). */
+static long merging_pages(void) {
+    char path[4096], buf[64] = "";
+    snprintf(path, sizeof path, "%s/proc/%d/ksm_merging_pages", getenv("TWINPAGE_DIR") ? getenv("TWINPAGE_DIR") : "/run/twinpage", getpid());
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    if (!fgets(buf, sizeof buf, f)) buf[0] = 0;
+    fclose(f);
+    return buf[0] ? atol(buf) : -1;
+}
+
+/* Maps PAGES pages of 0xcf, madvises them mergeable and waits at most SECS
+ * for some to merge. */
+static uint8_t *merge_fresh(size_t pages, int secs) {
+    uint8_t *m = mmap(NULL, pages * PS, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) { perror("mmap"); exit(2); }
+    memset(m, 0xcf, pages * PS);
+    if (madvise(m, pages * PS, MADV_MERGEABLE)) { perror("madvise"); exit(2); }
+    for (int i = 0; i < secs * 20; i++) {
+        if (merging_pages() > 0) return m;
+        usleep(50000);
+    }
+    return NULL;
+}
+
+/* Writes page P's first byte (P) in each of PAGES pages of 0xcf and checks
+ * every byte: first writes of merged pages, copied by the fault thread. */
+static int write_and_check(uint8_t *m, size_t pages) {
+    for (size_t p = 0; p < pages; p++) m[p * PS] = (uint8_t)p;
+    for (size_t p = 0; p < pages; p++)
+        for (size_t i = 0; i < PS; i++)
+            if (m[p * PS + i] != (i ? 0xcf : (uint8_t)p)) return 0;
+    return 1;
+}
+
+static int again(size_t pages, int secs) {
+    uint8_t *a = merge_fresh(pages, secs);
+    if (!a) { printf("AGAIN FAIL first range never merged\n"); return 1; }
+    a[0] = 0; /* a first write: twinpage's copy pool is there from now on */
+    if (prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)) { perror("prctl"); return 2; }
+    sleep(1);
+    if (!write_and_check(a, pages)) { printf("AGAIN FAIL first writes under merge-any\n"); return 1; }
+    if (prctl(PR_SET_MEMORY_MERGE, 0, 0, 0, 0)) { perror("prctl"); return 2; }
+    for (int i = 0; i < secs * 20 && merging_pages() != 0; i++) usleep(50000);
+    if (merging_pages() != 0) { printf("AGAIN FAIL merge-any off left %ld merging\n", merging_pages()); return 1; }
+    if (!merge_fresh(pages, secs)) { printf("AGAIN FAIL second range never merged\n"); return 1; }
+    printf("AGAIN OK\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 3 && strcmp(argv[1], "again") == 0) return again((size_t)atol(argv[2]), atoi(argv[3]));
     if (argc > 2 && strcmp(argv[1], "forkexec") == 0) return fork_exec(argv[2]);
     if (argc > 3 && strcmp(argv[1], "count") == 0)
         return count((size_t)atol(argv[2]), atoi(argv[3]), argc > 4 ? (int)strtol(argv[4], NULL, 0) : 0xcf);
