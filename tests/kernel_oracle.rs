@@ -169,6 +169,18 @@ fn two_full_scans_after_run_1_merge_every_duplicate_as_the_kernels_do() {
     same_lines("barrier", &args, "BARRIER DONE", "oracle-barrier-daemon", true);
 }
 
+/// Memory the program registers with its own userfaultfd (QEMU's snapshot
+/// and postcopy do) and then makes unmergeable, or unmaps and maps afresh
+/// at the same address, does not merge when the userfaultfd lets go
+/// (tests/programs/uffdhand.c; kernel: 80 merging, then the 16 pages kept
+/// mergeable). Before, twinpage registered again what it had handed over:
+/// 80 merged after the close, in both cases.
+#[test]
+fn memory_made_unmergeable_while_handed_to_a_userfaultfd_stays_unmerged() {
+    same_lines("uffdhand", &["unmergeable"], "HAND DONE", "oracle-uffdhand", false);
+    same_lines("uffdhand", &["unmapped"], "HAND DONE", "oracle-uffdhand-unmapped", false);
+}
+
 /// Runs `name args` on kernel KSM and under the preload with
 /// `TWINPAGE_REDIRECT_SYSFS=1` (through twinpaged if `daemon`); the two
 /// print the same lines, ending `done`.

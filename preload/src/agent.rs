@@ -382,6 +382,7 @@ impl Agent {
                 Some(r)
             }
             libc::MADV_UNMERGEABLE => {
+                self.forget_handed_over(addr, addr.saturating_add(len));
                 if let Err(e) = self.engine.unregister(addr, len) {
                     log::warn!("twinpage: unmerge at {addr:#x} failed: {e}");
                 }
@@ -400,10 +401,17 @@ impl Agent {
 
     /// `munmap`: the range leaves the registry before the kernel unmaps it.
     pub fn munmap(&self, addr: usize, len: usize, raw: fn(usize, usize) -> c_int) -> Option<c_int> {
-        if !self.engine.overlaps(addr, len) {
+        let r = if self.engine.overlaps(addr, len) {
+            self.engine.unmap_with(addr, len, || raw(addr, len))
+        } else if handovers_active() {
+            raw(addr, len)
+        } else {
             return None;
+        };
+        if r == 0 {
+            self.forget_handed_over(addr, addr.saturating_add(len));
         }
-        Some(self.engine.unmap_with(addr, len, || raw(addr, len)))
+        Some(r)
     }
 
     /// `mmap`: a fixed mapping over registered memory replaces it; with
@@ -425,6 +433,9 @@ impl Agent {
         } else {
             raw(addr, len, prot, flags, fd, off)
         };
+        if fixed && r >= 0 {
+            self.forget_handed_over(addr, addr.saturating_add(len));
+        }
         let anon_private = flags & libc::MAP_ANONYMOUS != 0 && flags & libc::MAP_PRIVATE != 0;
         if r >= 0 && anon_private && prot & libc::PROT_WRITE != 0 && self.merge_any.load(Ordering::Relaxed) {
             let _ = self.register(r as usize, len);
@@ -460,6 +471,10 @@ impl Agent {
             r = twinpage::host::mremap::emulate(old, old_len, new_len, flags, new_addr);
         }
         if r >= 0 {
+            self.forget_handed_over(old, old.saturating_add(old_len));
+            if flags & libc::MREMAP_FIXED != 0 {
+                self.forget_handed_over(new_addr, new_addr.saturating_add(new_len));
+            }
             let base = r as usize;
             for (s, e) in parts {
                 let (ns, ne) = (base + (s - old), (base + (e - old)).min(base + new_len));
@@ -516,6 +531,7 @@ impl Agent {
         } else if self.merge_any.swap(false, Ordering::SeqCst) {
             // SAFETY: as above.
             unsafe { libc::unsetenv(c"TWINPAGE_MERGE_ANY".as_ptr()) };
+            self.forget_handed_over(0, usize::MAX);
             for (s, e) in self.engine.registered_in(0, usize::MAX) {
                 let _ = self.engine.unregister(s, e - s);
             }
@@ -568,6 +584,22 @@ impl Agent {
         }
         self.excluded.lock().unwrap_or_else(|e| e.into_inner()).push(Handover { fd, start, end, parts });
         HANDOVERS.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The program unmapped, replaced, moved or made unmergeable `[start,
+    /// end)`: what twinpage handed over there is not registered again when
+    /// the program's userfaultfd lets go, as the kernel leaves no
+    /// `VM_MERGEABLE` there either (a mapping at the same address since is
+    /// not the memory that was mergeable; memory moved with `mremap` while
+    /// handed over stays unmerged).
+    fn forget_handed_over(&self, start: usize, end: usize) {
+        if !handovers_active() {
+            return;
+        }
+        let mut ex = self.excluded.lock().unwrap_or_else(|e| e.into_inner());
+        for h in ex.iter_mut() {
+            h.parts = h.parts.iter().flat_map(|&p| [clip(p, 0, start), clip(p, end, usize::MAX)]).flatten().collect();
+        }
     }
 
     /// The host program's userfaultfd `fd` let go of `[start, end)`: its
