@@ -247,3 +247,41 @@ fn agents_that_leave_take_their_memory_with_them() {
     drop(kids);
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+/// Two twinpaged started at once on one tree: one serves, the other stops
+/// before it publishes or binds anything and says which socket is taken.
+/// Before, both found no socket and both published; the loser stopped at
+/// its bind ("Address already in use"), or, between the winner's bind and
+/// listen, could take the winner's socket for a stale one and remove it.
+#[test]
+fn of_two_daemons_started_at_once_one_serves_and_the_other_says_why_it_stops() {
+    use std::process::{Command, Stdio};
+    let Some(bin) = common::procs::daemon_bin() else { return };
+    for round in 0..5 {
+        let dir = common::tempdir(&format!("two-daemons-{round}"));
+        let spawn = || Command::new(&bin).arg("--dir").arg(&dir).env("TWINPAGE_LOG", "warn").stderr(Stdio::piped()).spawn().unwrap();
+        let mut kids = Kids(vec![spawn(), spawn()]);
+        let mut stopped = None;
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                stopped = kids.0.iter_mut().position(|c| c.try_wait().unwrap().is_some());
+                stopped.is_some()
+            }),
+            "round {round}: neither daemon stopped"
+        );
+        let loser = kids.0.remove(stopped.unwrap());
+        let status = loser.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&status.stderr);
+        assert!(!status.status.success(), "round {round}: the daemon that stopped succeeded");
+        assert!(said.contains("another twinpaged is running on"), "round {round}: {said}");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(kids.0[0].try_wait().unwrap().is_none(), "round {round}: the other daemon stopped too");
+        let sock = dir.join("twinpaged.sock");
+        assert!(
+            wait_until(Duration::from_secs(10), || std::os::unix::net::UnixStream::connect(&sock).is_ok()),
+            "round {round}: no daemon listens"
+        );
+        drop(kids);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -9,7 +9,7 @@
 
 mod view;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use nix::fcntl::{Flock, FlockArg};
 use twinpage::broker::server::{self, Daemon};
 use twinpage::broker::Limits;
 use twinpage::statsfs::{ProcessFlags, StatsTree, StatsTreeOptions};
@@ -97,6 +98,29 @@ fn main() {
     }
 }
 
+/// The lock beside the socket (`<socket>.lock`), held for the daemon's life:
+/// a second twinpaged for the same socket stops here, before it publishes or
+/// mounts anything. Without it, two started at once both found no socket,
+/// both published, and one could take the other's socket for a stale one
+/// between its bind and its listen.
+fn lock_socket(path: &Path) -> Result<Flock<std::fs::File>, String> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    let lock = PathBuf::from(format!("{}.lock", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock)
+        .map_err(|e| format!("cannot open {}: {e}", lock.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
+        nix::errno::Errno::EWOULDBLOCK => format!("another twinpaged is running on {} (it holds {})", path.display(), lock.display()),
+        e => format!("cannot lock {}: {e}", lock.display()),
+    })
+}
+
 /// Makes sure the socket is this daemon's to take: a live one means another
 /// daemon runs there, a stale one (nobody listening) is removed.
 fn claim_socket(path: &Path) -> Result<(), String> {
@@ -105,9 +129,6 @@ fn claim_socket(path: &Path) -> Result<(), String> {
             return Err(format!("another twinpaged is listening on {}", path.display()));
         }
         std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?;
-    }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     }
     Ok(())
 }
@@ -145,6 +166,7 @@ fn run(args: &Args, env: &twinpage::envconfig::Config) -> Result<(), String> {
         twinpage::statsfs::Source::set_attr(&*daemon, attr, value)
             .map_err(|e| format!("TWINPAGE_{}={value:?} refused ({})", attr.to_ascii_uppercase(), e.name()))?;
     }
+    let _lock = lock_socket(&socket)?;
     claim_socket(&socket)?;
     let opts =
         StatsTreeOptions { flags: Some(Arc::new(|_| ProcessFlags { merge_any: false, mergeable: false })), explicit: env.explicit.clone() };
