@@ -1,6 +1,6 @@
 //! Threads twinpage starts inside a host process, and the memory they run
 //! on: the stack of each and the glibc arena heap it allocates from are
-//! listed as twinpage's own ([`crate::own`]) while it runs, so merge-any
+//! listed as twinpage's own (`own.rs`) while it runs, so merge-any
 //! leaves them out. Such memory changes with every call twinpage makes and
 //! would show in the program's counters; the heap matters most, the fault
 //! thread serves the write faults of merged pages, so a merged page in its
@@ -21,7 +21,7 @@ pub const SCAN_THREAD: &str = "twinpage-scan";
 const ARENA_HEAP: usize = 64 << 20;
 
 /// Starts a named thread whose stack and arena heap are known to
-/// [`crate::own::ranges`] from before this returns until the thread ends.
+/// `own::ranges` from before this returns until the thread ends.
 pub fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> io::Result<JoinHandle<T>> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let handle = std::thread::Builder::new().name(name.into()).spawn(move || {

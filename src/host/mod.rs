@@ -24,7 +24,7 @@ pub const UFFDIO_UNREGISTER: u64 = crate::sys::uffd::UFFDIO_UNREGISTER;
 /// What `PR_SET_MEMORY_MERGE` registers when it is turned on, as the
 /// kernel's `ksm_enable_merge_any` marks every VMA: unnamed private
 /// anonymous read-write memory (not `[heap]`, `[stack]` or files), less
-/// twinpage's own memory ([`crate::own`]: its threads' stacks and heaps, the
+/// twinpage's own memory (`own.rs`: its threads' stacks and heaps, the
 /// pin check's scratch mapping, the first-write copy pool), which is not the
 /// program's and which twinpage writes while merging. The kernel may have
 /// joined a mapping of twinpage's to one of the program's, so its own ranges
