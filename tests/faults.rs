@@ -717,3 +717,111 @@ fn a_stalled_daemon_does_not_free_pages_live_agents_map() {
     drop(kids);
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+/// A merged page written in place while the link to twinpaged is stalled,
+/// and the link then broken: the store page under it stays retired across
+/// the new link (`Core::retired_orphans`, claimed and retired over it), so
+/// the daemon never hands it out again and a later discard of the page
+/// reads zeros, never another merge's bytes.
+///
+/// An in-process engine reaches the daemon through a relay that holds the
+/// first `Scan` it sees after being armed and then cuts the connection
+/// (the agent gives up after `link::TIMEOUT`, reconnects and resumes while
+/// the daemon still has the old connection open: the daemon shuts it). While the scanner waits for
+/// the daemon it holds the region's lock, so a write to a merged page
+/// waits past the fault thread's 200 ms and the kernel copies the page in
+/// place, inside its store mapping.
+#[test]
+fn a_page_written_in_place_while_the_link_is_down_keeps_its_store_page_from_reuse() {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use twinpage::broker::proto::Msg;
+    let (Some(e), Some(bin)) = (common::engine(), common::procs::daemon_bin()) else { return };
+    let dir = common::tempdir("retired-orphan");
+    let _daemon = Kids(vec![start_daemon(&bin, &dir, &[], "warn")]);
+    let relay_sock = dir.join("relay.sock");
+    // 0: pass; 1: armed (hold the next Scan); 2: holding one; 3: pass again.
+    let mode = Arc::new(AtomicU8::new(0));
+    let judge_mode = mode.clone();
+    frame_relay(
+        &relay_sock,
+        dir.join("twinpaged.sock"),
+        || (),
+        move |_, dir, msg, send| {
+            if dir == "->"
+                && matches!(msg, Msg::Scan { .. })
+                && judge_mode.compare_exchange(1, 2, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+            {
+                // Held until the agent gives up on it, then the connection goes.
+                std::thread::sleep(twinpage::link::TIMEOUT + Duration::from_secs(1));
+                judge_mode.store(3, Ordering::SeqCst);
+                return false;
+            }
+            send()
+        },
+    );
+    common::flat_out(&e);
+    e.set_daemon(Some(twinpage::link::DaemonConfig { socket: relay_sock, domain: None }));
+    e.start().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || e.daemon_connected()), "no link to twinpaged");
+
+    // Ten pages of seed 42 merge through the daemon; ten of changing
+    // content keep the scanner asking it.
+    let m = common::Mem::anon(20);
+    for i in 0..10 {
+        m.fill(i, 42);
+    }
+    e.register(m.addr, m.len).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || e.stats().twinpage_merging_pages == 10), "{:?}", e.stats());
+    let mut round = 0u64;
+    mode.store(1, Ordering::SeqCst);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            round += 1;
+            (10..20).for_each(|i| m.fill(i, 1000 + round * 20 + i as u64));
+            mode.load(Ordering::SeqCst) == 2
+        }),
+        "the scanner sent no Scan"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    m.write_u64(4, 0, 0x7777_7777);
+    assert!(wait_until(Duration::from_secs(10), || mode.load(Ordering::SeqCst) == 3), "the relay never let go");
+    assert!(wait_until(Duration::from_secs(10), || e.daemon_connected()), "no new link to twinpaged");
+    // The new link took over the old one's references, and the daemon
+    // counts exactly the nine pages still merged. Before, the daemon still
+    // served the old connection (the relay held it) when the agent resumed,
+    // refused the resume, and kept the old references parked (ten, page 4's
+    // too), the store pages with them, until the process exited.
+    let daemon_pid = _daemon.0[0].id();
+    let counted = || {
+        let c = common::procs::tree_counters(&dir, daemon_pid);
+        c.get("pages_shared").copied().unwrap_or(0) + c.get("pages_sharing").copied().unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || e.stats().twinpage_merging_pages == 9 && counted() == 9),
+        "the daemon counts {} merged pages, the agent {}",
+        counted(),
+        e.stats().twinpage_merging_pages
+    );
+    assert!(e.wait_full_scans(2, Duration::from_secs(10)));
+    let s = e.stats();
+    assert_eq!(s.twinpage_cow_in_place, 1, "page 4 was not written in place: {s:?}");
+    assert_eq!(m.read_u64(4, 0), 0x7777_7777);
+
+    // The range leaves twinpage (page 4 stays in its store mapping); pages
+    // merged since take other store pages, so the discard reads zeros.
+    e.unregister(m.addr, m.len).unwrap();
+    let other = common::Mem::anon(10);
+    for i in 0..10 {
+        other.fill(i, 43);
+    }
+    e.register(other.addr, other.len).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || e.stats().twinpage_merging_pages == 10), "{:?}", e.stats());
+    // SAFETY: page 4 of the test's own mapping, no longer registered: the
+    // program's discard, as QEMU's balloon makes it.
+    assert_eq!(unsafe { libc::madvise((m.addr + 4 * 4096) as *mut libc::c_void, 4096, libc::MADV_DONTNEED) }, 0);
+    assert!(!m.page_matches(4, 43), "the discard of page 4 reads a page merged since");
+    assert!((0..512).all(|w| m.read_u64(4, w) == 0), "page 4 does not read zeros after its discard");
+    other.unmap(&e);
+    m.unmap(&e);
+    let _ = std::fs::remove_dir_all(&dir);
+}

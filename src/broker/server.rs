@@ -44,6 +44,9 @@ pub struct Daemon {
     pub broker: Mutex<Broker>,
     /// Parked agents and their processes' pidfds.
     parked: Mutex<Vec<(u32, OwnedFd)>>,
+    /// Each connected agent's socket, so that its process reconnecting
+    /// (`Resume`) can wind up the connection it gave up on.
+    live: Mutex<std::collections::HashMap<u32, UnixStream>>,
     /// Connections being served (one thread each).
     connections: std::sync::atomic::AtomicUsize,
 }
@@ -186,6 +189,8 @@ fn refuse(conn: &mut Conn, reason: String) {
 
 /// One agent's connection, from hello to goodbye.
 pub fn serve_agent(daemon: &Daemon, stream: UnixStream) {
+    // For a `Resume` to shut the connection down from another thread.
+    let handle = stream.try_clone().ok();
     let mut conn = Conn::new(stream);
     let cred = match conn.peer_cred() {
         Ok(c) => c,
@@ -215,6 +220,9 @@ pub fn serve_agent(daemon: &Daemon, stream: UnixStream) {
         }
         Err(e) => return refuse(&mut conn, format!("pid {} (uid {}) refused: {e}", cred.pid, cred.uid)),
     };
+    if let Some(s) = handle {
+        daemon.live.lock().insert(id, s);
+    }
     let name = domain.unwrap_or_else(|| super::default_domain(cred.uid));
     log::info!("twinpaged: agent {id} joined: pid {} uid {} domain {name}", cred.pid, cred.uid);
     let _ = conn.set_timeout(None);
@@ -224,6 +232,7 @@ pub fn serve_agent(daemon: &Daemon, stream: UnixStream) {
         drop(fd);
         agent_loop(daemon, &mut conn, id)
     };
+    daemon.live.lock().remove(&id);
     let alive = watch.as_ref().is_some_and(|fd| !pidfd::exited(fd.as_fd(), EXIT_GRACE_MS).unwrap_or(true));
     match watch.filter(|_| alive) {
         Some(fd) => {
@@ -271,14 +280,25 @@ fn agent_loop(daemon: &Daemon, conn: &mut Conn, id: u32) -> Result<(), ConnError
                 }
             }
             Msg::Resume { agent_id } => {
-                // The old connection's thread may not have seen its end yet
-                // (it then waits up to EXIT_GRACE_MS for the process): wait
-                // for it to be parked, a little longer than that.
+                // The old connection's thread may not have seen its end yet:
+                // the process gave up on it (a stalled reply), and the daemon
+                // may not have read that far. The process's word is enough
+                // (`resume` checks it is the same process and domain): the old
+                // connection is shut down, its thread parks the old agent
+                // (after up to EXIT_GRACE_MS watching the process), and this
+                // waits a little longer than that.
                 let deadline = std::time::Instant::now() + RESUME_WAIT;
+                let mut cut = false;
                 let ok = loop {
                     match daemon.broker.lock().resume(id, agent_id) {
                         super::Resume::Taken => break true,
-                        super::Resume::Busy if std::time::Instant::now() < deadline => {}
+                        super::Resume::Busy if std::time::Instant::now() < deadline => {
+                            if !std::mem::replace(&mut cut, true) {
+                                if let Some(old) = daemon.live.lock().get(&agent_id) {
+                                    let _ = old.shutdown(std::net::Shutdown::Both);
+                                }
+                            }
+                        }
                         _ => break false,
                     }
                     std::thread::sleep(Duration::from_millis(10));
