@@ -810,18 +810,6 @@ fn a_page_written_in_place_while_the_link_is_down_keeps_its_store_page_from_reus
     // The range leaves twinpage (page 4 stays in its store mapping); pages
     // merged since take other store pages, so the discard reads zeros.
     e.unregister(m.addr, m.len).unwrap();
-    let other = common::Mem::anon(10);
-    for i in 0..10 {
-        other.fill(i, 43);
-    }
-    e.register(other.addr, other.len).unwrap();
-    assert!(wait_until(Duration::from_secs(10), || e.stats().twinpage_merging_pages == 10), "{:?}", e.stats());
-    // SAFETY: page 4 of the test's own mapping, no longer registered: the
-    // program's discard, as QEMU's balloon makes it.
-    assert_eq!(unsafe { libc::madvise((m.addr + 4 * 4096) as *mut libc::c_void, 4096, libc::MADV_DONTNEED) }, 0);
-    assert!(!m.page_matches(4, 43), "the discard of page 4 reads a page merged since");
-    assert!((0..512).all(|w| m.read_u64(4, w) == 0), "page 4 does not read zeros after its discard");
-    other.unmap(&e);
-    m.unmap(&e);
+    common::discard_reads_zeros_after_other_merges(&e, m, 4);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -138,6 +138,27 @@ impl Mem {
     }
 }
 
+/// Page `page` of `m` (no longer registered) kept its frame and its store
+/// page after a write in place: ten other pages merge (store pages are
+/// handed out), then the program discards `page` as QEMU's balloon does. It
+/// must read zeros, never the bytes merged since (its store page reused).
+/// Unmaps both.
+pub fn discard_reads_zeros_after_other_merges(e: &Engine, m: Mem, page: usize) {
+    let other = Mem::anon(10);
+    for i in 0..10 {
+        other.fill(i, 43);
+    }
+    e.register(other.addr, other.len).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || e.stats().twinpage_merging_pages == 10), "{:?}", e.stats());
+    // SAFETY: a page of the test's own mapping, no longer registered: the
+    // program's discard.
+    assert_eq!(unsafe { libc::madvise((m.addr + page * 4096) as *mut libc::c_void, 4096, libc::MADV_DONTNEED) }, 0);
+    assert!(!m.page_matches(page, 43), "the discard of page {page} reads a page merged since");
+    assert!((0..512).all(|w| m.read_u64(page, w) == 0), "page {page} does not read zeros after its discard");
+    other.unmap(e);
+    m.unmap(e);
+}
+
 /// Polls until `pred(stats)` holds or `timeout` passes; returns the last stats.
 pub fn wait_for(e: &Engine, timeout: Duration, pred: impl Fn(&KsmStats) -> bool) -> (bool, KsmStats) {
     let deadline = Instant::now() + timeout;
