@@ -181,6 +181,18 @@ fn memory_made_unmergeable_while_handed_to_a_userfaultfd_stays_unmerged() {
     same_lines("uffdhand", &["unmapped"], "HAND DONE", "oracle-uffdhand-unmapped", false);
 }
 
+/// A forked child's `run=2` has unmerged the parent's pages when its
+/// `write(2)` returns, as on the kernel (tests/programs/childstop.c, what
+/// ksm_functional_tests' test_fork_global_ksm_zero_pages_count does; kernel:
+/// 96 merging and 32 zero pages, then 0 and 0 at once). Before, the parent
+/// took the child's write at its publisher's next pass and still showed 96
+/// and 32 right after the child exited.
+#[test]
+fn a_childs_run_2_has_unmerged_the_parent_when_it_returns() {
+    same_lines("childstop", &[], "CHILDSTOP DONE", "oracle-childstop", false);
+    same_lines("childstop", &[], "CHILDSTOP DONE", "oracle-childstop-daemon", true);
+}
+
 /// Runs `name args` on kernel KSM and under the preload with
 /// `TWINPAGE_REDIRECT_SYSFS=1` (through twinpaged if `daemon`); the two
 /// print the same lines, ending `done`.

@@ -214,15 +214,32 @@ fn start_stats(engine: &Arc<Engine>, cfg: &Config) {
     }
 }
 
-/// Publishes this process's tunables to the tree now and waits for it: a
-/// write to a served sysfs file is then the tree's (every other process
-/// takes it) when `write(2)` returns, ordered before any write another
-/// process makes later, as writes to the kernel's one file are.
+/// Publishes this process's tunables to the tree now and waits until every
+/// process on it has applied them: a write to a served sysfs file is then
+/// the tree's when `write(2)` returns, ordered before any write another
+/// process makes later, as writes to the kernel's one file are; and `run=2`
+/// has unmerged every process's pages by then, as the kernel's has. A
+/// process that does not answer within [`EVERYWHERE_WAIT`] (stopped, say)
+/// is not waited for again until it answers.
 pub fn publish_now() {
+    static UNANSWERED: Mutex<Option<std::collections::HashSet<u32>>> = Mutex::new(None);
     if let Some(h) = STATS.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        h.publish_now();
+        let mut skip = UNANSWERED.lock().unwrap_or_else(|e| e.into_inner());
+        let known = skip.take().unwrap_or_default();
+        match h.publish_everywhere(EVERYWHERE_WAIT, &known) {
+            Ok(left) => {
+                if left.iter().any(|p| !known.contains(p)) {
+                    log::warn!("twinpage: processes {left:?} on the tree did not take a write within {EVERYWHERE_WAIT:?}");
+                }
+                *skip = Some(left);
+            }
+            Err(e) => log::warn!("twinpage: cannot ask the tree's other processes to take a write: {e}"),
+        }
     }
 }
+
+/// How long a served write waits for the tree's other processes.
+const EVERYWHERE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// At exit: the publisher records that this process is gone.
 extern "C" fn stop_stats() {

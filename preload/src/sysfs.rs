@@ -4,9 +4,10 @@
 //! when it is read from offset 0 (as sysfs computes a file at its first
 //! read), and whose writes the engine applies before `write(2)` returns,
 //! failing with the kernel's errno (`EINVAL`, `EBUSY`) and ignoring the
-//! file offset, as sysfs does. `run=2` has unmerged everything when the
-//! write returns, and an accepted write is in the stats tree by then, so a
-//! write another process makes later is ordered after it.
+//! file offset, as sysfs does. An accepted write is in the stats tree and
+//! every process on it has applied it when the write returns: `run=2` has
+//! unmerged every process's pages, and a write another process makes later
+//! is ordered after it.
 //!
 //! Reads through stdio (`fopen`/`fscanf`) see the content as of the open,
 //! which is how such programs read sysfs (one open per value); writes

@@ -125,6 +125,17 @@ impl StatsTreeHandle {
         self.wake.notify();
     }
 
+    /// [`publish_now`](Self::publish_now), then waits (up to `timeout`)
+    /// until every other process on the tree not in `skip` has run a pass
+    /// since, in which it applied what this one published: a write to `run`
+    /// has then unmerged (2) or stopped merging (0) everywhere, as the
+    /// kernel's write returns only then. Returns the processes that did not
+    /// answer (a stopped one, say), for the caller to pass as `skip` next.
+    pub fn publish_everywhere(&self, timeout: Duration, skip: &HashSet<u32>) -> io::Result<HashSet<u32>> {
+        self.publish_now();
+        super::Tree::at(self.root.clone()).refresh(timeout, skip)
+    }
+
     /// Runs a pass now and waits (up to 5 s) until it is done; true when it
     /// was.
     pub fn publish_now(&self) -> bool {
@@ -384,7 +395,6 @@ impl StatsTree {
         let _guard = lock.lock_timeout(LOCK_TIMEOUT)?;
         // Under the lock: other publishers read twinpage_counters under it.
         self.write_own(&stats)?;
-        self.served.write(format!("{request}\n").as_bytes())?;
         let mut state = State::parse(&String::from_utf8_lossy(&self.state_file.read()?));
         let mut shared = SharedTunables::parse(&String::from_utf8_lossy(&self.shared_file.read()?));
         let mut agg = self.aggregate(&mut state, Some(&stats), scanning(&shared))?;
@@ -405,6 +415,10 @@ impl StatsTree {
             self.write_own(&stats)?;
             agg = self.aggregate(&mut state, Some(&stats), scanning(&shared))?;
         }
+        // Answered once what the tree held when the request came is applied
+        // here too: a writer that asks after its write ([`StatsTreeHandle::
+        // publish_everywhere`]) knows every process took it (run=2 unmerged).
+        self.served.write(format!("{request}\n").as_bytes())?;
         let own: String =
             self.attrs.iter().filter(|a| a.attr.writable).map(|a| format!("{} {}\n", a.attr.name, self.engine_view[a.attr.name])).collect();
         self.own_tunables.write(own.as_bytes())?;
