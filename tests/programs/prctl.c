@@ -16,7 +16,13 @@
  * (at most SECS) until some merge, turns merge-any on and off again (which
  * unmerges everything), then does the same with fresh memory: what
  * ksm_functional_tests does from test_prctl to its last test. Prints
- * "AGAIN OK" when the second range merged, "AGAIN FAIL ..." otherwise. */
+ * "AGAIN OK" when the second range merged, "AGAIN FAIL ..." otherwise.
+ *
+ * prctl split PAGES SECS: madvises PAGES pages mergeable, every other one
+ * of 0x5a and the rest all different (merging maps each merged page on its
+ * own, so the range becomes a mapping a page), waits (at most SECS) until
+ * the equal ones merge, then turns merge-any on and off. Prints
+ * "SPLIT OK mappings=N" with the mappings counted before the prctl. */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdio.h>
@@ -128,7 +134,34 @@ static int again(size_t pages, int secs) {
     return 0;
 }
 
+/* The mappings of this process now. */
+static long mappings(void) {
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (!f) return -1;
+    long n = 0;
+    for (int c; (c = fgetc(f)) != EOF;) n += c == '\n';
+    fclose(f);
+    return n;
+}
+
+static int split(size_t pages, int secs) {
+    uint8_t *m = mmap(NULL, pages * PS, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) { perror("mmap"); return 2; }
+    for (size_t p = 0; p < pages; p++)
+        for (size_t w = 0; w < PS / 8; w++)
+            ((uint64_t *)(m + p * PS))[w] = p % 2 ? p * 0x9E3779B97F4A7C15ull + w : 0x5a5a5a5a5a5a5a5aull;
+    if (madvise(m, pages * PS, MADV_MERGEABLE)) { perror("madvise"); return 2; }
+    long want = (long)(pages / 2);
+    for (int i = 0; i < secs * 20 && merging_pages() < want; i++) usleep(50000);
+    if (merging_pages() < want) { printf("SPLIT FAIL %ld of %ld pages merged\n", merging_pages(), want); return 1; }
+    long n = mappings();
+    if (prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) || prctl(PR_SET_MEMORY_MERGE, 0, 0, 0, 0)) { perror("prctl"); return 2; }
+    printf("SPLIT OK mappings=%ld\n", n);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 3 && strcmp(argv[1], "split") == 0) return split((size_t)atol(argv[2]), atoi(argv[3]));
     if (argc > 3 && strcmp(argv[1], "again") == 0) return again((size_t)atol(argv[2]), atoi(argv[3]));
     if (argc > 2 && strcmp(argv[1], "forkexec") == 0) return fork_exec(argv[2]);
     if (argc > 3 && strcmp(argv[1], "count") == 0)
