@@ -24,7 +24,7 @@ pub(crate) mod map_budget;
 pub mod maplimit;
 pub mod maps;
 pub(crate) mod merge;
-pub(crate) mod own;
+pub mod own;
 pub mod pacing;
 pub mod primitive;
 #[doc(hidden)]

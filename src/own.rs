@@ -9,16 +9,68 @@
 //! the scratch mapping, registered with the engine's userfaultfd for
 //! `UFFDIO_MOVE`, lost that registration when the program turned merge-any
 //! off again (every later writable merge then failed with `EINVAL`).
+//!
+//! Large heap blocks count too: glibc maps a block above its mmap threshold
+//! on its own, as unnamed anonymous memory, and a region's page records
+//! (6 bytes a page: above the threshold from 85 MiB) or a tree's table are
+//! such blocks. Merged, a write to them by the scanner, which holds the
+//! engine's lock, waited for the fault thread, which waited for that lock:
+//! the program hung. The preload's allocator reports every block of at
+//! least [`HEAP_MIN`] bytes here ([`heap_allocated`], [`heap_freed`]).
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 /// `[start, end)` of each piece of memory twinpage holds now; a range may be
 /// listed more than once (an arena heap, once per thread that uses it).
 static OWN: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
-/// twinpage's own memory now, for merge-any to leave out.
+/// Heap blocks of at least [`HEAP_MIN`] bytes, address to size. A
+/// `parking_lot` mutex: the allocator takes it, so it must never allocate
+/// itself under it beyond the map's small nodes, and fork must be able to
+/// release it in the child ([`lock_heap_for_fork`]).
+static HEAP: parking_lot::Mutex<BTreeMap<usize, usize>> = parking_lot::const_mutex(BTreeMap::new());
+
+/// The smallest heap block the allocator reports: below glibc's smallest
+/// mmap threshold (128 KiB), so every block glibc maps on its own is seen.
+pub const HEAP_MIN: usize = 64 << 10;
+
+/// A heap block of `size` bytes at `ptr` is twinpage's until
+/// [`heap_freed`]. For the allocator: the map's nodes are far smaller
+/// than [`HEAP_MIN`], so this never reports itself.
+pub fn heap_allocated(ptr: usize, size: usize) {
+    HEAP.lock().insert(ptr, size);
+}
+
+/// The heap block at `ptr` is about to be freed.
+pub fn heap_freed(ptr: usize) {
+    HEAP.lock().remove(&ptr);
+}
+
+/// Before `fork`: holds the heap map's lock, so that no other thread holds
+/// it when the child is made ([`unlock_heap_after_fork`] in both).
+pub fn lock_heap_for_fork() {
+    std::mem::forget(HEAP.lock());
+}
+
+/// After `fork`, in parent and child: releases what
+/// [`lock_heap_for_fork`] took.
+///
+/// # Safety
+/// Only after [`lock_heap_for_fork`], once.
+pub unsafe fn unlock_heap_after_fork() {
+    // SAFETY: the caller's guarantee: this thread (or, in the child, its
+    // copy) holds the lock from lock_heap_for_fork, whose guard was forgotten.
+    unsafe { HEAP.force_unlock() };
+}
+
+/// twinpage's own memory now, for merge-any to leave out: heap blocks as
+/// the pages they touch.
 pub fn ranges() -> Vec<(usize, usize)> {
-    OWN.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    let mut all = OWN.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let page = crate::sys::PAGE_SIZE;
+    all.extend(HEAP.lock().iter().map(|(&p, &n)| (p & !(page - 1), (p + n).next_multiple_of(page))));
+    all
 }
 
 /// One range of [`ranges`], listed for as long as this lives: its owner

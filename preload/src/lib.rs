@@ -273,10 +273,84 @@ fn is_userfaultfd(fd: c_int) -> bool {
     n > 0 && buf[..n as usize] == *b"anon_inode:[userfaultfd]"
 }
 
+/// The system allocator, reporting twinpage's large blocks to
+/// `twinpage::own` so that merge-any leaves them out: glibc maps each on
+/// its own as unnamed anonymous memory, which merge-any would register as
+/// the program's, and a write to a merged page of the engine's own records
+/// under its lock hung the program (see `twinpage::own`).
+struct OwnHeap;
+
+// SAFETY: every call is the system allocator's, with the caller's layout;
+// the bookkeeping around it only reads the addresses.
+unsafe impl std::alloc::GlobalAlloc for OwnHeap {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's layout, as GlobalAlloc::alloc requires.
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() && layout.size() >= twinpage::own::HEAP_MIN {
+            twinpage::own::heap_allocated(p as usize, layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: as alloc.
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() && layout.size() >= twinpage::own::HEAP_MIN {
+            twinpage::own::heap_allocated(p as usize, layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        if layout.size() >= twinpage::own::HEAP_MIN {
+            twinpage::own::heap_freed(ptr as usize);
+        }
+        // SAFETY: a block this allocator returned, with its layout.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // Unlisted before the block may move: once freed, another thread's
+        // block may start at the same address and be listed.
+        let large = layout.size() >= twinpage::own::HEAP_MIN;
+        if large {
+            twinpage::own::heap_freed(ptr as usize);
+        }
+        // SAFETY: a block this allocator returned, with its layout.
+        let q = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if q.is_null() {
+            if large {
+                twinpage::own::heap_allocated(ptr as usize, layout.size());
+            }
+        } else if new_size >= twinpage::own::HEAP_MIN {
+            twinpage::own::heap_allocated(q as usize, new_size);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: OwnHeap = OwnHeap;
+
+/// Fork: the large blocks' map is locked across it (registered before the
+/// agent's handlers, so its prepare runs last and its release first: the
+/// agent's handlers may allocate).
+extern "C" fn heap_before_fork() {
+    twinpage::own::lock_heap_for_fork();
+}
+
+extern "C" fn heap_after_fork() {
+    // SAFETY: heap_before_fork ran before this fork, once.
+    unsafe { twinpage::own::unlock_heap_after_fork() };
+}
+
 #[used]
 #[link_section = ".init_array"]
 static INIT: extern "C" fn() = {
     extern "C" fn init() {
+        // SAFETY: plain extern "C" functions valid for the life of the
+        // process (this library is never unloaded).
+        unsafe { libc::pthread_atfork(Some(heap_before_fork), Some(heap_after_fork), Some(heap_after_fork)) };
         let _ = std::panic::catch_unwind(agent::load);
     }
     init

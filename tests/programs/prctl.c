@@ -22,7 +22,16 @@
  * of 0x5a and the rest all different (merging maps each merged page on its
  * own, so the range becomes a mapping a page), waits (at most SECS) until
  * the equal ones merge, then turns merge-any on and off. Prints
- * "SPLIT OK mappings=N" with the mappings counted before the prctl. */
+ * "SPLIT OK mappings=N" with the mappings counted before the prctl.
+ *
+ * prctl own PAGES SECS: madvises PAGES equal pages mergeable and waits (at
+ * most SECS) until they merge (twinpage's records of them are then a large
+ * heap block of equal pages), turns merge-any on, and checks that every
+ * mapping registered with a userfaultfd (smaps `uw`) lies in its own
+ * memory (its own mappings besides that are a few pages of libc's and the
+ * loader's: a new registration of 32 pages or more outside it is not the
+ * program's); then writes every page and turns merge-any off. Prints
+ * "OWN OK", or "OWN FAIL" with the first mapping registered outside it. */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdio.h>
@@ -160,7 +169,57 @@ static int split(size_t pages, int secs) {
     return 0;
 }
 
+/* The mappings registered with a userfaultfd (smaps `uw`) outside
+ * [lo, hi), at most max of them, into out; returns how many. */
+static int registered_outside(unsigned long lo, unsigned long hi, unsigned long (*out)[2], int max) {
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f) { perror("smaps"); exit(2); }
+    char line[512];
+    unsigned long a = 0, b = 0;
+    int n = 0;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long x, y;
+        char c;
+        if (sscanf(line, "%lx-%lx%c", &x, &y, &c) == 3 && c == ' ')
+            a = x, b = y;
+        else if (!strncmp(line, "VmFlags:", 8) && strstr(line, " uw") && (a < lo || b > hi) && n < max)
+            out[n][0] = a, out[n][1] = b, n++;
+    }
+    fclose(f);
+    return n;
+}
+
+static int own(size_t pages, int secs) {
+    uint8_t *m = mmap(NULL, pages * PS, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) { perror("mmap"); return 2; }
+    memset(m, 0x5a, pages * PS);
+    if (madvise(m, pages * PS, MADV_MERGEABLE)) { perror("madvise"); return 2; }
+    for (int i = 0; i < secs * 20 && merging_pages() < (long)pages; i++) usleep(50000);
+    if (merging_pages() < (long)pages) { printf("OWN FAIL %ld of %zu pages merged\n", merging_pages(), pages); return 1; }
+    /* twinpage's own registrations (its pin check's scratch mapping) are
+     * there before merge-any; merge-any must add none outside m. */
+    static unsigned long before[64][2], after[64][2];
+    unsigned long lo = (unsigned long)m, hi = lo + pages * PS;
+    int nb = registered_outside(lo, hi, before, 64);
+    if (prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)) { perror("prctl"); return 2; }
+    int na = registered_outside(lo, hi, after, 64);
+    for (int i = 0; i < na; i++) {
+        int known = 0;
+        for (int j = 0; j < nb; j++) known |= after[i][0] == before[j][0] && after[i][1] == before[j][1];
+        /* Besides m this program has only libc's and the loader's few
+         * pages: a larger mapping registered now is not its memory. */
+        if (!known && after[i][1] - after[i][0] >= 32 * PS) { printf("OWN FAIL %lx-%lx registered outside the program's memory %lx-%lx\n", after[i][0], after[i][1], lo, hi); return 1; }
+    }
+    for (size_t p = 0; p < pages; p++) m[p * PS] = (uint8_t)p;
+    for (size_t p = 0; p < pages; p++)
+        if (m[p * PS] != (uint8_t)p || m[p * PS + 1] != 0x5a) { printf("OWN FAIL page %zu\n", p); return 1; }
+    if (prctl(PR_SET_MEMORY_MERGE, 0, 0, 0, 0)) { perror("prctl"); return 2; }
+    printf("OWN OK\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 3 && strcmp(argv[1], "own") == 0) return own((size_t)atol(argv[2]), atoi(argv[3]));
     if (argc > 3 && strcmp(argv[1], "split") == 0) return split((size_t)atol(argv[2]), atoi(argv[3]));
     if (argc > 3 && strcmp(argv[1], "again") == 0) return again((size_t)atol(argv[2]), atoi(argv[3]));
     if (argc > 2 && strcmp(argv[1], "forkexec") == 0) return fork_exec(argv[2]);
