@@ -15,15 +15,18 @@ fn run_preloaded(prog: &Path, args: &[&str], lib: &Path, dir: &Path) -> std::pro
 
 /// [`run_preloaded`] with more environment.
 fn run_preloaded_env(prog: &Path, args: &[&str], lib: &Path, dir: &Path, env: &[(&str, &str)]) -> std::process::Output {
-    Command::new(prog)
-        .args(args)
-        .envs(env.iter().copied())
+    preloaded(prog, args, lib, dir).envs(env.iter().copied()).output().unwrap()
+}
+
+/// `prog args` with the preload, its tree in `dir`, merging flat out.
+fn preloaded(prog: &Path, args: &[&str], lib: &Path, dir: &Path) -> Command {
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
         .env("LD_PRELOAD", lib)
         .env("TWINPAGE_DIR", dir)
         .env("TWINPAGE_PAGES_TO_SCAN", "100000")
-        .env("TWINPAGE_SLEEP_MILLISECS", "0")
-        .output()
-        .unwrap()
+        .env("TWINPAGE_SLEEP_MILLISECS", "0");
+    cmd
 }
 
 #[test]
@@ -183,15 +186,7 @@ fn prctl_within(args: &[&str], secs: u64) -> Option<String> {
         return None;
     }
     let dir = tempdir(&format!("prctl-{}", args[0]));
-    let mut child = Command::new(&prog)
-        .args(args)
-        .env("LD_PRELOAD", &lib)
-        .env("TWINPAGE_DIR", &dir)
-        .env("TWINPAGE_PAGES_TO_SCAN", "100000")
-        .env("TWINPAGE_SLEEP_MILLISECS", "0")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = preloaded(&prog, args, &lib, &dir).stdout(std::process::Stdio::piped()).spawn().unwrap();
     let done = common::wait_until(std::time::Duration::from_secs(secs), || child.try_wait().unwrap().is_some());
     if !done {
         let _ = child.kill();

@@ -622,7 +622,7 @@ impl Agent {
         }
         let mut ex = self.excluded.lock().unwrap_or_else(|e| e.into_inner());
         for h in ex.iter_mut() {
-            h.parts = h.parts.iter().flat_map(|&p| [clip(p, 0, start), clip(p, end, usize::MAX)]).flatten().collect();
+            h.parts = h.parts.iter().flat_map(|&(s, e)| twinpage::host::without(s, e, &[(start, end)])).collect();
         }
     }
 

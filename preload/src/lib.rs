@@ -285,20 +285,12 @@ struct OwnHeap;
 unsafe impl std::alloc::GlobalAlloc for OwnHeap {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         // SAFETY: the caller's layout, as GlobalAlloc::alloc requires.
-        let p = unsafe { std::alloc::System.alloc(layout) };
-        if !p.is_null() && layout.size() >= twinpage::own::HEAP_MIN {
-            twinpage::own::heap_allocated(p as usize, layout.size());
-        }
-        p
+        listed(unsafe { std::alloc::System.alloc(layout) }, layout.size())
     }
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
         // SAFETY: as alloc.
-        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
-        if !p.is_null() && layout.size() >= twinpage::own::HEAP_MIN {
-            twinpage::own::heap_allocated(p as usize, layout.size());
-        }
-        p
+        listed(unsafe { std::alloc::System.alloc_zeroed(layout) }, layout.size())
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
@@ -319,14 +311,21 @@ unsafe impl std::alloc::GlobalAlloc for OwnHeap {
         // SAFETY: a block this allocator returned, with its layout.
         let q = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
         if q.is_null() {
-            if large {
-                twinpage::own::heap_allocated(ptr as usize, layout.size());
-            }
-        } else if new_size >= twinpage::own::HEAP_MIN {
-            twinpage::own::heap_allocated(q as usize, new_size);
+            listed(ptr, layout.size());
+        } else {
+            listed(q, new_size);
         }
         q
     }
+}
+
+/// A block of `size` bytes just allocated at `p` (null: none), listed as
+/// twinpage's own when large.
+fn listed(p: *mut u8, size: usize) -> *mut u8 {
+    if !p.is_null() && size >= twinpage::own::HEAP_MIN {
+        twinpage::own::heap_allocated(p as usize, size);
+    }
+    p
 }
 
 #[global_allocator]

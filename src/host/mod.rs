@@ -40,7 +40,7 @@ pub fn merge_any_ranges() -> io::Result<MergeAny> {
 }
 
 /// `[start, end)` less every range of `cut`, as the pieces left in order.
-fn without(start: usize, end: usize, cut: &[(usize, usize)]) -> Vec<(usize, usize)> {
+pub fn without(start: usize, end: usize, cut: &[(usize, usize)]) -> Vec<(usize, usize)> {
     let mut cut: Vec<(usize, usize)> = cut.iter().copied().filter(|&(s, e)| s < end && start < e).collect();
     cut.sort_unstable();
     let mut left = Vec::new();
