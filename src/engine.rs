@@ -410,12 +410,18 @@ impl Engine {
     }
 
     /// Waits until `full_scans` has grown by `n` (or `timeout` passed); true
-    /// when it did.
+    /// when it did. Each look reads the count as of now, as a program
+    /// reading the sysfs file does, not as last published (a pass may have
+    /// ended since, and the scanner publishes only once its wake is done).
     pub fn wait_full_scans(&self, n: u64, timeout: Duration) -> bool {
-        let target = self.stats().full_scans + n;
+        let now = || {
+            state::publish(&self.inner.sh);
+            self.stats().full_scans
+        };
+        let target = now() + n;
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
-            if self.stats().full_scans >= target {
+            if now() >= target {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(1));

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use crate::maps::MappingKind;
-use crate::primitive::{Arc, Mutex, RwLock};
+use crate::primitive::{Arc, AtomicU64, Mutex, Ordering, RwLock};
 use crate::sys::PAGE_SIZE;
 
 /// Per-page state.
@@ -162,6 +162,12 @@ pub struct Region {
     pub backing: Option<Arc<std::fs::File>>,
     pub file_offset: u64,
     pub state: RwLock<RegionState>,
+    /// Its number in the order of registration (`Registry::seq`), set as it
+    /// enters the registry.
+    seq: AtomicU64,
+    /// The scanner's pass (`Core`'s count of passes) that last visited
+    /// every page of it.
+    scanned_in: AtomicU64,
 }
 
 impl Region {
@@ -187,7 +193,24 @@ impl Region {
             backing: None,
             file_offset: 0,
             state: RwLock::new(RegionState { dead: false, records, failed: false }),
+            seq: AtomicU64::new(0),
+            scanned_in: AtomicU64::new(0),
         }
+    }
+
+    /// Its number in the order of registration.
+    pub fn seq(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
+    }
+
+    /// The last scanner pass that visited every page of it (0: none).
+    pub fn scanned_in(&self) -> u64 {
+        self.scanned_in.load(Ordering::Relaxed)
+    }
+
+    /// The scanner visited its last page in pass `pass`.
+    pub fn set_scanned_in(&self, pass: u64) {
+        self.scanned_in.store(pass, Ordering::Relaxed);
     }
 
     pub fn end(&self) -> usize {
@@ -203,6 +226,8 @@ impl Region {
         n.dontdump = self.dontdump;
         n.backing = self.backing.clone();
         n.file_offset = self.file_offset + (lo * PAGE_SIZE) as u64;
+        // What the scanner saw whole in this pass it need not see again.
+        n.set_scanned_in(self.scanned_in());
         n.state.write().failed = failed;
         n
     }
@@ -290,6 +315,8 @@ pub struct Registry {
     by_start: BTreeMap<usize, Arc<Region>>,
     by_id: BTreeMap<u32, Arc<Region>>,
     next_id: u32,
+    /// Regions inserted so far.
+    seq: u64,
 }
 
 impl Registry {
@@ -299,6 +326,8 @@ impl Registry {
     }
 
     pub fn insert(&mut self, r: Arc<Region>) {
+        self.seq += 1;
+        r.seq.store(self.seq, Ordering::Relaxed);
         self.by_id.insert(r.id, r.clone());
         self.by_start.insert(r.start, r);
     }
@@ -351,6 +380,27 @@ impl Registry {
         self.by_start.values().next()
     }
 
+    /// Regions inserted so far: a region with a `seq` up to this one was
+    /// registered when it was read.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Where the scanner's pass `pass` goes on from `from` (None: the pass
+    /// has not begun): the first region at or after it not yet visited
+    /// whole in this pass; past the last, the lowest such region registered
+    /// up to `mark` (memory marked mergeable behind the cursor, which a
+    /// program that read `full_scans` since expects the pass to cover);
+    /// None when the pass is over.
+    pub fn next_to_scan(&self, from: Option<usize>, pass: u64, mark: u64) -> Option<&Arc<Region>> {
+        let unvisited = |r: &&Arc<Region>| r.scanned_in() != pass;
+        self.by_start
+            .range(from.unwrap_or(0)..)
+            .map(|(_, r)| r)
+            .find(unvisited)
+            .or_else(|| self.by_start.values().find(|r| unvisited(r) && r.seq() <= mark))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_start.is_empty()
     }
@@ -389,5 +439,36 @@ mod tests {
                 assert_eq!((r.key(), r.state(), r.flags(), r.age(), r.skips()), (key, state, PageRecord::LAST_LINK, 0, 0));
             }
         }
+    }
+
+    /// A pass walks up from its cursor over regions it has not visited
+    /// whole; past the last, it goes back for those registered up to the
+    /// read mark, and leaves later ones to the next pass.
+    #[test]
+    fn a_pass_goes_back_for_regions_registered_behind_it_before_the_mark() {
+        let mut reg = Registry::default();
+        let mk = |reg: &mut Registry, start: usize| {
+            let id = reg.next_id();
+            let r = Arc::new(Region::new(id, start, 1, MappingKind::Anon, Mergeability::Mergeable, 0, vec![PageRecord::default()]));
+            reg.insert(r.clone());
+            r
+        };
+        let (a, c) = (mk(&mut reg, 0x10_000), mk(&mut reg, 0x30_000));
+        let pass = 1;
+        let next = |reg: &Registry, from, mark| reg.next_to_scan(from, pass, mark).map(|r| r.start);
+        assert_eq!(next(&reg, None, 0), Some(a.start));
+        a.set_scanned_in(pass);
+        assert_eq!(next(&reg, Some(a.start), 0), Some(c.start));
+        // Registered behind the cursor, now in `c`.
+        let b = mk(&mut reg, 0x20_000);
+        assert_eq!(next(&reg, Some(c.start), reg.seq()), Some(c.start));
+        c.set_scanned_in(pass);
+        assert_eq!(next(&reg, Some(c.start), b.seq() - 1), None, "registered after the mark: the next pass's");
+        assert_eq!(next(&reg, Some(c.start), b.seq()), Some(b.start));
+        b.set_scanned_in(pass);
+        assert_eq!(next(&reg, Some(b.start), reg.seq()), None);
+        // A part of a region visited whole in this pass is visited too.
+        let part = b.part(reg.next_id(), 0, 1, vec![PageRecord::default()], false);
+        assert_eq!(part.scanned_in(), pass);
     }
 }

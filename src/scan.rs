@@ -11,7 +11,7 @@ use crate::guest::PageCopy;
 use crate::merge::{self, Item, RunKind};
 use crate::primitive::Arc;
 use crate::region::{Mergeability, PageRecord, PageState, Region, RegionState};
-use crate::state::{each_live_region, Core, Cursor, Shared, Tally};
+use crate::state::{each_live_region, Core, Shared, Tally};
 use crate::sys::pagemap::PageEntry;
 use crate::sys::{mman, PAGE_SIZE};
 use crate::tunables::MergeMode;
@@ -59,27 +59,21 @@ pub fn scan_pages(sh: &Shared, budget: usize) -> usize {
         if sh.tunables().run() != 1 {
             break;
         }
-        // The registry is a leaf lock: nobody holding it waits for another lock.
-        let cur = sh.core().lock().cursor();
-        let (found, empty) = {
-            let reg = sh.registry().read();
-            let f = if cur.fresh { reg.first() } else { reg.at_or_after(cur.region_start) };
-            (f.cloned(), reg.is_empty())
-        };
         let (region, cursor) = {
             let mut core = sh.core().lock();
-            match found {
-                Some(r) => {
-                    if cur.fresh || r.start != cur.region_start {
-                        core.set_cursor(Cursor { region_start: r.start, page: 0, fresh: false });
-                    }
-                    (r, core.cursor())
-                }
+            // The registry is a leaf lock: nobody holding it waits for another lock.
+            let (next, empty) = {
+                let reg = sh.registry().read();
+                (core.next_to_scan(&reg), reg.is_empty())
+            };
+            match next {
+                Some(found) => found,
                 None => {
-                    if !cur.fresh {
+                    if core.cursor().fresh {
+                        core.rewind();
+                    } else {
                         core.end_full_scan(sh);
                     }
-                    core.set_cursor(Cursor { fresh: true, ..Default::default() });
                     empty_wraps += 1;
                     if empty || empty_wraps > 2 {
                         return visited;
@@ -89,7 +83,7 @@ pub fn scan_pages(sh: &Shared, budget: usize) -> usize {
             }
         };
         if cursor.page >= region.pages {
-            sh.core().lock().set_cursor(Cursor { region_start: region.start + 1, page: 0, fresh: false });
+            sh.core().lock().region_scanned(&region);
             continue;
         }
         empty_wraps = 0;

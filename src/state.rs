@@ -191,6 +191,9 @@ pub(crate) struct Counters {
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Cursor {
     pub(crate) region_start: usize,
+    /// The region's id: a region put in its place (a split, new memory at
+    /// the same address) is visited from its first page.
+    pub(crate) region: u32,
     pub(crate) page: usize,
     /// The cursor has passed no region yet in this full scan.
     pub(crate) fresh: bool,
@@ -205,6 +208,12 @@ pub(crate) struct Core {
     counters: Counters,
     map_budget: MapBudget,
     cursor: Cursor,
+    /// The scanner's passes begun (unlike `full_scans`, never reset): a
+    /// region visited whole in the current one carries its number.
+    pass: u64,
+    /// `Registry::seq` when the counts were last read: the current pass
+    /// ends only once it visited every region registered up to it.
+    read_mark: u64,
     /// While non-zero, freed store pages are neither punched nor reused (a
     /// forked child may still map them until it has made its own copies).
     free_holds: u32,
@@ -274,6 +283,8 @@ impl Core {
             counters: Counters::default(),
             map_budget: MapBudget::new(max_map_count),
             cursor: Cursor { fresh: true, ..Default::default() },
+            pass: 1,
+            read_mark: 0,
             free_holds: 0,
             deferred_frees: Vec::new(),
             remote: None,
@@ -423,9 +434,42 @@ impl Core {
         self.cursor
     }
 
-    /// The scanner moved.
-    pub(crate) fn set_cursor(&mut self, c: Cursor) {
-        self.cursor = c;
+    /// The region the scanner goes on with and where in it
+    /// (`Registry::next_to_scan`); None when the pass is over.
+    ///
+    /// A pass ends only once it visited every region registered before the
+    /// counts were last read, those behind the cursor included: a program
+    /// that marks memory mergeable, reads `full_scans` and waits for two
+    /// more has had that memory looked at twice. (ksmd leaves memory
+    /// behind its cursor to the next pass; its passes are short enough
+    /// that a program practically never sees it, while one of ours that
+    /// reads PROT_NONE pages through /proc/self/mem is not.)
+    pub(crate) fn next_to_scan(&mut self, reg: &Registry) -> Option<(Arc<Region>, Cursor)> {
+        let cur = self.cursor;
+        let from = (!cur.fresh).then_some(cur.region_start);
+        let r = reg.next_to_scan(from, self.pass, self.read_mark)?.clone();
+        if cur.fresh || r.id != cur.region || r.start != cur.region_start {
+            self.cursor = Cursor { region_start: r.start, region: r.id, page: 0, fresh: false };
+        }
+        Some((r, self.cursor))
+    }
+
+    /// The scanner visited the last page of `r` in this pass.
+    pub(crate) fn region_scanned(&mut self, r: &Region) {
+        r.set_scanned_in(self.pass);
+        self.cursor = Cursor { region_start: r.start, region: r.id, page: r.pages, fresh: false };
+    }
+
+    /// The pass is over without a full scan to count (nothing registered):
+    /// the next begins at the first region.
+    pub(crate) fn rewind(&mut self) {
+        self.pass += 1;
+        self.cursor = Cursor { fresh: true, ..Default::default() };
+    }
+
+    /// Someone may have read the counts now, with `seq` regions registered.
+    pub(crate) fn counts_read(&mut self, seq: u64) {
+        self.read_mark = self.read_mark.max(seq);
     }
 
     /// The scanner finished a batch ending before `page` of its region. Only
@@ -440,7 +484,7 @@ impl Core {
     /// tree, the cursor at the first region).
     pub(crate) fn restart_scanning(&mut self) {
         self.unstable.clear();
-        self.cursor = Cursor { fresh: true, ..Default::default() };
+        self.rewind();
         self.counters.full_scans = 0;
     }
 
@@ -758,6 +802,7 @@ impl Core {
 
     pub(crate) fn end_full_scan(&mut self, sh: &Shared) {
         self.counters.full_scans += 1;
+        self.rewind();
         // Under twinpaged the rate is one budget for all its agents; the
         // advisor steers a process merging on its own.
         if self.remote.is_none() {
@@ -795,8 +840,15 @@ pub(crate) fn each_live_region(sh: &Shared, mut f: impl FnMut(&Region, &mut Regi
 
 /// Publishes the counts.
 pub fn publish(sh: &Shared) {
-    let regions = { sh.registry.read().len() as u64 };
+    let (regions, seq) = {
+        let reg = sh.registry.read();
+        (reg.len() as u64, reg.seq())
+    };
     let store_bytes = sh.store.allocated_bytes().unwrap_or(0);
-    let snap = sh.core.lock().snapshot(regions, store_bytes, u64::from(sh.tunables.max_page_sharing()));
+    let snap = {
+        let mut core = sh.core.lock();
+        core.counts_read(seq);
+        core.snapshot(regions, store_bytes, u64::from(sh.tunables.max_page_sharing()))
+    };
     sh.stats.publish(&snap);
 }

@@ -319,3 +319,53 @@ fn two_full_scans_after_run_2_and_run_1_merge_everything() {
     }
     a.unmap(&e);
 }
+
+/// `full_scans` as a barrier without `run=2`: memory marked mergeable while
+/// the scanner is in the middle of a pass, below its cursor, merges within
+/// the two full scans a program waits for once it has read the count. A
+/// pass ends only once it visited every region registered before the count
+/// was read. Before, the pass under way ended without the new memory and
+/// the next only noted its checksums; it merged early in the pass after,
+/// which the program, reading the count while the scanner was still in
+/// the unique pages below it, did not wait for: (0, 0).
+#[test]
+fn memory_registered_behind_the_cursor_merges_within_two_full_scans() {
+    let Some(e) = engine() else { return };
+    e.set_pages_to_scan(1000).unwrap();
+    e.set_attr("sleep_millisecs", "5").unwrap();
+    // One mapping, in address order: unique pages, three slices of 64
+    // pages for the rounds, more unique pages. The cursor is put in the
+    // upper unique pages before each round's slice is registered; the
+    // lower ones keep the next pass busy before it reaches the slice.
+    const ROUNDS: usize = 3;
+    const LOW: usize = 10_000;
+    const HIGH: usize = 20_000;
+    let whole = Mem::anon(LOW + ROUNDS * 64 + HIGH);
+    let slice = |first: usize, pages: usize| Mem { addr: whole.addr + first * PAGE, len: pages * PAGE };
+    let (low, high) = (slice(0, LOW), slice(LOW + ROUNDS * 64, HIGH));
+    for m in [&low, &high] {
+        for i in 0..m.pages() {
+            m.fill(i, (m.addr / PAGE + i) as u64);
+        }
+        e.register(m.addr, m.len).unwrap();
+    }
+    for round in 0..ROUNDS {
+        // The pass's first page: when full_scans moves.
+        let scans = e.stats_now().full_scans;
+        assert!(wait_until(Duration::from_secs(20), || e.stats_now().full_scans > scans));
+        let first = e.stats_now().pages_scanned;
+        let in_high = || e.stats_now().pages_scanned >= first + LOW as u64 + 2000;
+        assert!(wait_until(Duration::from_secs(20), in_high), "the cursor never reached the upper pages");
+        let b = slice(LOW + round * 64, 64);
+        for i in 0..b.pages() {
+            b.fill(i, 9);
+        }
+        e.register(b.addr, b.len).unwrap();
+        assert!(e.wait_full_scans(2, Duration::from_secs(20)));
+        let s = e.stats_now();
+        assert_eq!((s.pages_shared, s.pages_sharing), (1, 63), "round {round}: {s:?}");
+        b.unmap(&e);
+    }
+    low.unmap(&e);
+    high.unmap(&e);
+}
