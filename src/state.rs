@@ -845,10 +845,10 @@ pub fn publish(sh: &Shared) {
         (reg.len() as u64, reg.seq())
     };
     let store_bytes = sh.store.allocated_bytes().unwrap_or(0);
-    let snap = {
-        let mut core = sh.core.lock();
-        core.counts_read(seq);
-        core.snapshot(regions, store_bytes, u64::from(sh.tunables.max_page_sharing()))
-    };
+    let mut core = sh.core.lock();
+    core.counts_read(seq);
+    let snap = core.snapshot(regions, store_bytes, u64::from(sh.tunables.max_page_sharing()));
+    // Under the lock: a publisher that took its snapshot earlier would
+    // otherwise store it over this one (a count read fresh going back).
     sh.stats.publish(&snap);
 }
