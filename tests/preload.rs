@@ -359,3 +359,31 @@ fn served_writes_of_two_processes_take_effect_in_the_order_made() {
         );
     }
 }
+
+/// A fork while another thread's served write still waits for the tree's
+/// other processes (one of them stopped, so the wait lasts its 5 s): the
+/// child exits at once (tests/programs/forkwrite.c). Before, the waiting
+/// thread held the lock of the stats handle across the wait; the child
+/// inherited it locked and hung in its exit handler ("FORKWRITE FAIL child
+/// hung at exit").
+#[test]
+fn a_child_forked_while_a_served_write_waits_can_exit() {
+    let (Some(lib), Some(prog)) = (preload_lib(), program("forkwrite")) else { return };
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempdir("forkwrite");
+    let mut idle = preloaded(&prog, &["idle"], &lib, &dir);
+    idle.env("TWINPAGE_REDIRECT_SYSFS", "1");
+    let idle = common::procs::Kids(vec![common::procs::spawn_ready(&mut idle)]);
+    let pid = idle.0[0].id();
+    let on_tree = dir.join("proc").join(pid.to_string());
+    assert!(common::wait_until(std::time::Duration::from_secs(10), || on_tree.exists()), "{} never appeared", on_tree.display());
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    let out = preloaded(&prog, &[], &lib, &dir).env("TWINPAGE_REDIRECT_SYSFS", "1").output().unwrap();
+    drop(idle);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success() && stdout.contains("FORKWRITE OK"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+}

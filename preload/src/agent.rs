@@ -223,15 +223,17 @@ fn start_stats(engine: &Arc<Engine>, cfg: &Config) {
 /// is not waited for again until it answers.
 pub fn publish_now() {
     static UNANSWERED: Mutex<Option<std::collections::HashSet<u32>>> = Mutex::new(None);
-    if let Some(h) = STATS.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        let mut skip = UNANSWERED.lock().unwrap_or_else(|e| e.into_inner());
-        let known = skip.take().unwrap_or_default();
+    // No lock held while it waits: a fork meanwhile would leave the child a
+    // lock nobody releases (its exit, `stop_stats`, would hang on STATS).
+    let kicker = STATS.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|h| h.kicker());
+    if let Some(h) = kicker {
+        let known = UNANSWERED.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
         match h.publish_everywhere(EVERYWHERE_WAIT, &known) {
             Ok(left) => {
                 if left.iter().any(|p| !known.contains(p)) {
                     log::warn!("twinpage: processes {left:?} on the tree did not take a write within {EVERYWHERE_WAIT:?}");
                 }
-                *skip = Some(left);
+                *UNANSWERED.lock().unwrap_or_else(|e| e.into_inner()) = Some(left);
             }
             Err(e) => log::warn!("twinpage: cannot ask the tree's other processes to take a write: {e}"),
         }

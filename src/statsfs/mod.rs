@@ -122,7 +122,7 @@ use std::sync::Arc;
 
 pub use counters::{Combine, Counters, FIELDS};
 pub use file::{TreeLock, TreeLockGuard};
-pub use publisher::{forget_parent_publishers, process_stat, StatsTree, StatsTreeHandle};
+pub use publisher::{forget_parent_publishers, process_stat, StatsTree, StatsTreeHandle, StatsTreeKicker};
 pub use reader::{ProcessEntry, Refusal, SetError, SetOutcome, Ticket, Tree, WaitOutcome};
 
 use crate::stats::KsmStats;

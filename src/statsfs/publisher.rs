@@ -125,17 +125,30 @@ impl StatsTreeHandle {
         self.wake.notify();
     }
 
-    /// [`publish_now`](Self::publish_now), then waits (up to `timeout`)
-    /// until every other process on the tree not in `skip` has run a pass
-    /// since, in which it applied what this one published: a write to `run`
-    /// has then unmerged (2) or stopped merging (0) everywhere, as the
-    /// kernel's write returns only then. Returns the processes that did not
-    /// answer (a stopped one, say), for the caller to pass as `skip` next.
-    pub fn publish_everywhere(&self, timeout: Duration, skip: &HashSet<u32>) -> io::Result<HashSet<u32>> {
-        self.publish_now();
-        super::Tree::at(self.root.clone()).refresh(timeout, skip)
+    /// Runs a pass now and waits (up to 5 s) until it is done; true when it
+    /// was.
+    pub fn publish_now(&self) -> bool {
+        self.kicker().publish_now()
     }
 
+    /// What asks this publisher for passes from any thread, without the
+    /// handle: a caller that keeps the handle under a lock need not hold
+    /// that lock while it waits.
+    pub fn kicker(&self) -> StatsTreeKicker {
+        StatsTreeKicker { tx: self.tx.clone(), wake: self.wake.clone(), root: self.root.clone() }
+    }
+}
+
+/// Asks a running publisher for passes ([`StatsTreeHandle::kicker`]); once
+/// the publisher stopped, its requests answer false.
+#[derive(Debug, Clone)]
+pub struct StatsTreeKicker {
+    tx: Sender<Msg>,
+    wake: Arc<Wake>,
+    root: PathBuf,
+}
+
+impl StatsTreeKicker {
     /// Runs a pass now and waits (up to 5 s) until it is done; true when it
     /// was.
     pub fn publish_now(&self) -> bool {
@@ -145,6 +158,17 @@ impl StatsTreeHandle {
         }
         self.wake.notify();
         rx.recv_timeout(Duration::from_secs(5)).is_ok()
+    }
+
+    /// [`publish_now`](Self::publish_now), then waits (up to `timeout`)
+    /// until every other process on the tree not in `skip` has run a pass
+    /// since, in which it applied what this one published: a write to `run`
+    /// has then unmerged (2) or stopped merging (0) everywhere, as the
+    /// kernel's write returns only then. Returns the processes that did not
+    /// answer (a stopped one, say), for the caller to pass as `skip` next.
+    pub fn publish_everywhere(&self, timeout: Duration, skip: &HashSet<u32>) -> io::Result<HashSet<u32>> {
+        self.publish_now();
+        super::Tree::at(self.root.clone()).refresh(timeout, skip)
     }
 }
 
@@ -416,7 +440,7 @@ impl StatsTree {
             agg = self.aggregate(&mut state, Some(&stats), scanning(&shared))?;
         }
         // Answered once what the tree held when the request came is applied
-        // here too: a writer that asks after its write ([`StatsTreeHandle::
+        // here too: a writer that asks after its write ([`StatsTreeKicker::
         // publish_everywhere`]) knows every process took it (run=2 unmerged).
         self.served.write(format!("{request}\n").as_bytes())?;
         let own: String =
