@@ -320,9 +320,17 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// An id no live region has. Ids wrap after 2^32 registrations (a
+    /// merge-any program that maps and unmaps all day gets there); one
+    /// taken by a region still registered (guest RAM, registered at
+    /// start) is passed over, or the two would share an entry in `by_id`.
     pub fn next_id(&mut self) -> u32 {
-        self.next_id = self.next_id.wrapping_add(1);
-        self.next_id
+        loop {
+            self.next_id = self.next_id.wrapping_add(1);
+            if self.next_id != 0 && !self.by_id.contains_key(&self.next_id) {
+                return self.next_id;
+            }
+        }
     }
 
     pub fn insert(&mut self, r: Arc<Region>) {
@@ -470,5 +478,21 @@ mod tests {
         // A part of a region visited whole in this pass is visited too.
         let part = b.part(reg.next_id(), 0, 1, vec![PageRecord::default()], false);
         assert_eq!(part.scanned_in(), pass);
+    }
+
+    /// Ids wrap around the ones still in use.
+    #[test]
+    fn ids_wrap_around_live_regions() {
+        let mut reg = Registry::default();
+        let add = |reg: &mut Registry, start: usize| {
+            let id = reg.next_id();
+            reg.insert(Arc::new(Region::new(id, start, 1, MappingKind::Anon, Mergeability::Mergeable, 0, vec![PageRecord::default()])));
+            id
+        };
+        assert_eq!((add(&mut reg, 0x1000), add(&mut reg, 0x2000)), (1, 2));
+        reg.next_id = u32::MAX - 1;
+        assert_eq!(add(&mut reg, 0x3000), u32::MAX);
+        assert_eq!(add(&mut reg, 0x4000), 3, "0 is never an id; 1 and 2 are live");
+        assert_eq!(reg.get(1).map(|r| r.start), Some(0x1000));
     }
 }
