@@ -19,11 +19,13 @@
 //! least [`HEAP_MIN`] bytes here ([`heap_allocated`], [`heap_freed`]).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 /// `[start, end)` of each piece of memory twinpage holds now; a range may be
 /// listed more than once (an arena heap, once per thread that uses it).
-static OWN: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+/// Held across `fork` as [`HEAP`] is (taken first: a push under it may
+/// allocate a large block): a child that starts an engine of its own lists
+/// its threads here.
+static OWN: parking_lot::Mutex<Vec<(usize, usize)>> = parking_lot::const_mutex(Vec::new());
 
 /// Heap blocks of at least [`HEAP_MIN`] bytes, address to size. A
 /// `parking_lot` mutex: the allocator takes it, so it must never allocate
@@ -47,27 +49,31 @@ pub fn heap_freed(ptr: usize) {
     HEAP.lock().remove(&ptr);
 }
 
-/// Before `fork`: holds the heap map's lock, so that no other thread holds
-/// it when the child is made ([`unlock_heap_after_fork`] in both).
-pub fn lock_heap_for_fork() {
+/// Before `fork`: holds both lists' locks, so that no other thread holds
+/// one when the child is made ([`unlock_after_fork`] in both).
+pub fn lock_for_fork() {
+    std::mem::forget(OWN.lock());
     std::mem::forget(HEAP.lock());
 }
 
-/// After `fork`, in parent and child: releases what
-/// [`lock_heap_for_fork`] took.
+/// After `fork`, in parent and child: releases what [`lock_for_fork`]
+/// took.
 ///
 /// # Safety
-/// Only after [`lock_heap_for_fork`], once.
-pub unsafe fn unlock_heap_after_fork() {
+/// Only after [`lock_for_fork`], once.
+pub unsafe fn unlock_after_fork() {
     // SAFETY: the caller's guarantee: this thread (or, in the child, its
-    // copy) holds the lock from lock_heap_for_fork, whose guard was forgotten.
-    unsafe { HEAP.force_unlock() };
+    // copy) holds both locks from lock_for_fork, whose guards were forgotten.
+    unsafe {
+        HEAP.force_unlock();
+        OWN.force_unlock();
+    }
 }
 
 /// twinpage's own memory now, for merge-any to leave out: heap blocks as
 /// the pages they touch.
 pub fn ranges() -> Vec<(usize, usize)> {
-    let mut all = OWN.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut all = OWN.lock().clone();
     let page = crate::sys::PAGE_SIZE;
     all.extend(HEAP.lock().iter().map(|(&p, &n)| (p & !(page - 1), (p + n).next_multiple_of(page))));
     all
@@ -80,14 +86,14 @@ pub(crate) struct OwnMemory((usize, usize));
 
 impl OwnMemory {
     pub(crate) fn add(start: usize, end: usize) -> OwnMemory {
-        OWN.lock().unwrap_or_else(|e| e.into_inner()).push((start, end));
+        OWN.lock().push((start, end));
         OwnMemory((start, end))
     }
 }
 
 impl Drop for OwnMemory {
     fn drop(&mut self) {
-        let mut own = OWN.lock().unwrap_or_else(|e| e.into_inner());
+        let mut own = OWN.lock();
         if let Some(i) = own.iter().position(|r| *r == self.0) {
             own.swap_remove(i);
         }

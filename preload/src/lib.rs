@@ -331,16 +331,17 @@ fn listed(p: *mut u8, size: usize) -> *mut u8 {
 #[global_allocator]
 static ALLOCATOR: OwnHeap = OwnHeap;
 
-/// Fork: the large blocks' map is locked across it (registered before the
-/// agent's handlers, so its prepare runs last and its release first: the
-/// agent's handlers may allocate).
-extern "C" fn heap_before_fork() {
-    twinpage::own::lock_heap_for_fork();
+/// Fork: the lists of twinpage's own memory (the large blocks' map among
+/// them) are locked across it (registered before the agent's handlers, so
+/// its prepare runs last and its release first: the agent's handlers may
+/// allocate).
+extern "C" fn own_before_fork() {
+    twinpage::own::lock_for_fork();
 }
 
-extern "C" fn heap_after_fork() {
-    // SAFETY: heap_before_fork ran before this fork, once.
-    unsafe { twinpage::own::unlock_heap_after_fork() };
+extern "C" fn own_after_fork() {
+    // SAFETY: own_before_fork ran before this fork, once.
+    unsafe { twinpage::own::unlock_after_fork() };
 }
 
 #[used]
@@ -349,7 +350,7 @@ static INIT: extern "C" fn() = {
     extern "C" fn init() {
         // SAFETY: plain extern "C" functions valid for the life of the
         // process (this library is never unloaded).
-        unsafe { libc::pthread_atfork(Some(heap_before_fork), Some(heap_after_fork), Some(heap_after_fork)) };
+        unsafe { libc::pthread_atfork(Some(own_before_fork), Some(own_after_fork), Some(own_after_fork)) };
         let _ = std::panic::catch_unwind(agent::load);
     }
     init
