@@ -193,6 +193,16 @@ fn a_childs_run_2_has_unmerged_the_parent_when_it_returns() {
     same_lines("childstop", &[], "CHILDSTOP DONE", "oracle-childstop-daemon", true);
 }
 
+/// madvise(MADV_MERGEABLE / MADV_UNMERGEABLE) answers as the kernel's for
+/// the arguments programs get wrong or rely on (tests/programs/madvargs.c:
+/// zero lengths, unaligned starts, lengths that are not page multiples or
+/// overflow, holes, nothing mapped). Before, a zero length was `EINVAL`
+/// under twinpage (the kernel: 0).
+#[test]
+fn madvise_arguments_are_answered_as_the_kernel_answers_them() {
+    same_lines("madvargs", &[], "MADVARGS DONE", "oracle-madvargs", false);
+}
+
 /// Runs `name args` on kernel KSM and under the preload with
 /// `TWINPAGE_REDIRECT_SYSFS=1` (through twinpaged if `daemon`); the two
 /// print the same lines, ending `done`.

@@ -339,23 +339,12 @@ impl Agent {
         self.merge_any.load(Ordering::Relaxed)
     }
 
+    /// `[addr, addr+len)` without the ranges handed over to the program's
+    /// own userfaultfd.
     fn not_excluded(&self, addr: usize, len: usize) -> Vec<(usize, usize)> {
-        let end = addr.saturating_add(len);
         let ex = self.excluded.lock().unwrap_or_else(|e| e.into_inner());
-        let mut parts = vec![(addr, end)];
-        for &Handover { start: xs, end: xe, .. } in ex.iter() {
-            parts = parts
-                .into_iter()
-                .flat_map(|(s, e)| {
-                    if xe <= s || xs >= e {
-                        vec![(s, e)]
-                    } else {
-                        [(s, xs.max(s)), (xe.min(e), e)].into_iter().filter(|(a, b)| a < b).collect()
-                    }
-                })
-                .collect();
-        }
-        parts
+        let cut: Vec<(usize, usize)> = ex.iter().map(|h| (h.start, h.end)).collect();
+        twinpage::host::without(addr, addr.saturating_add(len), &cut)
     }
 
     fn register(&self, addr: usize, len: usize) -> io::Result<c_int> {
@@ -391,9 +380,11 @@ impl Agent {
     pub fn madvise(&self, addr: usize, len: usize, advice: c_int, raw: fn(usize, usize, c_int) -> c_int) -> Option<io::Result<c_int>> {
         match advice {
             libc::MADV_MERGEABLE => {
-                if !addr.is_multiple_of(twinpage::host::PAGE_SIZE) {
-                    return Some(Err(errno(libc::EINVAL)));
-                }
+                let len = match madvise_range(addr, len) {
+                    Err(e) => return Some(Err(errno(e))),
+                    Ok(0) => return Some(Ok(0)),
+                    Ok(len) => len,
+                };
                 let r = self.register(addr, len);
                 if self.cfg.pass_mergeable && raw(addr, len, advice) != 0 {
                     log::warn!("twinpage: the kernel refused MADV_MERGEABLE at {addr:#x}");
@@ -401,6 +392,8 @@ impl Agent {
                 Some(r)
             }
             libc::MADV_UNMERGEABLE => {
+                // Arguments the kernel refuses or an empty range: it answers.
+                let Ok(len @ 1..) = madvise_range(addr, len) else { return None };
                 self.forget_handed_over(addr, addr.saturating_add(len));
                 if let Err(e) = self.engine.unregister(addr, len) {
                     log::warn!("twinpage: unmerge at {addr:#x} failed: {e}");
@@ -689,5 +682,20 @@ impl Agent {
         if resumed > 0 {
             log::info!("twinpage: the program's userfaultfd let go of {lo:#x}..{hi:#x}; merging {} KiB there again", resumed / 1024);
         }
+    }
+}
+
+/// `madvise`'s range as the kernel checks it (mm/madvise.c, before it
+/// looks at the advice's work): a start that is not page-aligned or a
+/// length that overflows once rounded up to pages is `EINVAL`; an empty
+/// range succeeds doing nothing (0); otherwise the rounded length.
+fn madvise_range(addr: usize, len: usize) -> Result<usize, c_int> {
+    let page = twinpage::host::PAGE_SIZE;
+    if !addr.is_multiple_of(page) {
+        return Err(libc::EINVAL);
+    }
+    match len.checked_next_multiple_of(page) {
+        Some(rounded) if addr.checked_add(rounded).is_some() => Ok(rounded),
+        _ => Err(libc::EINVAL),
     }
 }
