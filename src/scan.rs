@@ -59,16 +59,17 @@ pub fn scan_pages(sh: &Shared, budget: usize) -> usize {
         if sh.tunables().run() != 1 {
             break;
         }
+        let at = sh.core().lock().scan_point();
+        let (next, empty) = {
+            let reg = sh.registry().read();
+            (at.ask(&reg), reg.is_empty())
+        };
         let (region, cursor) = {
             let mut core = sh.core().lock();
-            // The registry is a leaf lock: nobody holding it waits for another lock.
-            let (next, empty) = {
-                let reg = sh.registry().read();
-                (core.next_to_scan(&reg), reg.is_empty())
-            };
-            match next {
-                Some(found) => found,
-                None => {
+            match core.go_on(at, next) {
+                Err(_) => continue,
+                Ok(Some(found)) => found,
+                Ok(None) => {
                     if core.cursor().fresh {
                         core.rewind();
                     } else {

@@ -188,7 +188,7 @@ pub(crate) struct Counters {
 }
 
 /// Where the scanner is.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Cursor {
     pub(crate) region_start: usize,
     /// The region's id: a region put in its place (a split, new memory at
@@ -198,6 +198,27 @@ pub(crate) struct Cursor {
     /// The cursor has passed no region yet in this full scan.
     pub(crate) fresh: bool,
 }
+
+/// The scanner's place in its pass ([`Core::scan_point`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ScanPoint {
+    cursor: Cursor,
+    pass: u64,
+    mark: u64,
+}
+
+impl ScanPoint {
+    /// Where [`Registry::next_to_scan`] looks from (None: the pass has not
+    /// begun), in which pass, up to which read mark.
+    pub(crate) fn ask(&self, reg: &Registry) -> Option<Arc<Region>> {
+        let from = (!self.cursor.fresh).then_some(self.cursor.region_start);
+        reg.next_to_scan(from, self.pass, self.mark).cloned()
+    }
+}
+
+/// The scanner's place changed while it asked the registry.
+#[derive(Debug)]
+pub(crate) struct Stale;
 
 /// Trees, store allocation and counts: everything one batch decides on.
 #[derive(Debug)]
@@ -434,8 +455,19 @@ impl Core {
         self.cursor
     }
 
-    /// The region the scanner goes on with and where in it
-    /// (`Registry::next_to_scan`); None when the pass is over.
+    /// Where the scanner stands, for [`Registry::next_to_scan`] to be asked
+    /// without this lock held (registrations hold the registry while this
+    /// lock's other users wait).
+    pub(crate) fn scan_point(&self) -> ScanPoint {
+        ScanPoint { cursor: self.cursor, pass: self.pass, mark: self.read_mark }
+    }
+
+    /// Goes on from `at` (taken with [`Core::scan_point`]) to `next`, what
+    /// the registry answered for it: the region and where in it, or None
+    /// when the pass is over. `Err` when `at` no longer holds: a `run=2`
+    /// restarted the scan, or, for the end of a pass, the counts were read
+    /// with memory registered since, which this pass must then cover; ask
+    /// again.
     ///
     /// A pass ends only once it visited every region registered before the
     /// counts were last read, those behind the cursor included: a program
@@ -444,14 +476,17 @@ impl Core {
     /// behind its cursor to the next pass; its passes are short enough
     /// that a program practically never sees it, while one of ours that
     /// reads PROT_NONE pages through /proc/self/mem is not.)
-    pub(crate) fn next_to_scan(&mut self, reg: &Registry) -> Option<(Arc<Region>, Cursor)> {
+    pub(crate) fn go_on(&mut self, at: ScanPoint, next: Option<Arc<Region>>) -> Result<Option<(Arc<Region>, Cursor)>, Stale> {
+        let now = self.scan_point();
+        if now.cursor != at.cursor || now.pass != at.pass || (next.is_none() && now.mark != at.mark) {
+            return Err(Stale);
+        }
+        let Some(r) = next else { return Ok(None) };
         let cur = self.cursor;
-        let from = (!cur.fresh).then_some(cur.region_start);
-        let r = reg.next_to_scan(from, self.pass, self.read_mark)?.clone();
         if cur.fresh || r.id != cur.region || r.start != cur.region_start {
             self.cursor = Cursor { region_start: r.start, region: r.id, page: 0, fresh: false };
         }
-        Some((r, self.cursor))
+        Ok(Some((r, self.cursor)))
     }
 
     /// The scanner visited the last page of `r` in this pass.
@@ -851,4 +886,35 @@ pub fn publish(sh: &Shared) {
     // Under the lock: a publisher that took its snapshot earlier would
     // otherwise store it over this one (a count read fresh going back).
     sh.stats.publish(&snap);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::MappingKind;
+
+    /// The scanner asks the registry without the core lock, then goes on
+    /// only from where it asked; a pass ends only if no read of the counts
+    /// raised the mark meanwhile.
+    #[test]
+    fn the_scanner_goes_on_only_from_where_it_asked() {
+        let mut reg = Registry::default();
+        let id = reg.next_id();
+        let r = Arc::new(Region::new(id, 0x10_000, 1, MappingKind::Anon, Mergeability::Mergeable, 0, vec![PageRecord::default()]));
+        reg.insert(r.clone());
+        let mut core = Core::new(65530, 0);
+        let at = core.scan_point();
+        let next = at.ask(&reg);
+        let (found, cur) = core.go_on(at, next).unwrap().unwrap();
+        assert_eq!((found.id, cur.page, cur.fresh), (id, 0, false));
+        core.region_scanned(&r);
+        let at = core.scan_point();
+        assert!(at.ask(&reg).is_none(), "the only region is visited");
+        core.counts_read(reg.seq());
+        assert!(core.go_on(at, None).is_err(), "a read since: the end of the pass is asked again");
+        let at = core.scan_point();
+        assert!(matches!(core.go_on(at, None), Ok(None)));
+        core.restart_scanning();
+        assert!(core.go_on(at, Some(r)).is_err(), "run=2 restarted the scan");
+    }
 }
