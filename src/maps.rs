@@ -27,6 +27,8 @@ pub struct Vma {
     /// `VmFlags` of smaps that twinpage reapplies after a remap.
     pub dontfork: bool,
     pub dontdump: bool,
+    /// Locked (`lo` in `VmFlags`: mlock, mlockall).
+    pub locked: bool,
     /// Registered with a userfaultfd (`um`, `uw` or `ui` in `VmFlags`).
     pub userfaultfd: bool,
     /// The mapped file (all zero for anonymous memory).
@@ -75,7 +77,7 @@ fn parse_line(line: &str) -> Option<Vma> {
     } else {
         MappingKind::PrivateFile
     };
-    Some(Vma { start, end, prot, kind, offset, path, dontfork: false, dontdump: false, userfaultfd: false, file })
+    Some(Vma { start, end, prot, kind, offset, path, dontfork: false, dontdump: false, locked: false, userfaultfd: false, file })
 }
 
 /// The mappings overlapping `[start, end)`, in address order, from
@@ -97,6 +99,7 @@ pub fn vmas_with_flags_in(start: usize, end: usize) -> io::Result<Vec<Vma>> {
             if let Some(mut v) = current.take() {
                 v.dontfork = flags.split_ascii_whitespace().any(|f| f == "dc");
                 v.dontdump = flags.split_ascii_whitespace().any(|f| f == "dd");
+                v.locked = flags.split_ascii_whitespace().any(|f| f == "lo");
                 v.userfaultfd = flags.split_ascii_whitespace().any(|f| matches!(f, "um" | "uw" | "ui"));
                 out.push(v);
             }
@@ -111,6 +114,33 @@ pub fn vmas_with_flags_in(start: usize, end: usize) -> io::Result<Vec<Vma>> {
     }
     out.extend(current);
     Ok(out)
+}
+
+/// Whether the mapping at `addr` is locked (`lo` in its smaps `VmFlags`),
+/// None if nothing is mapped there. Reads smaps only up to that mapping
+/// (the kernel walks each mapping's page tables as its lines are read).
+pub fn locked_at(addr: usize) -> io::Result<Option<bool>> {
+    use std::io::BufRead;
+    let mut found = false;
+    for line in io::BufReader::new(fs::File::open("/proc/self/smaps")?).lines() {
+        let line = line?;
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if found {
+                return Ok(Some(flags.split_ascii_whitespace().any(|f| f == "lo")));
+            }
+            continue;
+        }
+        let first = line.split_ascii_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            if let Some(v) = parse_line(&line) {
+                if v.start > addr {
+                    return Ok(None);
+                }
+                found = v.end > addr;
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// How many mappings the process has (lines of /proc/self/maps).

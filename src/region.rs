@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use crate::maps::MappingKind;
-use crate::primitive::{Arc, AtomicU64, Mutex, Ordering, RwLock};
+use crate::primitive::{Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
 use crate::sys::PAGE_SIZE;
 
 /// Per-page state.
@@ -168,6 +168,9 @@ pub struct Region {
     /// The scanner's pass (`Core`'s count of passes) that last visited
     /// every page of it.
     scanned_in: AtomicU64,
+    /// The program locked it (mlock, mlockall), as last seen: the pin
+    /// check's scratch mapping must be locked alike for `UFFDIO_MOVE`.
+    locked: AtomicBool,
 }
 
 impl Region {
@@ -195,7 +198,18 @@ impl Region {
             state: RwLock::new(RegionState { dead: false, records, failed: false }),
             seq: AtomicU64::new(0),
             scanned_in: AtomicU64::new(0),
+            locked: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the program locked it, as last seen.
+    pub fn locked(&self) -> bool {
+        self.locked.load(Ordering::Relaxed)
+    }
+
+    /// The program's lock on it, as seen now.
+    pub fn set_locked(&self, locked: bool) {
+        self.locked.store(locked, Ordering::Relaxed);
     }
 
     /// Its number in the order of registration.
@@ -228,6 +242,7 @@ impl Region {
         n.file_offset = self.file_offset + (lo * PAGE_SIZE) as u64;
         // What the scanner saw whole in this pass it need not see again.
         n.set_scanned_in(self.scanned_in());
+        n.set_locked(self.locked());
         n.state.write().failed = failed;
         n
     }

@@ -16,9 +16,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::OnceLock;
 
-use memmap2::{MmapOptions, MmapRaw};
-
-use crate::sys::{memfd, PAGE_SIZE};
+use crate::sys::{memfd, mman, PAGE_SIZE};
 
 /// Store pages per mapped segment of the engine's own view (1 GiB).
 const SEGMENT_PAGES: u32 = 1 << 18;
@@ -49,7 +47,7 @@ pub enum StoreError {
 #[derive(Debug)]
 pub struct Store {
     file: File,
-    segments: Box<[OnceLock<MmapRaw>]>,
+    segments: Box<[OnceLock<mman::OwnMap>]>,
     writable: bool,
 }
 
@@ -170,19 +168,18 @@ impl Store {
             Some(m) => m,
             None => {
                 let seg_bytes = SEGMENT_PAGES as u64 * PAGE_SIZE as u64;
-                let mut opts = MmapOptions::new();
-                opts.offset(seg as u64 * seg_bytes).len(seg_bytes as usize);
-                let m = if self.writable {
+                let prot = if self.writable {
                     let want = (seg as u64 + 1) * seg_bytes;
                     let have = self.file.metadata().map_err(StoreError::Grow)?.len();
                     if have < want {
                         memfd::truncate(self.fd(), want).map_err(StoreError::Grow)?;
                     }
-                    opts.map_raw(&self.file)
+                    libc::PROT_READ | libc::PROT_WRITE
                 } else {
                     // The owner grew the file before it named a page in this segment.
-                    opts.map_raw_read_only(&self.file)
+                    libc::PROT_READ
                 };
+                let m = mman::OwnMap::shared(self.fd(), seg as u64 * seg_bytes, seg_bytes as usize, prot);
                 let m = m.map_err(StoreError::Map)?;
                 // A racing initialiser may have won; either mapping is the same file range.
                 let _ = slot.set(m);

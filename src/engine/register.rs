@@ -88,6 +88,7 @@ pub(crate) fn register_vmas(sh: &Shared, addr: usize, end: usize, vmas: &[maps::
             let mut region = Region::new(0, ps, pages, vma.kind, mergeability, vma.prot, vec![PageRecord::default(); pages]);
             region.dontfork = vma.dontfork;
             region.dontdump = vma.dontdump;
+            region.set_locked(vma.locked);
             region.file_offset = vma.offset + (ps - vma.start) as u64;
             region.backing = backing;
             // A private file mapping's pages can be checked for pins only
@@ -111,6 +112,7 @@ pub(crate) fn register_vmas(sh: &Shared, addr: usize, end: usize, vmas: &[maps::
                     let mut r = Region::new(id, part.start, n, kind, mergeability, region.prot, records);
                     r.dontfork = region.dontfork;
                     r.dontdump = region.dontdump;
+                    r.set_locked(region.locked());
                     if !part.anon {
                         r.file_offset = region.file_offset + (part.start - ps) as u64;
                         r.backing = region.backing.clone();

@@ -128,6 +128,18 @@ pub(crate) fn note_uncheckable(sh: &Shared, region: &Region) {
     }
 }
 
+/// Whether the program locked or unlocked `region` (the mapping at `addr`)
+/// since it was last seen; if so, the region says so from now on.
+fn lock_changed(region: &Region, addr: usize) -> bool {
+    match crate::maps::locked_at(addr) {
+        Ok(Some(now)) if now != region.locked() => {
+            region.set_locked(now);
+            true
+        }
+        _ => false,
+    }
+}
+
 /// A run whose equal pages were moved to the scratch mapping.
 pub(super) struct Moved<'a> {
     scratch: parking_lot::MappedMutexGuard<'a, Scratch>,
@@ -148,12 +160,13 @@ pub(super) fn check<'a>(sh: &'a Shared, region: &Region, st: &mut RegionState, c
     let (items, kind) = (run.items, run.kind);
     let ok = &mut run.ok[..];
     let n = items.len();
-    // UFFDIO_MOVE wants both mappings to have the same protection.
-    let region_prot = region.prot;
+    // UFFDIO_MOVE wants both mappings to have the same protection, both
+    // locked or both not.
+    let (region_prot, locked) = (region.prot, region.locked());
     let mut slot = sh.scratch().lock();
-    if slot.as_ref().is_none_or(|s| !s.fits(n, region_prot)) {
+    if slot.as_ref().is_none_or(|s| !s.fits(n, region_prot, locked)) {
         *slot = None;
-        match Scratch::new(sh.uffd(), n.max(64), region_prot) {
+        match Scratch::new(sh.uffd(), n.max(64), region_prot, locked) {
             Ok(s) => *slot = Some(s),
             Err(e) => {
                 warn_once!("pin-scratch", "twinpage: cannot set up the pin check's scratch mapping: {e}; not merging");
@@ -207,6 +220,9 @@ pub(super) fn check<'a>(sh: &'a Shared, region: &Region, st: &mut RegionState, c
             if e.raw_os_error() == Some(libc::EBUSY) {
                 core.tally(Tally::Pinned, 1);
                 st.records[items[k].page].add_flags(PageRecord::UNSHARE);
+            } else if e.raw_os_error() == Some(libc::EINVAL) && lock_changed(region, moved.addrs[k]) {
+                // The program locked or unlocked the memory since: the
+                // next scan takes a scratch mapping locked alike.
             } else {
                 warn_once!("pin-move", "twinpage: UFFDIO_MOVE at {:#x} failed: {e}; page not merged", moved.addrs[k]);
             }
@@ -365,7 +381,7 @@ pub(super) fn finish(sh: &Shared, region: &Region, st: &mut RegionState, run: &R
     if m.out.iter().any(|&o| o) {
         // SAFETY: the scratch mapping is ours; what is left in it are the old
         // pages of merged guest pages, which nobody maps or pins any more.
-        if let Err(e) = unsafe { mman::madvise(m.scratch.page(0), n * PAGE_SIZE, libc::MADV_DONTNEED) } {
+        if let Err(e) = unsafe { mman::madvise(m.scratch.page(0), n * PAGE_SIZE, m.scratch.discard_advice()) } {
             warn_once!("pin-free", "twinpage: cannot free the pin check's scratch pages: {e}");
         }
     }

@@ -64,6 +64,8 @@ pub unsafe fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Resul
 /// libc versions that lack them.
 pub const MADV_POPULATE_READ: libc::c_int = 22;
 pub const MADV_POPULATE_WRITE: libc::c_int = 23;
+/// MADV_DONTNEED that also drops the pages of a locked mapping (Linux 5.18).
+pub const MADV_DONTNEED_LOCKED: libc::c_int = 24;
 
 /// `mmap(2)` as a raw system call; returns the mapped address.
 ///
@@ -125,4 +127,94 @@ pub unsafe fn mprotect(addr: usize, len: usize, prot: libc::c_int) -> io::Result
         return Err(last_err());
     }
     Ok(())
+}
+
+/// `mmap(2)` at an address the kernel picks, for twinpage's own memory:
+/// never locked, and so never populated, by the program's
+/// `mlockall(MCL_FUTURE)` (QEMU's `-overcommit mem-lock=on`), which would
+/// otherwise fault in every page of a new mapping: all 1 GiB of a store
+/// segment, or a scratch page that `UFFDIO_MOVE` then finds occupied. The
+/// mapping is made `PROT_NONE` (the kernel populates no inaccessible
+/// mapping), unlocked, then given `prot`.
+///
+/// # Safety
+/// As for `mmap(2)` without `MAP_FIXED`: `fd` and `offset`, if any, name
+/// what the caller may map.
+pub unsafe fn map_unlocked(len: usize, prot: libc::c_int, flags: libc::c_int, fd: libc::c_int, offset: libc::off_t) -> io::Result<usize> {
+    // SAFETY: a fresh mapping at an address the kernel picks (no MAP_FIXED).
+    let addr = unsafe { raw_mmap(0, len, libc::PROT_NONE, flags & !libc::MAP_POPULATE, fd, offset)? };
+    // SAFETY: the mapping just made, which nothing else knows of yet.
+    let done = unsafe { munlock(addr, len).and_then(|()| mprotect(addr, len, prot)) };
+    if let Err(e) = done {
+        // SAFETY: as above.
+        let _ = unsafe { raw_munmap(addr, len) };
+        return Err(e);
+    }
+    if flags & libc::MAP_POPULATE != 0 {
+        let advice = if prot & libc::PROT_WRITE != 0 { libc::MADV_POPULATE_WRITE } else { libc::MADV_POPULATE_READ };
+        // SAFETY: our fresh mapping; populating changes no byte.
+        if let Err(e) = unsafe { madvise(addr, len, advice) } {
+            // SAFETY: as above.
+            let _ = unsafe { raw_munmap(addr, len) };
+            return Err(e);
+        }
+    }
+    Ok(addr)
+}
+
+/// `munlock(2)`.
+///
+/// # Safety
+/// The caller owns the range (unlocking changes no byte, but lets the
+/// kernel reclaim what the program may have locked on purpose).
+pub unsafe fn munlock(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller's guarantee.
+    let ret = unsafe { libc::syscall(libc::SYS_munlock, addr, len) };
+    if ret < 0 {
+        return Err(last_err());
+    }
+    Ok(())
+}
+
+/// `mlock2(addr, len, MLOCK_ONFAULT)`: the range is locked (`VM_LOCKED`)
+/// without faulting anything in.
+///
+/// # Safety
+/// The caller owns the range.
+pub unsafe fn mlock_on_fault(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller's guarantee.
+    let ret = unsafe { libc::syscall(libc::SYS_mlock2, addr, len, libc::MLOCK_ONFAULT as libc::c_long) };
+    if ret < 0 {
+        return Err(last_err());
+    }
+    Ok(())
+}
+
+/// One of twinpage's own mappings ([`map_unlocked`]), unmapped on drop.
+#[derive(Debug)]
+pub struct OwnMap {
+    addr: usize,
+    len: usize,
+}
+
+impl OwnMap {
+    /// A shared mapping of `len` bytes of `fd` at `offset`.
+    pub fn shared(fd: BorrowedFd<'_>, offset: u64, len: usize, prot: libc::c_int) -> io::Result<OwnMap> {
+        // SAFETY: a fresh mapping of a file the caller lends us.
+        let addr = unsafe { map_unlocked(len, prot, libc::MAP_SHARED, fd.as_raw_fd(), offset as libc::off_t)? };
+        Ok(OwnMap { addr, len })
+    }
+
+    /// The first byte.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+}
+
+impl Drop for OwnMap {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; its owner hands out no reference that
+        // outlives it.
+        let _ = unsafe { raw_munmap(self.addr, self.len) };
+    }
 }

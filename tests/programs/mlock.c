@@ -1,0 +1,62 @@
+/* Locked memory under KSM, driven through /sys/kernel/mm/ksm the way
+ * programs written for the kernel do (TWINPAGE_REDIRECT_SYSFS=1 under
+ * twinpage). "mlock": 64 equal pages locked with mlock(2), marked
+ * mergeable, three full scans: all 64 merge, a write reads back.
+ * "mlockall": mlockall(MCL_CURRENT | MCL_FUTURE) first, as QEMU's
+ * -overcommit mem-lock=on does: the content stays and the process stays
+ * small (whatever memory KSM maps for itself must not be locked in whole).
+ * Prints one deterministic line per step; "MLOCK DONE" at the end. Needs
+ * root (the tunables, and locking memory). */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "ksmfiles.h"
+
+#define PS 4096
+#define PAGES 64
+
+/* A field of /proc/self/status, in kB. */
+static long status_kb(const char *field) {
+    char line[256];
+    long v = -1;
+    FILE *f = fopen("/proc/self/status", "r");
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, field, strlen(field))) v = strtol(line + strlen(field) + 1, NULL, 10);
+    if (f) fclose(f);
+    return v;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int all = argc > 1 && !strcmp(argv[1], "mlockall");
+    int run = open("/sys/kernel/mm/ksm/run", O_RDWR), scans = open("/sys/kernel/mm/ksm/full_scans", O_RDONLY);
+    int merging = open("/proc/self/ksm_merging_pages", O_RDONLY);
+    int pts = open("/sys/kernel/mm/ksm/pages_to_scan", O_WRONLY), sleep = open("/sys/kernel/mm/ksm/sleep_millisecs", O_WRONLY);
+    if (run < 0 || scans < 0 || merging < 0 || write(run, "2", 1) != 1 || write(pts, "10000", 5) != 5 || write(sleep, "0", 1) != 1) {
+        printf("SETUP FAIL\n");
+        return 2;
+    }
+    if (all) printf("mlockall: %d\n", mlockall(MCL_CURRENT | MCL_FUTURE));
+    size_t len = (size_t)PAGES * PS;
+    unsigned char *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(m, 0x5a, len);
+    if (!all) printf("mlock: %d\n", mlock(m, len));
+    printf("madvise: %d\n", madvise(m, len, MADV_MERGEABLE));
+    printf("run=1: %zd\n", write(run, "1", 1));
+    printf("three full scans: %d\n", wait_scans(scans, 3));
+    if (!all) printf("ksm_merging_pages: %ld\n", read_fd(merging));
+    m[5 * PS] = 1;
+    int good = 1;
+    for (size_t i = 0; i < len; i++)
+        if (m[i] != (i == 5 * PS ? 1 : 0x5a)) good = 0;
+    printf("content after a write: %s\n", good ? "ok" : "WRONG");
+    printf("resident under 64 MiB: %s\n", status_kb("VmRSS:") < 64 * 1024 ? "yes" : "no");
+    printf("run=2: %zd\n", write(run, "2", 1));
+    printf("MLOCK DONE\n");
+    return 0;
+}
