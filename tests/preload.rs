@@ -18,6 +18,13 @@ fn run_preloaded_env(prog: &Path, args: &[&str], lib: &Path, dir: &Path, env: &[
     preloaded(prog, args, lib, dir).envs(env.iter().copied()).output().unwrap()
 }
 
+/// The preload and test program `name`, when this machine can run them
+/// (userfaultfd write-protect too); None after saying why not.
+fn runnable(name: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let (lib, prog) = (preload_lib()?, program(name)?);
+    have_uffd().then_some((lib, prog))
+}
+
 /// `prog args` with the preload, its tree in `dir`, merging flat out.
 fn preloaded(prog: &Path, args: &[&str], lib: &Path, dir: &Path) -> Command {
     let mut cmd = Command::new(prog);
@@ -31,10 +38,7 @@ fn preloaded(prog: &Path, args: &[&str], lib: &Path, dir: &Path) -> Command {
 
 #[test]
 fn churn_never_merges_into_freed_or_reused_memory() {
-    let (Some(lib), Some(prog)) = (preload_lib(), program("churn")) else { return };
-    if !have_uffd() {
-        return;
-    }
+    let Some((lib, prog)) = runnable("churn") else { return };
     let dir = tempdir("churn");
     let t = std::time::Instant::now();
     let out = run_preloaded(&prog, &["100000"], &lib, &dir);
@@ -51,10 +55,7 @@ fn churn_never_merges_into_freed_or_reused_memory() {
 
 #[test]
 fn prctl_memory_merge_merges_anonymous_memory() {
-    let (Some(lib), Some(prog)) = (preload_lib(), program("prctl")) else { return };
-    if !have_uffd() {
-        return;
-    }
+    let Some((lib, prog)) = runnable("prctl") else { return };
     let dir = tempdir("prctl");
     let out = run_preloaded(&prog, &["3"], &lib, &dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -77,10 +78,7 @@ fn prctl_memory_merge_merges_anonymous_memory() {
 #[test]
 fn merge_any_leaves_twinpages_own_memory_alone() {
     use std::io::BufRead;
-    let (Some(lib), Some(prog)) = (preload_lib(), program("prctl")) else { return };
-    if !have_uffd() {
-        return;
-    }
+    let Some((lib, prog)) = runnable("prctl") else { return };
     let dir = tempdir("prctl-own");
     let mut child = Command::new(&prog)
         .args(["count", "256", "3", "207"])
@@ -181,10 +179,7 @@ fn merge_any_leaves_twinpages_large_heap_blocks_alone() {
 /// out, and kills it after `secs` (a failure); its stdout, or None when
 /// the prerequisites are missing.
 fn prctl_within(args: &[&str], secs: u64) -> Option<String> {
-    let (Some(lib), Some(prog)) = (preload_lib(), program("prctl")) else { return None };
-    if !have_uffd() {
-        return None;
-    }
+    let (lib, prog) = runnable("prctl")?;
     let dir = tempdir(&format!("prctl-{}", args[0]));
     let mut child = preloaded(&prog, args, &lib, &dir).stdout(std::process::Stdio::piped()).spawn().unwrap();
     let done = common::wait_until(std::time::Duration::from_secs(secs), || child.try_wait().unwrap().is_some());
@@ -207,10 +202,7 @@ fn prctl_within(args: &[&str], secs: u64) -> Option<String> {
 /// already publishes") and published nothing.
 #[test]
 fn merge_any_survives_fork_and_exec_and_the_execd_program_publishes() {
-    let (Some(lib), Some(prog)) = (preload_lib(), program("prctl")) else { return };
-    if !have_uffd() {
-        return;
-    }
+    let Some((lib, prog)) = runnable("prctl") else { return };
     let dir = tempdir("prctl-forkexec");
     let out = run_preloaded(&prog, &["forkexec", "3"], &lib, &dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -278,10 +270,7 @@ fn program_succeeds(name: &str, marker: &str) {
 
 /// [`program_succeeds`] with arguments.
 fn program_succeeds_with(name: &str, args: &[&str], marker: &str) {
-    let (Some(lib), Some(prog)) = (preload_lib(), program(name)) else { return };
-    if !have_uffd() {
-        return;
-    }
+    let Some((lib, prog)) = runnable(name) else { return };
     let dir = tempdir(name);
     let out = run_preloaded(&prog, args, &lib, &dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -305,10 +294,7 @@ fn a_forked_child_keeps_its_memory_when_the_parent_frees_store_pages() {
 /// the parent's store pages mapped, and read what the parent freed.
 #[test]
 fn a_forked_child_keeps_its_memory_with_the_store_in_a_store_dir() {
-    let (Some(lib), Some(prog)) = (preload_lib(), program("fork")) else { return };
-    if !have_uffd() {
-        return;
-    }
+    let Some((lib, prog)) = runnable("fork") else { return };
     let dir = tempdir("fork-store-dir");
     let out = run_preloaded_env(&prog, &[], &lib, &dir, &[("TWINPAGE_STORE_DIR", "/dev/shm")]);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -368,10 +354,7 @@ fn served_writes_of_two_processes_take_effect_in_the_order_made() {
 /// hung at exit").
 #[test]
 fn a_child_forked_while_a_served_write_waits_can_exit() {
-    let (Some(lib), Some(prog)) = (preload_lib(), program("forkwrite")) else { return };
-    if !have_uffd() {
-        return;
-    }
+    let Some((lib, prog)) = runnable("forkwrite") else { return };
     let dir = tempdir("forkwrite");
     let mut idle = preloaded(&prog, &["idle"], &lib, &dir);
     idle.env("TWINPAGE_REDIRECT_SYSFS", "1");
