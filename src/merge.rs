@@ -477,9 +477,11 @@ fn remap(sh: &Shared, region: &Region, core: &mut Core, kind: RunKind, stretch: 
     let res = if anon_zero && zero.moved_out {
         Ok(false)
     } else if anon_zero {
+        // A locked range refuses MADV_DONTNEED.
+        let advice = if region.locked() { mman::MADV_DONTNEED_LOCKED } else { libc::MADV_DONTNEED };
         // SAFETY: the range is a write-protected run of a region we hold, checked
         // all-zero; after the discard it reads back as zeros, what it held.
-        unsafe { mman::madvise(addr, bytes, libc::MADV_DONTNEED) }.map(|()| false)
+        unsafe { mman::madvise(addr, bytes, advice) }.map(|()| false)
     } else if kind == RunKind::Zero {
         // SAFETY: as above; fresh anonymous memory reads back as zeros.
         unsafe { mman::map_anon_fixed(addr, bytes, region.prot) }.map(|()| false)
@@ -490,14 +492,21 @@ fn remap(sh: &Shared, region: &Region, core: &mut Core, kind: RunKind, stretch: 
             (RunKind::Remote, None) => return None,
             _ => sh.store().fd(),
         };
-        // SAFETY: the range is a write-protected run of a region we hold, each
-        // page byte-equal to its store page: the mapping changes, the content not.
+        // The range is a write-protected run of a region we hold, each page
+        // byte-equal to its store page: the mapping changes, the content not.
         // Memory the program cannot write is left unguarded: only a writer
         // with the kernel's FOLL_FORCE (a debugger, /proc/self/mem) could
         // write it, and such a write fails with EIO on a write-protected page
         // (a remote fault cannot wait for us); unguarded, the kernel copies
         // the page in place and the scanner sees it (`cow_in_place`).
-        unsafe { mman::map_private_fixed(addr, bytes, region.prot, fd, off) }.map(|()| {
+        let mapped = if region.locked() {
+            // SAFETY: the range is ours to replace, as said above.
+            unsafe { mman::map_private_fixed_locked(addr, bytes, region.prot, fd, off) }
+        } else {
+            // SAFETY: the range is ours to replace, as said above.
+            unsafe { mman::map_private_fixed(addr, bytes, region.prot, fd, off) }
+        };
+        mapped.map(|()| {
             crate::testhook::stretch_mapped(addr, bytes);
             region.prot & libc::PROT_WRITE != 0 && guard_store_stretch(sh, addr, bytes)
         })
@@ -541,6 +550,14 @@ pub(crate) fn reapply_advice(region: &Region, addr: usize, bytes: usize) {
             if let Err(e) = unsafe { mman::madvise(addr, bytes, advice) } {
                 warn_once!("advice", "twinpage: cannot reapply madvise({advice}) after remap: {e}");
             }
+        }
+    }
+    // The program's lock, on what is mapped now (on fault: nothing is
+    // faulted in, which for a private writable mapping would copy it).
+    if region.locked() {
+        // SAFETY: locking changes no contents.
+        if let Err(e) = unsafe { mman::mlock_on_fault(addr, bytes) } {
+            warn_once!("relock", "twinpage: cannot lock again the remapped pages of locked memory: {e}");
         }
     }
 }

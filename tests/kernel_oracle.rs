@@ -204,17 +204,21 @@ fn madvise_arguments_are_answered_as_the_kernel_answers_them() {
 }
 
 /// Locked memory (tests/programs/mlock.c), kernel and twinpage printing
-/// the same lines: 64 equal pages locked with mlock(2) all merge; under
-/// mlockall(MCL_CURRENT | MCL_FUTURE), as QEMU's -overcommit mem-lock=on,
-/// the content stays and the process stays under 64 MiB resident. Before,
-/// the pin check's scratch mapping was not locked like the memory, so
-/// UFFDIO_MOVE refused every page (EINVAL: 0 merged); and mlockall
-/// faulted in twinpage's own mappings whole (a 1 GiB store segment: about
-/// 1 GiB resident, and a populated scratch mapping, EEXIST).
+/// the same lines: 64 equal pages locked with mlock(2), or under
+/// mlockall(MCL_CURRENT | MCL_FUTURE) as QEMU's -overcommit mem-lock=on,
+/// all merge, stay locked after a write and after run=2, and the process
+/// stays under 64 MiB resident, alone and through twinpaged. Before: with
+/// mlock(2) 0 merged (the pin check's scratch mapping was not locked like
+/// the memory: UFFDIO_MOVE refused every page); under mlockall 0 merged
+/// (each store stretch was faulted in for writing as it was mapped) and
+/// about 1 GiB resident (twinpage's own store segment faulted in whole);
+/// merged and written pages of an mlock(2)ed range lost the lock.
 #[test]
-fn locked_memory_merges_and_mlockall_leaves_twinpages_own_mappings_unlocked() {
+fn locked_memory_merges_and_stays_locked_as_the_kernels_does() {
     same_lines("mlock", &["mlock"], "MLOCK DONE", "oracle-mlock", false);
     same_lines("mlock", &["mlockall"], "MLOCK DONE", "oracle-mlockall", false);
+    same_lines("mlock", &["mlock"], "MLOCK DONE", "oracle-mlock-daemon", true);
+    same_lines("mlock", &["mlockall"], "MLOCK DONE", "oracle-mlockall-daemon", true);
 }
 
 /// Runs `name args` on kernel KSM and under the preload with

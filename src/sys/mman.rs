@@ -28,6 +28,28 @@ pub unsafe fn map_private_fixed(addr: usize, len: usize, prot: libc::c_int, fd: 
     ret.map(drop)
 }
 
+/// [`map_private_fixed`] over a range the program locked (mlock,
+/// mlockall): the kernel faults in every page of a new locked private
+/// mapping for writing, which would copy each store page at once. The
+/// mapping is made elsewhere unlocked ([`map_unlocked`]), moved over the
+/// range (the caller locks it again on fault, which faults nothing in:
+/// `merge::reapply_advice`).
+///
+/// # Safety
+/// As for [`map_private_fixed`].
+pub unsafe fn map_private_fixed_locked(addr: usize, len: usize, prot: libc::c_int, fd: BorrowedFd<'_>, offset: u64) -> io::Result<()> {
+    // SAFETY: a fresh mapping at an address the kernel picks.
+    let tmp = unsafe { map_unlocked(len, prot, libc::MAP_PRIVATE, fd.as_raw_fd(), offset as libc::off_t)? };
+    // SAFETY: `tmp` is ours; the caller guarantees `[addr, addr+len)` may be
+    // replaced, as MAP_FIXED would.
+    if let Err(e) = unsafe { raw_mremap(tmp, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, addr) } {
+        // SAFETY: `tmp` is still ours.
+        let _ = unsafe { raw_munmap(tmp, len) };
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Maps fresh private anonymous memory over `[addr, addr+len)`.
 ///
 /// # Safety

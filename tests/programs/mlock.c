@@ -1,10 +1,11 @@
 /* Locked memory under KSM, driven through /sys/kernel/mm/ksm the way
  * programs written for the kernel do (TWINPAGE_REDIRECT_SYSFS=1 under
- * twinpage). "mlock": 64 equal pages locked with mlock(2), marked
- * mergeable, three full scans: all 64 merge, a write reads back.
- * "mlockall": mlockall(MCL_CURRENT | MCL_FUTURE) first, as QEMU's
- * -overcommit mem-lock=on does: the content stays and the process stays
- * small (whatever memory KSM maps for itself must not be locked in whole).
+ * twinpage): 64 equal pages locked, with mlock(2) ("mlock") or with
+ * mlockall(MCL_CURRENT | MCL_FUTURE) first ("mlockall", as QEMU's
+ * -overcommit mem-lock=on), marked mergeable, three full scans: all 64
+ * merge, a write reads back, every mapping of the range stays locked, and
+ * the process stays small (whatever KSM maps for itself is not locked in
+ * whole); after run=2 the same.
  * Prints one deterministic line per step; "MLOCK DONE" at the end. Needs
  * root (the tunables, and locking memory). */
 #define _GNU_SOURCE
@@ -31,6 +32,19 @@ static long status_kb(const char *field) {
     return v;
 }
 
+/* Whether every mapping of [a, a+len) is locked ("lo" in its VmFlags). */
+static int range_locked(unsigned char *a, size_t len) {
+    char line[512];
+    unsigned long s, e, lo = (unsigned long)a, hi = lo + len;
+    int in = 0, all = 1, seen = 0;
+    FILE *f = fopen("/proc/self/smaps", "r");
+    while (f && fgets(line, sizeof line, f)) {
+        if (sscanf(line, "%lx-%lx ", &s, &e) == 2 && strchr(line, '-') < strchr(line, ' ')) in = s < hi && e > lo;
+        else if (in && !strncmp(line, "VmFlags:", 8)) { seen = 1; if (!strstr(line, " lo")) all = 0; }
+    }
+    if (f) fclose(f);
+    return seen && all;
+}
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     int all = argc > 1 && !strcmp(argv[1], "mlockall");
@@ -49,14 +63,21 @@ int main(int argc, char **argv) {
     printf("madvise: %d\n", madvise(m, len, MADV_MERGEABLE));
     printf("run=1: %zd\n", write(run, "1", 1));
     printf("three full scans: %d\n", wait_scans(scans, 3));
-    if (!all) printf("ksm_merging_pages: %ld\n", read_fd(merging));
+    printf("ksm_merging_pages: %ld\n", read_fd(merging));
     m[5 * PS] = 1;
     int good = 1;
     for (size_t i = 0; i < len; i++)
         if (m[i] != (i == 5 * PS ? 1 : 0x5a)) good = 0;
     printf("content after a write: %s\n", good ? "ok" : "WRONG");
+    printf("every mapping of it locked: %s\n", range_locked(m, len) ? "yes" : "no");
     printf("resident under 64 MiB: %s\n", status_kb("VmRSS:") < 64 * 1024 ? "yes" : "no");
     printf("run=2: %zd\n", write(run, "2", 1));
+    printf("ksm_merging_pages: %ld\n", read_fd(merging));
+    good = 1;
+    for (size_t i = 0; i < len; i++)
+        if (m[i] != (i == 5 * PS ? 1 : 0x5a)) good = 0;
+    printf("content after run=2: %s\n", good ? "ok" : "WRONG");
+    printf("every mapping of it locked: %s\n", range_locked(m, len) ? "yes" : "no");
     printf("MLOCK DONE\n");
     return 0;
 }
