@@ -182,3 +182,41 @@ fn mprotect_keeps_a_page_written_in_place_and_registers_it_as_a_copy_in_the_stor
     assert!((0..512).all(|w| m.read_u64(4, w) == 0), "page 4 does not read zeros after its discard");
     m.unmap(&e);
 }
+
+/// `mremap` growing memory that ends in page 4 (the preload's steps:
+/// unregister, then the call). Page 4 stays in its store mapping after the
+/// unregister; the kernel's mremap grows that private file mapping with
+/// more of the store file, so the grown pages read other pages' merged
+/// bytes where the program expects zeros (`tests/programs/churn.c` in CI:
+/// "after=mremap ... page=1 of 13 ... got=1 want=0", the grown pages a
+/// `/memfd:twinpage-store` mapping). `host::mremap` grows it with fresh
+/// anonymous memory instead, and page 4 moves with its frame.
+#[test]
+fn mremap_growing_a_page_written_in_place_grows_it_with_zeros() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(e) = engine() else { return };
+    let m = merged_with_page_4_written_in_place(&e);
+    let p4 = m.addr + 4 * 4096;
+    let frame = pagemap_pfn(p4);
+    e.unregister(p4, 4096).unwrap();
+    assert!(mapping_path(p4).contains("twinpage-store"), "page 4 left its store mapping");
+    const GROWN: usize = 13;
+    assert!(twinpage::host::mremap::grows_store_mapping(&e, p4, 4096, GROWN * 4096));
+    assert!(!twinpage::host::mremap::grows_store_mapping(&e, p4, 4096, 4096), "no growth, nothing to emulate");
+    let r = twinpage::host::mremap::emulate(p4, 4096, GROWN * 4096, libc::MREMAP_MAYMOVE, 0);
+    assert!(r > 0, "emulated mremap failed: {r}");
+    let new = r as usize;
+    // SAFETY: reads of the memory the mremap just returned.
+    let word = |page: usize, w: usize| unsafe { ((new + page * 4096) as *const u64).add(w).read_volatile() };
+    assert_eq!(word(0, 0), WRITTEN, "page 4 lost its write in the move");
+    if require(frame != 0, "pagemap frames (root)") {
+        assert_eq!(pagemap_pfn(new), frame, "page 4 was copied, not moved");
+    }
+    for p in 1..GROWN {
+        assert!(!mapping_path(new + p * 4096).contains("twinpage-store"), "grown page {p} is a store mapping");
+        assert!((0..512).all(|w| word(p, w) == 0), "grown page {p} does not read zeros");
+    }
+    // SAFETY: the test's own memory, which the engine no longer holds.
+    assert_eq!(unsafe { libc::munmap(new as *mut libc::c_void, GROWN * 4096) }, 0);
+    m.unmap(&e);
+}

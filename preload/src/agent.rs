@@ -471,11 +471,17 @@ impl Agent {
         let parts: Vec<(usize, usize)> = kinds.iter().map(|&(s, e, _)| (s, e)).collect();
         let _ = self.engine.unregister(old, old_len);
         let fixed_over = flags & libc::MREMAP_FIXED != 0 && self.engine.overlaps(new_addr, new_len);
-        let mut r = if fixed_over {
-            self.engine.unmap_with(new_addr, new_len, || raw(old, old_len, new_len, flags, new_addr))
-        } else {
-            raw(old, old_len, new_len, flags, new_addr)
+        // A page written inside a store mapping stays there: growing that
+        // mapping would show more of the store file.
+        let grows_store = twinpage::host::mremap::grows_store_mapping(&self.engine, old, old_len, new_len);
+        let call = || {
+            if grows_store {
+                twinpage::host::mremap::emulate(old, old_len, new_len, flags, new_addr)
+            } else {
+                raw(old, old_len, new_len, flags, new_addr)
+            }
         };
+        let mut r = if fixed_over { self.engine.unmap_with(new_addr, new_len, call) } else { call() };
         if r == -(libc::EFAULT as isize) && twinpage::host::mremap::spans_split_anon(&self.engine, old, old_len) {
             // Merging (or userfaultfd registration flags) split the range into
             // several mappings, which mremap refuses; for private anonymous

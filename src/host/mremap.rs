@@ -5,6 +5,11 @@
 //! private anonymous memory that the program mapped as one. A host that
 //! interposes mremap uses [`spans_split_anon`] to tell that case from a real
 //! fault and [`emulate`] to do what the kernel would have done.
+//!
+//! It also emulates a growth of memory whose end is still a store mapping
+//! after unregistering ([`grows_store_mapping`]): the kernel would grow that
+//! private file mapping with more of the store file, other pages' merged
+//! bytes, where the program expects zeros.
 
 use std::ffi::c_int;
 use std::io;
@@ -12,6 +17,23 @@ use std::io;
 use crate::sys::mman::{raw_mmap, raw_mremap, raw_munmap};
 use crate::sys::PAGE_SIZE;
 use crate::Engine;
+
+/// Whether mremap of `[old, old+old_len)` to `new_len` would grow a store
+/// mapping. Unregistering gives merged pages private copies, but a page the
+/// kernel copied inside its store mapping (a write `merge::cow` could not
+/// serve first) stays there: no pin check reaches it, so it is never copied
+/// away. The range is private read-write memory the program mapped
+/// anonymous, which [`emulate`] grows with fresh anonymous memory instead.
+pub fn grows_store_mapping(engine: &Engine, old: usize, old_len: usize, new_len: usize) -> bool {
+    if new_len <= old_len {
+        return false;
+    }
+    let stores = engine.store_ids();
+    let Ok(vmas) = crate::maps::vmas_in(old, old.saturating_add(old_len)) else { return false };
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    vmas.iter().any(|v| v.is_store_mapping(&stores))
+        && vmas.iter().all(|v| (v.kind == crate::maps::MappingKind::Anon || v.is_store_mapping(&stores)) && v.prot & rw == rw)
+}
 
 /// mremap of private anonymous memory that spans several mappings: shrink in
 /// place, grow in place into free space, or move each mapping with the
