@@ -52,6 +52,12 @@ pub(crate) unsafe fn copy_page<W: ?Sized>(_held: &W, prot: libc::c_int, addr: us
 /// nothing borrows memory the program and its devices write.
 pub(crate) struct PageCopy(Box<[u8; PAGE_SIZE]>);
 
+impl std::fmt::Debug for PageCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PageCopy")
+    }
+}
+
 impl PageCopy {
     pub(crate) fn new() -> PageCopy {
         PageCopy(Box::new([0; PAGE_SIZE]))

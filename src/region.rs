@@ -144,6 +144,53 @@ pub struct RegionState {
     pub records: Vec<PageRecord>,
     /// An internal error stopped merging here (logged once).
     pub failed: bool,
+    /// Merged pages given an anonymous copy for a first write whose writer
+    /// may not have stored yet (`merge::cow`); see [`WriteInFlight`].
+    pub(crate) writes_in_flight: Vec<WriteInFlight>,
+}
+
+/// A first write served by a copy (`merge::cow`): the writer was woken and
+/// makes its store when it runs again. Until then the page holds what it
+/// held merged, a state the kernel never shows (its copy-on-write fault
+/// completes the write), and merging it again would put that store in the
+/// window between the new store mapping and its protection, copied inside
+/// the store mapping (merge.rs `written_before_guarded`): out of merging
+/// for good. So the scanner leaves the page alone while its content is
+/// unchanged, for at most [`WriteInFlight::SETTLE`] (a writer that stores
+/// the same bytes changes nothing it can see).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WriteInFlight {
+    pub(crate) page: usize,
+    /// The hash of the page's content when it was copied.
+    pub(crate) hash: u64,
+    pub(crate) since: std::time::Instant,
+}
+
+impl WriteInFlight {
+    /// Longer than a writer stays off the CPU on a loaded machine.
+    pub(crate) const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+    /// Entries kept per region; the oldest go first.
+    const MAX: usize = 64;
+
+    /// Notes a first write at `page` served from content hashing to `hash`.
+    pub(crate) fn note(list: &mut Vec<WriteInFlight>, page: usize, hash: u64) {
+        list.retain(|w| w.page != page && w.since.elapsed() < Self::SETTLE);
+        if list.len() >= Self::MAX {
+            list.remove(0);
+        }
+        list.push(WriteInFlight { page, hash, since: std::time::Instant::now() });
+    }
+
+    /// Whether `page`, whose content hashes to `hash` now, still waits for
+    /// its writer's store; forgets it once it does not.
+    pub(crate) fn pending(list: &mut Vec<WriteInFlight>, page: usize, hash: u64) -> bool {
+        let Some(k) = list.iter().position(|w| w.page == page) else { return false };
+        if list[k].hash == hash && list[k].since.elapsed() < Self::SETTLE {
+            return true;
+        }
+        list.swap_remove(k);
+        false
+    }
 }
 
 /// A registered range: one mapping kind, page-aligned.
@@ -195,7 +242,7 @@ impl Region {
             dontdump: false,
             backing: None,
             file_offset: 0,
-            state: RwLock::new(RegionState { dead: false, records, failed: false }),
+            state: RwLock::new(RegionState { dead: false, records, failed: false, writes_in_flight: Vec::new() }),
             seq: AtomicU64::new(0),
             scanned_in: AtomicU64::new(0),
             locked: AtomicBool::new(false),

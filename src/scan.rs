@@ -209,6 +209,9 @@ fn walk(b: &Batch<'_>, st: &mut RegionState, core: &mut Core, mut decider: impl 
             continue;
         };
         let h = page_hash(page);
+        if crate::region::WriteInFlight::pending(&mut st.writes_in_flight, idx, h) {
+            continue;
+        }
         let zero = h == zh && is_zero(page);
         if zero && !e.exclusive() {
             // The shared zero page of a never-written page: nothing to merge.

@@ -50,6 +50,8 @@ pub(crate) struct CowPool {
     /// The pool's whole range, listed as twinpage's own until the next
     /// refill: a page taken is in it until it has moved into place.
     own: Option<crate::own::OwnMemory>,
+    /// Where a written page's content is read to hash it.
+    copy: Option<crate::guest::PageCopy>,
 }
 
 impl CowPool {
@@ -133,6 +135,11 @@ pub(crate) fn first_write(sh: &Shared, page: usize, pool: &mut CowPool) -> First
     if !core.allow_mappings(2, 0) {
         return NotMine;
     }
+    // SAFETY: `page` is a merged page of a region we hold (`st`), mapped
+    // and readable.
+    let hash = unsafe { pool.copy.get_or_insert_with(crate::guest::PageCopy::new).read(&*st, region.prot, page) }
+        .map(crate::digest::page_hash)
+        .ok();
     let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
     // `page` is a merged page of a region we hold: mapped, readable, and
     // write-protected, so every writer waits while it is copied; no Rust
@@ -150,6 +157,9 @@ pub(crate) fn first_write(sh: &Shared, page: usize, pool: &mut CowPool) -> First
     }
     super::reapply_advice(&region, page, PAGE_SIZE);
     core.written_by_copy(sh, &mut st.records[idx]);
+    if let Some(hash) = hash {
+        crate::region::WriteInFlight::note(&mut st.writes_in_flight, idx, hash);
+    }
     drop(core);
     drop(st);
     if let Err(e) = sh.uffd().wake(page, PAGE_SIZE) {
