@@ -139,6 +139,23 @@ impl Engine {
         self.inner.sh.registry().read().overlaps(addr, end)
     }
 
+    /// The program locked (`mlock`, `mlockall`) or unlocked
+    /// (`munlock`, `munlockall`) `[addr, addr+len)`, or everything when
+    /// `range` is None: the regions there say so, so that the pin check
+    /// takes a scratch mapping locked alike and remapped pages are locked
+    /// again only where the program wants them locked.
+    pub fn note_locked(&self, range: Option<(usize, usize)>, locked: bool) {
+        let reg = self.inner.sh.registry().read();
+        let regions = match range {
+            Some((addr, len)) => reg.overlapping(addr, addr.saturating_add(len)),
+            None => reg.iter().cloned().collect(),
+        };
+        drop(reg);
+        for r in regions {
+            r.set_locked(locked);
+        }
+    }
+
     /// The registered ranges overlapping `[addr, addr+len)`, clipped to it.
     pub fn registered_in(&self, addr: usize, len: usize) -> Vec<(usize, usize)> {
         self.registered_kinds_in(addr, len).into_iter().map(|(s, e, _)| (s, e)).collect()

@@ -212,13 +212,17 @@ fn madvise_arguments_are_answered_as_the_kernel_answers_them() {
 /// the memory: UFFDIO_MOVE refused every page); under mlockall 0 merged
 /// (each store stretch was faulted in for writing as it was mapped) and
 /// about 1 GiB resident (twinpage's own store segment faulted in whole);
-/// merged and written pages of an mlock(2)ed range lost the lock.
+/// merged and written pages of an mlock(2)ed range lost the lock. Memory
+/// unlocked again (munlock) after merging stays unlocked when it is
+/// written ("munlock"); before the preload heard of munlock, the written
+/// page's copy was locked again.
 #[test]
 fn locked_memory_merges_and_stays_locked_as_the_kernels_does() {
     same_lines("mlock", &["mlock"], "MLOCK DONE", "oracle-mlock", false);
     same_lines("mlock", &["mlockall"], "MLOCK DONE", "oracle-mlockall", false);
     same_lines("mlock", &["mlock"], "MLOCK DONE", "oracle-mlock-daemon", true);
     same_lines("mlock", &["mlockall"], "MLOCK DONE", "oracle-mlockall-daemon", true);
+    same_lines("mlock", &["munlock"], "MLOCK DONE", "oracle-munlock", false);
 }
 
 /// Runs `name args` on kernel KSM and under the preload with

@@ -137,6 +137,62 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> c_int {
     libc_ret(r as isize)
 }
 
+/// A lock call of the program's (mlock, mlock2, munlock, mlockall,
+/// munlockall), passed on unchanged; on success the engine hears which
+/// memory is locked now (`Engine::note_locked`).
+fn lock_call(nr: libc::c_long, args: [usize; 3], range: Option<(usize, usize)>, locked: bool) -> c_int {
+    // SAFETY: the host program's own call, passed on unchanged.
+    let r = neg_errno(unsafe { libc::syscall(nr, args[0], args[1], args[2]) });
+    if r == 0 {
+        let _ = with_agent(false, |a| {
+            a.engine().note_locked(range, locked);
+            Some(())
+        });
+    }
+    libc_ret(r)
+}
+
+/// # Safety
+/// As `mlock(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mlock(addr: *const c_void, len: usize) -> c_int {
+    lock_call(libc::SYS_mlock, [addr as usize, len, 0], Some((addr as usize, len)), true)
+}
+
+/// # Safety
+/// As `mlock2(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mlock2(addr: *const c_void, len: usize, flags: libc::c_uint) -> c_int {
+    lock_call(libc::SYS_mlock2, [addr as usize, len, flags as usize], Some((addr as usize, len)), true)
+}
+
+/// # Safety
+/// As `munlock(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn munlock(addr: *const c_void, len: usize) -> c_int {
+    lock_call(libc::SYS_munlock, [addr as usize, len, 0], Some((addr as usize, len)), false)
+}
+
+/// # Safety
+/// As `mlockall(2)`. Memory registered later is seen locked when its
+/// registration reads smaps, or at its first pin check.
+#[no_mangle]
+pub unsafe extern "C" fn mlockall(flags: c_int) -> c_int {
+    let current = flags & libc::MCL_CURRENT != 0;
+    if !current {
+        // SAFETY: the host program's own call, passed on unchanged.
+        return libc_ret(neg_errno(unsafe { libc::syscall(libc::SYS_mlockall, flags as libc::c_long) }));
+    }
+    lock_call(libc::SYS_mlockall, [flags as usize, 0, 0], None, true)
+}
+
+/// # Safety
+/// As `munlockall(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn munlockall() -> c_int {
+    lock_call(libc::SYS_munlockall, [0; 3], None, false)
+}
+
 fn raw_mmap(addr: usize, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> isize {
     // SAFETY: the host program's own mmap, passed on unchanged.
     neg_errno(unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot as libc::c_long, flags as libc::c_long, fd as libc::c_long, off) })

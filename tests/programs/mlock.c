@@ -3,7 +3,8 @@
  * twinpage): 64 equal pages locked, with mlock(2) ("mlock") or with
  * mlockall(MCL_CURRENT | MCL_FUTURE) first ("mlockall", as QEMU's
  * -overcommit mem-lock=on), marked mergeable, three full scans: all 64
- * merge, a write reads back, every mapping of the range stays locked, and
+ * merge, a write reads back, every mapping of the range stays locked
+ * ("munlock": unlocked again before the write, none is locked after), and
  * the process stays small (whatever KSM maps for itself is not locked in
  * whole); after run=2 the same.
  * Prints one deterministic line per step; "MLOCK DONE" at the end. Needs
@@ -32,22 +33,37 @@ static long status_kb(const char *field) {
     return v;
 }
 
-/* Whether every mapping of [a, a+len) is locked ("lo" in its VmFlags). */
-static int range_locked(unsigned char *a, size_t len) {
+/* How many mappings of [a, a+len) are locked ("lo" in their VmFlags), out
+ * of how many (*total). */
+static int locked_mappings(unsigned char *a, size_t len, int *total) {
     char line[512];
     unsigned long s, e, lo = (unsigned long)a, hi = lo + len;
-    int in = 0, all = 1, seen = 0;
+    int in = 0, locked = 0;
+    *total = 0;
     FILE *f = fopen("/proc/self/smaps", "r");
     while (f && fgets(line, sizeof line, f)) {
         if (sscanf(line, "%lx-%lx ", &s, &e) == 2 && strchr(line, '-') < strchr(line, ' ')) in = s < hi && e > lo;
-        else if (in && !strncmp(line, "VmFlags:", 8)) { seen = 1; if (!strstr(line, " lo")) all = 0; }
+        else if (in && !strncmp(line, "VmFlags:", 8)) {
+            ++*total;
+            if (strstr(line, " lo")) locked++;
+        }
     }
     if (f) fclose(f);
-    return seen && all;
+    return locked;
 }
+
+/* "every mapping of it locked", or with munlocked set "no mapping of it
+ * locked": yes or no. */
+static void print_locked(unsigned char *a, size_t len, int munlocked) {
+    int total, locked = locked_mappings(a, len, &total);
+    if (munlocked) printf("no mapping of it locked: %s\n", total && !locked ? "yes" : "no");
+    else printf("every mapping of it locked: %s\n", total && locked == total ? "yes" : "no");
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     int all = argc > 1 && !strcmp(argv[1], "mlockall");
+    int unlock = argc > 1 && !strcmp(argv[1], "munlock");
     int run = open("/sys/kernel/mm/ksm/run", O_RDWR), scans = open("/sys/kernel/mm/ksm/full_scans", O_RDONLY);
     int merging = open("/proc/self/ksm_merging_pages", O_RDONLY);
     int pts = open("/sys/kernel/mm/ksm/pages_to_scan", O_WRONLY), sleep = open("/sys/kernel/mm/ksm/sleep_millisecs", O_WRONLY);
@@ -64,12 +80,13 @@ int main(int argc, char **argv) {
     printf("run=1: %zd\n", write(run, "1", 1));
     printf("three full scans: %d\n", wait_scans(scans, 3));
     printf("ksm_merging_pages: %ld\n", read_fd(merging));
+    if (unlock) printf("munlock: %d\n", munlock(m, len));
     m[5 * PS] = 1;
     int good = 1;
     for (size_t i = 0; i < len; i++)
         if (m[i] != (i == 5 * PS ? 1 : 0x5a)) good = 0;
     printf("content after a write: %s\n", good ? "ok" : "WRONG");
-    printf("every mapping of it locked: %s\n", range_locked(m, len) ? "yes" : "no");
+    print_locked(m, len, unlock);
     printf("resident under 64 MiB: %s\n", status_kb("VmRSS:") < 64 * 1024 ? "yes" : "no");
     printf("run=2: %zd\n", write(run, "2", 1));
     printf("ksm_merging_pages: %ld\n", read_fd(merging));
@@ -77,7 +94,7 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < len; i++)
         if (m[i] != (i == 5 * PS ? 1 : 0x5a)) good = 0;
     printf("content after run=2: %s\n", good ? "ok" : "WRONG");
-    printf("every mapping of it locked: %s\n", range_locked(m, len) ? "yes" : "no");
+    print_locked(m, len, unlock);
     printf("MLOCK DONE\n");
     return 0;
 }
