@@ -442,14 +442,6 @@ impl Registry {
 
     /// The first region whose start is at or after `addr`, wrapping to the
     /// lowest region; the scanner's cursor walks with it.
-    pub fn at_or_after(&self, addr: usize) -> Option<&Arc<Region>> {
-        self.by_start.range(addr..).next().map(|(_, r)| r)
-    }
-
-    pub fn first(&self) -> Option<&Arc<Region>> {
-        self.by_start.values().next()
-    }
-
     /// Regions inserted so far: a region with a `seq` up to this one was
     /// registered when it was read.
     pub fn seq(&self) -> u64 {

@@ -112,11 +112,14 @@ impl Sh {
         }
     }
 
-    /// One step of `scan_pages`: find the next region at or after `cursor` (the
-    /// registry lock is dropped before the region lock is taken), scan it in
-    /// one batch under its lock, and advance the cursor. False at the end.
+    /// One step of `scan_pages`: find the next region with the scanner's own
+    /// `Registry::next_to_scan` (one pass, no region registered behind the
+    /// cursor: mark 0; the registry lock is dropped before the region lock is
+    /// taken), scan it in one batch under its lock, mark it visited, and
+    /// advance the cursor. False at the end of the pass.
     fn scan_step(&self, cursor: &mut usize, check_dead: bool) -> bool {
-        let found = self.registry.read().at_or_after(*cursor).cloned();
+        const PASS: u64 = 1;
+        let found = self.registry.read().next_to_scan(Some(*cursor), PASS, 0).cloned();
         let Some(region) = found else { return false };
         {
             let st = region.state.write();
@@ -125,6 +128,7 @@ impl Sh {
                 self.touch(&region);
             }
         }
+        region.set_scanned_in(PASS);
         *cursor = region.start + 1;
         true
     }
