@@ -196,11 +196,8 @@ impl Engine {
     /// was registered before it moved, whatever its length, without reading
     /// smaps (costly with many mappings).
     pub fn register_with(&self, addr: usize, len: usize, advice: Option<Advice>) -> Result<(), EngineError> {
-        if !addr.is_multiple_of(PAGE_SIZE) || len == 0 {
-            return Err(EngineError::Inval);
-        }
-        let len = len.checked_next_multiple_of(PAGE_SIZE).ok_or(EngineError::Inval)?;
-        let end = addr.checked_add(len).ok_or(EngineError::Inval)?;
+        let len = crate::sys::page_span(addr, len).filter(|&l| l > 0).ok_or(EngineError::Inval)?;
+        let end = addr + len;
         // Flags such as DONTFORK matter for guest RAM; for small ranges the
         // cost of reading smaps is not worth it.
         let vmas = if advice.is_none() && len >= 1 << 20 { maps::vmas_with_flags_in(addr, end) } else { maps::vmas_in(addr, end) };
@@ -429,16 +426,16 @@ impl Engine {
     /// Waits until `full_scans` has grown by `n` (or `timeout` passed); true
     /// when it did. Each look reads the count as of now, as a program
     /// reading the sysfs file does, not as last published (a pass may have
-    /// ended since, and the scanner publishes only once its wake is done).
+    /// ended since, and the scanner publishes only once its wake is done);
+    /// the counts are published when it returns true.
     pub fn wait_full_scans(&self, n: u64, timeout: Duration) -> bool {
-        let now = || {
-            state::publish(&self.inner.sh);
-            self.stats().full_scans
-        };
+        let now = || state::read_full_scans(&self.inner.sh);
         let target = now() + n;
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
             if now() >= target {
+                // What the caller reads next is as fresh as the count.
+                state::publish(&self.inner.sh);
                 return true;
             }
             std::thread::sleep(Duration::from_millis(1));

@@ -873,6 +873,16 @@ pub(crate) fn each_live_region(sh: &Shared, mut f: impl FnMut(&Region, &mut Regi
     }
 }
 
+/// `full_scans` as of now, read as a program reading the counts reads it
+/// (a pass then also covers every region registered so far), without
+/// publishing the other counts.
+pub(crate) fn read_full_scans(sh: &Shared) -> u64 {
+    let seq = sh.registry.read().seq();
+    let mut core = sh.core.lock();
+    core.counts_read(seq);
+    core.counters.full_scans
+}
+
 /// Publishes the counts.
 pub fn publish(sh: &Shared) {
     let (regions, seq) = {
