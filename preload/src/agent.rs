@@ -696,12 +696,5 @@ impl Agent {
 /// length that overflows once rounded up to pages is `EINVAL`; an empty
 /// range succeeds doing nothing (0); otherwise the rounded length.
 fn madvise_range(addr: usize, len: usize) -> Result<usize, c_int> {
-    let page = twinpage::host::PAGE_SIZE;
-    if !addr.is_multiple_of(page) {
-        return Err(libc::EINVAL);
-    }
-    match len.checked_next_multiple_of(page) {
-        Some(rounded) if addr.checked_add(rounded).is_some() => Ok(rounded),
-        _ => Err(libc::EINVAL),
-    }
+    twinpage::host::page_span(addr, len).ok_or(libc::EINVAL)
 }

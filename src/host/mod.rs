@@ -11,7 +11,7 @@ use crate::maps::{self, MappingKind};
 pub mod fork;
 pub mod mremap;
 
-pub use crate::sys::PAGE_SIZE;
+pub use crate::sys::{page_span, PAGE_SIZE};
 pub use crate::threads::spawn as spawn_thread;
 
 /// The userfaultfd ioctls a host watches for: a program registering its own

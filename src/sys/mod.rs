@@ -19,6 +19,17 @@ pub mod uffd;
 /// against it when an engine starts.
 pub const PAGE_SIZE: usize = 4096;
 
+/// A range of memory as the kernel's mm checks one (mm/madvise.c): its
+/// length rounded up to whole pages, or None when the start is not
+/// page-aligned or the rounded range would overflow.
+pub fn page_span(addr: usize, len: usize) -> Option<usize> {
+    if !addr.is_multiple_of(PAGE_SIZE) {
+        return None;
+    }
+    let rounded = len.checked_next_multiple_of(PAGE_SIZE)?;
+    addr.checked_add(rounded).map(|_| rounded)
+}
+
 /// The page size the kernel reports.
 pub fn page_size() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.
@@ -43,5 +54,21 @@ pub(crate) fn cvt(ret: libc::c_int) -> std::io::Result<libc::c_int> {
         Err(last_err())
     } else {
         Ok(ret)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_span_checks_a_range_as_the_kernel_does() {
+        assert_eq!(page_span(0x1000, 0), Some(0));
+        assert_eq!(page_span(0x1000, 1), Some(PAGE_SIZE));
+        assert_eq!(page_span(0x1000, PAGE_SIZE + 1), Some(2 * PAGE_SIZE));
+        assert_eq!(page_span(0x1001, PAGE_SIZE), None, "unaligned start");
+        assert_eq!(page_span(0x1000, usize::MAX), None, "length overflows when rounded");
+        assert_eq!(page_span(usize::MAX - PAGE_SIZE + 1, PAGE_SIZE), None, "end overflows");
+        assert_eq!(page_span(usize::MAX - 2 * PAGE_SIZE + 1, PAGE_SIZE), Some(PAGE_SIZE));
     }
 }
