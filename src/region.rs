@@ -536,6 +536,25 @@ mod tests {
 
     /// Ids wrap around the ones still in use.
     #[test]
+    fn a_write_in_flight_holds_its_page_while_the_content_is_unchanged_only() {
+        let mut list = Vec::new();
+        WriteInFlight::note(&mut list, 3, 0xaa);
+        WriteInFlight::note(&mut list, 5, 0xbb);
+        assert!(WriteInFlight::pending(&mut list, 3, 0xaa), "unchanged: the writer has not stored");
+        assert!(!WriteInFlight::pending(&mut list, 7, 0xaa), "never copied");
+        assert!(!WriteInFlight::pending(&mut list, 3, 0xcc), "changed: the store landed");
+        assert!(!WriteInFlight::pending(&mut list, 3, 0xaa), "forgotten once it landed");
+        list[0].since -= WriteInFlight::SETTLE;
+        assert!(!WriteInFlight::pending(&mut list, 5, 0xbb), "held at most SETTLE");
+        assert!(list.is_empty());
+        for page in 0..2 * WriteInFlight::MAX {
+            WriteInFlight::note(&mut list, page, 1);
+        }
+        assert_eq!(list.len(), WriteInFlight::MAX, "bounded");
+        assert!(WriteInFlight::pending(&mut list, 2 * WriteInFlight::MAX - 1, 1), "the newest kept");
+    }
+
+    #[test]
     fn ids_wrap_around_live_regions() {
         let mut reg = Registry::default();
         let add = |reg: &mut Registry, start: usize| {
