@@ -179,20 +179,27 @@ fn memfd_private_memory_merges() {
     m.unmap(&e);
 }
 
+/// Four pages of seed 77, registered and merged (one store page shared by
+/// four), the scanner flat out.
+fn four_pages_merged(e: &twinpage::Engine) -> Mem {
+    flat_out(e);
+    let m = Mem::anon(4);
+    for i in 0..4 {
+        m.fill(i, 77);
+    }
+    e.register(m.addr, m.len).unwrap();
+    let (ok, s) = wait_for(e, Duration::from_secs(10), |s| (s.pages_shared, s.pages_sharing) == (1, 3));
+    assert!(ok, "{s:?}");
+    m
+}
+
 /// A merged page rewritten with zeros sits in the store mapping (private
 /// copy-on-write of the store file); dropping it to the zero page there
 /// would show the store page again. It must read zeros from then on.
 #[test]
 fn a_merged_page_rewritten_with_zeros_becomes_a_zero_page_and_reads_zeros() {
     let Some(e) = engine() else { return };
-    flat_out(&e);
-    let m = Mem::anon(4);
-    for i in 0..4 {
-        m.fill(i, 77);
-    }
-    e.register(m.addr, m.len).unwrap();
-    let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| (s.pages_shared, s.pages_sharing) == (1, 3));
-    assert!(ok, "{s:?}");
+    let m = four_pages_merged(&e);
     m.zero(1);
     // use_zero_pages=0: the zero page counts as the kernel's KSM page of
     // zeros, shared by one page.
@@ -223,14 +230,7 @@ fn a_merged_page_rewritten_with_zeros_becomes_a_zero_page_and_reads_zeros() {
 #[test]
 fn a_first_write_that_left_the_page_unchanged_merges_again_only_after_its_writer_could_store() {
     let Some(e) = engine() else { return };
-    flat_out(&e);
-    let m = Mem::anon(4);
-    for i in 0..4 {
-        m.fill(i, 77);
-    }
-    e.register(m.addr, m.len).unwrap();
-    let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| (s.pages_shared, s.pages_sharing) == (1, 3));
-    assert!(ok, "{s:?}");
+    let m = four_pages_merged(&e);
     m.write_u64(1, 0, m.read_u64(1, 0));
     assert!(e.wait_full_scans(2, Duration::from_secs(10)));
     let s = e.stats_now();
