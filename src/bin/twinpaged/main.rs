@@ -133,11 +133,23 @@ fn claim_socket(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Binds the socket (claimed before): agents connect from now on.
+/// Binds the socket (claimed before): agents connect from now on. It is
+/// bound under a temporary name beside it, given its mode, and renamed into
+/// place, so that nobody ever sees it with the umask's mode (0755 under
+/// umask 022: `--socket-mode 666` agents of other uids were refused until
+/// the chmod, and a check of the mode could catch it).
 fn listen(path: &Path, mode: u32) -> Result<UnixListener, String> {
-    let l = UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
+    let name = path.file_name().ok_or_else(|| format!("{} names no file", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp).map_err(|e| format!("cannot listen on {}: {e}", tmp.display()))?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("cannot set the mode of {}: {e}", tmp.display()))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| format!("cannot move {} to {}: {e}", tmp.display(), path.display())));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     Ok(l)
 }
 
