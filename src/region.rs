@@ -440,8 +440,6 @@ impl Registry {
         self.by_start.range(..end).next_back().is_some_and(|(_, r)| r.end() > start)
     }
 
-    /// The first region whose start is at or after `addr`, wrapping to the
-    /// lowest region; the scanner's cursor walks with it.
     /// Regions inserted so far: a region with a `seq` up to this one was
     /// registered when it was read.
     pub fn seq(&self) -> u64 {
@@ -534,7 +532,6 @@ mod tests {
         assert_eq!(part.scanned_in(), pass);
     }
 
-    /// Ids wrap around the ones still in use.
     #[test]
     fn a_write_in_flight_holds_its_page_while_the_content_is_unchanged_only() {
         let mut list = Vec::new();
@@ -554,6 +551,7 @@ mod tests {
         assert!(WriteInFlight::pending(&mut list, 2 * WriteInFlight::MAX - 1, 1), "the newest kept");
     }
 
+    /// Ids wrap around the ones still in use.
     #[test]
     fn ids_wrap_around_live_regions() {
         let mut reg = Registry::default();
