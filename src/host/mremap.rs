@@ -25,14 +25,8 @@ use crate::Engine;
 /// away. The range is private read-write memory the program mapped
 /// anonymous, which [`emulate`] grows with fresh anonymous memory instead.
 pub fn grows_store_mapping(engine: &Engine, old: usize, old_len: usize, new_len: usize) -> bool {
-    if new_len <= old_len {
-        return false;
-    }
-    let stores = engine.store_ids();
-    let Ok(vmas) = crate::maps::vmas_in(old, old.saturating_add(old_len)) else { return false };
-    let rw = libc::PROT_READ | libc::PROT_WRITE;
-    vmas.iter().any(|v| v.is_store_mapping(&stores))
-        && vmas.iter().all(|v| (v.kind == crate::maps::MappingKind::Anon || v.is_store_mapping(&stores)) && v.prot & rw == rw)
+    new_len > old_len
+        && anon_read_write(engine, old, old_len).is_some_and(|(vmas, stores)| vmas.iter().any(|v| v.is_store_mapping(&stores)))
 }
 
 /// mremap of private anonymous memory that spans several mappings: shrink in
@@ -120,16 +114,25 @@ pub fn emulate(old: usize, old_len: usize, new_len: usize, flags: c_int, new_add
 /// anonymous mappings (or mappings of `engine`'s stores standing for them):
 /// the split merging makes, which the kernel's mremap refuses with EFAULT.
 pub fn spans_split_anon(engine: &Engine, addr: usize, len: usize) -> bool {
+    anon_read_write(engine, addr, len).is_some_and(|(vmas, _)| vmas.len() > 1)
+}
+
+/// The mappings of `[addr, addr+len)` and `engine`'s stores, when they
+/// cover it without holes and each is private anonymous memory (or a
+/// mapping of a store standing for it), readable and writable: what
+/// [`emulate`] can move and grow as the kernel would.
+fn anon_read_write(engine: &Engine, addr: usize, len: usize) -> Option<(Vec<crate::maps::Vma>, Vec<crate::sys::file::FileId>)> {
     let stores = engine.store_ids();
     let end = addr.saturating_add(len);
-    let Ok(vmas) = crate::maps::vmas_in(addr, end) else { return false };
+    let vmas = crate::maps::vmas_in(addr, end).ok()?;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
     let mut at = addr;
     for v in &vmas {
         let anon = v.kind == crate::maps::MappingKind::Anon || v.is_store_mapping(&stores);
-        if v.start > at || !anon || v.prot & (libc::PROT_READ | libc::PROT_WRITE) != (libc::PROT_READ | libc::PROT_WRITE) {
-            return false;
+        if v.start > at || !anon || v.prot & rw != rw {
+            return None;
         }
         at = v.end;
     }
-    vmas.len() > 1 && at >= end
+    (at >= end).then_some((vmas, stores))
 }
