@@ -66,11 +66,11 @@ impl PageRecord {
     /// daemon takes the link's references over on reconnect (`Resume`), the
     /// page is REMOTE again and its release reaches the broker.
     pub const LAST_LINK: u8 = 1 << 4;
-    /// `UFFDIO_MOVE` refused the page (`EBUSY`): pinned, or left "maybe
-    /// shared" by a fork whose child has exec'd or exited. The next scan
-    /// makes it exclusive again if it can (`MADV_POPULATE_WRITE`), which
-    /// hides no pin: a page pinned for a device's write is exclusive
-    /// already, and is reused, not copied.
+    /// `UFFDIO_MOVE` refused the page (`EBUSY`) even after the merge tried
+    /// to make it exclusive (`merge::pin`): pinned, or a fork's share the
+    /// merge could not undo. The next scan tries once more, unprotected
+    /// (`MADV_POPULATE_WRITE`), which hides no pin: a page pinned for a
+    /// device's write is exclusive already, and is reused, not copied.
     pub const UNSHARE: u8 = 1 << 5;
     const ALL_FLAGS: u8 = (1 << 6) - 1;
 

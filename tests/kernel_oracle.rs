@@ -158,13 +158,14 @@ fn prot_none_memory_merges_as_the_kernels_does_under_twinpaged() {
 /// "run=2, mark N pages of one byte mergeable, run=1, wait for two full
 /// scans": then every page is merged, chained at max_page_sharing
 /// (tests/programs/barrier.c; 300 pages: 2 shared, 298 sharing), PROT_NONE
-/// pages too, alone and through twinpaged. Before, the daemon merged only
+/// pages and pages a forked child shares or shared too,
+/// alone and through twinpaged. Before, the daemon merged only
 /// the uploaded page of a batch's duplicates in the scan that found them,
 /// the rest a scan later: 1 or 257 of 512 PROT_NONE pages after two scans
 /// (2 runs in 3 by hand).
 #[test]
 fn two_full_scans_after_run_1_merge_every_duplicate_as_the_kernels_do() {
-    let args = ["300", "512n", "300n", "512", "512n", "64n"];
+    let args = ["300", "512n", "300n", "512", "512n", "64n", "64f", "64c"];
     same_lines("barrier", &args, "BARRIER DONE", "oracle-barrier", false);
     same_lines("barrier", &args, "BARRIER DONE", "oracle-barrier-daemon", true);
 }

@@ -275,6 +275,66 @@ fn pages_a_fork_left_maybe_shared_merge_once_the_child_is_gone() {
     m.unmap(&e);
 }
 
+/// Pages a live child shares (it forked after they were written) merge
+/// within the two full scans a program waits for, as on the kernel (which
+/// merges the parent's mapping and leaves the child its page). The pin
+/// check's `UFFDIO_MOVE` refuses a page that is not exclusive to this
+/// process (`EBUSY`, as for a pinned one); the merge makes it exclusive
+/// with a write fault that changes no byte and moves it again. Before, such
+/// a page was made exclusive only in the next pass, and with passes long
+/// enough for the barrier to be exact, two full scans ended with (0, 0)
+/// (seen in CI, where another test's fork caught a test's pages).
+#[test]
+fn pages_shared_with_a_live_child_merge_within_two_full_scans() {
+    let Some(e) = engine() else { return };
+    e.set_pages_to_scan(1000).unwrap();
+    e.set_attr("sleep_millisecs", "5").unwrap();
+    // Unique pages make each pass long, so the barrier is exact.
+    let unique = Mem::anon(10_000);
+    for i in 0..unique.pages() {
+        unique.fill(i, 2_000_000 + i as u64);
+    }
+    e.register(unique.addr, unique.len).unwrap();
+    let m = Mem::anon(64);
+    for i in 0..m.pages() {
+        m.fill(i, 5);
+    }
+    let mut pipe = [0; 2];
+    // SAFETY: a plain syscall into our array.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    // SAFETY: the child only calls close, read and _exit, which are
+    // async-signal-safe.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let mut c = 0u8;
+        // SAFETY: the child waits for the parent to close the pipe, then ends.
+        unsafe {
+            libc::close(pipe[1]);
+            libc::read(pipe[0], (&mut c as *mut u8).cast(), 1);
+            libc::_exit(0)
+        };
+    }
+    assert!(pid > 0);
+    // SAFETY: closes our own descriptor.
+    unsafe { libc::close(pipe[0]) };
+    e.register(m.addr, m.len).unwrap();
+    let scanned = e.wait_full_scans(2, Duration::from_secs(20));
+    let s = e.stats_now();
+    let mut status = 0;
+    // SAFETY: ends and reaps our own child.
+    unsafe {
+        libc::close(pipe[1]);
+        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+    }
+    assert!(scanned, "{s:?}");
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, 63), "{s:?}");
+    for i in 0..m.pages() {
+        assert!(m.page_matches(i, 5));
+    }
+    m.unmap(&e);
+    unique.unmap(&e);
+}
+
 /// Hugetlbfs memory is never merged, as the kernel's KSM leaves it: not
 /// registered, and never turned into small anonymous pages.
 #[test]

@@ -216,6 +216,15 @@ pub(super) fn check<'a>(sh: &'a Shared, region: &Region, st: &mut RegionState, c
         // scratch pages are ours and empty.
         let failed = unsafe { move_stretch(sh, to, s, i, j, &mut moved.out) };
         for (k, e) in failed {
+            // SAFETY: page k of the stretch above, still in place.
+            let e = match e.raw_os_error() == Some(libc::EBUSY) && unsafe { unshared(sh, moved.addrs[k]) } {
+                // SAFETY: as above, for page k alone.
+                true => match unsafe { move_stretch(sh, moved.scratch.page(k), moved.addrs[k], k, k + 1, &mut moved.out) }.pop() {
+                    None => continue,
+                    Some((_, e)) => e,
+                },
+                false => e,
+            };
             ok[k] = false;
             if e.raw_os_error() == Some(libc::EBUSY) {
                 core.tally(Tally::Pinned, 1);
@@ -251,6 +260,31 @@ pub(super) fn check<'a>(sh: &'a Shared, region: &Region, st: &mut RegionState, c
         }
     }
     Some(moved)
+}
+
+/// After `UFFDIO_MOVE` refused the page at `at` (`EBUSY`): makes it
+/// exclusive to this process if a fork left it "maybe shared" (the child
+/// may still map it), so that it can be moved. A write fault that changes
+/// no byte does it (`MADV_POPULATE_WRITE`): the kernel reuses the page if
+/// nobody else maps it, or gives this process a copy. It hides no pin: a
+/// page pinned by a device is exclusive already (the kernel unshares an
+/// anonymous page before it pins it), so that fault finds it writable and
+/// changes nothing, and the move refuses it again. The page is unprotected
+/// meanwhile without waking its waiters; a write that lands then is seen
+/// when the moved page is compared. Whether the page is protected again.
+///
+/// # Safety
+/// `at` is a page of a run the caller merges, write-protected by it and
+/// still in place.
+unsafe fn unshared(sh: &Shared, at: usize) -> bool {
+    if sh.uffd().unprotect_quietly(at, PAGE_SIZE).is_err() {
+        return false;
+    }
+    // SAFETY: a page of a run we hold; its write-protection (the only
+    // userfaultfd fault it could take) is off, so the fault cannot wait on
+    // our own fault thread.
+    let _ = unsafe { mman::madvise(at, PAGE_SIZE, mman::MADV_POPULATE_WRITE) };
+    sh.uffd().protect(at, PAGE_SIZE).is_ok()
 }
 
 /// Moves pages `[i, j)` of a run, page `k` from `from + (k-i)*PAGE_SIZE` to

@@ -253,6 +253,12 @@ impl Userfaultfd {
         self.writeprotect(start, len, 0)
     }
 
+    /// Removes write protection from `[start, start+len)` without waking its
+    /// waiters: they stay blocked until a later wake.
+    pub fn unprotect_quietly(&self, start: usize, len: usize) -> io::Result<()> {
+        self.writeprotect(start, len, UFFDIO_WRITEPROTECT_MODE_DONTWAKE)
+    }
+
     fn writeprotect(&self, start: usize, len: usize, mode: u64) -> io::Result<()> {
         let mut wp = UffdioWriteprotect { range: UffdioRange { start: start as u64, len: len as u64 }, mode };
         loop {

@@ -3,13 +3,17 @@
  * run=1, then two full scans later every page is merged, chained at
  * max_page_sharing. Prints what it reads through the files.
  *
- * barrier PAGES[n]... : one round for each page count; with `n`, the pages
- * are made PROT_NONE before they are marked (the kernel merges them too). */
+ * barrier PAGES[n][f|c]... : one round for each page count; with `n`, the
+ * pages are made PROT_NONE before they are marked (the kernel merges them
+ * too); with `f`, the program forks once they are filled and the child exits
+ * at once (the parent's pages stay "maybe shared" until written); with `c`,
+ * the child lives on until the barrier has passed (it shares the pages). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include "ksmfiles.h"
 
 #define PS 4096
@@ -35,6 +39,24 @@ int main(int argc, char **argv) {
         printf("run=2: %zd\n", write(run, "2", 1));
         unsigned char *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         memset(m, 0x5a + a, len);
+        int lives = strchr(argv[a], 'c') != NULL, kid[2] = {-1, -1};
+        pid_t child = -1;
+        if (strchr(argv[a], 'f') || lives) {
+            if (pipe(kid)) { printf("PIPE FAIL %s\n", strerror(errno)); return 2; }
+            child = fork();
+            if (child == 0) {
+                char c;
+                close(kid[1]);
+                if (lives) (void)!read(kid[0], &c, 1); /* until the parent closes it */
+                _exit(m[len - 1] == 0x5a + a ? 0 : 1);
+            }
+            close(kid[0]);
+            if (!lives) {
+                close(kid[1]);
+                int st = 0;
+                printf("child exited: %d\n", waitpid(child, &st, 0) == child && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+            }
+        }
         if (none) printf("mprotect none: %d\n", mprotect(m, len, PROT_NONE));
         printf("%zu pages, madvise: %d\n", pages, madvise(m, len, MADV_MERGEABLE));
         printf("run=1: %zd\n", write(run, "1", 1));
@@ -42,6 +64,11 @@ int main(int argc, char **argv) {
         printf("ksm_merging_pages: %ld\n", read_fd(merging));
         printf("pages_shared %ld pages_sharing %ld\n", read_path("/sys/kernel/mm/ksm/pages_shared"),
                read_path("/sys/kernel/mm/ksm/pages_sharing"));
+        if (lives) {
+            close(kid[1]);
+            int st = 0;
+            printf("child saw its pages: %d\n", waitpid(child, &st, 0) == child && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+        }
         munmap(m, len);
     }
     printf("run=2: %zd\n", write(run, "2", 1));
