@@ -275,6 +275,20 @@ fn pages_a_fork_left_maybe_shared_merge_once_the_child_is_gone() {
     m.unmap(&e);
 }
 
+/// Slow scanning (1000 pages each 5 ms) over `pages` registered unique
+/// pages: each pass takes a while, so a program waiting for two full scans
+/// waits for exactly two.
+fn long_passes(e: &twinpage::Engine, pages: usize) -> Mem {
+    e.set_pages_to_scan(1000).unwrap();
+    e.set_attr("sleep_millisecs", "5").unwrap();
+    let m = Mem::anon(pages);
+    for i in 0..m.pages() {
+        m.fill(i, 1_000_000 + i as u64);
+    }
+    e.register(m.addr, m.len).unwrap();
+    m
+}
+
 /// Pages a live child shares (it forked after they were written) merge
 /// within the two full scans a program waits for, as on the kernel (which
 /// merges the parent's mapping and leaves the child its page). The pin
@@ -287,14 +301,8 @@ fn pages_a_fork_left_maybe_shared_merge_once_the_child_is_gone() {
 #[test]
 fn pages_shared_with_a_live_child_merge_within_two_full_scans() {
     let Some(e) = engine() else { return };
-    e.set_pages_to_scan(1000).unwrap();
-    e.set_attr("sleep_millisecs", "5").unwrap();
-    // Unique pages make each pass long, so the barrier is exact.
-    let unique = Mem::anon(10_000);
-    for i in 0..unique.pages() {
-        unique.fill(i, 2_000_000 + i as u64);
-    }
-    e.register(unique.addr, unique.len).unwrap();
+    // Long passes make the barrier exact.
+    let unique = long_passes(&e, 10_000);
     let m = Mem::anon(64);
     for i in 0..m.pages() {
         m.fill(i, 5);
@@ -388,14 +396,8 @@ fn hugetlbfs_memory_is_left_alone() {
 #[test]
 fn two_full_scans_after_run_2_and_run_1_merge_everything() {
     let Some(e) = engine() else { return };
-    e.set_pages_to_scan(1000).unwrap();
-    e.set_attr("sleep_millisecs", "5").unwrap();
     // A big area of unique pages keeps the cursor busy mid-pass.
-    let a = Mem::anon(20_000);
-    for i in 0..a.pages() {
-        a.fill(i, 1_000_000 + i as u64);
-    }
-    e.register(a.addr, a.len).unwrap();
+    let a = long_passes(&e, 20_000);
     for round in 0..3 {
         std::thread::sleep(Duration::from_millis(37 + 50 * round));
         e.set_attr("run", "2").unwrap();
