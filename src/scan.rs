@@ -247,12 +247,16 @@ fn zero_runs<'a>(region: &Region, st: &RegionState, zeros: &'a [Item]) -> Vec<&'
     let anon = region.kind == crate::maps::MappingKind::Anon;
     let registered = |p: usize| st.records[p].flags() & PageRecord::NEEDS_REGISTER == 0;
     let in_place = |p: usize| registered(p) && st.records[p].flags() & PageRecord::OVERLAY == 0;
+    // The merge unprotects the whole span when it is done: a merged page in
+    // between would lose the protection that brings its first write to the
+    // fault thread (`merge::cow`), and the write would be copied in place.
+    let between = |p: usize| registered(p) && st.records[p].state() != PageState::Merged;
     let mut out = Vec::new();
     let mut s = 0;
     let mut sparse_ok = anon && zeros.first().is_some_and(|it| in_place(it.page));
     for k in 1..zeros.len() {
         let (prev, next) = (zeros[k - 1].page, zeros[k].page);
-        if sparse_ok && in_place(next) && (prev + 1..next).all(registered) {
+        if sparse_ok && in_place(next) && (prev + 1..next).all(between) {
             continue;
         }
         let contiguous = prev - zeros[s].page == k - 1 - s;

@@ -125,6 +125,37 @@ fn anonymous_zero_pages_drop_to_the_zero_page_without_use_zero_pages() {
     m.unmap(&e);
 }
 
+/// A merged page between two zero pages keeps its first-write guard. Zero
+/// pages that stay in place merge as one sparse run across the pages
+/// between them, which the merge protects and unprotects with the run; a
+/// merged page among them lost the protection that brings its first write
+/// to twinpage, and the write was then copied inside the store mapping,
+/// never to merge again. Before: no cow break, `twinpage_cow_in_place` 1.
+#[test]
+fn a_merged_page_between_two_zero_pages_keeps_its_first_write_guard() {
+    let Some(e) = engine() else { return };
+    flat_out(&e);
+    e.set_use_zero_pages(true);
+    let m = Mem::anon(4);
+    for (i, seed) in [1, 5, 5, 2].into_iter().enumerate() {
+        m.fill(i, seed);
+    }
+    e.register(m.addr, m.len).unwrap();
+    let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| (s.pages_shared, s.pages_sharing) == (1, 1));
+    assert!(ok, "pages 1 and 2 never merged: {s:?}");
+    m.zero(0);
+    m.zero(3);
+    let (ok, s) = wait_for(&e, Duration::from_secs(10), |s| s.ksm_zero_pages == 2);
+    assert!(ok, "pages 0 and 3 never dropped to the zero page: {s:?}");
+    m.write_u64(1, 0, 9);
+    assert!(e.wait_full_scans(2, Duration::from_secs(10)));
+    let s = e.stats();
+    assert_eq!((s.twinpage_cow_breaks, s.twinpage_cow_in_place), (1, 0), "{s:?}");
+    assert_eq!(m.read_u64(1, 0), 9);
+    assert!(m.page_matches(2, 5));
+    m.unmap(&e);
+}
+
 #[test]
 fn zero_pages_drop_to_the_zero_page_with_use_zero_pages() {
     let Some(e) = engine() else { return };
