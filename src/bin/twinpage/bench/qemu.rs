@@ -181,6 +181,19 @@ pub fn run_side(a: &BenchArgs, side: Side, target: Option<u64>) -> Result<SideRe
     run(a, Mode::Side(side), target)
 }
 
+/// The `TWINPAGE_*` variables that give a guest's preload `tunables`
+/// (written to sysfs in that order). With the advisor on, pages_to_scan is
+/// the advisor's: the preload refuses that variable then, as sysfs refuses
+/// the write, and the guest would run without twinpage.
+fn tunable_env(tunables: &[(&str, String)]) -> Vec<(String, String)> {
+    let advised = tunables.iter().any(|(n, v)| *n == "advisor_mode" && v != "none");
+    tunables
+        .iter()
+        .filter(|(n, _)| !(advised && *n == "pages_to_scan"))
+        .map(|(n, v)| (format!("TWINPAGE_{}", n.to_uppercase()), v.clone()))
+        .collect()
+}
+
 fn run(a: &BenchArgs, mode: Mode, target: Option<u64>) -> Result<SideResult, String> {
     let script = find_guest_script(a.guest_script.as_deref())?;
     let mem_mib = (a.size >> 20).max(64);
@@ -234,12 +247,7 @@ fn run(a: &BenchArgs, mode: Mode, target: Option<u64>) -> Result<SideResult, Str
         .stderr(log)
         .env_remove("LD_PRELOAD");
         if let Some(preload) = &preload {
-            c.env("LD_PRELOAD", preload)
-                .env("TWINPAGE_DIR", &tree)
-                .env("TWINPAGE_PAGES_TO_SCAN", a.pages_to_scan.to_string())
-                .env("TWINPAGE_SLEEP_MILLISECS", a.sleep_millisecs.to_string())
-                .env("TWINPAGE_USE_ZERO_PAGES", u8::from(a.use_zero_pages).to_string())
-                .envs(super::advisor_settings(a).into_iter().map(|(n, v)| (format!("TWINPAGE_{}", n.to_uppercase()), v)));
+            c.env("LD_PRELOAD", preload).env("TWINPAGE_DIR", &tree).envs(tunable_env(&tunables));
             if daemon_mode {
                 c.env_remove("TWINPAGE_SOCKET");
             } else {
@@ -421,6 +429,23 @@ mod tests {
         let c = console(&log);
         assert_eq!(c.verify_ms, vec![26.0, 30.0]);
         assert_eq!(c.failures, 1);
+    }
+
+    /// The preload takes what the bench gives a guest, the advisor on or
+    /// off. Before, with `--advisor-target-scan-time` it got
+    /// `TWINPAGE_PAGES_TO_SCAN` as well, refused it and ran the guests
+    /// without twinpage (the qemu row merged nothing).
+    #[test]
+    fn the_preload_takes_the_guests_tunables() {
+        let plain = [("pages_to_scan", "100000".to_string()), ("sleep_millisecs", "20".into()), ("use_zero_pages", "0".into())];
+        let mut advised = plain.to_vec();
+        advised.extend(super::super::advisor_pairs(Some(1), Some(30)));
+        for tunables in [&plain[..], &advised[..]] {
+            let env = tunable_env(tunables);
+            let c = twinpage::envconfig::from_vars(env.clone()).unwrap_or_else(|e| panic!("{env:?}: {e}"));
+            assert_eq!(c.tunables.len(), env.len());
+        }
+        assert!(tunable_env(&plain).iter().any(|(k, _)| k == "TWINPAGE_PAGES_TO_SCAN"));
     }
 
     #[test]
