@@ -217,13 +217,13 @@ pub(super) fn check<'a>(sh: &'a Shared, region: &Region, st: &mut RegionState, c
         let failed = unsafe { move_stretch(sh, to, s, i, j, &mut moved.out) };
         for (k, e) in failed {
             // SAFETY: page k of the stretch above, still in place.
-            let e = match e.raw_os_error() == Some(libc::EBUSY) && unsafe { unshared(sh, moved.addrs[k]) } {
+            let e = if e.raw_os_error() == Some(libc::EBUSY) && unsafe { unshared(sh, moved.addrs[k]) } {
                 // SAFETY: as above, for page k alone.
-                true => match unsafe { move_stretch(sh, moved.scratch.page(k), moved.addrs[k], k, k + 1, &mut moved.out) }.pop() {
-                    None => continue,
-                    Some((_, e)) => e,
-                },
-                false => e,
+                let again = unsafe { move_stretch(sh, moved.scratch.page(k), moved.addrs[k], k, k + 1, &mut moved.out) };
+                let Some((_, e)) = again.into_iter().next() else { continue };
+                e
+            } else {
+                e
             };
             ok[k] = false;
             if e.raw_os_error() == Some(libc::EBUSY) {

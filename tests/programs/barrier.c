@@ -25,6 +25,12 @@ static long read_path(const char *p) {
     return v;
 }
 
+/* Whether `child` exited with status 0. */
+static int exited_ok(pid_t child) {
+    int st = 0;
+    return waitpid(child, &st, 0) == child && WIFEXITED(st) && WEXITSTATUS(st) == 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     int run = open("/sys/kernel/mm/ksm/run", O_RDWR);
@@ -53,8 +59,7 @@ int main(int argc, char **argv) {
             close(kid[0]);
             if (!lives) {
                 close(kid[1]);
-                int st = 0;
-                printf("child exited: %d\n", waitpid(child, &st, 0) == child && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+                printf("child exited: %d\n", exited_ok(child));
             }
         }
         if (none) printf("mprotect none: %d\n", mprotect(m, len, PROT_NONE));
@@ -66,8 +71,7 @@ int main(int argc, char **argv) {
                read_path("/sys/kernel/mm/ksm/pages_sharing"));
         if (lives) {
             close(kid[1]);
-            int st = 0;
-            printf("child saw its pages: %d\n", waitpid(child, &st, 0) == child && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+            printf("child saw its pages: %d\n", exited_ok(child));
         }
         munmap(m, len);
     }
