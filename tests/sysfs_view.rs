@@ -11,17 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::procs::{finish_twin, setup, spawn_ready, start_daemon, tree_counter, Kids};
+use common::procs::{finish_twin, setup, spawn_ready, start_daemon, store_mappings, tree_counter, Kids};
 use common::view::{fuse_available, mounted, Unmount};
 use common::{tempdir, wait_until};
 
 /// Merged stretches of `pid`: private mappings of the daemon's store memfd
 /// (the agent also maps the whole store shared and read-only, to compare).
-fn store_mappings(pid: u32) -> usize {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    maps.lines().filter(|l| l.contains("twinpage-store") && l.split(' ').nth(1).is_some_and(|p| p.ends_with('p'))).count()
-}
-
 fn write(path: &Path, value: &str) -> Result<(), i32> {
     std::fs::write(path, value).map_err(|e| e.raw_os_error().unwrap_or(0))
 }

@@ -219,8 +219,9 @@ fn start_stats(engine: &Arc<Engine>, cfg: &Config) {
 /// the tree's when `write(2)` returns, ordered before any write another
 /// process makes later, as writes to the kernel's one file are; and `run=2`
 /// has unmerged every process's pages by then, as the kernel's has. A
-/// process that does not answer within [`EVERYWHERE_WAIT`] (stopped, say)
-/// is not waited for again until it answers.
+/// stopped process is not waited for (it takes the write when it
+/// continues); one that does not answer within [`EVERYWHERE_WAIT`] is not
+/// waited for again until it answers.
 pub fn publish_now() {
     static UNANSWERED: Mutex<Option<std::collections::HashSet<u32>>> = Mutex::new(None);
     // No lock held while it waits: a fork meanwhile would leave the child a
@@ -230,8 +231,13 @@ pub fn publish_now() {
         let known = UNANSWERED.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
         match h.publish_everywhere(EVERYWHERE_WAIT, &known) {
             Ok(left) => {
-                if left.iter().any(|p| !known.contains(p)) {
-                    log::warn!("twinpage: processes {left:?} on the tree did not take a write within {EVERYWHERE_WAIT:?}");
+                let (stopped, stuck): (Vec<u32>, Vec<u32>) =
+                    left.iter().filter(|p| !known.contains(p)).partition(|&&p| twinpage::statsfs::process_stopped(p));
+                if !stopped.is_empty() {
+                    log::info!("twinpage: processes {stopped:?} on the tree are stopped: they take the write when they continue");
+                }
+                if !stuck.is_empty() {
+                    log::warn!("twinpage: processes {stuck:?} on the tree did not take a write within {EVERYWHERE_WAIT:?}");
                 }
                 *UNANSWERED.lock().unwrap_or_else(|e| e.into_inner()) = Some(left);
             }

@@ -200,11 +200,51 @@ impl TreeLock {
                 Err(std::fs::TryLockError::Error(e)) => return Err(e),
             }
             if std::time::Instant::now() >= deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "the tree's lock is held by another process"));
+                return Err(io::Error::new(io::ErrorKind::TimedOut, self.held_by()));
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
+}
+
+impl TreeLock {
+    /// Who holds the lock, as `/proc/locks` tells (an `flock` lists the
+    /// process that took it), for the message of a timed-out wait: a
+    /// process stopped while it held the lock holds up every other one on
+    /// the tree until it continues, and the operator needs its pid.
+    fn held_by(&self) -> String {
+        let holder = self.file.metadata().ok().and_then(|m| {
+            let locks = fs::read_to_string("/proc/locks").ok()?;
+            flock_holder(&locks, m.dev(), m.ino())
+        });
+        match holder {
+            Some(pid) if process_stopped(pid) => {
+                format!("the tree's lock is held by process {pid}, which is stopped: the tree waits until it continues")
+            }
+            Some(pid) => format!("the tree's lock is held by process {pid}"),
+            None => "the tree's lock is held by another process".to_string(),
+        }
+    }
+}
+
+/// The pid `/proc/locks` lists for an `flock` on the file `dev`/`ino`
+/// (lines like `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF`, the device
+/// as major:minor in hex).
+fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+    let (major, minor) = (u64::from(libc::major(dev)), u64::from(libc::minor(dev)));
+    locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // A blocked waiter's line starts "1: -> FLOCK"; only holders count.
+        let (kind, pid, file) = (f.get(1)?, f.get(4)?, f.get(5)?);
+        if *kind != "FLOCK" {
+            return None;
+        }
+        let mut parts = file.split(':');
+        let (ma, mi, i) = (parts.next()?, parts.next()?, parts.next()?);
+        let same =
+            u64::from_str_radix(ma, 16).ok()? == major && u64::from_str_radix(mi, 16).ok()? == minor && i.parse::<u64>().ok()? == ino;
+        same.then(|| pid.parse().ok()).flatten()
+    })
 }
 
 /// Holds the tree's lock until dropped.
@@ -231,6 +271,15 @@ pub(crate) fn process_starttime(pid: u32) -> Option<u64> {
         return None;
     }
     fields.nth(18)?.parse().ok()
+}
+
+/// Whether process `pid` is stopped (`SIGSTOP`, a job-control stop) or
+/// stopped by its tracer: it runs no thread, so its publisher cannot answer
+/// until it continues.
+pub fn process_stopped(pid: u32) -> bool {
+    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let state = s.rfind(')').and_then(|i| s.get(i + 1..)).and_then(|rest| rest.split_whitespace().next());
+    matches!(state, Some("T" | "t"))
 }
 
 /// `/proc/<pid>/comm`, without the newline.
@@ -283,6 +332,49 @@ mod tests {
         assert_eq!(process_starttime(me), process_starttime(me));
         assert!(process_comm(me).is_some());
         assert_eq!(process_starttime(u32::MAX), None);
+    }
+
+    /// A process stopped while it holds the tree's lock holds up the others:
+    /// their wait ends with a message naming it as stopped.
+    #[test]
+    fn a_wait_for_the_lock_names_a_stopped_holder() {
+        let dir = std::env::temp_dir().join(format!("twinpage-lock-{}", std::process::id()));
+        create_dir(&dir).unwrap();
+        let path = dir.join("lock");
+        let lock = TreeLock::open(&path).unwrap();
+        let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: the child makes only async-signal-safe calls (open, flock,
+        // raise, _exit) on memory prepared before the fork.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            // SAFETY: as above; its own open file description, so its own lock.
+            unsafe {
+                let fd = libc::open(cpath.as_ptr(), libc::O_RDWR);
+                if fd < 0 || libc::flock(fd, libc::LOCK_EX) != 0 {
+                    libc::_exit(1);
+                }
+                libc::raise(libc::SIGSTOP);
+                libc::_exit(0);
+            }
+        }
+        assert!(child > 0);
+        let pid = child as u32;
+        let mut status = 0;
+        // SAFETY: waits for our own child to stop.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, libc::WUNTRACED) }, child);
+        assert!(libc::WIFSTOPPED(status));
+        assert!(process_stopped(pid));
+        assert!(!process_stopped(std::process::id()));
+        let e = lock.lock_timeout(std::time::Duration::from_millis(50)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains(&format!("process {pid}, which is stopped")), "{e}");
+        // SAFETY: our own child; it exits once continued.
+        unsafe {
+            libc::kill(child, libc::SIGCONT);
+            libc::waitpid(child, &mut status, 0);
+        }
+        assert!(lock.lock_timeout(std::time::Duration::from_secs(5)).is_ok(), "free once its holder exited");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

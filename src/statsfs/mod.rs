@@ -121,7 +121,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use counters::{Combine, Counters, FIELDS};
-pub use file::{TreeLock, TreeLockGuard};
+pub use file::{process_stopped, TreeLock, TreeLockGuard};
 pub use publisher::{forget_parent_publishers, process_stat, StatsTree, StatsTreeHandle, StatsTreeKicker};
 pub use reader::{ProcessEntry, Refusal, SetError, SetOutcome, Ticket, Tree, WaitOutcome};
 

@@ -250,9 +250,12 @@ impl Tree {
     }
 
     /// Whether every running process's engine has `value` for `name`
-    /// (`proc/<pid>/twinpage_tunables`).
+    /// (`proc/<pid>/twinpage_tunables`); a stopped one takes it when it
+    /// continues.
     pub fn all_have(&self, name: &str, value: &str) -> bool {
-        self.processes().is_ok_and(|ps| ps.iter().filter(|p| p.live).all(|p| p.tunables.iter().any(|(n, v)| n == name && v == value)))
+        self.processes().is_ok_and(|ps| {
+            ps.iter().filter(|p| p.live && !file::process_stopped(p.pid)).all(|p| p.tunables.iter().any(|(n, v)| n == name && v == value))
+        })
     }
 
     /// The generation: publishers' passes so far.
@@ -276,10 +279,12 @@ impl Tree {
     /// Asks every publisher for counters taken from now on
     /// (`twinpage/request`, see `statsfs::wake`) and waits, up to
     /// `timeout`, until each running process not in `skip` has published
-    /// them. Returns the running processes that have not (stopped ones,
-    /// say): a caller that reads again may pass them as `skip` rather than
-    /// wait for them each time. Once it returns, a publisher's next pass
-    /// puts fresh global counters together from the fresh ones.
+    /// them. A stopped process is not waited for: none of its threads runs
+    /// until it continues (then it publishes, and takes any write made
+    /// meanwhile). Returns the running processes that have not answered: a
+    /// caller that reads again may pass them as `skip` rather than wait for
+    /// them each time. Once it returns, a publisher's next pass puts fresh
+    /// global counters together from the fresh ones.
     pub fn refresh(&self, timeout: Duration, skip: &HashSet<u32>) -> io::Result<HashSet<u32>> {
         let request = {
             let lock = self.lock()?;
@@ -293,7 +298,7 @@ impl Tree {
         let deadline = Instant::now() + timeout;
         loop {
             let waiting = self.not_served(request)?;
-            if waiting.iter().all(|p| skip.contains(p)) || Instant::now() >= deadline {
+            if waiting.iter().all(|&p| skip.contains(&p) || file::process_stopped(p)) || Instant::now() >= deadline {
                 return Ok(waiting);
             }
             std::thread::sleep(Duration::from_millis(1));

@@ -57,6 +57,13 @@ pub fn finish_twin(mut c: Child) -> String {
     out
 }
 
+/// How many private mappings of a twinpage store process `pid` has: its
+/// merged stretches, seen from outside.
+pub fn store_mappings(pid: u32) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines().filter(|l| l.contains("twinpage-store") && l.split(' ').nth(1).is_some_and(|p| p.ends_with('p'))).count()
+}
+
 /// A number the tree shows in `kernel/mm/ksm/<name>` (0 if unreadable).
 pub fn tree_attr(dir: &Path, name: &str) -> u64 {
     std::fs::read_to_string(dir.join("kernel/mm/ksm").join(name)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)

@@ -6,9 +6,9 @@
 //! - A read of a counter shows values taken after the read began: the view
 //!   asks every publisher on the tree for its counters now ([`Tree::refresh`]:
 //!   each process's publisher wakes at once, through inotify), waits for
-//!   them (a process that does not answer within [`REFRESH_WAIT`], a stopped
-//!   one, is shown as of its last pass and not waited for again until it
-//!   answers), then runs a pass of the daemon's publisher, which puts the
+//!   them (a stopped process is not waited for, and one that does not
+//!   answer within [`REFRESH_WAIT`] not again until it answers: both are
+//!   shown as of their last pass), then runs a pass of the daemon's publisher, which puts the
 //!   global files together from them. A read takes the file under the
 //!   tree's lock, which every publisher holds while it rewrites the files:
 //!   never torn (a plain file being rewritten can be read as `678\n4` for
