@@ -156,14 +156,19 @@ pub struct RegionState {
 /// window between the new store mapping and its protection, copied inside
 /// the store mapping (merge.rs `written_before_guarded`): out of merging
 /// for good. So the scanner leaves the page alone while its content is
-/// unchanged, for at most [`WriteInFlight::SETTLE`] (a writer that stores
-/// the same bytes changes nothing it can see).
+/// unchanged and its writer has not run since it was woken (its CPU time
+/// has not moved: a woken thread's first instructions in user mode are the
+/// store it faulted on), for at most [`WriteInFlight::SETTLE`] (when the
+/// fault did not name its thread). A store of the same bytes then merges
+/// again in the next scan, as on the kernel.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WriteInFlight {
     pub(crate) page: usize,
     /// The hash of the page's content when it was copied.
     pub(crate) hash: u64,
     pub(crate) since: std::time::Instant,
+    /// The writer's thread id and its CPU time (ns) before it was woken.
+    pub(crate) writer: Option<(i32, u64)>,
 }
 
 impl WriteInFlight {
@@ -172,20 +177,25 @@ impl WriteInFlight {
     /// Entries kept per region; the oldest go first.
     const MAX: usize = 64;
 
-    /// Notes a first write at `page` served from content hashing to `hash`.
-    pub(crate) fn note(list: &mut Vec<WriteInFlight>, page: usize, hash: u64) {
+    /// Notes a first write at `page` served from content hashing to `hash`,
+    /// by thread `writer` (read its CPU time before it is woken).
+    pub(crate) fn note(list: &mut Vec<WriteInFlight>, page: usize, hash: u64, writer: Option<i32>) {
         list.retain(|w| w.page != page && w.since.elapsed() < Self::SETTLE);
         if list.len() >= Self::MAX {
             list.remove(0);
         }
-        list.push(WriteInFlight { page, hash, since: std::time::Instant::now() });
+        let writer = writer.and_then(|tid| Some((tid, crate::sys::thread::cpu_time_ns(tid)?)));
+        list.push(WriteInFlight { page, hash, since: std::time::Instant::now(), writer });
     }
 
     /// Whether `page`, whose content hashes to `hash` now, still waits for
     /// its writer's store; forgets it once it does not.
     pub(crate) fn pending(list: &mut Vec<WriteInFlight>, page: usize, hash: u64) -> bool {
         let Some(k) = list.iter().position(|w| w.page == page) else { return false };
-        if list[k].hash == hash && list[k].since.elapsed() < Self::SETTLE {
+        let w = list[k];
+        // A thread that is gone stores nothing any more.
+        let ran = w.writer.is_some_and(|(tid, before)| crate::sys::thread::cpu_time_ns(tid).is_none_or(|now| now > before));
+        if w.hash == hash && !ran && w.since.elapsed() < Self::SETTLE {
             return true;
         }
         list.swap_remove(k);
@@ -535,8 +545,8 @@ mod tests {
     #[test]
     fn a_write_in_flight_holds_its_page_while_the_content_is_unchanged_only() {
         let mut list = Vec::new();
-        WriteInFlight::note(&mut list, 3, 0xaa);
-        WriteInFlight::note(&mut list, 5, 0xbb);
+        WriteInFlight::note(&mut list, 3, 0xaa, None);
+        WriteInFlight::note(&mut list, 5, 0xbb, None);
         assert!(WriteInFlight::pending(&mut list, 3, 0xaa), "unchanged: the writer has not stored");
         assert!(!WriteInFlight::pending(&mut list, 7, 0xaa), "never copied");
         assert!(!WriteInFlight::pending(&mut list, 3, 0xcc), "changed: the store landed");
@@ -545,10 +555,46 @@ mod tests {
         assert!(!WriteInFlight::pending(&mut list, 5, 0xbb), "held at most SETTLE");
         assert!(list.is_empty());
         for page in 0..2 * WriteInFlight::MAX {
-            WriteInFlight::note(&mut list, page, 1);
+            WriteInFlight::note(&mut list, page, 1, None);
         }
         assert_eq!(list.len(), WriteInFlight::MAX, "bounded");
         assert!(WriteInFlight::pending(&mut list, 2 * WriteInFlight::MAX - 1, 1), "the newest kept");
+    }
+
+    /// With the writer named, its page is held only until the writer has
+    /// run: then its store has been made (same bytes, here), or the
+    /// writer is gone and makes none.
+    #[test]
+    fn a_write_in_flight_holds_its_page_until_its_writer_ran() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            // SAFETY: gettid(2) takes no arguments and cannot fail.
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = wait.recv();
+            let end = std::time::Instant::now() + std::time::Duration::from_millis(5);
+            while std::time::Instant::now() < end {
+                std::hint::spin_loop();
+            }
+            let _ = wait.recv();
+        });
+        let tid = rx.recv().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut list = Vec::new();
+        WriteInFlight::note(&mut list, 3, 0xaa, Some(tid));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(WriteInFlight::pending(&mut list, 3, 0xaa), "the writer has not run");
+        go.send(()).unwrap();
+        let released = (0..5000).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            !WriteInFlight::pending(&mut list, 3, 0xaa)
+        });
+        assert!(released, "held after its writer ran");
+        assert!(list.is_empty());
+        WriteInFlight::note(&mut list, 4, 0xbb, Some(tid));
+        drop(go);
+        writer.join().unwrap();
+        assert!(!WriteInFlight::pending(&mut list, 4, 0xbb), "held after its writer exited");
     }
 
     /// Ids wrap around the ones still in use.

@@ -220,3 +220,66 @@ fn mremap_growing_a_page_written_in_place_grows_it_with_zeros() {
     assert_eq!(unsafe { libc::munmap(new as *mut libc::c_void, GROWN * 4096) }, 0);
     m.unmap(&e);
 }
+
+/// The page whose first write the hook holds (0: disarmed), and whether it
+/// holds it now / may let it go.
+static HOLD_AT: AtomicUsize = AtomicUsize::new(0);
+static HOLDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Keeps the fault thread between a first write's copy and the writer's
+/// wake (at most 20 s): the writer has its copy and has not run since.
+fn hold_first_write(page: usize) {
+    if page != HOLD_AT.load(Ordering::SeqCst) {
+        return;
+    }
+    HOLDING.store(true, Ordering::SeqCst);
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while !RELEASE.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The writer a first write woke stores when it runs. Until then its copy
+/// holds the merged bytes, and a scan that merged it again would put that
+/// store in the window above: copied in place, out of merging for good. So
+/// a page is not merged again before its writer has run: here the hook
+/// keeps the writer from being woken while the scanner makes full scans
+/// (the page stays unmerged: `(1, 2)`), and once woken, its store of the
+/// same bytes merges in the next scans (`(1, 3)`), with nothing copied in
+/// place. Merged again at once, it showed `(1, 3)` while held.
+#[test]
+fn a_page_is_not_merged_again_before_the_writer_of_its_first_write_ran() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(e) = engine() else { return };
+    let m = four_pages_merged(&e);
+    HOLDING.store(false, Ordering::SeqCst);
+    RELEASE.store(false, Ordering::SeqCst);
+    HOLD_AT.store(m.addr + 4096, Ordering::SeqCst);
+    twinpage::testhook::on_first_write_copied(Some(hold_first_write));
+    let (addr, value) = (m.addr + 4096, m.read_u64(1, 0));
+    let writer = std::thread::spawn(move || {
+        // SAFETY: page 1 of the test's own mapping, which outlives the thread
+        // (joined below); the bytes it already holds.
+        unsafe { std::ptr::write_volatile(addr as *mut u64, value) };
+    });
+    assert!(wait_until(Duration::from_secs(10), || HOLDING.load(Ordering::SeqCst)), "the first write never came");
+    assert!(e.wait_full_scans(3, Duration::from_secs(10)));
+    let held = e.stats_now();
+    RELEASE.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    twinpage::testhook::on_first_write_copied(None);
+    HOLD_AT.store(0, Ordering::SeqCst);
+    assert_eq!(
+        (held.pages_shared, held.pages_sharing, held.twinpage_cow_breaks),
+        (1, 2, 1),
+        "merged again before its writer ran: {held:?}"
+    );
+    assert!(e.wait_full_scans(2, Duration::from_secs(10)));
+    let s = e.stats_now();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.twinpage_cow_in_place), (1, 3, 0), "{s:?}");
+    for i in 0..4 {
+        assert!(m.page_matches(i, 77));
+    }
+    m.unmap(&e);
+}

@@ -144,8 +144,8 @@ pub(super) fn fault_main(inner: &Inner) {
     let sh = &inner.sh;
     let mut buf = [UffdMsg::default(); 64];
     let mut held: Vec<usize> = Vec::new();
-    // First writes whose region a batch holds: (page, since).
-    let mut waiting: Vec<(usize, std::time::Instant)> = Vec::new();
+    // First writes whose region a batch holds: (page, since, writer).
+    let mut waiting: Vec<(usize, std::time::Instant, Option<i32>)> = Vec::new();
     let mut pool = crate::merge::cow::CowPool::default();
     while !inner.shutdown.load(Ordering::Relaxed) {
         use std::os::fd::AsFd;
@@ -155,7 +155,7 @@ pub(super) fn fault_main(inner: &Inner) {
                 false
             }
         });
-        waiting.retain(|&(page, since)| !serve_write(sh, page, since, &mut pool));
+        waiting.retain(|&(page, since, writer)| !serve_write(sh, page, since, writer, &mut pool));
         let idle = held.is_empty() && waiting.is_empty();
         match uffd::poll_readable(sh.uffd().as_fd(), if idle { 100 } else { 1 }) {
             Ok(true) => {}
@@ -192,8 +192,8 @@ pub(super) fn fault_main(inner: &Inner) {
                 false
             } else {
                 let now = std::time::Instant::now();
-                if !serve_write(sh, page, now, &mut pool) {
-                    waiting.push((page, now));
+                if !serve_write(sh, page, now, msg.thread(), &mut pool) {
+                    waiting.push((page, now, msg.thread()));
                 }
                 true
             };
@@ -209,9 +209,9 @@ pub(super) fn fault_main(inner: &Inner) {
 /// other page is released where it is, and so is a merged page whose region
 /// stayed locked for [`cow::MAX_WAIT`](crate::merge::cow::MAX_WAIT) since
 /// `since`. False while it should wait for the region's lock.
-fn serve_write(sh: &Shared, page: usize, since: std::time::Instant, pool: &mut crate::merge::cow::CowPool) -> bool {
+fn serve_write(sh: &Shared, page: usize, since: std::time::Instant, writer: Option<i32>, pool: &mut crate::merge::cow::CowPool) -> bool {
     use crate::merge::cow::{first_write, FirstWrite, MAX_WAIT};
-    match first_write(sh, page, pool) {
+    match first_write(sh, page, writer, pool) {
         FirstWrite::Done => return true,
         FirstWrite::Busy if since.elapsed() < MAX_WAIT => return false,
         FirstWrite::Busy | FirstWrite::NotMine => {}

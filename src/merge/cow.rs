@@ -104,8 +104,9 @@ pub(crate) enum FirstWrite {
 }
 
 /// Resolves a write fault at `page` on a merged page of an anonymous region
-/// by moving an anonymous copy of it into place, and wakes the writer.
-pub(crate) fn first_write(sh: &Shared, page: usize, pool: &mut CowPool) -> FirstWrite {
+/// by moving an anonymous copy of it into place, and wakes the writer
+/// (thread `writer`, if the fault named it).
+pub(crate) fn first_write(sh: &Shared, page: usize, writer: Option<i32>, pool: &mut CowPool) -> FirstWrite {
     use FirstWrite::{Busy, Done, NotMine};
     let Some(region) = sh.registry().read().containing(page).cloned() else { return NotMine };
     if region.kind != crate::maps::MappingKind::Anon {
@@ -158,10 +159,11 @@ pub(crate) fn first_write(sh: &Shared, page: usize, pool: &mut CowPool) -> First
     super::reapply_advice(&region, page, PAGE_SIZE);
     core.written_by_copy(sh, &mut st.records[idx]);
     if let Some(hash) = hash {
-        crate::region::WriteInFlight::note(&mut st.writes_in_flight, idx, hash);
+        crate::region::WriteInFlight::note(&mut st.writes_in_flight, idx, hash, writer);
     }
     drop(core);
     drop(st);
+    crate::testhook::first_write_copied(page);
     if let Err(e) = sh.uffd().wake(page, PAGE_SIZE) {
         warn_once!("cow-wake", "twinpage: wake after a first write failed at {page:#x}: {e}");
     }

@@ -102,6 +102,15 @@ pub struct UffdMsg {
     pub pf_feat: u64,
 }
 
+impl UffdMsg {
+    /// The thread that faulted (`UFFD_FEATURE_THREAD_ID`), if the kernel
+    /// said: the `ptid` word, the first four bytes of `pf_feat`.
+    pub fn thread(&self) -> Option<i32> {
+        let b = self.pf_feat.to_ne_bytes();
+        Some(i32::from_ne_bytes([b[0], b[1], b[2], b[3]])).filter(|&t| t > 0)
+    }
+}
+
 const _: () = assert!(size_of::<UffdioApi>() == 24);
 const _: () = assert!(size_of::<UffdioRange>() == 16);
 const _: () = assert!(size_of::<UffdioRegister>() == 32);
@@ -139,6 +148,8 @@ pub const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 pub const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 pub const UFFD_FEATURE_MOVE: u64 = 1 << 16;
+/// Fault messages carry the faulting thread's id (`arg.pagefault.feat.ptid`).
+pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 pub const UFFDIO_MOVE_MODE_DONTWAKE: u64 = 1 << 0;
 pub const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1 << 0;
 
@@ -175,8 +186,8 @@ impl Userfaultfd {
         // An older kernel refuses features it does not know: step down, each
         // time on a fresh fd (a failed handshake leaves the fd unusable).
         let tries = [
-            UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_MOVE,
-            UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+            UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_MOVE | UFFD_FEATURE_THREAD_ID,
+            UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_THREAD_ID,
             UFFD_FEATURE_PAGEFAULT_FLAG_WP,
         ];
         for (i, wanted) in tries.iter().enumerate() {

@@ -174,6 +174,20 @@ pub fn wait_for(e: &Engine, timeout: Duration, pred: impl Fn(&KsmStats) -> bool)
     }
 }
 
+/// Four pages of seed 77, registered and merged (one store page shared by
+/// four), the scanner flat out.
+pub fn four_pages_merged(e: &Engine) -> Mem {
+    flat_out(e);
+    let m = Mem::anon(4);
+    for i in 0..4 {
+        m.fill(i, 77);
+    }
+    e.register(m.addr, m.len).unwrap();
+    let (ok, s) = wait_for(e, Duration::from_secs(10), |s| (s.pages_shared, s.pages_sharing) == (1, 3));
+    assert!(ok, "{s:?}");
+    m
+}
+
 /// The pagemap entry of this process's page at `addr`.
 fn pagemap_entry(addr: usize) -> u64 {
     use std::os::unix::fs::FileExt;

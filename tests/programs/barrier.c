@@ -7,7 +7,10 @@
  * pages are made PROT_NONE before they are marked (the kernel merges them
  * too); with `f`, the program forks once they are filled and the child exits
  * at once (the parent's pages stay "maybe shared" until written); with `c`,
- * the child lives on until the barrier has passed (it shares the pages). */
+ * the child lives on until the barrier has passed (it shares the pages);
+ * with `w`, once merged, one page is written with the byte it holds, and two
+ * more full scans later it is merged again (the kernel's next scan finds it
+ * in the stable tree). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -69,6 +72,11 @@ int main(int argc, char **argv) {
         printf("ksm_merging_pages: %ld\n", read_fd(merging));
         printf("pages_shared %ld pages_sharing %ld\n", read_path("/sys/kernel/mm/ksm/pages_shared"),
                read_path("/sys/kernel/mm/ksm/pages_sharing"));
+        if (strchr(argv[a], 'w')) {
+            *(volatile unsigned char *)(m + PS) = 0x5a + a;
+            printf("rewritten, two full scans: %d\n", wait_scans(scans, 2));
+            printf("ksm_merging_pages: %ld\n", read_fd(merging));
+        }
         if (lives) {
             close(kid[1]);
             printf("child saw its pages: %d\n", exited_ok(child));
