@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::procs::{finish_twin, setup, spawn_ready, store_mappings, Kids};
+use common::procs::{finish_twin, setup, spawn_ready, store_mappings, tree_attr, Kids};
 use common::wait_until;
 use twinpage::statsfs::{process_stopped, SetOutcome, Tree};
 
@@ -41,7 +41,8 @@ fn stop_outside_the_lock(pid: u32, dir: &Path) {
 /// Two processes on one tree with `run=0`; one is stopped; `run=1` through
 /// the tree returns as soon as the running one has it (before: the whole
 /// 30 s timeout, waiting for the stopped one), and only the running one
-/// merges. Once continued, the stopped one takes `run=1` and merges.
+/// merges, and `full_scans` counts its rounds. Once continued, the stopped
+/// one takes `run=1` and merges.
 #[test]
 fn the_tree_does_not_wait_for_a_stopped_process_which_takes_writes_when_it_continues() {
     let Some(s) = setup("stopped") else { return };
@@ -50,8 +51,10 @@ fn the_tree_does_not_wait_for_a_stopped_process_which_takes_writes_when_it_conti
     let (pa, pb) = (a.id(), b.id());
     let mut kids = Kids(vec![a, b]);
     let tree = Tree::at(&s.dir);
-    let publishing = |pid: u32| tree.processes().is_ok_and(|ps| ps.iter().any(|p| p.pid == pid && p.live));
-    assert!(wait_until(Duration::from_secs(10), || publishing(pa) && publishing(pb)), "both never published");
+    // Published with their memory registered (a first pass may come before).
+    let registered =
+        |pid: u32| tree.processes().is_ok_and(|ps| ps.iter().any(|p| p.pid == pid && p.live && p.counter("twinpage_pages_registered") > 0));
+    assert!(wait_until(Duration::from_secs(10), || registered(pa) && registered(pb)), "both never published their memory");
     stop_outside_the_lock(pb, &s.dir);
 
     let t = Instant::now();
@@ -70,6 +73,10 @@ fn the_tree_does_not_wait_for_a_stopped_process_which_takes_writes_when_it_conti
     assert!(has_run(pa), "the running process did not take the write");
     assert!(wait_until(Duration::from_secs(10), || store_mappings(pa) > 0), "the running process merged nothing");
     assert!(!has_run(pb) && store_mappings(pb) == 0, "a stopped process took a write or merged");
+    // The global full_scans counts the running processes' rounds: before, a
+    // stopped process with registered memory held it still for everyone.
+    let from = tree_attr(&s.dir, "full_scans");
+    assert!(wait_until(Duration::from_secs(10), || tree_attr(&s.dir, "full_scans") >= from + 3), "full_scans stood still");
 
     signal(pb, libc::SIGCONT);
     assert!(wait_until(Duration::from_secs(10), || has_run(pb)), "the process did not take the write once it continued");

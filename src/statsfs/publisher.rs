@@ -490,10 +490,12 @@ impl StatsTree {
     }
 
     /// Reads every process's counters (retiring the dead) and combines them.
-    /// `own` is this process's, or `None` when it is leaving. Full-scan
-    /// rounds count only while `scanning` (`run` is 1): after `run=2` the
-    /// global count stays at 0, as ksmd's, while processes that have not
-    /// yet taken it finish their rounds.
+    /// `own` is this process's, or `None` when it is leaving. A full-scan
+    /// round is one that every running process with registered memory has
+    /// completed (a stopped one is left out); rounds count only while
+    /// `scanning` (`run` is 1): after `run=2` the global count stays at 0,
+    /// as ksmd's, while processes that have not yet taken it finish their
+    /// rounds.
     fn aggregate(&mut self, state: &mut State, own: Option<&KsmStats>, scanning: bool) -> io::Result<Aggregate> {
         let mut live: Vec<(u32, u64, Counters)> = Vec::new();
         if let Some(s) = own {
@@ -542,7 +544,12 @@ impl StatsTree {
                 m.rounds = m.rounds.min(own);
             }
         }
-        let participants: Vec<&(u32, u64, Counters)> = live.iter().filter(|l| value(&l.2, "twinpage_pages_registered") > 0).collect();
+        // A stopped process scans nothing until it continues: ksmd would
+        // scan it, nobody here can, and the processes that run must not
+        // wait for it (its own count resumes where it stopped, so the global
+        // one waits for its next full scan only once it runs again).
+        let participants: Vec<&(u32, u64, Counters)> =
+            live.iter().filter(|l| value(&l.2, "twinpage_pages_registered") > 0 && !file::process_stopped(l.0)).collect();
         let rounds = participants
             .iter()
             .map(|(pid, _, c)| u64::try_from(value(c, "full_scans")).unwrap_or(0).saturating_sub(state.marks[pid].rounds))
