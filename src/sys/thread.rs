@@ -1,5 +1,5 @@
-//! The calling thread's stack and another thread's CPU time, which nix
-//! does not wrap.
+//! The calling thread's stack, which nix does not wrap, and another
+//! thread's CPU time, whose clock id nix builds only for the caller.
 
 /// This thread's stack, `[start, end)`, from glibc's record of it.
 pub(crate) fn current_stack() -> Option<(usize, usize)> {
@@ -24,14 +24,11 @@ pub(crate) fn cpu_time_ns(tid: i32) -> Option<u64> {
     // per-thread bit 4, the scheduler's clock 2), as glibc's
     // pthread_getcpuclockid builds it from a pthread_t, which the fault
     // thread does not have: a fault names its thread by id only.
-    let clock = ((!tid) << 3) | 4 | 2;
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: writes one timespec we own; a clock of a thread outside this
-    // process (or none) is refused with EINVAL.
-    if unsafe { libc::clock_gettime(clock as libc::clockid_t, &mut ts) } != 0 {
-        return None;
-    }
-    Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+    // A clock of a thread outside this process (or of none) is refused with
+    // EINVAL.
+    let clock = nix::time::ClockId::from_raw(((!tid) << 3) | 4 | 2);
+    let t = nix::time::clock_gettime(clock).ok()?;
+    Some(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
 #[cfg(test)]
@@ -44,10 +41,8 @@ mod tests {
     }
 
     fn own_clock() -> u64 {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: writes one timespec we own.
-        assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) }, 0);
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap();
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
     }
 
     #[test]
@@ -78,7 +73,12 @@ mod tests {
         });
         assert!(ran, "a running thread's CPU time did not move");
         parked.join().unwrap();
-        assert_eq!(cpu_time_ns(tid), None, "an exited thread still has a clock");
+        // Joined once it cleared its tid; the kernel lets the task go just after.
+        let gone = (0..5000).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            cpu_time_ns(tid).is_none()
+        });
+        assert!(gone, "an exited thread still has a clock");
         assert_eq!(cpu_time_ns(1), None, "init is no thread of this process");
     }
 }
