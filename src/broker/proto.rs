@@ -115,8 +115,9 @@ const _: () = {
 };
 
 /// A page an agent offers for merging: `token` is the agent's own handle for
-/// it, `digest` a hash of its content, `stable` whether it went unchanged
-/// since the last scan.
+/// it (one page, one token, for as long as it is mapped: the broker takes
+/// two tokens for two pages), `digest` a hash of its content, `stable`
+/// whether it went unchanged since the last scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
     pub token: u64,
