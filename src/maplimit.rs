@@ -174,6 +174,7 @@ mod tests {
             name: "guest".into(),
             stat: None,
             live: true,
+            stopped: false,
             counters: counters.iter().map(|&(n, v)| (n.to_string(), v)).collect(),
             tunables: Vec::new(),
         }

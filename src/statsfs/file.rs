@@ -259,27 +259,41 @@ impl Drop for TreeLockGuard<'_> {
     }
 }
 
-/// What `/proc/<pid>/stat` says: the process's start time (field 22, in
-/// clock ticks since boot), or `None` if there is no such process or it is
-/// a zombie. With the pid, it names a process even after pid reuse.
-pub(crate) fn process_starttime(pid: u32) -> Option<u64> {
+/// What `/proc/<pid>/stat` says of a process that is not a zombie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProcState {
+    /// Its start time (field 22, in clock ticks since boot): with the pid,
+    /// it names a process even after pid reuse.
+    pub(crate) starttime: u64,
+    /// Stopped (`SIGSTOP`, a job-control stop) or stopped by its tracer
+    /// (state `T` or `t`): it runs no thread, so its publisher cannot answer
+    /// until it continues.
+    pub(crate) stopped: bool,
+}
+
+/// `/proc/<pid>/stat` read once, or `None` if there is no such process or
+/// it is a zombie.
+pub(crate) fn process_state(pid: u32) -> Option<ProcState> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = s.get(s.rfind(')')? + 1..)?;
     let mut fields = rest.split_whitespace();
     // Field 3 is the state; the start time is field 22.
-    if fields.next()? == "Z" {
+    let state = fields.next()?;
+    if state == "Z" {
         return None;
     }
-    fields.nth(18)?.parse().ok()
+    Some(ProcState { starttime: fields.nth(18)?.parse().ok()?, stopped: matches!(state, "T" | "t") })
+}
+
+/// The process's start time ([`ProcState::starttime`]).
+pub(crate) fn process_starttime(pid: u32) -> Option<u64> {
+    process_state(pid).map(|s| s.starttime)
 }
 
 /// Whether process `pid` is stopped (`SIGSTOP`, a job-control stop) or
-/// stopped by its tracer: it runs no thread, so its publisher cannot answer
-/// until it continues.
+/// stopped by its tracer: it runs no thread until it continues.
 pub fn process_stopped(pid: u32) -> bool {
-    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    let state = s.rfind(')').and_then(|i| s.get(i + 1..)).and_then(|rest| rest.split_whitespace().next());
-    matches!(state, Some("T" | "t"))
+    process_state(pid).is_some_and(|s| s.stopped)
 }
 
 /// `/proc/<pid>/comm`, without the newline.

@@ -127,6 +127,7 @@ mod tests {
             name: "web \"1\"\\a".into(),
             stat: None,
             live: true,
+            stopped: false,
             counters: Default::default(),
             tunables: Vec::new(),
         };

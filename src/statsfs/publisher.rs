@@ -498,6 +498,7 @@ impl StatsTree {
     /// rounds.
     fn aggregate(&mut self, state: &mut State, own: Option<&KsmStats>, scanning: bool) -> io::Result<Aggregate> {
         let mut live: Vec<(u32, u64, Counters)> = Vec::new();
+        let mut stopped: Vec<u32> = Vec::new();
         if let Some(s) = own {
             live.push((self.pid, self.starttime, counters::of(s)));
         }
@@ -516,9 +517,14 @@ impl StatsTree {
             let dir = entry.path();
             let c = counters::parse_lines(&fs::read_to_string(dir.join(layout::COUNTERS)).unwrap_or_default());
             let start = c.get("starttime").and_then(|&v| u64::try_from(v).ok());
-            let running = file::process_starttime(pid);
+            let running = file::process_state(pid);
             match start {
-                Some(s) if running == Some(s) => live.push((pid, s, c)),
+                Some(s) if running.map(|r| r.starttime) == Some(s) => {
+                    if running.is_some_and(|r| r.stopped) {
+                        stopped.push(pid);
+                    }
+                    live.push((pid, s, c));
+                }
                 // A directory without counters of a running process: not ours to judge.
                 None if running.is_some() => {}
                 _ => {
@@ -549,7 +555,7 @@ impl StatsTree {
         // wait for it (its own count resumes where it stopped, so the global
         // one waits for its next full scan only once it runs again).
         let participants: Vec<&(u32, u64, Counters)> =
-            live.iter().filter(|l| value(&l.2, "twinpage_pages_registered") > 0 && !file::process_stopped(l.0)).collect();
+            live.iter().filter(|l| value(&l.2, "twinpage_pages_registered") > 0 && !stopped.contains(&l.0)).collect();
         let rounds = participants
             .iter()
             .map(|(pid, _, c)| u64::try_from(value(c, "full_scans")).unwrap_or(0).saturating_sub(state.marks[pid].rounds))

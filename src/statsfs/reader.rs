@@ -62,6 +62,9 @@ pub struct ProcessEntry {
     pub stat: Option<KsmStat>,
     /// It is still running (the pid and its start time match).
     pub live: bool,
+    /// It is running but stopped (`SIGSTOP`, a tracer): it publishes nothing
+    /// until it continues.
+    pub stopped: bool,
     /// All its twinpage counters (`twinpage_counters`).
     pub counters: Counters,
     /// Its engine's tunables (`twinpage_tunables`), `name value`.
@@ -141,11 +144,11 @@ impl SetError {
     }
 }
 
-/// Whether the process whose `twinpage_counters` are `c` is still running:
+/// The process whose `twinpage_counters` are `c`, if it is still running:
 /// pid and start time both match (a recycled pid has another start time).
-fn runs(pid: u32, c: &Counters) -> bool {
-    let start = c.get("starttime").and_then(|&v| u64::try_from(v).ok());
-    start.is_some() && file::process_starttime(pid) == start
+fn running(pid: u32, c: &Counters) -> Option<file::ProcState> {
+    let start = c.get("starttime").and_then(|&v| u64::try_from(v).ok())?;
+    file::process_state(pid).filter(|s| s.starttime == start)
 }
 
 /// A statistics tree, seen from outside the publishers.
@@ -227,7 +230,8 @@ impl Tree {
         for (pid, dir) in self.process_dirs()? {
             let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
             let counters = counters::parse_lines(&read(layout::COUNTERS));
-            let live = runs(pid, &counters);
+            let running = running(pid, &counters);
+            let live = running.is_some();
             let tunables =
                 read(layout::OWN_TUNABLES).lines().filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string()))).collect();
             out.push(ProcessEntry {
@@ -236,6 +240,7 @@ impl Tree {
                 name: if live { file::process_name(pid).unwrap_or_default() } else { String::new() },
                 stat: procfs::parse(&read(layout::KSM_STAT)).ok(),
                 live,
+                stopped: running.is_some_and(|s| s.stopped),
                 counters,
                 tunables,
             });
@@ -253,9 +258,8 @@ impl Tree {
     /// (`proc/<pid>/twinpage_tunables`); a stopped one takes it when it
     /// continues.
     pub fn all_have(&self, name: &str, value: &str) -> bool {
-        self.processes().is_ok_and(|ps| {
-            ps.iter().filter(|p| p.live && !file::process_stopped(p.pid)).all(|p| p.tunables.iter().any(|(n, v)| n == name && v == value))
-        })
+        self.processes()
+            .is_ok_and(|ps| ps.iter().filter(|p| p.live && !p.stopped).all(|p| p.tunables.iter().any(|(n, v)| n == name && v == value)))
     }
 
     /// The generation: publishers' passes so far.
@@ -298,23 +302,22 @@ impl Tree {
         let deadline = Instant::now() + timeout;
         loop {
             let waiting = self.not_served(request)?;
-            if waiting.iter().all(|&p| skip.contains(&p) || file::process_stopped(p)) || Instant::now() >= deadline {
-                return Ok(waiting);
+            if waiting.iter().all(|&(p, stopped)| stopped || skip.contains(&p)) || Instant::now() >= deadline {
+                return Ok(waiting.into_iter().map(|(p, _)| p).collect());
             }
             std::thread::sleep(Duration::from_millis(1));
         }
     }
 
-    /// Running processes whose counters do not answer `request` yet.
-    fn not_served(&self, request: u64) -> io::Result<HashSet<u32>> {
-        let mut out = HashSet::new();
+    /// Running processes whose counters do not answer `request` yet, and
+    /// whether each is stopped.
+    fn not_served(&self, request: u64) -> io::Result<Vec<(u32, bool)>> {
+        let mut out = Vec::new();
         for (pid, dir) in self.process_dirs()? {
             let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
-            if !runs(pid, &counters::parse_lines(&read(layout::COUNTERS))) {
-                continue;
-            }
+            let Some(state) = running(pid, &counters::parse_lines(&read(layout::COUNTERS))) else { continue };
             if read(layout::SERVED).trim().parse::<u64>().unwrap_or(0) < request {
-                out.insert(pid);
+                out.push((pid, state.stopped));
             }
         }
         Ok(out)
