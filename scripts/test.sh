@@ -25,11 +25,12 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 step "rustdoc (no warnings: broken links, private links, stray HTML)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace
 
-step "prerequisites: QEMU, gcc, the test guest image, prometheus-node-exporter"
+step "prerequisites: QEMU, gcc, the test guest image, prometheus-node-exporter, the kernel's ksm_tests"
 # shellcheck source=guest/lib.sh disable=SC1091
 . scripts/guest/lib.sh
 tp_need qemu-system-x86_64:qemu-system-x86 gcc:gcc prometheus-node-exporter:prometheus-node-exporter
 scripts/guest-image.sh
+scripts/kselftest.sh
 
 step "tests"
 cargo test --release --workspace
