@@ -8,6 +8,8 @@
 //! - `merge`: the merge primitive (write-protect, compare, remap, wake) for an
 //!   isolated page and for runs of 64 and 512 consecutive pages merged in one
 //!   call. Needs userfaultfd (root); skipped otherwise.
+//! - `unmerge`: the inverse (`MADV_UNMERGEABLE`, `run=2`) for runs of 64 and
+//!   512 merged pages: their content back in anonymous memory of their own.
 //!
 //! Quick run:
 //! `cargo bench --bench engine -- --warm-up-time 1 --measurement-time 3`
@@ -213,6 +215,12 @@ fn merge(c: &mut Criterion) {
     for run_len in [64usize, 512] {
         g.throughput(Throughput::Elements(run_len as u64));
         g.bench_function(BenchmarkId::new("run", run_len), |b| b.iter_custom(|iters| h.merge_runs(run_len, iters)));
+    }
+    g.finish();
+    let mut g = c.benchmark_group("unmerge");
+    for run_len in [64usize, 512] {
+        g.throughput(Throughput::Elements(run_len as u64));
+        g.bench_function(BenchmarkId::new("run", run_len), |b| b.iter_custom(|iters| h.unmerge_runs(run_len, iters)));
     }
     g.finish();
     let s = h.stats();

@@ -138,13 +138,30 @@ impl MergeHarness {
     /// set up, or if a page did not merge (the benchmark would time a failure
     /// path).
     pub fn merge_runs(&mut self, run_len: usize, n: u64) -> Duration {
+        self.rounds(run_len, n, Timed::Merge)
+    }
+
+    /// Merges `n` runs of `run_len` consecutive pages as [`Self::merge_runs`]
+    /// does, then unmerges each (`unmerge::unmerge_range`, what
+    /// `MADV_UNMERGEABLE` and `run=2` run: the content back in the region's
+    /// own anonymous memory); returns the time spent in the unmerge calls
+    /// only.
+    ///
+    /// # Panics
+    /// As [`Self::merge_runs`], and if a page is not back in its own memory
+    /// with its content.
+    pub fn unmerge_runs(&mut self, run_len: usize, n: u64) -> Duration {
+        self.rounds(run_len, n, Timed::Unmerge)
+    }
+
+    fn rounds(&mut self, run_len: usize, n: u64, timed: Timed) -> Duration {
         assert!((1..=SOURCE_PAGES).contains(&run_len), "run length {run_len} out of 1..={SOURCE_PAGES}");
         let per_round = (MAX_ROUND_PAGES / (run_len + 1)).clamp(1, MAX_ROUND_UNITS) as u64;
         let mut total = Duration::ZERO;
         let mut left = n;
         while left > 0 {
             let units = left.min(per_round);
-            total += self.round(run_len, units as usize);
+            total += self.round(run_len, units as usize, timed);
             left -= units;
         }
         total
@@ -152,7 +169,7 @@ impl MergeHarness {
 
     /// One round: `units` runs of `run_len` pages in fresh memory, each
     /// followed by a gap page.
-    fn round(&mut self, run_len: usize, units: usize) -> Duration {
+    fn round(&mut self, run_len: usize, units: usize, timed: Timed) -> Duration {
         let stride = run_len + 1;
         let slots = SOURCE_PAGES / run_len;
         let base = |u: usize| (u % slots) * run_len;
@@ -187,7 +204,7 @@ impl MergeHarness {
         for run in &runs {
             merge::merge_run(sh, &region, &mut st, &mut core, run, RunKind::Join);
         }
-        let elapsed = t.elapsed();
+        let mut elapsed = t.elapsed();
 
         let merged = st.records.iter().filter(|r| r.state() == PageState::Merged).count();
         assert_eq!(
@@ -197,6 +214,22 @@ impl MergeHarness {
             core.counters().mismatches,
             core.map_budget().held_back
         );
+
+        if timed == Timed::Unmerge {
+            let t = Instant::now();
+            for u in 0..units {
+                let ok = crate::unmerge::unmerge_range(sh, &region, &mut st, &mut core, u * stride, u * stride + run_len);
+                assert!(ok, "bench_api: an unmerge fell back to copies in place");
+            }
+            elapsed = t.elapsed();
+            assert!(st.records.iter().all(|r| r.state() != PageState::Merged), "bench_api: a page stayed merged");
+            for u in 0..units {
+                for j in 0..run_len {
+                    let at = (u * stride + j) * PAGE_SIZE;
+                    assert!(map[at..at + PAGE_SIZE] == content(base(u) + j)[..], "bench_api: an unmerged page lost its content");
+                }
+            }
+        }
 
         // Undo, as the owner's munmap does: the records go (releasing the
         // sharers; the source keeps every store page alive), then the
@@ -217,6 +250,13 @@ impl MergeHarness {
             u64::from(self.sh.tunables().max_page_sharing()),
         )
     }
+}
+
+/// Which part of a round is timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timed {
+    Merge,
+    Unmerge,
 }
 
 /// Fresh private anonymous memory of `pages` pages, without huge pages.
@@ -263,11 +303,12 @@ mod tests {
         assert!(h.merge_isolated(3) > Duration::ZERO);
         assert!(h.merge_runs(64, 2) > Duration::ZERO);
         assert!(h.merge_runs(SOURCE_PAGES, 1) > Duration::ZERO);
+        assert!(h.unmerge_runs(64, 2) > Duration::ZERO);
         let s = h.stats();
         assert_eq!(s.twinpage_merge_mismatches, 0);
         assert_eq!(s.twinpage_merges_held_back, 0);
-        // One remap per run: the fill, 3 isolated pages, 2 + 1 runs.
-        assert_eq!(s.twinpage_merge_runs, 1 + 3 + 2 + 1);
+        // One remap per run: the fill, 3 isolated pages, 2 + 1 + 2 runs.
+        assert_eq!(s.twinpage_merge_runs, 1 + 3 + 2 + 1 + 2);
         // Every joined page was released again; the source keeps each store page.
         assert_eq!((s.pages_shared, s.pages_sharing), (SOURCE_PAGES as u64, 0));
         assert_eq!(s.twinpage_pages_registered, SOURCE_PAGES as u64);
