@@ -179,6 +179,10 @@ pub(crate) struct Counters {
     pub(crate) unmergeable_pages: u64,
     /// Records merged into a daemon's store (REMOTE or ORPHAN).
     pub(crate) daemon_merged: u64,
+    /// Pages of this full scan that went to twinpaged's unstable tree (a
+    /// steady candidate that got no order): twinpaged counts them in its
+    /// `pages_unshared`, so they are not volatile here.
+    pub(crate) proposed: u64,
     /// Merges held back because the store's filesystem was full.
     pub(crate) store_full: u64,
     /// Changes the scanner saw: a page's checksum changed, a page merged or
@@ -291,6 +295,8 @@ pub(crate) enum Tally {
     DaemonMerged,
     /// A merge refused because the page was pinned or not exclusive.
     Pinned,
+    /// Pages left in twinpaged's unstable tree (see [`Counters::proposed`]).
+    Proposed,
 }
 
 impl Core {
@@ -337,6 +343,7 @@ impl Core {
             Tally::MergeRun => &mut c.merge_runs,
             Tally::DaemonMerged => &mut c.daemon_merged,
             Tally::Pinned => &mut c.pinned_skipped,
+            Tally::Proposed => &mut c.proposed,
         };
         *field += n;
     }
@@ -519,6 +526,7 @@ impl Core {
     /// tree, the cursor at the first region).
     pub(crate) fn restart_scanning(&mut self) {
         self.unstable.clear();
+        self.counters.proposed = 0;
         self.rewind();
         self.counters.full_scans = 0;
     }
@@ -706,6 +714,7 @@ impl Core {
             let why = crate::link::chain(why);
             log::warn!("twinpage: lost twinpaged ({why}); this process merges its own pages until it is back");
             self.remote_lost = true;
+            self.counters.proposed = 0;
             self.counters.activity += 1;
         }
     }
@@ -803,7 +812,7 @@ impl Core {
             pages_shared: shared,
             pages_sharing: sharing,
             pages_unshared: unshared,
-            pages_volatile: c.hashed.saturating_sub(unshared),
+            pages_volatile: c.hashed.saturating_sub(unshared + c.proposed),
             pages_scanned: c.pages_scanned,
             pages_skipped: c.pages_skipped,
             full_scans: c.full_scans,
@@ -850,6 +859,8 @@ impl Core {
         }
         self.activity_mark = self.counters.activity;
         self.unstable.clear();
+        // The full scan's end makes twinpaged drop this agent's proposals.
+        self.counters.proposed = 0;
         self.map_budget.recount_at_full_scan();
         if let Some(link) = self.remote.as_mut() {
             if let Err(e) = link.full_scan() {

@@ -264,6 +264,63 @@ fn same_lines(name: &str, args: &[&str], done: &str, tag: &str, daemon: bool) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A unique page counts once, as the kernel counts it: in `pages_unshared`
+/// while it is in an unstable tree, else in `pages_volatile`. With smart
+/// scan off (every page visited every scan), 1000 unique pages of twin.c
+/// read (1000, 0) on the kernel; alone and through twinpaged the same.
+/// Before, through twinpaged, the agent counted the pages it had proposed
+/// to the daemon's unstable tree as volatile too, while the daemon counted
+/// them unshared: (1000, 1000).
+#[test]
+fn unique_pages_count_once_as_unshared_as_the_kernels_do() {
+    let Some((lib, prog, _one)) = prerequisites("twin") else { return };
+    let Some(daemon) = daemon_bin() else { return };
+    let args = ["7", "1000", "0", "0"];
+    // One full scan a wake (1000 pages), 50 ms apart, so that a reading
+    // falls between scans, not in one (a page counts neither while it is
+    // out of the tree and back in; with more pages a wake ran several
+    // scans); the median of 11 readings, in case one does.
+    let settled = |read: &dyn Fn(&str) -> u64| {
+        let mut seen: Vec<(u64, u64)> = (0..11)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(50));
+                (read("pages_unshared"), read("pages_volatile"))
+            })
+            .collect();
+        seen.sort_unstable();
+        seen[seen.len() / 2]
+    };
+    let kernel = {
+        let k = KernelKsm::flat_out();
+        k.set("smart_scan", "0");
+        k.set("pages_to_scan", "1000");
+        k.set("sleep_millisecs", "50");
+        let _c = Kids(vec![spawn_ready(Command::new(&prog).args(args))]);
+        k.start();
+        assert!(k.wait_full_scans(3, Duration::from_secs(30)), "ksmd made no three full scans");
+        settled(&ksm_read)
+    };
+    assert_eq!(kernel, (1000, 0), "the oracle itself");
+    for through_daemon in [false, true] {
+        let dir = tempdir(if through_daemon { "oracle-unshared-daemon" } else { "oracle-unshared" });
+        let mut kids = Kids(if through_daemon { vec![start_daemon(&daemon, &dir, &[], "warn")] } else { vec![] });
+        let mut cmd = Command::new(&prog);
+        cmd.args(args)
+            .env("LD_PRELOAD", &lib)
+            .env("TWINPAGE_DIR", &dir)
+            .env("TWINPAGE_SMART_SCAN", "0")
+            .env("TWINPAGE_PAGES_TO_SCAN", "1000")
+            .env("TWINPAGE_SLEEP_MILLISECS", "50");
+        kids.0.push(spawn_ready(&mut cmd));
+        let from = tree_attr(&dir, "full_scans");
+        assert!(wait_until(Duration::from_secs(30), || tree_attr(&dir, "full_scans") >= from + 3), "no three full scans");
+        let twin = settled(&|n| tree_attr(&dir, n));
+        assert_eq!(twin, kernel, "(pages_unshared, pages_volatile), twinpaged: {through_daemon}");
+        drop(kids);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// The scan-time advisor on both, the same workload (60000 unique pages,
 /// which take 2.4 s a scan at the advisor's starting 500 pages per 20 ms,
 /// against a 1 s target, capped at 3000 pages): both speed up from 500 and

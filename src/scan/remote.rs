@@ -10,7 +10,7 @@ use crate::guest::copy_page;
 use crate::link::Link;
 use crate::merge::Item;
 use crate::region::{PageRecord, Region, RegionState};
-use crate::state::{Core, Shared};
+use crate::state::{Core, Shared, Tally};
 use crate::sys::PAGE_SIZE;
 
 /// A page's name in messages: its virtual page number, as the kernel names
@@ -68,6 +68,8 @@ fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<Candi
             digests[page - first] = c.digest;
         }
     }
+    // Steady pages the broker orders nothing for stay in its unstable tree.
+    let steady: Vec<u64> = candidates.iter().filter(|c| c.stable).map(|c| c.token).collect();
     let Some(link) = core.link_mut() else { return Vec::new() };
     let orders = match link.scan(candidates) {
         Ok(o) => o,
@@ -76,6 +78,9 @@ fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<Candi
             return Vec::new();
         }
     };
+    let mut ordered: Vec<u64> = orders.iter().map(|o| o.token).collect();
+    ordered.sort_unstable();
+    let proposed = steady.iter().filter(|t| ordered.binary_search(t).is_err()).count() as u64;
     let mut joins = Vec::new();
     let mut uploads = Vec::new();
     for o in orders {
@@ -132,6 +137,7 @@ fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<Candi
     }
     joins.sort_unstable_by_key(|it| it.page);
     joins.dedup_by_key(|it| it.page);
+    core.tally(Tally::Proposed, proposed);
     joins
 }
 

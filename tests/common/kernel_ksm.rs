@@ -37,6 +37,7 @@ impl KernelKsm {
             "sleep_millisecs",
             "use_zero_pages",
             "max_page_sharing",
+            "smart_scan",
             "run",
         ]
         .into_iter()
