@@ -162,6 +162,12 @@ pub(crate) struct Counters {
     pub(crate) zero_as_ksm: u64,
     /// Records in `Hashed` state.
     pub(crate) hashed: u64,
+    /// Of `hashed`, those whose last visit entered this engine's unstable
+    /// tree ([`IN_UNSTABLE`] in their key): `pages_unshared`. As the
+    /// kernel's count, a page stays in it until its next visit, across the
+    /// end of a full scan that empties the tree (else the count would fall
+    /// to 0 at each full scan and climb through the next).
+    pub(crate) unshared: u64,
     pub(crate) merge_runs: u64,
     pub(crate) cow_breaks: u64,
     /// Copy-on-write breaks the kernel made inside a store mapping.
@@ -190,6 +196,10 @@ pub(crate) struct Counters {
     /// saw none was idle.
     pub(crate) activity: u64,
 }
+
+/// In a `Hashed` record's key (its checksum's top bit, which checksums
+/// leave out): the page entered the unstable tree at its last visit.
+pub(crate) const IN_UNSTABLE: u32 = 1 << 31;
 
 /// Where the scanner is.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -723,6 +733,13 @@ impl Core {
     /// (unchanged for a scan: it may enter the unstable tree); if not, records
     /// `cks` for the next visit.
     pub(crate) fn note_checksum(&mut self, rec: &mut PageRecord, cks: u32) -> bool {
+        let cks = cks & !IN_UNSTABLE;
+        if rec.state() == PageState::Hashed && rec.key() & IN_UNSTABLE != 0 {
+            // A visit takes the page out of the count, as the kernel's
+            // takes its rmap_item out of the unstable tree.
+            self.counters.unshared -= 1;
+            rec.set_key(rec.key() & !IN_UNSTABLE);
+        }
         if rec.state() == PageState::Hashed && rec.key() == cks {
             return true;
         }
@@ -739,6 +756,15 @@ impl Core {
     pub(crate) fn forget_hashed(&mut self, rec: &PageRecord) {
         if rec.state() == PageState::Hashed {
             self.counters.hashed -= 1;
+            self.counters.unshared -= u64::from(rec.key() & IN_UNSTABLE != 0);
+        }
+    }
+
+    /// A `Hashed` record's page entered the unstable tree at this visit.
+    pub(crate) fn entered_unstable(&mut self, rec: &mut PageRecord) {
+        if rec.state() == PageState::Hashed && rec.key() & IN_UNSTABLE == 0 {
+            rec.set_key(rec.key() | IN_UNSTABLE);
+            self.counters.unshared += 1;
         }
     }
 
@@ -766,7 +792,7 @@ impl Core {
     pub(crate) fn drop_records(&mut self, sh: &Shared, records: &mut [PageRecord]) {
         for rec in records.iter_mut() {
             match rec.state() {
-                PageState::Hashed => self.counters.hashed -= 1,
+                PageState::Hashed => self.forget_hashed(rec),
                 PageState::Merged => self.release_record(sh, rec),
                 PageState::Zero => self.zero_gone(rec),
                 PageState::None => {}
@@ -800,7 +826,7 @@ impl Core {
         let zero_shared = c.zero_as_ksm.div_ceil(max_sharing.max(2));
         let shared = self.stable.pages_shared() + zero_shared;
         let sharing = self.stable.pages_sharing() + (c.zero_as_ksm - zero_shared);
-        let unshared = self.unstable.len();
+        let unshared = c.unshared;
         let rmap_items = c.hashed + shared + sharing + c.daemon_merged;
         let metadata = c.records_bytes
             + self.stable.metadata_bytes()

@@ -66,20 +66,21 @@ impl Decide for Local {
         }
         let me = PageRef { region: b.region.id, page: idx as u32 };
         match core.unstable_get(h) {
-            Some(t) if t != me => {
-                if self.equal_to_tree_page(b, st, t, o.bytes) {
-                    core.unstable_remove(h);
-                    let after = self.last_pair.filter(|&(p, _)| p + 1 == idx).map(|(_, s)| s);
-                    let s = core.new_store_page(h, after, 2);
-                    self.d.fills.push((t.region, t.page as usize, s));
-                    self.d.joins.push(Item { page: idx, store: s });
-                    self.last_pair = Some((idx, s));
-                } else {
-                    core.unstable_insert(h, me);
-                }
+            Some(t) if t != me && self.equal_to_tree_page(b, st, t, o.bytes) => {
+                core.unstable_remove(h);
+                let after = self.last_pair.filter(|&(p, _)| p + 1 == idx).map(|(_, s)| s);
+                let s = core.new_store_page(h, after, 2);
+                self.d.fills.push((t.region, t.page as usize, s));
+                self.d.joins.push(Item { page: idx, store: s });
+                self.last_pair = Some((idx, s));
             }
-            Some(_) => {}
-            None => core.unstable_insert(h, me),
+            Some(t) if t == me => {}
+            // No page with this digest, or one with other bytes (a torn
+            // copy, or a digest collision): this page takes its place.
+            _ => {
+                core.unstable_insert(h, me);
+                core.entered_unstable(&mut st.records[idx]);
+            }
         }
     }
 
