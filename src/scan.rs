@@ -229,7 +229,7 @@ fn walk(b: &Batch<'_>, st: &mut RegionState, core: &mut Core, mut decider: impl 
         }
         decider.offer(b, st, core, Offer { page: idx, bytes: page, hash: h, zero });
     }
-    Some(decider.decide(b, core))
+    Some(decider.decide(b, st, core))
 }
 
 /// Splits items (sorted by page) into runs of consecutive pages.

@@ -162,8 +162,9 @@ pub(crate) struct Counters {
     pub(crate) zero_as_ksm: u64,
     /// Records in `Hashed` state.
     pub(crate) hashed: u64,
-    /// Of `hashed`, those whose last visit entered this engine's unstable
-    /// tree ([`IN_UNSTABLE`] in their key): `pages_unshared`. As the
+    /// Of `hashed`, those whose last visit entered an unstable tree (this
+    /// engine's, or twinpaged's: proposed, and not matched in the batch)
+    /// ([`IN_UNSTABLE`] in their key): `pages_unshared`. As the
     /// kernel's count, a page stays in it until its next visit, across the
     /// end of a full scan that empties the tree (else the count would fall
     /// to 0 at each full scan and climb through the next).
@@ -185,10 +186,6 @@ pub(crate) struct Counters {
     pub(crate) unmergeable_pages: u64,
     /// Records merged into a daemon's store (REMOTE or ORPHAN).
     pub(crate) daemon_merged: u64,
-    /// Pages of this full scan that went to twinpaged's unstable tree (a
-    /// steady candidate that got no order): twinpaged counts them in its
-    /// `pages_unshared`, so they are not volatile here.
-    pub(crate) proposed: u64,
     /// Merges held back because the store's filesystem was full.
     pub(crate) store_full: u64,
     /// Changes the scanner saw: a page's checksum changed, a page merged or
@@ -305,8 +302,6 @@ pub(crate) enum Tally {
     DaemonMerged,
     /// A merge refused because the page was pinned or not exclusive.
     Pinned,
-    /// Pages left in twinpaged's unstable tree (see [`Counters::proposed`]).
-    Proposed,
 }
 
 impl Core {
@@ -353,7 +348,6 @@ impl Core {
             Tally::MergeRun => &mut c.merge_runs,
             Tally::DaemonMerged => &mut c.daemon_merged,
             Tally::Pinned => &mut c.pinned_skipped,
-            Tally::Proposed => &mut c.proposed,
         };
         *field += n;
     }
@@ -536,7 +530,6 @@ impl Core {
     /// tree, the cursor at the first region).
     pub(crate) fn restart_scanning(&mut self) {
         self.unstable.clear();
-        self.counters.proposed = 0;
         self.rewind();
         self.counters.full_scans = 0;
     }
@@ -724,7 +717,6 @@ impl Core {
             let why = crate::link::chain(why);
             log::warn!("twinpage: lost twinpaged ({why}); this process merges its own pages until it is back");
             self.remote_lost = true;
-            self.counters.proposed = 0;
             self.counters.activity += 1;
         }
     }
@@ -838,7 +830,7 @@ impl Core {
             pages_shared: shared,
             pages_sharing: sharing,
             pages_unshared: unshared,
-            pages_volatile: c.hashed.saturating_sub(unshared + c.proposed),
+            pages_volatile: c.hashed.saturating_sub(unshared),
             pages_scanned: c.pages_scanned,
             pages_skipped: c.pages_skipped,
             full_scans: c.full_scans,
@@ -864,6 +856,7 @@ impl Core {
             twinpage_merging_pages: self.stable.sharers() + c.daemon_merged + c.zero_as_ksm,
             twinpage_daemon_merged: c.daemon_merged,
             twinpage_daemon_agents: u64::from(self.remote.is_some()),
+            twinpage_daemon_proposals: 0,
             twinpage_store_bytes: store_bytes,
             twinpage_store_full: c.store_full,
             general_profit: saved as i64 - metadata as i64,
@@ -885,8 +878,6 @@ impl Core {
         }
         self.activity_mark = self.counters.activity;
         self.unstable.clear();
-        // The full scan's end makes twinpaged drop this agent's proposals.
-        self.counters.proposed = 0;
         self.map_budget.recount_at_full_scan();
         if let Some(link) = self.remote.as_mut() {
             if let Err(e) = link.full_scan() {

@@ -108,6 +108,10 @@ stats! {
     /// 1 while this process is connected to twinpaged; in the daemon's own
     /// counters, the agents connected to it.
     twinpage_daemon_agents,
+    /// In the daemon's counters: pages its agents proposed in their current
+    /// full scans that no other page matched yet (its unstable tree). The
+    /// agents count them in `pages_unshared`, as the kernel would.
+    twinpage_daemon_proposals,
     /// Bytes the store memfd holds (allocated, not its size); the daemon
     /// counts the stores of all its domains.
     twinpage_store_bytes,

@@ -582,7 +582,7 @@ fn proposals_per_agent_are_bounded() {
     let mut most = 0;
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(2) {
-        most = most.max(tree_counter(&s.dir, d, "pages_unshared"));
+        most = most.max(tree_counter(&s.dir, d, "twinpage_daemon_proposals"));
         std::thread::sleep(Duration::from_millis(5));
     }
     eprintln!(
@@ -594,7 +594,7 @@ fn proposals_per_agent_are_bounded() {
     let b = kids.0[2].id();
     let t = Instant::now();
     let merged = wait_until(Duration::from_secs(30), || {
-        most = most.max(tree_counter(&s.dir, d, "pages_unshared"));
+        most = most.max(tree_counter(&s.dir, d, "twinpage_daemon_proposals"));
         tree_counter(&s.dir, d, "pages_sharing") == pages
     });
     eprintln!("two agents: all merged in {:.2} s, at most {most} proposals", t.elapsed().as_secs_f64());

@@ -291,7 +291,7 @@ impl Broker {
             let t = d.stable();
             s.pages_shared += t.pages_shared();
             s.pages_sharing += t.pages_sharing();
-            s.pages_unshared += d.unstable_len();
+            s.twinpage_daemon_proposals += d.unstable_len();
             s.stable_node_chains += t.chains();
             s.stable_node_dups += t.dups();
             metadata += d.metadata_bytes();
@@ -438,7 +438,7 @@ mod tests {
         assert!(b.join(4, 0, Some("red")).is_ok(), "root may join any domain");
         let (other, _f3) = b.join(5, 1001, None).unwrap();
         assert!(b.scan(other, &[cand(1, &p, true)]).is_empty(), "uid 1001's default domain is its own");
-        assert_eq!(b.stats().pages_unshared, 3);
+        assert_eq!(b.stats().twinpage_daemon_proposals, 3);
     }
 
     /// An agent that ignores the daemon's twinpage_merge_mode gets no orders
@@ -560,7 +560,7 @@ mod tests {
         assert!(b.scan(a1, &cands(0..1000)).is_empty());
         let d = b.domains.get(&default_domain(1000)).unwrap();
         assert_eq!(d.proposals_of(a1), 100);
-        assert_eq!(b.stats().pages_unshared, 100);
+        assert_eq!(b.stats().twinpage_daemon_proposals, 100);
         // Only the newest 100 (900..1000) are left to match.
         assert!(b.scan(a2, &cands(0..100)).is_empty(), "dropped proposals do not match");
         let o = b.scan(a2, &cands(950..960));

@@ -56,5 +56,5 @@ pub(crate) trait Decide {
     /// Takes one page into account; may record a decision at once.
     fn offer(&mut self, b: &Batch<'_>, st: &mut RegionState, core: &mut Core, o: Offer<'_>);
     /// The batch's decisions, once every page was offered.
-    fn decide(self, b: &Batch<'_>, core: &mut Core) -> Decisions;
+    fn decide(self, b: &Batch<'_>, st: &mut RegionState, core: &mut Core) -> Decisions;
 }

@@ -84,7 +84,7 @@ impl Decide for Local {
         }
     }
 
-    fn decide(self, _b: &Batch<'_>, _core: &mut Core) -> Decisions {
+    fn decide(self, _b: &Batch<'_>, _st: &mut RegionState, _core: &mut Core) -> Decisions {
         self.d
     }
 }

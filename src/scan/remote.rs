@@ -10,7 +10,7 @@ use crate::guest::copy_page;
 use crate::link::Link;
 use crate::merge::Item;
 use crate::region::{PageRecord, Region, RegionState};
-use crate::state::{Core, Shared, Tally};
+use crate::state::{Core, Shared};
 use crate::sys::PAGE_SIZE;
 
 /// A page's name in messages: its virtual page number, as the kernel names
@@ -51,8 +51,9 @@ impl Decide for Remote {
         self.candidates.push(Candidate { token: token(b.region.addr(o.page)), digest: o.hash, stable: steady });
     }
 
-    fn decide(self, b: &Batch<'_>, core: &mut Core) -> Decisions {
-        let remote = if self.candidates.is_empty() { Vec::new() } else { exchange(b.sh, b.region, core, self.candidates, b.first, b.n) };
+    fn decide(self, b: &Batch<'_>, st: &mut RegionState, core: &mut Core) -> Decisions {
+        let remote =
+            if self.candidates.is_empty() { Vec::new() } else { exchange(b.sh, b.region, st, core, self.candidates, b.first, b.n) };
         Decisions { zeros: self.zeros, remote, ..Decisions::default() }
     }
 }
@@ -61,7 +62,15 @@ impl Decide for Remote {
 /// the joins to do, by page. Pages the broker wants as the content of a new
 /// store page are uploaded first (the broker checks them against their
 /// digest); the join then compares under write-protect as any other.
-fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<Candidate>, first: usize, n: usize) -> Vec<Item> {
+fn exchange(
+    sh: &Shared,
+    region: &Region,
+    st: &mut RegionState,
+    core: &mut Core,
+    candidates: Vec<Candidate>,
+    first: usize,
+    n: usize,
+) -> Vec<Item> {
     let mut digests = vec![0u64; n];
     for c in &candidates {
         if let Some(page) = page_of(region, c.token, first, n) {
@@ -80,7 +89,8 @@ fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<Candi
     };
     let mut ordered: Vec<u64> = orders.iter().map(|o| o.token).collect();
     ordered.sort_unstable();
-    let proposed = steady.iter().filter(|t| ordered.binary_search(t).is_err()).count() as u64;
+    let proposed: Vec<usize> =
+        steady.iter().filter(|t| ordered.binary_search(t).is_err()).filter_map(|&t| page_of(region, t, first, n)).collect();
     let mut joins = Vec::new();
     let mut uploads = Vec::new();
     for o in orders {
@@ -137,7 +147,9 @@ fn exchange(sh: &Shared, region: &Region, core: &mut Core, candidates: Vec<Candi
     }
     joins.sort_unstable_by_key(|it| it.page);
     joins.dedup_by_key(|it| it.page);
-    core.tally(Tally::Proposed, proposed);
+    for page in proposed {
+        core.entered_unstable(&mut st.records[page]);
+    }
     joins
 }
 

@@ -54,6 +54,7 @@ pub const FIELDS: &[(&str, Combine)] = &[
     ("twinpage_merging_pages", Combine::Sum),
     ("twinpage_daemon_merged", Combine::Sum),
     ("twinpage_daemon_agents", Combine::Sum),
+    ("twinpage_daemon_proposals", Combine::Sum),
     ("twinpage_store_bytes", Combine::Sum),
     ("twinpage_store_full", Combine::Cumulative),
 ];
@@ -94,6 +95,7 @@ pub fn get(s: &KsmStats, name: &str) -> Option<i128> {
         "twinpage_merging_pages" => s.twinpage_merging_pages,
         "twinpage_daemon_merged" => s.twinpage_daemon_merged,
         "twinpage_daemon_agents" => s.twinpage_daemon_agents,
+        "twinpage_daemon_proposals" => s.twinpage_daemon_proposals,
         "twinpage_store_bytes" => s.twinpage_store_bytes,
         "twinpage_store_full" => s.twinpage_store_full,
         _ => return None,
