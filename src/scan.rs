@@ -227,6 +227,7 @@ fn walk(b: &Batch<'_>, st: &mut RegionState, core: &mut Core, mut decider: impl 
             rec.set_state(PageState::None);
             continue;
         }
+        core.visiting(rec);
         decider.offer(b, st, core, Offer { page: idx, bytes: page, hash: h, zero });
     }
     Some(decider.decide(b, st, core))

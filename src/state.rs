@@ -724,14 +724,9 @@ impl Core {
     /// Whether the page's checksum is the one recorded at its last visit
     /// (unchanged for a scan: it may enter the unstable tree); if not, records
     /// `cks` for the next visit.
+    /// Called after [`Core::visiting`] (the key then holds the checksum alone).
     pub(crate) fn note_checksum(&mut self, rec: &mut PageRecord, cks: u32) -> bool {
         let cks = cks & !IN_UNSTABLE;
-        if rec.state() == PageState::Hashed && rec.key() & IN_UNSTABLE != 0 {
-            // A visit takes the page out of the count, as the kernel's
-            // takes its rmap_item out of the unstable tree.
-            self.counters.unshared -= 1;
-            rec.set_key(rec.key() & !IN_UNSTABLE);
-        }
         if rec.state() == PageState::Hashed && rec.key() == cks {
             return true;
         }
@@ -749,6 +744,16 @@ impl Core {
         if rec.state() == PageState::Hashed {
             self.counters.hashed -= 1;
             self.counters.unshared -= u64::from(rec.key() & IN_UNSTABLE != 0);
+        }
+    }
+
+    /// The scanner offers the page to a decider: the visit takes it out of
+    /// `pages_unshared`, as the kernel's takes its rmap_item out of the
+    /// unstable tree before it looks the page up in either tree.
+    pub(crate) fn visiting(&mut self, rec: &mut PageRecord) {
+        if rec.state() == PageState::Hashed && rec.key() & IN_UNSTABLE != 0 {
+            self.counters.unshared -= 1;
+            rec.set_key(rec.key() & !IN_UNSTABLE);
         }
     }
 

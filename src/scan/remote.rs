@@ -72,13 +72,14 @@ fn exchange(
     n: usize,
 ) -> Vec<Item> {
     let mut digests = vec![0u64; n];
+    // Steady pages the broker orders nothing for stay in its unstable tree.
+    let mut proposed = vec![false; n];
     for c in &candidates {
         if let Some(page) = page_of(region, c.token, first, n) {
             digests[page - first] = c.digest;
+            proposed[page - first] = c.stable;
         }
     }
-    // Steady pages the broker orders nothing for stay in its unstable tree.
-    let steady: Vec<u64> = candidates.iter().filter(|c| c.stable).map(|c| c.token).collect();
     let Some(link) = core.link_mut() else { return Vec::new() };
     let orders = match link.scan(candidates) {
         Ok(o) => o,
@@ -87,14 +88,14 @@ fn exchange(
             return Vec::new();
         }
     };
-    let mut ordered: Vec<u64> = orders.iter().map(|o| o.token).collect();
-    ordered.sort_unstable();
-    let proposed: Vec<usize> =
-        steady.iter().filter(|t| ordered.binary_search(t).is_err()).filter_map(|&t| page_of(region, t, first, n)).collect();
     let mut joins = Vec::new();
     let mut uploads = Vec::new();
     for o in orders {
-        let Some(page) = page_of(region, o.token, first, n).filter(|p| digests[p - first] != 0 || o.kind != OrderKind::Upload) else {
+        let page = page_of(region, o.token, first, n);
+        if let Some(p) = page {
+            proposed[p - first] = false;
+        }
+        let Some(page) = page.filter(|p| digests[p - first] != 0 || o.kind != OrderKind::Upload) else {
             link.cancelled.push(o.store);
             continue;
         };
@@ -147,8 +148,8 @@ fn exchange(
     }
     joins.sort_unstable_by_key(|it| it.page);
     joins.dedup_by_key(|it| it.page);
-    for page in proposed {
-        core.entered_unstable(&mut st.records[page]);
+    for (i, _) in proposed.iter().enumerate().filter(|&(_, &p)| p) {
+        core.entered_unstable(&mut st.records[first + i]);
     }
     joins
 }
